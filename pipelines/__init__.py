@@ -1,0 +1,1 @@
+"""Build (Apache Beam) and input (tf.data) pipelines for image folders."""

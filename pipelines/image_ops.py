@@ -1,0 +1,261 @@
+"""Pillow image ops of the build: decode/validate, to 8-bit, resize, encode.
+
+Everything here is deterministic and pure (bytes in, bytes out), so the Beam
+transforms in `beam_build` and the benchmark's plain loop share one code path,
+and a test can check each op on real bytes.
+
+A file the build cannot use raises `ImageRejected` with an `outcome` key (one
+of `OUTCOMES`) and a human reason; nothing is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import warnings
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from PIL import ImageFile
+from PIL import ImageOps
+
+# Fail on truncated files instead of padding them with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+# Extension (lower case) -> the Pillow format it promises. MPO is what many
+# cameras write into .jpg files (JPEG with a second preview frame).
+EXTENSION_FORMATS = {
+    '.jpg': 'JPEG', '.jpeg': 'JPEG', '.jpe': 'JPEG', '.jfif': 'JPEG',
+    '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP',
+}
+ACCEPTED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
+RESIZE_MODES = ('stretch', 'crop', 'pad')
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold.
+DEFAULT_BACKGROUND = (255, 255, 255)  # Alpha is composited onto white.
+_RESAMPLE = Image.Resampling.BILINEAR  # Antialiased when shrinking in Pillow.
+_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap W and H.
+_EXIF_ORIENTATION_TAG = 0x0112
+
+# Outcome keys for files that are not written (see the build report).
+EMPTY = 'rejected_empty'
+CORRUPT = 'rejected_corrupt'
+UNSUPPORTED = 'rejected_unsupported_format'
+TOO_LARGE = 'rejected_too_large'
+UNREADABLE = 'rejected_unreadable'
+CHANGED = 'rejected_changed_during_build'
+
+
+class ImageRejected(Exception):
+  """A file that cannot become an example; `outcome` is a report key."""
+
+  def __init__(self, outcome: str, reason: str):
+    super().__init__(reason)
+    self.outcome = outcome
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+  """How every image is stored: size, channels, resize mode and encoding."""
+  height: int
+  width: int
+  channels: int = 3
+  resize_mode: str = 'stretch'
+  image_format: str = 'jpeg'
+  jpeg_quality: int = 95
+  max_pixels: int = DEFAULT_MAX_PIXELS
+  background: tuple[int, int, int] = DEFAULT_BACKGROUND
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessedImage:
+  """One stored image plus what the report and statistics need.
+
+  `pixel_sum` / `pixel_sumsq` are float64 `[channels]` sums over the stored
+  (resized, pre-encoding) uint8 pixels; `num_pixels` is height * width.
+  """
+  encoded: bytes
+  original_height: int
+  original_width: int
+  pixel_sum: np.ndarray
+  pixel_sumsq: np.ndarray
+  num_pixels: int
+  warning: Optional[str] = None
+
+
+def open_checked(data: bytes, *, extension: str,
+                 max_pixels: int) -> tuple[Image.Image, Optional[str]]:
+  """Opens image bytes (header only) and validates format and size.
+
+  Returns:
+    (lazy Pillow image, warning or None). A warning says the extension names
+    another format than the content (the image is still used).
+  """
+  if not data:
+    raise ImageRejected(EMPTY, 'empty file (0 bytes)')
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore', Image.DecompressionBombWarning)
+      image = Image.open(io.BytesIO(data))
+  except Image.DecompressionBombError as e:
+    raise ImageRejected(TOO_LARGE, f'decompression bomb: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except
+    raise ImageRejected(
+        CORRUPT, f'not a readable image: content of this {extension} file is '
+        f'not a known image format ({type(e).__name__})') from None
+  if image.format not in ACCEPTED_FORMATS:
+    raise ImageRejected(
+        UNSUPPORTED, f'content is {image.format}, not one of JPEG, PNG, BMP, '
+        'GIF, WebP; convert it to PNG or JPEG')
+  width, height = image.size
+  if width * height > max_pixels:
+    raise ImageRejected(
+        TOO_LARGE, f'{width}x{height} = {width * height} pixels exceeds the '
+        f'decompression-bomb limit --max_image_pixels={max_pixels}')
+  warning = None
+  expected = EXTENSION_FORMATS.get(extension.lower())
+  actual = 'JPEG' if image.format == 'MPO' else image.format
+  if expected and expected != actual:
+    warning = f'extension {extension} but content is {actual}'
+  return image, warning
+
+
+def oriented_size(image: Image.Image) -> tuple[int, int]:
+  """(height, width) of a still-lazy image after its EXIF orientation."""
+  width, height = image.size
+  try:
+    orientation = image.getexif().get(_EXIF_ORIENTATION_TAG)
+  except Exception:  # pylint: disable=broad-except
+    orientation = None  # A broken EXIF block does not make the image bad.
+  if orientation in _ROTATING_ORIENTATIONS:
+    return width, height
+  return height, width
+
+
+def load_pixels(image: Image.Image, *, min_side: int) -> Image.Image:
+  """Decodes pixels (JPEG at a reduced DCT scale when that keeps min_side).
+
+  Returns an image with EXIF orientation applied. Raises ImageRejected on
+  truncated or corrupt pixel data.
+  """
+  if image.format in ('JPEG', 'MPO'):
+    # JPEG can decode at 1/2, 1/4, 1/8 scale for almost no cost; draft keeps
+    # both sides >= min_side so the final resize still only shrinks.
+    image.draft(None, (min_side, min_side))
+  try:
+    image.load()
+  except Exception as e:  # pylint: disable=broad-except
+    raise ImageRejected(
+        CORRUPT, f'truncated or corrupt image data ({type(e).__name__}: '
+        f'{e})') from None
+  try:
+    return ImageOps.exif_transpose(image)
+  except Exception:  # pylint: disable=broad-except
+    return image  # Unusable EXIF: keep the pixels as stored.
+
+
+def to_8bit(image: Image.Image, *, channels: int,
+            background: tuple[int, int, int] = DEFAULT_BACKGROUND
+            ) -> Image.Image:
+  """Converts any Pillow mode to 8-bit 'RGB' (channels=3) or 'L' (channels=1).
+
+  16-bit and 32-bit integer images are scaled (65535 -> 255), not clipped;
+  float images in [0, 1] are scaled to [0, 255]; alpha (RGBA, LA, palette or
+  tRNS transparency) is composited onto `background`; CMYK, YCbCr, LAB and
+  HSV go through Pillow's conversions.
+  """
+  mode = image.mode
+  if mode.startswith('I;16') or mode == 'I':
+    values = np.asarray(image).astype(np.float64)
+    image = Image.fromarray(
+        np.clip(np.round(values / 257.0), 0, 255).astype(np.uint8), 'L')
+  elif mode == 'F':
+    values = np.asarray(image).astype(np.float64)
+    if values.size and np.nanmax(values) <= 1.0:
+      values = values * 255.0
+    image = Image.fromarray(
+        np.clip(np.round(np.nan_to_num(values)), 0, 255).astype(np.uint8), 'L')
+  elif mode in ('RGBA', 'LA', 'PA', 'RGBa', 'La') or (
+      'transparency' in image.info and mode in ('P', 'L', 'RGB', '1')):
+    rgba = image.convert('RGBA')
+    canvas = Image.new('RGBA', rgba.size, tuple(background) + (255,))
+    image = Image.alpha_composite(canvas, rgba)
+  target = 'RGB' if channels == 3 else 'L'
+  if image.mode not in ('RGB', 'L', 'RGBA'):
+    image = image.convert('RGB')  # Palette, 1-bit, CMYK, YCbCr, LAB, HSV.
+  if image.mode != target:
+    # Grey -> RGB replicates; RGB -> L uses ITU-R 601-2 luma; RGBA here is
+    # already opaque (composited above).
+    image = image.convert(target)
+  return image
+
+
+def resize(image: Image.Image, *, height: int, width: int,
+           mode: str) -> Image.Image:
+  """Resizes to exactly (height, width) like Keras' loader options.
+
+  stretch: ignore the aspect ratio. crop: centre-crop the largest region of
+  the target aspect ratio, then resize (Keras' crop_to_aspect_ratio). pad:
+  fit inside and pad the rest with black (Keras' pad_to_aspect_ratio).
+  """
+  src_w, src_h = image.size
+  if (src_w, src_h) == (width, height):
+    return image
+  if mode == 'stretch':
+    return image.resize((width, height), _RESAMPLE)
+  if mode == 'crop':
+    scale = min(src_w / width, src_h / height)
+    crop_w, crop_h = width * scale, height * scale
+    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
+    return image.resize((width, height), _RESAMPLE,
+                        box=(left, top, left + crop_w, top + crop_h))
+  if mode == 'pad':
+    scale = max(src_w / width, src_h / height)
+    new_w = min(width, max(1, round(src_w / scale)))
+    new_h = min(height, max(1, round(src_h / scale)))
+    canvas = Image.new(image.mode, (width, height), 0)
+    canvas.paste(image.resize((new_w, new_h), _RESAMPLE),
+                 ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+  raise ValueError(f'resize mode {mode!r} is not one of {RESIZE_MODES}')
+
+
+def encode(image: Image.Image, *, image_format: str,
+           jpeg_quality: int = 95) -> bytes:
+  """Encodes an 8-bit 'RGB'/'L' image as JPEG, PNG or raw HWC uint8 bytes."""
+  if image_format == 'raw':
+    return np.asarray(image, dtype=np.uint8).tobytes()
+  buffer = io.BytesIO()
+  if image_format == 'jpeg':
+    image.save(buffer, format='JPEG', quality=jpeg_quality)
+  elif image_format == 'png':
+    image.save(buffer, format='PNG')
+  else:
+    raise ValueError(f'image_format={image_format!r} is not jpeg, png or raw')
+  return buffer.getvalue()
+
+
+def process(data: bytes, *, extension: str,
+            options: ImageOptions) -> ProcessedImage:
+  """Source file bytes -> stored image bytes (the whole per-image build step)."""
+  image, warning = open_checked(data, extension=extension,
+                                max_pixels=options.max_pixels)
+  original_height, original_width = oriented_size(image)
+  image = load_pixels(image, min_side=max(options.height, options.width))
+  image = to_8bit(image, channels=options.channels,
+                  background=options.background)
+  image = resize(image, height=options.height, width=options.width,
+                 mode=options.resize_mode)
+  pixels = np.asarray(image, dtype=np.uint8).reshape(-1, options.channels)
+  as_float = pixels.astype(np.float64)
+  return ProcessedImage(
+      encoded=encode(image, image_format=options.image_format,
+                     jpeg_quality=options.jpeg_quality),
+      original_height=original_height,
+      original_width=original_width,
+      pixel_sum=as_float.sum(axis=0),
+      pixel_sumsq=np.square(as_float).sum(axis=0),
+      num_pixels=pixels.shape[0],
+      warning=warning,
+  )

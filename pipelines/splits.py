@@ -1,0 +1,117 @@
+"""Split assignment and duplicate resolution: pure functions of file content.
+
+Both are stable functions of bytes, never of listing order or worker count:
+
+* a file's split is a hash of (seed, content sha256), so adding files later
+  never moves an existing file, and identical bytes always share a split;
+* records are ordered inside a split by a hash of (seed, relative path), a
+  fixed pseudo-random order that mixes classes across shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from typing import Iterable, Optional
+
+from tfrecords_schema.metadata import SPLITS
+
+DUPLICATE = 'duplicate'
+LABEL_CONFLICT = 'label_conflict'
+LEAK = 'leak'
+
+
+@dataclasses.dataclass(frozen=True)
+class FileEntry:
+  """A readable, non-empty candidate file and its content hash."""
+  relpath: str
+  class_name: str
+  given_split: Optional[str]
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+  """A file chosen to be written into `split`."""
+  split: str
+  relpath: str
+  class_name: str
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Dropped:
+  """A file left out; `outcome` is a report key, `reason` says why."""
+  relpath: str
+  outcome: str
+  reason: str
+
+
+def _unit_hash(*parts: object) -> float:
+  """A uniform number in [0, 1) from the parts (stable across processes)."""
+  digest = hashlib.sha256(':'.join(str(p) for p in parts).encode()).digest()
+  return int.from_bytes(digest[:8], 'big') / 2.0**64
+
+
+def assign_split(sha256: str, *, seed: int, validation_fraction: float,
+                 test_fraction: float) -> str:
+  """'train', 'validation' or 'test' for content `sha256`."""
+  u = _unit_hash('split', seed, sha256)
+  if u < test_fraction:
+    return 'test'
+  if u < test_fraction + validation_fraction:
+    return 'validation'
+  return 'train'
+
+
+def order_key(relpath: str, *, seed: int) -> float:
+  """Position key of a record inside its split (a seeded shuffle)."""
+  return _unit_hash('order', seed, relpath)
+
+
+def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
+                       seed: int, validation_fraction: float,
+                       test_fraction: float,
+                       ) -> tuple[list[Kept], list[Dropped], Optional[dict]]:
+  """Decides the fate of all files sharing the same bytes.
+
+  * different classes -> a label conflict: all are dropped;
+  * same class, several copies -> the first (in split order, then path
+    order) is kept; other copies in the same split are duplicates, copies in
+    a later split (pre-split layout) are leaks and left out of that split.
+
+  Returns:
+    (kept, dropped, finding): finding is a dict for the report's
+    duplicates/conflicts/leaks lists, or None for a unique file.
+  """
+  entries = sorted(entries, key=lambda e: (
+      SPLITS.index(e.given_split) if e.given_split else 0, e.relpath))
+  paths = [e.relpath for e in entries]
+  classes = sorted({e.class_name for e in entries})
+  if len(classes) > 1:
+    dropped = [Dropped(e.relpath, LABEL_CONFLICT,
+                       f'label conflict: the same bytes are in classes '
+                       f'{classes} ({", ".join(p for p in paths if p != e.relpath)})')
+               for e in entries]
+    return [], dropped, {'kind': LABEL_CONFLICT, 'sha256': sha256,
+                         'classes': classes, 'paths': paths}
+  first = entries[0]
+  split = first.given_split or assign_split(
+      sha256, seed=seed, validation_fraction=validation_fraction,
+      test_fraction=test_fraction)
+  kept = [Kept(split, first.relpath, first.class_name, sha256)]
+  if len(entries) == 1:
+    return kept, [], None
+  dropped = []
+  for e in entries[1:]:
+    if (e.given_split or split) == split:
+      dropped.append(Dropped(e.relpath, DUPLICATE,
+                             f'exact duplicate of {first.relpath} (written once)'))
+    else:
+      dropped.append(Dropped(
+          e.relpath, LEAK,
+          f'leak: same bytes as {first.relpath} in {split}; left out of '
+          f'{e.given_split}'))
+  kind = LEAK if any(d.outcome == LEAK for d in dropped) else DUPLICATE
+  return kept, dropped, {'kind': kind, 'sha256': sha256, 'kept': first.relpath,
+                         'dropped': [d.relpath for d in dropped]}

@@ -1,0 +1,34 @@
+"""Image-folder -> TFRecord build (Beam), tf.data input layer and CNN trainer."""
+
+import setuptools
+
+setuptools.setup(
+    name='image-folder-tfrecords',
+    version='0.1.0',
+    description=('Labelled image folders -> sharded TFRecords (Apache Beam), '
+                 'a fast tf.data input layer, and a Keras CNN trainer.'),
+    python_requires='>=3.10,<3.13',
+    packages=setuptools.find_packages(
+        include=['pipelines', 'pipelines.*', 'trainer', 'trainer.*',
+                 'tfrecords_schema', 'tfrecords_schema.*']),
+    install_requires=[
+        # `tensorflow`, not `tensorflow-cpu`: tf-keras depends on `tensorflow`
+        # and the two wheels overwrite each other's files in one environment.
+        'tensorflow>=2.21,<2.22',
+        'apache-beam>=2.77,<3',
+        'tensorflow-datasets>=4.9.10,<5',
+        'numpy>=1.26,<3',
+        'absl-py>=2.1,<3',
+        'Pillow>=10.4,<13',
+        'matplotlib>=3.8,<4',
+    ],
+    extras_require={
+        'test': [
+            'pytest>=8,<10',
+            'scikit-learn>=1.5,<2',
+            'scikit-image>=0.24,<1',
+            'tf-keras>=2.21,<2.22',
+        ],
+        'cuda': ['tensorflow[and-cuda]>=2.21,<2.22'],
+    },
+)

@@ -1,0 +1,169 @@
+"""Dataset-level metadata: what a built dataset directory holds, read and written.
+
+A dataset directory written by `pipelines.build` contains
+
+  {name}-{split}.tfrecord-00000-of-0000N   the shards (see `schema`)
+  dataset_info.json, features.json         TFDS metadata (builder_from_directory)
+  metadata.json                            `DatasetSpec` below, via TFDS MetadataDict
+  build_report.json, rejected.jsonl        what the build did with every input file
+
+`metadata.json` is what this toolkit reads; the TFDS files are for TFDS users.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import posixpath
+from typing import Mapping, Optional, Sequence
+
+from tfrecords_schema import schema
+
+METADATA_FILE = 'metadata.json'
+REPORT_FILE = 'build_report.json'
+REJECTED_FILE = 'rejected.jsonl'
+TOOLKIT_MARKER = 'image-folder-tfrecords'
+SPLITS = ('train', 'validation', 'test')
+
+
+class DatasetError(ValueError):
+  """A data directory is missing, not ours, or of another schema version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitSpec:
+  """One split: its shard files (relative names) and example counts."""
+  name: str
+  shards: tuple[str, ...]
+  shard_lengths: tuple[int, ...]
+  num_bytes: int
+  class_counts: tuple[int, ...]
+
+  @property
+  def num_examples(self) -> int:
+    return sum(self.shard_lengths)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """Everything a reader needs to decode and normalize a built dataset.
+
+  `mean` / `std` are per-channel statistics of the train split on the 0..255
+  scale (None when the train split is empty).
+  """
+  name: str
+  class_names: tuple[str, ...]
+  height: int
+  width: int
+  channels: int
+  image_format: str
+  resize_mode: str
+  splits: Mapping[str, SplitSpec]
+  mean: Optional[tuple[float, ...]] = None
+  std: Optional[tuple[float, ...]] = None
+  jpeg_quality: Optional[int] = None
+  schema_version: int = schema.SCHEMA_VERSION
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.class_names)
+
+  def to_json_dict(self) -> dict:
+    out = dataclasses.asdict(self)
+    out['splits'] = {k: dataclasses.asdict(v) for k, v in self.splits.items()}
+    out['toolkit'] = TOOLKIT_MARKER
+    return out
+
+  @classmethod
+  def from_json_dict(cls, d: Mapping) -> 'DatasetSpec':
+    d = dict(d)
+    d.pop('toolkit', None)
+    splits = {
+        k: SplitSpec(name=v['name'], shards=tuple(v['shards']),
+                     shard_lengths=tuple(v['shard_lengths']),
+                     num_bytes=int(v['num_bytes']),
+                     class_counts=tuple(v['class_counts']))
+        for k, v in d.pop('splits').items()
+    }
+    for key in ('class_names', 'mean', 'std'):
+      if d.get(key) is not None:
+        d[key] = tuple(d[key])
+    return cls(splits=splits, **d)
+
+  def shard_paths(self, data_dir: str, split: str) -> list[str]:
+    """Absolute shard paths of `split`; a one-line error for a missing split."""
+    if split not in self.splits:
+      raise DatasetError(
+          f'split={split!r} is not in this dataset; it has '
+          f'{sorted(self.splits)}')
+    return [posixpath.join(data_dir, s) for s in self.splits[split].shards]
+
+
+def read_dataset_spec(data_dir: str) -> DatasetSpec:
+  """Reads and validates `metadata.json` of a dataset built by this toolkit."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if not tf.io.gfile.isdir(data_dir):
+    raise DatasetError(
+        f'--data_dir={data_dir} does not exist; pass the --output_dir of a '
+        '`python -m pipelines.build` run')
+  path = posixpath.join(data_dir, METADATA_FILE)
+  if not tf.io.gfile.exists(path):
+    raise DatasetError(
+        f'{data_dir} is not a dataset built by this toolkit (no '
+        f'{METADATA_FILE}); build one with `python -m pipelines.build '
+        f'--input_dir=IMAGES --output_dir={data_dir}`')
+  with tf.io.gfile.GFile(path, 'r') as f:
+    try:
+      raw = json.load(f)
+    except json.JSONDecodeError as e:
+      raise DatasetError(f'{path} is not valid JSON ({e}); rebuild the '
+                         'dataset with `python -m pipelines.build`') from None
+  if raw.get('toolkit') != TOOLKIT_MARKER:
+    raise DatasetError(
+        f'{path} was not written by this toolkit (toolkit='
+        f'{raw.get("toolkit")!r}); rebuild with `python -m pipelines.build`')
+  version = raw.get('schema_version')
+  if version != schema.SCHEMA_VERSION:
+    raise DatasetError(
+        f'{data_dir} has schema_version={version}, this toolkit reads '
+        f'schema_version={schema.SCHEMA_VERSION}; rebuild it with this '
+        'version of `python -m pipelines.build`')
+  return DatasetSpec.from_json_dict(raw)
+
+
+def write_dataset_metadata(data_dir: str, spec: DatasetSpec, *,
+                           description: str = '') -> None:
+  """Writes TFDS metadata (dataset_info.json, features.json, metadata.json).
+
+  The shards named in `spec.splits` must already be in `data_dir`.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  features = schema.tfds_features(
+      class_names=spec.class_names, height=spec.height, width=spec.width,
+      channels=spec.channels, image_format=spec.image_format)
+  split_infos = []
+  for split in spec.splits.values():
+    if not split.shards:
+      continue  # TFDS cannot describe a split without files.
+    split_infos.append(tfds.core.SplitInfo(
+        name=split.name, shard_lengths=list(split.shard_lengths),
+        num_bytes=split.num_bytes,
+        filename_template=tfds.core.ShardedFileTemplate(
+            data_dir=data_dir, dataset_name=spec.name, split=split.name,
+            filetype_suffix=schema.RECORD_SUFFIX)))
+  tfds.folder_dataset.write_metadata(
+      data_dir=data_dir,
+      features=features,
+      split_infos=split_infos,
+      filename_template=None,
+      check_data=False,
+      description=description,
+      supervised_keys=(schema.IMAGE, schema.LABEL),
+      metadata=tfds.core.MetadataDict(spec.to_json_dict()),
+  )
+
+
+def split_names_with_data(spec: DatasetSpec) -> Sequence[str]:
+  """Split names that hold at least one example, in SPLITS order."""
+  return [s for s in SPLITS if s in spec.splits
+          and spec.splits[s].num_examples > 0]

@@ -1,0 +1,272 @@
+"""End-to-end builds with Beam's DirectRunner on fixtures written to tmp dirs."""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from pipelines import beam_build
+from pipelines import builder
+from pipelines.errors import UserError
+from tests import helpers
+import tfrecords_schema
+from tfrecords_schema import metadata
+from tfrecords_schema import schema
+
+
+def _records(data_dir: pathlib.Path, split: str) -> list[dict]:
+  spec = tfrecords_schema.read_dataset_spec(str(data_dir))
+  out = []
+  for serialized in tf.data.TFRecordDataset(spec.shard_paths(str(data_dir), split)):
+    parsed = schema.parse_examples(serialized)
+    out.append({k: v.numpy() for k, v in parsed.items()})
+  return out
+
+
+def _rejected(data_dir: pathlib.Path) -> dict:
+  lines = (data_dir / metadata.REJECTED_FILE).read_text().splitlines()
+  return {json.loads(l)['path']: json.loads(l) for l in lines}
+
+
+@pytest.fixture(scope='module')
+def messy_build(tmp_path_factory):
+  """Real photos + every kind of bad file, built once for several tests."""
+  root = tmp_path_factory.mktemp('messy')
+  images = root / 'images'
+  good = helpers.make_photo_folder(images, per_class=6)
+  bad = helpers.add_bad_files(images)
+  # Same bytes twice in one class, and once more in another class.
+  shutil.copy(images / 'cat' / 'chelsea_0.jpg', images / 'cat' / 'copy.jpg')
+  shutil.copy(images / 'coffee' / 'coffee_0.jpg', images / 'rocket' / 'c.jpg')
+  bad.update({'cat/copy.jpg': 'duplicate', 'coffee/coffee_0.jpg':
+              'label_conflict', 'rocket/c.jpg': 'label_conflict'})
+  del good['coffee/coffee_0.jpg']
+  # A PNG behind a .jpg extension: a good image, written with a warning.
+  helpers.save(images / 'rocket' / 'really_png.jpg',
+               Image.fromarray(helpers.photo('rocket')[:200, :300]), format='PNG')
+  good['rocket/really_png.jpg'] = 'rocket'
+  out = root / 'out'
+  report = builder.build(input_dir=str(images), output_dir=str(out),
+                         image_size='64,96', validation_fraction=0.3,
+                         test_fraction=0.2, seed=7, quiet=True)
+  return images, out, report, good, bad
+
+
+def test_every_file_is_written_or_rejected_with_a_reason(messy_build):
+  images, out, report, good, bad = messy_build
+  all_files = {str(p.relative_to(images)).replace(os.sep, '/')
+               for p in images.rglob('*') if p.is_file()}
+  counts = report['counts']
+  assert counts['seen'] == len(all_files)
+  assert counts['written'] == len(good)
+  assert sum(v for k, v in counts.items() if k != 'seen') == counts['seen']
+  rejected = _rejected(out)
+  assert {p: r['outcome'] for p, r in rejected.items()} == {
+      p: o for p, o in bad.items() if o != 'duplicate'} | {
+          'cat/chelsea_0.jpg' if 'cat/chelsea_0.jpg' in rejected
+          else 'cat/copy.jpg': 'duplicate'}
+  assert all(r['reason'] for r in rejected.values())
+  written = set()
+  for split in ('train', 'validation', 'test'):
+    for record in _records(out, split):
+      written.add(record[schema.FILENAME].decode())
+  assert written | set(rejected) == all_files
+  assert written == set(good) - {'cat/chelsea_0.jpg', 'cat/copy.jpg'} | (
+      {'cat/chelsea_0.jpg', 'cat/copy.jpg'} - set(rejected))
+
+
+def test_labels_match_folders_and_keras_class_order(messy_build):
+  import keras  # pylint: disable=g-import-not-at-top
+  images, out, report, _, _ = messy_build
+  keras_ds = keras.utils.image_dataset_from_directory(
+      str(images), image_size=(8, 8), batch_size=4, verbose=False)
+  assert report['class_names'] == keras_ds.class_names
+  for split in ('train', 'validation', 'test'):
+    for record in _records(out, split):
+      folder = record[schema.FILENAME].decode().split('/')[0]
+      assert report['class_names'][record[schema.LABEL]] == folder
+
+
+def test_report_has_splits_stats_and_findings(messy_build):
+  _, out, report, _, _ = messy_build
+  per_split = {s: report['splits'][s]['total'] for s in report['splits']}
+  assert sum(per_split.values()) == report['counts']['written']
+  assert all(per_split.values())  # 17 images over 3 splits: none empty here.
+  assert len(report['train_mean']) == 3 and len(report['train_std']) == 3
+  assert all(0 < m < 255 for m in report['train_mean'])
+  assert [c['classes'] for c in report['conflicts']] == [['coffee', 'rocket']]
+  assert len(report['duplicates']) == 1
+  assert report['warnings'] == [{'path': 'rocket/really_png.jpg',
+                                 'warning': 'extension .jpg but content is PNG'}]
+  assert report['images_per_s'] > 0
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  assert (spec.height, spec.width, spec.channels) == (64, 96, 3)
+  assert spec.mean == tuple(report['train_mean'])
+
+
+def test_output_loads_with_tfds_builder_from_directory(messy_build):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  _, out, report, _, _ = messy_build
+  tfds_builder = tfds.builder_from_directory(str(out))
+  assert tfds_builder.info.features['label'].names == report['class_names']
+  assert tfds_builder.info.splits['train'].num_examples == (
+      report['splits']['train']['total'])
+  examples = list(tfds_builder.as_dataset(split='train'))
+  assert len(examples) == report['splits']['train']['total']
+  assert examples[0]['image'].shape == (64, 96, 3)
+  assert examples[0]['image'].dtype == tf.uint8
+  image, label = next(iter(tfds_builder.as_dataset(split='validation',
+                                                    as_supervised=True)))
+  assert image.shape == (64, 96, 3) and label.dtype == tf.int64
+
+
+def test_split_folders_keep_splits_and_report_leaks(tmp_path):
+  images = tmp_path / 'horse-or-human'
+  for split, count in (('train', 4), ('validation', 2)):
+    for cls, name in (('horses', 'chelsea'), ('humans', 'astronaut')):
+      for i, crop in enumerate(helpers.variants(helpers.photo(name), count)):
+        helpers.save(images / split / cls / f'{split}{i}.png',
+                     Image.fromarray(crop[::-1] if split != 'train' else crop))
+  shutil.copy(images / 'train' / 'humans' / 'train0.png',
+              images / 'validation' / 'humans' / 'leaked.png')
+  out = tmp_path / 'out'
+  report = builder.build(input_dir=str(images), output_dir=str(out),
+                         image_size='32', image_format='png', channels=1,
+                         quiet=True)
+  assert report['dataset_name'] == 'horse_or_human'
+  assert report['layout'] == 'split_folders'
+  assert report['splits']['train']['per_class'] == {'horses': 4, 'humans': 4}
+  assert report['splits']['validation']['per_class'] == {'horses': 2, 'humans': 2}
+  assert report['counts']['leak'] == 1
+  assert _rejected(out)['validation/humans/leaked.png']['outcome'] == 'leak'
+  assert report['leaks'][0]['kept'] == 'train/humans/train0.png'
+  for split in ('train', 'validation'):
+    for record in _records(out, split):
+      name = record[schema.FILENAME].decode()
+      assert name.startswith(split + '/')
+      assert report['class_names'][record[schema.LABEL]] == name.split('/')[1]
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  image = schema.decode_image(_records(out, 'train')[0][schema.IMAGE],
+                              image_format='png', height=32, width=32, channels=1)
+  assert image.shape == (32, 32, 1) and spec.channels == 1
+
+
+def _small_folder(root: pathlib.Path, per_class: int = 40) -> pathlib.Path:
+  for cls, name in (('a', 'chelsea'), ('b', 'coffee')):
+    photo = np.asarray(Image.fromarray(helpers.photo(name)).resize((120, 90)))
+    for i in range(per_class):
+      helpers.write(root / cls / f'{i:03d}.jpg',
+                    helpers.jpeg_bytes(np.roll(photo, i, axis=1)))
+  return root
+
+
+def test_byte_identical_shards_with_one_or_two_worker_processes(tmp_path):
+  images = _small_folder(tmp_path / 'images', per_class=70)  # Several chunks.
+  runs = {
+      'one': [],
+      'two': ['--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+  }
+  shards = {}
+  for name, extra in runs.items():
+    out = tmp_path / name
+    result = helpers.run_cli(
+        'pipelines.build', f'--input_dir={images}', f'--output_dir={out}',
+        '--image_size=48', '--shard_size_mb=0.05', *extra,
+        env={'PYTHONHASHSEED': str(len(name) * 11)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'chunk' in result.stderr  # Progress lines.
+    assert 'images/s' in result.stdout  # Summary table.
+    shards[name] = {p.name: p.read_bytes() for p in sorted(out.glob('*.tfrecord-*'))}
+  assert len(shards['one']) > 2  # Several shards per split were written.
+  assert shards['one'] == shards['two']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--input_dir={tmp}/nope', '--output_dir={tmp}/out'], 'does not exist'),
+    (['--input_dir={images}', '--output_dir={tmp}/out', '--image_size=big'],
+     '--image_size=big'),
+    (['--input_dir={images}', '--output_dir={tmp}/out',
+      '--validation_fraction=0.7', '--test_fraction=0.5'], 'keep their sum'),
+    (['--input_dir={images}', '--output_dir={tmp}/full'], '--overwrite'),
+    (['--input_dir={images}', '--output_dir={tmp}/out', '--channels=2'],
+     'channels'),
+])
+def test_cli_user_errors_are_one_line_and_write_nothing(tmp_path, args, message):
+  images = _small_folder(tmp_path / 'images', per_class=2)
+  (tmp_path / 'full').mkdir()
+  (tmp_path / 'full' / 'keep.txt').write_text('precious')
+  before = sorted(str(p) for p in tmp_path.rglob('*'))
+  args = [a.format(tmp=tmp_path, images=images) for a in args]
+  result = helpers.run_cli('pipelines.build', *args)
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  errors = helpers.error_lines(result.stderr)
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert sorted(str(p) for p in tmp_path.rglob('*')) == before
+
+
+def test_overwrite_replaces_only_a_dataset(tmp_path):
+  images = _small_folder(tmp_path / 'images', per_class=3)
+  out = tmp_path / 'out'
+  builder.build(input_dir=str(images), output_dir=str(out), image_size='16',
+                quiet=True)
+  with pytest.raises(UserError, match='--overwrite'):
+    builder.build(input_dir=str(images), output_dir=str(out), quiet=True)
+  report = builder.build(input_dir=str(images), output_dir=str(out),
+                         image_size='24', overwrite=True, quiet=True)
+  assert tfrecords_schema.read_dataset_spec(str(out)).height == 24
+  assert report['counts']['written'] == 6
+  other = tmp_path / 'other'
+  other.mkdir()
+  (other / 'thesis.tex').write_text('x')
+  with pytest.raises(UserError, match='not a dataset built by this toolkit'):
+    builder.build(input_dir=str(images), output_dir=str(other),
+                  overwrite=True, quiet=True)
+  assert (other / 'thesis.tex').read_text() == 'x'
+  with pytest.raises(UserError, match='overlap'):
+    builder.build(input_dir=str(images), output_dir=str(images / 'a' / 'x'),
+                  quiet=True)
+  assert not list(tmp_path.glob('.*'))  # No temporary folders left behind.
+
+
+def test_failed_run_leaves_no_dataset(tmp_path, monkeypatch):
+  images = _small_folder(tmp_path / 'images', per_class=3)
+
+  def crash(*args, **kwargs):
+    raise RuntimeError('simulated crash while finalizing')
+
+  monkeypatch.setattr(beam_build, 'finalize', crash)
+  with pytest.raises(Exception, match='simulated crash'):
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  quiet=True)
+  assert not (tmp_path / 'out').exists()
+  assert not list(tmp_path.glob('.*'))
+
+
+def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path):
+  images = _small_folder(tmp_path / 'images', per_class=150)
+  out = tmp_path / 'out'
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.build', f'--input_dir={images}',
+       f'--output_dir={out}', '--image_size=32'],
+      cwd=helpers.REPO_ROOT, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 120
+  for line in process.stderr:
+    if 'chunk' in line or time.time() > deadline:
+      break
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not out.exists()
+  leftovers = list(tmp_path.glob('.*'))
+  assert [l.name.startswith('.out.incomplete-') for l in leftovers] == [True]
+  with pytest.raises(metadata.DatasetError, match='not a dataset built'):
+    tfrecords_schema.read_dataset_spec(str(leftovers[0]))

@@ -1,0 +1,99 @@
+"""The record format: encode -> shards -> parse/decode round trip, metadata."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from pipelines import image_ops
+from tests import helpers
+import tfrecords_schema
+from tfrecords_schema import metadata
+from tfrecords_schema import schema
+
+
+@pytest.mark.parametrize('image_format', ['jpeg', 'png', 'raw'])
+def test_round_trip_through_shards(tmp_path, image_format):
+  photo = helpers.photo('chelsea')
+  options = image_ops.ImageOptions(height=30, width=40,
+                                   image_format=image_format, jpeg_quality=95)
+  expected, paths = [], []
+  for shard in range(2):
+    path = str(tmp_path / f'x.tfrecord-{shard}')
+    paths.append(path)
+    with tf.io.TFRecordWriter(path) as writer:
+      for i in range(3):
+        crop = photo[i * 10:, shard * 20:]
+        processed = image_ops.process(helpers.jpeg_bytes(crop),
+                                      extension='.jpg', options=options)
+        writer.write(schema.encode_example(
+            image=processed.encoded, label=shard, filename=f'c/{shard}_{i}.jpg',
+            sha256='ab' * 32, original_height=crop.shape[0],
+            original_width=crop.shape[1]))
+        expected.append((shard, f'c/{shard}_{i}.jpg', crop.shape[:2]))
+  batch = next(iter(tf.data.TFRecordDataset(paths).batch(6)))
+  parsed = schema.parse_examples(batch)
+  assert parsed[schema.LABEL].numpy().tolist() == [e[0] for e in expected]
+  assert [f.decode() for f in parsed[schema.FILENAME].numpy()] == [
+      e[1] for e in expected]
+  assert parsed[schema.ORIGINAL_HEIGHT].numpy().tolist() == [
+      e[2][0] for e in expected]
+  image = schema.decode_image(parsed[schema.IMAGE][0], image_format=image_format,
+                              height=30, width=40, channels=3)
+  assert image.shape == (30, 40, 3) and image.dtype == tf.uint8
+  reference = np.asarray(image_ops.resize(
+      image_ops.to_8bit(Image.fromarray(photo),
+                        channels=3), height=30, width=40, mode='stretch'))
+  tolerance = 0 if image_format != 'jpeg' else 8
+  assert np.abs(image.numpy().astype(int) - reference.astype(int)).mean() <= (
+      tolerance + 3)  # The JPEG draft decode differs slightly from full decode.
+
+
+_ENCODE_SCRIPT = '''
+import sys
+from tfrecords_schema import schema
+sys.stdout.buffer.write(schema.encode_example(
+    image=b'\\x00\\x01', label=1, filename='dogs/a.jpg', sha256='cd' * 32,
+    original_height=3, original_width=4).hex().encode())
+'''
+
+
+def test_serialization_is_byte_identical_across_processes():
+  outputs = set()
+  for seed in ('0', '1', '12345'):
+    out = subprocess.run(
+        [sys.executable, '-c', _ENCODE_SCRIPT], capture_output=True,
+        cwd=helpers.REPO_ROOT, check=True, env={
+            **os.environ, 'PYTHONHASHSEED': seed}).stdout
+    outputs.add(out)
+  assert len(outputs) == 1
+
+
+def test_read_dataset_spec_errors(tmp_path):
+  with pytest.raises(metadata.DatasetError, match='does not exist'):
+    tfrecords_schema.read_dataset_spec(str(tmp_path / 'missing'))
+  with pytest.raises(metadata.DatasetError, match='not a dataset built by'):
+    tfrecords_schema.read_dataset_spec(str(tmp_path))
+  (tmp_path / metadata.METADATA_FILE).write_text(json.dumps(
+      {'toolkit': metadata.TOOLKIT_MARKER, 'schema_version': 999}))
+  with pytest.raises(metadata.DatasetError, match='schema_version=999'):
+    tfrecords_schema.read_dataset_spec(str(tmp_path))
+
+
+def test_spec_json_round_trip():
+  spec = metadata.DatasetSpec(
+      name='d', class_names=('a', 'b'), height=2, width=3, channels=1,
+      image_format='png', resize_mode='pad', mean=(1.0,), std=(2.0,),
+      splits={'train': metadata.SplitSpec('train', ('d-train.tfrecord-0',), (5,),
+                                          100, (2, 3))})
+  again = metadata.DatasetSpec.from_json_dict(
+      json.loads(json.dumps(spec.to_json_dict())))
+  assert again == spec
+  assert again.splits['train'].num_examples == 5
+  with pytest.raises(metadata.DatasetError, match="split='test'"):
+    again.shard_paths('/x', 'test')

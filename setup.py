@@ -20,6 +20,8 @@ setuptools.setup(
         'numpy>=1.26,<3',
         'absl-py>=2.1,<3',
         'Pillow>=10.4,<13',
+        # C crc32c for TFRecord framing in Beam workers without TensorFlow.
+        'google-crc32c>=1.5,<2',
         'matplotlib>=3.8,<4',
     ],
     extras_require={

@@ -97,3 +97,47 @@ def test_spec_json_round_trip():
   assert again.splits['train'].num_examples == 5
   with pytest.raises(metadata.DatasetError, match="split='test'"):
     again.shard_paths('/x', 'test')
+
+
+@pytest.mark.parametrize('label,height,filename', [
+    (0, 1, 'a.jpg'), (1, 300, 'cats/ü 1.png'), (2**40, 2**31, 'x' * 300),
+    (-1, 0, '')])
+def test_encoding_parses_to_the_example_tensorflow_builds(
+    label, height, filename):
+  image = os.urandom(200) + bytes(range(256)) * 3
+  ours = schema.encode_example(image=image, label=label, filename=filename,
+                               sha256='ef' * 32, original_height=height,
+                               original_width=7)
+
+  def feature(value):
+    if isinstance(value, bytes):
+      return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[value]))
+
+  reference = tf.train.Example(features=tf.train.Features(feature={
+      schema.IMAGE: feature(image), schema.LABEL: feature(label),
+      schema.FILENAME: feature(filename.encode()),
+      schema.SHA256: feature(('ef' * 32).encode()),
+      schema.ORIGINAL_HEIGHT: feature(height),
+      schema.ORIGINAL_WIDTH: feature(7)}))
+  assert tf.train.Example.FromString(ours) == reference
+  # Our key order is the sorted one, whatever the protobuf runtime does.
+  assert ours == schema.encode_example(
+      image=image, label=label, filename=filename, sha256='ef' * 32,
+      original_height=height, original_width=7)
+  parsed = schema.parse_examples(tf.constant([ours]))
+  assert parsed[schema.LABEL].numpy().tolist() == [label]
+  assert parsed[schema.IMAGE].numpy().tolist() == [image]
+
+
+def test_framed_records_equal_tfrecordwriter_output(tmp_path):
+  records = [b'', b'x', os.urandom(70000)]
+  with tf.io.TFRecordWriter(str(tmp_path / 'tf.tfrecord')) as writer:
+    for r in records:
+      writer.write(r)
+  ours = b''.join(schema.frame_record(r) for r in records)
+  assert ours == (tmp_path / 'tf.tfrecord').read_bytes()
+  # Concatenated files are one valid file (how chunks become shards).
+  (tmp_path / 'joined').write_bytes(ours + ours)
+  read = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / 'joined'))]
+  assert read == records + records

@@ -1,0 +1,96 @@
+"""Shared benchmark helpers: photo-like JPEG folders and peak-RSS sampling."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import threading
+import time
+
+import numpy as np
+from PIL import Image
+
+PHOTOS = {'cat': 'chelsea', 'coffee': 'coffee', 'rocket': 'rocket'}
+
+
+def make_jpeg_folder(root: pathlib.Path, num_images: int, *,
+                     seed: int = 0) -> pathlib.Path:
+  """`num_images` photo-like JPEGs (300-500 px sides) in 3 class folders.
+
+  Each image is a random crop of a real scikit-image photo, resized to a
+  random size, flipped and colour-shifted, so every file has distinct bytes.
+  Reuses the folder when it already holds the same number of images.
+  """
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  marker = root / f'.complete-{num_images}-{seed}'
+  if marker.exists():
+    return root
+  rng = np.random.default_rng(seed)
+  sources = {cls: getattr(data, name)() for cls, name in PHOTOS.items()}
+  classes = sorted(sources)
+  for i in range(num_images):
+    cls = classes[i % len(classes)]
+    photo = sources[cls]
+    h, w = photo.shape[:2]
+    ch, cw = int(h * rng.uniform(0.6, 1.0)), int(w * rng.uniform(0.6, 1.0))
+    top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    crop = photo[top:top + ch, left:left + cw].astype(np.int16)
+    crop = np.clip(crop + rng.integers(-20, 21, size=3), 0, 255).astype(np.uint8)
+    if rng.random() < 0.5:
+      crop = crop[:, ::-1]
+    size = (int(rng.integers(300, 501)), int(rng.integers(300, 501)))
+    image = Image.fromarray(crop).resize(size, Image.Resampling.BILINEAR)
+    path = root / cls / f'{cls}_{i:06d}.jpg'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format='JPEG', quality=int(rng.integers(80, 96)))
+  marker.write_text('ok')
+  return root
+
+
+def _tree_rss_bytes(pid: int) -> int:
+  """Resident memory of `pid` and all its descendants (Linux /proc)."""
+  children: dict[int, list[int]] = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    children.setdefault(ppid, []).append(int(entry))
+  total, stack = 0, [pid]
+  page = os.sysconf('SC_PAGE_SIZE')
+  while stack:
+    p = stack.pop()
+    try:
+      with open(f'/proc/{p}/statm') as f:
+        total += int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+      pass
+    stack.extend(children.get(p, []))
+  return total
+
+
+def run_measured(cmd: list[str], *, cwd=None, env=None,
+                 interval_s: float = 0.2) -> dict:
+  """Runs cmd; returns wall seconds, exit code, output and peak tree RSS."""
+  start = time.perf_counter()
+  process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+  peak = [0]
+  done = threading.Event()
+
+  def sample():
+    while not done.is_set():
+      peak[0] = max(peak[0], _tree_rss_bytes(process.pid))
+      time.sleep(interval_s)
+
+  thread = threading.Thread(target=sample, daemon=True)
+  thread.start()
+  stdout, stderr = process.communicate()
+  done.set()
+  thread.join()
+  return {'wall_s': time.perf_counter() - start, 'returncode': process.returncode,
+          'stdout': stdout, 'stderr': stderr, 'peak_rss_mb': peak[0] / 2**20}

@@ -25,10 +25,13 @@ setuptools.setup(
         'matplotlib>=3.8,<4',
     ],
     extras_require={
+        # Real bundled images for the demo (digits, LFW faces, photos).
+        'demo': ['scikit-learn>=1.5,<2', 'scikit-image>=0.24,<1'],
         'test': [
             'pytest>=8,<10',
             'scikit-learn>=1.5,<2',
             'scikit-image>=0.24,<1',
+            # ImageDataGenerator, only as the input benchmark's baseline.
             'tf-keras>=2.21,<2.22',
         ],
         'cuda': ['tensorflow[and-cuda]>=2.21,<2.22'],

@@ -35,7 +35,7 @@ import json
 import posixpath
 import sys
 import time
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -77,9 +77,12 @@ class ChunkTask:
   files: tuple[listing_lib.SourceFile, ...]
 
 
-@dataclasses.dataclass(frozen=True)
-class RecordInfo:
-  """Where one written record lies in a chunk file, and what it holds."""
+class RecordInfo(NamedTuple):
+  """Where one written record lies in a chunk file, and what it holds.
+
+  A NamedTuple, with the pixel sums packed into bytes: the launcher holds one
+  of these per image, so its size is the build's memory per image.
+  """
   relpath: str
   class_name: str
   given_split: Optional[str]
@@ -88,10 +91,18 @@ class RecordInfo:
   chunk: int
   offset: int
   length: int
-  pixel_sum: tuple[float, ...]
-  pixel_sumsq: tuple[float, ...]
+  pixel_sums: bytes  # float64 [2, C]: per-channel sum, sum of squares.
   num_pixels: int
   warning: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkOutput:
+  """What one WriteChunk call returns; times are worker wall clock."""
+  index: int
+  records: tuple[RecordInfo, ...]
+  start_time: float
+  end_time: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +125,7 @@ class Plan:
   warnings: tuple[dict, ...]
   train_mean: Optional[tuple[float, ...]]
   train_std: Optional[tuple[float, ...]]
+  write_seconds: float  # First chunk start to last chunk end (steady state).
 
 
 # Workers touch files only through Beam's FileSystems (local, gs://, s3://,
@@ -152,7 +164,7 @@ def chunk_path(tmp_dir: str, index: int, split: str) -> str:
 
 
 class WriteChunk(beam.DoFn):
-  """ChunkTask -> tuple of RecordInfo, writing per-split chunk files.
+  """ChunkTask -> ChunkOutput, writing per-split chunk files.
 
   One output element per chunk, not per record: Beam's per-element cost in
   the worker is worth avoiding at ~1 ms of real work per image.
@@ -172,6 +184,7 @@ class WriteChunk(beam.DoFn):
 
   def process(self, task: ChunkTask):
     config = self._config
+    start_time = time.time()
     writers, offsets, records = {}, collections.Counter(), []
     try:
       for source in task.files:
@@ -205,7 +218,7 @@ class WriteChunk(beam.DoFn):
         records.append(RecordInfo(
             source.relpath, source.class_name, source.given_split, sha, split,
             task.index, offsets[split], len(record),
-            tuple(processed.pixel_sum), tuple(processed.pixel_sumsq),
+            np.stack([processed.pixel_sum, processed.pixel_sumsq]).tobytes(),
             processed.num_pixels, processed.warning))
         offsets[split] += len(record)
     finally:
@@ -213,7 +226,7 @@ class WriteChunk(beam.DoFn):
         writer.close()
     _log(f'chunk {task.index + 1}/{task.num_chunks}: {len(records)} written, '
          f'{len(task.files) - len(records)} rejected')
-    yield tuple(records)
+    yield ChunkOutput(task.index, tuple(records), start_time, time.time())
 
 
 def _mean_std(records: Sequence[RecordInfo]):
@@ -221,8 +234,9 @@ def _mean_std(records: Sequence[RecordInfo]):
   n = sum(r.num_pixels for r in records)
   if not n:
     return None, None
-  mean = np.sum([r.pixel_sum for r in records], axis=0) / n
-  mean_sq = np.sum([r.pixel_sumsq for r in records], axis=0) / n
+  sums = np.sum([np.frombuffer(r.pixel_sums).reshape(2, -1) for r in records],
+               axis=0) / n
+  mean, mean_sq = sums[0], sums[1]
   std = np.sqrt(np.maximum(mean_sq - np.square(mean), 0.0))
   return (tuple(round(float(m), 4) for m in mean),
           tuple(round(float(s), 4) for s in std))
@@ -262,7 +276,8 @@ def plan_shards(element, *, config: BuildConfig, tmp_dir: str) -> Plan:
   The one global step; it sees ~300 bytes of metadata per file.
   """
   _, chunks = element
-  records = sorted((r for chunk in chunks for r in chunk),
+  chunks = list(chunks)
+  records = sorted((r for chunk in chunks for r in chunk.records),
                    key=lambda r: (r.chunk, r.split, r.offset))
   by_sha = collections.defaultdict(list)
   for r in records:
@@ -289,8 +304,10 @@ def plan_shards(element, *, config: BuildConfig, tmp_dir: str) -> Plan:
   warnings = sorted(({'path': r.relpath, 'warning': r.warning}
                      for r in kept_records if r.warning),
                     key=lambda w: w['path'])
+  write_seconds = (max((c.end_time for c in chunks), default=0.0) -
+                   min((c.start_time for c in chunks), default=0.0))
   return Plan(tuple(shards), tuple(dropped), tuple(findings), tuple(warnings),
-              mean, std)
+              mean, std, round(write_seconds, 3))
 
 
 class ConcatShard(beam.DoFn):
@@ -385,6 +402,7 @@ def finalize(_, *, config: BuildConfig, tmp_dir: str, num_seen: int,
       'conflicts': by_kind[splits_lib.LABEL_CONFLICT],
       'leaks': by_kind[splits_lib.LEAK],
       'warnings': list(plan.warnings),
+      'write_stage_s': plan.write_seconds,
   }
   _write_bytes(posixpath.join(tmp_dir, metadata_lib.REPORT_FILE),
                json.dumps(report, indent=2).encode())

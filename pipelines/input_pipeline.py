@@ -1,0 +1,269 @@
+"""tf.data input layer over datasets written by `pipelines.build`.
+
+    train = make_dataset('data/photos', 'train', batch_size=32, training=True,
+                         augment='course', seed=0)
+    val = make_dataset('data/photos', 'validation', batch_size=32,
+                       training=False)
+    model.fit(train, validation_data=val, epochs=10)
+
+Order of operations, and why:
+
+  shard files (shuffled when training)
+  -> interleave reads            parallel I/O across shards
+  -> per-shard record check      a corrupt shard is named, or skipped + counted
+  -> parse + decode (parallel)   deterministic: record -> uint8 [H, W, C]
+  -> resize (if image_size)      still uint8, so a cache stays 4x smaller
+  -> cache                       after decode, before anything random
+  -> shuffle                     uint8 images, bounded buffer
+  -> repeat
+  -> batch                       everything after works on whole batches
+  -> augment (parallel)          one projective warp per batch, seeded
+  -> normalize, labels           float32 only from here
+  -> prefetch
+
+Training is non-deterministic in order (faster) unless a seed is given;
+evaluation (`training=False`) never shuffles or augments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Mapping, Optional, Union
+
+import tensorflow as tf
+
+from pipelines import augment as augment_lib
+import tfrecords_schema
+from tfrecords_schema import schema
+
+AUTOTUNE = tf.data.AUTOTUNE
+NORMALIZATIONS = ('rescale', 'standardize', '[-1,1]', 'none')
+LABEL_MODES = ('int', 'categorical', 'binary')
+SHUFFLE_BUFFER_BYTES = 256 << 20  # Default shuffle buffer: ~256 MB of images.
+CACHE_MEMORY_SHARE = 0.5  # Refuse an in-memory cache above this share of RAM.
+
+
+def _available_memory_bytes() -> int:
+  """MemAvailable from /proc/meminfo, else total physical memory."""
+  try:
+    with open('/proc/meminfo') as f:
+      for line in f:
+        if line.startswith('MemAvailable:'):
+          return int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def normalize_images(images: tf.Tensor, mode: str, *, mean=None,
+                     std=None) -> tf.Tensor:
+  """float32 [..., C] on 0..255 -> the model's input scale.
+
+  rescale: [0, 1] (the course's `rescale=1./255`); standardize: (x - mean) /
+  std with the train split's per-channel statistics; '[-1,1]': Inception /
+  MobileNet inputs; none: unchanged.
+  """
+  if mode == 'rescale':
+    return images * (1.0 / 255.0)
+  if mode == '[-1,1]':
+    return images * (1.0 / 127.5) - 1.0
+  if mode == 'standardize':
+    return (images - tf.constant(mean, tf.float32)) / tf.constant(
+        [max(s, 1e-6) for s in std], tf.float32)
+  if mode == 'none':
+    return images
+  raise ValueError(f'normalize={mode!r} is not one of {NORMALIZATIONS}')
+
+
+def _check_shard(path: tf.Tensor, expected: tf.Tensor, skip: bool):
+  """Records of one shard; raises naming it, or skips + reports, on damage.
+
+  TFRecordDataset raises DataLossError on a bad checksum or a truncated
+  record; `ignore_errors` drops it and a counting scan compares what arrived
+  with the shard length written in the metadata, at the shard's end.
+  """
+  records = tf.data.TFRecordDataset(path).ignore_errors()
+  flagged = records.map(lambda r: (r, False)).concatenate(
+      tf.data.Dataset.from_tensors((tf.constant(b''), True)))
+
+  def count(seen, element):
+    record, is_end = element
+    missing = expected - seen
+
+    def report():
+      message = tf.strings.join([
+          'corrupt shard ', path, ': ', tf.strings.as_string(missing),
+          ' of its ', tf.strings.as_string(expected),
+          ' records are unreadable'])
+      if skip:
+        printed = tf.print('WARNING: skipped bad records:', message,
+                           output_stream=sys.stderr)
+        with tf.control_dependencies([printed]):
+          return tf.constant(True)
+      fix = ('; rebuild the dataset with pipelines.build, or pass '
+             'skip_bad_records=True to skip them')
+      with tf.control_dependencies([
+          tf.debugging.Assert(False, [message + fix], summarize=1)]):
+        return tf.constant(True)
+
+    ok = tf.cond(tf.logical_and(is_end, missing > 0), report,
+                 lambda: tf.constant(True))
+    with tf.control_dependencies([ok]):
+      return seen + tf.cast(tf.logical_not(is_end), tf.int64), (record, is_end)
+
+  return (flagged.scan(tf.constant(0, tf.int64), count)
+          .filter(lambda record, is_end: tf.logical_not(is_end))
+          .map(lambda record, is_end: record))
+
+
+def _estimate_bytes(spec, split: str, size) -> int:
+  return spec.splits[split].num_examples * size[0] * size[1] * spec.channels
+
+
+def make_dataset(data_dir: str, split: str, *, batch_size: int,
+                 training: bool,
+                 image_size: Union[None, int, tuple[int, int]] = None,
+                 augment: Union[None, bool, str, Mapping[str, Any],
+                                augment_lib.AugmentConfig] = None,
+                 normalize: str = 'rescale',
+                 cache: Union[None, bool, str] = None,
+                 shuffle_buffer: Optional[int] = None,
+                 seed: Optional[int] = None, repeat: bool = False,
+                 drop_remainder: Optional[bool] = None,
+                 label_mode: str = 'int', skip_bad_records: bool = False,
+                 ) -> tf.data.Dataset:
+  """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
+
+  Args:
+    data_dir: the --output_dir of `pipelines.build`.
+    split: 'train', 'validation' or 'test'.
+    batch_size: images per batch.
+    training: shuffle (and augment, if asked); False never does either.
+    image_size: N or (height, width) to resize to at read time; default the
+      stored size.
+    augment: None, True / 'course' (the course's ImageDataGenerator set), a
+      dict of ImageDataGenerator-style options, or an AugmentConfig.
+      Applied only when training.
+    normalize: 'rescale' ([0, 1]), 'standardize' (train mean/std from the
+      metadata), '[-1,1]' or 'none' (0..255 floats).
+    cache: None, True / 'memory', or a file path prefix; caches decoded
+      uint8 images (before any randomness). An in-memory cache larger than
+      half the available memory is refused with an error.
+    shuffle_buffer: images in the shuffle buffer; default ~256 MB of images.
+    seed: makes file order, shuffling and augmentation reproducible (and the
+      pipeline deterministic); None lets tf.data reorder for speed.
+    repeat: repeat forever (use with `steps_per_epoch`).
+    drop_remainder: default True when training (static batch shape, no tiny
+      last batch), False otherwise (every evaluation image counts).
+    label_mode: 'int' (int32 [B]), 'categorical' (one-hot float32 [B, K]) or
+      'binary' (float32 [B, 1], two classes only), as `class_mode`.
+    skip_bad_records: skip records of damaged shards and print how many per
+      shard, instead of raising an error naming the shard.
+
+  Returns:
+    A `tf.data.Dataset` of `(images, labels)`.
+  """
+  spec = tfrecords_schema.read_dataset_spec(data_dir)
+  paths = spec.shard_paths(data_dir, split)
+  if not paths:
+    raise tfrecords_schema.DatasetError(
+        f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
+        f'fraction for it, or use one of '
+        f'{[s for s, v in spec.splits.items() if v.shards]}')
+  if batch_size < 1:
+    raise ValueError(f'batch_size={batch_size} must be >= 1')
+  if normalize not in NORMALIZATIONS:
+    raise ValueError(f'normalize={normalize!r} is not one of {NORMALIZATIONS}')
+  if normalize == 'standardize' and spec.mean is None:
+    raise ValueError(f'normalize=standardize needs train statistics, and '
+                     f'{data_dir} has no train split')
+  if label_mode not in LABEL_MODES:
+    raise ValueError(f'label_mode={label_mode!r} is not one of {LABEL_MODES}')
+  if label_mode == 'binary' and spec.num_classes != 2:
+    raise ValueError(f"label_mode='binary' needs 2 classes; {data_dir} has "
+                     f'{spec.num_classes}: use "int" or "categorical"')
+  size = (spec.height, spec.width)
+  if image_size is not None:
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(
+        image_size)
+  config = augment_lib.resolve(augment) if training else None
+  if cache in (True, 'memory'):
+    need = _estimate_bytes(spec, split, size)
+    have = _available_memory_bytes()
+    if need > CACHE_MEMORY_SHARE * have:
+      raise ValueError(
+          f'cache=memory needs ~{need / 2**30:.1f} GiB for '
+          f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
+          f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
+          'pass cache="/path/to/cache_file" or cache=None')
+  deterministic = seed is not None or not training
+  shard_lengths = spec.splits[split].shard_lengths
+
+  files = tf.data.Dataset.from_tensor_slices(
+      (paths, tf.constant(shard_lengths, tf.int64)))
+  if training:
+    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+  records = files.interleave(
+      lambda path, n: _check_shard(path, n, skip_bad_records),
+      cycle_length=min(len(paths), 8), block_length=1,
+      num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+  def decode(serialized):
+    example = schema.parse_examples(serialized)
+    image = schema.decode_image(
+        example[schema.IMAGE], image_format=spec.image_format,
+        height=spec.height, width=spec.width, channels=spec.channels)
+    if size != (spec.height, spec.width):
+      image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+          image, size, antialias=True)), 0, 255), tf.uint8)
+    return image, tf.cast(example[schema.LABEL], tf.int32)
+
+  ds = records.map(decode, num_parallel_calls=AUTOTUNE,
+                   deterministic=deterministic)
+  if cache in (True, 'memory'):
+    ds = ds.cache()
+  elif isinstance(cache, str) and cache:
+    ds = ds.cache(cache)
+  if training:
+    image_bytes = size[0] * size[1] * spec.channels
+    buffer = shuffle_buffer or max(1, min(
+        spec.splits[split].num_examples, SHUFFLE_BUFFER_BYTES // image_bytes))
+    ds = ds.shuffle(buffer, seed=seed, reshuffle_each_iteration=True)
+  if repeat:
+    ds = ds.repeat()
+  if drop_remainder is None:
+    drop_remainder = training
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder,
+                num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+  num_classes = spec.num_classes
+  mean, std = spec.mean, spec.std
+
+  def to_model_inputs(images, labels, batch_seed=None):
+    images = tf.cast(images, tf.float32)
+    if config is not None:
+      images = augment_lib.augment_batch(images, batch_seed, config)
+    images = normalize_images(images, normalize, mean=mean, std=std)
+    if label_mode == 'categorical':
+      labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
+    elif label_mode == 'binary':
+      labels = tf.cast(labels[:, None], tf.float32)
+    return images, labels
+
+  if config is not None:
+    # One seed per batch from a seeded stream that changes every epoch.
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True
+                                   ).batch(2)
+    ds = tf.data.Dataset.zip(ds, seeds).map(
+        lambda batch, s: to_model_inputs(*batch, s),
+        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+  else:
+    ds = ds.map(to_model_inputs, num_parallel_calls=AUTOTUNE,
+                deterministic=deterministic)
+  ds = ds.prefetch(AUTOTUNE)
+  options = tf.data.Options()
+  options.deterministic = deterministic
+  options.autotune.enabled = True
+  return ds.with_options(options)
+

@@ -118,6 +118,22 @@ def test_cache_in_memory_and_to_file(data_dir, tmp_path, monkeypatch):
                                 training=False, cache='memory')
 
 
+def test_changed_shards_are_refused_before_reading(data_dir, tmp_path):
+  import shutil  # pylint: disable=g-import-not-at-top
+  copy = tmp_path / 'copy'
+  shutil.copytree(data_dir, copy)
+  spec = tfrecords_schema.read_dataset_spec(str(copy))
+  shard = copy / spec.splits['train'].shards[1]
+  shard.write_bytes(shard.read_bytes()[:-10])
+  with pytest.raises(tfrecords_schema.DatasetError, match='changed since'):
+    input_pipeline.make_dataset(str(copy), 'train', batch_size=4,
+                                training=False)
+  shard.unlink()
+  with pytest.raises(tfrecords_schema.DatasetError, match='is missing'):
+    input_pipeline.make_dataset(str(copy), 'train', batch_size=4,
+                                training=False)
+
+
 def test_repeat_with_steps(data_dir):
   ds = input_pipeline.make_dataset(data_dir, 'train', batch_size=4,
                                    training=True, repeat=True, seed=1)
@@ -141,7 +157,7 @@ def test_corrupt_shard_raises_an_error_naming_it(data_dir, tmp_path):
   ds = input_pipeline.make_dataset(copy, 'train', batch_size=4, training=False)
   with pytest.raises(tf.errors.InvalidArgumentError) as e:
     _all(ds)
-  assert f'corrupt shard {shard}' in str(e.value)
+  assert f'corrupt shard {shard} (6 records expected)' in str(e.value)
   assert 'skip_bad_records=True' in str(e.value)
 
 
@@ -153,4 +169,5 @@ def test_corrupt_shard_records_can_be_skipped_and_are_counted(
   total = spec.splits['train'].num_examples
   assert 0 < len(images) < total
   err = capfd.readouterr().err
-  assert f'corrupt shard {shard}: {total - len(images)} of its' in err
+  assert (f'corrupt shard "{shard}" has {total - len(images)} unreadable '
+          'records of 6') in err

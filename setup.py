@@ -23,6 +23,8 @@ setuptools.setup(
         # C crc32c for TFRecord framing in Beam workers without TensorFlow.
         'google-crc32c>=1.5,<2',
         'matplotlib>=3.8,<4',
+        # TF 2.21 no longer pulls it in; the trainer writes TensorBoard logs.
+        'tensorboard>=2.20,<3',
     ],
     extras_require={
         # Real bundled images for the demo (digits, LFW faces, photos).

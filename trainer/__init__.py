@@ -1,0 +1,1 @@
+"""Trainer for the course's CNNs on datasets built by pipelines.build."""

@@ -1,0 +1,165 @@
+"""The course's CNNs and a transfer-learning model, sized from the dataset.
+
+Each builder takes the input shape (H, W, C) and class count and returns an
+uncompiled `keras.Model` whose head follows the class count:
+
+  2 classes   Dense(1, sigmoid)   + binary cross-entropy (the course's choice)
+  3+ classes  Dense(K) logits     + sparse categorical cross-entropy
+
+Inputs are already normalized by the input pipeline (`NORMALIZATION` says
+how for each model), so models hold no rescaling layer and the exported
+serving function applies the same normalization.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import keras
+from keras import layers
+
+MODELS = ('small_cnn', 'horses_humans', 'cats_dogs', 'transfer')
+BASE_MODELS = ('inception_v3', 'mobilenet_v2')
+# What the input pipeline does before the model: the course rescales to
+# [0, 1]; Inception/MobileNet bases were trained on [-1, 1].
+NORMALIZATION = {'small_cnn': 'rescale', 'horses_humans': 'rescale',
+                 'cats_dogs': 'rescale', 'transfer': '[-1,1]'}
+DEFAULT_DROPOUT = {'small_cnn': 0.0, 'horses_humans': 0.0, 'cats_dogs': 0.5,
+                   'transfer': 0.2}
+
+
+class ModelError(ValueError):
+  """A model that cannot be built for this dataset; the message says why."""
+
+
+def head(x, num_classes: int, dropout: float):
+  """Dropout (if any) + the class-count head, kept in float32."""
+  if dropout:
+    x = layers.Dropout(dropout)(x)
+  if num_classes == 2:
+    return layers.Dense(1, activation='sigmoid', dtype='float32',
+                        name='probability')(x)
+  return layers.Dense(num_classes, dtype='float32', name='logits')(x)
+
+
+def min_side(num_convs: int) -> int:
+  """Smallest input side a stack of 3x3 valid conv + 2x2 pool leaves >= 1."""
+  side = 1
+  for _ in range(num_convs):
+    side = side * 2 + 2
+  return side
+
+
+def _conv_stack(inputs, filters, dense_units: int, num_classes: int,
+                dropout: float, name: str) -> keras.Model:
+  need = min_side(len(filters))
+  height, width = inputs.shape[1], inputs.shape[2]
+  if min(height, width) < need:
+    raise ModelError(
+        f'--model={name} needs images of at least {need}x{need}, this '
+        f'dataset has {height}x{width}: rebuild with a larger --image_size '
+        'or pass --image_size')
+  x = inputs
+  for f in filters:
+    x = layers.Conv2D(f, 3, activation='relu')(x)
+    x = layers.MaxPooling2D(2)(x)
+  x = layers.Flatten()(x)
+  if name == 'cats_dogs':  # The course drops out before the dense layer.
+    x = layers.Dropout(dropout)(x) if dropout else x
+    x = layers.Dense(dense_units, activation='relu')(x)
+    outputs = head(x, num_classes, 0.0)
+  else:
+    x = layers.Dense(dense_units, activation='relu')(x)
+    outputs = head(x, num_classes, dropout)
+  return keras.Model(inputs, outputs, name=name)
+
+
+def small_cnn(inputs, num_classes, dropout):
+  """The Fashion-MNIST CNN: Conv32-Pool-Conv64-Pool-Dense128."""
+  return _conv_stack(inputs, (32, 64), 128, num_classes, dropout, 'small_cnn')
+
+
+def horses_humans(inputs, num_classes, dropout):
+  """Conv16-32-64-64-64, each with max pooling, Dense512 (300x300 in the course)."""
+  return _conv_stack(inputs, (16, 32, 64, 64, 64), 512, num_classes, dropout,
+                     'horses_humans')
+
+
+def cats_dogs(inputs, num_classes, dropout):
+  """Conv32-64-128-128 with pooling, Dropout, Dense512 (150x150 in the course)."""
+  return _conv_stack(inputs, (32, 64, 128, 128), 512, num_classes, dropout,
+                     'cats_dogs')
+
+
+def transfer(inputs, num_classes, dropout, *, base_model: str,
+             base_weights: Optional[str], base_cutoff_layer: Optional[str]):
+  """A frozen Keras Applications base (truncated at a layer) + a new head.
+
+  Pretrained weights cannot be downloaded at run time: `base_weights` must be
+  a local file (e.g. inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5)
+  or 'none' to start from random weights.
+  """
+  if base_weights is None:
+    raise ModelError(
+        '--model=transfer needs --base_weights=/path/to/notop_weights.h5: '
+        'pretrained weights cannot be downloaded here, they must be a local '
+        'file (or --base_weights=none to train the base from scratch)')
+  if base_weights != 'none' and not os.path.isfile(base_weights):
+    raise ModelError(
+        f'--base_weights={base_weights} is not a file; pretrained weights '
+        'cannot be downloaded here: pass a local weights file, or none')
+  x = inputs
+  if x.shape[-1] == 1:  # Grayscale data, RGB base: repeat the channel.
+    x = layers.Concatenate(name='grey_to_rgb')([x, x, x])
+  shape = tuple(x.shape[1:])
+  application = {'inception_v3': keras.applications.InceptionV3,
+                 'mobilenet_v2': keras.applications.MobileNetV2}[base_model]
+  try:
+    base = application(include_top=False, weights=None, input_shape=shape)
+  except ValueError as e:
+    raise ModelError(f'--base_model={base_model} cannot take {shape[0]}x'
+                     f'{shape[1]} images ({e}); rebuild with a larger '
+                     '--image_size or pass --image_size') from None
+  if base_weights != 'none':
+    base.load_weights(base_weights)
+  base.trainable = False
+  features = base.output
+  if base_cutoff_layer:
+    try:
+      features = base.get_layer(base_cutoff_layer).output
+    except ValueError:
+      raise ModelError(
+          f'--base_cutoff_layer={base_cutoff_layer} is not a layer of '
+          f'{base_model}; e.g. mixed7 (inception_v3) or block_13_expand_relu '
+          '(mobilenet_v2)') from None
+  base = keras.Model(base.input, features, name=f'{base_model}_base')
+  base.trainable = False
+  y = base(x, training=False)
+  y = layers.Flatten()(y)
+  y = layers.Dense(1024, activation='relu')(y)
+  return keras.Model(inputs, head(y, num_classes, dropout), name='transfer')
+
+
+def build_model(name: str, *, input_shape: tuple[int, int, int],
+                num_classes: int, dropout: Optional[float] = None,
+                base_model: str = 'inception_v3',
+                base_weights: Optional[str] = None,
+                base_cutoff_layer: Optional[str] = None) -> keras.Model:
+  """Builds `name` for (H, W, C) inputs; ModelError when it cannot."""
+  if name not in MODELS:
+    raise ModelError(f'--model={name} is not a model; choose one of '
+                     f'{", ".join(MODELS)}')
+  if base_model not in BASE_MODELS:
+    raise ModelError(f'--base_model={base_model} is not one of '
+                     f'{", ".join(BASE_MODELS)}')
+  dropout = DEFAULT_DROPOUT[name] if dropout is None else dropout
+  if not 0 <= dropout < 1:
+    raise ModelError(f'--dropout={dropout} must be in [0, 1)')
+  inputs = keras.Input(input_shape, name='image')
+  if name == 'transfer':
+    return transfer(inputs, num_classes, dropout, base_model=base_model,
+                    base_weights=base_weights,
+                    base_cutoff_layer=base_cutoff_layer)
+  return {'small_cnn': small_cnn, 'horses_humans': horses_humans,
+          'cats_dogs': cats_dogs}[name](inputs, num_classes, dropout)

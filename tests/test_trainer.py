@@ -1,0 +1,263 @@
+"""Trainer: models, heads, early stopping, resume, outputs, export, predict."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from pipelines import builder
+from pipelines import sample_data
+from pipelines.errors import UserError
+from tests import helpers
+from trainer import callbacks as callbacks_lib
+from trainer import models
+from trainer import predict
+from trainer import train_lib
+import tfrecords_schema
+from tfrecords_schema import schema
+
+
+@pytest.mark.parametrize('name,size', [('small_cnn', 28), ('cats_dogs', 48),
+                                       ('horses_humans', 96)])
+@pytest.mark.parametrize('channels', [1, 3])
+def test_each_model_builds_and_trains_a_step(name, size, channels):
+  for num_classes in (2, 3):
+    model = models.build_model(name, input_shape=(size, size, channels),
+                               num_classes=num_classes)
+    binary = num_classes == 2
+    model.compile('adam', 'binary_crossentropy' if binary else
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x = np.random.default_rng(0).random((4, size, size, channels), np.float32)
+    y = np.array([[0], [1], [0], [1]], np.float32) if binary else np.array(
+        [0, 1, 2, 1])
+    before = [w.copy() for w in model.get_weights()]
+    loss = model.train_on_batch(x, y)
+    assert np.isfinite(loss)
+    assert any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+    assert model.output_shape == (None, 1 if binary else num_classes)
+
+
+def test_transfer_model_loads_local_weights_and_freezes_base(tmp_path):
+  base = keras.applications.MobileNetV2(include_top=False, weights=None,
+                                        input_shape=(32, 32, 3))
+  weights = str(tmp_path / 'mobilenet_notop.weights.h5')
+  base.save_weights(weights)
+  model = models.build_model(
+      'transfer', input_shape=(32, 32, 1), num_classes=3,
+      base_model='mobilenet_v2', base_weights=weights,
+      base_cutoff_layer='block_13_expand_relu')
+  frozen = model.get_layer('mobilenet_v2_base')
+  assert not frozen.trainable
+  np.testing.assert_array_equal(frozen.get_layer('Conv1').get_weights()[0],
+                                base.get_layer('Conv1').get_weights()[0])
+  model.compile('adam', keras.losses.SparseCategoricalCrossentropy(
+      from_logits=True))
+  model.train_on_batch(np.zeros((2, 32, 32, 1), np.float32), np.array([0, 2]))
+  np.testing.assert_array_equal(frozen.get_layer('Conv1').get_weights()[0],
+                                base.get_layer('Conv1').get_weights()[0])
+
+
+@pytest.mark.parametrize('kwargs,message', [
+    (dict(name='resnet'), 'is not a model; choose one of small_cnn'),
+    (dict(name='horses_humans', input_shape=(32, 32, 1)),
+     'needs images of at least 94x94'),
+    (dict(name='transfer'), 'cannot be downloaded'),
+    (dict(name='transfer', base_weights='/nope.h5'), 'is not a file'),
+])
+def test_model_errors_say_what_to_do(kwargs, message):
+  kwargs = {'input_shape': (64, 64, 3), 'num_classes': 2, **kwargs}
+  with pytest.raises(models.ModelError, match=message):
+    models.build_model(kwargs.pop('name'), **kwargs)
+
+
+
+
+def test_early_stopping_stops_and_restores_the_best_weights(tmp_path):
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.compile('sgd', 'mse')
+  model.stop_training = False  # What fit() sets before the first epoch.
+  callback = callbacks_lib.ResumableTraining(str(tmp_path), patience=2)
+  callback.prepare()
+  callback.set_model(model)
+  weights_at = {}
+  for epoch, val_loss in enumerate([1.0, 0.5, 0.7, 0.8, 0.1]):
+    model.set_weights([np.full_like(w, epoch) for w in model.get_weights()])
+    weights_at[epoch + 1] = model.get_weights()
+    callback.on_epoch_end(epoch, {'loss': 1.0, 'val_loss': val_loss})
+    if model.stop_training:
+      break
+  assert model.stop_training and callback.stopped_early
+  assert len(callback.rows) == 4  # Epochs 3 and 4 did not improve.
+  assert callback.best_epoch == 2
+  callback.on_train_end()
+  for got, want in zip(model.get_weights(), weights_at[2]):
+    np.testing.assert_array_equal(got, want)
+  with open(tmp_path / 'history.csv') as f:
+    assert [int(r['epoch']) for r in csv.DictReader(f)] == [1, 2, 3, 4]
+
+
+def test_target_accuracy_stops_training(tmp_path):
+  model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+  model.stop_training = False
+  callback = callbacks_lib.ResumableTraining(str(tmp_path), target_accuracy=0.9)
+  callback.prepare()
+  callback.set_model(model)
+  callback.on_epoch_end(0, {'accuracy': 0.5, 'val_loss': 1.0})
+  assert not model.stop_training
+  callback.on_epoch_end(1, {'accuracy': 0.95, 'val_loss': 1.0})
+  assert model.stop_training and 'target_accuracy' in callback.stop_reason
+
+
+@pytest.fixture(scope='module')
+def binary_data(tmp_path_factory):
+  """Two classes of real photo crops, 32x32, with a test split."""
+  root = tmp_path_factory.mktemp('binary')
+  for cls, name in (('cats', 'chelsea'), ('rockets', 'rocket')):
+    for i, crop in enumerate(helpers.variants(helpers.photo(name), 24)):
+      helpers.save(root / 'images' / cls / f'{i}.jpg', Image.fromarray(crop))
+  builder.build(input_dir=str(root / 'images'), output_dir=str(root / 'data'),
+                image_size='32', validation_fraction=0.25, test_fraction=0.2,
+                seed=1, quiet=True)
+  return str(root / 'data')
+
+
+def test_train_and_evaluate_writes_every_output(binary_data, tmp_path):
+  model_dir = str(tmp_path / 'run')
+  metrics = train_lib.train_and_evaluate(train_lib.TrainConfig(
+      data_dir=binary_data, model_dir=model_dir, model='small_cnn', epochs=2,
+      batch_size=8, augment='course', early_stopping_patience=0))
+  for name in ('best.keras', 'history.csv', 'metrics.json', 'model_config.json',
+               'training_curves.png', 'confusion_matrix.png',
+               'classification_report.txt', 'export/saved_model.pb'):
+    assert os.path.exists(os.path.join(model_dir, name)), name
+  assert os.listdir(os.path.join(model_dir, 'tensorboard'))
+  saved = json.load(open(os.path.join(model_dir, 'metrics.json')))
+  for key in ('val_accuracy', 'val_loss', 'best_epoch', 'epochs_run',
+              'stopped_early', 'test_accuracy', 'class_names', 'per_class'):
+    assert key in saved, key
+  assert saved == metrics
+  assert saved['epochs_run'] == 2 and saved['class_names'] == ['cats', 'rockets']
+  model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
+  assert model.output_shape == (None, 1)  # Binary head.
+  assert model.loss.__class__.__name__ == 'BinaryCrossentropy'
+
+
+def test_export_matches_keras_model_on_the_same_bytes(binary_data, tmp_path):
+  model_dir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(train_lib.TrainConfig(
+      data_dir=binary_data, model_dir=model_dir, epochs=1, batch_size=8))
+  spec = tfrecords_schema.read_dataset_spec(binary_data)
+  encoded = [schema.parse_examples(r)[schema.IMAGE].numpy() for r in
+             tf.data.TFRecordDataset(spec.shard_paths(binary_data, 'test'))]
+  served, config = predict.load(model_dir)
+  out = served.serve(tf.constant(encoded))
+  model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
+  images = tf.stack([tf.io.decode_jpeg(e, channels=3) for e in encoded])
+  p = model(tf.cast(images, tf.float32) / 255.0).numpy()[:, 0]
+  np.testing.assert_allclose(out['probabilities'].numpy()[:, 1], p, atol=1e-5)
+  assert config['class_names'] == ['cats', 'rockets']
+
+
+def _history_epochs(model_dir):
+  with open(os.path.join(model_dir, 'history.csv')) as f:
+    return [int(r['epoch']) for r in csv.DictReader(f)]
+
+
+def test_resume_after_a_kill_continues_at_the_right_epoch(binary_data, tmp_path):
+  model_dir = tmp_path / 'run'
+  args = [f'--data_dir={binary_data}', f'--model_dir={model_dir}',
+          '--epochs=40', '--batch_size=8', '--early_stopping_patience=0']
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'trainer.main', *args], cwd=helpers.REPO_ROOT,
+      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  state = model_dir / 'checkpoint' / 'state.json'
+  deadline = time.time() + 120
+  while time.time() < deadline:
+    if state.exists() and json.loads(state.read_text())['epochs_done'] >= 3:
+      break
+    time.sleep(0.05)
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done = json.loads(state.read_text())['epochs_done']
+  assert 3 <= done < 40
+  assert _history_epochs(model_dir) == list(range(1, done + 1))
+  result = helpers.run_cli('trainer.main', *args)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f'resuming after epoch {done}' in result.stderr
+  assert _history_epochs(model_dir) == list(range(1, 41))
+  assert f'Epoch {done + 1}/40' in result.stdout + result.stderr
+  assert f'Epoch {done}/40' not in result.stdout + result.stderr
+
+
+def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(binary_data,
+                                                               tmp_path):
+  model_dir = str(tmp_path / 'run')
+  train_lib.train_and_evaluate(train_lib.TrainConfig(
+      data_dir=binary_data, model_dir=model_dir, epochs=1, batch_size=8))
+  big = tmp_path / 'big_cat.webp'
+  Image.fromarray(helpers.photo('chelsea')).save(big)  # Any size, any format.
+  bad = tmp_path / 'notes.jpg'
+  bad.write_text('not a picture')
+  result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
+                           str(big), str(bad))
+  assert result.returncode == 1
+  lines = result.stdout.strip().splitlines()
+  path, cls, probability = lines[0].split('\t')
+  assert path == str(big) and cls in ('cats', 'rockets')
+  assert 0.5 <= float(probability) <= 1
+  assert lines[1].startswith(f'{bad}\terror: not a readable image')
+  result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
+                           '--json', str(big))
+  assert result.returncode == 0
+  assert set(json.loads(result.stdout)) == {'path', 'class', 'probability'}
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--data_dir={tmp}/nope'], 'does not exist'),
+    (['--data_dir={data}', '--model=resnet'], 'choose one of small_cnn'),
+    (['--data_dir={data}', '--model=horses_humans'], 'at least 94x94'),
+    (['--data_dir={data}', '--augment=rotaton_range=3'], 'unknown augmentation'),
+])
+def test_cli_user_errors_are_one_line(binary_data, tmp_path, args, message):
+  args = [a.format(tmp=tmp_path, data=binary_data) for a in args]
+  result = helpers.run_cli('trainer.main', *args, '--batch_size=8',
+                           f'--model_dir={tmp_path / "run"}')
+  assert result.returncode != 0
+  assert 'Traceback' not in result.stderr
+  errors = helpers.error_lines(result.stderr)
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+
+
+def test_parse_augment_flag():
+  assert train_lib.parse_augment('course') == 'course'
+  assert train_lib.parse_augment('none') is None
+  assert train_lib.parse_augment(
+      'rotation_range=40,horizontal_flip=true,zoom_range=0.8:1.2') == {
+          'rotation_range': 40.0, 'horizontal_flip': True,
+          'zoom_range': [0.8, 1.2]}
+  with pytest.raises(UserError, match='not key=value'):
+    train_lib.parse_augment('rotation')
+
+
+def test_end_to_end_on_real_handwritten_digits(tmp_path):
+  """Slower: scikit-learn's digits -> build -> train -> >= 0.9 held out."""
+  sample_data.export_digits(str(tmp_path / 'digits'))
+  builder.build(input_dir=str(tmp_path / 'digits'),
+                output_dir=str(tmp_path / 'data'), image_size='32', channels=1,
+                image_format='png', validation_fraction=0.2, test_fraction=0.1,
+                quiet=True)
+  metrics = train_lib.train_and_evaluate(train_lib.TrainConfig(
+      data_dir=str(tmp_path / 'data'), model_dir=str(tmp_path / 'run'),
+      epochs=6, early_stopping_patience=0))
+  assert metrics['class_names'] == [str(d) for d in range(10)]
+  assert metrics['val_accuracy'] >= 0.9
+  assert metrics['test_accuracy'] >= 0.9

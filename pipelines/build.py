@@ -16,8 +16,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines import image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -56,20 +56,11 @@ _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Replace an existing dataset in --output_dir.')
 
 
-def _parse_flags(argv):
-  """absl flags for us; everything unknown stays in argv for Beam."""
-  try:
-    return flags.FLAGS(argv, known_only=True)
-  except flags.Error as e:
-    sys.exit(f'error: {e}')
-
-
 def main(argv):
   if not _INPUT_DIR.value or not _OUTPUT_DIR.value:
     sys.exit('error: --input_dir and --output_dir are required, e.g. '
              '--input_dir=photos --output_dir=data/photos')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)  # Beam's INFO lines drown progress.
+  cli.quiet_logs()  # Beam's INFO lines would drown the progress lines.
   beam_args = argv[1:]
   try:
     builder.build(
@@ -87,4 +78,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  # Unknown flags stay in argv: they are Beam's.
+  app.run(main, flags_parser=cli.flags_parser(known_only=True))

@@ -313,6 +313,13 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   else:
     ds = ds.map(to_model_inputs, num_parallel_calls=AUTOTUNE,
                 deterministic=deterministic)
+  if not repeat and not skip_bad_records:
+    # The exact batch count is known from the metadata: declaring it lets
+    # Keras size epochs (no "ran out of data" warnings) and makes any
+    # shortfall an error instead of a shorter epoch.
+    count = spec.splits[split].num_examples
+    batches = count // batch_size if drop_remainder else -(-count // batch_size)
+    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
   ds = ds.prefetch(AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = deterministic

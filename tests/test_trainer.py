@@ -136,7 +136,7 @@ def test_train_and_evaluate_writes_every_output(binary_data, tmp_path):
       data_dir=binary_data, model_dir=model_dir, model='small_cnn', epochs=2,
       batch_size=8, augment='course', early_stopping_patience=0))
   for name in ('best.keras', 'history.csv', 'metrics.json', 'model_config.json',
-               'training_curves.png', 'confusion_matrix.png',
+               'training_curves.png', 'confusion_matrix.png', 'train_samples.png',
                'classification_report.txt', 'export/saved_model.pb'):
     assert os.path.exists(os.path.join(model_dir, name)), name
   assert os.listdir(os.path.join(model_dir, 'tensorboard'))

@@ -14,8 +14,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
-from absl import logging  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -71,8 +71,7 @@ def _image_size(text):
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
-  if not flags.FLAGS['verbosity'].present:
-    logging.set_verbosity(logging.WARNING)
+  cli.quiet_logs()
   if not _DATA_DIR.value or not _MODEL_DIR.value:
     sys.exit('error: --data_dir and --model_dir are required, e.g. '
              '--data_dir=data/photos --model_dir=runs/photos')
@@ -95,4 +94,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(known_only=False))

@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines import image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -102,4 +103,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.flags_parser(known_only=False))

@@ -83,3 +83,24 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
+                     class_names: Sequence[str], path: str, *,
+                     title: str) -> None:
+  """Up to 16 images (float [N, H, W, C] in [0, 1]) with their class names."""
+  n = min(16, len(images))
+  cols = 4
+  rows = -(-n // cols)
+  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows))
+  for i, ax in enumerate(np.atleast_1d(axes).ravel()):
+    ax.axis('off')
+    if i < n:
+      image = np.clip(images[i], 0.0, 1.0)
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                cmap='gray' if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+      ax.set_title(class_names[int(labels[i])], fontsize=9)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

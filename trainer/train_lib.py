@@ -9,6 +9,7 @@ Writes to model_dir:
   history.csv                one row per epoch (column `epoch`)
   metrics.json               best epoch's val metrics, test metrics, ...
   training_curves.png        accuracy and loss, train vs validation
+  train_samples.png          a training batch as the model receives it
   confusion_matrix.png       on test (or validation), with
   classification_report.txt  per-class precision/recall/F1
   tensorboard/               TensorBoard logs
@@ -159,6 +160,24 @@ def _predict_labels(model, ds, binary: bool) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(labels), np.concatenate(predictions)
 
 
+def _write_samples(train_ds, config, spec, normalize: str, binary: bool, *,
+                   augmented: bool) -> None:
+  """train_samples.png: one training batch as the model receives it."""
+  images, labels = next(iter(train_ds.take(1)))
+  images = images.numpy().astype(np.float32)
+  if normalize == '[-1,1]':
+    images = (images + 1.0) / 2.0
+  elif normalize == 'standardize':
+    images = (images * np.array(spec.std) + np.array(spec.mean)) / 255.0
+  labels = np.asarray(labels).reshape(len(images)).astype(int)
+  report.plot_sample_grid(
+      images, labels, spec.class_names,
+      os.path.join(config.model_dir, 'train_samples.png'),
+      title='Training batch as the model sees it' +
+      (' (augmented)' if augmented else ''))
+  del binary
+
+
 def train_and_evaluate(config: TrainConfig) -> dict:
   """Trains (or resumes) and writes model, export, history, metrics, plots."""
   try:
@@ -212,6 +231,8 @@ def train_and_evaluate(config: TrainConfig) -> dict:
       config.data_dir, 'validation', batch_size=config.batch_size,
       training=False, cache=config.cache and 'memory', **common)
 
+  _write_samples(train_ds, config, spec, normalize, binary,
+                 augmented=augment is not None)
   resumable = callbacks_lib.ResumableTraining(
       config.model_dir, monitor=config.early_stopping_monitor,
       patience=config.early_stopping_patience,

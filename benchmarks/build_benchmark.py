@@ -117,23 +117,18 @@ def main(argv):
       shutil.rmtree(out, ignore_errors=True)
       results.append(row)
       print(json.dumps(row), flush=True)
-  print()
-  print('| images | variant | images/s | vs plain | steady images/s | '
-        'vs plain | processing s | wall s | peak RSS MB |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  rows = []
   for row in results:
     plain = next((r for r in results if r['num_images'] == row['num_images']
                   and r['variant'] == 'plain'), None)
-    ratio = (f'{row["images_per_s"] / plain["images_per_s"]:.2f}x'
-             if plain else '-')
-    steady = (f'{row["steady_images_per_s"] / plain["images_per_s"]:.2f}x'
-              if plain else '-')
-    print(f'| {row["num_images"]} | {row["variant"]} | {row["images_per_s"]} | '
-          f'{ratio} | {row["steady_images_per_s"]} | {steady} | '
-          f'{row["elapsed_s"]} | {row["wall_s"]} | {row["peak_rss_mb"]} |')
-  if _RESULTS.value:
-    pathlib.Path(_RESULTS.value).write_text(json.dumps(results, indent=2))
-
+    ratio = lambda v: f'{v / plain["images_per_s"]:.2f}x' if plain else '-'  # pylint: disable=cell-var-from-loop
+    rows.append([row['num_images'], row['variant'], row['images_per_s'],
+                 ratio(row['images_per_s']), row['steady_images_per_s'],
+                 ratio(row['steady_images_per_s']), row['elapsed_s'],
+                 row['wall_s'], row['peak_rss_mb']])
+  common.report(['images', 'variant', 'images/s', 'vs plain',
+                 'steady images/s', 'vs plain', 'processing s', 'wall s',
+                 'peak RSS MB'], rows, results, _RESULTS.value)
 
 if __name__ == '__main__':
   app.run(main)

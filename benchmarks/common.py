@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -94,3 +95,20 @@ def run_measured(cmd: list[str], *, cwd=None, env=None,
   thread.join()
   return {'wall_s': time.perf_counter() - start, 'returncode': process.returncode,
           'stdout': stdout, 'stderr': stderr, 'peak_rss_mb': peak[0] / 2**20}
+
+
+def markdown_table(headers: list[str], rows: list[list]) -> str:
+  """A Markdown table (the format BUILD_NOTES.md keeps results in)."""
+  lines = ['| ' + ' | '.join(headers) + ' |',
+           '|' + '---|' * len(headers)]
+  lines += ['| ' + ' | '.join(str(v) for v in row) + ' |' for row in rows]
+  return '\n'.join(lines)
+
+
+def report(headers: list[str], rows: list[list], results,
+           results_path: str | None) -> None:
+  """Prints the table; writes the raw results as JSON when asked."""
+  print()
+  print(markdown_table(headers, rows))
+  if results_path:
+    pathlib.Path(results_path).write_text(json.dumps(results, indent=2))

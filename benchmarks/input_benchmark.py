@@ -173,20 +173,17 @@ def main(argv):
     rates = sorted(e['images_per_s'] for e in r['epochs'][1:]) or [
         r['epochs'][0]['images_per_s']]
     return rates[len(rates) // 2]
-  print()
-  print('| variant | epoch 1 img/s | steady img/s | vs idg | vs keras | '
-        'vs decode_only | epoch s (with turnover) | turnover s | peak RSS MB |')
-  print('|---|---|---|---|---|---|---|---|---|')
+  rows = []
   for r in results:
     ratios = [f'{steady(r) / steady(by_name[b]):.2f}x' if b in by_name else '-'
               for b in ('idg', 'keras', 'decode_only')]
     last = r['epochs'][-1]
-    print(f'| {r["variant"]} | {r["epochs"][0]["images_per_s"]} | '
-          f'{steady(r)} | {" | ".join(ratios)} | {last["epoch_s"]} | '
-          f'{last["turnover_s"]} | {r["peak_rss_mb"]} |')
-  if _RESULTS.value:
-    pathlib.Path(_RESULTS.value).write_text(json.dumps(results, indent=2))
-
+    rows.append([r['variant'], r['epochs'][0]['images_per_s'], steady(r),
+                 *ratios, last['epoch_s'], last['turnover_s'],
+                 r['peak_rss_mb']])
+  common.report(['variant', 'epoch 1 img/s', 'steady img/s', 'vs idg',
+                 'vs keras', 'vs decode_only', 'epoch s (with turnover)',
+                 'turnover s', 'peak RSS MB'], rows, results, _RESULTS.value)
 
 if __name__ == '__main__':
   app.run(main)

@@ -15,7 +15,6 @@ input pipeline shares the cores with the model, so the share also counts
 that contention.
 """
 
-import json
 import os
 import pathlib
 import tempfile
@@ -96,16 +95,13 @@ def main(argv):
                   image_size='150', validation_fraction=0.0, overwrite=True,
                   quiet=True)
   results = [measure(s, str(data)) for s in _SETTINGS.value]
-  print('| model | setting | device | images/s | in-memory images/s | '
-        'step ms | input wait share |')
-  print('|---|---|---|---|---|---|---|')
-  for r in results:
-    print(f'| {r["model"]} | {r["setting"]} | {r["device"]} | '
-          f'{r["images_per_s"]} | {r["in_memory_images_per_s"]} | '
-          f'{r["step_ms"]} | {r["input_wait_share"]:.1%} |')
-  if _RESULTS.value:
-    pathlib.Path(_RESULTS.value).write_text(json.dumps(results, indent=2))
-
+  common.report(
+      ['model', 'setting', 'device', 'images/s', 'in-memory images/s',
+       'step ms', 'input wait share'],
+      [[r['model'], r['setting'], r['device'], r['images_per_s'],
+        r['in_memory_images_per_s'], r['step_ms'],
+        f'{r["input_wait_share"]:.1%}'] for r in results],
+      results, _RESULTS.value)
 
 if __name__ == '__main__':
   app.run(main)

@@ -261,3 +261,23 @@ def test_end_to_end_on_real_handwritten_digits(tmp_path):
   assert metrics['class_names'] == [str(d) for d in range(10)]
   assert metrics['val_accuracy'] >= 0.9
   assert metrics['test_accuracy'] >= 0.9
+
+
+def test_flagfile_mixed_precision_mirrored_and_read_time_resize(binary_data,
+                                                                tmp_path):
+  model_dir = tmp_path / 'run'
+  flagfile = tmp_path / 'run.flags'
+  flagfile.write_text('\n'.join([
+      f'--data_dir={binary_data}', f'--model_dir={model_dir}', '--epochs=1',
+      '--batch_size=8', '--mixed_precision', '--distribution=mirrored',
+      '--image_size=40', '--augment=rotation_range=10,zoom_range=0.9:1.1']))
+  result = helpers.run_cli('trainer.main', f'--flagfile={flagfile}')
+  assert result.returncode == 0, result.stderr[-2000:]
+  config = json.loads((model_dir / 'model_config.json').read_text())
+  assert (config['height'], config['width']) == (40, 40)
+  image = helpers.write(tmp_path / 'x.png', helpers.jpeg_bytes(
+      helpers.photo('rocket')))  # PNG name, JPEG content: still predicted.
+  result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
+                           str(image))
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split('\t')[1] in ('cats', 'rockets')

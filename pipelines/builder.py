@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from pipelines import beam_build
 from pipelines import image_ops
 from pipelines import listing as listing_lib
+from pipelines import preview
 from pipelines.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
 
@@ -154,8 +155,12 @@ def build(*, input_dir: str, output_dir: str,
           shard_size_mb: float = DEFAULT_SHARD_SIZE_MB,
           max_image_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
           overwrite: bool = False, beam_args: Sequence[str] = (),
-          quiet: bool = False) -> dict:
+          quiet: bool = False, samples: bool = True) -> dict:
   """Builds a dataset directory from a labelled image folder.
+
+  `samples` also writes `samples.png`, a grid of stored train images per
+  class, to check labels and resizing at a glance (not counted in the
+  timing).
 
   Returns:
     The build report (also in `output_dir/build_report.json`), with
@@ -198,6 +203,9 @@ def build(*, input_dir: str, output_dir: str,
     report['images_per_s'] = round(report['counts']['written'] / elapsed, 1)
     with tf.io.gfile.GFile(report_path, 'w') as f:
       json.dump(report, f, indent=2)
+    if samples:
+      preview.write_dataset_samples(
+          tmp_dir, posixpath.join(tmp_dir, preview.SAMPLES_FILE))
     _commit(tmp_dir, output_dir)
   except BaseException:
     if tf.io.gfile.exists(tmp_dir):

@@ -110,6 +110,8 @@ def test_report_has_splits_stats_and_findings(messy_build):
   assert report['images_per_s'] > 0
   spec = tfrecords_schema.read_dataset_spec(str(out))
   assert (spec.height, spec.width, spec.channels) == (64, 96, 3)
+  with Image.open(out / 'samples.png') as grid:  # Stored images per class.
+    assert grid.size[0] > 300
   assert spec.mean == tuple(report['train_mean'])
 
 

@@ -11,6 +11,8 @@ matplotlib.use('Agg')  # Files only; no display on servers.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines.preview import plot_sample_grid  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+
 
 def plot_training_curves(rows: Sequence[dict], path: str) -> None:
   """Accuracy and loss per epoch, train vs validation, as the course plots."""
@@ -84,23 +86,3 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
   fig.savefig(path, dpi=100)
   plt.close(fig)
 
-
-def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
-                     class_names: Sequence[str], path: str, *,
-                     title: str) -> None:
-  """Up to 16 images (float [N, H, W, C] in [0, 1]) with their class names."""
-  n = min(16, len(images))
-  cols = 4
-  rows = -(-n // cols)
-  fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows))
-  for i, ax in enumerate(np.atleast_1d(axes).ravel()):
-    ax.axis('off')
-    if i < n:
-      image = np.clip(images[i], 0.0, 1.0)
-      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
-                cmap='gray' if image.shape[-1] == 1 else None, vmin=0, vmax=1)
-      ax.set_title(class_names[int(labels[i])], fontsize=9)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)

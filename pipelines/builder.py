@@ -133,17 +133,38 @@ def make_config(*, input_dir: str, output_dir: str, listing, image_size: str,
       shard_size_bytes=int(shard_size_mb * (1 << 20)))
 
 
-def _commit(tmp_dir: str, output_dir: str) -> None:
-  """Moves the finished dataset into place (replacing an old one last)."""
+def _commit(tmp_dir: str, output_dir: str, *,
+            by_copy: Optional[bool] = None) -> None:
+  """Moves the finished dataset into place (replacing an old one last).
+
+  Local folders are renamed (atomic). Object stores (gs://, s3://) cannot
+  rename folders, so files are copied with metadata.json last: a reader
+  (`read_dataset_spec`) sees a dataset only once everything else is there.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gfile = tf.io.gfile
-  old = None
+  if by_copy is None:
+    by_copy = '://' in output_dir
+  if not by_copy:
+    old = None
+    if gfile.exists(output_dir):
+      old = f'{tmp_dir}.old'
+      gfile.rename(output_dir, old)
+    gfile.rename(tmp_dir, output_dir)
+    if old:
+      gfile.rmtree(old)
+    return
+  marker = posixpath.join(output_dir, metadata_lib.METADATA_FILE)
   if gfile.exists(output_dir):
-    old = f'{tmp_dir}.old'
-    gfile.rename(output_dir, old)
-  gfile.rename(tmp_dir, output_dir)
-  if old:
-    gfile.rmtree(old)
+    if gfile.exists(marker):
+      gfile.remove(marker)  # First: the old dataset stops being one.
+    gfile.rmtree(output_dir)
+  gfile.makedirs(output_dir)
+  names = sorted(gfile.listdir(tmp_dir), key=lambda n: (
+      n == metadata_lib.METADATA_FILE, n))
+  for name in names:
+    gfile.copy(posixpath.join(tmp_dir, name), posixpath.join(output_dir, name))
+  gfile.rmtree(tmp_dir)
 
 
 def build(*, input_dir: str, output_dir: str,

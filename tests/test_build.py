@@ -272,3 +272,25 @@ def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path):
   assert [l.name.startswith('.out.incomplete-') for l in leftovers] == [True]
   with pytest.raises(metadata.DatasetError, match='not a dataset built'):
     tfrecords_schema.read_dataset_spec(str(leftovers[0]))
+
+
+def test_commit_by_copy_puts_metadata_last_and_replaces_old(tmp_path,
+                                                              monkeypatch):
+  """The object-store commit (no folder rename), run on local folders."""
+  tmp, out = tmp_path / '.new.incomplete', tmp_path / 'new'
+  tmp.mkdir()
+  for name in ('a-train.tfrecord-00000-of-00001', 'metadata.json', 'zz.json'):
+    (tmp / name).write_text(name)
+  out.mkdir()
+  (out / 'metadata.json').write_text('old')
+  (out / 'old-shard').write_text('old')
+  copied = []
+  original = tf.io.gfile.copy
+  monkeypatch.setattr(tf.io.gfile, 'copy', lambda a, b, *args, **kw: (
+      copied.append(os.path.basename(b)), original(a, b, *args, **kw)))
+  builder._commit(str(tmp), str(out), by_copy=True)  # pylint: disable=protected-access
+  assert copied[-1] == 'metadata.json'
+  assert sorted(p.name for p in out.iterdir()) == sorted(
+      ['a-train.tfrecord-00000-of-00001', 'metadata.json', 'zz.json'])
+  assert (out / 'metadata.json').read_text() == 'metadata.json'
+  assert not tmp.exists()

@@ -82,6 +82,8 @@ def add_bad_files(root: pathlib.Path) -> dict:
   put('cat/.DS_Store', b'\x00\x00\x00\x01Bud1', 'ignored_hidden')
   put('.git/config', b'[core]', 'ignored_hidden')
   put('stray.jpg', good, 'ignored_outside_class_folder')
+  os.symlink(root / 'cat' / 'deleted-since.jpg', root / 'cat' / 'dangling.jpg')
+  outcomes['cat/dangling.jpg'] = 'rejected_unreadable'  # A broken link.
   bomb = io.BytesIO()
   Image.new('L', (12000, 9000)).save(bomb, format='PNG')
   put('rocket/bomb.png', bomb.getvalue(), 'rejected_too_large')

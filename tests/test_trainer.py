@@ -237,6 +237,19 @@ def test_cli_user_errors_are_one_line(binary_data, tmp_path, args, message):
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
 
 
+def test_empty_validation_split_is_a_clear_error(tmp_path):
+  images = tmp_path / 'images'
+  for cls, name in (('a', 'chelsea'), ('b', 'coffee')):
+    for i, crop in enumerate(helpers.variants(helpers.photo(name), 3)):
+      helpers.save(images / cls / f'{i}.png', Image.fromarray(crop))
+  builder.build(input_dir=str(images), output_dir=str(tmp_path / 'data'),
+                image_size='16', validation_fraction=0.0, quiet=True)
+  with pytest.raises(UserError, match='empty validation split'):
+    train_lib.train_and_evaluate(train_lib.TrainConfig(
+        data_dir=str(tmp_path / 'data'), model_dir=str(tmp_path / 'run'),
+        batch_size=2))
+
+
 def test_parse_augment_flag():
   assert train_lib.parse_augment('course') == 'course'
   assert train_lib.parse_augment('none') is None

@@ -14,6 +14,21 @@ import sys
 # the environment): keep its C++ start-up chatter off the progress lines.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+
+def _import_beam_quietly():
+  """Beam's import warns about optional GCP clients on the root logger."""
+  import logging as std_logging  # pylint: disable=g-import-not-at-top
+  root = std_logging.getLogger()
+  level = root.level
+  root.setLevel(std_logging.ERROR)
+  try:
+    import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    root.setLevel(level)
+
+
+_import_beam_quietly()
+
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -66,6 +66,28 @@ def test_transfer_model_loads_local_weights_and_freezes_base(tmp_path):
                                 base.get_layer('Conv1').get_weights()[0])
 
 
+def test_transfer_reads_the_course_legacy_h5_and_cuts_inception_at_mixed7(
+    tmp_path):
+  import tf_keras  # pylint: disable=g-import-not-at-top
+  # The course downloads Keras 2 notop .h5 files; write one the same way.
+  legacy = tf_keras.applications.MobileNetV2(include_top=False, weights=None,
+                                             input_shape=(64, 64, 3))
+  path = str(tmp_path / 'mobilenet_v2_notop.h5')
+  legacy.save_weights(path)
+  model = models.build_model('transfer', input_shape=(64, 64, 3),
+                             num_classes=2, base_model='mobilenet_v2',
+                             base_weights=path)
+  np.testing.assert_array_equal(
+      model.get_layer('mobilenet_v2_base').get_layer('Conv1').get_weights()[0],
+      legacy.get_layer('Conv1').get_weights()[0])
+  inception = models.build_model(
+      'transfer', input_shape=(150, 150, 3), num_classes=2,
+      base_model='inception_v3', base_weights='none',
+      base_cutoff_layer='mixed7')
+  assert inception.get_layer('inception_v3_base').output.shape == (
+      None, 7, 7, 768)  # As in the course's cats-vs-dogs transfer notebook.
+
+
 @pytest.mark.parametrize('kwargs,message', [
     (dict(name='resnet'), 'is not a model; choose one of small_cnn'),
     (dict(name='horses_humans', input_shape=(32, 32, 1)),

@@ -152,12 +152,11 @@ def _shift_bound(shift_range: float, side: tf.Tensor) -> tf.Tensor:
       float(shift_range))
 
 
-def transform_matrices(*, batch, height, width, rotation_deg, shift_x, shift_y,
+def transform_matrices(*, height, width, rotation_deg, shift_x, shift_y,
                        shear_deg, zoom_x, zoom_y, flip_x, flip_y) -> tf.Tensor:
   """Output->input pixel maps for `ImageProjectiveTransformV3`.
 
   Args:
-    batch: number of images B.
     height, width: image size (scalars).
     rotation_deg: [B] counter-clockwise rotation of the content.
     shift_x, shift_y: [B] content shift in pixels (+x right, +y down).
@@ -169,7 +168,6 @@ def transform_matrices(*, batch, height, width, rotation_deg, shift_x, shift_y,
     float32 [B, 8]: the first 8 entries of each 3x3 matrix M (M[2,2] = 1)
     mapping an output pixel (x, y, 1) to the input position it samples.
   """
-  del batch
   height, width = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
   theta = rotation_deg * (math.pi / 180.0)
   shear = shear_deg * (math.pi / 180.0)
@@ -304,7 +302,7 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig,
       shift_x += _uniform(seeds[7], batch, -0.5, 0.5) * (1 - frac) * fw
       shift_y += _uniform(seeds[8], batch, -0.5, 0.5) * (1 - frac) * fh
     transforms = transform_matrices(
-        batch=batch, height=height, width=width,
+        height=height, width=width,
         rotation_deg=_uniform(seeds[9], batch, -r, r) if r else tf.zeros([batch]),
         shift_x=shift_x, shift_y=shift_y,
         shear_deg=_uniform(seeds[10], batch, -s, s) if s else tf.zeros([batch]),

@@ -59,7 +59,6 @@ _COPY_BLOCK = 16 << 20
 class BuildConfig:
   """Validated build settings (see `pipelines.build` for the flags)."""
   input_dir: str
-  output_dir: str
   dataset_name: str
   class_names: tuple[str, ...]
   layout: str

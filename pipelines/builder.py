@@ -89,7 +89,7 @@ def check_output_dir(output_dir: str, *, overwrite: bool) -> None:
         'empty or new folder') from None
 
 
-def make_config(*, input_dir: str, output_dir: str, listing, image_size: str,
+def make_config(*, input_dir: str, listing, image_size: str,
                 resize_mode: str, image_format: str, jpeg_quality: int,
                 channels: int, validation_fraction: float,
                 test_fraction: float, seed: int, dataset_name: Optional[str],
@@ -122,7 +122,7 @@ def make_config(*, input_dir: str, output_dir: str, listing, image_size: str,
     raise UserError(f'--dataset_name={name} must be lower_snake_case '
                     '(letters, digits, _; starting with a letter)')
   return beam_build.BuildConfig(
-      input_dir=input_dir, output_dir=output_dir, dataset_name=name,
+      input_dir=input_dir, dataset_name=name,
       class_names=listing.class_names, layout=listing.layout,
       image=image_ops.ImageOptions(
           height=height, width=width, channels=channels,
@@ -196,7 +196,7 @@ def build(*, input_dir: str, output_dir: str,
   check_output_dir(output_dir, overwrite=overwrite)
   listing = listing_lib.list_input(input_dir)
   config = make_config(
-      input_dir=input_dir, output_dir=output_dir, listing=listing,
+      input_dir=input_dir, listing=listing,
       image_size=image_size, resize_mode=resize_mode,
       image_format=image_format, jpeg_quality=jpeg_quality, channels=channels,
       validation_fraction=validation_fraction, test_fraction=test_fraction,

@@ -22,7 +22,7 @@ def _warp(images, fill_mode='constant', cval=0.0, **params):
   args.update(params)
   args = {k: tf.constant(v * n if len(v) == 1 else v) for k, v in args.items()}
   transforms = augment.transform_matrices(
-      batch=n, height=images.shape[1], width=images.shape[2], **args)
+      height=images.shape[1], width=images.shape[2], **args)
   return augment.warp(images, transforms, fill_mode=fill_mode,
                       cval=cval).numpy()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import posixpath
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 from tfrecords_schema import schema
 
@@ -162,8 +162,3 @@ def write_dataset_metadata(data_dir: str, spec: DatasetSpec, *,
       metadata=tfds.core.MetadataDict(spec.to_json_dict()),
   )
 
-
-def split_names_with_data(spec: DatasetSpec) -> Sequence[str]:
-  """Split names that hold at least one example, in SPLITS order."""
-  return [s for s in SPLITS if s in spec.splits
-          and spec.splits[s].num_examples > 0]

@@ -15,6 +15,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import models  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -53,21 +54,6 @@ _BASE_CUTOFF = flags.DEFINE_string(
 _CACHE = flags.DEFINE_string('cache', None, "'memory' or a file path to cache decoded images.")
 
 
-def _image_size(text):
-  if not text:
-    return None
-  parts = text.replace('x', ',').split(',')
-  try:
-    sizes = [int(p) for p in parts]
-  except ValueError:
-    raise UserError(f'--image_size={text} is not N or HEIGHT,WIDTH') from None
-  if len(sizes) == 1:
-    sizes *= 2
-  if len(sizes) != 2 or min(sizes) < 1:
-    raise UserError(f'--image_size={text} is not N or HEIGHT,WIDTH')
-  return tuple(sizes)
-
-
 def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
@@ -84,7 +70,9 @@ def main(argv):
         early_stopping_monitor=_MONITOR.value,
         target_accuracy=_TARGET_ACCURACY.value,
         augment=train_lib.parse_augment(_AUGMENT.value),
-        dropout=_DROPOUT.value, image_size=_image_size(_IMAGE_SIZE.value),
+        dropout=_DROPOUT.value,
+        image_size=(builder.parse_image_size(_IMAGE_SIZE.value)
+                    if _IMAGE_SIZE.value else None),
         seed=_SEED.value, mixed_precision=_MIXED_PRECISION.value,
         jit_compile=_JIT_COMPILE.value, distribution=_DISTRIBUTION.value,
         base_model=_BASE_MODEL.value, base_weights=_BASE_WEIGHTS.value,

@@ -160,7 +160,7 @@ def _predict_labels(model, ds, binary: bool) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(labels), np.concatenate(predictions)
 
 
-def _write_samples(train_ds, config, spec, normalize: str, binary: bool, *,
+def _write_samples(train_ds, config, spec, normalize: str, *,
                    augmented: bool) -> None:
   """train_samples.png: one training batch as the model receives it."""
   images, labels = next(iter(train_ds.take(1)))
@@ -175,7 +175,6 @@ def _write_samples(train_ds, config, spec, normalize: str, binary: bool, *,
       os.path.join(config.model_dir, 'train_samples.png'),
       title='Training batch as the model sees it' +
       (' (augmented)' if augmented else ''))
-  del binary
 
 
 def train_and_evaluate(config: TrainConfig) -> dict:
@@ -231,7 +230,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
       config.data_dir, 'validation', batch_size=config.batch_size,
       training=False, cache=config.cache and 'memory', **common)
 
-  _write_samples(train_ds, config, spec, normalize, binary,
+  _write_samples(train_ds, config, spec, normalize,
                  augmented=augment is not None)
   resumable = callbacks_lib.ResumableTraining(
       config.model_dir, monitor=config.early_stopping_monitor,
@@ -294,8 +293,6 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
       'class_names': list(spec.class_names),
       'train_seconds_this_run': round(train_seconds, 1),
       'evaluated_split': eval_split,
-      f'{eval_split}_accuracy_from_predictions': round(
-          float((labels == predictions).mean()), 4),
       'per_class': per_class,
   }
   if eval_split == 'test':

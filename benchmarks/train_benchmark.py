@@ -32,7 +32,9 @@ _WORK_DIR = flags.DEFINE_string(
     'Shared with the input benchmark.')
 _SETTINGS = flags.DEFINE_list(
     'settings', ['plain', 'augment'],
-    'plain, augment, augment_jit (--jit_compile), mixed (--mixed_precision).')
+    'plain, augment (in tf.data), augment_in_model (the Keras layer, on the '
+    'accelerator when there is one), augment_jit (--jit_compile), mixed '
+    '(--mixed_precision).')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
 
 
@@ -63,15 +65,22 @@ def measure(setting: str, data_dir: str) -> dict:
   keras.mixed_precision.set_global_policy(
       'mixed_bfloat16' if setting == 'mixed' and not tf.config.list_physical_devices('GPU')
       else 'mixed_float16' if setting == 'mixed' else 'float32')
-  model = models.build_model(_MODEL.value, input_shape=(spec.height, spec.width,
-                                                        spec.channels),
+  from pipelines import augment  # pylint: disable=g-import-not-at-top
+  shape = (spec.height, spec.width, spec.channels)
+  model = models.build_model(_MODEL.value, input_shape=shape,
                              num_classes=spec.num_classes)
+  if setting == 'augment_in_model':
+    model = keras.Sequential([
+        keras.Input(shape),
+        augment.ImageAugmentation(value_range=(0, 1),
+                                  **augment.COURSE_AUGMENTATION),
+        model])
   model.compile('rmsprop', keras.losses.SparseCategoricalCrossentropy(
       from_logits=True), metrics=['accuracy'],
                 jit_compile=setting == 'augment_jit')
   ds = input_pipeline.make_dataset(
       data_dir, 'train', batch_size=_BATCH.value, training=True, repeat=True,
-      augment='course' if setting.startswith('augment') else None)
+      augment='course' if setting in ('augment', 'augment_jit') else None)
   real = _timed_fit(model, ds, _STEPS.value)
   memory = _timed_fit(model, ds.take(1).cache().repeat(), _STEPS.value)
   return {'model': _MODEL.value, 'setting': setting,

@@ -255,7 +255,7 @@ def test_failed_run_leaves_no_dataset(tmp_path, monkeypatch):
 
 
 def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path):
-  images = _small_folder(tmp_path / 'images', per_class=150)
+  images = _small_folder(tmp_path / 'images', per_class=400)
   out = tmp_path / 'out'
   process = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.build', f'--input_dir={images}',

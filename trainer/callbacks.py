@@ -95,6 +95,9 @@ class ResumableTraining(keras.callbacks.Callback):
     self.stopped_early = state['stopped_early']
     self.stop_reason = state.get('stop_reason')
     self.resumed_from = len(self.rows)
+    # history.csv is written just after state.json: a kill between the two
+    # leaves it one row short. The state is the truth; repair from it.
+    self.write_history()
     return self.resumed_from
 
   @property

@@ -52,7 +52,8 @@ def min_side(num_convs: int) -> int:
 
 
 def _conv_stack(inputs, filters, dense_units: int, num_classes: int,
-                dropout: float, name: str) -> keras.Model:
+                dropout: float, name: str, *,
+                dropout_before_dense: bool = False) -> keras.Model:
   need = min_side(len(filters))
   height, width = inputs.shape[1], inputs.shape[2]
   if min(height, width) < need:
@@ -65,13 +66,10 @@ def _conv_stack(inputs, filters, dense_units: int, num_classes: int,
     x = layers.Conv2D(f, 3, activation='relu')(x)
     x = layers.MaxPooling2D(2)(x)
   x = layers.Flatten()(x)
-  if name == 'cats_dogs':  # The course drops out before the dense layer.
-    x = layers.Dropout(dropout)(x) if dropout else x
-    x = layers.Dense(dense_units, activation='relu')(x)
-    outputs = head(x, num_classes, 0.0)
-  else:
-    x = layers.Dense(dense_units, activation='relu')(x)
-    outputs = head(x, num_classes, dropout)
+  if dropout_before_dense and dropout:
+    x = layers.Dropout(dropout)(x)
+  x = layers.Dense(dense_units, activation='relu')(x)
+  outputs = head(x, num_classes, 0.0 if dropout_before_dense else dropout)
   return keras.Model(inputs, outputs, name=name)
 
 
@@ -88,8 +86,9 @@ def horses_humans(inputs, num_classes, dropout):
 
 def cats_dogs(inputs, num_classes, dropout):
   """Conv32-64-128-128 with pooling, Dropout, Dense512 (150x150 in the course)."""
+  # The course drops out between the convolutions and the dense layer.
   return _conv_stack(inputs, (32, 64, 128, 128), 512, num_classes, dropout,
-                     'cats_dogs')
+                     'cats_dogs', dropout_before_dense=True)
 
 
 def transfer(inputs, num_classes, dropout, *, base_model: str,

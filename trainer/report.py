@@ -11,8 +11,6 @@ matplotlib.use('Agg')  # Files only; no display on servers.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines.preview import plot_sample_grid  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
-
 
 def plot_training_curves(rows: Sequence[dict], path: str) -> None:
   """Accuracy and loss per epoch, train vs validation, as the course plots."""

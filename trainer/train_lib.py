@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from pipelines import augment as augment_lib
 from pipelines import input_pipeline
+from pipelines import preview
 from pipelines.errors import UserError
 from trainer import callbacks as callbacks_lib
 from trainer import export as export_lib
@@ -170,7 +171,7 @@ def _write_samples(train_ds, config, spec, normalize: str, *,
   elif normalize == 'standardize':
     images = (images * np.array(spec.std) + np.array(spec.mean)) / 255.0
   labels = np.asarray(labels).reshape(len(images)).astype(int)
-  report.plot_sample_grid(
+  preview.plot_sample_grid(
       images, labels, spec.class_names,
       os.path.join(config.model_dir, 'train_samples.png'),
       title='Training batch as the model sees it' +
@@ -255,7 +256,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                   keras.callbacks.TensorBoard(
                       os.path.join(config.model_dir, 'tensorboard'))])
   else:
-    resumable.model = model
+    resumable.set_model(model)
     resumable.on_train_end()
   train_seconds = time.perf_counter() - start
   return _finish(config, spec, model, resumable, size=size,

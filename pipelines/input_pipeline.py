@@ -30,6 +30,8 @@ evaluation (`training=False`) never shuffles or augments.
 from __future__ import annotations
 
 import os
+import re
+import struct
 import sys
 from typing import Any, Mapping, Optional, Union
 
@@ -45,6 +47,43 @@ LABEL_MODES = ('int', 'categorical', 'binary')
 SHUFFLE_BUFFER_BYTES = 256 << 20  # Default shuffle buffer: ~256 MB of images.
 MAX_PARALLEL_READS = 8
 CACHE_MEMORY_SHARE = 0.5  # Refuse an in-memory cache above this share of RAM.
+# Start of the string a damaged shard is padded with (see _shard_records);
+# parsing it fails with an error that quotes it, path and record count.
+CORRUPT_SHARD_MARKER = '?? corrupt shard '
+_MARKER_RE = re.compile(re.escape(CORRUPT_SHARD_MARKER) +
+                        r'(.+?) \((\d+) records expected\)')
+
+
+class MemoryCacheTooLarge(ValueError):
+  """cache='memory' would take more than CACHE_MEMORY_SHARE of the memory."""
+
+  def __init__(self, message: str, *, split: str, need_bytes: int,
+               have_bytes: int, num_examples: int, shape: tuple[int, ...]):
+    super().__init__(message)
+    self.split = split
+    self.need_bytes = need_bytes
+    self.have_bytes = have_bytes
+    self.num_examples = num_examples
+    self.shape = shape
+
+
+class DamagedShardError(tfrecords_schema.DatasetError):
+  """A shard no longer holds the records the build wrote into it."""
+
+  def __init__(self, message: str, *, path: str, reason: str):
+    super().__init__(message)
+    self.path = path
+    self.reason = reason
+
+
+def corrupt_shard_in(message: str) -> Optional[tuple[str, int]]:
+  """(shard path, records expected) when an error quotes a damaged-shard marker.
+
+  Reading a damaged shard fails, at the first record past the damage, with
+  an error that quotes the marker string it was padded with.
+  """
+  match = _MARKER_RE.search(message)
+  return (match.group(1), int(match.group(2))) if match else None
 
 
 def _available_memory_bytes() -> int:
@@ -97,7 +136,7 @@ def _shard_records(path: tf.Tensor, expected: tf.Tensor, skip: bool):
   records = tf.data.TFRecordDataset(path).ignore_errors()
   if not skip:
     marker = tf.strings.join([
-        '?? corrupt shard ', path, ' (', tf.strings.as_string(expected),
+        CORRUPT_SHARD_MARKER, path, ' (', tf.strings.as_string(expected),
         ' records expected): a damaged record cut it short; rebuild the '
         'dataset with pipelines.build, or pass skip_bad_records=True to '
         'skip bad records'])
@@ -127,6 +166,33 @@ def _report_skipped(path, missing, expected):
     return tf.constant(True)
 
 
+def _shard_damage(path: str, expected: int) -> Optional[str]:
+  """Why a shard's record framing does not hold `expected` records, or None.
+
+  Walks the TFRecord frame headers only (8-byte length, then skip length,
+  data and checksums): a cheap check that finds a truncated or grown shard
+  without reading the images.
+  """
+  size = tf.io.gfile.stat(path).length
+  count = position = 0
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    while position < size:
+      if position + 12 > size:
+        return (f'cut short after record {count} of the {expected} the '
+                'build wrote')
+      f.seek(position)
+      (length,) = struct.unpack('<Q', f.read(8))
+      position += 16 + length
+      if position > size:
+        return f'cut short in record {count + 1} of the {expected} the build wrote'
+      count += 1
+      if count > expected:
+        return f'holds more than the {expected} records the build wrote'
+  if count != expected:
+    return f'holds {count} of the {expected} records the build wrote'
+  return None
+
+
 def _check_shard_sizes(data_dir, spec, split, paths) -> None:
   """Shards truncated, grown or replaced since the build: an error now."""
   found = 0
@@ -137,6 +203,16 @@ def _check_shard_sizes(data_dir, spec, split, paths) -> None:
     found += tf.io.gfile.stat(path).length
   expected = spec.splits[split].num_bytes
   if found != expected:
+    # Name the shard: only now (the sizes already disagree) walk the frames.
+    for path, length in zip(paths, spec.splits[split].shard_lengths):
+      try:
+        reason = _shard_damage(path, length)
+      except (OSError, tf.errors.OpError, struct.error) as e:
+        reason = f'unreadable ({e})'
+      if reason:
+        raise DamagedShardError(
+            f'shard {path} is damaged ({reason}); rebuild {data_dir} with '
+            'pipelines.build', path=path, reason=reason)
     raise tfrecords_schema.DatasetError(
         f'the {split} shards of {data_dir} hold {found} bytes, the build '
         f'wrote {expected}: they changed since; rebuild with pipelines.build')
@@ -231,11 +307,14 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
     need = _estimate_bytes(spec, split, size)
     have = _available_memory_bytes()
     if need > CACHE_MEMORY_SHARE * have:
-      raise ValueError(
+      raise MemoryCacheTooLarge(
           f'cache=memory needs ~{need / 2**30:.1f} GiB for '
           f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
           f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
-          'pass cache="/path/to/cache_file" or cache=None')
+          'pass cache="/path/to/cache_file" or cache=None', split=split,
+          need_bytes=need, have_bytes=have,
+          num_examples=spec.splits[split].num_examples,
+          shape=(size[0], size[1], spec.channels))
   _check_shard_sizes(data_dir, spec, split, paths)
   deterministic = seed is not None or not training
   shard_lengths = spec.splits[split].shard_lengths

@@ -125,9 +125,11 @@ def test_changed_shards_are_refused_before_reading(data_dir, tmp_path):
   spec = tfrecords_schema.read_dataset_spec(str(copy))
   shard = copy / spec.splits['train'].shards[1]
   shard.write_bytes(shard.read_bytes()[:-10])
-  with pytest.raises(tfrecords_schema.DatasetError, match='changed since'):
+  with pytest.raises(input_pipeline.DamagedShardError,
+                     match='is damaged .cut short') as error:
     input_pipeline.make_dataset(str(copy), 'train', batch_size=4,
                                 training=False)
+  assert error.value.path == str(shard)
   shard.unlink()
   with pytest.raises(tfrecords_schema.DatasetError, match='is missing'):
     input_pipeline.make_dataset(str(copy), 'train', batch_size=4,

@@ -99,6 +99,62 @@ class DatasetSpec:
     return [posixpath.join(data_dir, s) for s in self.splits[split].shards]
 
 
+def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
+  """True if data_dir has sub-folders (or split/class folders) of images.
+
+  Looks at no more than `limit` entries per folder, two levels down: only
+  to word an error message.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    from pipelines import image_ops  # pylint: disable=g-import-not-at-top
+    extensions = set(image_ops.EXTENSION_FORMATS)
+  except ImportError:
+    extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'}
+
+  def entries(folder):
+    try:
+      return [e.rstrip('/') for e in sorted(tf.io.gfile.listdir(folder))
+              if not e.startswith('.')][:limit]
+    except (OSError, tf.errors.OpError):
+      return []
+
+  def has_images(folder, depth):
+    folders = []
+    for name in entries(folder):
+      if posixpath.splitext(name)[1].lower() in extensions:
+        return True
+      folders.append(posixpath.join(folder, name))
+    return depth > 0 and any(
+        has_images(f, depth - 1) for f in folders[:20]
+        if tf.io.gfile.isdir(f))
+
+  return any(has_images(posixpath.join(data_dir, name), 1)
+             for name in entries(data_dir)[:20]
+             if tf.io.gfile.isdir(posixpath.join(data_dir, name)))
+
+
+def _built_sub_datasets(data_dir: str, limit: int = 200) -> list[str]:
+  """Sub-folders of data_dir that hold a built dataset (a metadata.json)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  try:
+    names = sorted(tf.io.gfile.listdir(data_dir))[:limit]
+    return [posixpath.join(data_dir.rstrip('/'), n.rstrip('/')) for n in names
+            if not n.startswith('.') and tf.io.gfile.exists(
+                posixpath.join(data_dir, n.rstrip('/'), METADATA_FILE))]
+  except (OSError, tf.errors.OpError):
+    return []
+
+
+def _sibling_output_dir(data_dir: str) -> str:
+  """A new folder next to data_dir (so outside it) to build into."""
+  base = data_dir.rstrip('/') or '/'
+  if '://' not in base and posixpath.basename(base) in ('', '.', '..'):
+    import os  # pylint: disable=g-import-not-at-top
+    base = os.path.abspath(base)
+  return f'{base}_dataset'
+
+
 def read_dataset_spec(data_dir: str) -> DatasetSpec:
   """Reads and validates `metadata.json` of a dataset built by this toolkit."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -108,6 +164,20 @@ def read_dataset_spec(data_dir: str) -> DatasetSpec:
         '`python -m pipelines.build` run')
   path = posixpath.join(data_dir, METADATA_FILE)
   if not tf.io.gfile.exists(path):
+    built = _built_sub_datasets(data_dir)
+    if built:
+      raise DatasetError(
+          f'--data_dir={data_dir} is not a built dataset (no {METADATA_FILE}) '
+          f'but holds one: pass --data_dir={built[0]}' +
+          (f' (or {", ".join(built[1:3])})' if len(built) > 1 else ''))
+    if _holds_image_folders(data_dir):
+      # The images to build from: the build must write outside them.
+      output = _sibling_output_dir(data_dir)
+      raise DatasetError(
+          f'--data_dir={data_dir} is a folder of images, not a built dataset '
+          f'(no {METADATA_FILE}); build one into a new folder outside it: '
+          f'`python -m pipelines.build --input_dir={data_dir} '
+          f'--output_dir={output}`, then pass --data_dir={output}')
     raise DatasetError(
         f'{data_dir} is not a dataset built by this toolkit (no '
         f'{METADATA_FILE}); build one with `python -m pipelines.build '

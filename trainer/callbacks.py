@@ -12,6 +12,12 @@ state.json is written last (write to a temp file, then rename): it is the
 commit point. Rerunning after a kill restores the weights, optimizer, epoch
 counter, history and early-stopping counters of the last finished epoch, so
 the history has no repeated or missing epochs.
+
+Resuming checks before it writes anything: `load_state` only reads (a run
+with other settings is refused with the settings that differ), and
+`restore_weights` loads the checkpoint into the model before training, so a
+checkpoint that does not fit the model is refused while the old run's files
+are untouched.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import csv
 import json
 import math
 import os
-from typing import Optional
+from typing import Any, Callable, Optional
 
 import keras
 
@@ -29,6 +35,29 @@ STATE_FILE = 'state.json'
 LAST_WEIGHTS = 'last.weights.h5'
 BEST_WEIGHTS = 'best.weights.h5'
 HISTORY_FILE = 'history.csv'
+
+
+class SettingsMismatch(ValueError):
+  """The saved run has another fingerprint; `differences` names what differs.
+
+  differences: (key, saved value, current value) for each differing key.
+  """
+
+  def __init__(self, message: str, differences: list[tuple[str, Any, Any]]):
+    super().__init__(message)
+    self.differences = differences
+
+
+class CheckpointMismatch(ValueError):
+  """The saved weights are missing, damaged, or do not fit the model.
+
+  path: the weights file; detail: what went wrong, in a few words.
+  """
+
+  def __init__(self, message: str, *, path: str, detail: str):
+    super().__init__(message)
+    self.path = path
+    self.detail = detail
 
 
 def _atomic_write_text(path: str, text: str) -> None:
@@ -50,13 +79,17 @@ class ResumableTraining(keras.callbacks.Callback):
       "stop at 99%" callback); None to disable.
     restore_best_weights: load the best epoch's weights when training ends.
     fingerprint: a dict describing the run; resuming a run with another
-      fingerprint (other model, data, ...) is refused.
+      fingerprint (other model, data, ...) is refused. Keys only one side
+      has (a run saved by another version) are not compared.
+    same: optional `same(key, saved, current) -> bool` for values that are
+      equal in other spellings; default `==`.
   """
 
   def __init__(self, model_dir: str, *, monitor: str = 'val_loss',
                patience: int = 0, target_accuracy: Optional[float] = None,
                restore_best_weights: bool = True,
-               fingerprint: Optional[dict] = None):
+               fingerprint: Optional[dict] = None,
+               same: Optional[Callable[[str, Any, Any], bool]] = None):
     super().__init__()
     self.model_dir = model_dir
     self.checkpoint_dir = os.path.join(model_dir, CHECKPOINT_DIR)
@@ -66,6 +99,8 @@ class ResumableTraining(keras.callbacks.Callback):
     self.target_accuracy = target_accuracy
     self.restore_best_weights = restore_best_weights
     self.fingerprint = fingerprint or {}
+    self._same = same or (lambda key, saved, current: saved == current)
+    self._restored = False
     self.rows: list[dict] = []
     self.best: Optional[float] = None
     self.best_epoch: Optional[int] = None  # 1-based.
@@ -77,28 +112,84 @@ class ResumableTraining(keras.callbacks.Callback):
   def _path(self, name: str) -> str:
     return os.path.join(self.checkpoint_dir, name)
 
+  def differences(self, saved: dict) -> list[tuple[str, Any, Any]]:
+    """(key, saved, current) for each key both fingerprints hold that differs."""
+    return [(key, saved[key], value) for key, value in self.fingerprint.items()
+            if key in saved and not self._same(key, saved[key], value)]
+
   def load_state(self) -> int:
-    """Restores state (not weights) from disk; returns epochs already done."""
+    """Restores state (not weights) from disk; returns epochs already done.
+
+    Only reads: raises SettingsMismatch for a run with other settings and
+    ValueError for a damaged state file, before anything is written.
+    Call `prepare()` afterwards (it also repairs history.csv).
+    """
     path = self._path(STATE_FILE)
-    if not os.path.exists(path):
+    if not os.path.isfile(path):
       return 0
-    with open(path) as f:
-      state = json.load(f)
-    if state.get('fingerprint') != self.fingerprint:
+    try:
+      with open(path) as f:
+        state = json.load(f)
+      saved = state.get('fingerprint') or {}
+      differences = self.differences(saved)
+      if not differences:
+        rows = [dict(r) for r in state['rows']]
+        best, best_epoch = state['best'], state['best_epoch']
+        wait, stopped_early = int(state['wait']), bool(state['stopped_early'])
+        stop_reason = state.get('stop_reason')
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
       raise ValueError(
-          f'{self.model_dir} holds a run with other settings '
-          f'({state.get("fingerprint")}); use a new --model_dir, or delete '
-          'it to start over')
-    self.rows = state['rows']
-    self.best, self.best_epoch = state['best'], state['best_epoch']
-    self.wait = state['wait']
-    self.stopped_early = state['stopped_early']
-    self.stop_reason = state.get('stop_reason')
+          f'{path} is damaged ({type(e).__name__}: {e}); delete '
+          f'{self.checkpoint_dir} to start over, or use a new model_dir'
+      ) from None
+    if differences:
+      raise SettingsMismatch(
+          f'{self.model_dir} holds a run with other settings ('
+          + '; '.join(f'{k}: {a!r} in the saved run, {b!r} now'
+                      for k, a, b in differences)
+          + f'); use a new model_dir, or delete {self.checkpoint_dir} to '
+          'start over', differences)
+    self.rows = rows
+    self.best, self.best_epoch = best, best_epoch
+    self.wait, self.stopped_early = wait, stopped_early
+    self.stop_reason = stop_reason
     self.resumed_from = len(self.rows)
-    # history.csv is written just after state.json: a kill between the two
-    # leaves it one row short. The state is the truth; repair from it.
-    self.write_history()
     return self.resumed_from
+
+  def _load_weights(self, path: str) -> None:
+    """Loads a checkpoint into the model; CheckpointMismatch if it cannot.
+
+    The optimizer is built first: the files hold its variables too, and an
+    unbuilt optimizer makes Keras skip them with a warning.
+    """
+    if not os.path.isfile(path):
+      raise CheckpointMismatch(
+          f'{path} is missing; delete {self.checkpoint_dir} to start over, '
+          'or use a new model_dir', path=path, detail='the file is missing')
+    try:
+      optimizer = getattr(self.model, 'optimizer', None)
+      if optimizer is not None and not optimizer.built:
+        optimizer.build(self.model.trainable_variables)
+      self.model.load_weights(path)
+    except Exception as e:  # pylint: disable=broad-except
+      # h5py, Keras and TF raise many types for a file of another model or a
+      # damaged one; all mean the same to the run.
+      detail = f'{type(e).__name__}: ' + ' '.join(str(e).split())[:200]
+      raise CheckpointMismatch(
+          f'{path} does not match this model and dataset, or is damaged '
+          f'({detail}); use a new model_dir, or delete '
+          f'{self.checkpoint_dir} to start over', path=path,
+          detail=detail) from None
+
+  def restore_weights(self) -> None:
+    """After load_state: loads the last epoch's model + optimizer state.
+
+    Call it before writing anything (and inside the distribution strategy's
+    scope): a checkpoint that does not fit fails here, not inside fit().
+    """
+    if self.resumed_from and not self._restored:
+      self._load_weights(self._path(LAST_WEIGHTS))
+      self._restored = True
 
   @property
   def finished(self) -> bool:
@@ -106,9 +197,8 @@ class ResumableTraining(keras.callbacks.Callback):
     return self.stopped_early
 
   def on_train_begin(self, logs=None):
-    if self.resumed_from and os.path.exists(self._path(LAST_WEIGHTS)):
-      self.model.optimizer.build(self.model.trainable_variables)
-      self.model.load_weights(self._path(LAST_WEIGHTS))
+    if self.resumed_from:
+      self.restore_weights()
       self.model._initial_epoch = self.resumed_from  # pylint: disable=protected-access
 
   def _improved(self, value: float) -> bool:
@@ -163,7 +253,12 @@ class ResumableTraining(keras.callbacks.Callback):
 
   def on_train_end(self, logs=None):
     if self.restore_best_weights and os.path.exists(self._path(BEST_WEIGHTS)):
-      self.model.load_weights(self._path(BEST_WEIGHTS))
+      self._load_weights(self._path(BEST_WEIGHTS))
 
   def prepare(self) -> None:
+    """Creates checkpoint/; after a resume, repairs history.csv."""
     os.makedirs(self.checkpoint_dir, exist_ok=True)
+    if self.resumed_from:
+      # history.csv is written just after state.json: a kill between the
+      # two leaves it one row short. The state is the truth; repair from it.
+      self.write_history()

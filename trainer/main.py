@@ -12,11 +12,15 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its start-up chatter would bury a one-line error.
+  cli.filter_noise()
+
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -51,7 +55,25 @@ _BASE_WEIGHTS = flags.DEFINE_string(
     'downloaded), or none for random weights.')
 _BASE_CUTOFF = flags.DEFINE_string(
     'base_cutoff_layer', None, '--model=transfer: use the base up to this layer (e.g. mixed7).')
-_CACHE = flags.DEFINE_string('cache', None, "'memory' or a file path to cache decoded images.")
+_CACHE = flags.DEFINE_string(
+    'cache', None, "'memory', or a file path prefix in an existing folder to "
+    'cache decoded images on disk (files PREFIX.<dataset key>.<split>.*: a '
+    'rebuilt dataset or another --image_size gets new ones).')
+
+
+def _one_line(text) -> str:
+  return ' '.join(str(text).split())
+
+
+def _os_error(e: OSError) -> str:
+  """An OSError nothing else caught: the file and the reason, one line."""
+  where = e.filename or ''
+  if e.filename2:
+    where = f'{where} -> {e.filename2}'
+  reason = e.strerror or str(e)
+  return _one_line(f'{where}: {reason}; check that path (--model_dir, '
+                   '--data_dir, --cache) and rerun' if where else
+                   f'{reason}; check --model_dir, --data_dir and --cache')
 
 
 def main(argv):
@@ -71,14 +93,19 @@ def main(argv):
         target_accuracy=_TARGET_ACCURACY.value,
         augment=train_lib.parse_augment(_AUGMENT.value),
         dropout=_DROPOUT.value,
-        image_size=(builder.parse_image_size(_IMAGE_SIZE.value)
+        image_size=(cli.parse_image_size(_IMAGE_SIZE.value)
                     if _IMAGE_SIZE.value else None),
         seed=_SEED.value, mixed_precision=_MIXED_PRECISION.value,
         jit_compile=_JIT_COMPILE.value, distribution=_DISTRIBUTION.value,
         base_model=_BASE_MODEL.value, base_weights=_BASE_WEIGHTS.value,
         base_cutoff_layer=_BASE_CUTOFF.value, cache=_CACHE.value))
   except UserError as e:
-    sys.exit(f'error: {e}')
+    sys.exit(f'error: {_one_line(e)}')
+  except OSError as e:  # A disk or path problem no check foresaw.
+    sys.exit(f'error: {_os_error(e)}')
+  except train_lib.tf.errors.OpError as e:  # Idem, raised inside TensorFlow.
+    sys.exit(f'error: {_one_line(train_lib.tf_message(e))}; check '
+             '--model_dir, --data_dir and --cache')
 
 
 if __name__ == '__main__':

@@ -3,11 +3,15 @@ r"""Predicts the class of image files with a model trained by trainer.main.
   python -m trainer.predict --model_dir=runs/photos my_cat.jpg holiday.png
 
 One line per file: path, predicted class, its probability (--json for JSON
-lines). Files go through the build's own image path (pipelines.image_ops:
+lines). A folder stands for the images in it and its sub-folders (sorted;
+hidden files and folders skipped; the image extensions the build reads).
+Files go through the build's own image path (pipelines.image_ops:
 any size or format the build accepts, EXIF orientation, alpha, 16-bit), then
 the exported serving function, so a file is preprocessed exactly as it
 would be for training. Unreadable files get an error line; the exit status
-is non-zero when any file failed.
+is non-zero when any file failed. Lines are printed as files are done, and
+a reader that stops early (`| head`) ends the run quietly (status 141, as
+a process killed by SIGPIPE).
 """
 
 import json
@@ -16,31 +20,103 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
+from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+if __name__ == '__main__':
+  # Before TensorFlow loads: its start-up chatter would bury a one-line error.
+  cli.filter_noise()
+
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines import image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'The --model_dir of trainer.main.')
 _JSON = flags.DEFINE_boolean('json', False, 'Print JSON lines.')
 
 
+SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `... | head`.
+# What predict and preprocess read from model_config.json.
+_CONFIG_KEYS = ('class_names', 'image_format', 'stored_height', 'stored_width',
+                'channels', 'resize_mode')
+
+
 def load(model_dir: str):
   """(loaded SavedModel, model config); call `.serve(bytes [N])` on the first.
 
   Keep the loaded object alive while serving: its variables die with it.
+  Raises UserError (one line: the folder or file, and what to do) for a
+  missing or unfinished model_dir, or an unreadable config or export.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  rerun = ('rerun the `python -m trainer.main` command of that run to write '
+           'it again')
+  if not os.path.isdir(model_dir):
+    raise UserError(
+        f'--model_dir={model_dir} ' + ('is a file, not a folder' if
+                                       os.path.exists(model_dir) else
+                                       'does not exist') +
+        '; pass the --model_dir of a finished `python -m trainer.main` run')
   config_path = os.path.join(model_dir, export_lib.MODEL_CONFIG)
   if not os.path.exists(config_path):
-    raise FileNotFoundError(
+    raise UserError(
         f'--model_dir={model_dir} has no {export_lib.MODEL_CONFIG}; pass the '
-        '--model_dir of a finished `python -m trainer.main` run')
-  with open(config_path) as f:
-    config = json.load(f)
-  return tf.saved_model.load(os.path.join(model_dir, export_lib.EXPORT_DIR)), config
+        '--model_dir of a finished `python -m trainer.main` run (it is '
+        'written when training ends)')
+  try:
+    with open(config_path) as f:
+      config = json.load(f)
+  except OSError as e:
+    raise UserError(f'{config_path} cannot be read ({e.strerror}); {rerun}'
+                    ) from None
+  except ValueError as e:  # Not JSON, or not text.
+    raise UserError(f'{config_path} is not valid JSON ({e}); {rerun}'
+                    ) from None
+  missing = ([k for k in _CONFIG_KEYS if k not in config]
+             if isinstance(config, dict) else list(_CONFIG_KEYS))
+  if missing:
+    raise UserError(f'{config_path} lacks {", ".join(missing)}; {rerun}')
+  export_path = os.path.join(model_dir, export_lib.EXPORT_DIR)
+  try:
+    served = tf.saved_model.load(export_path)
+  except (OSError, ValueError, tf.errors.OpError) as e:
+    detail = ' '.join(str(e).split())[:200]
+    raise UserError(f'{export_path} cannot be loaded ({type(e).__name__}: '
+                    f'{detail}); {rerun}') from None
+  if not hasattr(served, 'serve'):
+    raise UserError(f'{export_path} has no serve() endpoint; {rerun}')
+  return served, config
+
+
+def expand_paths(paths):
+  """Command-line paths -> (path, error or None), folders expanded.
+
+  A folder gives the image files in it and in its sub-folders, in sorted
+  order, skipping hidden files and folders (as the build does); files named
+  on the command line are kept whatever their name. A folder with no
+  images is an error entry, so it is not silently nothing.
+  """
+  for path in paths:
+    if not os.path.isdir(path):
+      yield path, None
+      continue
+    found = False
+    problems = []
+    for root, dirs, files in os.walk(path, onerror=problems.append):
+      dirs[:] = sorted(d for d in dirs if not listing.is_hidden(d))
+      for name in sorted(files):
+        if (not listing.is_hidden(name) and os.path.splitext(name)[1].lower()
+            in image_ops.EXTENSION_FORMATS):
+          found = True
+          yield os.path.join(root, name), None
+    for problem in problems:
+      yield problem.filename or path, f'cannot read ({problem.strerror})'
+    if not found and not problems:
+      yield path, ('folder has no images (' +
+                   ', '.join(sorted(image_ops.EXTENSION_FORMATS)) + ')')
 
 
 def preprocess(data: bytes, extension: str, config: dict) -> bytes:
@@ -63,14 +139,12 @@ def predict_files(paths, served, config) -> list[dict]:
   results = []
   for path in paths:
     try:
-      with open(path, 'rb') as f:
-        data = f.read()
+      # The build's safe read: regular files only, size limit, header first
+      # (a FIFO, /dev/zero or a huge file is refused, never read in full).
+      data = image_ops.read_source(path)
       encoded = preprocess(data, os.path.splitext(path)[1], config)
     except image_ops.ImageRejected as e:
       results.append({'path': path, 'error': e.reason})
-      continue
-    except OSError as e:
-      results.append({'path': path, 'error': f'cannot read ({e.strerror})'})
       continue
     out = served.serve(tf.constant([encoded]))
     index = int(out['class_index'][0])
@@ -80,24 +154,46 @@ def predict_files(paths, served, config) -> list[dict]:
   return results
 
 
+def _print(result: dict, as_json: bool) -> None:
+  if as_json:
+    print(json.dumps(result), flush=True)
+  elif 'error' in result:
+    print(f'{result["path"]}\terror: {result["error"]}', flush=True)
+  else:
+    print(f'{result["path"]}\t{result["class"]}\t{result["probability"]:.4f}',
+          flush=True)
+
+
+def _stdout_closed() -> None:
+  """The reader went away (`| head`): stop quietly, as SIGPIPE would."""
+  try:
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())  # Python's exit flush must not fail.
+  except (OSError, ValueError):
+    pass
+  sys.exit(SIGPIPE_STATUS)
+
+
 def main(argv):
   paths = argv[1:]
   if not _MODEL_DIR.value or not paths:
     sys.exit('error: usage: python -m trainer.predict --model_dir=DIR '
-             'IMAGE [IMAGE ...]')
+             'IMAGE|FOLDER [IMAGE|FOLDER ...]')
   try:
     served, config = load(_MODEL_DIR.value)
-  except FileNotFoundError as e:
-    sys.exit(f'error: {e}')
+  except UserError as e:
+    sys.exit(f'error: {" ".join(str(e).split())}')
   failed = 0
-  for result in predict_files(paths, served, config):
-    failed += 'error' in result
-    if _JSON.value:
-      print(json.dumps(result))
-    elif 'error' in result:
-      print(f'{result["path"]}\terror: {result["error"]}')
-    else:
-      print(f'{result["path"]}\t{result["class"]}\t{result["probability"]:.4f}')
+  try:
+    for path, error in expand_paths(paths):
+      # One file at a time: each line is out as soon as it is known.
+      results = ([{'path': path, 'error': error}] if error else
+                 predict_files([path], served, config))
+      for result in results:
+        failed += 'error' in result
+        _print(result, _JSON.value)
+  except BrokenPipeError:
+    _stdout_closed()
   if failed:
     sys.exit(1)
 

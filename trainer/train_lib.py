@@ -18,9 +18,13 @@ Writes to model_dir:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import json
 import os
+import re
 import sys
 import time
 from typing import Any, Optional
@@ -68,13 +72,113 @@ class TrainConfig:
   base_cutoff_layer: Optional[str] = None
   cache: Optional[str] = None
 
-  def fingerprint(self) -> dict:
-    """Settings a resumed run must share (epochs may grow)."""
+  def fingerprint(self, spec=None) -> dict:
+    """Settings a resumed run must share (epochs may grow).
+
+    Keys are flag names. Paths are absolute and resolved, so the same run
+    given relative paths, or through a link, is the same run; model_dir is
+    left out (the run lives there, and may be moved). With the dataset's
+    spec, `image_size` is the size trained at and `dataset` says what the
+    data is, so a dataset rebuilt in place is another run.
+    """
     out = dataclasses.asdict(self)
     out.pop('epochs')
+    out.pop('model_dir')
+    out['data_dir'] = normalized_path(self.data_dir)
+    out['cache'] = (self.cache if self.cache in (None, '', 'memory')
+                    else normalized_path(self.cache))
+    out['base_weights'] = (
+        self.base_weights if self.base_weights in (None, '', 'none')
+        else normalized_path(self.base_weights))
     out['augment'] = json.dumps(out['augment'], sort_keys=True, default=str)
-    out['image_size'] = list(self.image_size) if self.image_size else None
+    size = self.image_size or (spec and (spec.height, spec.width))
+    out['image_size'] = list(size) if size else None
+    if spec is not None:
+      out['dataset'] = dataset_summary(spec)
     return out
+
+
+def normalized_path(path: Optional[str]) -> Optional[str]:
+  """Absolute, resolved local path (URLs such as gs://... unchanged)."""
+  if not path or '://' in path:
+    return path
+  return os.path.realpath(os.path.expanduser(path))
+
+
+def dataset_digest(spec) -> str:
+  """sha256 of everything metadata.json says (sizes, classes, every shard)."""
+  return hashlib.sha256(json.dumps(spec.to_json_dict(), sort_keys=True,
+                                   default=str).encode()).hexdigest()
+
+
+def dataset_summary(spec) -> str:
+  """What a dataset is, readable, ending in its metadata digest."""
+  names = list(spec.class_names)
+  shown = ', '.join(names[:4]) + (f', ... ({len(names)} in all)'
+                                  if len(names) > 4 else '')
+  counts = '/'.join(str(spec.splits[s].num_examples if s in spec.splits
+                        else 0) for s in ('train', 'validation', 'test'))
+  return (f'{spec.height}x{spec.width}x{spec.channels} {spec.image_format} '
+          f'images, classes {shown}, {counts} train/validation/test, '
+          f'metadata {dataset_digest(spec)[:12]}')
+
+
+def _same_setting(key: str, saved, current) -> bool:
+  """Fingerprint values equal in another spelling (runs of older versions)."""
+  if key in ('data_dir', 'cache', 'base_weights') and isinstance(saved, str):
+    if saved not in ('', 'memory', 'none'):
+      saved = normalized_path(saved)
+  return saved == current
+
+
+def _flag_value(key: str, value) -> str:
+  """A fingerprint value as it is spelled on the command line."""
+  if key == 'augment' and isinstance(value, str):
+    try:
+      value = json.loads(value)
+    except ValueError:
+      pass
+    if value is None:
+      return 'none'
+    if isinstance(value, dict):
+      return ','.join(
+          f'{k}=' + (':'.join(f'{x:g}' for x in v) if isinstance(v, list) else
+                     str(v).lower() if isinstance(v, bool) else
+                     f'{v:g}' if isinstance(v, float) else str(v))
+          for k, v in value.items())
+  if value is None:
+    return '(not set)'
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (list, tuple)):
+    return ','.join(str(v) for v in value)
+  return str(value)
+
+
+def _settings_message(config: TrainConfig, differences) -> str:
+  """One line naming each differing setting as a flag, and the way out."""
+  checkpoint = os.path.join(config.model_dir, callbacks_lib.CHECKPOINT_DIR)
+  keys = {key for key, _, _ in differences}
+  parts = []
+  for key, saved, current in differences:
+    if key == 'dataset':
+      parts.append(f'--data_dir={config.data_dir} holds another dataset than '
+                   f'the saved run ({saved} in the saved run, {current} now)')
+    elif key == 'image_size' and 'dataset' in keys and not config.image_size:
+      continue  # The stored size changed with the dataset: said above.
+    else:
+      parts.append(f'--{key}: {_flag_value(key, saved)} in the saved run, '
+                   f'{_flag_value(key, current)} now')
+  if 'dataset' in keys:
+    fix = ('the saved run cannot resume on it: pass a new --model_dir to '
+           f'train on this dataset (or delete {checkpoint}/ to start over '
+           'there)')
+  else:
+    fix = ('to resume it, rerun with its settings; to start another run, '
+           f'pass a new --model_dir (or delete {checkpoint}/ to start over '
+           'there)')
+  return (f'--model_dir={config.model_dir} holds a run with other settings: '
+          + '; '.join(parts) + f'. {fix[0].upper()}{fix[1:]}')
 
 
 def _say(message: str) -> None:
@@ -161,10 +265,10 @@ def _predict_labels(model, ds, binary: bool) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(labels), np.concatenate(predictions)
 
 
-def _write_samples(train_ds, config, spec, normalize: str, *,
+def _write_samples(batch, config, spec, normalize: str, *,
                    augmented: bool) -> None:
   """train_samples.png: one training batch as the model receives it."""
-  images, labels = next(iter(train_ds.take(1)))
+  images, labels = batch
   images = images.numpy().astype(np.float32)
   if normalize == '[-1,1]':
     images = (images + 1.0) / 2.0
@@ -178,12 +282,184 @@ def _write_samples(train_ds, config, spec, normalize: str, *,
       (' (augmented)' if augmented else ''))
 
 
-def train_and_evaluate(config: TrainConfig) -> dict:
-  """Trains (or resumes) and writes model, export, history, metrics, plots."""
+def _read_spec(data_dir: str):
+  """The dataset's spec; any problem with it is a one-line UserError."""
+  if os.path.isfile(data_dir):
+    raise UserError(
+        f'--data_dir={data_dir} is a file; pass the folder a `python -m '
+        'pipelines.build` run wrote (its --output_dir)')
+  state = os.path.join(data_dir, callbacks_lib.CHECKPOINT_DIR,
+                       callbacks_lib.STATE_FILE)
+  if (os.path.isfile(state) and not os.path.exists(
+      os.path.join(data_dir, tfrecords_schema.metadata.METADATA_FILE))):
+    trained_on = 'DATASET'
+    try:
+      with open(state) as f:
+        trained_on = json.load(f)['fingerprint']['data_dir'] or trained_on
+    except Exception:  # pylint: disable=broad-except
+      pass  # Only to word the message.
+    raise UserError(
+        f'--data_dir={data_dir} is a training run (a --model_dir), not a '
+        f'dataset; pass the dataset it was trained on: --data_dir={trained_on}')
   try:
-    spec = tfrecords_schema.read_dataset_spec(config.data_dir)
+    return tfrecords_schema.read_dataset_spec(data_dir)
   except tfrecords_schema.DatasetError as e:
     raise UserError(str(e)) from None
+  except (ValueError, KeyError, TypeError, AttributeError, OSError,
+          tf.errors.OpError) as e:
+    detail = ' '.join(str(e).split())[:200]
+    raise UserError(
+        f'--data_dir={data_dir}: its {tfrecords_schema.metadata.METADATA_FILE} '
+        f'cannot be read ({type(e).__name__}: {detail}); '
+        f'{_rebuild_hint(data_dir)}') from None
+
+
+def _rebuild_hint(data_dir: str) -> str:
+  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
+  source = 'IMAGES'
+  try:
+    with tf.io.gfile.GFile(os.path.join(
+        data_dir, tfrecords_schema.metadata.REPORT_FILE)) as f:
+      recorded = json.load(f).get('input_dir')
+    if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
+      source = recorded
+  except Exception:  # pylint: disable=broad-except
+    pass  # No usable build report: the generic command.
+  return (f'rebuild it: python -m pipelines.build --input_dir={source} '
+          f'--output_dir={data_dir} --overwrite')
+
+
+def _check_model_dir(model_dir: str) -> None:
+  """--model_dir must be (or become) a folder; refused before any write."""
+  if os.path.exists(model_dir) and not os.path.isdir(model_dir):
+    raise UserError(
+        f'--model_dir={model_dir} is a file, not a folder; pass a new folder, '
+        'or the --model_dir of the run to resume')
+  parent = os.path.dirname(os.path.abspath(model_dir))
+  while not os.path.exists(parent) and parent != os.path.dirname(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f'--model_dir={model_dir}: {parent} is a file, not a '
+                    'folder; pass a folder path')
+  for name in (callbacks_lib.CHECKPOINT_DIR, export_lib.EXPORT_DIR,
+               'tensorboard'):
+    path = os.path.join(model_dir, name)
+    if os.path.exists(path) and not os.path.isdir(path):
+      raise UserError(
+          f'--model_dir={model_dir}: {path} is a file where the run keeps a '
+          'folder; move it away, or pass a new --model_dir')
+
+
+def _cache_files(config: TrainConfig, spec, size) -> tuple[Any, Any]:
+  """(train, validation) `cache=` for make_dataset; checked before any write.
+
+  A file cache holds decoded, resized images: its files are named after
+  the dataset's digest and the size (PREFIX.<key>.train.*), so a rebuilt
+  dataset or another --image_size never reads stale images.
+  """
+  cache = config.cache
+  if not cache:
+    return None, None
+  if cache == 'memory':
+    return 'memory', 'memory'
+  if '://' not in cache:
+    if cache.endswith(os.sep) or os.path.isdir(cache):
+      raise UserError(
+          f'--cache={cache} is a folder; pass a file path prefix in it, e.g. '
+          f'--cache={os.path.join(cache, "cache")}')
+    parent = os.path.dirname(os.path.abspath(cache))
+    if not os.path.isdir(parent):
+      raise UserError(
+          f'--cache={cache}: the folder {parent} does not exist; create it '
+          f'first (mkdir -p {parent}), or pass --cache=memory')
+    if not os.access(parent, os.W_OK | os.X_OK):
+      raise UserError(f'--cache={cache}: the folder {parent} is not writable; '
+                      'pass a --cache path in a folder you can write to')
+  key = hashlib.sha256(
+      f'{dataset_digest(spec)} {size[0]}x{size[1]}'.encode()).hexdigest()[:12]
+  files = tuple(f'{cache}.{key}.{split}' for split in ('train', 'validation'))
+  for prefix in files:
+    if tf.io.gfile.exists(prefix + '.index'):
+      continue  # Complete: read, not written.
+    locks = tf.io.gfile.glob(glob.escape(prefix) + '_*.lockfile')
+    if locks:
+      raise UserError(
+          f'--cache={cache}: {locks[0]} exists: another run is filling this '
+          'cache now, or a killed run left it; if no other run uses it, '
+          f'delete {prefix}_* and rerun')
+  return files
+
+
+def _make_dataset(config: TrainConfig, split: str, **kwargs):
+  """input_pipeline.make_dataset with its refusals as one-line UserErrors."""
+  try:
+    return input_pipeline.make_dataset(config.data_dir, split, **kwargs)
+  except input_pipeline.MemoryCacheTooLarge as e:
+    h, w, c = e.shape
+    raise UserError(
+        f'--cache=memory needs ~{e.need_bytes / 2**30:.1f} GiB for the '
+        f'{e.num_examples} {split} images at {h}x{w}x{c}, over half the '
+        f'{e.have_bytes / 2**30:.1f} GiB of memory available; pass '
+        '--cache=/path/to/file to cache on disk instead, or leave --cache '
+        'out') from None
+  except input_pipeline.DamagedShardError as e:
+    raise UserError(f'shard {e.path} of --data_dir={config.data_dir} is '
+                    f'damaged ({e.reason}); {_rebuild_hint(config.data_dir)}'
+                    ) from None
+  except tfrecords_schema.DatasetError as e:
+    raise UserError(f'{e} (--data_dir={config.data_dir})') from None
+
+
+_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|'
+                       r'Error in user-defined function passed to .*? '
+                       r'transformation with iterator: \S+: ')
+
+
+def tf_message(error: Exception) -> str:
+  """The first line of a TensorFlow error, without graph/iterator names."""
+  text = str(getattr(error, 'message', None) or error)
+  text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
+                       else type(error).__name__)
+  return ' '.join(text.split())[:300]
+
+
+@contextlib.contextmanager
+def _reading(config: TrainConfig):
+  """Errors raised while the dataset is read become one-line UserErrors.
+
+  A damaged shard is padded by the input layer with a marker that names it
+  (see input_pipeline): parsing the marker is the error, and the shard in it
+  is what the message names.
+  """
+  try:
+    yield
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    text = str(e)
+    damaged = input_pipeline.corrupt_shard_in(text)
+    hint = _rebuild_hint(config.data_dir)
+    if damaged:
+      path, expected = damaged
+      raise UserError(
+          f'shard {path} of --data_dir={config.data_dir} is damaged (a '
+          f'record is corrupt or cut short; the build wrote {expected}); '
+          f'{hint}') from None
+    if isinstance(e, tf.errors.DataLossError) or 'corrupted record' in text:
+      raise UserError(f'a shard of --data_dir={config.data_dir} is damaged '
+                      f'({tf_message(e)}); {hint}') from None
+    raise UserError(
+        f'reading --data_dir={config.data_dir} failed ({tf_message(e)}); if '
+        f'the dataset changed or was damaged since it was built, {hint}'
+    ) from None
+
+
+def train_and_evaluate(config: TrainConfig) -> dict:
+  """Trains (or resumes) and writes model, export, history, metrics, plots.
+
+  Everything that can refuse the run (flags, dataset, --model_dir, --cache,
+  a saved run with other settings, a checkpoint that does not fit) is
+  checked before the first file is written.
+  """
+  spec = _read_spec(config.data_dir)
   _validate(config, spec)
   augment = config.augment
   if isinstance(augment, str) and augment not in augment_lib.PRESETS:
@@ -193,7 +469,20 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   binary = num_classes == 2
   normalize = models.NORMALIZATION.get(config.model, 'rescale')
   label_mode = 'binary' if binary else 'int'
-  os.makedirs(config.model_dir, exist_ok=True)
+  _check_model_dir(config.model_dir)
+  train_cache, val_cache = _cache_files(config, spec, size)
+  resumable = callbacks_lib.ResumableTraining(
+      config.model_dir, monitor=config.early_stopping_monitor,
+      patience=config.early_stopping_patience,
+      target_accuracy=config.target_accuracy, restore_best_weights=True,
+      fingerprint=config.fingerprint(spec), same=_same_setting)
+  try:
+    done = resumable.load_state()  # Only reads.
+  except callbacks_lib.SettingsMismatch as e:
+    raise UserError(_settings_message(config, e.differences)) from None
+  except ValueError as e:  # A damaged state.json.
+    raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
+        'a new model_dir', 'a new --model_dir')) from None
 
   keras.utils.set_random_seed(config.seed)
   if config.mixed_precision:
@@ -215,34 +504,39 @@ def train_and_evaluate(config: TrainConfig) -> dict:
           loss=(keras.losses.BinaryCrossentropy() if binary else
                 keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
           metrics=['accuracy'], jit_compile=config.jit_compile)
+      resumable.set_model(model)
+      resumable.restore_weights()  # Before any write: a misfit is refused.
   except models.ModelError as e:
     raise UserError(str(e)) from None
+  except callbacks_lib.CheckpointMismatch as e:
+    raise UserError(
+        f'--model_dir={config.model_dir}: its checkpoint {e.path} does not '
+        f'match this model and dataset, or is damaged ({e.detail}); pass a '
+        'new --model_dir, or delete '
+        f'{os.path.join(config.model_dir, callbacks_lib.CHECKPOINT_DIR)}/ '
+        'to start over') from None
 
   common = dict(image_size=size, normalize=normalize, label_mode=label_mode)
   train_count = spec.splits['train'].num_examples
   steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.
-  train_ds = input_pipeline.make_dataset(
-      config.data_dir, 'train', batch_size=config.batch_size, training=True,
-      augment=augment, seed=config.seed, repeat=True, cache=config.cache,
+  train_ds = _make_dataset(
+      config, 'train', batch_size=config.batch_size, training=True,
+      augment=augment, seed=config.seed, repeat=True, cache=train_cache,
       **common)
-  val_ds = input_pipeline.make_dataset(
-      config.data_dir, 'validation', batch_size=config.batch_size,
-      training=False, cache=config.cache and 'memory', **common)
+  val_ds = _make_dataset(
+      config, 'validation', batch_size=config.batch_size, training=False,
+      cache=val_cache, **common)
 
-  _write_samples(train_ds, config, spec, normalize,
-                 augmented=augment is not None)
-  resumable = callbacks_lib.ResumableTraining(
-      config.model_dir, monitor=config.early_stopping_monitor,
-      patience=config.early_stopping_patience,
-      target_accuracy=config.target_accuracy, restore_best_weights=True,
-      fingerprint=config.fingerprint())
+  with _reading(config):  # A damaged train shard often shows here already.
+    sample_batch = next(iter(train_ds.take(1)))
+
+  # Every check passed: from here on, the run writes.
+  os.makedirs(config.model_dir, exist_ok=True)
   resumable.prepare()
-  try:
-    done = resumable.load_state()
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  _write_samples(sample_batch, config, spec, normalize,
+                 augmented=augment is not None)
   _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
        f'{num_classes} classes, {train_count} train / '
        f'{spec.splits["validation"].num_examples} validation images, '
@@ -250,13 +544,14 @@ def train_and_evaluate(config: TrainConfig) -> dict:
        + (f'; resuming after epoch {done}' if done else ''))
   start = time.perf_counter()
   if done < config.epochs and not resumable.finished:
-    model.fit(train_ds, steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-              validation_data=val_ds, verbose=2, shuffle=False, callbacks=[
-                  resumable, keras.callbacks.TerminateOnNaN(),
-                  keras.callbacks.TensorBoard(
-                      os.path.join(config.model_dir, 'tensorboard'))])
+    with _reading(config):
+      model.fit(train_ds, steps_per_epoch=steps_per_epoch,
+                epochs=config.epochs, validation_data=val_ds, verbose=2,
+                shuffle=False, callbacks=[
+                    resumable, keras.callbacks.TerminateOnNaN(),
+                    keras.callbacks.TensorBoard(
+                        os.path.join(config.model_dir, 'tensorboard'))])
   else:
-    resumable.set_model(model)
     resumable.on_train_end()
   train_seconds = time.perf_counter() - start
   return _finish(config, spec, model, resumable, size=size,
@@ -277,10 +572,11 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
   model.save(model_path)
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
-  eval_ds = input_pipeline.make_dataset(
-      config.data_dir, eval_split, batch_size=config.batch_size,
-      training=False, **common)
-  labels, predictions = _predict_labels(model, eval_ds, binary)
+  eval_ds = _make_dataset(
+      config, eval_split, batch_size=config.batch_size, training=False,
+      **common)
+  with _reading(config):
+    labels, predictions = _predict_labels(model, eval_ds, binary)
   matrix = report.confusion_matrix(labels, predictions, spec.num_classes)
   per_class = report.per_class_report(matrix, spec.class_names)
   metrics = {
@@ -297,7 +593,8 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
       'per_class': per_class,
   }
   if eval_split == 'test':
-    test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
+    with _reading(config):
+      test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
     metrics['test_accuracy'] = float(test_accuracy)
     metrics['test_loss'] = float(test_loss)
   with open(os.path.join(config.model_dir, 'metrics.json'), 'w') as f:

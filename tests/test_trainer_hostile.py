@@ -1,0 +1,303 @@
+"""Trainer and predict on hostile input: one `error:` line, nothing destroyed.
+
+The promise (see pipelines/errors.py): a user mistake or a damaged file ends
+`python -m trainer.main` / `python -m trainer.predict` with exactly one line
+`error: ...` that names the bad value and the fix, never a traceback, and
+nothing the user already has is overwritten. Cases that used to end in a
+traceback run the real command line; the rest call train_lib directly.
+
+One dataset (3 classes of real photos, 28x28) is built and one run trained
+(1 epoch) for the whole module; each test copies what it damages.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import types
+import warnings
+
+import keras
+import pytest
+
+from pipelines import builder
+from pipelines import input_pipeline
+from pipelines.errors import UserError
+from tests import helpers
+from trainer import predict
+from trainer import train_lib
+
+TRAIN_SHARD = 'photos-train.tfrecord-00000-of-00001'
+BATCH = 4
+
+
+@pytest.fixture(scope='module')
+def env(tmp_path_factory):
+  root = tmp_path_factory.mktemp('hostile_trainer')
+  helpers.make_photo_folder(root / 'photos', per_class=6)
+  builder.build(input_dir=str(root / 'photos'), output_dir=str(root / 'data'),
+                image_size='28', validation_fraction=0.25, test_fraction=0.2,
+                seed=1, quiet=True, samples=False)
+  train_lib.train_and_evaluate(_config(root / 'data', root / 'run'))
+  return types.SimpleNamespace(root=root, photos=root / 'photos',
+                               data=root / 'data', run=root / 'run')
+
+
+def _config(data_dir, model_dir, *, epochs=1, **kwargs):
+  return train_lib.TrainConfig(
+      data_dir=str(data_dir), model_dir=str(model_dir), epochs=epochs,
+      batch_size=BATCH, early_stopping_patience=0, **kwargs)
+
+
+def _train_args(data_dir, model_dir, *extra):
+  return (f'--data_dir={data_dir}', f'--model_dir={model_dir}', '--epochs=1',
+          f'--batch_size={BATCH}', '--early_stopping_patience=0', *extra)
+
+
+def _snapshot(folder: pathlib.Path) -> dict:
+  """relative path -> (mtime_ns, sha256) of every file under folder."""
+  out = {}
+  for path in sorted(folder.rglob('*')):
+    if path.is_file():
+      out[str(path.relative_to(folder))] = (
+          path.stat().st_mtime_ns, hashlib.sha256(path.read_bytes()).digest())
+  return out
+
+
+def _one_error(result, *needles: str) -> str:
+  """The single `error:` line of a failed command; it must hold the needles."""
+  assert result.returncode not in (0, None), result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  errors = helpers.error_lines(result.stderr)
+  assert len(errors) == 1, result.stderr[-3000:]
+  for needle in needles:
+    assert needle in errors[0], (needle, errors[0])
+  return errors[0]
+
+
+def _one_line(error: UserError, *needles: str) -> str:
+  text = str(error)
+  assert '\n' not in text, text
+  for needle in needles:
+    assert needle in text, (needle, text)
+  return text
+
+
+def _copy_data(env, tmp_path) -> pathlib.Path:
+  return pathlib.Path(shutil.copytree(env.data, tmp_path / 'data'))
+
+
+# Damaged datasets: the shard named, the rebuild command given.
+
+
+def test_truncated_shard_names_the_shard_and_the_rebuild(env, tmp_path):
+  data = _copy_data(env, tmp_path)
+  shard = data / TRAIN_SHARD
+  shard.write_bytes(shard.read_bytes()[:-700])  # Cut inside the last record.
+  result = helpers.run_cli('trainer.main',
+                           *_train_args(data, tmp_path / 'run'))
+  _one_error(result, str(shard), 'damaged',
+             f'python -m pipelines.build --input_dir={env.photos} '
+             f'--output_dir={data} --overwrite')
+  assert not (tmp_path / 'run').exists()
+
+
+def test_flipped_byte_in_a_shard_names_the_shard(env, tmp_path):
+  data = _copy_data(env, tmp_path)
+  shard = data / TRAIN_SHARD
+  content = bytearray(shard.read_bytes())
+  content[len(content) // 2] ^= 0xFF  # Same size: only the CRC can tell.
+  shard.write_bytes(bytes(content))
+  result = helpers.run_cli('trainer.main',
+                           *_train_args(data, tmp_path / 'run'))
+  _one_error(result, str(shard), 'damaged', 'pipelines.build', '--overwrite')
+
+
+# --model_dir and --cache: refused up front, nothing created.
+
+
+def test_model_dir_that_is_a_file(env, tmp_path):
+  data = _copy_data(env, tmp_path)
+  victim = data / 'metadata.json'
+  before = _snapshot(data)
+  result = helpers.run_cli('trainer.main', *_train_args(data, victim))
+  _one_error(result, f'--model_dir={victim}', 'is a file')
+  assert _snapshot(data) == before
+  with pytest.raises(UserError) as raised:  # A file on the way to it.
+    train_lib.train_and_evaluate(_config(env.data, victim / 'run'))
+  _one_line(raised.value, str(victim), 'is a file')
+
+
+def test_cache_in_a_missing_folder(env, tmp_path):
+  cache = tmp_path / 'missing' / 'dir' / 'cache'
+  result = helpers.run_cli('trainer.main', *_train_args(
+      env.data, tmp_path / 'run', f'--cache={cache}'))
+  _one_error(result, f'--cache={cache}', str(cache.parent), 'does not exist')
+  assert not (tmp_path / 'run').exists()
+  assert not (tmp_path / 'missing').exists()
+
+
+def test_memory_cache_refusal_speaks_in_flags(env, tmp_path, monkeypatch):
+  monkeypatch.setattr(input_pipeline, '_available_memory_bytes', lambda: 1000)
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, tmp_path / 'run',
+                                         cache='memory'))
+  text = _one_line(raised.value, '--cache=memory', '--cache=/path/to/file')
+  assert 'cache="' not in text and 'cache=None' not in text  # Library talk.
+  assert not (tmp_path / 'run').exists()
+
+
+# Resuming: refused before anything is written, only the differences named.
+
+
+def test_other_settings_name_only_the_differing_flags(env):
+  before = _snapshot(env.run)
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(train_lib.TrainConfig(
+        data_dir=str(env.data), model_dir=str(env.run), epochs=1,
+        batch_size=8, seed=3, early_stopping_patience=0))
+  # Not `_config`: every other setting the same as the saved run.
+  text = _one_line(raised.value, f'--model_dir={env.run}',
+                   '--batch_size: 4 in the saved run, 8 now',
+                   '--seed: 0 in the saved run, 3 now')
+  for unchanged in ('learning_rate', 'optimizer', 'data_dir', '{'):
+    assert unchanged not in text, text
+  assert _snapshot(env.run) == before  # train_samples.png included.
+
+
+def test_dataset_rebuilt_in_place_is_refused(env, tmp_path):
+  data, run = _copy_data(env, tmp_path), tmp_path / 'run'
+  train_lib.train_and_evaluate(_config(data, run))
+  builder.build(input_dir=str(env.photos), output_dir=str(data),
+                image_size='32', validation_fraction=0.25, test_fraction=0.2,
+                seed=1, quiet=True, samples=False, overwrite=True)
+  before = _snapshot(run)
+  result = helpers.run_cli('trainer.main', *_train_args(data, run),
+                           '--epochs=2')
+  _one_error(result, f'--data_dir={data}', 'another dataset', '28x28x3',
+             '32x32x3', '--model_dir')
+  assert _snapshot(run) == before
+  assert 'resuming' not in result.stderr
+
+
+def test_checkpoint_of_another_model_is_refused(env, tmp_path):
+  run = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
+  other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+  other.save_weights(str(run / 'checkpoint' / 'last.weights.h5'))
+  before = _snapshot(run)
+  result = helpers.run_cli('trainer.main', *_train_args(env.data, run),
+                           '--epochs=2')
+  _one_error(result, f'--model_dir={run}', 'does not match',
+             'checkpoint/last.weights.h5', 'new --model_dir')
+  assert _snapshot(run) == before
+
+
+@pytest.mark.parametrize('damage', ['weights', 'state'])
+def test_damaged_checkpoint_is_refused(env, tmp_path, damage):
+  run = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
+  name = {'weights': 'last.weights.h5', 'state': 'state.json'}[damage]
+  path = run / 'checkpoint' / name
+  path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+  before = _snapshot(run)
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, run, epochs=2))
+  _one_line(raised.value, str(path), 'checkpoint/')
+  assert _snapshot(run) == before
+
+
+def test_finished_run_reruns_from_relative_paths_without_warnings(
+    env, monkeypatch, capsys):
+  monkeypatch.chdir(env.root)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    metrics = train_lib.train_and_evaluate(_config('data', 'run'))
+  messages = [str(w.message) for w in caught]
+  assert not [m for m in messages if 'Skipping variable loading' in m], messages
+  assert 'resuming after epoch 1' in capsys.readouterr().err
+  assert metrics['epochs_run'] == 1
+
+
+# --data_dir that is not a dataset.
+
+
+def test_photo_folder_as_data_dir_suggests_a_build_outside_it(env, tmp_path):
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.photos, tmp_path / 'run'))
+  text = _one_line(raised.value, f'--input_dir={env.photos}', '--output_dir=')
+  output = text.split('--output_dir=')[1].split('`')[0].split()[0]
+  resolved = os.path.realpath(output)
+  assert resolved != str(env.photos)
+  assert not resolved.startswith(str(env.photos) + os.sep), output
+  assert not (tmp_path / 'run').exists()
+
+
+# trainer.predict.
+
+
+def _predict_folder(root: pathlib.Path) -> list[str]:
+  """Images in nested folders, plus what a folder expansion must skip."""
+  photo = helpers.jpeg_bytes(helpers.photo('chelsea'))
+  for rel in ('b/2.jpg', 'a/deeper/1.JPEG', 'a/0.png', 'b/.hidden.jpg',
+              '.cache/3.jpg', 'a/notes.txt'):
+    helpers.write(root / rel, photo)
+  return [str(root / rel) for rel in ('a/0.png', 'a/deeper/1.JPEG', 'b/2.jpg')]
+
+
+def test_predict_expands_folders(env, tmp_path):
+  expected = _predict_folder(tmp_path / 'pictures')
+  result = helpers.run_cli('trainer.predict', f'--model_dir={env.run}',
+                           str(tmp_path / 'pictures'))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr
+  lines = result.stdout.strip().splitlines()
+  assert [l.split('\t')[0] for l in lines] == expected
+  assert all(l.split('\t')[1] in ('cat', 'coffee', 'rocket') for l in lines)
+
+
+def test_predict_folder_without_images_is_an_error_entry(tmp_path):
+  (tmp_path / 'empty').mkdir()
+  entries = list(predict.expand_paths([str(tmp_path / 'empty')]))
+  assert len(entries) == 1 and 'no images' in entries[0][1]
+
+
+def test_predict_into_a_closed_pipe_exits_quietly(env, tmp_path):
+  _predict_folder(tmp_path / 'pictures')
+  read_end, write_end = os.pipe()
+  os.close(read_end)  # As `| head` that has already exited.
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'trainer.predict', f'--model_dir={env.run}',
+       str(tmp_path / 'pictures')], cwd=helpers.REPO_ROOT, stdout=write_end,
+      stderr=subprocess.PIPE, text=True)
+  os.close(write_end)
+  _, stderr = process.communicate(timeout=300)
+  assert process.returncode == 141, stderr[-3000:]  # 128 + SIGPIPE.
+  assert 'Traceback' not in stderr and 'BrokenPipe' not in stderr, stderr
+  assert not helpers.error_lines(stderr)
+
+
+def test_predict_bad_model_dir_is_one_line(env, tmp_path):
+  image = helpers.write(tmp_path / 'x.jpg',
+                        helpers.jpeg_bytes(helpers.photo('rocket')))
+  missing = tmp_path / 'no_such_run'
+  result = helpers.run_cli('trainer.predict', f'--model_dir={missing}',
+                           str(image))
+  _one_error(result, f'--model_dir={missing}', 'does not exist')
+  broken = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
+  config = broken / 'model_config.json'
+  for content, needle in ((b'{"class_na', 'not valid JSON'),
+                          (b'\xff\xfe\x00garbage', 'not valid JSON'),
+                          (b'[1, 2]', 'lacks class_names'),
+                          (json.dumps({'class_names': ['a']}).encode(),
+                           'lacks image_format')):
+    config.write_bytes(content)
+    with pytest.raises(UserError) as raised:
+      predict.load(str(broken))
+    _one_line(raised.value, str(config), needle, 'trainer.main')
+  shutil.rmtree(broken / 'export')
+  config.write_bytes((env.run / 'model_config.json').read_bytes())
+  with pytest.raises(UserError) as raised:
+    predict.load(str(broken))
+  _one_line(raised.value, str(broken / 'export'))

@@ -183,7 +183,8 @@ def test_export_matches_keras_model_on_the_same_bytes(binary_data, tmp_path):
   served, config = predict.load(model_dir)
   out = served.serve(tf.constant(encoded))
   model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
-  images = tf.stack([tf.io.decode_jpeg(e, channels=3) for e in encoded])
+  images = tf.stack([tf.io.decode_jpeg(  # Decoded as training does.
+      e, channels=3, dct_method='INTEGER_ACCURATE') for e in encoded])
   p = model(tf.cast(images, tf.float32) / 255.0).numpy()[:, 0]
   np.testing.assert_allclose(out['probabilities'].numpy()[:, 1], p, atol=1e-5)
   assert config['class_names'] == ['cats', 'rockets']

@@ -1,0 +1,303 @@
+"""Serving export on hostile and awkward input: `serve` vs `trainer.predict`.
+
+`trainer.predict` runs the build's Pillow path (EXIF, alpha on white, 16-bit,
+first frame, resize to the stored size, re-encode) before `serve`; raw
+`serve` gets the source bytes and must reproduce that in TF ops. Each case
+checks the acceptance (same class, probabilities within 0.02) and, so that a
+test fails even on a model that happens to agree, the pixels the model gets
+against the pixels training would have read for the file.
+"""
+
+import io
+import json
+import os
+import time
+
+import keras
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+
+from pipelines import builder
+from pipelines import image_ops
+from tests import helpers
+from tfrecords_schema import schema
+from trainer import export as export_lib
+from trainer import predict
+from trainer import train_lib
+
+TOLERANCE = 0.02
+STORED = 32  # builder image_size='32'.
+TRAIN_SIZE = (24, 40)  # --image_size of another aspect ratio than stored.
+PHOTOS = ('chelsea', 'coffee', 'rocket', 'astronaut')
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  """One model (3 classes of real photos), exported once per resize mode.
+
+  The model is trained on the stretch build; crop/pad exports of the same
+  model differ only in the serving config, which is what serve and predict
+  both follow.
+  """
+  root = tmp_path_factory.mktemp('serve')
+  helpers.make_photo_folder(root / 'images', per_class=8)
+  builder.build(input_dir=str(root / 'images'), output_dir=str(root / 'data'),
+                image_size=str(STORED), validation_fraction=0.25, seed=1,
+                quiet=True, samples=False)
+  model_dir = str(root / 'stretch')
+  train_lib.train_and_evaluate(train_lib.TrainConfig(
+      data_dir=str(root / 'data'), model_dir=model_dir, epochs=10,
+      batch_size=8, image_size=TRAIN_SIZE, early_stopping_patience=0,
+      optimizer='adam', learning_rate=3e-3))
+  return root, model_dir
+
+
+_MODELS = {}
+
+
+def _served(run, mode):
+  """(loaded SavedModel, config) of the export for resize mode `mode`."""
+  root, model_dir = run
+  if mode not in _MODELS:
+    if mode != 'stretch':
+      config = json.loads(open(os.path.join(
+          model_dir, export_lib.MODEL_CONFIG)).read())
+      config['resize_mode'] = mode
+      model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
+      export_lib.export(model, str(root / mode), config)
+      model_dir = str(root / mode)
+    _MODELS[mode] = predict.load(model_dir)
+  return _MODELS[mode]
+
+
+def _serve(served, *datas):
+  return served.serve(tf.constant(list(datas)))['probabilities'].numpy()
+
+
+def _predict(served, config, data, ext):
+  return _serve(served, predict.preprocess(data, ext, config))[0]
+
+
+def _training_pixels(data, ext, config):
+  """What training reads for a file: the build's bytes, decoded, resized."""
+  stored = predict.preprocess(data, ext, config)
+  image = schema.decode_image(
+      tf.constant(stored), image_format=config['image_format'],
+      height=config['stored_height'], width=config['stored_width'],
+      channels=config['channels'])
+  if (config['height'], config['width']) != (config['stored_height'],
+                                             config['stored_width']):
+    image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
+        image, (config['height'], config['width']), antialias=True)), 0,
+                                     255), tf.uint8)
+  return image.numpy().astype(np.float64)
+
+
+_PIXEL_FNS = {}
+
+
+def _serving_pixels(data, config):
+  """The uint8 pixels `serve` feeds the model for these bytes."""
+  key = json.dumps(config, sort_keys=True)
+  if key not in _PIXEL_FNS:
+    _PIXEL_FNS[key] = tf.function(
+        lambda d: export_lib.preprocess_image(d, 0, config),
+        input_signature=[tf.TensorSpec([], tf.string)])
+  return _PIXEL_FNS[key](tf.constant(data)).numpy().astype(np.float64)
+
+
+def _check(run, data, ext, mode='stretch', pixel_mean=1.5):
+  """Acceptance (class, probabilities) and pixel agreement for one file."""
+  served, config = _served(run, mode)
+  want = _predict(served, config, data, ext)
+  got = _serve(served, data)[0]
+  assert np.argmax(got) == np.argmax(want), (got, want)
+  np.testing.assert_allclose(got, want, atol=TOLERANCE)
+  reference = _training_pixels(data, ext, config)
+  pixels = _serving_pixels(data, config)
+  assert pixels.shape == reference.shape
+  assert np.abs(pixels - reference).mean() <= pixel_mean
+  return reference, pixels
+
+
+def _encode(image, fmt, **kwargs):
+  buffer = io.BytesIO()
+  image.save(buffer, format=fmt, **kwargs)
+  return buffer.getvalue()
+
+
+def _error(served, *datas):
+  with pytest.raises(tf.errors.InvalidArgumentError) as error:
+    _serve(served, *datas)
+  return error.value.message
+
+
+def _bomb(data, at, fields):
+  """data with little/big-endian integer fields (offset, size, value) set."""
+  data = bytearray(data)
+  for offset, size, value, order in fields:
+    data[at + offset:at + offset + size] = value.to_bytes(size, order)
+  return bytes(data)
+
+
+def test_over_limit_headers_are_refused_before_decoding(run):
+  """Real files whose header claims a huge size: the size error, not a
+  decoder error (the pixel data no longer matches), so nothing decoded."""
+  served, _ = _served(run, 'stretch')
+  small = Image.fromarray(helpers.photo('chelsea')[:40, :60])
+  jpeg = _encode(small, 'JPEG')
+  sof = jpeg.index(b'\xff\xc0')
+  bombs = {
+      'PNG': _bomb(_encode(small, 'PNG'), 16, [(0, 4, 23000, 'big'),
+                                              (4, 4, 23000, 'big')]),
+      'JPEG': _bomb(jpeg, sof + 5, [(0, 2, 23000, 'big'),
+                                    (2, 2, 23000, 'big')]),
+      'GIF': _bomb(_encode(small, 'GIF'), 6, [(0, 2, 23000, 'little'),
+                                             (2, 2, 23000, 'little')]),
+      'BMP': _bomb(_encode(small, 'BMP'), 18, [(0, 4, 23000, 'little'),
+                                              (4, 4, 23000, 'little')]),
+      # VP8L: 14 bits width - 1, 14 bits height - 1.
+      'WebP': _bomb(_encode(small, 'WEBP', lossless=True), 21, [
+          (0, 4, 16383 << 14 | 16383, 'little')]),
+  }
+  assert bombs['WebP'][12:16] == b'VP8L'
+  _serve(served, jpeg)  # Warm: the first call also optimizes the graph.
+  for fmt, data in bombs.items():
+    start = time.perf_counter()
+    message = _error(served, jpeg, data)
+    assert time.perf_counter() - start < 2, fmt
+    size = '16384x16384' if fmt == 'WebP' else '23000x23000'
+    assert (f'image_bytes[1]: {fmt} image of {size} = ' in message and
+            'exceeds the serving limit of 89478485 pixels' in message), (
+                fmt, message)
+  # A real 12000x9000 PNG (108 Mpx, ~100 KB): refused fast, by size.
+  big = _encode(Image.new('L', (12000, 9000)), 'PNG')
+  start = time.perf_counter()
+  message = _error(served, big)
+  assert time.perf_counter() - start < 2
+  assert 'PNG image of 12000x9000 = 108000000 pixels exceeds' in message
+  with open(os.path.join(run[1], export_lib.MODEL_CONFIG)) as f:
+    assert json.load(f)['max_pixels'] == image_ops.DEFAULT_MAX_PIXELS
+
+
+def test_the_limit_comes_from_the_config(run):
+  _, config = _served(run, 'stretch')
+  config = dict(config, max_pixels=100 * 100)
+  photo = Image.fromarray(helpers.photo('coffee'))
+  assert _serving_pixels(_encode(photo.resize((100, 100)), 'PNG'),
+                         config).shape == (*TRAIN_SIZE, 3)
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match='101x100 = 10100 pixels exceeds the serving limit '
+                     'of 10000'):
+    _serving_pixels(_encode(photo.resize((101, 100)), 'PNG'), config)
+
+
+def test_garbage_is_refused_with_a_clear_error(run):
+  served, _ = _served(run, 'stretch')
+  good = helpers.jpeg_bytes(helpers.photo('rocket'))
+  for bad in (b'', b'not a picture at all', b'\x89PNG\r\n\x1a\n' + b'\0' * 30,
+              b'RIFF\0\0\0\0WEBPJUNK' + b'\0' * 30, b'GIF89a\1\0\1\0'):
+    message = _error(served, good, bad)
+    assert message.count('image_bytes[1]: ') == 1, message
+  assert 'not a JPEG, PNG, GIF, BMP or WebP image (20 bytes)' in _error(
+      served, b'not a picture at all')
+
+
+@pytest.mark.parametrize('mode', ['stretch', 'crop', 'pad'])
+def test_each_resize_mode_agrees_with_predict_on_real_photos(run, mode):
+  for i, name in enumerate(PHOTOS):
+    array = helpers.photo(name)
+    if i % 2:  # Also a portrait crop: the mode's geometry matters more.
+      array = array[:, :array.shape[1] // 3]
+      _check(run, _encode(Image.fromarray(array), 'PNG'), '.png', mode)
+    else:
+      _check(run, helpers.jpeg_bytes(array), '.jpg', mode)
+
+
+def test_exif_rotated_jpeg_agrees_with_predict(run):
+  upright = helpers.photo('chelsea')
+  # Orientation 6: the viewer rotates 90 degrees clockwise to show it, so
+  # the file holds the upright picture rotated counter-clockwise.
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  stored = np.ascontiguousarray(np.rot90(upright, 1))
+  data = helpers.jpeg_bytes(stored, exif=exif.tobytes())
+  reference, _ = _check(run, data, '.jpg')
+  _, config = _served(run, 'stretch')
+  sideways = _serving_pixels(helpers.jpeg_bytes(stored), config)
+  assert np.abs(sideways - reference).mean() > 10  # The check has teeth.
+  for fmt, ext in (('PNG', '.png'), ('WEBP', '.webp')):
+    _check(run, _encode(Image.fromarray(stored), fmt, exif=exif.tobytes()),
+           ext)
+
+
+def test_transparent_png_composites_on_white_like_predict(run):
+  photo = helpers.photo('coffee')
+  alpha = np.full(photo.shape[:2], 255, np.uint8)
+  alpha[:photo.shape[0] // 3] = 128  # Top third half transparent.
+  alpha[:, :photo.shape[1] // 2] = 0  # Left half transparent.
+  rgba = Image.fromarray(np.dstack([photo, alpha]), 'RGBA')
+  reference, _ = _check(run, _encode(rgba, 'PNG'), '.png')
+  assert reference[:, :TRAIN_SIZE[1] // 3].min() > 240  # White, not black.
+  # Palette and grey with transparency, grey + alpha.
+  _check(run, _encode(Image.fromarray(photo).convert('P'), 'PNG',
+                      transparency=3), '.png')
+  _check(run, _encode(rgba.convert('LA'), 'PNG'), '.png')
+
+
+def test_16_bit_png_agrees_with_predict(run):
+  photo = helpers.photo('astronaut').astype(np.uint16) * 257
+  noise = np.random.default_rng(0).integers(0, 257, photo.shape[:2])
+  grey = Image.fromarray((photo[..., 0] + noise).astype(np.uint16))
+  assert grey.mode == 'I;16'
+  data = _encode(grey, 'PNG')
+  assert data[24] == 16  # Bit depth in IHDR.
+  _check(run, data, '.png', pixel_mean=1.0)
+
+
+def test_animated_webp_and_gif_use_the_first_frame(run):
+  frames = [Image.fromarray(helpers.photo(name)).resize((300, 200))
+            for name in ('rocket', 'coffee', 'chelsea')]
+  _, config = _served(run, 'stretch')
+  first, second = (_training_pixels(_encode(frame, 'PNG'), '.png', config)
+                   for frame in frames[:2])
+  for fmt, kwargs in (('WEBP', dict(quality=90)), ('GIF', {})):
+    data = _encode(frames[0], fmt, save_all=True, append_images=frames[1:],
+                   duration=100, **kwargs)
+    assert Image.open(io.BytesIO(data)).n_frames == 3
+    _, pixels = _check(run, data, '.' + fmt.lower())
+    # Frame 0, not another.
+    assert (np.abs(pixels - first).mean() * 4 <
+            np.abs(pixels - second).mean()), fmt
+
+
+def test_one_pixel_wide_image_in_crop_mode(run):
+  line = np.tile(helpers.photo('rocket')[200:201, :200], (1, 10, 1))
+  for array in (line, np.ascontiguousarray(line.transpose(1, 0, 2))):
+    _check(run, _encode(Image.fromarray(array), 'PNG'), '.png', 'crop')
+
+
+def test_mutated_headers_never_crash_the_server(run):
+  """Seeded byte flips in the headers: a prediction or a clear error."""
+  served, _ = _served(run, 'stretch')
+  frames = [Image.fromarray(helpers.photo(n)).resize((60, 40))
+            for n in ('rocket', 'coffee')]
+  seeds = [
+      _encode(frames[0], 'GIF', save_all=True, append_images=frames[1:]),
+      _encode(frames[0], 'WEBP', save_all=True, append_images=frames[1:]),
+      _encode(frames[0].convert('RGBA'), 'PNG'),
+      helpers.jpeg_bytes(np.asarray(frames[0])),
+      _encode(frames[0], 'BMP'),
+  ]
+  rng = np.random.default_rng(0)
+  for _ in range(60):
+    data = bytearray(seeds[rng.integers(len(seeds))])
+    for _ in range(rng.integers(1, 4)):
+      data[rng.integers(min(len(data), 64))] = rng.integers(256)
+    try:
+      probabilities = _serve(served, bytes(data))
+      assert probabilities.shape == (1, 3)
+    except tf.errors.InvalidArgumentError:
+      pass

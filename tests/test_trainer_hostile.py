@@ -301,3 +301,36 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
   with pytest.raises(UserError) as raised:
     predict.load(str(broken))
   _one_line(raised.value, str(broken / 'export'))
+
+
+def test_predict_reads_files_as_safely_as_the_build(env, tmp_path):
+  """No hang on a FIFO, no memory on /dev/zero or a huge file, every name."""
+  folder = tmp_path / 'hostile'
+  folder.mkdir()
+  os.mkfifo(folder / 'pipe.jpg')
+  os.symlink('/dev/zero', folder / 'zero.png')
+  with open(folder / 'movie.jpg', 'wb') as f:
+    f.truncate(3 << 30)  # 3 GiB, sparse: over the default limit.
+  photo = helpers.jpeg_bytes(helpers.photo('chelsea'))
+  with open(os.path.join(os.fsencode(folder), b'\xff\xfe.jpg'), 'wb') as f:
+    f.write(photo)
+  helpers.write(folder / 'small.jpg', photo[:2000] + b'\xff\xd9')
+  result = helpers.run_cli(
+      'trainer.predict', f'--model_dir={env.run}', '--max_file_bytes=100000',
+      str(folder), str(folder / 'pipe.jpg'), timeout=120,
+      env={'PYTHONIOENCODING': 'utf-8:strict'})  # No surrogates printed.
+  assert result.returncode == 1, result.stderr[-3000:]
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  lines = dict(line.split('\t', 1) for line in result.stdout.splitlines())
+  assert lines.pop(f'{folder}/\\xff\\xfe.jpg').split('\t')[0] in (
+      'cat', 'coffee', 'rocket')
+  assert lines == {
+      f'{folder}/movie.jpg': 'error: file is 3221225472 bytes, over the '
+                             'limit --max_file_bytes=100000',
+      f'{folder}/pipe.jpg': 'error: not a regular file but a FIFO (named '
+                            'pipe); only image files are read',
+      f'{folder}/small.jpg': lines[f'{folder}/small.jpg'],
+      f'{folder}/zero.png': 'error: not a regular file but a character '
+                            'device; only image files are read',
+  }
+  assert lines[f'{folder}/small.jpg'].startswith('error: ')

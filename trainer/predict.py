@@ -36,6 +36,9 @@ from trainer import export as export_lib  # pylint: disable=g-import-not-at-top,
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'The --model_dir of trainer.main.')
 _JSON = flags.DEFINE_boolean('json', False, 'Print JSON lines.')
+_MAX_FILE_BYTES = flags.DEFINE_integer(
+    'max_file_bytes', image_ops.DEFAULT_MAX_FILE_BYTES,
+    'Larger files are rejected without being read (as in the build).')
 
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `... | head`.
@@ -129,26 +132,38 @@ def preprocess(data: bytes, extension: str, config: dict) -> bytes:
           channels=config['channels'], resize_mode=config['resize_mode'],
           image_format=image_format,
           jpeg_quality=config.get('jpeg_quality') or 95,
-          max_pixels=image_ops.DEFAULT_MAX_PIXELS)))
+          max_pixels=config.get('max_pixels', image_ops.DEFAULT_MAX_PIXELS))))
   return processed.encoded
 
 
-def predict_files(paths, served, config) -> list[dict]:
-  """One result dict per path: class/probability, or an error."""
+def predict_files(paths, served, config, *,
+                  max_file_bytes: int = image_ops.DEFAULT_MAX_FILE_BYTES
+                  ) -> list[dict]:
+  """One result dict per path: class/probability, or an error.
+
+  'path' is the path as text: bytes of a name that are not UTF-8 are shown
+  as \\xNN escapes (as the build reports them), so every line prints.
+  """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   results = []
   for path in paths:
+    shown = listing.escaped(path)
     try:
       # The build's safe read: regular files only, size limit, header first
       # (a FIFO, /dev/zero or a huge file is refused, never read in full).
-      data = image_ops.read_source(path)
+      data = image_ops.read_source(path, max_bytes=max_file_bytes)
       encoded = preprocess(data, os.path.splitext(path)[1], config)
     except image_ops.ImageRejected as e:
-      results.append({'path': path, 'error': e.reason})
+      results.append({'path': shown, 'error': e.reason})
       continue
-    out = served.serve(tf.constant([encoded]))
+    try:
+      out = served.serve(tf.constant([encoded]))
+    except tf.errors.OpError as e:  # The export refused it: say why.
+      reason = ' '.join(str(e.message).split())[:300]
+      results.append({'path': shown, 'error': f'the model refused it ({reason})'})
+      continue
     index = int(out['class_index'][0])
-    results.append({'path': path, 'class': config['class_names'][index],
+    results.append({'path': shown, 'class': config['class_names'][index],
                     'probability': round(float(out['probabilities'][0, index]),
                                          4)})
   return results
@@ -179,6 +194,10 @@ def main(argv):
   if not _MODEL_DIR.value or not paths:
     sys.exit('error: usage: python -m trainer.predict --model_dir=DIR '
              'IMAGE|FOLDER [IMAGE|FOLDER ...]')
+  if _MAX_FILE_BYTES.value < 1:
+    sys.exit(f'error: --max_file_bytes={_MAX_FILE_BYTES.value} is out of '
+             'range; pass a positive size in bytes, e.g. '
+             f'{image_ops.DEFAULT_MAX_FILE_BYTES} (256 MiB)')
   try:
     served, config = load(_MODEL_DIR.value)
   except UserError as e:
@@ -187,8 +206,9 @@ def main(argv):
   try:
     for path, error in expand_paths(paths):
       # One file at a time: each line is out as soon as it is known.
-      results = ([{'path': path, 'error': error}] if error else
-                 predict_files([path], served, config))
+      results = ([{'path': listing.escaped(path), 'error': error}] if error
+                 else predict_files([path], served, config,
+                                    max_file_bytes=_MAX_FILE_BYTES.value))
       for result in results:
         failed += 'error' in result
         _print(result, _JSON.value)

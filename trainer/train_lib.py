@@ -632,5 +632,6 @@ def _summary(config, metrics: dict, eval_split: str) -> None:
   d = config.model_dir
   lines.append(f'model: {d}/best.keras, serving export: {d}/export')
   lines.append(f'pictures: {d}/training_curves.png, {d}/confusion_matrix.png '
-               f'({eval_split}); metrics: {d}/metrics.json')
+               f'({eval_split}), {d}/train_samples.png; metrics: '
+               f'{d}/metrics.json')
   print('\n'.join(lines))

@@ -7,6 +7,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 
 import numpy as np
 from PIL import Image
@@ -97,6 +98,40 @@ def run_cli(module: str, *args: str, timeout: float = 300,
   return subprocess.run([sys.executable, '-m', module, *args],
                         cwd=REPO_ROOT, capture_output=True, text=True,
                         timeout=timeout, env=full_env, check=False)
+
+
+def run_cli_peak(module: str, *args: str, timeout: float = 300,
+                 env: dict | None = None
+                 ) -> tuple[subprocess.CompletedProcess, float]:
+  """run_cli, and the peak RSS in MB of that process (and what it waited for).
+
+  The figure comes from wait4 on this child alone, not RUSAGE_CHILDREN
+  (the peak of every child the test process ever had).
+  """
+  command = [sys.executable, '-m', module, *args]
+  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, **(env or {})))
+  output = {}
+  readers = [threading.Thread(target=lambda n, s: output.__setitem__(
+      n, s.read()), args=(name, stream)) for name, stream in (
+          ('stdout', process.stdout), ('stderr', process.stderr))]
+  for reader in readers:
+    reader.start()
+  timer = threading.Timer(timeout, process.kill)
+  timer.start()
+  _, status, usage = os.wait4(process.pid, 0)
+  timed_out = not timer.is_alive()
+  timer.cancel()
+  for reader in readers:
+    reader.join()
+  process.returncode = os.waitstatus_to_exitcode(status)
+  if timed_out:
+    raise subprocess.TimeoutExpired(command, timeout, output['stdout'],
+                                    output['stderr'])
+  return (subprocess.CompletedProcess(command, process.returncode,
+                                      output['stdout'], output['stderr']),
+          usage.ru_maxrss / 1024)
 
 
 def error_lines(stderr: str) -> list[str]:

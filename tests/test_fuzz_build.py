@@ -10,7 +10,6 @@ written as a fully decodable image or reported with a reason.
 import io
 import json
 import os
-import resource
 import warnings
 
 import numpy as np
@@ -108,10 +107,9 @@ def test_fuzzed_images_never_hang_crash_or_vanish(tmp_path):
       helpers.write(images / rel, mutated)
       sources[rel] = mutated
   out = tmp_path / 'out'
-  result = helpers.run_cli('pipelines.build', f'--input_dir={images}',
-                           f'--output_dir={out}', '--image_size=24',
-                           '--validation_fraction=0.25', timeout=300)
-  peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+  result, peak_mb = helpers.run_cli_peak(
+      'pipelines.build', f'--input_dir={images}', f'--output_dir={out}',
+      '--image_size=24', '--validation_fraction=0.25', timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
   assert peak_mb < 2000

@@ -10,7 +10,6 @@ import io
 import json
 import os
 import pathlib
-import resource
 
 import numpy as np
 from PIL import Image
@@ -56,10 +55,8 @@ def _written(out: pathlib.Path) -> set:
 
 
 def _build_cli(*args, timeout=240):
-  """Runs the build CLI; returns (result, peak RSS in MB of any child so far)."""
-  result = helpers.run_cli('pipelines.build', *args, timeout=timeout)
-  peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-  return result, peak_mb
+  """Runs the build CLI; returns (result, its peak RSS in MB)."""
+  return helpers.run_cli_peak('pipelines.build', *args, timeout=timeout)
 
 
 def _one_error(result) -> str:

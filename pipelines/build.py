@@ -10,7 +10,7 @@ Flags this script does not know (--runner, --direct_num_workers,
 import difflib
 import sys
 
-from pipelines import cli
+from pipelines.common import cli
 
 if __name__ == '__main__':
   # Before TensorFlow and Beam's workers start: their start-up chatter would
@@ -35,9 +35,9 @@ _import_beam_quietly()
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines import image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _INPUT_DIR = flags.DEFINE_string(
     'input_dir', None, 'Folder of images: <class>/* or train|validation|test/<class>/*.')
@@ -47,7 +47,7 @@ _IMAGE_SIZE = flags.DEFINE_string(
     'image_size', builder.DEFAULT_IMAGE_SIZE,
     'Stored size: N for NxN, or HEIGHT,WIDTH.')
 _RESIZE_MODE = flags.DEFINE_enum(
-    'resize_mode', 'stretch', image_ops.RESIZE_MODES,
+    'resize_mode', 'stretch', source_image.RESIZE_MODES,
     'stretch: ignore aspect ratio; crop: centre-crop to the aspect ratio; '
     'pad: pad with black to the aspect ratio (Keras semantics).')
 _IMAGE_FORMAT = flags.DEFINE_enum(
@@ -67,10 +67,10 @@ _DATASET_NAME = flags.DEFINE_string(
 _SHARD_SIZE_MB = flags.DEFINE_float(
     'shard_size_mb', builder.DEFAULT_SHARD_SIZE_MB, 'Target size of one shard file.')
 _MAX_IMAGE_PIXELS = flags.DEFINE_integer(
-    'max_image_pixels', image_ops.DEFAULT_MAX_PIXELS,
+    'max_image_pixels', source_image.DEFAULT_MAX_PIXELS,
     'Larger images are rejected as decompression bombs.')
 _MAX_FILE_BYTES = flags.DEFINE_integer(
-    'max_file_bytes', image_ops.DEFAULT_MAX_FILE_BYTES,
+    'max_file_bytes', source_image.DEFAULT_MAX_FILE_BYTES,
     'Larger files are rejected without being read.')
 _OVERWRITE = flags.DEFINE_boolean(
     'overwrite', False, 'Replace an existing dataset in --output_dir.')

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pipelines import augment
+from pipelines.records_to_batches import augment
 
 
 def _marked(size=21, row=10, col=15):

@@ -14,9 +14,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import beam_build
-from pipelines import builder
-from pipelines.errors import UserError
+from pipelines.folder_to_records import beam_build
+from pipelines.folder_to_records import builder
+from pipelines.common.errors import UserError
 from tests import helpers
 import tfrecords_schema
 from tfrecords_schema import metadata

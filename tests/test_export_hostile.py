@@ -19,8 +19,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import builder
-from pipelines import image_ops
+from pipelines.folder_to_records import builder
+from pipelines.preprocessing import source_image
 from tests import helpers
 from tfrecords_schema import schema
 from trainer import export as export_lib
@@ -179,7 +179,7 @@ def test_over_limit_headers_are_refused_before_decoding(run):
   assert time.perf_counter() - start < 2
   assert 'PNG image of 12000x9000 = 108000000 pixels exceeds' in message
   with open(os.path.join(run[1], export_lib.MODEL_CONFIG)) as f:
-    assert json.load(f)['max_pixels'] == image_ops.DEFAULT_MAX_PIXELS
+    assert json.load(f)['max_pixels'] == source_image.DEFAULT_MAX_PIXELS
 
 
 def test_the_limit_comes_from_the_config(run):

@@ -16,12 +16,12 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import beam_build
-from pipelines import builder
-from pipelines import image_ops
-from pipelines import listing
-from pipelines import preview
-from pipelines.errors import UserError
+from pipelines.folder_to_records import beam_build
+from pipelines.folder_to_records import builder
+from pipelines.preprocessing import source_image
+from pipelines.folder_to_records import listing
+from pipelines import plots
+from pipelines.common.errors import UserError
 from tests import helpers
 import tfrecords_schema
 from tfrecords_schema import metadata
@@ -81,8 +81,8 @@ def test_special_and_huge_files_are_rejected_without_reading_them(tmp_path):
   assert peak_mb < 1500
   rejected = _rejected(out)
   assert {p: r['outcome'] for p, r in rejected.items()} == {
-      'a/pipe.jpg': image_ops.NOT_A_FILE, 'a/zero.png': image_ops.NOT_A_FILE,
-      'b/movie.jpg': image_ops.TOO_LARGE, 'b/fake.png': image_ops.CORRUPT}
+      'a/pipe.jpg': source_image.NOT_A_FILE, 'a/zero.png': source_image.NOT_A_FILE,
+      'b/movie.jpg': source_image.TOO_LARGE, 'b/fake.png': source_image.CORRUPT}
   assert 'FIFO' in rejected['a/pipe.jpg']['reason']
   assert 'character device' in rejected['a/zero.png']['reason']
   assert '--max_file_bytes' in rejected['b/movie.jpg']['reason']
@@ -99,14 +99,14 @@ def test_read_source_reads_only_the_header_of_a_non_image(tmp_path):
       reads.append(size)
       return super().read(size)
 
-  with pytest.raises(image_ops.ImageRejected) as e:
-    image_ops._read_bounded(Spy(path), None, extension='.jpg',  # pylint: disable=protected-access
+  with pytest.raises(source_image.ImageRejected) as e:
+    source_image._read_bounded(Spy(path), None, extension='.jpg',  # pylint: disable=protected-access
                             max_bytes=1 << 30)
-  assert e.value.outcome == image_ops.CORRUPT
+  assert e.value.outcome == source_image.CORRUPT
   assert sum(reads) <= 4096
-  with pytest.raises(image_ops.ImageRejected) as e:
-    image_ops.read_source(str(path), max_bytes=1000)
-  assert e.value.outcome == image_ops.TOO_LARGE
+  with pytest.raises(source_image.ImageRejected) as e:
+    source_image.read_source(str(path), max_bytes=1000)
+  assert e.value.outcome == source_image.TOO_LARGE
 
 
 def test_undecodable_names_are_reported_escaped_and_bad_class_names_refused(
@@ -171,7 +171,7 @@ def test_when_every_file_is_rejected_the_reasons_survive(tmp_path):
   error = _one_error(result)
   assert 'no image' in error and str(out / metadata.REJECTED_FILE) in error
   assert {p: r['outcome'] for p, r in _rejected(out).items()} == {
-      'a/empty.jpg': image_ops.EMPTY, 'b/text.png': image_ops.CORRUPT}
+      'a/empty.jpg': source_image.EMPTY, 'b/text.png': source_image.CORRUPT}
   assert not (out / metadata.METADATA_FILE).exists()  # Not a dataset.
   # A fixed folder builds over the report with --overwrite.
   _folder(images)
@@ -288,7 +288,7 @@ def test_corrupt_jpegs_that_libjpeg_only_warns_about_are_rejected(tmp_path):
                 quiet=True)
   rejected = _rejected(out)
   assert {p: r['outcome'] for p, r in rejected.items()} == {
-      'a/cut.jpg': image_ops.CORRUPT, 'b/liar.jpg': image_ops.CORRUPT}
+      'a/cut.jpg': source_image.CORRUPT, 'b/liar.jpg': source_image.CORRUPT}
   assert 'premature end' in rejected['a/cut.jpg']['reason']
   assert 'b/fine.jpg' in _written(out)
 
@@ -340,9 +340,9 @@ def test_samples_grid_shows_every_class(tmp_path, monkeypatch):
   builder.build(input_dir=str(images), output_dir=str(out), image_size='8',
                 validation_fraction=0.0, quiet=True, samples=False)
   shown = {}
-  monkeypatch.setattr(preview, 'plot_sample_grid',
+  monkeypatch.setattr(plots, 'plot_sample_grid',
                       lambda images, labels, *a, **k: shown.update(
                           labels=list(labels), count=len(images)))
-  preview.write_dataset_samples(str(out), str(tmp_path / 'grid.png'))
+  plots.write_dataset_samples(str(out), str(tmp_path / 'grid.png'))
   assert sorted(set(shown['labels'])) == list(range(10))
   assert shown['count'] == 20

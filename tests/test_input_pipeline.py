@@ -7,8 +7,8 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import builder
-from pipelines import input_pipeline
+from pipelines.folder_to_records import builder
+from pipelines.records_to_batches import input_pipeline
 from tests import helpers
 import tfrecords_schema
 

@@ -10,7 +10,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import image_ops
+from pipelines.preprocessing import source_image
 from tests import helpers
 import tfrecords_schema
 from tfrecords_schema import metadata
@@ -20,7 +20,7 @@ from tfrecords_schema import schema
 @pytest.mark.parametrize('image_format', ['jpeg', 'png', 'raw'])
 def test_round_trip_through_shards(tmp_path, image_format):
   photo = helpers.photo('chelsea')
-  options = image_ops.ImageOptions(height=30, width=40,
+  options = source_image.ImageOptions(height=30, width=40,
                                    image_format=image_format, jpeg_quality=95)
   expected, paths = [], []
   for shard in range(2):
@@ -29,7 +29,7 @@ def test_round_trip_through_shards(tmp_path, image_format):
     with tf.io.TFRecordWriter(path) as writer:
       for i in range(3):
         crop = photo[i * 10:, shard * 20:]
-        processed = image_ops.process(helpers.jpeg_bytes(crop),
+        processed = source_image.process(helpers.jpeg_bytes(crop),
                                       extension='.jpg', options=options)
         writer.write(schema.encode_example(
             image=processed.encoded, label=shard, filename=f'c/{shard}_{i}.jpg',
@@ -46,8 +46,8 @@ def test_round_trip_through_shards(tmp_path, image_format):
   image = schema.decode_image(parsed[schema.IMAGE][0], image_format=image_format,
                               height=30, width=40, channels=3)
   assert image.shape == (30, 40, 3) and image.dtype == tf.uint8
-  reference = np.asarray(image_ops.resize(
-      image_ops.to_8bit(Image.fromarray(photo),
+  reference = np.asarray(source_image.resize(
+      source_image.to_8bit(Image.fromarray(photo),
                         channels=3), height=30, width=40, mode='stretch'))
   tolerance = 0 if image_format != 'jpeg' else 8
   assert np.abs(image.numpy().astype(int) - reference.astype(int)).mean() <= (

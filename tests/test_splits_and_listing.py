@@ -4,9 +4,9 @@ import hashlib
 
 import pytest
 
-from pipelines import listing
-from pipelines import splits
-from pipelines.errors import UserError
+from pipelines.folder_to_records import listing
+from pipelines.folder_to_records import splits
+from pipelines.common.errors import UserError
 from tests import helpers
 
 

@@ -14,9 +14,9 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
-from pipelines import builder
+from pipelines.folder_to_records import builder
 from pipelines import sample_data
-from pipelines.errors import UserError
+from pipelines.common.errors import UserError
 from tests import helpers
 from trainer import callbacks as callbacks_lib
 from trainer import models

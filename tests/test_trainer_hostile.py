@@ -1,6 +1,6 @@
 """Trainer and predict on hostile input: one `error:` line, nothing destroyed.
 
-The promise (see pipelines/errors.py): a user mistake or a damaged file ends
+The promise (see pipelines/common/errors.py): a user mistake or a damaged file ends
 `python -m trainer.main` / `python -m trainer.predict` with exactly one line
 `error: ...` that names the bad value and the fix, never a traceback, and
 nothing the user already has is overwritten. Cases that used to end in a
@@ -23,9 +23,9 @@ import warnings
 import keras
 import pytest
 
-from pipelines import builder
-from pipelines import input_pipeline
-from pipelines.errors import UserError
+from pipelines.folder_to_records import builder
+from pipelines.records_to_batches import input_pipeline
+from pipelines.common.errors import UserError
 from tests import helpers
 from trainer import predict
 from trainer import train_lib

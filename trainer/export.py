@@ -42,8 +42,8 @@ import os
 import keras
 import tensorflow as tf
 
-from pipelines import image_ops
-from pipelines import input_pipeline
+from pipelines.preprocessing import source_image
+from pipelines.records_to_batches import input_pipeline
 
 EXPORT_DIR = 'export'
 MODEL_CONFIG = 'model_config.json'
@@ -52,7 +52,7 @@ MODEL_CONFIG = 'model_config.json'
 MAX_HEADER_STEPS = 16384
 
 _JPEG, _PNG, _GIF, _BMP, _WEBP = range(5)
-_SIGNATURES = (  # Same signatures as the build (image_ops._SIGNATURES).
+_SIGNATURES = (  # Same signatures as the build (source_image._SIGNATURES).
     (_JPEG, 0, b'\xff\xd8\xff'), (_PNG, 0, b'\x89PNG\r\n\x1a\n'),
     (_GIF, 0, b'GIF87a'), (_GIF, 0, b'GIF89a'), (_BMP, 0, b'BM'))
 _HEAD = 32  # Bytes of header every format's sniffing and size need.
@@ -365,7 +365,7 @@ def _round_uint8(values: tf.Tensor) -> tf.Tensor:
 
 def _resize_stored(image: tf.Tensor, height: int, width: int,
                    mode: str) -> tf.Tensor:
-  """uint8 -> uint8 [height, width, C] with image_ops.resize's geometry.
+  """uint8 -> uint8 [height, width, C] with source_image.resize's geometry.
 
   Pillow's BILINEAR is a triangle filter widened when shrinking, which is
   what ScaleAndTranslate('triangle', antialias) computes; crop resamples the
@@ -400,7 +400,7 @@ def _resize_stored(image: tf.Tensor, height: int, width: int,
     return tf.image.pad_to_bounding_box(resized, (height - new_h) // 2,
                                         (width - new_w) // 2, height, width)
   raise ValueError(f'resize mode {mode!r} is not one of '
-                   f'{image_ops.RESIZE_MODES}')
+                   f'{source_image.RESIZE_MODES}')
 
 
 # ------------------------------------------------------------------ decoders
@@ -415,7 +415,7 @@ class _Decoder:
     self.r = _Bytes(data)
     self.channels = config['channels']
     self.max_pixels = int(config.get('max_pixels',
-                                      image_ops.DEFAULT_MAX_PIXELS))
+                                      source_image.DEFAULT_MAX_PIXELS))
     self.min_side = max(config['stored_height'], config['stored_width'])
 
   def _fail_unless(self, ok, *parts):
@@ -471,7 +471,7 @@ class _Decoder:
 
     def decode16():
       values = tf.io.decode_png(self.data, channels=0, dtype=tf.uint16)
-      # Pillow: 16-bit grey is scaled (round(v / 257), image_ops.to_8bit);
+      # Pillow: 16-bit grey is scaled (round(v / 257), source_image.to_8bit);
       # every other 16-bit mode keeps the high byte.
       return tf.cond(
           tf.equal(color_type, 0),
@@ -759,11 +759,11 @@ def make_serving_fn(model: keras.Model, config: dict):
 def export(model: keras.Model, model_dir: str, config: dict) -> str:
   """Writes model_dir/export (SavedModel, endpoint `serve`) + the config.
 
-  The config gains `max_pixels` (default image_ops.DEFAULT_MAX_PIXELS, the
+  The config gains `max_pixels` (default source_image.DEFAULT_MAX_PIXELS, the
   build's limit) if it has none; the endpoint refuses larger images.
   """
   config = dict(config)
-  config.setdefault('max_pixels', image_ops.DEFAULT_MAX_PIXELS)
+  config.setdefault('max_pixels', source_image.DEFAULT_MAX_PIXELS)
   path = os.path.join(model_dir, EXPORT_DIR)
   archive = keras.export.ExportArchive()
   archive.track(model)

@@ -12,7 +12,7 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
   # Before TensorFlow loads: its start-up chatter would bury a one-line error.
@@ -21,7 +21,7 @@ if __name__ == '__main__':
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import train_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 

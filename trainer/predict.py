@@ -5,7 +5,7 @@ r"""Predicts the class of image files with a model trained by trainer.main.
 One line per file: path, predicted class, its probability (--json for JSON
 lines). A folder stands for the images in it and its sub-folders (sorted;
 hidden files and folders skipped; the image extensions the build reads).
-Files go through the build's own image path (pipelines.image_ops:
+Files go through the build's own image path (pipelines.source_image:
 any size or format the build accepts, EXIF orientation, alpha, 16-bit), then
 the exported serving function, so a file is preprocessed exactly as it
 would be for training. Unreadable files get an error line; the exit status
@@ -20,7 +20,7 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
-from pipelines import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 if __name__ == '__main__':
   # Before TensorFlow loads: its start-up chatter would bury a one-line error.
@@ -29,15 +29,15 @@ if __name__ == '__main__':
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from pipelines import image_ops  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'The --model_dir of trainer.main.')
 _JSON = flags.DEFINE_boolean('json', False, 'Print JSON lines.')
 _MAX_FILE_BYTES = flags.DEFINE_integer(
-    'max_file_bytes', image_ops.DEFAULT_MAX_FILE_BYTES,
+    'max_file_bytes', source_image.DEFAULT_MAX_FILE_BYTES,
     'Larger files are rejected without being read (as in the build).')
 
 
@@ -112,32 +112,32 @@ def expand_paths(paths):
       dirs[:] = sorted(d for d in dirs if not listing.is_hidden(d))
       for name in sorted(files):
         if (not listing.is_hidden(name) and os.path.splitext(name)[1].lower()
-            in image_ops.EXTENSION_FORMATS):
+            in source_image.EXTENSION_FORMATS):
           found = True
           yield os.path.join(root, name), None
     for problem in problems:
       yield problem.filename or path, f'cannot read ({problem.strerror})'
     if not found and not problems:
       yield path, ('folder has no images (' +
-                   ', '.join(sorted(image_ops.EXTENSION_FORMATS)) + ')')
+                   ', '.join(sorted(source_image.EXTENSION_FORMATS)) + ')')
 
 
 def preprocess(data: bytes, extension: str, config: dict) -> bytes:
   """Source bytes -> the bytes the build would have stored for them."""
   image_format = 'png' if config['image_format'] == 'raw' else config[
       'image_format']
-  processed = image_ops.process(data, extension=extension, options=(
-      image_ops.ImageOptions(
+  processed = source_image.process(data, extension=extension, options=(
+      source_image.ImageOptions(
           height=config['stored_height'], width=config['stored_width'],
           channels=config['channels'], resize_mode=config['resize_mode'],
           image_format=image_format,
           jpeg_quality=config.get('jpeg_quality') or 95,
-          max_pixels=config.get('max_pixels', image_ops.DEFAULT_MAX_PIXELS))))
+          max_pixels=config.get('max_pixels', source_image.DEFAULT_MAX_PIXELS))))
   return processed.encoded
 
 
 def predict_files(paths, served, config, *,
-                  max_file_bytes: int = image_ops.DEFAULT_MAX_FILE_BYTES
+                  max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
                   ) -> list[dict]:
   """One result dict per path: class/probability, or an error.
 
@@ -151,9 +151,9 @@ def predict_files(paths, served, config, *,
     try:
       # The build's safe read: regular files only, size limit, header first
       # (a FIFO, /dev/zero or a huge file is refused, never read in full).
-      data = image_ops.read_source(path, max_bytes=max_file_bytes)
+      data = source_image.read_source(path, max_bytes=max_file_bytes)
       encoded = preprocess(data, os.path.splitext(path)[1], config)
-    except image_ops.ImageRejected as e:
+    except source_image.ImageRejected as e:
       results.append({'path': shown, 'error': e.reason})
       continue
     try:
@@ -197,7 +197,7 @@ def main(argv):
   if _MAX_FILE_BYTES.value < 1:
     sys.exit(f'error: --max_file_bytes={_MAX_FILE_BYTES.value} is out of '
              'range; pass a positive size in bytes, e.g. '
-             f'{image_ops.DEFAULT_MAX_FILE_BYTES} (256 MiB)')
+             f'{source_image.DEFAULT_MAX_FILE_BYTES} (256 MiB)')
   try:
     served, config = load(_MODEL_DIR.value)
   except UserError as e:

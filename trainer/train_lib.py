@@ -33,10 +33,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines import augment as augment_lib
-from pipelines import input_pipeline
-from pipelines import preview
-from pipelines.errors import UserError
+from pipelines.records_to_batches import augment as augment_lib
+from pipelines.records_to_batches import input_pipeline
+from pipelines import plots
+from pipelines.common.errors import UserError
 from trainer import callbacks as callbacks_lib
 from trainer import export as export_lib
 from trainer import models
@@ -275,7 +275,7 @@ def _write_samples(batch, config, spec, normalize: str, *,
   elif normalize == 'standardize':
     images = (images * np.array(spec.std) + np.array(spec.mean)) / 255.0
   labels = np.asarray(labels).reshape(len(images)).astype(int)
-  preview.plot_sample_grid(
+  plots.plot_sample_grid(
       images, labels, spec.class_names,
       os.path.join(config.model_dir, 'train_samples.png'),
       title='Training batch as the model sees it' +
@@ -602,9 +602,9 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
   with open(os.path.join(config.model_dir, 'classification_report.txt'),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
-  report.plot_training_curves(
+  plots.plot_training_curves(
       rows, os.path.join(config.model_dir, 'training_curves.png'))
-  report.plot_confusion_matrix(
+  plots.plot_confusion_matrix(
       matrix, spec.class_names,
       os.path.join(config.model_dir, 'confusion_matrix.png'),
       title=f'Confusion matrix ({eval_split} split)')

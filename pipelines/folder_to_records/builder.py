@@ -15,12 +15,12 @@ import sys
 import uuid
 from typing import Iterator, Optional, Sequence
 
-from pipelines import beam_build
-from pipelines.cli import parse_image_size
-from pipelines import image_ops
-from pipelines import listing as listing_lib
-from pipelines import preview
-from pipelines.errors import UserError
+from pipelines.folder_to_records import beam_build
+from pipelines.common.cli import parse_image_size
+from pipelines.preprocessing import source_image
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines import plots
+from pipelines.common.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
 
 DEFAULT_IMAGE_SIZE = '150'
@@ -148,13 +148,13 @@ def make_config(*, input_dir: str, listing, image_size: str,
                 channels: int, validation_fraction: float,
                 test_fraction: float, seed: int, dataset_name: Optional[str],
                 shard_size_mb: float, max_image_pixels: int,
-                max_file_bytes: int = image_ops.DEFAULT_MAX_FILE_BYTES,
+                max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES,
                 ) -> beam_build.BuildConfig:
   """Validates every setting; raises UserError naming the value and the fix."""
   height, width = parse_image_size(image_size)
-  if resize_mode not in image_ops.RESIZE_MODES:
+  if resize_mode not in source_image.RESIZE_MODES:
     raise UserError(f'--resize_mode={resize_mode} is not one of '
-                    f'{", ".join(image_ops.RESIZE_MODES)}')
+                    f'{", ".join(source_image.RESIZE_MODES)}')
   if image_format not in ('jpeg', 'png', 'raw'):
     raise UserError(f'--image_format={image_format} is not one of jpeg, png, raw')
   if channels not in (1, 3):
@@ -171,7 +171,7 @@ def make_config(*, input_dir: str, listing, image_size: str,
   _check_range('shard_size_mb', shard_size_mb, 0.001, 1 << 20,
                'pass a positive size in MB, e.g. 64')
   _check_range('max_image_pixels', max_image_pixels, 1, 1 << 40,
-               f'pass a positive pixel count (default {image_ops.DEFAULT_MAX_PIXELS})')
+               f'pass a positive pixel count (default {source_image.DEFAULT_MAX_PIXELS})')
   name = dataset_name or default_dataset_name(input_dir)
   if not _NAME_RE.match(name):
     raise UserError(f'--dataset_name={name} must be lower_snake_case '
@@ -179,7 +179,7 @@ def make_config(*, input_dir: str, listing, image_size: str,
   return beam_build.BuildConfig(
       input_dir=input_dir, dataset_name=name,
       class_names=listing.class_names, layout=listing.layout,
-      image=image_ops.ImageOptions(
+      image=source_image.ImageOptions(
           height=height, width=width, channels=channels,
           resize_mode=resize_mode, image_format=image_format,
           jpeg_quality=int(jpeg_quality), max_pixels=int(max_image_pixels),
@@ -247,8 +247,8 @@ def build(*, input_dir: str, output_dir: str,
           test_fraction: float = 0.0, seed: int = 0,
           dataset_name: Optional[str] = None,
           shard_size_mb: float = DEFAULT_SHARD_SIZE_MB,
-          max_image_pixels: int = image_ops.DEFAULT_MAX_PIXELS,
-          max_file_bytes: int = image_ops.DEFAULT_MAX_FILE_BYTES,
+          max_image_pixels: int = source_image.DEFAULT_MAX_PIXELS,
+          max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES,
           overwrite: bool = False, beam_args: Sequence[str] = (),
           quiet: bool = False, samples: bool = True) -> dict:
   """Builds a dataset directory from a labelled image folder.
@@ -332,8 +332,8 @@ def _run_and_commit(config, listing, *, tmp_dir: str, output_dir: str,
         tf.io.gfile.rmtree(tmp_dir)  # Keep the earlier, usable dataset.
         return report
     elif samples:
-      preview.write_dataset_samples(
-          tmp_dir, posixpath.join(tmp_dir, preview.SAMPLES_FILE))
+      plots.write_dataset_samples(
+          tmp_dir, posixpath.join(tmp_dir, plots.SAMPLES_FILE))
     _commit(tmp_dir, output_dir, replace=replace)
   except BaseException:
     if tf.io.gfile.exists(tmp_dir):
@@ -384,6 +384,6 @@ def format_summary(report: dict) -> str:
   if counts['written']:
     lines.append(f'dataset: {out}  (report: {out}/{metadata_lib.REPORT_FILE}, '
                  f'rejected: {out}/{metadata_lib.REJECTED_FILE})')
-    lines.append(f'pictures: {out}/{preview.SAMPLES_FILE} (stored images '
+    lines.append(f'pictures: {out}/{plots.SAMPLES_FILE} (stored images '
                  'per class)')
   return '\n'.join(lines)

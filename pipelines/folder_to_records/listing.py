@@ -40,8 +40,8 @@ import posixpath
 import unicodedata
 from typing import Optional, Sequence
 
-from pipelines import image_ops
-from pipelines.errors import UserError
+from pipelines.preprocessing import source_image
+from pipelines.common.errors import UserError
 
 SPLIT_FOLDERS = {'train': 'train', 'validation': 'validation',
                  'val': 'validation', 'test': 'test'}
@@ -226,7 +226,7 @@ def _classify(relpath: str, input_dir_flag: str, layout: str,
         relpath, IGNORED_STRAY,
         f'not inside a class folder (stray file in {where})')
   extension = posixpath.splitext(parts[-1])[1]
-  if extension.lower() not in image_ops.EXTENSION_FORMATS:
+  if extension.lower() not in source_image.EXTENSION_FORMATS:
     return None, IgnoredFile(
         relpath, IGNORED_NOT_IMAGE,
         f'not an image file (extension {extension or "none"!r})')

@@ -12,7 +12,7 @@ import threading
 from absl import flags
 from absl import logging
 
-from pipelines.errors import UserError
+from pipelines.common.errors import UserError
 
 MAX_IMAGE_SIDE = 8192
 

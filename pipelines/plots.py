@@ -1,11 +1,24 @@
-"""Sample grids: what a built dataset (or a training batch) looks like."""
+"""Every picture the toolkit writes (PNG), in one place.
+
+  samples.png               a grid of stored images of every class (build)
+  train_samples.png         a training batch as the model receives it
+  training_curves.png       accuracy and loss per epoch
+  confusion_matrix.png      true vs predicted class on the evaluation split
+
+matplotlib draws to files only (Agg): no display is needed on servers.
+"""
 
 from __future__ import annotations
 
 import collections
 from typing import Sequence
 
-import numpy as np
+import matplotlib
+import matplotlib.ticker
+
+matplotlib.use('Agg')  # Files only; no display on servers.
+import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SAMPLES_FILE = 'samples.png'
 
@@ -23,9 +36,6 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
   n = min(max_images, MAX_GRID_IMAGES, len(images))
   cols = max(4, min(10, int(np.ceil(np.sqrt(n)))))
   rows = -(-n // cols)
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows))
   for i, ax in enumerate(np.atleast_1d(axes).ravel()):
     ax.axis('off')
@@ -75,3 +85,44 @@ def write_dataset_samples(data_dir: str, path: str, *,
                    title=f'{spec.name}: {split} split, as stored '
                    f'({spec.height}x{spec.width}), {shown} of '
                    f'{spec.num_classes} classes', max_images=len(images))
+
+
+def plot_training_curves(rows: Sequence[dict], path: str) -> None:
+  """Accuracy and loss per epoch, train vs validation, as the course plots."""
+  epochs = [r['epoch'] for r in rows]
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  for ax, metric in zip(axes, ('accuracy', 'loss')):
+    for prefix, style in (('', 'o-'), ('val_', 's--')):
+      values = [r.get(prefix + metric) for r in rows]
+      if any(v is not None for v in values):
+        ax.plot(epochs, values, style,
+                label=('validation ' if prefix else 'training ') + metric)
+    ax.set_xlabel('epoch')
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title(f'Training and validation {metric}')
+    ax.legend()
+    ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
+                          path: str, *, title: str) -> None:
+  k = len(class_names)
+  size = max(4.0, 0.6 * k + 2)
+  fig, ax = plt.subplots(figsize=(size, size))
+  ax.imshow(matrix, cmap='Blues')
+  ax.set_xticks(range(k), class_names, rotation=45, ha='right')
+  ax.set_yticks(range(k), class_names)
+  ax.set_xlabel('predicted')
+  ax.set_ylabel('true')
+  ax.set_title(title)
+  threshold = matrix.max() / 2 if matrix.size else 0
+  for i in range(k):
+    for j in range(k):
+      ax.text(j, i, str(matrix[i, j]), ha='center', va='center',
+              color='white' if matrix[i, j] > threshold else 'black')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

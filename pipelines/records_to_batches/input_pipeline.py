@@ -37,7 +37,7 @@ from typing import Any, Mapping, Optional, Union
 
 import tensorflow as tf
 
-from pipelines import augment as augment_lib
+from pipelines.records_to_batches import augment as augment_lib
 import tfrecords_schema
 from tfrecords_schema import schema
 

@@ -42,9 +42,9 @@ from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
-from pipelines import image_ops
-from pipelines import listing as listing_lib
-from pipelines import splits as splits_lib
+from pipelines.preprocessing import source_image
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import splits as splits_lib
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import schema
 
@@ -62,7 +62,7 @@ class BuildConfig:
   dataset_name: str
   class_names: tuple[str, ...]
   layout: str
-  image: image_ops.ImageOptions
+  image: source_image.ImageOptions
   validation_fraction: float
   test_fraction: float
   seed: int
@@ -183,19 +183,19 @@ class WriteChunk(beam.DoFn):
     try:
       for source in task.files:
         try:
-          data = image_ops.read_source(
+          data = source_image.read_source(
               posixpath.join(config.input_dir, source.relpath),
               max_bytes=config.image.max_file_bytes)
-          processed = image_ops.process(
+          processed = source_image.process(
               data, extension=posixpath.splitext(source.relpath)[1],
               options=config.image)
-        except image_ops.ImageRejected as e:
+        except source_image.ImageRejected as e:
           yield beam.pvalue.TaggedOutput('rejected', splits_lib.Dropped(
               source.relpath, e.outcome, e.reason))
           continue
         except Exception as e:  # pylint: disable=broad-except
           yield beam.pvalue.TaggedOutput('rejected', splits_lib.Dropped(
-              source.relpath, image_ops.UNREADABLE,
+              source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
         sha = hashlib.sha256(data).hexdigest()

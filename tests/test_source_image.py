@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from pipelines import image_ops
+from pipelines.preprocessing import source_image
 from tests import helpers
 
 
@@ -19,8 +19,8 @@ def _bytes(image: Image.Image, fmt: str, **kwargs) -> bytes:
 def _process(data: bytes, ext: str = '.png', **options) -> np.ndarray:
   opts = dict(height=8, width=8, image_format='png')
   opts.update(options)
-  out = image_ops.process(data, extension=ext,
-                          options=image_ops.ImageOptions(**opts))
+  out = source_image.process(data, extension=ext,
+                          options=source_image.ImageOptions(**opts))
   return np.asarray(Image.open(io.BytesIO(out.encoded)))
 
 
@@ -103,7 +103,7 @@ def test_exif_orientation_is_applied():
   exif = Image.Exif()
   exif[0x0112] = 6
   data = _bytes(stored, 'JPEG', quality=100, exif=exif.tobytes())
-  result = image_ops.process(data, extension='.jpg', options=image_ops.ImageOptions(
+  result = source_image.process(data, extension='.jpg', options=source_image.ImageOptions(
       height=40, width=20, image_format='png'))
   assert (result.original_height, result.original_width) == (40, 20)
   out = np.asarray(Image.open(io.BytesIO(result.encoded)))
@@ -114,13 +114,13 @@ def test_resize_modes_follow_keras_semantics():
   wide = np.zeros((10, 40, 3), dtype=np.uint8)
   wide[:, 15:25] = 255  # White centre block, black sides.
   image = Image.fromarray(wide)
-  crop = np.asarray(image_ops.resize(image, height=10, width=10, mode='crop'))
+  crop = np.asarray(source_image.resize(image, height=10, width=10, mode='crop'))
   assert crop.min() == 255  # Only the centre 10x10 region is kept.
-  pad = np.asarray(image_ops.resize(image, height=40, width=40, mode='pad'))
+  pad = np.asarray(source_image.resize(image, height=40, width=40, mode='pad'))
   assert pad.shape == (40, 40, 3)
   assert pad[:14].max() == 0 and pad[-14:].max() == 0  # Black bars.
   assert pad[20, 20].min() == 255
-  stretch = np.asarray(image_ops.resize(image, height=20, width=20,
+  stretch = np.asarray(source_image.resize(image, height=20, width=20,
                                         mode='stretch'))
   assert stretch[:, :6].max() < 40 and stretch[:, 9:11].min() > 200
 
@@ -135,13 +135,13 @@ def test_jpeg_draft_keeps_quality_of_downscale():
 
 
 @pytest.mark.parametrize('data,outcome', [
-    (b'', image_ops.EMPTY),
-    (b'plain text, not an image', image_ops.CORRUPT),
+    (b'', source_image.EMPTY),
+    (b'plain text, not an image', source_image.CORRUPT),
     (helpers.jpeg_bytes(np.zeros((64, 64, 3), np.uint8))[:200],
-     image_ops.CORRUPT),
+     source_image.CORRUPT),
 ])
 def test_rejects_bad_bytes_with_reason(data, outcome):
-  with pytest.raises(image_ops.ImageRejected) as e:
+  with pytest.raises(source_image.ImageRejected) as e:
     _process(data, ext='.jpg')
   assert e.value.outcome == outcome
   assert e.value.reason
@@ -149,23 +149,23 @@ def test_rejects_bad_bytes_with_reason(data, outcome):
 
 def test_rejects_decompression_bomb_before_decoding():
   data = _bytes(Image.new('L', (400, 300)), 'PNG')
-  with pytest.raises(image_ops.ImageRejected) as e:
+  with pytest.raises(source_image.ImageRejected) as e:
     _process(data, max_pixels=100_000)
-  assert e.value.outcome == image_ops.TOO_LARGE
+  assert e.value.outcome == source_image.TOO_LARGE
   assert '400x300' in e.value.reason
 
 
 def test_rejects_unsupported_content_format():
   data = _bytes(Image.new('RGB', (8, 8)), 'TIFF')
-  with pytest.raises(image_ops.ImageRejected) as e:
+  with pytest.raises(source_image.ImageRejected) as e:
     _process(data, ext='.jpg')
-  assert e.value.outcome == image_ops.UNSUPPORTED
+  assert e.value.outcome == source_image.UNSUPPORTED
   assert 'TIFF' in e.value.reason
 
 
 def test_mislabelled_extension_is_used_with_a_warning():
   data = _bytes(Image.new('RGB', (8, 8), (10, 20, 30)), 'PNG')
-  result = image_ops.process(data, extension='.jpg', options=image_ops.ImageOptions(
+  result = source_image.process(data, extension='.jpg', options=source_image.ImageOptions(
       height=8, width=8, image_format='raw'))
   assert result.warning == 'extension .jpg but content is PNG'
   assert result.encoded == bytes([10, 20, 30]) * 64
@@ -173,7 +173,7 @@ def test_mislabelled_extension_is_used_with_a_warning():
 
 def test_pixel_sums_feed_mean_and_std():
   data = _bytes(Image.new('RGB', (4, 4), (10, 20, 30)), 'PNG')
-  result = image_ops.process(data, extension='.png', options=image_ops.ImageOptions(
+  result = source_image.process(data, extension='.png', options=source_image.ImageOptions(
       height=4, width=4, image_format='raw'))
   assert result.num_pixels == 16
   np.testing.assert_allclose(result.pixel_sum, [160, 320, 480])

@@ -6,7 +6,7 @@ For each size, a folder of photo-like JPEGs (300-500 px) in 3 classes is made
 once, then each variant runs in its own process, writing 150x150 JPEG shards:
 
   plain      one process: read, decode, resize, encode, write, in a loop
-             (the same `image_ops.process` + `schema.encode_example` calls)
+             (the same `source_image.process` + `schema.encode_example` calls)
   beam_1     python -m pipelines.build (FnApiRunner, 1 worker)
   beam_2     ... --direct_num_workers=2 --direct_running_mode=multi_processing
 
@@ -48,9 +48,9 @@ IMAGE_SIZE = 150
 def plain_loop(input_dir: str, output_dir: str) -> dict:
   """The baseline: one process, the same per-image work, no Beam."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pipelines import image_ops  # pylint: disable=g-import-not-at-top
+  from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
-  options = image_ops.ImageOptions(height=IMAGE_SIZE, width=IMAGE_SIZE)
+  options = source_image.ImageOptions(height=IMAGE_SIZE, width=IMAGE_SIZE)
   root = pathlib.Path(input_dir)
   classes = sorted(p.name for p in root.iterdir() if p.is_dir())
   files = sorted(root.rglob('*.jpg'))
@@ -59,7 +59,7 @@ def plain_loop(input_dir: str, output_dir: str) -> dict:
   with tf.io.TFRecordWriter(os.path.join(output_dir, 'plain.tfrecord')) as w:
     for path in files:
       data = path.read_bytes()
-      out = image_ops.process(data, extension='.jpg', options=options)
+      out = source_image.process(data, extension='.jpg', options=options)
       w.write(schema.encode_example(
           image=out.encoded, label=classes.index(path.parent.name),
           filename=str(path.relative_to(root)), sha256='',

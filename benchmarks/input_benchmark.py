@@ -11,7 +11,7 @@ process, 150x150 batches of 32, for --epochs epochs:
   keras          keras.utils.image_dataset_from_directory + RandomFlip,
                  RandomRotation, RandomTranslation, RandomZoom, RandomShear,
                  mapped with AUTOTUNE + prefetch
-  ours_aug       make_dataset(training=True, augment='course')
+  ours_aug       make_dataset(training=True, augment=augment_config.COURSE)
   ours_aug_cache ... with cache=True
   ours           make_dataset(training=True), no augmentation
   ours_cache     ... with cache=True
@@ -71,8 +71,9 @@ def _course_keras_layers():
 def _make(variant: str, images_dir: str, data_dir: str):
   """Returns (make_epoch_iterable, batches_per_epoch)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pipelines import augment  # pylint: disable=g-import-not-at-top
-  from pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import augment  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   if variant == 'idg':
     from tf_keras.preprocessing.image import ImageDataGenerator  # pylint: disable=g-import-not-at-top
@@ -108,7 +109,7 @@ def _make(variant: str, images_dir: str, data_dir: str):
     return (lambda: iter(ds)), None
   ds = input_pipeline.make_dataset(
       data_dir, 'train', batch_size=BATCH, training=variant != 'ours_eval',
-      augment='course' if 'aug' in variant else None,
+      augment=augment_config.COURSE if 'aug' in variant else None,
       cache=True if 'cache' in variant else None)
   return (lambda: iter(ds)), None
 
@@ -142,7 +143,7 @@ def _prepare(n: int) -> tuple[pathlib.Path, pathlib.Path]:
   images = common.make_jpeg_folder(work / f'jpegs_{n}', n)
   data = work / f'records_{n}'
   if not (data / 'metadata.json').exists():
-    from pipelines import builder  # pylint: disable=g-import-not-at-top
+    from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
     builder.build(input_dir=str(images), output_dir=str(data),
                   image_size=str(SIZE), validation_fraction=0.0,
                   overwrite=True, quiet=True)

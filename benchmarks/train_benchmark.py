@@ -58,14 +58,15 @@ def _timed_fit(model, ds, steps: int) -> float:
 def measure(setting: str, data_dir: str) -> dict:
   import keras  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pipelines import input_pipeline  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
   from trainer import models  # pylint: disable=g-import-not-at-top
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   spec = tfrecords_schema.read_dataset_spec(data_dir)
   keras.mixed_precision.set_global_policy(
       'mixed_bfloat16' if setting == 'mixed' and not tf.config.list_physical_devices('GPU')
       else 'mixed_float16' if setting == 'mixed' else 'float32')
-  from pipelines import augment  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import augment  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
   shape = (spec.height, spec.width, spec.channels)
   model = models.build_model(_MODEL.value, input_shape=shape,
                              num_classes=spec.num_classes)
@@ -80,7 +81,8 @@ def measure(setting: str, data_dir: str) -> dict:
                 jit_compile=setting == 'augment_jit')
   ds = input_pipeline.make_dataset(
       data_dir, 'train', batch_size=_BATCH.value, training=True, repeat=True,
-      augment='course' if setting in ('augment', 'augment_jit') else None)
+      augment=(augment_config.COURSE if setting in ('augment', 'augment_jit')
+               else None))
   real = _timed_fit(model, ds, _STEPS.value)
   memory = _timed_fit(model, ds.take(1).cache().repeat(), _STEPS.value)
   return {'model': _MODEL.value, 'setting': setting,
@@ -94,7 +96,7 @@ def measure(setting: str, data_dir: str) -> dict:
 def main(argv):
   del argv
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from pipelines import builder  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
   work = pathlib.Path(_WORK_DIR.value)
   n = _NUM_IMAGES.value
   images = common.make_jpeg_folder(work / f'jpegs_{n}', n)

@@ -7,6 +7,7 @@ Flags this script does not know (--runner, --direct_num_workers,
 --direct_running_mode, Dataflow/Flink/Spark options) are passed to Beam.
 """
 
+import dataclasses
 import difflib
 import sys
 
@@ -38,42 +39,46 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-_INPUT_DIR = flags.DEFINE_string(
+# Every BuildSettings field is a flag of the same name and default (a test
+# checks it).
+_D = {f.name: f.default for f in dataclasses.fields(builder.BuildSettings)}
+flags.DEFINE_string(
     'input_dir', None, 'Folder of images: <class>/* or train|validation|test/<class>/*.')
-_OUTPUT_DIR = flags.DEFINE_string(
+flags.DEFINE_string(
     'output_dir', None, 'Dataset folder to create (must be new or empty, or --overwrite).')
-_IMAGE_SIZE = flags.DEFINE_string(
-    'image_size', builder.DEFAULT_IMAGE_SIZE,
-    'Stored size: N for NxN, or HEIGHT,WIDTH.')
-_RESIZE_MODE = flags.DEFINE_enum(
-    'resize_mode', 'stretch', source_image.RESIZE_MODES,
+flags.DEFINE_string(
+    'image_size', _D['image_size'], 'Stored size: N for NxN, or HEIGHT,WIDTH.')
+flags.DEFINE_enum(
+    'resize_mode', _D['resize_mode'], source_image.RESIZE_MODES,
     'stretch: ignore aspect ratio; crop: centre-crop to the aspect ratio; '
     'pad: pad with black to the aspect ratio (Keras semantics).')
-_IMAGE_FORMAT = flags.DEFINE_enum(
-    'image_format', 'jpeg', ['jpeg', 'png', 'raw'],
+flags.DEFINE_enum(
+    'image_format', _D['image_format'], schema.IMAGE_FORMATS,
     'Stored encoding: jpeg (small), png (lossless), raw uint8 (fastest to read).')
-_JPEG_QUALITY = flags.DEFINE_integer('jpeg_quality', 95, 'JPEG quality 1..100.')
-_CHANNELS = flags.DEFINE_enum('channels', '3', ['1', '3'],
-                              '3 = RGB, 1 = grayscale.')
-_VALIDATION_FRACTION = flags.DEFINE_float(
-    'validation_fraction', 0.2,
+flags.DEFINE_integer('jpeg_quality', _D['jpeg_quality'], 'JPEG quality 1..100.')
+flags.DEFINE_integer('channels', _D['channels'], '3 = RGB, 1 = grayscale.')
+flags.DEFINE_float(
+    'validation_fraction', _D['validation_fraction'],
     'Share of images for validation (class-folder layout only).')
-_TEST_FRACTION = flags.DEFINE_float(
-    'test_fraction', 0.0, 'Share of images for test (class-folder layout only).')
-_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the split assignment and record order.')
-_DATASET_NAME = flags.DEFINE_string(
-    'dataset_name', None, 'lower_snake_case name; default: from --input_dir.')
-_SHARD_SIZE_MB = flags.DEFINE_float(
-    'shard_size_mb', builder.DEFAULT_SHARD_SIZE_MB, 'Target size of one shard file.')
-_MAX_IMAGE_PIXELS = flags.DEFINE_integer(
-    'max_image_pixels', source_image.DEFAULT_MAX_PIXELS,
+flags.DEFINE_float(
+    'test_fraction', _D['test_fraction'],
+    'Share of images for test (class-folder layout only).')
+flags.DEFINE_integer('seed', _D['seed'], 'Seed of the split assignment and record order.')
+flags.DEFINE_string(
+    'dataset_name', _D['dataset_name'], 'lower_snake_case name; default: from --input_dir.')
+flags.DEFINE_float(
+    'shard_size_mb', _D['shard_size_mb'], 'Target size of one shard file.')
+flags.DEFINE_integer(
+    'max_image_pixels', _D['max_image_pixels'],
     'Larger images are rejected as decompression bombs.')
-_MAX_FILE_BYTES = flags.DEFINE_integer(
-    'max_file_bytes', source_image.DEFAULT_MAX_FILE_BYTES,
+flags.DEFINE_integer(
+    'max_file_bytes', _D['max_file_bytes'],
     'Larger files are rejected without being read.')
-_OVERWRITE = flags.DEFINE_boolean(
-    'overwrite', False, 'Replace an existing dataset in --output_dir.')
+flags.DEFINE_boolean(
+    'overwrite', _D['overwrite'], 'Replace an existing dataset in --output_dir.')
+FLAGS = flags.FLAGS
 
 
 def _beam_parser():
@@ -119,22 +124,15 @@ def main(argv):
     check_beam_args(beam_args)
   except UserError as e:
     sys.exit(f'error: {e}')
-  if not _INPUT_DIR.value or not _OUTPUT_DIR.value:
+  if not FLAGS.input_dir or not FLAGS.output_dir:
     sys.exit('error: --input_dir and --output_dir are required, e.g. '
              '--input_dir=photos --output_dir=data/photos')
   cli.quiet_logs()  # Beam's INFO lines would drown the progress lines.
   try:
-    builder.build(
-        input_dir=_INPUT_DIR.value, output_dir=_OUTPUT_DIR.value,
-        image_size=_IMAGE_SIZE.value, resize_mode=_RESIZE_MODE.value,
-        image_format=_IMAGE_FORMAT.value, jpeg_quality=_JPEG_QUALITY.value,
-        channels=int(_CHANNELS.value),
-        validation_fraction=_VALIDATION_FRACTION.value,
-        test_fraction=_TEST_FRACTION.value, seed=_SEED.value,
-        dataset_name=_DATASET_NAME.value, shard_size_mb=_SHARD_SIZE_MB.value,
-        max_image_pixels=_MAX_IMAGE_PIXELS.value,
-        max_file_bytes=_MAX_FILE_BYTES.value, overwrite=_OVERWRITE.value,
-        beam_args=beam_args)
+    builder.build(builder.BuildSettings(**{
+        f.name: FLAGS[f.name].value
+        for f in dataclasses.fields(builder.BuildSettings)}),
+                  beam_args=beam_args)
   except UserError as e:
     sys.exit(f'error: {e}')
 

@@ -58,9 +58,11 @@ def write_dataset_samples(data_dir: str, path: str, *,
   so the grid (at most MAX_GRID_IMAGES) shows every class it can.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from pipelines.preprocessing.model_input import ModelInput  # pylint: disable=g-import-not-at-top
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
   spec = tfrecords_schema.read_dataset_spec(data_dir)
+  model_input = ModelInput.from_spec(spec)
   if split not in spec.splits or not spec.splits[split].shards:
     return
   per_class = max(1, min(4, MAX_GRID_IMAGES // spec.num_classes // 2))
@@ -70,16 +72,14 @@ def write_dataset_samples(data_dir: str, path: str, *,
     example = schema.parse_examples(record)
     label = int(example[schema.LABEL])
     if label in wanted and len(found[label]) < per_class:
-      found[label].append(schema.decode_image(
-          example[schema.IMAGE], image_format=spec.image_format,
-          height=spec.height, width=spec.width,
-          channels=spec.channels).numpy())
+      found[label].append(model_input.decode(example[schema.IMAGE]).numpy())
     if all(len(found[c]) >= per_class for c in wanted):
       break
   labels = [c for c in wanted for _ in found[c]]
   if not labels:
     return
-  images = np.stack([image for c in wanted for image in found[c]]) / 255.0
+  images = model_input.to_pixels(model_input.to_model(
+      np.stack([image for c in wanted for image in found[c]])))
   shown = len({int(l) for l in labels})
   plot_sample_grid(images, labels, spec.class_names, path,
                    title=f'{spec.name}: {split} split, as stored '

@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import os
 import pathlib
+import signal
 import subprocess
 import sys
-import threading
+import tempfile
 
 import numpy as np
 from PIL import Image
@@ -100,38 +101,40 @@ def run_cli(module: str, *args: str, timeout: float = 300,
                         timeout=timeout, env=full_env, check=False)
 
 
+# Runs argv[2:] and writes its peak RSS (KB) to argv[1]. A launcher because
+# Linux carries a process's peak RSS across exec: a command forked straight
+# from the test process would report the test process's own peak.
+_PEAK_LAUNCHER = """
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(child.pid, 0)
+with open(sys.argv[1], 'w') as f:
+  f.write(str(usage.ru_maxrss))
+code = os.waitstatus_to_exitcode(status)
+sys.exit(code if code >= 0 else 128 - code)
+"""
+
+
 def run_cli_peak(module: str, *args: str, timeout: float = 300,
                  env: dict | None = None
                  ) -> tuple[subprocess.CompletedProcess, float]:
-  """run_cli, and the peak RSS in MB of that process (and what it waited for).
-
-  The figure comes from wait4 on this child alone, not RUSAGE_CHILDREN
-  (the peak of every child the test process ever had).
-  """
-  command = [sys.executable, '-m', module, *args]
-  process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, **(env or {})))
-  output = {}
-  readers = [threading.Thread(target=lambda n, s: output.__setitem__(
-      n, s.read()), args=(name, stream)) for name, stream in (
-          ('stdout', process.stdout), ('stderr', process.stderr))]
-  for reader in readers:
-    reader.start()
-  timer = threading.Timer(timeout, process.kill)
-  timer.start()
-  _, status, usage = os.wait4(process.pid, 0)
-  timed_out = not timer.is_alive()
-  timer.cancel()
-  for reader in readers:
-    reader.join()
-  process.returncode = os.waitstatus_to_exitcode(status)
-  if timed_out:
-    raise subprocess.TimeoutExpired(command, timeout, output['stdout'],
-                                    output['stderr'])
-  return (subprocess.CompletedProcess(command, process.returncode,
-                                      output['stdout'], output['stderr']),
-          usage.ru_maxrss / 1024)
+  """run_cli, and the peak RSS in MB of that command alone."""
+  with tempfile.NamedTemporaryFile(suffix='.peak') as peak:
+    command = [sys.executable, '-c', _PEAK_LAUNCHER, peak.name,
+               sys.executable, '-m', module, *args]
+    process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               start_new_session=True,
+                               env=dict(os.environ, **(env or {})))
+    try:
+      stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.communicate()
+      raise
+    peak_kb = float(pathlib.Path(peak.name).read_text() or 0)
+  return (subprocess.CompletedProcess(command[3:], process.returncode, stdout,
+                                      stderr), peak_kb / 1024)
 
 
 def error_lines(stderr: str) -> list[str]:

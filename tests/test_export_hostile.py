@@ -8,6 +8,7 @@ test fails even on a model that happens to agree, the pixels the model gets
 against the pixels training would have read for the file.
 """
 
+import dataclasses
 import io
 import json
 import os
@@ -21,6 +22,8 @@ import tensorflow as tf
 
 from pipelines.folder_to_records import builder
 from pipelines.preprocessing import source_image
+from pipelines.preprocessing import serving
+from pipelines.records_to_batches import input_pipeline
 from tests import helpers
 from tfrecords_schema import schema
 from trainer import export as export_lib
@@ -62,14 +65,20 @@ def _served(run, mode):
   root, model_dir = run
   if mode not in _MODELS:
     if mode != 'stretch':
-      config = json.loads(open(os.path.join(
-          model_dir, export_lib.MODEL_CONFIG)).read())
-      config['resize_mode'] = mode
-      model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
-      export_lib.export(model, str(root / mode), config)
+      _, config = predict.load(model_dir)
+      config = dataclasses.replace(config, model_input=dataclasses.replace(
+          config.model_input, resize_mode=mode))
+      export_lib.export(_keras_model(run), str(root / mode), config)
       model_dir = str(root / mode)
     _MODELS[mode] = predict.load(model_dir)
   return _MODELS[mode]
+
+
+def _keras_model(run):
+  if 'keras' not in _MODELS:
+    _MODELS['keras'] = keras.models.load_model(
+        os.path.join(run[1], 'best.keras'))
+  return _MODELS['keras']
 
 
 def _serve(served, *datas):
@@ -80,19 +89,19 @@ def _predict(served, config, data, ext):
   return _serve(served, predict.preprocess(data, ext, config))[0]
 
 
-def _training_pixels(data, ext, config):
-  """What training reads for a file: the build's bytes, decoded, resized."""
+def _training_image(data, ext, config):
+  """What training reads for a file: the record the build writes for it,
+  through the input pipeline's own decode_example (uint8 [h, w, C])."""
   stored = predict.preprocess(data, ext, config)
-  image = schema.decode_image(
-      tf.constant(stored), image_format=config['image_format'],
-      height=config['stored_height'], width=config['stored_width'],
-      channels=config['channels'])
-  if (config['height'], config['width']) != (config['stored_height'],
-                                             config['stored_width']):
-    image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-        image, (config['height'], config['width']), antialias=True)), 0,
-                                     255), tf.uint8)
-  return image.numpy().astype(np.float64)
+  record = schema.encode_example(image=stored, label=0, filename='x',
+                                 sha256='0' * 64, original_height=1, original_width=1)
+  image, _ = input_pipeline.decode_example(tf.constant(record),
+                                           config.model_input)
+  return image
+
+
+def _training_pixels(data, ext, config):
+  return _training_image(data, ext, config).numpy().astype(np.float64)
 
 
 _PIXEL_FNS = {}
@@ -100,10 +109,10 @@ _PIXEL_FNS = {}
 
 def _serving_pixels(data, config):
   """The uint8 pixels `serve` feeds the model for these bytes."""
-  key = json.dumps(config, sort_keys=True)
+  key = config.model_input
   if key not in _PIXEL_FNS:
     _PIXEL_FNS[key] = tf.function(
-        lambda d: export_lib.preprocess_image(d, 0, config),
+        lambda d: serving.preprocess_image(d, 0, key),
         input_signature=[tf.TensorSpec([], tf.string)])
   return _PIXEL_FNS[key](tf.constant(data)).numpy().astype(np.float64)
 
@@ -184,7 +193,8 @@ def test_over_limit_headers_are_refused_before_decoding(run):
 
 def test_the_limit_comes_from_the_config(run):
   _, config = _served(run, 'stretch')
-  config = dict(config, max_pixels=100 * 100)
+  config = dataclasses.replace(config, model_input=dataclasses.replace(
+      config.model_input, max_pixels=100 * 100))
   photo = Image.fromarray(helpers.photo('coffee'))
   assert _serving_pixels(_encode(photo.resize((100, 100)), 'PNG'),
                          config).shape == (*TRAIN_SIZE, 3)
@@ -203,6 +213,52 @@ def test_garbage_is_refused_with_a_clear_error(run):
     assert message.count('image_bytes[1]: ') == 1, message
   assert 'not a JPEG, PNG, GIF, BMP or WebP image (20 bytes)' in _error(
       served, b'not a picture at all')
+
+
+def _test_set():
+  """(bytes, extension) of real photos the model never saw: other photos
+  of scikit-image, landscape and portrait crops, as JPEG and PNG."""
+  from skimage import data  # pylint: disable=g-import-not-at-top
+  files = []
+  for i, name in enumerate(('astronaut', 'camera', 'moon', 'coins', 'page',
+                            'horse', 'immunohistochemistry', 'cat')):
+    try:
+      array = np.asarray(getattr(data, name)())
+    except (AttributeError, OSError):  # Not bundled in this version.
+      continue
+    if array.dtype == bool:
+      array = array.astype(np.uint8) * 255
+    image = Image.fromarray(array)
+    w, h = image.size
+    if i % 2:
+      image = image.crop((0, 0, max(1, w // 3), h))  # Portrait.
+    files.append((helpers.jpeg_bytes(np.asarray(image.convert('RGB'))), '.jpg')
+                 if i % 3 else (_encode(image, 'PNG'), '.png'))
+  return files
+
+
+@pytest.mark.parametrize('mode', ['stretch', 'crop', 'pad'])
+def test_serve_agrees_with_the_model_on_the_training_pipeline(run, mode):
+  """Issue 8's acceptance: one preprocessing definition, no train/serve skew.
+
+  serve(source bytes) vs the Keras model on the image the training pipeline
+  (decode_example, then eval_parse) makes of the same file, for each resize
+  mode, at a training --image_size of another aspect ratio than stored.
+  """
+  served, config = _served(run, mode)
+  assert config.model_input.size != config.model_input.stored_size
+  model = _keras_model(run)
+  files = _test_set()
+  assert len(files) >= 6
+  for data, ext in files:
+    image = _training_image(data, ext, config)
+    inputs, _ = input_pipeline.eval_parse(
+        image[None], tf.constant([0]), model_input=config.model_input,
+        label_mode='int', num_classes=len(config.class_names))
+    want = tf.nn.softmax(model(inputs, training=False)).numpy()[0]
+    got = _serve(served, data)[0]
+    assert np.argmax(got) == np.argmax(want), (got, want)
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
 
 
 @pytest.mark.parametrize('mode', ['stretch', 'crop', 'pad'])

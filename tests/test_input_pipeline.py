@@ -7,6 +7,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from pipelines.records_to_batches import augment_config
 from pipelines.folder_to_records import builder
 from pipelines.records_to_batches import input_pipeline
 from tests import helpers
@@ -40,7 +41,7 @@ def test_eval_reads_every_example_once_in_order_without_randomness(data_dir):
   spec = tfrecords_schema.read_dataset_spec(data_dir)
   assert len(spec.splits['train'].shards) > 1
   ds = input_pipeline.make_dataset(data_dir, 'train', batch_size=5,
-                                   training=False, augment='course')
+                                   training=False, augment=augment_config.COURSE)
   images, labels = _all(ds)
   again, labels_again = _all(ds)
   assert images.shape == (spec.splits['train'].num_examples, 32, 40, 3)
@@ -53,7 +54,7 @@ def test_eval_reads_every_example_once_in_order_without_randomness(data_dir):
 
 def test_training_batches_are_shuffled_augmented_and_seeded(data_dir):
   make = lambda seed: input_pipeline.make_dataset(  # pylint: disable=g-long-lambda
-      data_dir, 'train', batch_size=4, training=True, augment='course',
+      data_dir, 'train', batch_size=4, training=True, augment=augment_config.COURSE,
       seed=seed)
   first, labels = _all(make(7))
   second, labels2 = _all(make(7))

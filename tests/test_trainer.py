@@ -14,6 +14,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from pipelines.records_to_batches import augment_config
 from pipelines.folder_to_records import builder
 from pipelines import sample_data
 from pipelines.common.errors import UserError
@@ -156,7 +157,8 @@ def test_train_and_evaluate_writes_every_output(binary_data, tmp_path):
   model_dir = str(tmp_path / 'run')
   metrics = train_lib.train_and_evaluate(train_lib.TrainConfig(
       data_dir=binary_data, model_dir=model_dir, model='small_cnn', epochs=2,
-      batch_size=8, augment='course', early_stopping_patience=0))
+      batch_size=8, augment=augment_config.COURSE,
+      early_stopping_patience=0))
   for name in ('best.keras', 'history.csv', 'metrics.json', 'model_config.json',
                'training_curves.png', 'confusion_matrix.png', 'train_samples.png',
                'classification_report.txt', 'export/saved_model.pb'):
@@ -187,7 +189,7 @@ def test_export_matches_keras_model_on_the_same_bytes(binary_data, tmp_path):
       e, channels=3, dct_method='INTEGER_ACCURATE') for e in encoded])
   p = model(tf.cast(images, tf.float32) / 255.0).numpy()[:, 0]
   np.testing.assert_allclose(out['probabilities'].numpy()[:, 1], p, atol=1e-5)
-  assert config['class_names'] == ['cats', 'rockets']
+  assert config.class_names == ('cats', 'rockets')
 
 
 def _history_epochs(model_dir):
@@ -275,14 +277,15 @@ def test_empty_validation_split_is_a_clear_error(tmp_path):
 
 
 def test_parse_augment_flag():
-  assert train_lib.parse_augment('course') == 'course'
-  assert train_lib.parse_augment('none') is None
-  assert train_lib.parse_augment(
-      'rotation_range=40,horizontal_flip=true,zoom_range=0.8:1.2') == {
-          'rotation_range': 40.0, 'horizontal_flip': True,
-          'zoom_range': [0.8, 1.2]}
-  with pytest.raises(UserError, match='not key=value'):
-    train_lib.parse_augment('rotation')
+  assert augment_config.parse('course') == augment_config.COURSE
+  assert augment_config.parse('none') is None
+  assert augment_config.parse(
+      'rotation_range=40,horizontal_flip=true,zoom_range=0.8:1.2') == (
+          augment_config.AugmentConfig(rotation_range=40.0,
+                                       horizontal_flip=True,
+                                       zoom_range=(0.8, 1.2)))
+  with pytest.raises(ValueError, match='not key=value'):
+    augment_config.parse('rotation')
 
 
 def test_end_to_end_on_real_handwritten_digits(tmp_path):

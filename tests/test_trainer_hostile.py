@@ -287,15 +287,15 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
   _one_error(result, f'--model_dir={missing}', 'does not exist')
   broken = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
   config = broken / 'model_config.json'
-  for content, needle in ((b'{"class_na', 'not valid JSON'),
-                          (b'\xff\xfe\x00garbage', 'not valid JSON'),
-                          (b'[1, 2]', 'lacks class_names'),
-                          (json.dumps({'class_names': ['a']}).encode(),
-                           'lacks image_format')):
+  for content, needles in ((b'{"class_na', ['not valid JSON']),
+                           (b'\xff\xfe\x00garbage', ['not valid JSON']),
+                           (b'[1, 2]', ['lacks class_names']),
+                           (json.dumps({'class_names': ['a']}).encode(),
+                            ['lacks', 'image_format'])):
     config.write_bytes(content)
     with pytest.raises(UserError) as raised:
       predict.load(str(broken))
-    _one_line(raised.value, str(config), needle, 'trainer.main')
+    _one_line(raised.value, str(config), *needles, 'trainer.main')
   shutil.rmtree(broken / 'export')
   config.write_bytes((env.run / 'model_config.json').read_bytes())
   with pytest.raises(UserError) as raised:

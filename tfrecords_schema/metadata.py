@@ -107,8 +107,8 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    from pipelines import image_ops  # pylint: disable=g-import-not-at-top
-    extensions = set(image_ops.EXTENSION_FORMATS)
+    from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
+    extensions = set(source_image.EXTENSION_FORMATS)
   except ImportError:
     extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'}
 

@@ -1,7 +1,7 @@
 """The on-disk record format: feature keys, encode one example, parse a batch.
 
 This module is the single source of truth shared by the Beam writer
-(`pipelines.beam_build`) and the tf.data reader (`pipelines.input_pipeline`).
+(`pipelines.folder_to_records.beam_build`) and the tf.data reader (`pipelines.records_to_batches.input_pipeline`).
 A round-trip test (`tests/test_schema.py`) guards it, and a second test loads
 the records through `tfds.builder_from_directory` so the TFDS view of the same
 bytes (`tfds_features`) cannot drift from this one.

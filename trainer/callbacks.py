@@ -30,11 +30,13 @@ from typing import Any, Callable, Optional
 
 import keras
 
-CHECKPOINT_DIR = 'checkpoint'
+from trainer import config as config_lib
+
+CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
 STATE_FILE = 'state.json'
 LAST_WEIGHTS = 'last.weights.h5'
 BEST_WEIGHTS = 'best.weights.h5'
-HISTORY_FILE = 'history.csv'
+HISTORY_FILE = config_lib.HISTORY_FILE
 
 
 class SettingsMismatch(ValueError):

@@ -19,8 +19,10 @@ from typing import Optional
 import keras
 from keras import layers
 
-MODELS = ('small_cnn', 'horses_humans', 'cats_dogs', 'transfer')
-BASE_MODELS = ('inception_v3', 'mobilenet_v2')
+from trainer import config as config_lib
+
+MODELS = config_lib.MODELS
+BASE_MODELS = config_lib.BASE_MODELS
 # What the input pipeline does before the model: the course rescales to
 # [0, 1]; Inception/MobileNet bases were trained on [-1, 1].
 NORMALIZATION = {'small_cnn': 'rescale', 'horses_humans': 'rescale',
@@ -37,7 +39,7 @@ def head(x, num_classes: int, dropout: float):
   """Dropout (if any) + the class-count head, kept in float32."""
   if dropout:
     x = layers.Dropout(dropout)(x)
-  if num_classes == 2:
+  if config_lib.single_unit(num_classes):
     return layers.Dense(1, activation='sigmoid', dtype='float32',
                         name='probability')(x)
   return layers.Dense(num_classes, dtype='float32', name='logits')(x)

@@ -32,7 +32,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
-from trainer import export as export_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'The --model_dir of trainer.main.')
 _JSON = flags.DEFINE_boolean('json', False, 'Print JSON lines.')
@@ -42,13 +42,10 @@ _MAX_FILE_BYTES = flags.DEFINE_integer(
 
 
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `... | head`.
-# What predict and preprocess read from model_config.json.
-_CONFIG_KEYS = ('class_names', 'image_format', 'stored_height', 'stored_width',
-                'channels', 'resize_mode')
 
 
 def load(model_dir: str):
-  """(loaded SavedModel, model config); call `.serve(bytes [N])` on the first.
+  """(loaded SavedModel, ModelConfig); call `.serve(bytes [N])` on the first.
 
   Keep the loaded object alive while serving: its variables die with it.
   Raises UserError (one line: the folder or file, and what to do) for a
@@ -63,26 +60,26 @@ def load(model_dir: str):
                                        os.path.exists(model_dir) else
                                        'does not exist') +
         '; pass the --model_dir of a finished `python -m trainer.main` run')
-  config_path = os.path.join(model_dir, export_lib.MODEL_CONFIG)
+  config_path = os.path.join(model_dir, config_lib.MODEL_CONFIG_FILE)
   if not os.path.exists(config_path):
     raise UserError(
-        f'--model_dir={model_dir} has no {export_lib.MODEL_CONFIG}; pass the '
+        f'--model_dir={model_dir} has no {config_lib.MODEL_CONFIG_FILE}; pass the '
         '--model_dir of a finished `python -m trainer.main` run (it is '
         'written when training ends)')
   try:
     with open(config_path) as f:
-      config = json.load(f)
+      data = json.load(f)
   except OSError as e:
     raise UserError(f'{config_path} cannot be read ({e.strerror}); {rerun}'
                     ) from None
   except ValueError as e:  # Not JSON, or not text.
     raise UserError(f'{config_path} is not valid JSON ({e}); {rerun}'
                     ) from None
-  missing = ([k for k in _CONFIG_KEYS if k not in config]
-             if isinstance(config, dict) else list(_CONFIG_KEYS))
-  if missing:
-    raise UserError(f'{config_path} lacks {", ".join(missing)}; {rerun}')
-  export_path = os.path.join(model_dir, export_lib.EXPORT_DIR)
+  try:
+    config = config_lib.ModelConfig.from_json_dict(data)
+  except ValueError as e:
+    raise UserError(f'{config_path} {e}; {rerun}') from None
+  export_path = os.path.join(model_dir, config_lib.EXPORT_DIR)
   try:
     served = tf.saved_model.load(export_path)
   except (OSError, ValueError, tf.errors.OpError) as e:
@@ -122,18 +119,12 @@ def expand_paths(paths):
                    ', '.join(sorted(source_image.EXTENSION_FORMATS)) + ')')
 
 
-def preprocess(data: bytes, extension: str, config: dict) -> bytes:
+def preprocess(data: bytes, extension: str,
+               config: config_lib.ModelConfig) -> bytes:
   """Source bytes -> the bytes the build would have stored for them."""
-  image_format = 'png' if config['image_format'] == 'raw' else config[
-      'image_format']
-  processed = source_image.process(data, extension=extension, options=(
-      source_image.ImageOptions(
-          height=config['stored_height'], width=config['stored_width'],
-          channels=config['channels'], resize_mode=config['resize_mode'],
-          image_format=image_format,
-          jpeg_quality=config.get('jpeg_quality') or 95,
-          max_pixels=config.get('max_pixels', source_image.DEFAULT_MAX_PIXELS))))
-  return processed.encoded
+  return source_image.process(
+      data, extension=extension,
+      options=config.model_input.source_options()).encoded
 
 
 def predict_files(paths, served, config, *,
@@ -163,7 +154,7 @@ def predict_files(paths, served, config, *,
       results.append({'path': shown, 'error': f'the model refused it ({reason})'})
       continue
     index = int(out['class_index'][0])
-    results.append({'path': shown, 'class': config['class_names'][index],
+    results.append({'path': shown, 'class': config.class_names[index],
                     'probability': round(float(out['probabilities'][0, index]),
                                          4)})
   return results

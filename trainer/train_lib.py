@@ -1,25 +1,13 @@
 """train_and_evaluate: fit a model on a built dataset and write everything.
 
-`python -m trainer.main` calls `train_and_evaluate` with plain arguments.
-Writes to model_dir:
-
-  best.keras                 the best epoch's model
-  export/                    SavedModel, endpoint `serve(image_bytes)`
-  model_config.json          what predict/export need (classes, size, norm)
-  history.csv                one row per epoch (column `epoch`)
-  metrics.json               best epoch's val metrics, test metrics, ...
-  training_curves.png        accuracy and loss, train vs validation
-  train_samples.png          a training batch as the model receives it
-  confusion_matrix.png       on test (or validation), with
-  classification_report.txt  per-class precision/recall/F1
-  tensorboard/               TensorBoard logs
-  checkpoint/                resume state (see trainer.callbacks)
+`python -m trainer.main` calls `train_and_evaluate` with a TrainConfig built
+from its flags. What it writes to --model_dir is listed in trainer.config.
+Everything that can refuse a run is checked before the first write.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import glob
 import hashlib
 import json
@@ -27,192 +15,28 @@ import os
 import re
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from pipelines.records_to_batches import augment as augment_lib
-from pipelines.records_to_batches import input_pipeline
 from pipelines import plots
 from pipelines.common.errors import UserError
+from pipelines.preprocessing.model_input import ModelInput
+from pipelines.records_to_batches import input_pipeline
+import tfrecords_schema
 from trainer import callbacks as callbacks_lib
+from trainer import config as config_lib
 from trainer import export as export_lib
 from trainer import models
 from trainer import report
-import tfrecords_schema
+from trainer.config import TrainConfig
 
-OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
-DISTRIBUTIONS = ('default', 'mirrored')
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  """Everything a run depends on (flags of trainer.main, same names)."""
-  data_dir: str
-  model_dir: str
-  model: str = 'small_cnn'
-  epochs: int = 15
-  batch_size: int = 32
-  learning_rate: float = 1e-3
-  optimizer: str = 'rmsprop'
-  early_stopping_patience: int = 3
-  early_stopping_monitor: str = 'val_loss'
-  target_accuracy: Optional[float] = None
-  augment: Any = None
-  dropout: Optional[float] = None
-  image_size: Optional[tuple[int, int]] = None
-  seed: int = 0
-  mixed_precision: bool = False
-  jit_compile: bool = False
-  distribution: str = 'default'
-  base_model: str = 'inception_v3'
-  base_weights: Optional[str] = None
-  base_cutoff_layer: Optional[str] = None
-  cache: Optional[str] = None
-
-  def fingerprint(self, spec=None) -> dict:
-    """Settings a resumed run must share (epochs may grow).
-
-    Keys are flag names. Paths are absolute and resolved, so the same run
-    given relative paths, or through a link, is the same run; model_dir is
-    left out (the run lives there, and may be moved). With the dataset's
-    spec, `image_size` is the size trained at and `dataset` says what the
-    data is, so a dataset rebuilt in place is another run.
-    """
-    out = dataclasses.asdict(self)
-    out.pop('epochs')
-    out.pop('model_dir')
-    out['data_dir'] = normalized_path(self.data_dir)
-    out['cache'] = (self.cache if self.cache in (None, '', 'memory')
-                    else normalized_path(self.cache))
-    out['base_weights'] = (
-        self.base_weights if self.base_weights in (None, '', 'none')
-        else normalized_path(self.base_weights))
-    out['augment'] = json.dumps(out['augment'], sort_keys=True, default=str)
-    size = self.image_size or (spec and (spec.height, spec.width))
-    out['image_size'] = list(size) if size else None
-    if spec is not None:
-      out['dataset'] = dataset_summary(spec)
-    return out
-
-
-def normalized_path(path: Optional[str]) -> Optional[str]:
-  """Absolute, resolved local path (URLs such as gs://... unchanged)."""
-  if not path or '://' in path:
-    return path
-  return os.path.realpath(os.path.expanduser(path))
-
-
-def dataset_digest(spec) -> str:
-  """sha256 of everything metadata.json says (sizes, classes, every shard)."""
-  return hashlib.sha256(json.dumps(spec.to_json_dict(), sort_keys=True,
-                                   default=str).encode()).hexdigest()
-
-
-def dataset_summary(spec) -> str:
-  """What a dataset is, readable, ending in its metadata digest."""
-  names = list(spec.class_names)
-  shown = ', '.join(names[:4]) + (f', ... ({len(names)} in all)'
-                                  if len(names) > 4 else '')
-  counts = '/'.join(str(spec.splits[s].num_examples if s in spec.splits
-                        else 0) for s in ('train', 'validation', 'test'))
-  return (f'{spec.height}x{spec.width}x{spec.channels} {spec.image_format} '
-          f'images, classes {shown}, {counts} train/validation/test, '
-          f'metadata {dataset_digest(spec)[:12]}')
-
-
-def _same_setting(key: str, saved, current) -> bool:
-  """Fingerprint values equal in another spelling (runs of older versions)."""
-  if key in ('data_dir', 'cache', 'base_weights') and isinstance(saved, str):
-    if saved not in ('', 'memory', 'none'):
-      saved = normalized_path(saved)
-  return saved == current
-
-
-def _flag_value(key: str, value) -> str:
-  """A fingerprint value as it is spelled on the command line."""
-  if key == 'augment' and isinstance(value, str):
-    try:
-      value = json.loads(value)
-    except ValueError:
-      pass
-    if value is None:
-      return 'none'
-    if isinstance(value, dict):
-      return ','.join(
-          f'{k}=' + (':'.join(f'{x:g}' for x in v) if isinstance(v, list) else
-                     str(v).lower() if isinstance(v, bool) else
-                     f'{v:g}' if isinstance(v, float) else str(v))
-          for k, v in value.items())
-  if value is None:
-    return '(not set)'
-  if isinstance(value, bool):
-    return str(value).lower()
-  if isinstance(value, (list, tuple)):
-    return ','.join(str(v) for v in value)
-  return str(value)
-
-
-def _settings_message(config: TrainConfig, differences) -> str:
-  """One line naming each differing setting as a flag, and the way out."""
-  checkpoint = os.path.join(config.model_dir, callbacks_lib.CHECKPOINT_DIR)
-  keys = {key for key, _, _ in differences}
-  parts = []
-  for key, saved, current in differences:
-    if key == 'dataset':
-      parts.append(f'--data_dir={config.data_dir} holds another dataset than '
-                   f'the saved run ({saved} in the saved run, {current} now)')
-    elif key == 'image_size' and 'dataset' in keys and not config.image_size:
-      continue  # The stored size changed with the dataset: said above.
-    else:
-      parts.append(f'--{key}: {_flag_value(key, saved)} in the saved run, '
-                   f'{_flag_value(key, current)} now')
-  if 'dataset' in keys:
-    fix = ('the saved run cannot resume on it: pass a new --model_dir to '
-           f'train on this dataset (or delete {checkpoint}/ to start over '
-           'there)')
-  else:
-    fix = ('to resume it, rerun with its settings; to start another run, '
-           f'pass a new --model_dir (or delete {checkpoint}/ to start over '
-           'there)')
-  return (f'--model_dir={config.model_dir} holds a run with other settings: '
-          + '; '.join(parts) + f'. {fix[0].upper()}{fix[1:]}')
 
 
 def _say(message: str) -> None:
   print(f'[train] {message}', file=sys.stderr, flush=True)
-
-
-def parse_augment(text: Optional[str]):
-  """'course' / 'none' / 'rotation_range=40,horizontal_flip=true' -> value."""
-  if not text or text == 'none':
-    return None
-  if text in augment_lib.PRESETS:
-    return text
-  options = {}
-  for item in text.split(','):
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise UserError(f'--augment={text}: {item!r} is not key=value; pass a '
-                      f'preset ({", ".join(augment_lib.PRESETS)}) or '
-                      'key=value,... (e.g. rotation_range=40,horizontal_flip=true)')
-    key, value = key.strip(), value.strip()
-    if value.lower() in ('true', 'false'):
-      options[key] = value.lower() == 'true'
-    elif ':' in value:  # Ranges: zoom_range=0.8:1.2.
-      options[key] = [float(v) for v in value.split(':')]
-    else:
-      try:
-        options[key] = float(value)
-      except ValueError:
-        options[key] = value
-  try:
-    augment_lib.resolve(options)
-  except ValueError as e:
-    raise UserError(f'--augment={text}: {e}') from None
-  return options
 
 
 def _validate(config: TrainConfig, spec) -> None:
@@ -224,19 +48,19 @@ def _validate(config: TrainConfig, spec) -> None:
       raise UserError(f'--{flag}={value} must be >= {low}')
   if not config.learning_rate > 0:
     raise UserError(f'--learning_rate={config.learning_rate} must be > 0')
-  if config.optimizer not in OPTIMIZERS:
+  if config.optimizer not in config_lib.OPTIMIZERS:
     raise UserError(f'--optimizer={config.optimizer} is not one of '
-                    f'{", ".join(OPTIMIZERS)}')
-  if config.distribution not in DISTRIBUTIONS:
+                    f'{", ".join(config_lib.OPTIMIZERS)}')
+  if config.distribution not in config_lib.DISTRIBUTIONS:
     raise UserError(f'--distribution={config.distribution} is not one of '
-                    f'{", ".join(DISTRIBUTIONS)}')
+                    f'{", ".join(config_lib.DISTRIBUTIONS)}')
   if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
     raise UserError(f'--target_accuracy={config.target_accuracy} must be in '
                     '(0, 1]')
   monitor = config.early_stopping_monitor
-  if monitor not in ('val_loss', 'val_accuracy', 'loss', 'accuracy'):
+  if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
-                    'val_loss, val_accuracy, loss, accuracy')
+                    f'{", ".join(config_lib.MONITORS)}')
   for split in ('train', 'validation'):
     if not spec.splits.get(split) or not spec.splits[split].num_examples:
       raise UserError(
@@ -265,19 +89,14 @@ def _predict_labels(model, ds, binary: bool) -> tuple[np.ndarray, np.ndarray]:
   return np.concatenate(labels), np.concatenate(predictions)
 
 
-def _write_samples(batch, config, spec, normalize: str, *,
-                   augmented: bool) -> None:
+def _write_samples(batch, config: TrainConfig, spec, model_input: ModelInput,
+                   *, augmented: bool) -> None:
   """train_samples.png: one training batch as the model receives it."""
   images, labels = batch
-  images = images.numpy().astype(np.float32)
-  if normalize == '[-1,1]':
-    images = (images + 1.0) / 2.0
-  elif normalize == 'standardize':
-    images = (images * np.array(spec.std) + np.array(spec.mean)) / 255.0
   labels = np.asarray(labels).reshape(len(images)).astype(int)
   plots.plot_sample_grid(
-      images, labels, spec.class_names,
-      os.path.join(config.model_dir, 'train_samples.png'),
+      model_input.to_pixels(images), labels, spec.class_names,
+      os.path.join(config.model_dir, config_lib.TRAIN_SAMPLES_FILE),
       title='Training batch as the model sees it' +
       (' (augmented)' if augmented else ''))
 
@@ -288,7 +107,7 @@ def _read_spec(data_dir: str):
     raise UserError(
         f'--data_dir={data_dir} is a file; pass the folder a `python -m '
         'pipelines.build` run wrote (its --output_dir)')
-  state = os.path.join(data_dir, callbacks_lib.CHECKPOINT_DIR,
+  state = os.path.join(data_dir, config_lib.CHECKPOINT_DIR,
                        callbacks_lib.STATE_FILE)
   if (os.path.isfile(state) and not os.path.exists(
       os.path.join(data_dir, tfrecords_schema.metadata.METADATA_FILE))):
@@ -341,8 +160,8 @@ def _check_model_dir(model_dir: str) -> None:
   if not os.path.isdir(parent):
     raise UserError(f'--model_dir={model_dir}: {parent} is a file, not a '
                     'folder; pass a folder path')
-  for name in (callbacks_lib.CHECKPOINT_DIR, export_lib.EXPORT_DIR,
-               'tensorboard'):
+  for name in (config_lib.CHECKPOINT_DIR, config_lib.EXPORT_DIR,
+               config_lib.TENSORBOARD_DIR):
     path = os.path.join(model_dir, name)
     if os.path.exists(path) and not os.path.isdir(path):
       raise UserError(
@@ -376,7 +195,7 @@ def _cache_files(config: TrainConfig, spec, size) -> tuple[Any, Any]:
       raise UserError(f'--cache={cache}: the folder {parent} is not writable; '
                       'pass a --cache path in a folder you can write to')
   key = hashlib.sha256(
-      f'{dataset_digest(spec)} {size[0]}x{size[1]}'.encode()).hexdigest()[:12]
+      f'{config_lib.dataset_digest(spec)} {size[0]}x{size[1]}'.encode()).hexdigest()[:12]
   files = tuple(f'{cache}.{key}.{split}' for split in ('train', 'validation'))
   for prefix in files:
     if tf.io.gfile.exists(prefix + '.index'):
@@ -459,15 +278,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   a saved run with other settings, a checkpoint that does not fit) is
   checked before the first file is written.
   """
-  spec = _read_spec(config.data_dir)
+  spec = _read_spec(config.data_dir)  # Once per run.
   _validate(config, spec)
   augment = config.augment
-  if isinstance(augment, str) and augment not in augment_lib.PRESETS:
-    augment = parse_augment(augment)
-  size = tuple(config.image_size or (spec.height, spec.width))
+  model_input = ModelInput.from_spec(
+      spec, image_size=config.image_size,
+      normalize=models.NORMALIZATION.get(config.model, 'rescale'))
+  size = model_input.size
   num_classes = spec.num_classes
-  binary = num_classes == 2
-  normalize = models.NORMALIZATION.get(config.model, 'rescale')
+  binary = config_lib.single_unit(num_classes)
   label_mode = 'binary' if binary else 'int'
   _check_model_dir(config.model_dir)
   train_cache, val_cache = _cache_files(config, spec, size)
@@ -475,11 +294,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
       config.model_dir, monitor=config.early_stopping_monitor,
       patience=config.early_stopping_patience,
       target_accuracy=config.target_accuracy, restore_best_weights=True,
-      fingerprint=config.fingerprint(spec), same=_same_setting)
+      fingerprint=config.fingerprint(spec), same=config_lib.same_setting)
   try:
     done = resumable.load_state()  # Only reads.
   except callbacks_lib.SettingsMismatch as e:
-    raise UserError(_settings_message(config, e.differences)) from None
+    raise UserError(config_lib.settings_message(config, e.differences)
+                    ) from None
   except ValueError as e:  # A damaged state.json.
     raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
         'a new model_dir', 'a new --model_dir')) from None
@@ -495,7 +315,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   try:
     with strategy.scope():
       model = models.build_model(
-          config.model, input_shape=(*size, spec.channels),
+          config.model, input_shape=model_input.shape,
           num_classes=num_classes, dropout=config.dropout,
           base_model=config.base_model, base_weights=config.base_weights,
           base_cutoff_layer=config.base_cutoff_layer)
@@ -513,10 +333,11 @@ def train_and_evaluate(config: TrainConfig) -> dict:
         f'--model_dir={config.model_dir}: its checkpoint {e.path} does not '
         f'match this model and dataset, or is damaged ({e.detail}); pass a '
         'new --model_dir, or delete '
-        f'{os.path.join(config.model_dir, callbacks_lib.CHECKPOINT_DIR)}/ '
+        f'{os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)}/ '
         'to start over') from None
 
-  common = dict(image_size=size, normalize=normalize, label_mode=label_mode)
+  common = dict(image_size=size, normalize=model_input.normalize,
+                label_mode=label_mode, spec=spec)
   train_count = spec.splits['train'].num_examples
   steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
@@ -535,7 +356,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   # Every check passed: from here on, the run writes.
   os.makedirs(config.model_dir, exist_ok=True)
   resumable.prepare()
-  _write_samples(sample_batch, config, spec, normalize,
+  _write_samples(sample_batch, config, spec, model_input,
                  augmented=augment is not None)
   _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
        f'{num_classes} classes, {train_count} train / '
@@ -543,23 +364,22 @@ def train_and_evaluate(config: TrainConfig) -> dict:
        f'{model.count_params():,} parameters'
        + (f'; resuming after epoch {done}' if done else ''))
   start = time.perf_counter()
-  if done < config.epochs and not resumable.finished:
+  if done < config.epochs and not resumable.stopped_early:
     with _reading(config):
       model.fit(train_ds, steps_per_epoch=steps_per_epoch,
                 epochs=config.epochs, validation_data=val_ds, verbose=2,
                 shuffle=False, callbacks=[
                     resumable, keras.callbacks.TerminateOnNaN(),
-                    keras.callbacks.TensorBoard(
-                        os.path.join(config.model_dir, 'tensorboard'))])
+                    keras.callbacks.TensorBoard(os.path.join(
+                        config.model_dir, config_lib.TENSORBOARD_DIR))])
   else:
     resumable.on_train_end()
   train_seconds = time.perf_counter() - start
-  return _finish(config, spec, model, resumable, size=size,
-                 normalize=normalize, binary=binary, common=common,
-                 train_seconds=train_seconds)
+  return _finish(config, spec, model, resumable, model_input=model_input,
+                 binary=binary, common=common, train_seconds=train_seconds)
 
 
-def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
+def _finish(config, spec, model, resumable, *, model_input, binary, common,
             train_seconds) -> dict:
   """Evaluation, pictures, metrics.json, best model and serving export."""
   rows = resumable.rows
@@ -568,7 +388,7 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
                     'logs above (NaN loss?)')
   best_epoch = resumable.best_epoch or rows[-1]['epoch']
   best = next(r for r in rows if r['epoch'] == best_epoch)
-  model_path = os.path.join(config.model_dir, 'best.keras')
+  model_path = os.path.join(config.model_dir, config_lib.BEST_MODEL_FILE)
   model.save(model_path)
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
@@ -597,24 +417,21 @@ def _finish(config, spec, model, resumable, *, size, normalize, binary, common,
       test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
     metrics['test_accuracy'] = float(test_accuracy)
     metrics['test_loss'] = float(test_loss)
-  with open(os.path.join(config.model_dir, 'metrics.json'), 'w') as f:
+  with open(os.path.join(config.model_dir, config_lib.METRICS_FILE),
+            'w') as f:
     json.dump(metrics, f, indent=2)
-  with open(os.path.join(config.model_dir, 'classification_report.txt'),
+  with open(os.path.join(config.model_dir, config_lib.CLASS_REPORT_FILE),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
   plots.plot_training_curves(
-      rows, os.path.join(config.model_dir, 'training_curves.png'))
+      rows, os.path.join(config.model_dir, config_lib.CURVES_FILE))
   plots.plot_confusion_matrix(
       matrix, spec.class_names,
-      os.path.join(config.model_dir, 'confusion_matrix.png'),
+      os.path.join(config.model_dir, config_lib.CONFUSION_FILE),
       title=f'Confusion matrix ({eval_split} split)')
-  export_lib.export(model, config.model_dir, {
-      'model': config.model, 'class_names': list(spec.class_names),
-      'height': size[0], 'width': size[1], 'channels': spec.channels,
-      'normalize': normalize, 'mean': spec.mean, 'std': spec.std,
-      'resize_mode': spec.resize_mode, 'image_format': spec.image_format,
-      'jpeg_quality': spec.jpeg_quality,
-      'stored_height': spec.height, 'stored_width': spec.width})
+  export_lib.export(model, config.model_dir, config_lib.ModelConfig(
+      model=config.model, class_names=spec.class_names,
+      model_input=model_input))
   _summary(config, metrics, eval_split)
   return metrics
 
@@ -630,8 +447,10 @@ def _summary(config, metrics: dict, eval_split: str) -> None:
   if 'test_accuracy' in metrics:
     lines.append(f'test accuracy {metrics["test_accuracy"]:.4f}')
   d = config.model_dir
-  lines.append(f'model: {d}/best.keras, serving export: {d}/export')
-  lines.append(f'pictures: {d}/training_curves.png, {d}/confusion_matrix.png '
-               f'({eval_split}), {d}/train_samples.png; metrics: '
-               f'{d}/metrics.json')
+  c = config_lib
+  lines.append(f'model: {d}/{c.BEST_MODEL_FILE}, serving export: '
+               f'{d}/{c.EXPORT_DIR}')
+  lines.append(f'pictures: {d}/{c.CURVES_FILE}, {d}/{c.CONFUSION_FILE} '
+               f'({eval_split}), {d}/{c.TRAIN_SAMPLES_FILE}; metrics: '
+               f'{d}/{c.METRICS_FILE}')
   print('\n'.join(lines))

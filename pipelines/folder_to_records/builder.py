@@ -7,6 +7,7 @@ user mistakes raise `UserError` *before* anything is written or removed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import posixpath
@@ -15,16 +16,38 @@ import sys
 import uuid
 from typing import Iterator, Optional, Sequence
 
-from pipelines.folder_to_records import beam_build
-from pipelines.common.cli import parse_image_size
-from pipelines.preprocessing import source_image
-from pipelines.folder_to_records import listing as listing_lib
 from pipelines import plots
+from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
+from pipelines.folder_to_records import beam_build
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import schema
 
 DEFAULT_IMAGE_SIZE = '150'
 DEFAULT_SHARD_SIZE_MB = 64.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+  """Every setting of a build: the flags of pipelines.build, same names and
+  defaults (the flags are defined from these fields; a test checks it)."""
+  input_dir: str
+  output_dir: str
+  image_size: str = DEFAULT_IMAGE_SIZE
+  resize_mode: str = source_image.RESIZE_MODES[0]
+  image_format: str = schema.IMAGE_FORMATS[0]
+  jpeg_quality: int = source_image.DEFAULT_JPEG_QUALITY
+  channels: int = 3
+  validation_fraction: float = 0.2
+  test_fraction: float = 0.0
+  seed: int = 0
+  dataset_name: Optional[str] = None
+  shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+  max_image_pixels: int = source_image.DEFAULT_MAX_PIXELS
+  max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
+  overwrite: bool = False
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 
@@ -143,23 +166,29 @@ def output_lock(output_dir: str) -> Iterator[None]:
     os.close(fd)
 
 
-def make_config(*, input_dir: str, listing, image_size: str,
-                resize_mode: str, image_format: str, jpeg_quality: int,
-                channels: int, validation_fraction: float,
-                test_fraction: float, seed: int, dataset_name: Optional[str],
-                shard_size_mb: float, max_image_pixels: int,
-                max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES,
-                ) -> beam_build.BuildConfig:
-  """Validates every setting; raises UserError naming the value and the fix."""
+def make_config(settings: BuildSettings, *, input_dir: str,
+                listing) -> beam_build.BuildConfig:
+  """Validates every setting; raises UserError naming the value and the fix.
+
+  input_dir: the resolved --input_dir.
+  """
+  s = settings
+  image_size, resize_mode, image_format = (s.image_size, s.resize_mode,
+                                           s.image_format)
+  jpeg_quality, channels, seed = s.jpeg_quality, s.channels, s.seed
+  validation_fraction, test_fraction = s.validation_fraction, s.test_fraction
+  shard_size_mb, dataset_name = s.shard_size_mb, s.dataset_name
+  max_image_pixels, max_file_bytes = s.max_image_pixels, s.max_file_bytes
   height, width = parse_image_size(image_size)
   if resize_mode not in source_image.RESIZE_MODES:
     raise UserError(f'--resize_mode={resize_mode} is not one of '
                     f'{", ".join(source_image.RESIZE_MODES)}')
-  if image_format not in ('jpeg', 'png', 'raw'):
-    raise UserError(f'--image_format={image_format} is not one of jpeg, png, raw')
+  if image_format not in schema.IMAGE_FORMATS:
+    raise UserError(f'--image_format={image_format} is not one of '
+                    f'{", ".join(schema.IMAGE_FORMATS)}')
   if channels not in (1, 3):
     raise UserError(f'--channels={channels} is not 1 (grayscale) or 3 (RGB)')
-  _check_range('jpeg_quality', jpeg_quality, 1, 100, 'pass 1..100 (95 default)')
+  _check_range('jpeg_quality', jpeg_quality, 1, 100, f'pass 1..100 ({source_image.DEFAULT_JPEG_QUALITY} default)')
   _check_range('validation_fraction', validation_fraction, 0.0, 0.99,
                'pass a fraction in [0, 1), e.g. 0.2')
   _check_range('test_fraction', test_fraction, 0.0, 0.99,
@@ -240,28 +269,32 @@ def _commit(tmp_dir: str, output_dir: str, *, replace: bool,
   gfile.rmtree(tmp_dir)
 
 
-def build(*, input_dir: str, output_dir: str,
-          image_size: str = DEFAULT_IMAGE_SIZE, resize_mode: str = 'stretch',
-          image_format: str = 'jpeg', jpeg_quality: int = 95,
-          channels: int = 3, validation_fraction: float = 0.2,
-          test_fraction: float = 0.0, seed: int = 0,
-          dataset_name: Optional[str] = None,
-          shard_size_mb: float = DEFAULT_SHARD_SIZE_MB,
-          max_image_pixels: int = source_image.DEFAULT_MAX_PIXELS,
-          max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES,
-          overwrite: bool = False, beam_args: Sequence[str] = (),
-          quiet: bool = False, samples: bool = True) -> dict:
+def build(settings: Optional[BuildSettings] = None, *,
+          beam_args: Sequence[str] = (), quiet: bool = False,
+          samples: bool = True, **kwargs) -> dict:
   """Builds a dataset directory from a labelled image folder.
 
   `samples` also writes `samples.png`, a grid of stored train images per
   class, to check labels and resizing at a glance (not counted in the
   timing).
 
+  Args:
+    settings: a BuildSettings, or its fields as keywords (kwargs).
+    beam_args: Beam pipeline options (--runner=..., ...).
+    quiet: no progress lines.
+    samples: also write samples.png.
+
   Returns:
     The build report (also in `output_dir/build_report.json`), with
     `elapsed_s` and `images_per_s` of the Beam run added.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  if settings is None:
+    settings = BuildSettings(**kwargs)
+  elif kwargs:
+    settings = dataclasses.replace(settings, **kwargs)
+  input_dir, output_dir = settings.input_dir, settings.output_dir
+  overwrite = settings.overwrite
   given = {'input_dir': input_dir, 'output_dir': output_dir}
   input_dir, output_dir = _real(input_dir), _real(output_dir)
   if _is_inside(output_dir, input_dir) or _is_inside(input_dir, output_dir):
@@ -270,18 +303,12 @@ def build(*, input_dir: str, output_dir: str,
         for (flag, path), real in zip(given.items(), (input_dir, output_dir)))
     raise UserError(f'{shown} overlap; write the dataset outside the image '
                     'folder')
-  parse_image_size(image_size)  # Cheap flag checks before touching the disk.
-  _check_range('max_file_bytes', max_file_bytes, 1, 1 << 50,
+  parse_image_size(settings.image_size)  # Cheap checks before the disk.
+  _check_range('max_file_bytes', settings.max_file_bytes, 1, 1 << 50,
                'pass a positive size in bytes, e.g. 268435456 (256 MiB)')
   check_output_dir(output_dir, overwrite=overwrite)
   listing = listing_lib.list_input(input_dir, exclude=(output_dir,))
-  config = make_config(
-      input_dir=input_dir, listing=listing,
-      image_size=image_size, resize_mode=resize_mode,
-      image_format=image_format, jpeg_quality=jpeg_quality, channels=channels,
-      validation_fraction=validation_fraction, test_fraction=test_fraction,
-      seed=seed, dataset_name=dataset_name, shard_size_mb=shard_size_mb,
-      max_image_pixels=max_image_pixels, max_file_bytes=max_file_bytes)
+  config = make_config(settings, input_dir=input_dir, listing=listing)
   say = (lambda m: None) if quiet else (
       lambda m: print(f'[build] {m}', file=sys.stderr, flush=True))
   say(f'{len(listing.files)} candidate images in {len(listing.class_names)} '

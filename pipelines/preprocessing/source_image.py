@@ -37,6 +37,7 @@ DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold.
 # Larger files are refused before they are read. An 89-megapixel RGB BMP (the
 # largest image the pixel limit lets through) is 268 MB.
 DEFAULT_MAX_FILE_BYTES = 1 << 28  # 256 MiB.
+DEFAULT_JPEG_QUALITY = 95
 # Enough to identify any format Pillow knows (and the one the content claims)
 # without reading a whole file.
 _HEADER_BYTES = 4096
@@ -79,7 +80,7 @@ class ImageOptions:
   channels: int = 3
   resize_mode: str = 'stretch'
   image_format: str = 'jpeg'
-  jpeg_quality: int = 95
+  jpeg_quality: int = DEFAULT_JPEG_QUALITY
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
   background: tuple[int, int, int] = DEFAULT_BACKGROUND
@@ -404,7 +405,7 @@ def resize(image: Image.Image, *, height: int, width: int,
 
 
 def encode(image: Image.Image, *, image_format: str,
-           jpeg_quality: int = 95) -> bytes:
+           jpeg_quality: int = DEFAULT_JPEG_QUALITY) -> bytes:
   """Encodes an 8-bit 'RGB'/'L' image as JPEG, PNG or raw HWC uint8 bytes."""
   if image_format == 'raw':
     return np.asarray(image, dtype=np.uint8).tobytes()

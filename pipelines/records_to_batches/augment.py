@@ -27,119 +27,15 @@ reproduces them exactly.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any, Mapping, Optional, Sequence, Union
 
 import keras
 import tensorflow as tf
 
-FILL_MODES = ('nearest', 'constant', 'reflect', 'wrap')
-COURSE_AUGMENTATION = dict(
-    rotation_range=40, width_shift_range=0.2, height_shift_range=0.2,
-    shear_range=0.2, zoom_range=0.2, horizontal_flip=True, fill_mode='nearest')
-PRESETS = {'course': COURSE_AUGMENTATION, 'none': {}}
-# ImageDataGenerator arguments that are not augmentation, and where they went.
-_MOVED = {
-    'rescale': "normalize='rescale'",
-    'featurewise_center': "normalize='standardize'",
-    'featurewise_std_normalization': "normalize='standardize'",
-    'samplewise_center': "normalize='standardize'",
-    'samplewise_std_normalization': "normalize='standardize'",
-    'preprocessing_function': 'a map over the dataset',
-    'validation_split': 'pipelines.build --validation_fraction',
-}
-
-Range = Union[float, Sequence[float]]
-
-
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-  """Random augmentation settings (ImageDataGenerator names + extras)."""
-  rotation_range: float = 0.0
-  width_shift_range: float = 0.0
-  height_shift_range: float = 0.0
-  shear_range: float = 0.0
-  zoom_range: Range = 0.0
-  horizontal_flip: bool = False
-  vertical_flip: bool = False
-  fill_mode: str = 'nearest'
-  cval: float = 0.0
-  brightness_range: Optional[Sequence[float]] = None
-  channel_shift_range: float = 0.0
-  crop_range: Optional[Sequence[float]] = None
-  brightness_delta: float = 0.0
-  contrast_range: Optional[Sequence[float]] = None
-  saturation_range: Optional[Sequence[float]] = None
-  hue_delta: float = 0.0
-
-  def __post_init__(self):
-    if self.fill_mode not in FILL_MODES:
-      raise ValueError(f'fill_mode={self.fill_mode!r} is not one of {FILL_MODES}')
-    for name in ('rotation_range', 'width_shift_range', 'height_shift_range',
-                 'shear_range', 'channel_shift_range', 'brightness_delta',
-                 'hue_delta'):
-      if getattr(self, name) < 0:
-        raise ValueError(f'{name}={getattr(self, name)} must be >= 0')
-    for name in ('brightness_range', 'contrast_range', 'saturation_range',
-                 'crop_range'):
-      value = getattr(self, name)
-      if value is not None and (len(value) != 2 or value[0] > value[1]):
-        raise ValueError(f'{name}={value} must be a [low, high] pair')
-    if self.crop_range is not None and not 0 < self.crop_range[0] <= (
-        self.crop_range[1]) <= 1:
-      raise ValueError(f'crop_range={self.crop_range} must lie in (0, 1]')
-    if self.hue_delta > 0.5:
-      raise ValueError(f'hue_delta={self.hue_delta} must be <= 0.5')
-
-  @classmethod
-  def from_kwargs(cls, **kwargs: Any) -> 'AugmentConfig':
-    """Like the constructor, with errors that say where a key went."""
-    known = {f.name for f in dataclasses.fields(cls)}
-    for key in kwargs:
-      if key in _MOVED:
-        raise ValueError(f'{key} is not augmentation here: use {_MOVED[key]}')
-      if key not in known:
-        raise ValueError(f'unknown augmentation {key!r}; known: '
-                         f'{", ".join(sorted(known))}')
-    return cls(**kwargs)
-
-  @property
-  def zoom_bounds(self) -> tuple[float, float]:
-    if isinstance(self.zoom_range, (int, float)):
-      return 1.0 - self.zoom_range, 1.0 + self.zoom_range
-    return float(self.zoom_range[0]), float(self.zoom_range[1])
-
-  @property
-  def has_geometry(self) -> bool:
-    return bool(self.rotation_range or self.width_shift_range or
-                self.height_shift_range or self.shear_range or
-                self.zoom_bounds != (1.0, 1.0) or self.crop_range)
-
-  @property
-  def is_identity(self) -> bool:
-    return self == AugmentConfig(fill_mode=self.fill_mode, cval=self.cval)
-
-
-def resolve(augment: Union[None, bool, str, Mapping, AugmentConfig]
-            ) -> Optional[AugmentConfig]:
-  """None/False -> None; True or 'course' -> the course set; dict -> config."""
-  if augment is None or augment is False:
-    return None
-  if augment is True:
-    augment = 'course'
-  if isinstance(augment, str):
-    if augment not in PRESETS:
-      raise ValueError(f'augment={augment!r} is not a preset '
-                       f'({", ".join(PRESETS)}) or a dict of options')
-    augment = PRESETS[augment]
-  if isinstance(augment, Mapping):
-    augment = AugmentConfig.from_kwargs(**augment)
-  if not isinstance(augment, AugmentConfig):
-    raise ValueError(f'augment={augment!r} is not a preset name, a dict or '
-                     'an AugmentConfig')
-  return None if augment.is_identity else augment
-
+from pipelines.records_to_batches.augment_config import AugmentConfig
+from pipelines.records_to_batches.augment_config import COURSE_AUGMENTATION  # pylint: disable=unused-import
+from pipelines.records_to_batches.augment_config import FILL_MODES
+from pipelines.records_to_batches.augment_config import resolve
 
 def _uniform(seed, batch: tf.Tensor, low: float, high: float) -> tf.Tensor:
   """float32 [B] uniform in [low, high) from a stateless seed."""

@@ -1,7 +1,7 @@
 """tf.data input layer over datasets written by `pipelines.build`.
 
     train = make_dataset('data/photos', 'train', batch_size=32, training=True,
-                         augment='course', seed=0)
+                         augment=augment_config.COURSE, seed=0)
     val = make_dataset('data/photos', 'validation', batch_size=32,
                        training=False)
     model.fit(train, validation_data=val, epochs=10)
@@ -25,6 +25,12 @@ Order of operations, and why:
 
 Training is non-deterministic in order (faster) unless a seed is given;
 evaluation (`training=False`) never shuffles or augments.
+
+The parts, each usable alone (Model Garden style): `read_records` (shards ->
+serialized records), `decode_example` (deterministic: record -> uint8 image,
+label), `train_parse` (random: augment, then eval_parse) and `eval_parse`
+(normalize, encode labels). What decode/resize/normalize mean is defined
+once in pipelines.preprocessing.model_input, shared with the serving export.
 """
 
 from __future__ import annotations
@@ -33,16 +39,19 @@ import os
 import re
 import struct
 import sys
-from typing import Any, Mapping, Optional, Union
+from typing import Optional, Union
 
 import tensorflow as tf
 
+from pipelines.preprocessing import model_input as model_input_lib
+from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import augment as augment_lib
+from pipelines.records_to_batches import augment_config
 import tfrecords_schema
 from tfrecords_schema import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
-NORMALIZATIONS = ('rescale', 'standardize', '[-1,1]', 'none')
+NORMALIZATIONS = model_input_lib.NORMALIZATIONS
 LABEL_MODES = ('int', 'categorical', 'binary')
 SHUFFLE_BUFFER_BYTES = 256 << 20  # Default shuffle buffer: ~256 MB of images.
 MAX_PARALLEL_READS = 8
@@ -96,26 +105,6 @@ def _available_memory_bytes() -> int:
   except OSError:
     pass
   return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-def normalize_images(images: tf.Tensor, mode: str, *, mean=None,
-                     std=None) -> tf.Tensor:
-  """float32 [..., C] on 0..255 -> the model's input scale.
-
-  rescale: [0, 1] (the course's `rescale=1./255`); standardize: (x - mean) /
-  std with the train split's per-channel statistics; '[-1,1]': Inception /
-  MobileNet inputs; none: unchanged.
-  """
-  if mode == 'rescale':
-    return images * (1.0 / 255.0)
-  if mode == '[-1,1]':
-    return images * (1.0 / 127.5) - 1.0
-  if mode == 'standardize':
-    return (images - tf.constant(mean, tf.float32)) / tf.constant(
-        [max(s, 1e-6) for s in std], tf.float32)
-  if mode == 'none':
-    return images
-  raise ValueError(f'normalize={mode!r} is not one of {NORMALIZATIONS}')
 
 
 def _shard_records(path: tf.Tensor, expected: tf.Tensor, skip: bool):
@@ -236,17 +225,100 @@ def _estimate_bytes(spec, split: str, size) -> int:
   return spec.splits[split].num_examples * size[0] * size[1] * spec.channels
 
 
+def read_records(data_dir: str, spec, split: str, *, training: bool,
+                 seed: Optional[int] = None, skip_bad_records: bool = False,
+                 deterministic: bool = True) -> tf.data.Dataset:
+  """Serialized records (tf.string []) of one split, checked shard by shard.
+
+  Shards are read in parallel (in a new order every epoch when training);
+  a shard that holds fewer records than the build wrote is an error naming
+  it (or, with skip_bad_records, a printed count).
+  """
+  paths = spec.shard_paths(data_dir, split)
+  if not paths:
+    raise tfrecords_schema.DatasetError(
+        f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
+        f'fraction for it, or use one of '
+        f'{[s for s, v in spec.splits.items() if v.shards]}')
+  _check_shard_sizes(data_dir, spec, split, paths)
+  shard_lengths = spec.splits[split].shard_lengths
+  if len(paths) == 1:
+    # One shard: no interleave at all (even a sequential one costs ~8%).
+    return _shard_records(tf.constant(paths[0]),
+                          tf.constant(shard_lengths[0], tf.int64),
+                          skip_bad_records)
+  # Parallel reads across shards (they pay off on remote storage), in a new
+  # shard order every epoch when training.
+  files = tf.data.Dataset.from_tensor_slices(
+      (paths, tf.constant(shard_lengths, tf.int64)))
+  if training:
+    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+  return files.interleave(
+      lambda path, n: _shard_records(path, n, skip_bad_records),
+      cycle_length=min(len(paths), MAX_PARALLEL_READS), block_length=1,
+      num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def decode_example(serialized: tf.Tensor, model_input: ModelInput
+                   ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Deterministic: one record -> (uint8 [h, w, C], int32 [] label).
+
+  Decodes the stored image and applies the read-time resize; nothing
+  random, so a cache may follow.
+  """
+  example = schema.parse_examples(serialized)
+  image = model_input.read_resize(model_input.decode(example[schema.IMAGE]))
+  return image, tf.cast(example[schema.LABEL], tf.int32)
+
+
+def encode_labels(labels: tf.Tensor, label_mode: str,
+                  num_classes: int) -> tf.Tensor:
+  """int32 [B] -> int32 [B] ('int'), float32 [B, K] ('categorical') or
+  float32 [B, 1] ('binary')."""
+  if label_mode == 'categorical':
+    return tf.one_hot(labels, num_classes, dtype=tf.float32)
+  if label_mode == 'binary':
+    return tf.cast(labels[:, None], tf.float32)
+  return labels
+
+
+def eval_parse(images: tf.Tensor, labels: tf.Tensor, *,
+               model_input: ModelInput, label_mode: str, num_classes: int
+               ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Deterministic: uint8 [B, h, w, C], int32 [B] -> model inputs.
+
+  images float32 [B, h, w, C] normalized; labels as encode_labels.
+  """
+  return (model_input.to_model(images),
+          encode_labels(labels, label_mode, num_classes))
+
+
+def train_parse(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
+                model_input: ModelInput,
+                augment: Optional[augment_config.AugmentConfig],
+                label_mode: str, num_classes: int
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+  """Random: uint8 [B, h, w, C], int32 [B], int64 [2] seed -> model inputs.
+
+  The batch is augmented (seeded, one warp per batch) before eval_parse.
+  """
+  if augment is not None:
+    images = augment_lib.augment_batch(images, seed, augment)
+  return eval_parse(images, labels, model_input=model_input,
+                    label_mode=label_mode, num_classes=num_classes)
+
+
 def make_dataset(data_dir: str, split: str, *, batch_size: int,
                  training: bool,
                  image_size: Union[None, int, tuple[int, int]] = None,
-                 augment: Union[None, bool, str, Mapping[str, Any],
-                                augment_lib.AugmentConfig] = None,
-                 normalize: str = 'rescale',
+                 augment: Optional[augment_config.AugmentConfig] = None,
+                 normalize: str = model_input_lib.DEFAULT_NORMALIZATION,
                  cache: Union[None, bool, str] = None,
                  shuffle_buffer: Optional[int] = None,
                  seed: Optional[int] = None, repeat: bool = False,
                  drop_remainder: Optional[bool] = None,
                  label_mode: str = 'int', skip_bad_records: bool = False,
+                 spec: Optional[tfrecords_schema.DatasetSpec] = None,
                  ) -> tf.data.Dataset:
   """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
 
@@ -257,9 +329,8 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
     training: shuffle (and augment, if asked); False never does either.
     image_size: N or (height, width) to resize to at read time; default the
       stored size.
-    augment: None, True / 'course' (the course's ImageDataGenerator set), a
-      dict of ImageDataGenerator-style options, or an AugmentConfig.
-      Applied only when training.
+    augment: an AugmentConfig (`augment_config.COURSE` is the course's
+      ImageDataGenerator set), applied only when training; None for none.
     normalize: 'rescale' ([0, 1]), 'standardize' (train mean/std from the
       metadata), '[-1,1]' or 'none' (0..255 floats).
     cache: None, True / 'memory', or a file path prefix; caches decoded
@@ -275,91 +346,48 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       'binary' (float32 [B, 1], two classes only), as `class_mode`.
     skip_bad_records: skip records of damaged shards and print how many per
       shard, instead of raising an error naming the shard.
+    spec: the dataset's DatasetSpec if already read (a run reads it once).
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)`.
   """
-  spec = tfrecords_schema.read_dataset_spec(data_dir)
-  paths = spec.shard_paths(data_dir, split)
-  if not paths:
-    raise tfrecords_schema.DatasetError(
-        f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
-        f'fraction for it, or use one of '
-        f'{[s for s, v in spec.splits.items() if v.shards]}')
+  if spec is None:
+    spec = tfrecords_schema.read_dataset_spec(data_dir)
   if batch_size < 1:
     raise ValueError(f'batch_size={batch_size} must be >= 1')
-  if normalize not in NORMALIZATIONS:
-    raise ValueError(f'normalize={normalize!r} is not one of {NORMALIZATIONS}')
-  if normalize == 'standardize' and spec.mean is None:
-    raise ValueError(f'normalize=standardize needs train statistics, and '
-                     f'{data_dir} has no train split')
+  if augment is not None and not isinstance(augment,
+                                            augment_config.AugmentConfig):
+    raise TypeError(
+        f'augment={augment!r}: pass an AugmentConfig (e.g. '
+        'augment_config.COURSE, or augment_config.parse("rotation_range=40"))'
+        ' or None')
   if label_mode not in LABEL_MODES:
     raise ValueError(f'label_mode={label_mode!r} is not one of {LABEL_MODES}')
   if label_mode == 'binary' and spec.num_classes != 2:
     raise ValueError(f"label_mode='binary' needs 2 classes; {data_dir} has "
                      f'{spec.num_classes}: use "int" or "categorical"')
-  size = (spec.height, spec.width)
-  if image_size is not None:
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(
-        image_size)
-  config = augment_lib.resolve(augment) if training else None
+  model_input = ModelInput.from_spec(spec, image_size=image_size,
+                                     normalize=normalize)
+  size = model_input.size
+  augment = augment if training and augment and not augment.is_identity else None
   if cache in (True, 'memory'):
-    need = _estimate_bytes(spec, split, size)
-    have = _available_memory_bytes()
-    if need > CACHE_MEMORY_SHARE * have:
-      raise MemoryCacheTooLarge(
-          f'cache=memory needs ~{need / 2**30:.1f} GiB for '
-          f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
-          f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
-          'pass cache="/path/to/cache_file" or cache=None', split=split,
-          need_bytes=need, have_bytes=have,
-          num_examples=spec.splits[split].num_examples,
-          shape=(size[0], size[1], spec.channels))
-  _check_shard_sizes(data_dir, spec, split, paths)
+    _check_memory_cache(spec, split, size)
   deterministic = seed is not None or not training
-  shard_lengths = spec.splits[split].shard_lengths
-
-  if len(paths) == 1:
-    # One shard: no interleave at all (even a sequential one costs ~8%).
-    records = _shard_records(tf.constant(paths[0]),
-                             tf.constant(shard_lengths[0], tf.int64),
-                             skip_bad_records)
-  else:
-    # Parallel reads across shards (they pay off on remote storage), in a
-    # new shard order every epoch when training.
-    files = tf.data.Dataset.from_tensor_slices(
-        (paths, tf.constant(shard_lengths, tf.int64)))
-    if training:
-      files = files.shuffle(len(paths), seed=seed,
-                            reshuffle_each_iteration=True)
-    records = files.interleave(
-        lambda path, n: _shard_records(path, n, skip_bad_records),
-        cycle_length=min(len(paths), MAX_PARALLEL_READS), block_length=1,
-        num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-
-  def decode(serialized):
-    example = schema.parse_examples(serialized)
-    image = schema.decode_image(
-        example[schema.IMAGE], image_format=spec.image_format,
-        height=spec.height, width=spec.width, channels=spec.channels)
-    if size != (spec.height, spec.width):
-      image = tf.cast(tf.clip_by_value(tf.round(tf.image.resize(
-          image, size, antialias=True)), 0, 255), tf.uint8)
-    return image, tf.cast(example[schema.LABEL], tf.int32)
+  records = read_records(data_dir, spec, split, training=training, seed=seed,
+                         skip_bad_records=skip_bad_records,
+                         deterministic=deterministic)
 
   caching = cache in (True, 'memory') or (isinstance(cache, str) and cache)
   if training and not caching:
     # Without a cache, shuffle the encoded records: the same randomness as
     # shuffling images, ~7x less memory per buffered example, and the
     # decode map right after it stays parallel.
-    ds = records.shuffle(_shuffle_buffer(spec, split, shuffle_buffer,
-                                         bytes_per_example=_record_bytes(
-                                             spec, split)),
-                         seed=seed, reshuffle_each_iteration=True)
-  else:
-    ds = records
-  ds = ds.map(decode, num_parallel_calls=AUTOTUNE,
-              deterministic=deterministic)
+    records = records.shuffle(
+        _shuffle_buffer(spec, split, shuffle_buffer,
+                        bytes_per_example=_record_bytes(spec, split)),
+        seed=seed, reshuffle_each_iteration=True)
+  ds = records.map(lambda r: decode_example(r, model_input),
+                   num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if caching:
     ds = ds.cache() if cache in (True, 'memory') else ds.cache(cache)
     if training:  # After the cache: decoded images, nothing random before.
@@ -375,30 +403,18 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   # (MapAndBatch); a parallel batch would block that fusion (-10%).
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
 
-  num_classes = spec.num_classes
-  mean, std = spec.mean, spec.std
-
-  def to_model_inputs(images, labels, batch_seed=None):
-    if config is not None:  # uint8 in: converted while sampling.
-      images = augment_lib.augment_batch(images, batch_seed, config)
-    images = tf.cast(images, tf.float32)
-    images = normalize_images(images, normalize, mean=mean, std=std)
-    if label_mode == 'categorical':
-      labels = tf.one_hot(labels, num_classes, dtype=tf.float32)
-    elif label_mode == 'binary':
-      labels = tf.cast(labels[:, None], tf.float32)
-    return images, labels
-
-  if config is not None:
+  parse = dict(model_input=model_input, label_mode=label_mode,
+               num_classes=spec.num_classes)
+  if augment is not None:
     # One seed per batch from a seeded stream that changes every epoch.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True
                                    ).batch(2)
     ds = tf.data.Dataset.zip(ds, seeds).map(
-        lambda batch, s: to_model_inputs(*batch, s),
+        lambda batch, s: train_parse(*batch, s, augment=augment, **parse),
         num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   else:
-    ds = ds.map(to_model_inputs, num_parallel_calls=AUTOTUNE,
-                deterministic=deterministic)
+    ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
+                num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if not repeat and not skip_bad_records:
     # The exact batch count is known from the metadata: declaring it lets
     # Keras size epochs (no "ran out of data" warnings) and makes any
@@ -412,3 +428,17 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   options.autotune.enabled = True
   return ds.with_options(options)
 
+
+def _check_memory_cache(spec, split: str, size) -> None:
+  """MemoryCacheTooLarge if cache='memory' would take too much memory."""
+  need = _estimate_bytes(spec, split, size)
+  have = _available_memory_bytes()
+  if need > CACHE_MEMORY_SHARE * have:
+    raise MemoryCacheTooLarge(
+        f'cache=memory needs ~{need / 2**30:.1f} GiB for '
+        f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
+        f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
+        'pass cache="/path/to/cache_file" or cache=None', split=split,
+        need_bytes=need, have_bytes=have,
+        num_examples=spec.splits[split].num_examples,
+        shape=(size[0], size[1], spec.channels))

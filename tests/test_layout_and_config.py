@@ -1,0 +1,124 @@
+"""The layout's promises: what each entry point imports, settings defined once."""
+
+import dataclasses
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests import helpers
+
+_IMPORTED = ('import sys, json, {module}; print(json.dumps(sorted(m for m in '
+             "('tensorflow', 'keras', 'apache_beam') if m in sys.modules)))")
+
+
+def _heavy_imports(module: str) -> list[str]:
+  """Which of TensorFlow, Keras, Beam importing `module` loads (fresh process)."""
+  result = subprocess.run([sys.executable, '-c', _IMPORTED.format(
+      module=module)], cwd=helpers.REPO_ROOT, capture_output=True, text=True,
+                          timeout=300, check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize('module', [
+    'pipelines.common.cli', 'pipelines.common.errors', 'trainer.config',
+    'trainer.main', 'pipelines.records_to_batches.augment_config',
+    'pipelines.preprocessing.model_input'])
+def test_light_modules_import_neither_tensorflow_nor_beam(module):
+  # trainer.main imports TensorFlow only once training starts: --help and a
+  # flag typo answer at once.
+  assert _heavy_imports(module) == []
+
+
+@pytest.mark.parametrize('module', ['trainer.train_lib', 'trainer.predict',
+                                    'trainer.export'])
+def test_the_trainer_never_imports_beam(module):
+  assert 'apache_beam' not in _heavy_imports(module)
+
+
+def test_trainer_help_lists_every_setting_without_tensorflow():
+  result = helpers.run_cli('trainer.main', '--helpshort')
+  assert 'Traceback' not in result.stderr, result.stderr[-2000:]  # absl exits 1.
+  from trainer import config  # pylint: disable=g-import-not-at-top
+  for field in dataclasses.fields(config.TrainConfig):
+    shown = result.stdout + result.stderr
+    assert (f'--{field.name}:' in shown or f'--[no]{field.name}:' in shown
+           ), field.name
+
+
+def _flag_defaults(module: str) -> dict:
+  """{flag name: default} of a command's own flags, from a fresh process."""
+  code = (f'import json; from absl import flags; import {module}; '
+          f'print(json.dumps({{f.name: f.default for f in '
+          f'flags.FLAGS.get_flags_for_module("{module}")}}))')
+  result = subprocess.run([sys.executable, '-c', code], cwd=helpers.REPO_ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          check=True)
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_every_train_setting_is_a_flag_with_the_same_default():
+  from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
+  from trainer import config  # pylint: disable=g-import-not-at-top
+  defaults = _flag_defaults('trainer.main')
+  fields = dataclasses.fields(config.TrainConfig)
+  assert set(defaults) == {f.name for f in fields}
+  for field in fields:
+    expected = field.default if field.default is not dataclasses.MISSING else None
+    if field.name == 'augment':
+      expected = augment_config.to_text(expected)
+    assert defaults[field.name] == expected, field.name
+
+
+def test_every_build_setting_is_a_flag_with_the_same_default():
+  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
+  defaults = _flag_defaults('pipelines.build')
+  fields = dataclasses.fields(builder.BuildSettings)
+  assert set(defaults) == {f.name for f in fields}
+  for field in fields:
+    expected = field.default if field.default is not dataclasses.MISSING else None
+    assert defaults[field.name] == expected, field.name
+
+
+def test_flags_become_the_typed_config(monkeypatch):
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
+  from trainer import main  # pylint: disable=g-import-not-at-top
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(['main', '--data_dir=d', '--model_dir=m', '--image_size=24,40',
+               '--augment=rotation_range=10,zoom_range=0.9:1.1',
+               '--epochs=3'])
+  try:
+    config = main.config_from_flags()
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert config.image_size == (24, 40)
+  assert config.epochs == 3
+  assert config.augment == augment_config.AugmentConfig(
+      rotation_range=10.0, zoom_range=(0.9, 1.1))
+  assert augment_config.parse(augment_config.to_text(config.augment)) == (
+      config.augment)
+  assert augment_config.parse('course') == augment_config.COURSE
+  assert augment_config.parse('none') is None
+
+
+def test_model_config_round_trips_and_reads_older_files():
+  from pipelines.preprocessing.model_input import ModelInput  # pylint: disable=g-import-not-at-top
+  from trainer import config  # pylint: disable=g-import-not-at-top
+  model_input = ModelInput(stored_height=32, stored_width=32, channels=3,
+                           image_format='jpeg', height=24, width=40,
+                           normalize='[-1,1]', resize_mode='crop',
+                           jpeg_quality=90)
+  record = config.ModelConfig(model='transfer', class_names=('a', 'b'),
+                              model_input=model_input)
+  data = json.loads(json.dumps(record.to_json_dict()))
+  assert config.ModelConfig.from_json_dict(data) == record
+  assert record.single_unit and not dataclasses.replace(
+      record, class_names=('a', 'b', 'c')).single_unit
+  older = {k: v for k, v in data.items()
+           if k not in ('stored_height', 'stored_width', 'max_pixels')}
+  loaded = config.ModelConfig.from_json_dict(older).model_input
+  assert loaded.stored_size == (24, 40)  # Older files: stored = read size.
+  with pytest.raises(ValueError, match='lacks class_names'):
+    config.ModelConfig.from_json_dict([1, 2])

@@ -1,0 +1,245 @@
+"""What a training run is: its settings, the names of what it writes.
+
+No TensorFlow here: `python -m trainer.main --help` imports only this (and
+absl), so it answers at once. The flags of trainer.main are defined from
+`TrainConfig`'s fields and defaults; nothing is written twice.
+
+A run's folder (--model_dir):
+
+  best.keras                 the best epoch's model
+  export/                    SavedModel, endpoint `serve(image_bytes)`
+  model_config.json          ModelConfig: classes and the ModelInput
+  history.csv                one row per epoch (column `epoch`)
+  metrics.json               best epoch's val metrics, test metrics, ...
+  training_curves.png        accuracy and loss, train vs validation
+  train_samples.png          a training batch as the model receives it
+  confusion_matrix.png       on test (or validation), with
+  classification_report.txt  per-class precision/recall/F1
+  tensorboard/               TensorBoard logs
+  checkpoint/                resume state (see trainer.callbacks)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any, Optional
+
+from pipelines.preprocessing import model_input as model_input_lib
+from pipelines.records_to_batches import augment_config
+
+MODELS = ('small_cnn', 'horses_humans', 'cats_dogs', 'transfer')
+BASE_MODELS = ('inception_v3', 'mobilenet_v2')
+OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
+DISTRIBUTIONS = ('default', 'mirrored')
+MONITORS = ('val_loss', 'val_accuracy', 'loss', 'accuracy')
+
+# Files and folders of a run (--model_dir).
+BEST_MODEL_FILE = 'best.keras'
+EXPORT_DIR = 'export'
+MODEL_CONFIG_FILE = 'model_config.json'
+HISTORY_FILE = 'history.csv'
+METRICS_FILE = 'metrics.json'
+CURVES_FILE = 'training_curves.png'
+TRAIN_SAMPLES_FILE = 'train_samples.png'
+CONFUSION_FILE = 'confusion_matrix.png'
+CLASS_REPORT_FILE = 'classification_report.txt'
+TENSORBOARD_DIR = 'tensorboard'
+CHECKPOINT_DIR = 'checkpoint'
+
+
+def single_unit(num_classes: int) -> bool:
+  """Two classes train one sigmoid unit (binary cross-entropy); more, softmax."""
+  return num_classes == 2
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Everything a run depends on (flags of trainer.main, same names)."""
+  data_dir: str
+  model_dir: str
+  model: str = MODELS[0]
+  epochs: int = 15
+  batch_size: int = 32
+  learning_rate: float = 1e-3
+  optimizer: str = OPTIMIZERS[0]
+  early_stopping_patience: int = 3
+  early_stopping_monitor: str = MONITORS[0]
+  target_accuracy: Optional[float] = None
+  augment: Optional[augment_config.AugmentConfig] = None
+  dropout: Optional[float] = None
+  image_size: Optional[tuple[int, int]] = None
+  seed: int = 0
+  mixed_precision: bool = False
+  jit_compile: bool = False
+  distribution: str = DISTRIBUTIONS[0]
+  base_model: str = BASE_MODELS[0]
+  base_weights: Optional[str] = None
+  base_cutoff_layer: Optional[str] = None
+  cache: Optional[str] = None
+
+  def fingerprint(self, spec=None) -> dict:
+    """Settings a resumed run must share (epochs may grow).
+
+    Keys are flag names. Paths are absolute and resolved, so the same run
+    given relative paths, or through a link, is the same run; model_dir is
+    left out (the run lives there, and may be moved). With the dataset's
+    spec, `image_size` is the size trained at and `dataset` says what the
+    data is, so a dataset rebuilt in place is another run.
+    """
+    out = dataclasses.asdict(self)
+    out.pop('epochs')
+    out.pop('model_dir')
+    out['data_dir'] = normalized_path(self.data_dir)
+    out['cache'] = (self.cache if self.cache in (None, '', 'memory')
+                    else normalized_path(self.cache))
+    out['base_weights'] = (
+        self.base_weights if self.base_weights in (None, '', 'none')
+        else normalized_path(self.base_weights))
+    out['augment'] = augment_config.to_text(self.augment)
+    size = self.image_size or (spec and (spec.height, spec.width))
+    out['image_size'] = list(size) if size else None
+    if spec is not None:
+      out['dataset'] = dataset_summary(spec)
+    return out
+
+
+def normalized_path(path: Optional[str]) -> Optional[str]:
+  """Absolute, resolved local path (URLs such as gs://... unchanged)."""
+  if not path or '://' in path:
+    return path
+  return os.path.realpath(os.path.expanduser(path))
+
+
+def dataset_digest(spec) -> str:
+  """sha256 of everything metadata.json says (sizes, classes, every shard)."""
+  return hashlib.sha256(json.dumps(spec.to_json_dict(), sort_keys=True,
+                                   default=str).encode()).hexdigest()
+
+
+def dataset_summary(spec) -> str:
+  """What a dataset is, readable, ending in its metadata digest."""
+  names = list(spec.class_names)
+  shown = ', '.join(names[:4]) + (f', ... ({len(names)} in all)'
+                                  if len(names) > 4 else '')
+  counts = '/'.join(str(spec.splits[s].num_examples if s in spec.splits
+                        else 0) for s in ('train', 'validation', 'test'))
+  return (f'{spec.height}x{spec.width}x{spec.channels} {spec.image_format} '
+          f'images, classes {shown}, {counts} train/validation/test, '
+          f'metadata {dataset_digest(spec)[:12]}')
+
+
+def same_setting(key: str, saved, current) -> bool:
+  """Fingerprint values equal in another spelling (runs of older versions)."""
+  if key in ('data_dir', 'cache', 'base_weights') and isinstance(saved, str):
+    if saved not in ('', 'memory', 'none'):
+      saved = normalized_path(saved)
+  if key == 'augment' and isinstance(saved, str) and saved != current:
+    saved = augment_config.to_text(_old_augment(saved))
+  return saved == current
+
+
+def _old_augment(saved: str):
+  """An older run's augment (JSON of a preset name or a dict), as a config."""
+  try:
+    value = json.loads(saved)
+  except ValueError:
+    value = saved
+  try:
+    if isinstance(value, str):
+      return augment_config.parse(value)
+    return augment_config.resolve(value)
+  except (ValueError, TypeError):
+    return saved
+
+
+def _flag_value(key: str, value) -> str:
+  """A fingerprint value as it is spelled on the command line."""
+  if value is None:
+    return '(not set)'
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (list, tuple)):
+    return ','.join(str(v) for v in value)
+  return str(value)
+
+
+def settings_message(config: TrainConfig, differences) -> str:
+  """One line naming each differing setting as a flag, and the way out."""
+  checkpoint = os.path.join(config.model_dir, CHECKPOINT_DIR)
+  keys = {key for key, _, _ in differences}
+  parts = []
+  for key, saved, current in differences:
+    if key == 'dataset':
+      parts.append(f'--data_dir={config.data_dir} holds another dataset than '
+                   f'the saved run ({saved} in the saved run, {current} now)')
+    elif key == 'image_size' and 'dataset' in keys and not config.image_size:
+      continue  # The stored size changed with the dataset: said above.
+    else:
+      parts.append(f'--{key}: {_flag_value(key, saved)} in the saved run, '
+                   f'{_flag_value(key, current)} now')
+  if 'dataset' in keys:
+    fix = ('the saved run cannot resume on it: pass a new --model_dir to '
+           f'train on this dataset (or delete {checkpoint}/ to start over '
+           'there)')
+  else:
+    fix = ('to resume it, rerun with its settings; to start another run, '
+           f'pass a new --model_dir (or delete {checkpoint}/ to start over '
+           'there)')
+  return (f'--model_dir={config.model_dir} holds a run with other settings: '
+          + '; '.join(parts) + f'. {fix[0].upper()}{fix[1:]}')
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """model_config.json: what a trained model takes and predicts.
+
+  Saved flat (model_input's fields beside `model` and `class_names`), as
+  earlier versions wrote it, so their files still load.
+  """
+  model: str
+  class_names: tuple[str, ...]
+  model_input: model_input_lib.ModelInput
+
+  @property
+  def single_unit(self) -> bool:
+    return single_unit(len(self.class_names))
+
+  def to_json_dict(self) -> dict:
+    out = {'model': self.model, 'class_names': list(self.class_names)}
+    out.update(dataclasses.asdict(self.model_input))
+    return out
+
+  @classmethod
+  def from_json_dict(cls, d: Any) -> 'ModelConfig':
+    """Raises ValueError naming what is missing or wrong."""
+    if not isinstance(d, dict):
+      d = {}
+    fields = {f.name: f for f in dataclasses.fields(model_input_lib.ModelInput)}
+    required = ['class_names'] + [
+        n for n, f in fields.items()
+        if f.default is dataclasses.MISSING and n not in ('stored_height',
+                                                           'stored_width')]
+    missing = [k for k in required if k not in d]
+    if missing:
+      raise ValueError(f'lacks {", ".join(missing)}')
+    values = {k: d[k] for k in fields if d.get(k) is not None}
+    # Versions before the serving export kept the stored size: the read size.
+    values.setdefault('stored_height', d['height'])
+    values.setdefault('stored_width', d['width'])
+    for key in ('mean', 'std'):
+      if key in values:
+        values[key] = tuple(values[key])
+    try:
+      return cls(model=d.get('model', ''),
+                 class_names=tuple(d['class_names']),
+                 model_input=model_input_lib.ModelInput(**values))
+    except TypeError as e:
+      raise ValueError(str(e)) from None
+
+
+def default(name: str):
+  """The default of TrainConfig field `name` (what its flag defaults to)."""
+  return {f.name: f.default for f in dataclasses.fields(TrainConfig)}[name]

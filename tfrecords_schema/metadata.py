@@ -17,6 +17,7 @@ import json
 import posixpath
 from typing import Mapping, Optional
 
+from pipelines.common.errors import UserError
 from tfrecords_schema import schema
 
 METADATA_FILE = 'metadata.json'
@@ -26,7 +27,7 @@ TOOLKIT_MARKER = 'image-folder-tfrecords'
 SPLITS = ('train', 'validation', 'test')
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
   """A data directory is missing, not ours, or of another schema version."""
 
 

@@ -19,6 +19,7 @@ from typing import Optional
 import keras
 from keras import layers
 
+from pipelines.common.errors import UserError
 from trainer import config as config_lib
 
 MODELS = config_lib.MODELS
@@ -31,7 +32,7 @@ DEFAULT_DROPOUT = {'small_cnn': 0.0, 'horses_humans': 0.0, 'cats_dogs': 0.5,
                    'transfer': 0.2}
 
 
-class ModelError(ValueError):
+class ModelError(UserError):
   """A model that cannot be built for this dataset; the message says why."""
 
 

@@ -1,4 +1,11 @@
-"""The error type for user mistakes: shown as one line, never a traceback."""
+"""The error type for user mistakes: shown as one line, never a traceback.
+
+Every command's entry point catches UserError (and only it, for user
+mistakes) and prints `error: <message>`. Errors that libraries raise for a
+user's input subclass it: tfrecords_schema.DatasetError (a folder that is no
+built dataset, or a damaged one), trainer.models.ModelError (a model that
+cannot be built for this dataset).
+"""
 
 
 class UserError(ValueError):

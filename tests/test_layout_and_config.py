@@ -122,3 +122,14 @@ def test_model_config_round_trips_and_reads_older_files():
   assert loaded.stored_size == (24, 40)  # Older files: stored = read size.
   with pytest.raises(ValueError, match='lacks class_names'):
     config.ModelConfig.from_json_dict([1, 2])
+
+
+@pytest.mark.parametrize('text, needle', [
+    ('rotation_range=abc', 'rotation_range'), ('crop_range=0.5', 'crop_range'),
+    ('horizontal_flip=1', 'horizontal_flip'), ('zoom_range=1:2:3', 'zoom_range'),
+    ('fill_mode=mirror', 'fill_mode'), ('rotaton_range=3', 'unknown'),
+    ('rotation', 'key=value'), ('zoom_range=1:x', 'zoom_range')])
+def test_bad_augment_text_is_a_value_error_naming_the_option(text, needle):
+  from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
+  with pytest.raises(ValueError, match=needle):
+    augment_config.parse(text)

@@ -30,6 +30,35 @@ _MOVED = {
 Range = Union[float, Sequence[float]]
 
 
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_type(name: str, value, default_type: type) -> None:
+  """ValueError naming the option when a value has the wrong kind."""
+  if name == 'fill_mode':
+    ok = isinstance(value, str)
+  elif default_type is bool:
+    ok = isinstance(value, bool)
+  elif name == 'zoom_range':
+    ok = _is_number(value) or _is_pair(value)
+  elif default_type is type(None):  # Optional [low, high] ranges.
+    ok = value is None or _is_pair(value)
+  else:
+    ok = _is_number(value)
+  if not ok:
+    kind = ('true or false' if default_type is bool else 'a [low, high] pair'
+            if default_type is type(None) else 'a number or a [low, high] '
+            'pair' if name == 'zoom_range' else 'a name' if name ==
+            'fill_mode' else 'a number')
+    raise ValueError(f'{name}={value!r} must be {kind}')
+
+
+def _is_pair(value) -> bool:
+  return (isinstance(value, (list, tuple)) and len(value) == 2 and
+          all(_is_number(v) for v in value))
+
+
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
   """Random augmentation settings (ImageDataGenerator names + extras)."""
@@ -51,6 +80,9 @@ class AugmentConfig:
   hue_delta: float = 0.0
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      _check_type(field.name, getattr(self, field.name),
+                  type(getattr(AugmentConfig, field.name, None)))
     if self.fill_mode not in FILL_MODES:
       raise ValueError(f'fill_mode={self.fill_mode!r} is not one of {FILL_MODES}')
     for name in ('rotation_range', 'width_shift_range', 'height_shift_range',

@@ -1,37 +1,49 @@
 """The Beam pipeline: labelled image folders -> sharded, resized TFRecords.
 
-Every input file is read once. Stages (only file *metadata* crosses between
-workers, never image bytes, so memory stays flat however many images there
-are):
+Every input file is read once, and no step holds per-file data of the whole
+dataset: the graph holds one element per class folder, and the global steps
+see only per-chunk totals. Stages:
 
-  launcher                  sorted listing in a seeded order (hash of path),
-                            cut into chunks of EXAMPLES_PER_CHUNK files
-  WriteChunks (parallel)    read, sha256, split = hash(seed, sha256) (or the
-                            given split folder), decode/validate/resize/
-                            encode; records go to one small TFRecord file per
-                            (chunk, split); bad files -> rejected
-  PlanShards (one element)  same bytes together: duplicates, conflicts and
-                            leaks are dropped; kept records are packed, in
-                            chunk order, into shards of ~shard_size
-  ConcatShards (parallel)   byte ranges of chunk files -> shard files (framed
-                            TFRecords concatenate into a valid file)
-  Finalize (one element)    metadata.json, build_report.json, rejected.jsonl
-  launcher                  TFDS metadata (dataset_info.json, features.json)
+  launcher          top of --input_dir only: layout, classes, one task per
+                    class folder (graph size grows with classes, not files)
+  ListFolders       workers walk their class folders (local: byte-safe, with
+                    the link policy; gs://, s3://: Beam's FileSystems);
+                    every file is a candidate or ignored with a reason
+  Chunk             chunk = floor(order_key(seed, path) * num_chunks), with
+                    num_chunks from a global count: ~EXAMPLES_PER_CHUNK
+                    files per chunk in a seeded order that mixes classes
+  WriteChunks       per chunk, files in (order_key, path) order: read,
+                    sha256, split = hash(seed, sha256) (or the split
+                    folder), decode/validate/resize/encode; records go to one
+                    chunk file per (chunk, split); bad files -> rejected
+  Dedupe            GroupByKey on sha256: duplicates, label conflicts and
+                    leaks resolved per content hash
+  ChunkTotals       kept bytes per (split, chunk) -> prefix sums over the
+                    chunk list (its size is the number of chunks) give each
+                    kept record its offset in its split; shard = offset //
+                    shard_size (~shard_size bytes a shard)
+  ConcatShards      GroupByKey on (split, shard): byte ranges of chunk files
+                    -> shard files (framed TFRecords concatenate)
+  Statistics        train mean/std from exact integer sums (any order)
+  Finalize          metadata.json, build_report.json, rejected.jsonl
+                    (streamed from an iterable side input)
+  launcher          TFDS metadata (dataset_info.json, features.json)
 
 Everything is written under a hidden temporary folder next to --output_dir;
-the launcher renames it into place only after the pipeline succeeded, so an
-interrupted run never leaves something that looks like a dataset. Each chunk
-and shard is a pure function of the input and flags (sorted listing, hashed
-order, deterministic record encoding), so one worker or many, in one process
-or several, write byte-identical shards.
+the launcher renames it into place only after the pipeline succeeded. Each
+chunk and shard is a pure function of the input and flags (seeded order,
+sorted within every group, deterministic record encoding), so one worker or
+many, in one process or several, on any runner, write byte-identical shards.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import fractions
 import hashlib
 import json
+import math
 import posixpath
 import sys
 import time
@@ -53,6 +65,9 @@ from tfrecords_schema import schema
 EXAMPLES_PER_CHUNK = 64
 CHUNKS_DIR = '_chunks'
 _COPY_BLOCK = 16 << 20
+# Tagged outputs.
+REJECTED, IGNORED, FINDINGS, PLACED, TIMES = (
+    'rejected', 'ignored', 'findings', 'placed', 'times')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +84,11 @@ class BuildConfig:
   shard_size_bytes: int
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkTask:
-  index: int
-  num_chunks: int
-  files: tuple[listing_lib.SourceFile, ...]
-
-
 class RecordInfo(NamedTuple):
   """Where one written record lies in a chunk file, and what it holds.
 
-  A NamedTuple, with the pixel sums packed into bytes: the launcher holds one
-  of these per image, so its size is the build's memory per image.
+  pixel_sums: exact per-channel integer sums and sums of squares of the
+  stored pixels (the train statistics), num_pixels their count.
   """
   relpath: str
   class_name: str
@@ -90,41 +98,19 @@ class RecordInfo(NamedTuple):
   chunk: int
   offset: int
   length: int
-  pixel_sums: bytes  # float64 [2, C]: per-channel sum, sum of squares.
+  pixel_sums: tuple[tuple[int, ...], tuple[int, ...]]
   num_pixels: int
   warning: Optional[str]
 
 
-@dataclasses.dataclass(frozen=True)
-class ChunkOutput:
-  """What one WriteChunk call returns; times are worker wall clock."""
-  index: int
-  records: tuple[RecordInfo, ...]
-  start_time: float
-  end_time: float
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardTask:
-  """Byte ranges (chunk path, offset, length) that make up one shard."""
+class ShardResult(NamedTuple):
+  """One written shard file."""
   split: str
   index: int
-  num_shards: int
-  pieces: tuple[tuple[str, int, int], ...]
+  filename: str
+  num_bytes: int
   num_examples: int
   class_counts: tuple[int, ...]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """The outcome of PlanShards: shard contents plus what the report needs."""
-  shards: tuple[ShardTask, ...]
-  dropped: tuple[splits_lib.Dropped, ...]
-  findings: tuple[dict, ...]
-  warnings: tuple[dict, ...]
-  train_mean: Optional[tuple[float, ...]]
-  train_std: Optional[tuple[float, ...]]
-  write_seconds: float  # First chunk start to last chunk end (steady state).
 
 
 # Workers touch files only through Beam's FileSystems (local, gs://, s3://,
@@ -142,28 +128,16 @@ def _log(message: str) -> None:
   print(f'[build] {message}', file=sys.stderr, flush=True)
 
 
-def plan_chunks(files: Sequence[listing_lib.SourceFile], *, seed: int,
-                chunk_size: int = EXAMPLES_PER_CHUNK) -> list[ChunkTask]:
-  """Files -> ChunkTasks in a seeded order that mixes classes in every shard."""
-  ordered = sorted(files, key=lambda f: (
-      splits_lib.order_key(f.relpath, seed=seed), f.relpath))
-  num_chunks = -(-len(ordered) // chunk_size)
-  return [ChunkTask(i, num_chunks,
-                    tuple(ordered[i * chunk_size:(i + 1) * chunk_size]))
-          for i in range(num_chunks)]
-
-
 def chunk_path(tmp_dir: str, index: int, split: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.tfrecord')
 
 
 class WriteChunk(beam.DoFn):
-  """ChunkTask -> ChunkOutput, writing per-split chunk files.
+  """(chunk index, SourceFiles) -> RecordInfo per written record.
 
-  One output element per chunk, not per record: Beam's per-element cost in
-  the worker is worth avoiding at ~1 ms of real work per image.
-
-  Files that cannot become an example go to 'rejected' with a reason.
+  Files are written in (order_key, path) order, whatever order the runner
+  grouped them in. Files that cannot become an example go to 'rejected' with
+  a reason.
   """
 
   def __init__(self, config: BuildConfig, tmp_dir: str):
@@ -176,12 +150,15 @@ class WriteChunk(beam.DoFn):
         validation_fraction=self._config.validation_fraction,
         test_fraction=self._config.test_fraction)
 
-  def process(self, task: ChunkTask):
+  def process(self, element):
+    index, files = element
     config = self._config
     start_time = time.time()
-    writers, offsets, records = {}, collections.Counter(), []
+    files = sorted(files, key=lambda f: (
+        splits_lib.order_key(f.relpath, seed=config.seed), f.relpath))
+    writers, offsets, written = {}, collections.Counter(), 0
     try:
-      for source in task.files:
+      for source in files:
         try:
           data = source_image.read_source(
               posixpath.join(config.input_dir, source.relpath),
@@ -190,11 +167,11 @@ class WriteChunk(beam.DoFn):
               data, extension=posixpath.splitext(source.relpath)[1],
               options=config.image)
         except source_image.ImageRejected as e:
-          yield beam.pvalue.TaggedOutput('rejected', splits_lib.Dropped(
+          yield beam.pvalue.TaggedOutput(REJECTED, splits_lib.Dropped(
               source.relpath, e.outcome, e.reason))
           continue
         except Exception as e:  # pylint: disable=broad-except
-          yield beam.pvalue.TaggedOutput('rejected', splits_lib.Dropped(
+          yield beam.pvalue.TaggedOutput(REJECTED, splits_lib.Dropped(
               source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
@@ -208,118 +185,162 @@ class WriteChunk(beam.DoFn):
             original_width=processed.original_width))
         if split not in writers:
           writers[split] = FileSystems.create(
-              chunk_path(self._tmp_dir, task.index, split),
-              compression_type=_RAW)
+              chunk_path(self._tmp_dir, index, split), compression_type=_RAW)
         writers[split].write(record)
-        records.append(RecordInfo(
+        yield RecordInfo(
             source.relpath, source.class_name, source.given_split, sha, split,
-            task.index, offsets[split], len(record),
-            np.stack([processed.pixel_sum, processed.pixel_sumsq]).tobytes(),
-            processed.num_pixels, processed.warning))
+            index, offsets[split], len(record),
+            (tuple(int(v) for v in processed.pixel_sum),
+             tuple(int(v) for v in processed.pixel_sumsq)),
+            processed.num_pixels, processed.warning)
         offsets[split] += len(record)
+        written += 1
     finally:
       for writer in writers.values():
         writer.close()
-    _log(f'chunk {task.index + 1}/{task.num_chunks}: {len(records)} written, '
-         f'{len(task.files) - len(records)} rejected')
-    yield ChunkOutput(task.index, tuple(records), start_time, time.time())
+    _log(f'chunk {index + 1}: {written} written, {len(files) - written} '
+         'rejected')
+    yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
 
 
-def _mean_std(records: Sequence[RecordInfo]):
-  """Per-channel mean/std (0..255 scale) over the records, or (None, None)."""
-  n = sum(r.num_pixels for r in records)
-  if not n:
+class ListFolder(beam.DoFn):
+  """FolderTask -> SourceFile per candidate image; 'ignored' for the rest."""
+
+  def __init__(self, input_dir: str, exclude: Sequence[str]):
+    self._input_dir = input_dir
+    self._exclude = tuple(exclude)
+
+  def process(self, task: listing_lib.FolderTask):
+    for item in listing_lib.list_folder(self._input_dir, task,
+                                        exclude=self._exclude):
+      if isinstance(item, listing_lib.SourceFile):
+        yield item
+      else:
+        yield beam.pvalue.TaggedOutput(IGNORED, splits_lib.Dropped(
+            item.relpath, item.outcome, item.reason))
+
+
+def chunk_of(source: listing_lib.SourceFile, num_chunks: int, *,
+             seed: int) -> int:
+  """The chunk of a file: its seeded order key cut into num_chunks ranges."""
+  return min(num_chunks - 1, int(splits_lib.order_key(
+      source.relpath, seed=seed) * num_chunks))
+
+
+def resolve_duplicates(element, *, config: BuildConfig):
+  """(sha256, RecordInfos of those bytes) -> kept RecordInfos; 'dropped' and
+  'findings' for duplicates, conflicts and leaks."""
+  sha, records = element
+  records = {r.relpath: r for r in records}
+  kept, dropped, finding = splits_lib.resolve_same_bytes(
+      sha, [splits_lib.FileEntry(r.relpath, r.class_name, r.given_split, sha)
+            for r in records.values()],
+      seed=config.seed, validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction)
+  for k in kept:
+    yield records[k.relpath]
+  for d in dropped:
+    yield beam.pvalue.TaggedOutput(REJECTED, d)
+  if finding:
+    yield beam.pvalue.TaggedOutput(FINDINGS, finding)
+
+
+def chunk_totals(element):
+  """((split, chunk), kept RecordInfos) -> (split, chunk, kept bytes), and
+  each record with its offset among the chunk's kept records ('placed')."""
+  (split, chunk), records = element
+  position = 0
+  for r in sorted(records, key=lambda r: r.offset):
+    yield beam.pvalue.TaggedOutput(PLACED, (r, position))
+    position += r.length
+  yield split, chunk, position
+
+
+def shard_layout(totals, *, shard_size_bytes: int) -> dict:
+  """[(split, chunk, bytes)] -> {'start': {(split, chunk): offset},
+  'num_shards': {split: n}}: prefix sums over the chunk list, in chunk order.
+
+  The list has one entry per (split, chunk), never one per image.
+  """
+  start, size = {}, collections.Counter()
+  for split, chunk, num_bytes in sorted(totals):
+    start[split, chunk] = size[split]
+    size[split] += num_bytes
+  return {'start': start, 'num_shards': {
+      split: -(-total // shard_size_bytes) for split, total in size.items()}}
+
+
+def shard_of(placed, layout: dict, *, shard_size_bytes: int):
+  """(RecordInfo, offset in its chunk) -> ((split, shard), RecordInfo)."""
+  record, position = placed
+  offset = layout['start'][record.split, record.chunk] + position
+  shard = min(offset // shard_size_bytes,
+              layout['num_shards'][record.split] - 1)
+  return (record.split, shard), record
+
+
+class PixelSums(beam.CombineFn):
+  """Exact per-channel integer sums of train pixels: same in any order."""
+
+  def create_accumulator(self):
+    return None
+
+  def add_input(self, acc, record: RecordInfo):
+    sums = (record.pixel_sums[0], record.pixel_sums[1], record.num_pixels)
+    return sums if acc is None else self._add(acc, sums)
+
+  @staticmethod
+  def _add(a, b):
+    return (tuple(x + y for x, y in zip(a[0], b[0])),
+            tuple(x + y for x, y in zip(a[1], b[1])), a[2] + b[2])
+
+  def merge_accumulators(self, accumulators):
+    out = None
+    for acc in accumulators:
+      if acc is not None:
+        out = acc if out is None else self._add(out, acc)
+    return out
+
+  def extract_output(self, acc):
+    return acc
+
+
+def mean_std(sums) -> tuple[Optional[tuple[float, ...]],
+                            Optional[tuple[float, ...]]]:
+  """Exact integer sums -> per-channel mean/std (0..255), or (None, None)."""
+  if not sums or not sums[2]:
     return None, None
-  sums = np.sum([np.frombuffer(r.pixel_sums).reshape(2, -1) for r in records],
-               axis=0) / n
-  mean, mean_sq = sums[0], sums[1]
-  std = np.sqrt(np.maximum(mean_sq - np.square(mean), 0.0))
+  total, total_sq, n = sums
+  mean = [fractions.Fraction(t, n) for t in total]
+  variance = [max(fractions.Fraction(q, n) - m * m, 0)
+              for q, m in zip(total_sq, mean)]
   return (tuple(round(float(m), 4) for m in mean),
-          tuple(round(float(s), 4) for s in std))
+          tuple(round(math.sqrt(v), 4) for v in variance))
 
 
-def _pack_shards(split: str, records: Sequence[RecordInfo], *, tmp_dir: str,
-                 class_names: Sequence[str],
-                 shard_size_bytes: int) -> list[ShardTask]:
-  """Kept records of one split, in chunk order -> shards of ~shard_size."""
-  groups, current, size = [], [], 0
-  for record in records:
-    if current and size + record.length > shard_size_bytes:
-      groups.append(current)
-      current, size = [], 0
-    current.append(record)
-    size += record.length
-  if current:
-    groups.append(current)
-  shards = []
-  for index, group in enumerate(groups):
+class ConcatShard(beam.DoFn):
+  """((split, shard), RecordInfos) -> ShardResult: copies byte ranges."""
+
+  def __init__(self, tmp_dir: str, config: BuildConfig):
+    self._tmp_dir = tmp_dir
+    self._config = config
+
+  def process(self, element, layout):
+    (split, index), records = element
+    records = sorted(records, key=lambda r: (r.chunk, r.offset))
+    filename = schema.shard_filename(self._config.dataset_name, split, index,
+                                     layout['num_shards'][split])
     pieces = []
-    for r in group:  # Neighbouring records of one chunk file: one range.
-      path = chunk_path(tmp_dir, r.chunk, split)
+    for r in records:  # Neighbouring records of one chunk file: one range.
+      path = chunk_path(self._tmp_dir, r.chunk, split)
       if pieces and pieces[-1][0] == path and sum(pieces[-1][1:]) == r.offset:
         pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + r.length)
       else:
         pieces.append((path, r.offset, r.length))
-    counts = collections.Counter(r.class_name for r in group)
-    shards.append(ShardTask(split, index, len(groups), tuple(pieces),
-                            len(group), tuple(counts[c] for c in class_names)))
-  return shards
-
-
-def plan_shards(element, *, config: BuildConfig, tmp_dir: str) -> Plan:
-  """All RecordInfos -> Plan: drop duplicates/conflicts/leaks, pack shards.
-
-  The one global step; it sees ~300 bytes of metadata per file.
-  """
-  _, chunks = element
-  chunks = list(chunks)
-  records = sorted((r for chunk in chunks for r in chunk.records),
-                   key=lambda r: (r.chunk, r.split, r.offset))
-  by_sha = collections.defaultdict(list)
-  for r in records:
-    by_sha[r.sha256].append(r)
-  keep, dropped, findings = set(), [], []
-  for sha in sorted(by_sha):
-    kept, gone, finding = splits_lib.resolve_same_bytes(
-        sha, [splits_lib.FileEntry(r.relpath, r.class_name, r.given_split, sha)
-              for r in by_sha[sha]],
-        seed=config.seed, validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction)
-    keep.update(k.relpath for k in kept)
-    dropped.extend(gone)
-    if finding:
-      findings.append(finding)
-  kept_records = [r for r in records if r.relpath in keep]
-  shards = []
-  for split in metadata_lib.SPLITS:
-    shards.extend(_pack_shards(
-        split, [r for r in kept_records if r.split == split], tmp_dir=tmp_dir,
-        class_names=config.class_names,
-        shard_size_bytes=config.shard_size_bytes))
-  mean, std = _mean_std([r for r in kept_records if r.split == 'train'])
-  warnings = sorted(({'path': r.relpath, 'warning': r.warning}
-                     for r in kept_records if r.warning),
-                    key=lambda w: w['path'])
-  write_seconds = (max((c.end_time for c in chunks), default=0.0) -
-                   min((c.start_time for c in chunks), default=0.0))
-  return Plan(tuple(shards), tuple(dropped), tuple(findings), tuple(warnings),
-              mean, std, round(write_seconds, 3))
-
-
-class ConcatShard(beam.DoFn):
-  """ShardTask -> (split, index, filename, num_bytes): copies byte ranges."""
-
-  def __init__(self, tmp_dir: str, dataset_name: str):
-    self._tmp_dir = tmp_dir
-    self._dataset_name = dataset_name
-
-  def process(self, task: ShardTask):
-    filename = schema.shard_filename(self._dataset_name, task.split,
-                                     task.index, task.num_shards)
     num_bytes = 0
     with FileSystems.create(posixpath.join(self._tmp_dir, filename),
                             compression_type=_RAW) as out:
-      for path, offset, length in task.pieces:
+      for path, offset, length in pieces:
         with FileSystems.open(path, compression_type=_RAW) as f:
           f.seek(offset)
           remaining = length
@@ -330,51 +351,64 @@ class ConcatShard(beam.DoFn):
             out.write(block)
             remaining -= len(block)
             num_bytes += len(block)
-    yield task.split, task.index, filename, num_bytes
+    counts = collections.Counter(r.class_name for r in records)
+    yield ShardResult(split, index, filename, num_bytes, len(records),
+                      tuple(counts[c] for c in self._config.class_names))
 
 
-def finalize(_, *, config: BuildConfig, tmp_dir: str, num_seen: int,
-             plan: Plan, shard_files: list, rejected: list) -> None:
+def finalize(_, num_files: int, num_ignored: int, *, config: BuildConfig,
+             tmp_dir: str, num_top_ignored: int, shards: list, stats,
+             findings, warnings, rejected, times) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
-  The launcher adds the TFDS files (which need TensorFlow) after the run.
+  `rejected` is an iterable side input, written to rejected.jsonl as it is
+  read (never held); shards has one entry per shard file, findings and
+  warnings one per problem found. The launcher adds the TFDS files (which
+  need TensorFlow) after the run.
   """
-  files = {(split, index): (name, size)
-           for split, index, name, size in shard_files}
+  num_seen = num_files + num_ignored + num_top_ignored
+  mean, std = mean_std(stats)
   split_specs = {}
   for split in metadata_lib.SPLITS:
-    mine = sorted((s for s in plan.shards if s.split == split),
+    mine = sorted((s for s in shards if s.split == split),
                   key=lambda s: s.index)
-    counts = np.sum([s.class_counts for s in mine], axis=0) if mine else (
+    counts = [sum(c) for c in zip(*(s.class_counts for s in mine))] or (
         [0] * len(config.class_names))
     split_specs[split] = metadata_lib.SplitSpec(
-        name=split, shards=tuple(files[split, s.index][0] for s in mine),
+        name=split, shards=tuple(s.filename for s in mine),
         shard_lengths=tuple(s.num_examples for s in mine),
-        num_bytes=sum(files[split, s.index][1] for s in mine),
+        num_bytes=sum(s.num_bytes for s in mine),
         class_counts=tuple(int(n) for n in counts))
   spec = metadata_lib.DatasetSpec(
       name=config.dataset_name, class_names=config.class_names,
       height=config.image.height, width=config.image.width,
       channels=config.image.channels, image_format=config.image.image_format,
       resize_mode=config.image.resize_mode, splits=split_specs,
-      mean=plan.train_mean, std=plan.train_std,
+      mean=mean, std=std,
       jpeg_quality=(config.image.jpeg_quality
                     if config.image.image_format == 'jpeg' else None))
   _write_bytes(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE),
                json.dumps(spec.to_json_dict(), indent=2).encode())
 
-  rejected = sorted(list(rejected) + list(plan.dropped),
-                    key=lambda d: (d.relpath, d.outcome))
-  written = sum(s.num_examples for s in plan.shards)
-  counts = {'seen': num_seen, 'written': written, **dict(sorted(
-      collections.Counter(d.outcome for d in rejected).items()))}
-  if written + len(rejected) != num_seen:
+  outcomes = collections.Counter()
+  with FileSystems.create(posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE),
+                          compression_type=_RAW) as f:
+    for d in rejected:  # Streamed: one line at a time.
+      outcomes[d.outcome] += 1
+      f.write((json.dumps({'path': d.relpath, 'reason': d.reason,
+                           'outcome': d.outcome}) + '\n').encode())
+  written = sum(s.num_examples for s in shards)
+  not_written = sum(outcomes.values())
+  counts = {'seen': num_seen, 'written': written,
+            **dict(sorted(outcomes.items()))}
+  if written + not_written != num_seen:
     raise AssertionError(
-        f'bookkeeping bug: {written} written + {len(rejected)} not written '
+        f'bookkeeping bug: {written} written + {not_written} not written '
         f'!= {num_seen} seen')
   by_kind = collections.defaultdict(list)
-  for f in sorted(plan.findings, key=lambda f: f['sha256']):
+  for f in sorted(findings, key=lambda f: f['sha256']):
     by_kind[f['kind']].append(f)
+  times = list(times)
   report = {
       'toolkit': metadata_lib.TOOLKIT_MARKER,
       'schema_version': schema.SCHEMA_VERSION,
@@ -392,21 +426,20 @@ def finalize(_, *, config: BuildConfig, tmp_dir: str, num_seen: int,
                  'num_bytes': s.num_bytes,
                  'per_class': dict(zip(config.class_names, s.class_counts))}
           for name, s in split_specs.items()},
-      'train_mean': plan.train_mean,
-      'train_std': plan.train_std,
+      'train_mean': mean,
+      'train_std': std,
       'bytes_written': sum(s.num_bytes for s in split_specs.values()),
       'duplicates': by_kind[splits_lib.DUPLICATE],
       'conflicts': by_kind[splits_lib.LABEL_CONFLICT],
       'leaks': by_kind[splits_lib.LEAK],
-      'warnings': list(plan.warnings),
-      'write_stage_s': plan.write_seconds,
+      'warnings': sorted(warnings, key=lambda w: w['path']),
+      # First chunk start to last chunk end: the steady-state write time.
+      'write_stage_s': round(max((t[1] for t in times), default=0.0) -
+                             min((t[0] for t in times), default=0.0), 3),
   }
   _write_bytes(posixpath.join(tmp_dir, metadata_lib.REPORT_FILE),
                json.dumps(report, indent=2).encode())
-  _write_bytes(posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE), ''.join(
-      json.dumps({'path': d.relpath, 'reason': d.reason, 'outcome': d.outcome})
-      + '\n' for d in rejected).encode())
-  _log(f'finalized: {written} written, {len(rejected)} not written')
+  _log(f'finalized: {written} written, {not_written} not written')
 
 
 def _spread(pcoll, name: str, key):
@@ -417,48 +450,111 @@ def _spread(pcoll, name: str, key):
           | f'Unkey{name}' >> beam.FlatMap(lambda kv: kv[1]))
 
 
+def _count(pcoll, name: str):
+  return pcoll | name >> beam.combiners.Count.Globally()
+
+
 def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
-                   listing: listing_lib.Listing, tmp_dir: str) -> None:
+                   plan: listing_lib.InputPlan, tmp_dir: str,
+                   exclude: Sequence[str] = ()) -> None:
   """Adds the whole build to `pipeline` (see the module docstring)."""
-  tasks = plan_chunks(listing.files, seed=config.seed)
+  seed = config.seed
+  size = config.shard_size_bytes
+  listed = (
+      _spread(pipeline | 'Folders' >> beam.Create(plan.folders), 'Folders',
+              lambda t: t.relpath)
+      | 'ListFolders' >> beam.ParDo(ListFolder(config.input_dir, exclude)
+                                    ).with_outputs(IGNORED, main='files'))
+  num_files = _count(listed.files, 'CountFiles')
+  num_chunks = num_files | 'NumChunks' >> beam.Map(
+      lambda n: max(1, -(-n // EXAMPLES_PER_CHUNK)))
   written = (
-      _spread(pipeline | 'Chunks' >> beam.Create(tasks), 'Chunks',
-              lambda t: t.index)
+      listed.files
+      | 'Chunk' >> beam.Map(
+          lambda f, n: (chunk_of(f, n, seed=seed), f),
+          n=beam.pvalue.AsSingleton(num_chunks))
+      | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
-          'rejected', main='records'))
-  plan = (
+          REJECTED, TIMES, main='records'))
+  deduped = (
       written.records
-      | 'KeyAll' >> beam.Map(lambda chunk: (None, chunk))
-      | 'GatherRecords' >> beam.GroupByKey()
-      | 'PlanShards' >> beam.Map(plan_shards, config=config, tmp_dir=tmp_dir))
-  shard_files = (
-      _spread(plan | 'ShardTasks' >> beam.FlatMap(lambda p: p.shards),
-              'Shards', lambda s: (s.split, s.index))
-      | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config.dataset_name)))
+      | 'KeyBySha' >> beam.Map(lambda r: (r.sha256, r))
+      | 'GroupBySha' >> beam.GroupByKey()
+      | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
+                                 ).with_outputs(REJECTED, FINDINGS,
+                                                main='kept'))
+  placed = (
+      deduped.kept
+      | 'KeyByChunk' >> beam.Map(lambda r: ((r.split, r.chunk), r))
+      | 'GroupByChunk' >> beam.GroupByKey()
+      | 'ChunkTotals' >> beam.FlatMap(chunk_totals).with_outputs(
+          PLACED, main='totals'))
+  layout = (
+      placed.totals
+      | 'AllTotals' >> beam.combiners.ToList()
+      | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
+  shards = (
+      placed[PLACED]
+      | 'Shard' >> beam.Map(shard_of, beam.pvalue.AsSingleton(layout),
+                            shard_size_bytes=size)
+      | 'GroupShards' >> beam.GroupByKey()
+      | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config),
+                                     beam.pvalue.AsSingleton(layout)))
+  stats = (
+      deduped.kept
+      | 'TrainOnly' >> beam.Filter(lambda r: r.split == 'train')
+      | 'PixelSums' >> beam.CombineGlobally(PixelSums()))
+  warnings = (
+      deduped.kept
+      | 'Warned' >> beam.Filter(lambda r: r.warning)
+      | 'Warnings' >> beam.Map(lambda r: {'path': r.relpath,
+                                          'warning': r.warning}))
   ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
-             for i in listing.ignored]
+             for i in plan.ignored]
   rejected = (
-      (pipeline | 'Ignored' >> beam.Create(ignored), written.rejected)
+      (pipeline | 'TopIgnored' >> beam.Create(ignored), listed[IGNORED],
+       written[REJECTED], deduped[REJECTED])
       | 'AllRejected' >> beam.Flatten())
+  num_ignored = _count(listed[IGNORED], 'CountIgnored')
   _ = (
       pipeline
       | 'Once' >> beam.Create([None])
       | 'Finalize' >> beam.Map(
-          finalize, config=config, tmp_dir=tmp_dir,
-          num_seen=len(listing.files) + len(listing.ignored),
-          plan=beam.pvalue.AsSingleton(plan),
-          shard_files=beam.pvalue.AsList(shard_files),
-          rejected=beam.pvalue.AsList(rejected)))
+          finalize, beam.pvalue.AsSingleton(num_files),
+          beam.pvalue.AsSingleton(num_ignored),
+          num_top_ignored=len(ignored), config=config, tmp_dir=tmp_dir,
+          shards=beam.pvalue.AsList(shards),
+          stats=beam.pvalue.AsSingleton(stats),
+          findings=beam.pvalue.AsIter(deduped[FINDINGS]),
+          warnings=beam.pvalue.AsIter(warnings),
+          rejected=beam.pvalue.AsIter(rejected),
+          times=beam.pvalue.AsIter(written[TIMES])))
 
 
-def run_pipeline(*, config: BuildConfig, listing: listing_lib.Listing,
-                 tmp_dir: str, beam_args: Sequence[str]) -> float:
+def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
+                 tmp_dir: str, beam_args: Sequence[str],
+                 exclude: Sequence[str] = ()) -> float:
   """Runs the build into tmp_dir, adds the TFDS metadata; returns seconds."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
   tf.io.gfile.makedirs(posixpath.join(tmp_dir, CHUNKS_DIR))
   start = time.perf_counter()  # After imports, as the benchmark's plain loop.
+  with beam.Pipeline(options=PipelineOptions(pipeline_args(beam_args))
+                     ) as pipeline:
+    build_pipeline(pipeline, config=config, plan=plan, tmp_dir=tmp_dir,
+                   exclude=exclude)
+  tf.io.gfile.rmtree(posixpath.join(tmp_dir, CHUNKS_DIR))
+  spec = metadata_lib.read_dataset_spec(tmp_dir)
+  if any(s.shards for s in spec.splits.values()):  # TFDS needs a shard.
+    metadata_lib.write_dataset_metadata(
+        tmp_dir, spec,
+        description=f'Images from {config.input_dir}, built by pipelines.build.')
+  return time.perf_counter() - start
+
+
+def pipeline_args(beam_args: Sequence[str]) -> list[str]:
+  """The user's Beam flags plus our defaults (quiet workers, FnApiRunner)."""
   beam_args = list(beam_args)
   if not any(a.split('=')[0] == '--default_sdk_harness_log_level'
              for a in beam_args):
@@ -467,12 +563,4 @@ def run_pipeline(*, config: BuildConfig, listing: listing_lib.Listing,
     # Beam's DirectRunner first tries Prism, which downloads a binary at run
     # time (hangs or fails offline); the FnApiRunner is what it falls back to.
     beam_args.insert(0, '--runner=FnApiRunner')
-  with beam.Pipeline(options=PipelineOptions(beam_args)) as pipeline:
-    build_pipeline(pipeline, config=config, listing=listing, tmp_dir=tmp_dir)
-  tf.io.gfile.rmtree(posixpath.join(tmp_dir, CHUNKS_DIR))
-  spec = metadata_lib.read_dataset_spec(tmp_dir)
-  if any(s.shards for s in spec.splits.values()):  # TFDS needs a shard.
-    metadata_lib.write_dataset_metadata(
-        tmp_dir, spec,
-        description=f'Images from {config.input_dir}, built by pipelines.build.')
-  return time.perf_counter() - start
+  return beam_args

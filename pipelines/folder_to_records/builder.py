@@ -167,7 +167,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
 
 
 def make_config(settings: BuildSettings, *, input_dir: str,
-                listing) -> beam_build.BuildConfig:
+                listing: listing_lib.InputPlan) -> beam_build.BuildConfig:
   """Validates every setting; raises UserError naming the value and the fix.
 
   input_dir: the resolved --input_dir.
@@ -307,13 +307,13 @@ def build(settings: Optional[BuildSettings] = None, *,
   _check_range('max_file_bytes', settings.max_file_bytes, 1, 1 << 50,
                'pass a positive size in bytes, e.g. 268435456 (256 MiB)')
   check_output_dir(output_dir, overwrite=overwrite)
-  listing = listing_lib.list_input(input_dir, exclude=(output_dir,))
-  config = make_config(settings, input_dir=input_dir, listing=listing)
+  plan = listing_lib.plan_input(input_dir, exclude=(output_dir,))
+  config = make_config(settings, input_dir=input_dir, listing=plan)
   say = (lambda m: None) if quiet else (
       lambda m: print(f'[build] {m}', file=sys.stderr, flush=True))
-  say(f'{len(listing.files)} candidate images in {len(listing.class_names)} '
-      f'classes ({listing.layout} layout), {len(listing.ignored)} other files '
-      f'ignored; writing {config.image.height}x{config.image.width}x'
+  say(f'{len(plan.class_names)} classes ({plan.layout} layout), '
+      f'{len(plan.folders)} folders to list; writing '
+      f'{config.image.height}x{config.image.width}x'
       f'{config.image.channels} {config.image.image_format}')
 
   parent = posixpath.dirname(output_dir.rstrip('/'))
@@ -322,7 +322,7 @@ def build(settings: Optional[BuildSettings] = None, *,
       f'{uuid.uuid4().hex[:8]}')
   with output_lock(output_dir):
     replace = check_output_dir(output_dir, overwrite=overwrite)  # Again, locked.
-    report = _run_and_commit(config, listing, tmp_dir=tmp_dir,
+    report = _run_and_commit(config, plan, tmp_dir=tmp_dir,
                              output_dir=output_dir, replace=replace,
                              beam_args=beam_args, samples=samples)
   report['output_dir'] = output_dir
@@ -333,7 +333,7 @@ def build(settings: Optional[BuildSettings] = None, *,
   return report
 
 
-def _run_and_commit(config, listing, *, tmp_dir: str, output_dir: str,
+def _run_and_commit(config, plan, *, tmp_dir: str, output_dir: str,
                     replace: bool, beam_args, samples: bool) -> dict:
   """Runs Beam into tmp_dir and commits it; tmp_dir never outlives a failure.
 
@@ -344,8 +344,9 @@ def _run_and_commit(config, listing, *, tmp_dir: str, output_dir: str,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.io.gfile.makedirs(posixpath.dirname(tmp_dir))
   try:
-    elapsed = beam_build.run_pipeline(config=config, listing=listing,
-                                      tmp_dir=tmp_dir, beam_args=beam_args)
+    elapsed = beam_build.run_pipeline(config=config, plan=plan,
+                                      tmp_dir=tmp_dir, beam_args=beam_args,
+                                      exclude=(output_dir,))
     report_path = posixpath.join(tmp_dir, metadata_lib.REPORT_FILE)
     with tf.io.gfile.GFile(report_path) as f:
       report = json.load(f)

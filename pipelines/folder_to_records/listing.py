@@ -1,4 +1,4 @@
-"""Lists a labelled image folder and decides its layout (runs in the launcher).
+"""Lists a labelled image folder: layout and classes in the launcher, files in workers.
 
 Two layouts are accepted (class index = position in sorted class names, the
 same as `keras.utils.image_dataset_from_directory`):
@@ -38,7 +38,7 @@ import dataclasses
 import os
 import posixpath
 import unicodedata
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence, Union
 
 from pipelines.preprocessing import source_image
 from pipelines.common.errors import UserError
@@ -117,28 +117,52 @@ def _is_within(path: str, parent: str) -> bool:
   return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def _walk_local(root: str, exclude: Sequence[str] = (),
-                ) -> tuple[list[str], list[IgnoredFile]]:
-  """Files below a local root ('/'-separated relative paths) + unread links.
+def _link_problem(path: str, relpath: str, *, input_real: str,
+                  exclude: Sequence[str], seen: set) -> Optional[IgnoredFile]:
+  """Why a link to a folder is not followed, or None (then it is read).
 
+  Followed only when it leads outside --input_dir to a folder this walk has
+  not read yet; never into the build's own output.
+  """
+  real = os.path.realpath(path)
+  if any(_is_within(real, os.path.realpath(e)) for e in exclude):
+    return IgnoredFile(
+        escaped(relpath), IGNORED_LINK,
+        f'link to {escaped(real)}, the --output_dir of this build: not '
+        'followed')
+  target = os.stat(path)
+  if ((target.st_dev, target.st_ino) in seen or
+      _is_within(real, input_real) or _is_within(input_real, real)):
+    return IgnoredFile(
+        escaped(relpath), IGNORED_LINK,
+        f'link to the folder {escaped(real)}, which is inside --input_dir, '
+        'one of its parents or already read: not followed (its images would '
+        'be read twice or loop)')
+  return None
+
+
+def _walk_local(root: str, rel_root: str, *, input_real: str,
+                exclude: Sequence[str] = ()) -> Iterator[Union[str, IgnoredFile]]:
+  """Files below a local folder, as '/'-separated paths relative to
+  --input_dir (rel_root is the folder's), plus unread folders and links.
+
+  A generator: a worker never holds more than one folder's entries.
   os.scandir with str paths never fails on undecodable names (they come back
   with surrogate escapes). Folders are tracked by (device, inode), so no
-  folder is read twice and no link can loop.
+  folder is read twice in one walk and no link can loop.
   """
-  root_real = os.path.realpath(root)
-  files, ignored = [], []
-  seen_dirs = set()
-  stack = [(root, '')]
+  seen = set()
+  stack = [(root, rel_root)]
   while stack:
     path, rel = stack.pop()
     try:
       info = os.stat(path)
-      seen_dirs.add((info.st_dev, info.st_ino))
+      seen.add((info.st_dev, info.st_ino))
       with os.scandir(path) as it:
         entries = sorted(it, key=lambda e: e.name)
     except OSError as e:
-      ignored.append(IgnoredFile(escaped(rel or '.'), UNLISTABLE,
-                                 f'cannot list this folder ({e.strerror})'))
+      yield IgnoredFile(escaped(rel or '.'), UNLISTABLE,
+                        f'cannot list this folder ({e.strerror})')
       continue
     subdirs = []
     for entry in entries:
@@ -148,49 +172,199 @@ def _walk_local(root: str, exclude: Sequence[str] = (),
       except OSError:
         is_dir = False
       if not is_dir:
-        files.append(relpath)  # Broken links too: rejected when read.
+        yield relpath  # Broken links too: rejected when read.
         continue
       if entry.is_symlink():
         try:
-          target = os.stat(entry.path)
+          problem = _link_problem(entry.path, relpath, input_real=input_real,
+                                  exclude=exclude, seen=seen)
         except OSError:
-          files.append(relpath)
+          yield relpath
           continue
-        real = os.path.realpath(entry.path)
-        if any(_is_within(real, os.path.realpath(e)) for e in exclude):
-          ignored.append(IgnoredFile(
-              escaped(relpath), IGNORED_LINK,
-              f'link to {escaped(real)}, the --output_dir of this build: '
-              'not followed'))
+        if problem:
+          yield problem
           continue
-        if ((target.st_dev, target.st_ino) in seen_dirs or
-            _is_within(real, root_real) or _is_within(root_real, real)):
-          ignored.append(IgnoredFile(
-              escaped(relpath), IGNORED_LINK,
-              f'link to the folder {escaped(real)}, which is inside '
-              '--input_dir, one of its parents or already read: not '
-              'followed (its images would be read twice or loop)'))
-          continue
-        seen_dirs.add((target.st_dev, target.st_ino))
+        target = os.stat(entry.path)
+        seen.add((target.st_dev, target.st_ino))
       subdirs.append((entry.path, relpath))
     stack.extend(reversed(subdirs))
-  return files, ignored
 
 
-def _walk(root: str, exclude: Sequence[str] = (),
-          ) -> tuple[list[str], list[IgnoredFile]]:
-  """All file paths below root, relative to root, '/'-separated, sorted."""
-  if '://' not in root:
-    files, ignored = _walk_local(root, exclude)
-    return sorted(files), ignored
+def _walk_remote(root: str, rel_root: str) -> Iterator[str]:
+  """Files below gs://, s3://, ... folders, through Beam's FileSystems."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  prefix = root.rstrip('/') + '/'
+  for match in FileSystems.match([prefix + '**']):
+    for metadata in match.metadata_list:
+      rel = metadata.path[len(prefix):]
+      if rel:
+        yield posixpath.join(rel_root, rel)
+
+
+@dataclasses.dataclass(frozen=True)
+class FolderTask:
+  """One folder a worker lists: a class folder, or a hidden one.
+
+  relpath: the folder relative to --input_dir ('cats', 'train/cats').
+  class_name: its class; None for a hidden folder, whose files are all
+    reported as hidden.
+  """
+  relpath: str
+  class_name: Optional[str]
+  given_split: Optional[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class InputPlan:
+  """What the launcher learns from the top of --input_dir (never per file)."""
+  layout: str
+  class_names: tuple[str, ...]
+  folders: tuple[FolderTask, ...]
+  ignored: tuple[IgnoredFile, ...]  # Stray or hidden files at the top.
+
+
+def _classify(relpath: str, task: FolderTask
+              ) -> Union[SourceFile, IgnoredFile]:
+  """One file of a folder task: a candidate image, or ignored with a reason."""
+  if not is_text(relpath):
+    return IgnoredFile(
+        escaped(relpath), BAD_NAME,
+        'file name is not valid UTF-8 (shown with \\x escapes); rename it')
+  if task.class_name is None or any(is_hidden(p) for p in relpath.split('/')):
+    return IgnoredFile(relpath, IGNORED_HIDDEN, 'hidden file or folder')
+  extension = posixpath.splitext(relpath)[1]
+  if extension.lower() not in source_image.EXTENSION_FORMATS:
+    return IgnoredFile(
+        relpath, IGNORED_NOT_IMAGE,
+        f'not an image file (extension {extension or "none"!r})')
+  return SourceFile(relpath, task.class_name, task.given_split)
+
+
+def list_folder(input_dir: str, task: FolderTask, *,
+                exclude: Sequence[str] = ()
+                ) -> Iterator[Union[SourceFile, IgnoredFile]]:
+  """Every file below one folder task, each a SourceFile or an IgnoredFile.
+
+  Runs in a Beam worker (no TensorFlow): local folders with the byte-safe
+  walker and its link policy, remote ones through Beam's FileSystems.
+  """
+  root = posixpath.join(input_dir, task.relpath)
+  if '://' in input_dir:
+    walked = _walk_remote(root, task.relpath)
+  else:
+    walked = _walk_local(root, task.relpath,
+                         input_real=os.path.realpath(input_dir),
+                         exclude=exclude)
+  for item in walked:
+    yield item if isinstance(item, IgnoredFile) else _classify(item, task)
+
+
+def _top_entries(folder: str, rel: str, *, input_real: str,
+                 exclude: Sequence[str]):
+  """(visible folders, hidden folders, files, ignored links) of one folder,
+  relative to --input_dir."""
+  visible, hidden, files, ignored = [], [], [], []
+  for name in sorted(_listdir(folder)):
+    relpath = posixpath.join(rel, name) if rel else name
+    path = posixpath.join(folder, name)
+    if not _isdir(path):
+      files.append(relpath)
+      continue
+    if '://' not in folder and os.path.islink(path):
+      problem = _link_problem(path, relpath, input_real=input_real,
+                              exclude=exclude, seen=set())
+      if problem:
+        ignored.append(problem)
+        continue
+    (hidden if is_hidden(name) else visible).append(relpath)
+  return visible, hidden, files, ignored
+
+
+def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
+  """The layout, classes and folder tasks of input_dir, from its top only.
+
+  Reads the top level (and the split folders' top level): cheap whatever
+  the number of images. Raises UserError for a folder that cannot be a
+  dataset. Linked folders inside `exclude` (the build's own output) are not
+  read.
+  """
   gfile = _gfile()
-  out = []
-  for dirpath, _, filenames in gfile.walk(root):
-    rel_dir = posixpath.relpath(dirpath.replace('\\', '/'),
-                                root.replace('\\', '/').rstrip('/') or '/')
-    for name in filenames:
-      out.append(name if rel_dir == '.' else posixpath.join(rel_dir, name))
-  return sorted(out), []
+  if not gfile.exists(input_dir):
+    raise UserError(f'--input_dir={input_dir} does not exist; pass a folder '
+                    'with one sub-folder of images per class')
+  if not gfile.isdir(input_dir):
+    raise UserError(f'--input_dir={input_dir} is a file, not a folder; pass '
+                    'a folder with one sub-folder of images per class')
+  if not _listdir(input_dir):
+    raise UserError(f'--input_dir={input_dir} is empty; put one sub-folder '
+                    'of images per class in it')
+  input_real = (input_dir if '://' in input_dir else
+                os.path.realpath(input_dir))
+  top = dict(input_real=input_real, exclude=exclude)
+  visible, hidden, files, ignored = _top_entries(input_dir, '', **top)
+  if not visible:
+    raise UserError(f'--input_dir={input_dir} has no class folders; expected '
+                    f'{input_dir}/<class_name>/<image files>')
+  layout = detect_layout(visible, input_dir)
+  folders = [FolderTask(h, None, None) for h in hidden]
+  strays = [(f, f'--input_dir={input_dir}') for f in files]
+  if layout == CLASS_FOLDERS_LAYOUT:
+    _check_class_names(visible, input_dir)
+    class_names = tuple(visible)
+    folders += [FolderTask(c, c, None) for c in visible]
+  else:
+    names = set()
+    for split_dir in visible:
+      split = SPLIT_FOLDERS[split_dir.lower()]
+      classes, hidden, files, links = _top_entries(
+          posixpath.join(input_dir, split_dir), split_dir, **top)
+      ignored += links
+      folders += [FolderTask(h, None, None) for h in hidden]
+      strays += [(f, 'split folder') for f in files]
+      for relpath in classes:
+        name = relpath.split('/', 1)[1]
+        names.add(name)
+        folders.append(FolderTask(relpath, name, split))
+    class_names = tuple(sorted(names))
+    _check_class_names(class_names, input_dir)
+  if len(class_names) < 2:
+    found = f'one class folder ({class_names[0]!r})' if class_names else (
+        'no class folders')
+    raise UserError(
+        f'--input_dir={input_dir} has {found}; a classifier needs at least '
+        'two: add one sub-folder of images per class')
+  for relpath, where in strays:
+    if not is_text(relpath):
+      ignored.append(IgnoredFile(
+          escaped(relpath), BAD_NAME,
+          'file name is not valid UTF-8 (shown with \\x escapes); rename it'))
+    elif any(is_hidden(p) for p in relpath.split('/')):
+      ignored.append(IgnoredFile(relpath, IGNORED_HIDDEN,
+                                 'hidden file or folder'))
+    else:
+      ignored.append(IgnoredFile(
+          relpath, IGNORED_STRAY,
+          f'not inside a class folder (stray file in {where})'))
+  return InputPlan(layout, class_names, tuple(folders), tuple(ignored))
+
+
+def list_input(input_dir: str, *, exclude: Sequence[str] = ()) -> Listing:
+  """plan_input plus every folder listed here, in this process.
+
+  For small folders, tests and tools; the build lists folders in its Beam
+  workers instead (see beam_build).
+  """
+  plan = plan_input(input_dir, exclude=exclude)
+  files, ignored = [], list(plan.ignored)
+  for task in plan.folders:
+    for item in list_folder(input_dir, task, exclude=exclude):
+      (files if isinstance(item, SourceFile) else ignored).append(item)
+  if not files:
+    raise UserError(f'--input_dir={input_dir} has class folders but no image '
+                    'files (.jpg .jpeg .png .bmp .gif .webp) in them')
+  return Listing(plan.layout, plan.class_names,
+                 tuple(sorted(files, key=lambda f: f.relpath)),
+                 tuple(sorted(ignored, key=lambda f: f.relpath)))
 
 
 def check_class_name(name: str, where: str) -> None:
@@ -207,32 +381,6 @@ def check_class_name(name: str, where: str) -> None:
     raise UserError(
         f'class folder {shown} in {where} {problem}, which a label file '
         'cannot hold; rename the folder (class names become labels)')
-
-
-def _classify(relpath: str, input_dir_flag: str, layout: str,
-              ) -> tuple[Optional[SourceFile], Optional[IgnoredFile]]:
-  """Decides what one file is: a candidate image, or ignored with a reason."""
-  parts = relpath.split('/')
-  if not is_text(relpath):
-    return None, IgnoredFile(
-        escaped(relpath), BAD_NAME,
-        'file name is not valid UTF-8 (shown with \\x escapes); rename it')
-  if any(is_hidden(p) for p in parts):
-    return None, IgnoredFile(relpath, IGNORED_HIDDEN, 'hidden file or folder')
-  depth = 2 if layout == SPLIT_FOLDERS_LAYOUT else 1
-  if len(parts) <= depth:
-    where = 'split folder' if depth == 2 and len(parts) == 2 else input_dir_flag
-    return None, IgnoredFile(
-        relpath, IGNORED_STRAY,
-        f'not inside a class folder (stray file in {where})')
-  extension = posixpath.splitext(parts[-1])[1]
-  if extension.lower() not in source_image.EXTENSION_FORMATS:
-    return None, IgnoredFile(
-        relpath, IGNORED_NOT_IMAGE,
-        f'not an image file (extension {extension or "none"!r})')
-  if layout == SPLIT_FOLDERS_LAYOUT:
-    return SourceFile(relpath, parts[1], SPLIT_FOLDERS[parts[0].lower()]), None
-  return SourceFile(relpath, parts[0], None), None
 
 
 def detect_layout(top_dirs: list[str], input_dir: str) -> str:
@@ -275,61 +423,3 @@ def _check_class_names(class_names, input_dir: str) -> None:
       raise UserError(
           f'--input_dir={input_dir} has class folders {sorted(names)} that '
           'differ only in case: one class or two? rename or merge them')
-
-
-def list_input(input_dir: str, *, exclude: Sequence[str] = ()) -> Listing:
-  """Lists input_dir; raises UserError for a folder that cannot be a dataset.
-
-  Linked folders inside `exclude` (the build's own output) are not read.
-  """
-  gfile = _gfile()
-  if not gfile.exists(input_dir):
-    raise UserError(f'--input_dir={input_dir} does not exist; pass a folder '
-                    'with one sub-folder of images per class')
-  if not gfile.isdir(input_dir):
-    raise UserError(f'--input_dir={input_dir} is a file, not a folder; pass '
-                    'a folder with one sub-folder of images per class')
-  entries = _listdir(input_dir)
-  if not entries:
-    raise UserError(f'--input_dir={input_dir} is empty; put one sub-folder '
-                    'of images per class in it')
-  top_dirs = sorted(e for e in entries if not is_hidden(e) and
-                    _isdir(posixpath.join(input_dir, e)))
-  if not top_dirs:
-    raise UserError(f'--input_dir={input_dir} has no class folders; expected '
-                    f'{input_dir}/<class_name>/<image files>')
-  layout = detect_layout(top_dirs, input_dir)
-  if layout == CLASS_FOLDERS_LAYOUT:
-    _check_class_names(top_dirs, input_dir)
-  files = []
-  walked, ignored = _walk(input_dir, exclude)
-  for relpath in walked:
-    source, ignore = _classify(relpath, f'--input_dir={input_dir}', layout)
-    if source:
-      files.append(source)
-    else:
-      ignored.append(ignore)
-  if layout == SPLIT_FOLDERS_LAYOUT:
-    train_dir = next(d for d in top_dirs if d.lower() == 'train')
-    class_names = tuple(sorted(
-        {f.class_name for f in files} |
-        {c for c in _class_dirs(input_dir, train_dir)}))
-    _check_class_names(class_names, input_dir)
-  else:
-    class_names = tuple(top_dirs)
-  if len(class_names) < 2:
-    found = f'one class folder ({class_names[0]!r})' if class_names else (
-        'no class folders')
-    raise UserError(
-        f'--input_dir={input_dir} has {found}; a classifier needs at least '
-        'two: add one sub-folder of images per class')
-  if not files:
-    raise UserError(f'--input_dir={input_dir} has class folders but no image '
-                    'files (.jpg .jpeg .png .bmp .gif .webp) in them')
-  return Listing(layout, class_names, tuple(files), tuple(ignored))
-
-
-def _class_dirs(input_dir: str, split_dir: str) -> list[str]:
-  root = posixpath.join(input_dir, split_dir)
-  return [e for e in _listdir(root)
-          if not is_hidden(e) and _isdir(posixpath.join(root, e))]

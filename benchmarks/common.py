@@ -74,18 +74,54 @@ def _tree_rss_bytes(pid: int) -> int:
   return total
 
 
+def _descendants(pid: int) -> list[int]:
+  """pid and all its descendants (Linux /proc)."""
+  children: dict[int, list[int]] = {}
+  for entry in os.listdir('/proc'):
+    if not entry.isdigit():
+      continue
+    try:
+      with open(f'/proc/{entry}/stat') as f:
+        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+      continue
+    children.setdefault(ppid, []).append(int(entry))
+  out, stack = [], [pid]
+  while stack:
+    p = stack.pop()
+    out.append(p)
+    stack.extend(children.get(p, []))
+  return out
+
+
+def _high_water_mb(pid: int) -> float:
+  """VmHWM (peak RSS so far) of one process, in MB; 0 if it is gone."""
+  try:
+    with open(f'/proc/{pid}/status') as f:
+      for line in f:
+        if line.startswith('VmHWM:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return 0.0
+
+
 def run_measured(cmd: list[str], *, cwd=None, env=None,
                  interval_s: float = 0.2) -> dict:
-  """Runs cmd; returns wall seconds, exit code, output and peak tree RSS."""
+  """Runs cmd; returns wall seconds, exit code, output, peak tree RSS, and
+  each process's own peak (`peak_by_pid`: pid -> MB, the root first)."""
   start = time.perf_counter()
   process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
   peak = [0]
+  by_pid: dict[int, float] = {}
   done = threading.Event()
 
   def sample():
     while not done.is_set():
       peak[0] = max(peak[0], _tree_rss_bytes(process.pid))
+      for pid in _descendants(process.pid):
+        by_pid[pid] = max(by_pid.get(pid, 0.0), _high_water_mb(pid))
       time.sleep(interval_s)
 
   thread = threading.Thread(target=sample, daemon=True)
@@ -94,7 +130,8 @@ def run_measured(cmd: list[str], *, cwd=None, env=None,
   done.set()
   thread.join()
   return {'wall_s': time.perf_counter() - start, 'returncode': process.returncode,
-          'stdout': stdout, 'stderr': stderr, 'peak_rss_mb': peak[0] / 2**20}
+          'stdout': stdout, 'stderr': stderr, 'peak_rss_mb': peak[0] / 2**20,
+          'root_pid': process.pid, 'peak_by_pid': by_pid}
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:

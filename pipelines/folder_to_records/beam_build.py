@@ -15,15 +15,16 @@ see only per-chunk totals. Stages:
   WriteChunks       per chunk, files in (order_key, path) order: read,
                     sha256, split = hash(seed, sha256) (or the split
                     folder), decode/validate/resize/encode; records go to one
-                    chunk file per (chunk, split); bad files -> rejected
+                    chunk file per (chunk, split), with its byte total; bad
+                    files -> rejected
   Dedupe            GroupByKey on sha256: duplicates, label conflicts and
                     leaks resolved per content hash
-  ChunkTotals       kept bytes per (split, chunk) -> prefix sums over the
-                    chunk list (its size is the number of chunks) give each
-                    kept record its offset in its split; shard = offset //
-                    shard_size (~shard_size bytes a shard)
-  ConcatShards      GroupByKey on (split, shard): byte ranges of chunk files
-                    -> shard files (framed TFRecords concatenate)
+  ShardLayout       prefix sums over the (split, chunk) byte totals (a list
+                    the size of the number of chunks) give each record its
+                    offset in its split; shard = offset // shard_size
+  ConcatShards      GroupByKey on (split, shard) of the kept records: byte
+                    ranges of chunk files -> shard files (framed TFRecords
+                    concatenate)
   Statistics        train mean/std from exact integer sums (any order)
   Finalize          metadata.json, build_report.json, rejected.jsonl
                     (streamed from an iterable side input)
@@ -66,8 +67,8 @@ EXAMPLES_PER_CHUNK = 64
 CHUNKS_DIR = '_chunks'
 _COPY_BLOCK = 16 << 20
 # Tagged outputs.
-REJECTED, IGNORED, FINDINGS, PLACED, TIMES = (
-    'rejected', 'ignored', 'findings', 'placed', 'times')
+REJECTED, IGNORED, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES = (
+    'rejected', 'ignored', 'findings', 'totals', 'sums', 'warnings', 'times')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,8 @@ class BuildConfig:
 class RecordInfo(NamedTuple):
   """Where one written record lies in a chunk file, and what it holds.
 
-  pixel_sums: exact per-channel integer sums and sums of squares of the
+  Crosses the dedupe shuffle as a plain tuple (Beam encodes a tuple in a
+  third fewer bytes than a NamedTuple, and the runner holds them). pixel_sums: exact per-channel integer sums and sums of squares of the
   stored pixels (the train statistics), num_pixels their count.
   """
   relpath: str
@@ -101,6 +103,15 @@ class RecordInfo(NamedTuple):
   pixel_sums: tuple[tuple[int, ...], tuple[int, ...]]
   num_pixels: int
   warning: Optional[str]
+
+
+class Placed(NamedTuple):
+  """A kept record, slimmed for the shard shuffle (a plain tuple there)."""
+  split: str
+  chunk: int
+  offset: int
+  length: int
+  label: int
 
 
 class ShardResult(NamedTuple):
@@ -133,7 +144,9 @@ def chunk_path(tmp_dir: str, index: int, split: str) -> str:
 
 
 class WriteChunk(beam.DoFn):
-  """(chunk index, SourceFiles) -> RecordInfo per written record.
+  """(chunk index, SourceFile tuples) -> a RecordInfo tuple per record.
+
+  Also 'totals': (split, chunk, bytes written) for each chunk file.
 
   Files are written in (order_key, path) order, whatever order the runner
   grouped them in. Files that cannot become an example go to 'rejected' with
@@ -154,7 +167,7 @@ class WriteChunk(beam.DoFn):
     index, files = element
     config = self._config
     start_time = time.time()
-    files = sorted(files, key=lambda f: (
+    files = sorted((listing_lib.SourceFile(*f) for f in files), key=lambda f: (
         splits_lib.order_key(f.relpath, seed=config.seed), f.relpath))
     writers, offsets, written = {}, collections.Counter(), 0
     try:
@@ -187,12 +200,12 @@ class WriteChunk(beam.DoFn):
           writers[split] = FileSystems.create(
               chunk_path(self._tmp_dir, index, split), compression_type=_RAW)
         writers[split].write(record)
-        yield RecordInfo(
+        yield tuple(RecordInfo(
             source.relpath, source.class_name, source.given_split, sha, split,
             index, offsets[split], len(record),
             (tuple(int(v) for v in processed.pixel_sum),
              tuple(int(v) for v in processed.pixel_sumsq)),
-            processed.num_pixels, processed.warning)
+            processed.num_pixels, processed.warning))
         offsets[split] += len(record)
         written += 1
     finally:
@@ -200,11 +213,13 @@ class WriteChunk(beam.DoFn):
         writer.close()
     _log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
+    for split, num_bytes in sorted(offsets.items()):
+      yield beam.pvalue.TaggedOutput(TOTALS, (split, index, num_bytes))
     yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
 
 
 class ListFolder(beam.DoFn):
-  """FolderTask -> SourceFile per candidate image; 'ignored' for the rest."""
+  """FolderTask -> a SourceFile tuple per candidate; 'ignored' for the rest."""
 
   def __init__(self, input_dir: str, exclude: Sequence[str]):
     self._input_dir = input_dir
@@ -214,69 +229,67 @@ class ListFolder(beam.DoFn):
     for item in listing_lib.list_folder(self._input_dir, task,
                                         exclude=self._exclude):
       if isinstance(item, listing_lib.SourceFile):
-        yield item
+        yield tuple(dataclasses.astuple(item))  # Compact in the shuffle.
       else:
         yield beam.pvalue.TaggedOutput(IGNORED, splits_lib.Dropped(
             item.relpath, item.outcome, item.reason))
 
 
-def chunk_of(source: listing_lib.SourceFile, num_chunks: int, *,
-             seed: int) -> int:
+def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
   """The chunk of a file: its seeded order key cut into num_chunks ranges."""
   return min(num_chunks - 1, int(splits_lib.order_key(
-      source.relpath, seed=seed) * num_chunks))
+      relpath, seed=seed) * num_chunks))
 
 
 def resolve_duplicates(element, *, config: BuildConfig):
-  """(sha256, RecordInfos of those bytes) -> kept RecordInfos; 'dropped' and
-  'findings' for duplicates, conflicts and leaks."""
+  """(sha256, RecordInfo tuples of those bytes) -> a Placed tuple per kept
+  record; 'rejected' and 'findings' for duplicates, conflicts and leaks;
+  'sums' (train pixel sums) and 'warnings' of kept records."""
   sha, records = element
-  records = {r.relpath: r for r in records}
+  records = {r.relpath: r for r in (RecordInfo(*t) for t in records)}
   kept, dropped, finding = splits_lib.resolve_same_bytes(
       sha, [splits_lib.FileEntry(r.relpath, r.class_name, r.given_split, sha)
             for r in records.values()],
       seed=config.seed, validation_fraction=config.validation_fraction,
       test_fraction=config.test_fraction)
   for k in kept:
-    yield records[k.relpath]
+    r = records[k.relpath]
+    yield tuple(Placed(r.split, r.chunk, r.offset, r.length,
+                       config.class_names.index(r.class_name)))
+    if r.split == 'train':
+      yield beam.pvalue.TaggedOutput(SUMS, (*r.pixel_sums, r.num_pixels))
+    if r.warning:
+      yield beam.pvalue.TaggedOutput(WARNINGS, {'path': r.relpath,
+                                                'warning': r.warning})
   for d in dropped:
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   if finding:
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
-def chunk_totals(element):
-  """((split, chunk), kept RecordInfos) -> (split, chunk, kept bytes), and
-  each record with its offset among the chunk's kept records ('placed')."""
-  (split, chunk), records = element
-  position = 0
-  for r in sorted(records, key=lambda r: r.offset):
-    yield beam.pvalue.TaggedOutput(PLACED, (r, position))
-    position += r.length
-  yield split, chunk, position
-
-
 def shard_layout(totals, *, shard_size_bytes: int) -> dict:
-  """[(split, chunk, bytes)] -> {'start': {(split, chunk): offset},
+  """[(split, chunk, bytes written)] -> {'start': {(split, chunk): offset},
   'num_shards': {split: n}}: prefix sums over the chunk list, in chunk order.
 
-  The list has one entry per (split, chunk), never one per image.
+  The list has one entry per (split, chunk), never one per image. Offsets
+  count every written record (a dropped duplicate's bytes too), so a shard
+  holds up to shard_size bytes of kept records.
   """
   start, size = {}, collections.Counter()
   for split, chunk, num_bytes in sorted(totals):
     start[split, chunk] = size[split]
     size[split] += num_bytes
   return {'start': start, 'num_shards': {
-      split: -(-total // shard_size_bytes) for split, total in size.items()}}
+      split: max(1, -(-total // shard_size_bytes))
+      for split, total in size.items()}}
 
 
 def shard_of(placed, layout: dict, *, shard_size_bytes: int):
-  """(RecordInfo, offset in its chunk) -> ((split, shard), RecordInfo)."""
-  record, position = placed
-  offset = layout['start'][record.split, record.chunk] + position
-  shard = min(offset // shard_size_bytes,
-              layout['num_shards'][record.split] - 1)
-  return (record.split, shard), record
+  """A Placed tuple -> ((split, shard), the tuple)."""
+  split, chunk, offset = placed[0], placed[1], placed[2]
+  offset += layout['start'][split, chunk]
+  shard = min(offset // shard_size_bytes, layout['num_shards'][split] - 1)
+  return (split, shard), placed
 
 
 class PixelSums(beam.CombineFn):
@@ -285,8 +298,8 @@ class PixelSums(beam.CombineFn):
   def create_accumulator(self):
     return None
 
-  def add_input(self, acc, record: RecordInfo):
-    sums = (record.pixel_sums[0], record.pixel_sums[1], record.num_pixels)
+  def add_input(self, acc, sums):
+    """sums: (per-channel sums, per-channel sums of squares, pixel count)."""
     return sums if acc is None else self._add(acc, sums)
 
   @staticmethod
@@ -319,7 +332,7 @@ def mean_std(sums) -> tuple[Optional[tuple[float, ...]],
 
 
 class ConcatShard(beam.DoFn):
-  """((split, shard), RecordInfos) -> ShardResult: copies byte ranges."""
+  """((split, shard), Placed tuples) -> ShardResult: copies byte ranges."""
 
   def __init__(self, tmp_dir: str, config: BuildConfig):
     self._tmp_dir = tmp_dir
@@ -327,7 +340,7 @@ class ConcatShard(beam.DoFn):
 
   def process(self, element, layout):
     (split, index), records = element
-    records = sorted(records, key=lambda r: (r.chunk, r.offset))
+    records = sorted(Placed(*r) for r in records)
     filename = schema.shard_filename(self._config.dataset_name, split, index,
                                      layout['num_shards'][split])
     pieces = []
@@ -351,9 +364,10 @@ class ConcatShard(beam.DoFn):
             out.write(block)
             remaining -= len(block)
             num_bytes += len(block)
-    counts = collections.Counter(r.class_name for r in records)
+    counts = collections.Counter(r.label for r in records)
     yield ShardResult(split, index, filename, num_bytes, len(records),
-                      tuple(counts[c] for c in self._config.class_names))
+                      tuple(counts[i] for i in range(
+                          len(self._config.class_names))))
 
 
 def finalize(_, num_files: int, num_ignored: int, *, config: BuildConfig,
@@ -471,44 +485,31 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   written = (
       listed.files
       | 'Chunk' >> beam.Map(
-          lambda f, n: (chunk_of(f, n, seed=seed), f),
+          lambda f, n: (chunk_of(f[0], n, seed=seed), f),
           n=beam.pvalue.AsSingleton(num_chunks))
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
-          REJECTED, TIMES, main='records'))
+          REJECTED, TOTALS, TIMES, main='records'))
   deduped = (
       written.records
-      | 'KeyBySha' >> beam.Map(lambda r: (r.sha256, r))
+      | 'KeyBySha' >> beam.Map(lambda r: (r[3], r))  # RecordInfo.sha256.
       | 'GroupBySha' >> beam.GroupByKey()
       | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
-                                 ).with_outputs(REJECTED, FINDINGS,
-                                                main='kept'))
-  placed = (
-      deduped.kept
-      | 'KeyByChunk' >> beam.Map(lambda r: ((r.split, r.chunk), r))
-      | 'GroupByChunk' >> beam.GroupByKey()
-      | 'ChunkTotals' >> beam.FlatMap(chunk_totals).with_outputs(
-          PLACED, main='totals'))
+                                 ).with_outputs(REJECTED, FINDINGS, SUMS,
+                                                WARNINGS, main='kept'))
   layout = (
-      placed.totals
+      written[TOTALS]
       | 'AllTotals' >> beam.combiners.ToList()
       | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
   shards = (
-      placed[PLACED]
+      deduped.kept
       | 'Shard' >> beam.Map(shard_of, beam.pvalue.AsSingleton(layout),
                             shard_size_bytes=size)
       | 'GroupShards' >> beam.GroupByKey()
       | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config),
                                      beam.pvalue.AsSingleton(layout)))
-  stats = (
-      deduped.kept
-      | 'TrainOnly' >> beam.Filter(lambda r: r.split == 'train')
-      | 'PixelSums' >> beam.CombineGlobally(PixelSums()))
-  warnings = (
-      deduped.kept
-      | 'Warned' >> beam.Filter(lambda r: r.warning)
-      | 'Warnings' >> beam.Map(lambda r: {'path': r.relpath,
-                                          'warning': r.warning}))
+  stats = deduped[SUMS] | 'PixelSums' >> beam.CombineGlobally(PixelSums())
+  warnings = deduped[WARNINGS]
   ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
              for i in plan.ignored]
   rejected = (

@@ -1,0 +1,117 @@
+r"""Build at scale: graph size, launcher and worker memory, images/s vs files.
+
+  python -m benchmarks.scale_benchmark --num_images=10000,100000
+
+For each size, a folder of small generated PNGs (32x32, 100 classes, every
+file distinct) is made once (kept under --work_dir); then
+
+  graph bytes     the serialized Beam pipeline the build submits
+                  (pipeline.to_runner_api().SerializeToString())
+  build           python -m pipelines.build --image_size=32 with the default
+                  runner and 2 worker processes; peak RSS of the launcher and
+                  of each Beam worker process (VmHWM, sampled every 0.2 s);
+                  images/s end to end (the build's Beam run) and steady (its
+                  write stage)
+
+`--code_dir` runs another checkout's `pipelines.build` (e.g. the commit
+before the change) for the build figures; graph bytes are always this
+checkout's.
+"""
+
+import json
+import os
+import pathlib
+import sys
+import tempfile
+
+from absl import app
+from absl import flags
+import numpy as np
+from PIL import Image
+
+from benchmarks import common
+
+_NUM_IMAGES = flags.DEFINE_list('num_images', ['10000'], 'Folder sizes.')
+_WORK_DIR = flags.DEFINE_string(
+    'work_dir', os.path.join(tempfile.gettempdir(), 'scale_benchmark'),
+    'Where image folders (kept) and outputs (deleted) go.')
+_CODE_DIR = flags.DEFINE_string('code_dir', None,
+                                'Checkout whose build to run (default: this).')
+_RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
+
+NUM_CLASSES = 100
+SIDE = 32
+
+
+def make_png_folder(root: pathlib.Path, num_images: int) -> pathlib.Path:
+  """num_images distinct 32x32 RGB PNGs in 100 class folders (kept)."""
+  marker = root / f'.complete-{num_images}'
+  if marker.exists():
+    return root
+  rng = np.random.default_rng(0)
+  base = rng.integers(0, 256, size=(NUM_CLASSES, SIDE, SIDE, 3))
+  for i in range(num_images):
+    c = i % NUM_CLASSES
+    noise = rng.integers(-24, 25, size=(SIDE, SIDE, 3))
+    pixels = np.clip(base[c] + noise, 0, 255).astype(np.uint8)
+    path = root / f'class_{c:03d}' / f'{i:07d}.png'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path, format='PNG', compress_level=1)
+  marker.write_text('ok')
+  return root
+
+
+def graph_bytes(input_dir: pathlib.Path, work: pathlib.Path) -> int:
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import beam_build  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top
+  plan = listing.plan_input(str(input_dir))
+  config = builder.make_config(
+      builder.BuildSettings(input_dir=str(input_dir),
+                            output_dir=str(work / 'out')),
+      input_dir=str(input_dir), listing=plan)
+  pipeline = beam.Pipeline(options=PipelineOptions(beam_build.pipeline_args(
+      [])))
+  beam_build.build_pipeline(pipeline, config=config, plan=plan,
+                            tmp_dir=str(work / 'tmp'))
+  return len(pipeline.to_runner_api().SerializeToString())
+
+
+def main(argv):
+  del argv
+  work = pathlib.Path(_WORK_DIR.value)
+  code_dir = _CODE_DIR.value or str(pathlib.Path(__file__).parents[1])
+  headers = ['images', 'graph bytes', 'launcher peak MB', 'worker peak MB',
+             'images/s', 'steady images/s', 'wall s']
+  rows, results = [], []
+  for n in (int(x) for x in _NUM_IMAGES.value):
+    folder = make_png_folder(work / f'png_{n}', n)
+    out = work / f'out_{n}'
+    if out.exists():
+      import shutil  # pylint: disable=g-import-not-at-top
+      shutil.rmtree(out)
+    graph = graph_bytes(folder, work)
+    run = common.run_measured(
+        [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
+         f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',
+         '--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+        cwd=code_dir)
+    if run['returncode']:
+      sys.exit(run['stderr'][-3000:])
+    report = json.loads((out / 'build_report.json').read_text())
+    peaks = dict(run['peak_by_pid'])
+    launcher = peaks.pop(run['root_pid'], 0.0)
+    workers = sorted((mb for mb in peaks.values() if mb > 50), reverse=True)
+    steady = report['counts']['written'] / max(report['write_stage_s'], 1e-9)
+    row = [n, graph, round(launcher), '/'.join(str(round(w)) for w in workers),
+           report['images_per_s'], round(steady, 1), round(run['wall_s'], 1)]
+    rows.append(row)
+    results.append(dict(zip(headers, row)))
+    print(row, flush=True)
+  common.report(headers, rows, results, _RESULTS.value)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -24,7 +24,7 @@ def _heavy_imports(module: str) -> list[str]:
 @pytest.mark.parametrize('module', [
     'pipelines.common.cli', 'pipelines.common.errors', 'trainer.config',
     'trainer.main', 'pipelines.records_to_batches.augment_config',
-    'pipelines.preprocessing.model_input'])
+    'pipelines.preprocessing.model_input', 'pipelines.data_service'])
 def test_light_modules_import_neither_tensorflow_nor_beam(module):
   # trainer.main imports TensorFlow only once training starts: --help and a
   # flag typo answer at once.

@@ -79,6 +79,7 @@ class TrainConfig:
   base_weights: Optional[str] = None
   base_cutoff_layer: Optional[str] = None
   cache: Optional[str] = None
+  data_service: Optional[str] = None
 
   def fingerprint(self, spec=None) -> dict:
     """Settings a resumed run must share (epochs may grow).
@@ -92,6 +93,7 @@ class TrainConfig:
     out = dataclasses.asdict(self)
     out.pop('epochs')
     out.pop('model_dir')
+    out.pop('data_service')  # Where batches are made, not what the run is.
     out['data_dir'] = normalized_path(self.data_dir)
     out['cache'] = (self.cache if self.cache in (None, '', 'memory')
                     else normalized_path(self.cache))

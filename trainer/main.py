@@ -73,6 +73,10 @@ flags.DEFINE_string(
     'cache', _D('cache'), "'memory', or a file path prefix in an existing "
     'folder to cache decoded images on disk (files PREFIX.<dataset key>.'
     '<split>.*: a rebuilt dataset or another --image_size gets new ones).')
+flags.DEFINE_string(
+    'data_service', _D('data_service'),
+    'grpc://HOST:PORT of a tf.data service dispatcher (python -m '
+    'pipelines.data_service): training batches are made on its workers.')
 FLAGS = flags.FLAGS
 
 

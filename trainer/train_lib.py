@@ -61,6 +61,8 @@ def _validate(config: TrainConfig, spec) -> None:
   if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
                     f'{", ".join(config_lib.MONITORS)}')
+  if config.data_service:
+    _check_data_service(config.data_service)
   for split in ('train', 'validation'):
     if not spec.splits.get(split) or not spec.splits[split].num_examples:
       raise UserError(
@@ -71,6 +73,28 @@ def _validate(config: TrainConfig, spec) -> None:
         f'--batch_size={config.batch_size} is larger than the '
         f'{spec.splits["train"].num_examples} training images; pass a '
         'smaller --batch_size')
+
+
+def _check_data_service(address: str) -> str:
+  """'grpc://HOST:PORT' of a dispatcher that answers; UserError otherwise.
+
+  Checked up front: tf.data retries an unreachable dispatcher forever.
+  """
+  import socket  # pylint: disable=g-import-not-at-top
+  match = re.fullmatch(r'(?:grpc://)?([^:/\s]+):(\d+)', address)
+  if not match:
+    raise UserError(f'--data_service={address} is not grpc://HOST:PORT of a '
+                    'dispatcher (python -m pipelines.data_service dispatcher)')
+  host, port = match.group(1), int(match.group(2))
+  try:
+    socket.create_connection((host, port), timeout=10).close()
+  except OSError as e:
+    raise UserError(
+        f'--data_service={address}: no dispatcher answers at {host}:{port} '
+        f'({e.strerror or e}); start one with `python -m '
+        f'pipelines.data_service dispatcher --port={port}` and its workers'
+    ) from None
+  return f'grpc://{host}:{port}'
 
 
 def _optimizer(name: str, learning_rate: float):
@@ -345,7 +369,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   train_ds = _make_dataset(
       config, 'train', batch_size=config.batch_size, training=True,
       augment=augment, seed=config.seed, repeat=True, cache=train_cache,
-      **common)
+      data_service=config.data_service, **common)
   val_ds = _make_dataset(
       config, 'validation', batch_size=config.batch_size, training=False,
       cache=val_cache, **common)

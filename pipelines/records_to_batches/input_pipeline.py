@@ -227,12 +227,14 @@ def _estimate_bytes(spec, split: str, size) -> int:
 
 def read_records(data_dir: str, spec, split: str, *, training: bool,
                  seed: Optional[int] = None, skip_bad_records: bool = False,
-                 deterministic: bool = True) -> tf.data.Dataset:
+                 deterministic: bool = True,
+                 splittable: bool = False) -> tf.data.Dataset:
   """Serialized records (tf.string []) of one split, checked shard by shard.
 
   Shards are read in parallel (in a new order every epoch when training);
   a shard that holds fewer records than the build wrote is an error naming
-  it (or, with skip_bad_records, a printed count).
+  it (or, with skip_bad_records, a printed count). splittable: always start
+  from the list of shard files (what a tf.data service deals out).
   """
   paths = spec.shard_paths(data_dir, split)
   if not paths:
@@ -242,7 +244,7 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
         f'{[s for s, v in spec.splits.items() if v.shards]}')
   _check_shard_sizes(data_dir, spec, split, paths)
   shard_lengths = spec.splits[split].shard_lengths
-  if len(paths) == 1:
+  if len(paths) == 1 and not splittable:
     # One shard: no interleave at all (even a sequential one costs ~8%).
     return _shard_records(tf.constant(paths[0]),
                           tf.constant(shard_lengths[0], tf.int64),
@@ -319,6 +321,7 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
                  drop_remainder: Optional[bool] = None,
                  label_mode: str = 'int', skip_bad_records: bool = False,
                  spec: Optional[tfrecords_schema.DatasetSpec] = None,
+                 data_service: Optional[str] = None,
                  ) -> tf.data.Dataset:
   """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
 
@@ -347,6 +350,16 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
     skip_bad_records: skip records of damaged shards and print how many per
       shard, instead of raising an error naming the shard.
     spec: the dataset's DatasetSpec if already read (a run reads it once).
+    data_service: 'grpc://HOST:PORT' of a tf.data service dispatcher
+      (`python -m pipelines.data_service`): a training pipeline then runs on
+      its workers (read, decode, shuffle, batch, augment, normalize) in
+      distributed-epoch mode — the shard files are dealt out dynamically, so
+      each record is read once per pass — and this host only receives
+      batches. Each worker batches and shuffles its own share, so a pass
+      ends with up to one partial batch per worker (drop_remainder drops
+      them), order is not reproducible, and augmentation draws fresh random
+      seeds on the worker. Ignored when not training (evaluation stays
+      local).
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)`.
@@ -372,10 +385,12 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   augment = augment if training and augment and not augment.is_identity else None
   if cache in (True, 'memory'):
     _check_memory_cache(spec, split, size)
-  deterministic = seed is not None or not training
+  distributed = bool(data_service) and training
+  deterministic = (seed is not None or not training) and not distributed
   records = read_records(data_dir, spec, split, training=training, seed=seed,
                          skip_bad_records=skip_bad_records,
-                         deterministic=deterministic)
+                         deterministic=deterministic,
+                         splittable=distributed)
 
   caching = cache in (True, 'memory') or (isinstance(cache, str) and cache)
   if training and not caching:
@@ -405,7 +420,14 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
 
   parse = dict(model_input=model_input, label_mode=label_mode,
                num_classes=spec.num_classes)
-  if augment is not None:
+  if augment is not None and distributed:
+    # On a service worker: a fresh random seed per batch (a seeded stream
+    # would be a second, unsplittable source).
+    ds = ds.map(lambda images, labels: train_parse(
+        images, labels, tf.random.uniform([2], maxval=2**62, dtype=tf.int64),
+        augment=augment, **parse), num_parallel_calls=AUTOTUNE,
+                deterministic=False)
+  elif augment is not None:
     # One seed per batch from a seeded stream that changes every epoch.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True
                                    ).batch(2)
@@ -415,7 +437,11 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   else:
     ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  if not repeat and not skip_bad_records:
+  if distributed:
+    ds = ds.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=data_service))
+  elif not repeat and not skip_bad_records:
     # The exact batch count is known from the metadata: declaring it lets
     # Keras size epochs (no "ran out of data" warnings) and makes any
     # shortfall an error instead of a shorter epoch.

@@ -102,6 +102,9 @@ class ResumableTraining(keras.callbacks.Callback):
     self.restore_best_weights = restore_best_weights
     self.fingerprint = fingerprint or {}
     self._same = same or (lambda key, saved, current: saved == current)
+    # Set (e.g. by a SIGTERM handler) to stop after the current batch; the
+    # run's state stays that of the last finished epoch.
+    self.preempted = False
     self._restored = False
     self.rows: list[dict] = []
     self.best: Optional[float] = None
@@ -208,7 +211,13 @@ class ResumableTraining(keras.callbacks.Callback):
       return True
     return value < self.best if self.mode == 'min' else value > self.best
 
+  def on_train_batch_end(self, batch, logs=None):
+    if self.preempted:
+      self.model.stop_training = True  # Ends the epoch after this batch.
+
   def on_epoch_end(self, epoch, logs=None):
+    if self.preempted:
+      return  # A cut-short epoch is not finished: nothing is recorded.
     logs = dict(logs or {})
     row = {'epoch': epoch + 1, **{k: float(v) for k, v in logs.items()}}
     self.rows.append(row)
@@ -254,6 +263,8 @@ class ResumableTraining(keras.callbacks.Callback):
     os.replace(tmp, os.path.join(self.model_dir, HISTORY_FILE))
 
   def on_train_end(self, logs=None):
+    if self.preempted:
+      return
     if self.restore_best_weights and os.path.exists(self._path(BEST_WEIGHTS)):
       self._load_weights(self._path(BEST_WEIGHTS))
 

@@ -80,6 +80,9 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 
 
+PREEMPTED_STATUS = 143  # 128 + SIGTERM, as if the signal had ended it.
+
+
 def config_from_flags() -> config_lib.TrainConfig:
   """The TrainConfig the flags say; UserError for text that does not parse."""
   values = {}
@@ -123,6 +126,9 @@ def main(argv):
   from trainer import train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(config)
+  except train_lib.Preempted as e:
+    print(f'[train] {e}', file=sys.stderr, flush=True)
+    sys.exit(PREEMPTED_STATUS)
   except UserError as e:
     sys.exit(f'error: {_one_line(e)}')
   except OSError as e:  # A disk or path problem no check foresaw.

@@ -295,6 +295,36 @@ def _reading(config: TrainConfig):
     ) from None
 
 
+class Preempted(Exception):
+  """Training stopped on SIGTERM; the last finished epoch is saved."""
+
+
+@contextlib.contextmanager
+def _preemptible(resumable):
+  """SIGTERM (a cloud preemption) stops training after the current batch.
+
+  The run's state stays that of the last finished epoch (the cut-short one
+  is not recorded), so rerunning the same command resumes there.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+
+  def stop(signum, frame):
+    del signum, frame
+    _say('SIGTERM: stopping after this batch; the last finished epoch is '
+         'saved')
+    resumable.preempted = True
+
+  try:
+    previous = signal.signal(signal.SIGTERM, stop)
+  except ValueError:  # Not the main thread: leave signals alone.
+    yield
+    return
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
 def train_and_evaluate(config: TrainConfig) -> dict:
   """Trains (or resumes) and writes model, export, history, metrics, plots.
 
@@ -389,7 +419,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
        + (f'; resuming after epoch {done}' if done else ''))
   start = time.perf_counter()
   if done < config.epochs and not resumable.stopped_early:
-    with _reading(config):
+    with _reading(config), _preemptible(resumable):
       model.fit(train_ds, steps_per_epoch=steps_per_epoch,
                 epochs=config.epochs, validation_data=val_ds, verbose=2,
                 shuffle=False, callbacks=[
@@ -399,6 +429,11 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   else:
     resumable.on_train_end()
   train_seconds = time.perf_counter() - start
+  if resumable.preempted:
+    raise Preempted(
+        f'preempted (SIGTERM) after epoch {len(resumable.rows)} of '
+        f'{config.epochs}; its state is saved in {config.model_dir}: rerun '
+        'the same command to resume')
   return _finish(config, spec, model, resumable, model_input=model_input,
                  binary=binary, common=common, train_seconds=train_seconds)
 

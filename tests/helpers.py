@@ -1,7 +1,9 @@
-"""Fixture builders shared by the tests: real photos and bad files on disk."""
+"""Fixture builders shared by the tests: real photos, bad files, datasets."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import os
 import pathlib
@@ -9,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -51,17 +54,233 @@ def variants(array: np.ndarray, count: int):
     yield array[top:top + h * 3 // 4, left:left + w * 3 // 4]
 
 
+# Photos for class k (cycled): colour photos first, then grey ones.
+CLASS_PHOTOS = ('chelsea', 'coffee', 'rocket', 'astronaut',
+                'immunohistochemistry', 'hubble_deep_field', 'camera', 'coins',
+                'moon', 'clock')
+DEFAULT_CLASSES = {'cat': 'chelsea', 'coffee': 'coffee', 'rocket': 'rocket'}
+
+
+def _class_photos(classes) -> dict:
+  """classes: names (photos assigned in CLASS_PHOTOS order) or name -> photo."""
+  if isinstance(classes, int):
+    classes = [f'class{k}' for k in range(classes)]
+  if isinstance(classes, dict):
+    return dict(classes)
+  return {cls: CLASS_PHOTOS[k % len(CLASS_PHOTOS)]
+          for k, cls in enumerate(classes)}
+
+
+def distinct_crops(array: np.ndarray, count: int,
+                   size: tuple[int, int] | None = None):
+  """`count` crops of a photo, pairwise distinct in content.
+
+  The first ones are `variants`; a crop offset already used is replaced by
+  the next unused one, so large counts never repeat. `size` (width,
+  height) resizes each crop (bilinear).
+  """
+  h, w = array.shape[:2]
+  rows, cols = h // 4, w // 4
+  if count > rows * cols:
+    raise ValueError(f'{count} crops asked, a {w}x{h} photo has {rows * cols}')
+  used = set()
+  for i in range(count):
+    offset = ((i * 7) % rows, (i * 13) % cols)
+    j = offset[0] * cols + offset[1]
+    while offset in used:
+      j = (j + 1) % (rows * cols)
+      offset = divmod(j, cols)
+    used.add(offset)
+    top, left = offset
+    crop = array[top:top + h * 3 // 4, left:left + w * 3 // 4]
+    if size is not None:
+      crop = np.asarray(Image.fromarray(crop).resize(
+          size, Image.Resampling.BILINEAR))
+    yield crop
+
+
+def photo_folder(root: pathlib.Path, *, classes=None, per_class=6,
+                 layout: str = 'classes', formats=('jpg', 'png'),
+                 size=None, name: str = '{photo}_{i}') -> dict:
+  """Writes a labelled folder of real photo crops; returns relpath -> class.
+
+  Args:
+    root: the folder to write (the build's --input_dir).
+    classes: class names (photos from CLASS_PHOTOS), a count, or a dict
+      class -> scikit-image photo name; default cat/coffee/rocket.
+    per_class: images per class; for layout 'splits' a dict split -> count
+      (an int puts that many in both train and validation).
+    layout: 'classes' (root/class/file) or 'splits'
+      (root/split/class/file, the pre-split layout).
+    formats: file extensions, used in turn (jpg, png, webp, bmp, gif).
+    size: None (crops of the full photo) or N or (width, height).
+    name: file stem, a format string of photo, cls, split and i (the index
+      of the file in its folder).
+
+  Every file of a class is a different crop (distinct bytes, no duplicate
+  across splits either).
+  """
+  if layout not in ('classes', 'splits'):
+    raise ValueError(f'layout={layout!r} is not classes or splits')
+  if isinstance(size, int):
+    size = (size, size)
+  if layout == 'classes':
+    if not isinstance(per_class, int):
+      raise ValueError('layout=classes takes an int per_class')
+    counts = {None: per_class}
+  else:
+    counts = (dict(per_class) if not isinstance(per_class, int)
+              else {'train': per_class, 'validation': per_class})
+  written = {}
+  for cls, photo_name in _class_photos(classes or DEFAULT_CLASSES).items():
+    crops = distinct_crops(photo(photo_name), sum(counts.values()), size)
+    for split, count in counts.items():
+      folder = root / split / cls if split else root / cls
+      for i in range(count):
+        ext = formats[i % len(formats)]
+        stem = name.format(photo=photo_name, cls=cls, split=split, i=i)
+        path = save(folder / f'{stem}.{ext}', Image.fromarray(next(crops)))
+        written[path.relative_to(root).as_posix()] = cls
+  return written
+
+
 def make_photo_folder(root: pathlib.Path, per_class: int = 6) -> dict:
   """Three classes of real photos (JPEG and PNG), one folder per class."""
-  classes = {'cat': 'chelsea', 'coffee': 'coffee', 'rocket': 'rocket'}
-  written = {}
-  for cls, name in classes.items():
-    for i, crop in enumerate(variants(photo(name), per_class)):
-      ext = 'jpg' if i % 2 == 0 else 'png'
-      path = root / cls / f'{name}_{i}.{ext}'
-      save(path, Image.fromarray(crop))
-      written[f'{cls}/{path.name}'] = cls
-  return written
+  return photo_folder(root, per_class=per_class)
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyExample:
+  """One record of a tiny dataset, as written."""
+  filename: str
+  label: int
+  encoded: bytes        # The stored image bytes.
+  pixels: np.ndarray    # uint8 [H, W, C], the pixels before encoding.
+  original_height: int  # The crop's size before the resize.
+  original_width: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TinyDataset:
+  """A dataset written by write_tiny_dataset."""
+  path: str
+  spec: Any  # tfrecords_schema.DatasetSpec
+  examples: dict  # split -> [TinyExample], in file order, shard by shard.
+
+  def __str__(self):
+    return self.path
+
+
+def write_tiny_dataset(root, *, classes=('cat', 'coffee', 'rocket'),
+                       per_class=None, size=(32, 40), channels: int = 3,
+                       image_format: str = 'jpeg', shards=1,
+                       jpeg_quality: int = 95, seed: int = 0,
+                       name: str = 'tiny') -> TinyDataset:
+  """Writes a small built dataset directly, without Beam: shards + metadata.
+
+  Records go through the schema's own encode_example / frame_record and the
+  metadata through write_dataset_metadata, so readers see what a build
+  writes; the images are crops of real photos resized with Pillow (and
+  encoded with it). Milliseconds instead of a Beam run.
+
+  Args:
+    root: folder to create (must not exist or be empty).
+    classes: class names (photos from CLASS_PHOTOS), a count, or a dict
+      class -> scikit-image photo name.
+    per_class: dict split -> images per class (splits left out are empty);
+      default {'train': 6, 'validation': 2}.
+    size: N or (height, width) of the stored images.
+    channels: 1 or 3.
+    image_format: 'jpeg', 'png' or 'raw'.
+    shards: shards per non-empty split, an int or a dict split -> int.
+    seed: record order inside a split (classes mixed, as the build does).
+
+  Returns:
+    TinyDataset: its path, its DatasetSpec and every example written.
+  """
+  from tfrecords_schema import metadata  # pylint: disable=g-import-not-at-top
+  from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  per_class = per_class or {'train': 6, 'validation': 2}
+  unknown = set(per_class) - set(metadata.SPLITS)
+  if unknown:
+    raise ValueError(f'unknown splits {sorted(unknown)}')
+  height, width = (size, size) if isinstance(size, int) else size
+  photos = _class_photos(classes)
+  class_names = tuple(sorted(photos))  # Labels: sorted names, as the build.
+  rng = np.random.default_rng(seed)
+  sources = {cls: photo(photos[cls]) for cls in class_names}
+  crops = {cls: distinct_crops(sources[cls], sum(per_class.values()),
+                               (width, height)) for cls in class_names}
+  examples, split_specs, train_pixels = {}, {}, []
+  for split in metadata.SPLITS:
+    items = []
+    for label, cls in enumerate(class_names):
+      for i in range(per_class.get(split, 0)):
+        image = Image.fromarray(next(crops[cls]))
+        image = image.convert('L' if channels == 1 else 'RGB')
+        pixels = np.asarray(image, np.uint8).reshape(height, width, channels)
+        if image_format == 'raw':
+          encoded = pixels.tobytes()
+        else:
+          buffer = io.BytesIO()
+          image.save(buffer, format=image_format.upper(),
+                     **({'quality': jpeg_quality}
+                        if image_format == 'jpeg' else {}))
+          encoded = buffer.getvalue()
+        ext = 'jpg' if image_format == 'jpeg' else 'png'
+        items.append(TinyExample(f'{cls}/{split}_{i}.{ext}', label, encoded,
+                                 pixels, sources[cls].shape[0] * 3 // 4,
+                                 sources[cls].shape[1] * 3 // 4))
+    items = [items[k] for k in rng.permutation(len(items))]
+    examples[split] = items
+    if split == 'train':
+      train_pixels = [e.pixels for e in items]
+    count = shards.get(split, 1) if isinstance(shards, dict) else shards
+    groups = ([list(g) for g in np.array_split(np.arange(len(items)),
+                                                min(count, len(items)))]
+              if items else [])
+    filenames, lengths, num_bytes = [], [], 0
+    for index, group in enumerate(groups):
+      data = b''.join(schema.frame_record(schema.encode_example(
+          image=items[k].encoded, label=items[k].label,
+          filename=items[k].filename,
+          sha256=hashlib.sha256(items[k].encoded).hexdigest(),
+          original_height=items[k].original_height,
+          original_width=items[k].original_width)) for k in group)
+      filename = schema.shard_filename(name, split, index, len(groups))
+      (root / filename).write_bytes(data)
+      filenames.append(filename)
+      lengths.append(len(group))
+      num_bytes += len(data)
+    split_specs[split] = metadata.SplitSpec(
+        name=split, shards=tuple(filenames), shard_lengths=tuple(lengths),
+        num_bytes=num_bytes, class_counts=tuple(
+            per_class.get(split, 0) for _ in class_names))
+  mean = std = None
+  if train_pixels:
+    values = np.stack(train_pixels).reshape(-1, channels).astype(np.float64)
+    mean = tuple(round(float(m), 4) for m in values.mean(axis=0))
+    std = tuple(round(float(s), 4) for s in values.std(axis=0))
+  spec = metadata.DatasetSpec(
+      name=name, class_names=class_names, height=height, width=width,
+      channels=channels, image_format=image_format, resize_mode='stretch',
+      splits=split_specs, mean=mean, std=std,
+      jpeg_quality=jpeg_quality if image_format == 'jpeg' else None)
+  metadata.write_dataset_metadata(str(root), spec,
+                                  description='tests.helpers tiny dataset')
+  return TinyDataset(str(root), spec, examples)
+
+
+def decode_with_pillow(encoded: bytes, spec) -> np.ndarray:
+  """A stored image decoded without TensorFlow: uint8 [H, W, C]."""
+  shape = (spec.height, spec.width, spec.channels)
+  if spec.image_format == 'raw':
+    return np.frombuffer(encoded, np.uint8).reshape(shape)
+  with Image.open(io.BytesIO(encoded)) as image:
+    pixels = np.asarray(image.convert('L' if spec.channels == 1 else 'RGB'))
+  return pixels.reshape(shape)
 
 
 def add_bad_files(root: pathlib.Path) -> dict:

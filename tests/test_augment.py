@@ -1,4 +1,5 @@
-"""Augmentation: geometry is right, fill modes as documented, seeds reproduce."""
+"""Augmentation: geometry is right, fill modes as documented, each colour op
+does what it says (and nothing when off), seeds reproduce."""
 
 import keras
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.records_to_batches import augment
+from tests import helpers
 
 
 def _marked(size=21, row=10, col=15):
@@ -103,11 +105,100 @@ def test_brightness_and_channel_shift_follow_image_data_generator():
   assert not np.allclose(out, ramp.numpy())
 
 
-def test_colour_jitter_keeps_range_and_changes_colour():
+def _photos(n=6, size=24, low=60.0, high=190.0):
+  """n real-photo crops as float32 [n, size, size, 3] in [low, high]: room
+  to brighten, darken or stretch without clipping."""
+  crops = helpers.distinct_crops(helpers.photo('coffee'), n, (size, size))
+  return tf.constant(low + np.stack(list(crops)).astype(np.float32) *
+                     ((high - low) / 255.0))
+
+
+def _colour(images, seed=(3, 4), value_range=(0.0, 255.0), **options):
+  return augment.augment_batch(images, tf.constant(seed),
+                               augment.AugmentConfig(**options),
+                               value_range=value_range).numpy()
+
+
+def _saturation(x):
+  """Mean distance of the channels from the pixel's luma, per image."""
+  grey = (x * [0.299, 0.587, 0.114]).sum(-1, keepdims=True)
+  return np.abs(x - grey).mean(axis=(1, 2, 3))
+
+
+def _hsv(x):
+  return tf.image.rgb_to_hsv(np.clip(x, 0, 255) / 255.0).numpy()
+
+
+@pytest.mark.parametrize('off', [
+    dict(brightness_range=(1.0, 1.0)), dict(channel_shift_range=0.0),
+    dict(brightness_delta=0.0), dict(contrast_range=(1.0, 1.0)),
+    dict(saturation_range=(1.0, 1.0)), dict(hue_delta=0.0)])
+def test_each_colour_op_at_its_neutral_setting_changes_nothing(off):
+  images = _photos()
+  np.testing.assert_allclose(_colour(images, **off), images.numpy(),
+                             atol=1e-3)
+
+
+def test_brightness_delta_adds_one_offset_per_image():
+  images = _photos()
+  delta = _colour(images, brightness_delta=0.2) - images.numpy()
+  per_image = delta[:, :1, :1, :1]
+  np.testing.assert_allclose(delta, np.broadcast_to(per_image, delta.shape),
+                             atol=1e-3)
+  assert (np.abs(per_image) <= 0.2 * 255 + 1e-3).all()
+  assert np.abs(per_image).min() > 0 and np.ptp(per_image) > 5
+  # Given on the 0..255 scale: a [0, 1] image moves by at most 0.2.
+  unit = _colour(images / 255.0, value_range=(0.0, 1.0), brightness_delta=0.2)
+  np.testing.assert_allclose(unit, (images.numpy() + per_image) / 255.0,
+                             atol=1e-5)
+
+
+@pytest.mark.parametrize('factor', [0.5, 1.5])
+def test_contrast_scales_the_spread_about_each_image_mean(factor):
+  images = _photos()
+  out = _colour(images, contrast_range=(factor, factor))
+  x = images.numpy()
+  np.testing.assert_allclose(out.mean(axis=(1, 2)), x.mean(axis=(1, 2)),
+                             atol=1e-2)
+  np.testing.assert_allclose(out.std(axis=(1, 2)), factor * x.std(axis=(1, 2)),
+                             rtol=1e-4)
+
+
+def test_saturation_moves_colours_away_from_or_to_grey():
+  images = _photos()
+  x = images.numpy()
+  grey = _colour(images, saturation_range=(0.0, 0.0))
+  np.testing.assert_allclose(grey[..., 0], grey[..., 1], atol=1e-3)
+  np.testing.assert_allclose(grey[..., 0], grey[..., 2], atol=1e-3)
+  np.testing.assert_allclose(grey[..., 0],
+                             (x * [0.299, 0.587, 0.114]).sum(-1), atol=1e-3)
+  vivid = _colour(images, saturation_range=(1.5, 1.5))
+  assert (_saturation(vivid) > 1.3 * _saturation(x)).all()
+  dull = _colour(images, saturation_range=(0.5, 0.5))
+  np.testing.assert_allclose(_saturation(dull), 0.5 * _saturation(x),
+                             rtol=1e-4)
+
+
+def test_hue_rotates_hue_only_by_one_amount_per_image():
+  images = _photos()
+  before, after = _hsv(images.numpy()), _hsv(_colour(images, hue_delta=0.1))
+  coloured = before[..., 1] > 0.15  # Hue is defined where there is colour.
+  shift = np.mod(after[..., 0] - before[..., 0] + 0.5, 1.0) - 0.5
+  rotations = []
+  for i in range(len(shift)):
+    s = shift[i][coloured[i]]
+    assert np.abs(s - np.median(s)).max() < 0.02  # One rotation per image.
+    rotations.append(np.median(s))
+  rotations = np.abs(rotations)
+  assert rotations.max() <= 0.1 + 0.01 and rotations.max() > 0.03
+  assert np.ptp(rotations) > 0.01  # Sampled per image.
+  np.testing.assert_allclose(after[..., 1:], before[..., 1:], atol=0.02)
+
+
+def test_colour_jitter_together_keeps_the_range():
   images = tf.random.uniform([8, 16, 16, 3], 0, 255, seed=4)
   config = augment.AugmentConfig(brightness_delta=0.2, contrast_range=(0.5, 1.5),
-                                 saturation_range=(0.5, 1.5), hue_delta=0.1,
-                                 crop_range=(0.6, 1.0))
+                                 saturation_range=(0.5, 1.5), hue_delta=0.1)
   out = augment.augment_batch(images, tf.constant([1, 1]), config).numpy()
   assert 0 <= out.min() and out.max() <= 255
   assert np.abs(out - images.numpy()).mean() > 5

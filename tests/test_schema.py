@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+from google.protobuf.internal import encoder as protobuf_encoder
 import numpy as np
 from PIL import Image
 import pytest
@@ -121,13 +122,23 @@ def test_encoding_parses_to_the_example_tensorflow_builds(
       schema.ORIGINAL_HEIGHT: feature(height),
       schema.ORIGINAL_WIDTH: feature(7)}))
   assert tf.train.Example.FromString(ours) == reference
-  # Our key order is the sorted one, whatever the protobuf runtime does.
-  assert ours == schema.encode_example(
-      image=image, label=label, filename=filename, sha256='ef' * 32,
-      original_height=height, original_width=7)
-  parsed = schema.parse_examples(tf.constant([ours]))
-  assert parsed[schema.LABEL].numpy().tolist() == [label]
-  assert parsed[schema.IMAGE].numpy().tolist() == [image]
+  # Byte for byte: protobuf's own encoding of every map entry, in sorted key
+  # order (protobuf's map order depends on the runtime, so it is not used).
+  features = reference.features.feature
+  entries = b''.join(
+      tf.train.Features(feature={key: features[key]}).SerializeToString()
+      for key in sorted(features))
+  assert ours == b'\x0a' + protobuf_encoder._VarintBytes(len(entries)) + (  # pylint: disable=protected-access
+      entries)
+  # TensorFlow's parser reads ours as it reads protobuf's serialization.
+  parsed = schema.parse_examples(tf.constant(
+      [ours, reference.SerializeToString()]))
+  for key, value in {schema.IMAGE: image, schema.LABEL: label,
+                     schema.FILENAME: filename.encode(),
+                     schema.SHA256: ('ef' * 32).encode(),
+                     schema.ORIGINAL_HEIGHT: height,
+                     schema.ORIGINAL_WIDTH: 7}.items():
+    assert parsed[key].numpy().tolist() == [value, value], key
 
 
 def test_framed_records_equal_tfrecordwriter_output(tmp_path):

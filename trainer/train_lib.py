@@ -295,6 +295,16 @@ def _reading(config: TrainConfig):
     ) from None
 
 
+def _mirrored_strategy():
+  """All local GPUs; without GPUs, all logical CPU devices (a test splits
+  the CPU into two to check mirrored training against one device)."""
+  gpus = tf.config.list_logical_devices('GPU')
+  if gpus:
+    return tf.distribute.MirroredStrategy()
+  cpus = [d.name for d in tf.config.list_logical_devices('CPU')]
+  return tf.distribute.MirroredStrategy(devices=cpus)
+
+
 class Preempted(Exception):
   """Training stopped on SIGTERM; the last finished epoch is saved."""
 
@@ -363,8 +373,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     gpu = bool(tf.config.list_physical_devices('GPU'))
     keras.mixed_precision.set_global_policy(
         'mixed_float16' if gpu else 'mixed_bfloat16')
-  strategy = (tf.distribute.MirroredStrategy()
-              if config.distribution == 'mirrored'
+  strategy = (_mirrored_strategy() if config.distribution == 'mirrored'
               else tf.distribute.get_strategy())
   try:
     with strategy.scope():

@@ -196,11 +196,6 @@ class ResumableTraining(keras.callbacks.Callback):
       self._load_weights(self._path(LAST_WEIGHTS))
       self._restored = True
 
-  @property
-  def finished(self) -> bool:
-    """True when a previous run already stopped (early or at a target)."""
-    return self.stopped_early
-
   def on_train_begin(self, logs=None):
     if self.resumed_from:
       self.restore_weights()

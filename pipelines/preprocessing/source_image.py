@@ -1,11 +1,15 @@
-"""Pillow image ops of the build: decode/validate, to 8-bit, resize, encode.
+"""The build's conversion of one source file: read, decode/validate, to 8-bit,
+resize, encode (Pillow; JPEGs decoded strictly with simplejpeg).
 
-Everything here is deterministic and pure (bytes in, bytes out), so the Beam
-transforms in `beam_build` and the benchmark's plain loop share one code path,
-and a test can check each op on real bytes.
+`read_source` reads a file safely (regular files only, bounded size, image
+signature first); `process` turns its bytes into the stored image. Both are
+deterministic (bytes in, bytes out): the Beam workers (`beam_build`), the
+build benchmark's plain loop and `trainer.predict` run the same code, and a
+test can check each op on real bytes.
 
-A file the build cannot use raises `ImageRejected` with an `outcome` key (one
-of `OUTCOMES`) and a human reason; nothing is silently dropped.
+A file that cannot be used raises `ImageRejected` with an `outcome` (one of
+the report keys EMPTY, CORRUPT, UNSUPPORTED, TOO_LARGE, UNREADABLE,
+NOT_A_FILE below) and a human reason; nothing is silently dropped.
 """
 
 from __future__ import annotations

@@ -17,11 +17,13 @@ Extras: `crop_range` (random crop of a window whose sides are a sampled
 fraction of the image, resized back) and colour jitter (`brightness_delta`,
 `contrast_range`, `saturation_range`, `hue_delta`).
 
-Every geometric option, flips included, is folded into one 3x3 matrix per
-image, and the whole batch is warped by one XLA-compiled bilinear sampler:
-no per-image Python loop. All ops are pure
-TF and stateless-seeded, so they run inside `tf.data.Dataset.map` on the CPU
-or inside a model (`ImageAugmentation`, a Keras layer) on a GPU, and a seed
+When any geometric option is on (rotation, shift, shear, zoom, crop), all
+of them and the flips are folded into one 3x3 matrix per image, and the
+whole batch is warped by one XLA-compiled bilinear sampler (`warp`): no
+per-image Python loop. Flips alone are exact index reversals, no warp. The
+colour ops follow, on the whole batch. All ops are pure TF and
+stateless-seeded, so they run inside `tf.data.Dataset.map` on the CPU or
+inside a model (`ImageAugmentation`, a Keras layer) on a GPU, and a seed
 reproduces them exactly.
 """
 
@@ -50,7 +52,7 @@ def _shift_bound(shift_range: float, side: tf.Tensor) -> tf.Tensor:
 
 def transform_matrices(*, height, width, rotation_deg, shift_x, shift_y,
                        shear_deg, zoom_x, zoom_y, flip_x, flip_y) -> tf.Tensor:
-  """Output->input pixel maps for `ImageProjectiveTransformV3`.
+  """Output->input pixel maps for `warp` (ImageProjectiveTransformV3's layout).
 
   Args:
     height, width: image size (scalars).

@@ -49,31 +49,6 @@ def make_jpeg_folder(root: pathlib.Path, num_images: int, *,
   return root
 
 
-def _tree_rss_bytes(pid: int) -> int:
-  """Resident memory of `pid` and all its descendants (Linux /proc)."""
-  children: dict[int, list[int]] = {}
-  for entry in os.listdir('/proc'):
-    if not entry.isdigit():
-      continue
-    try:
-      with open(f'/proc/{entry}/stat') as f:
-        ppid = int(f.read().rsplit(')', 1)[1].split()[1])
-    except (OSError, IndexError, ValueError):
-      continue
-    children.setdefault(ppid, []).append(int(entry))
-  total, stack = 0, [pid]
-  page = os.sysconf('SC_PAGE_SIZE')
-  while stack:
-    p = stack.pop()
-    try:
-      with open(f'/proc/{p}/statm') as f:
-        total += int(f.read().split()[1]) * page
-    except (OSError, IndexError, ValueError):
-      pass
-    stack.extend(children.get(p, []))
-  return total
-
-
 def _descendants(pid: int) -> list[int]:
   """pid and all its descendants (Linux /proc)."""
   children: dict[int, list[int]] = {}
@@ -104,6 +79,19 @@ def _high_water_mb(pid: int) -> float:
   except OSError:
     pass
   return 0.0
+
+
+def _tree_rss_bytes(pid: int) -> int:
+  """Resident memory of `pid` and all its descendants (Linux /proc)."""
+  total = 0
+  page = os.sysconf('SC_PAGE_SIZE')
+  for p in _descendants(pid):
+    try:
+      with open(f'/proc/{p}/statm') as f:
+        total += int(f.read().split()[1]) * page
+    except (OSError, IndexError, ValueError):
+      pass
+  return total
 
 
 def run_measured(cmd: list[str], *, cwd=None, env=None,

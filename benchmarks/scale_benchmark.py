@@ -61,24 +61,6 @@ def make_png_folder(root: pathlib.Path, num_images: int) -> pathlib.Path:
   return root
 
 
-def graph_bytes(input_dir: pathlib.Path, work: pathlib.Path) -> int:
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  from pipelines.folder_to_records import beam_build  # pylint: disable=g-import-not-at-top
-  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-  from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top
-  plan = listing.plan_input(str(input_dir))
-  config = builder.make_config(
-      builder.BuildSettings(input_dir=str(input_dir),
-                            output_dir=str(work / 'out')),
-      input_dir=str(input_dir), listing=plan)
-  pipeline = beam.Pipeline(options=PipelineOptions(beam_build.pipeline_args(
-      [])))
-  beam_build.build_pipeline(pipeline, config=config, plan=plan,
-                            tmp_dir=str(work / 'tmp'))
-  return len(pipeline.to_runner_api().SerializeToString())
-
-
 def main(argv):
   del argv
   work = pathlib.Path(_WORK_DIR.value)
@@ -92,7 +74,8 @@ def main(argv):
     if out.exists():
       import shutil  # pylint: disable=g-import-not-at-top
       shutil.rmtree(out)
-    graph = graph_bytes(folder, work)
+    from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
+    graph = builder.graph_bytes(str(folder), str(work))
     run = common.run_measured(
         [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
          f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',

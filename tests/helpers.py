@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import io
 import os
 import pathlib
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -359,3 +362,23 @@ def run_cli_peak(module: str, *args: str, timeout: float = 300,
 def error_lines(stderr: str) -> list[str]:
   """Lines of stderr that are ours (not TensorFlow/Beam start-up noise)."""
   return [l for l in stderr.splitlines() if l.startswith('error:')]
+
+
+def free_port() -> int:
+  """A TCP port nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def wait_for_port(port: int, process, timeout: float = 120) -> None:
+  """Waits until something listens on localhost:port; fails if process
+  exits first or the time runs out."""
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert process.poll() is None, 'the server exited early'
+    with contextlib.suppress(OSError), socket.create_connection(
+        ('localhost', port), timeout=1):
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'nothing listens on port {port}')

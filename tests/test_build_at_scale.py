@@ -6,17 +6,10 @@ import contextlib
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import sys
-import time
 
-import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
-
-from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import builder
-from pipelines.folder_to_records import listing
 from tests import helpers
 
 
@@ -28,17 +21,7 @@ def _empty_files(root: pathlib.Path, num_files: int, num_classes: int = 10):
 
 
 def _graph_bytes(input_dir: pathlib.Path, tmp_path: pathlib.Path) -> int:
-  """Serialized size of the build's pipeline for input_dir (not run)."""
-  plan = listing.plan_input(str(input_dir))
-  config = builder.make_config(
-      builder.BuildSettings(input_dir=str(input_dir),
-                            output_dir=str(tmp_path / 'out')),
-      input_dir=str(input_dir), listing=plan)
-  pipeline = beam.Pipeline(options=PipelineOptions(
-      beam_build.pipeline_args([])))
-  beam_build.build_pipeline(pipeline, config=config, plan=plan,
-                            tmp_dir=str(tmp_path / 'tmp'))
-  return len(pipeline.to_runner_api().SerializeToString())
+  return builder.graph_bytes(str(input_dir), str(tmp_path))
 
 
 def test_graph_size_does_not_grow_with_the_number_of_files(tmp_path):
@@ -52,23 +35,6 @@ def test_graph_size_does_not_grow_with_the_number_of_files(tmp_path):
   _empty_files(tmp_path / 'more_classes', 1_000, num_classes=100)
   more = _graph_bytes(tmp_path / 'more_classes', tmp_path)
   assert more > small  # It grows with class folders, as it should.
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, process, timeout: float = 60) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    assert process.poll() is None, 'service exited early'
-    with contextlib.suppress(OSError), socket.create_connection(
-        ('localhost', port), timeout=1):
-      return
-    time.sleep(0.2)
-  raise TimeoutError(f'nothing listens on port {port}')
 
 
 @contextlib.contextmanager
@@ -103,13 +69,13 @@ def test_portable_runner_with_an_external_worker_pool_writes_the_same_shards(
   default = helpers.run_cli('pipelines.build', *common,
                             f'--output_dir={tmp_path / "default"}')
   assert default.returncode == 0, default.stderr[-3000:]
-  job_port, pool_port = _free_port(), _free_port()
+  job_port, pool_port = helpers.free_port(), helpers.free_port()
   with _service('apache_beam.runners.portability.local_job_service_main',
                 f'--port={job_port}') as jobs, _service(
                     'apache_beam.runners.worker.worker_pool_main',
                     f'--service_port={pool_port}') as pool:
-    _wait_for_port(job_port, jobs)
-    _wait_for_port(pool_port, pool)
+    helpers.wait_for_port(job_port, jobs)
+    helpers.wait_for_port(pool_port, pool)
     portable = helpers.run_cli(
         'pipelines.build', *common, f'--output_dir={tmp_path / "portable"}',
         '--runner=PortableRunner', f'--job_endpoint=localhost:{job_port}',

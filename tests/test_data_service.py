@@ -7,10 +7,8 @@ import contextlib
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -18,12 +16,6 @@ import pytest
 from pipelines.folder_to_records import builder
 from pipelines.records_to_batches import input_pipeline
 from tests import helpers
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('localhost', 0))
-    return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -40,17 +32,6 @@ def _server(*args: str):
     process.communicate()
 
 
-def _wait_listening(port: int, process, timeout: float = 120) -> None:
-  deadline = time.monotonic() + timeout
-  while time.monotonic() < deadline:
-    assert process.poll() is None, process.communicate()[1][-2000:]
-    with contextlib.suppress(OSError), socket.create_connection(
-        ('localhost', port), timeout=1):
-      return
-    time.sleep(0.3)
-  raise TimeoutError(port)
-
-
 @pytest.fixture(scope='module')
 def service(tmp_path_factory):
   """(dispatcher address, dataset folder): a dispatcher and 2 workers."""
@@ -59,16 +40,16 @@ def service(tmp_path_factory):
   builder.build(input_dir=str(root / 'images'), output_dir=str(root / 'data'),
                 image_size='24', validation_fraction=0.25, seed=1,
                 shard_size_mb=0.004, quiet=True, samples=False)
-  ports = [_free_port() for _ in range(3)]
+  ports = [helpers.free_port() for _ in range(3)]
   with _server('dispatcher', f'--port={ports[0]}') as dispatcher:
-    _wait_listening(ports[0], dispatcher)
+    helpers.wait_for_port(ports[0], dispatcher)
     workers = [contextlib.ExitStack() for _ in range(2)]
     processes = [w.enter_context(_server(
         'worker', f'--port={port}',
         f'--dispatcher_address=localhost:{ports[0]}',
         '--worker_host=localhost')) for w, port in zip(workers, ports[1:])]
     for port, process in zip(ports[1:], processes):
-      _wait_listening(port, process)
+      helpers.wait_for_port(port, process)
     try:
       yield f'grpc://localhost:{ports[0]}', root / 'data'
     finally:
@@ -108,9 +89,9 @@ def test_a_port_in_use_is_one_error_line(service):
 
 
 def test_sigterm_stops_a_server_cleanly():
-  port = _free_port()
+  port = helpers.free_port()
   with _server('dispatcher', f'--port={port}') as process:
-    _wait_listening(port, process)
+    helpers.wait_for_port(port, process)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
   assert process.returncode == 0, stderr[-2000:]
@@ -131,7 +112,7 @@ def test_an_unreachable_dispatcher_is_refused_up_front(service, tmp_path):
   from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top
   from trainer import train_lib  # pylint: disable=g-import-not-at-top
   _, data = service
-  for address, needle in ((f'grpc://localhost:{_free_port()}', 'no dispatcher'),
+  for address, needle in ((f'grpc://localhost:{helpers.free_port()}', 'no dispatcher'),
                           ('localhost', 'not grpc://HOST:PORT')):
     with pytest.raises(UserError, match=needle):
       train_lib.train_and_evaluate(train_lib.TrainConfig(

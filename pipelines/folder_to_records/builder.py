@@ -415,3 +415,23 @@ def format_summary(report: dict) -> str:
     lines.append(f'pictures: {out}/{plots.SAMPLES_FILE} (stored images '
                  'per class)')
   return '\n'.join(lines)
+
+
+def graph_bytes(input_dir: str, tmp_dir: str) -> int:
+  """Bytes of the serialized pipeline a build of input_dir submits (not run).
+
+  For the graph-size test and the scale benchmark: it must not grow with
+  the number of files.
+  """
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  plan = listing_lib.plan_input(input_dir)
+  config = make_config(
+      BuildSettings(input_dir=input_dir,
+                    output_dir=posixpath.join(tmp_dir, 'out')),
+      input_dir=input_dir, listing=plan)
+  pipeline = beam.Pipeline(options=PipelineOptions(
+      beam_build.pipeline_args([])))
+  beam_build.build_pipeline(pipeline, config=config, plan=plan,
+                            tmp_dir=posixpath.join(tmp_dir, 'tmp'))
+  return len(pipeline.to_runner_api().SerializeToString())

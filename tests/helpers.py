@@ -74,6 +74,16 @@ def _class_photos(classes) -> dict:
           for k, cls in enumerate(classes)}
 
 
+def _class_sources(photos: dict) -> dict:
+  """class -> photo array; a photo shared by several classes is shifted by
+  a row more for each, so no two classes hold the same bytes."""
+  uses, sources = {}, {}
+  for cls, name in photos.items():
+    uses[name] = uses.get(name, -1) + 1
+    sources[cls] = np.roll(photo(name), uses[name], axis=0)
+  return sources
+
+
 def distinct_crops(array: np.ndarray, count: int,
                    size: tuple[int, int] | None = None):
   """`count` crops of a photo, pairwise distinct in content.
@@ -135,8 +145,10 @@ def photo_folder(root: pathlib.Path, *, classes=None, per_class=6,
     counts = (dict(per_class) if not isinstance(per_class, int)
               else {'train': per_class, 'validation': per_class})
   written = {}
-  for cls, photo_name in _class_photos(classes or DEFAULT_CLASSES).items():
-    crops = distinct_crops(photo(photo_name), sum(counts.values()), size)
+  photos = _class_photos(classes or DEFAULT_CLASSES)
+  sources = _class_sources(photos)
+  for cls, photo_name in photos.items():
+    crops = distinct_crops(sources[cls], sum(counts.values()), size)
     for split, count in counts.items():
       folder = root / split / cls if split else root / cls
       for i in range(count):
@@ -213,7 +225,7 @@ def write_tiny_dataset(root, *, classes=('cat', 'coffee', 'rocket'),
   photos = _class_photos(classes)
   class_names = tuple(sorted(photos))  # Labels: sorted names, as the build.
   rng = np.random.default_rng(seed)
-  sources = {cls: photo(photos[cls]) for cls in class_names}
+  sources = _class_sources(photos)
   crops = {cls: distinct_crops(sources[cls], sum(per_class.values()),
                                (width, height)) for cls in class_names}
   examples, split_specs, train_pixels = {}, {}, []

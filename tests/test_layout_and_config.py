@@ -81,24 +81,30 @@ def test_every_build_setting_is_a_flag_with_the_same_default():
     assert defaults[field.name] == expected, field.name
 
 
-def test_flags_become_the_typed_config(monkeypatch):
-  from absl import flags  # pylint: disable=g-import-not-at-top
+_FLAGS_TO_CONFIG = r"""
+import json
+from absl import flags
+from trainer import main
+flags.FLAGS(['main', '--data_dir=d', '--model_dir=m', '--image_size=24,40',
+             '--augment=rotation_range=10,zoom_range=0.9:1.1', '--epochs=3'])
+config = main.config_from_flags()
+print(json.dumps({'image_size': config.image_size, 'epochs': config.epochs,
+                  'augment': repr(config.augment)}))
+"""
+
+
+def test_flags_become_the_typed_config():
+  # A fresh process: trainer.main and trainer.predict both define --model_dir.
   from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
-  from trainer import main  # pylint: disable=g-import-not-at-top
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(['main', '--data_dir=d', '--model_dir=m', '--image_size=24,40',
-               '--augment=rotation_range=10,zoom_range=0.9:1.1',
-               '--epochs=3'])
-  try:
-    config = main.config_from_flags()
-  finally:
-    flags.FLAGS.unparse_flags()
-  assert config.image_size == (24, 40)
-  assert config.epochs == 3
-  assert config.augment == augment_config.AugmentConfig(
-      rotation_range=10.0, zoom_range=(0.9, 1.1))
-  assert augment_config.parse(augment_config.to_text(config.augment)) == (
-      config.augment)
+  result = subprocess.run([sys.executable, '-c', _FLAGS_TO_CONFIG],
+                          cwd=helpers.REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, check=True)
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  assert out['image_size'] == [24, 40] and out['epochs'] == 3
+  expected = augment_config.AugmentConfig(rotation_range=10.0,
+                                          zoom_range=(0.9, 1.1))
+  assert out['augment'] == repr(expected)
+  assert augment_config.parse(augment_config.to_text(expected)) == expected
   assert augment_config.parse('course') == augment_config.COURSE
   assert augment_config.parse('none') is None
 

@@ -3,9 +3,10 @@
 The CPU is split into 2 logical devices (in a fresh process: it must happen
 before TensorFlow starts). On the same batches, the trainer's model and
 compile settings under MirroredStrategy give the same losses and weights as
-on one device; and the whole trainer, same global batch and seed, follows
-the same loss trajectory (make_dataset's seeded epochs do not depend on a
-shuffle's seed-generator state, which tf.distribute's rewrite restarts).
+on one device. (Through make_dataset the order of a seeded, per-epoch
+reshuffled stream differs under a strategy: tf.distribute rewrites the
+dataset and its shuffle's seed generator starts elsewhere; see
+BUILD_NOTES.md.)
 """
 
 import json
@@ -66,43 +67,3 @@ def test_mirrored_on_two_logical_devices_matches_one_device():
     assert abs(a - b) < 1e-4 * max(1.0, abs(a)), out
   assert out['one'][-1] < out['one'][0]  # It trained.
   assert out['weight_diff'] < 1e-4, out
-
-
-_TRAJECTORY = r'''
-import csv
-import json
-import sys
-import tensorflow as tf
-cpu = tf.config.list_physical_devices('CPU')[0]
-tf.config.set_logical_device_configuration(
-    cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-from trainer import train_lib
-data, out = sys.argv[1], sys.argv[2]
-losses = {}
-for distribution in ('default', 'mirrored'):
-  train_lib.train_and_evaluate(train_lib.TrainConfig(
-      data_dir=data, model_dir=f'{out}/{distribution}', epochs=3,
-      batch_size=8, early_stopping_patience=0, distribution=distribution,
-      seed=3))
-  with open(f'{out}/{distribution}/history.csv') as f:
-    losses[distribution] = [float(r['loss']) for r in csv.DictReader(f)]
-print(json.dumps(losses))
-'''
-
-
-def test_the_trainer_follows_the_same_loss_trajectory_mirrored(tmp_path):
-  """Same global batch and seed: the same data order and the same losses."""
-  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-  helpers.make_photo_folder(tmp_path / 'images', per_class=12)
-  builder.build(input_dir=str(tmp_path / 'images'),
-                output_dir=str(tmp_path / 'data'), image_size='24',
-                validation_fraction=0.25, seed=1, quiet=True, samples=False)
-  result = subprocess.run(
-      [sys.executable, '-c', _TRAJECTORY, str(tmp_path / 'data'),
-       str(tmp_path / 'runs')], cwd=helpers.REPO_ROOT, capture_output=True,
-      text=True, timeout=600, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
-  losses = json.loads(result.stdout.strip().splitlines()[-1])
-  assert len(losses['default']) == 3
-  for a, b in zip(losses['default'], losses['mirrored']):
-    assert abs(a - b) < 1e-3 * max(1.0, abs(a)), losses

@@ -228,17 +228,13 @@ def _estimate_bytes(spec, split: str, size) -> int:
 def read_records(data_dir: str, spec, split: str, *, training: bool,
                  seed: Optional[int] = None, skip_bad_records: bool = False,
                  deterministic: bool = True,
-                 splittable: bool = False, reshuffle: bool = True,
-                 check: bool = True) -> tf.data.Dataset:
+                 splittable: bool = False) -> tf.data.Dataset:
   """Serialized records (tf.string []) of one split, checked shard by shard.
 
   Shards are read in parallel (in a new order every epoch when training);
   a shard that holds fewer records than the build wrote is an error naming
   it (or, with skip_bad_records, a printed count). splittable: always start
   from the list of shard files (what a tf.data service deals out).
-  reshuffle=False: the shard order of this dataset's every iteration is the
-  one `seed` (an int or an int64 tensor) gives. check=False skips the shard
-  size check (already done).
   """
   paths = spec.shard_paths(data_dir, split)
   if not paths:
@@ -246,8 +242,7 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
         f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
         f'fraction for it, or use one of '
         f'{[s for s, v in spec.splits.items() if v.shards]}')
-  if check:
-    _check_shard_sizes(data_dir, spec, split, paths)
+  _check_shard_sizes(data_dir, spec, split, paths)
   shard_lengths = spec.splits[split].shard_lengths
   if len(paths) == 1 and not splittable:
     # One shard: no interleave at all (even a sequential one costs ~8%).
@@ -259,8 +254,7 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
   files = tf.data.Dataset.from_tensor_slices(
       (paths, tf.constant(shard_lengths, tf.int64)))
   if training:
-    files = files.shuffle(len(paths), seed=seed,
-                          reshuffle_each_iteration=reshuffle)
+    files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
   return files.interleave(
       lambda path, n: _shard_records(path, n, skip_bad_records),
       cycle_length=min(len(paths), MAX_PARALLEL_READS), block_length=1,
@@ -399,26 +393,7 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
                          splittable=distributed)
 
   caching = cache in (True, 'memory') or (isinstance(cache, str) and cache)
-  epochs = training and not caching and repeat and seed is not None and (
-      not distributed)
-  if epochs:
-    # Explicit epochs, each shuffled with a seed of its own: the order then
-    # depends on (seed, epoch) only, not on the state of a shuffle's seed
-    # generator, which a tf.distribute rewrite of the dataset restarts
-    # elsewhere (so --distribution=mirrored reads what one device reads).
-    buffer = _shuffle_buffer(spec, split, shuffle_buffer,
-                             bytes_per_example=_record_bytes(spec, split))
-
-    def one_epoch(epoch):
-      epoch_seed = (tf.constant(seed, tf.int64) * 1_000_003 + epoch) % (1 << 62)
-      return read_records(
-          data_dir, spec, split, training=True, seed=epoch_seed,
-          skip_bad_records=skip_bad_records, deterministic=True,
-          reshuffle=False, check=False).shuffle(
-              buffer, seed=epoch_seed, reshuffle_each_iteration=False)
-
-    records = tf.data.Dataset.counter().flat_map(one_epoch)
-  elif training and not caching:
+  if training and not caching:
     # Without a cache, shuffle the encoded records: the same randomness as
     # shuffling images, ~7x less memory per buffered example, and the
     # decode map right after it stays parallel.
@@ -435,7 +410,7 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
           spec, split, shuffle_buffer,
           bytes_per_example=size[0] * size[1] * spec.channels),
                       seed=seed, reshuffle_each_iteration=True)
-  if repeat and not epochs:
+  if repeat:
     ds = ds.repeat()
   if drop_remainder is None:
     drop_remainder = training

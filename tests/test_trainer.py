@@ -142,23 +142,36 @@ def test_target_accuracy_stops_training(tmp_path):
 
 @pytest.fixture(scope='module')
 def binary_data(tmp_path_factory):
-  """Two classes of real photo crops, 32x32, with a test split."""
-  root = tmp_path_factory.mktemp('binary')
-  for cls, name in (('cats', 'chelsea'), ('rockets', 'rocket')):
-    for i, crop in enumerate(helpers.variants(helpers.photo(name), 24)):
-      helpers.save(root / 'images' / cls / f'{i}.jpg', Image.fromarray(crop))
-  builder.build(input_dir=str(root / 'images'), output_dir=str(root / 'data'),
-                image_size='32', validation_fraction=0.25, test_fraction=0.2,
-                seed=1, quiet=True)
-  return str(root / 'data')
+  """Two classes of real photo crops, 32x32 JPEG, with a test split.
+
+  Written directly (no Beam build): these tests need a dataset, not the
+  build's exact output.
+  """
+  return helpers.write_tiny_dataset(
+      tmp_path_factory.mktemp('binary') / 'data',
+      classes={'cats': 'chelsea', 'rockets': 'rocket'},
+      per_class={'train': 12, 'validation': 6, 'test': 5}, size=32,
+      shards={'train': 2}).path
 
 
-def test_train_and_evaluate_writes_every_output(binary_data, tmp_path):
-  model_dir = str(tmp_path / 'run')
+@pytest.fixture(scope='module')
+def trained(binary_data, tmp_path_factory):
+  """A finished run (model_dir, metrics), trained once for several tests."""
+  model_dir = str(tmp_path_factory.mktemp('trained') / 'run')
   metrics = train_lib.train_and_evaluate(train_lib.TrainConfig(
       data_dir=binary_data, model_dir=model_dir, model='small_cnn', epochs=2,
       batch_size=8, augment=augment_config.COURSE,
       early_stopping_patience=0))
+  return model_dir, metrics
+
+
+@pytest.fixture(scope='module')
+def trained_run(trained):
+  return trained[0]
+
+
+def test_train_and_evaluate_writes_every_output(trained):
+  model_dir, metrics = trained
   for name in ('best.keras', 'history.csv', 'metrics.json', 'model_config.json',
                'training_curves.png', 'confusion_matrix.png', 'train_samples.png',
                'classification_report.txt', 'export/saved_model.pb'):
@@ -175,10 +188,8 @@ def test_train_and_evaluate_writes_every_output(binary_data, tmp_path):
   assert model.loss.__class__.__name__ == 'BinaryCrossentropy'
 
 
-def test_export_matches_keras_model_on_the_same_bytes(binary_data, tmp_path):
-  model_dir = str(tmp_path / 'run')
-  train_lib.train_and_evaluate(train_lib.TrainConfig(
-      data_dir=binary_data, model_dir=model_dir, epochs=1, batch_size=8))
+def test_export_matches_keras_model_on_the_same_bytes(binary_data, trained_run):
+  model_dir = trained_run
   spec = tfrecords_schema.read_dataset_spec(binary_data)
   encoded = [schema.parse_examples(r)[schema.IMAGE].numpy() for r in
              tf.data.TFRecordDataset(spec.shard_paths(binary_data, 'test'))]
@@ -199,8 +210,9 @@ def _history_epochs(model_dir):
 
 def test_resume_after_a_kill_continues_at_the_right_epoch(binary_data, tmp_path):
   model_dir = tmp_path / 'run'
+  epochs = 12  # Killed after epoch 3 at the earliest: room to resume.
   args = [f'--data_dir={binary_data}', f'--model_dir={model_dir}',
-          '--epochs=40', '--batch_size=8', '--early_stopping_patience=0']
+          f'--epochs={epochs}', '--batch_size=8', '--early_stopping_patience=0']
   process = subprocess.Popen(
       [sys.executable, '-m', 'trainer.main', *args], cwd=helpers.REPO_ROOT,
       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -214,33 +226,36 @@ def test_resume_after_a_kill_continues_at_the_right_epoch(binary_data, tmp_path)
   process.wait()
   saved = json.loads(state.read_text())
   done = saved['epochs_done']
-  assert 3 <= done < 40
+  assert 3 <= done < epochs
   assert [r['epoch'] for r in saved['rows']] == list(range(1, done + 1))
   result = helpers.run_cli('trainer.main', *args)
   assert result.returncode == 0, result.stderr[-2000:]
   assert f'resuming after epoch {done}' in result.stderr
-  assert _history_epochs(model_dir) == list(range(1, 41))
-  assert f'Epoch {done + 1}/40' in result.stdout + result.stderr
-  assert f'Epoch {done}/40' not in result.stdout + result.stderr
+  assert _history_epochs(model_dir) == list(range(1, epochs + 1))
+  assert f'Epoch {done + 1}/{epochs}' in result.stdout + result.stderr
+  assert f'Epoch {done}/{epochs}' not in result.stdout + result.stderr
 
 
-def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(binary_data,
+def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
                                                                tmp_path):
-  model_dir = str(tmp_path / 'run')
-  train_lib.train_and_evaluate(train_lib.TrainConfig(
-      data_dir=binary_data, model_dir=model_dir, epochs=1, batch_size=8))
+  model_dir = trained_run
   big = tmp_path / 'big_cat.webp'
   Image.fromarray(helpers.photo('chelsea')).save(big)  # Any size, any format.
   bad = tmp_path / 'notes.jpg'
   bad.write_text('not a picture')
+  misnamed = helpers.write(tmp_path / 'x.png', helpers.jpeg_bytes(
+      helpers.photo('rocket')))  # PNG name, JPEG content: still predicted.
   result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
-                           str(big), str(bad))
+                           str(big), str(bad), str(misnamed))
   assert result.returncode == 1
   lines = result.stdout.strip().splitlines()
   path, cls, probability = lines[0].split('\t')
   assert path == str(big) and cls in ('cats', 'rockets')
   assert 0.5 <= float(probability) <= 1
   assert lines[1].startswith(f'{bad}\terror: not a readable image')
+  path, cls, probability = lines[2].split('\t')
+  assert path == str(misnamed) and cls in ('cats', 'rockets')
+  assert 0.5 <= float(probability) <= 1
   result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
                            '--json', str(big))
   assert result.returncode == 0
@@ -264,16 +279,13 @@ def test_cli_user_errors_are_one_line(binary_data, tmp_path, args, message):
 
 
 def test_empty_validation_split_is_a_clear_error(tmp_path):
-  images = tmp_path / 'images'
-  for cls, name in (('a', 'chelsea'), ('b', 'coffee')):
-    for i, crop in enumerate(helpers.variants(helpers.photo(name), 3)):
-      helpers.save(images / cls / f'{i}.png', Image.fromarray(crop))
-  builder.build(input_dir=str(images), output_dir=str(tmp_path / 'data'),
-                image_size='16', validation_fraction=0.0, quiet=True)
+  data = helpers.write_tiny_dataset(tmp_path / 'data', classes=('a', 'b'),
+                                    per_class={'train': 3}, size=16)
+  assert data.spec.splits['validation'].num_examples == 0
   with pytest.raises(UserError, match='empty validation split'):
     train_lib.train_and_evaluate(train_lib.TrainConfig(
-        data_dir=str(tmp_path / 'data'), model_dir=str(tmp_path / 'run'),
-        batch_size=2))
+        data_dir=data.path, model_dir=str(tmp_path / 'run'), batch_size=2))
+  assert not (tmp_path / 'run').exists()  # Refused before any write.
 
 
 def test_parse_augment_flag():
@@ -310,14 +322,43 @@ def test_flagfile_mixed_precision_mirrored_and_read_time_resize(binary_data,
   flagfile.write_text('\n'.join([
       f'--data_dir={binary_data}', f'--model_dir={model_dir}', '--epochs=1',
       '--batch_size=8', '--mixed_precision', '--distribution=mirrored',
-      '--image_size=40', '--augment=rotation_range=10,zoom_range=0.9:1.1']))
+      '--image_size=40', '--augment=rotation_range=10,zoom_range=0.9:1.1',
+      '--verbosity=0']))  # INFO logs: the strategy names itself.
   result = helpers.run_cli('trainer.main', f'--flagfile={flagfile}')
   assert result.returncode == 0, result.stderr[-2000:]
+  # Every flag of the file is a setting of the run.
+  state = json.loads((model_dir / 'checkpoint' / 'state.json').read_text())
+  settings = state['fingerprint']
+  assert settings['mixed_precision'] is True
+  assert settings['distribution'] == 'mirrored'
+  assert settings['image_size'] == [40, 40] and settings['batch_size'] == 8
+  assert settings['augment'] == 'rotation_range=10,zoom_range=0.9:1.1'
+  assert state['epochs_done'] == 1
+  # The model was built and trained under a MirroredStrategy.
+  assert 'Using MirroredStrategy with devices' in result.stderr
+  # Mixed precision: 16-bit compute (bfloat16 on CPU), float32 variables.
+  model = keras.models.load_model(model_dir / 'best.keras')
+  head = model.get_layer('probability')
+  hidden = [l for l in model.layers if l.weights and l is not head]
+  assert len(hidden) >= 3 and all(
+      l.dtype_policy.name in ('mixed_float16', 'mixed_bfloat16') and
+      l.compute_dtype in ('float16', 'bfloat16') for l in hidden)
+  assert head.compute_dtype == 'float32'  # The output stays float32.
+  assert all(w.dtype == 'float32' for w in model.weights)
+  # Read-time resize: the model reads 40x40 images of a 32x32 dataset, and
+  # the export serves stored bytes as training read them.
+  assert model.input_shape == (None, 40, 40, 3)
   config = json.loads((model_dir / 'model_config.json').read_text())
   assert (config['height'], config['width']) == (40, 40)
-  image = helpers.write(tmp_path / 'x.png', helpers.jpeg_bytes(
-      helpers.photo('rocket')))  # PNG name, JPEG content: still predicted.
-  result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
-                           str(image))
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert result.stdout.split('\t')[1] in ('cats', 'rockets')
+  spec = tfrecords_schema.read_dataset_spec(binary_data)
+  assert (spec.height, spec.width) == (32, 32)
+  encoded = [schema.parse_examples(r)[schema.IMAGE].numpy() for r in
+             tf.data.TFRecordDataset(spec.shard_paths(binary_data, 'test'))]
+  served, model_config = predict.load(str(model_dir))
+  model_input = model_config.model_input
+  images = tf.stack([model_input.read_resize(model_input.decode(e))
+                     for e in encoded])
+  assert images.shape == (len(encoded), 40, 40, 3)
+  want = tf.cast(model(model_input.to_model(images)), tf.float32).numpy()
+  got = served.serve(tf.constant(encoded))['probabilities'].numpy()[:, 1]
+  np.testing.assert_allclose(got, want[:, 0], atol=2e-2)

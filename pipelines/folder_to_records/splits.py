@@ -35,8 +35,6 @@ class Kept:
   """A file chosen to be written into `split`."""
   split: str
   relpath: str
-  class_name: str
-  sha256: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +97,7 @@ def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
   split = first.given_split or assign_split(
       sha256, seed=seed, validation_fraction=validation_fraction,
       test_fraction=test_fraction)
-  kept = [Kept(split, first.relpath, first.class_name, sha256)]
+  kept = [Kept(split, first.relpath)]
   if len(entries) == 1:
     return kept, [], None
   dropped = []

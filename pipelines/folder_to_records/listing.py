@@ -223,15 +223,25 @@ class InputPlan:
   ignored: tuple[IgnoredFile, ...]  # Stray or hidden files at the top.
 
 
-def _classify(relpath: str, task: FolderTask
-              ) -> Union[SourceFile, IgnoredFile]:
-  """One file of a folder task: a candidate image, or ignored with a reason."""
+def _name_problem(relpath: str, *, hidden: bool = False
+                  ) -> Optional[IgnoredFile]:
+  """A file not read for its name: not UTF-8, or hidden (or in a hidden
+  folder: `hidden`); None otherwise."""
   if not is_text(relpath):
     return IgnoredFile(
         escaped(relpath), BAD_NAME,
         'file name is not valid UTF-8 (shown with \\x escapes); rename it')
-  if task.class_name is None or any(is_hidden(p) for p in relpath.split('/')):
+  if hidden or any(is_hidden(p) for p in relpath.split('/')):
     return IgnoredFile(relpath, IGNORED_HIDDEN, 'hidden file or folder')
+  return None
+
+
+def _classify(relpath: str, task: FolderTask
+              ) -> Union[SourceFile, IgnoredFile]:
+  """One file of a folder task: a candidate image, or ignored with a reason."""
+  problem = _name_problem(relpath, hidden=task.class_name is None)
+  if problem:
+    return problem
   extension = posixpath.splitext(relpath)[1]
   if extension.lower() not in source_image.EXTENSION_FORMATS:
     return IgnoredFile(
@@ -334,17 +344,9 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
         f'--input_dir={input_dir} has {found}; a classifier needs at least '
         'two: add one sub-folder of images per class')
   for relpath, where in strays:
-    if not is_text(relpath):
-      ignored.append(IgnoredFile(
-          escaped(relpath), BAD_NAME,
-          'file name is not valid UTF-8 (shown with \\x escapes); rename it'))
-    elif any(is_hidden(p) for p in relpath.split('/')):
-      ignored.append(IgnoredFile(relpath, IGNORED_HIDDEN,
-                                 'hidden file or folder'))
-    else:
-      ignored.append(IgnoredFile(
-          relpath, IGNORED_STRAY,
-          f'not inside a class folder (stray file in {where})'))
+    ignored.append(_name_problem(relpath) or IgnoredFile(
+        relpath, IGNORED_STRAY,
+        f'not inside a class folder (stray file in {where})'))
   return InputPlan(layout, class_names, tuple(folders), tuple(ignored))
 
 

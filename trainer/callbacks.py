@@ -30,6 +30,7 @@ from typing import Any, Callable, Optional
 
 import keras
 
+from pipelines.common import cli
 from trainer import config as config_lib
 
 CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
@@ -179,7 +180,7 @@ class ResumableTraining(keras.callbacks.Callback):
     except Exception as e:  # pylint: disable=broad-except
       # h5py, Keras and TF raise many types for a file of another model or a
       # damaged one; all mean the same to the run.
-      detail = f'{type(e).__name__}: ' + ' '.join(str(e).split())[:200]
+      detail = f'{type(e).__name__}: ' + cli.one_line(e, 200)
       raise CheckpointMismatch(
           f'{path} does not match this model and dataset, or is damaged '
           f'({detail}); use a new model_dir, or delete '

@@ -97,17 +97,13 @@ def config_from_flags() -> config_lib.TrainConfig:
   return config_lib.TrainConfig(**values)
 
 
-def _one_line(text) -> str:
-  return ' '.join(str(text).split())
-
-
 def _os_error(e: OSError) -> str:
   """An OSError nothing else caught: the file and the reason, one line."""
   where = e.filename or ''
   if e.filename2:
     where = f'{where} -> {e.filename2}'
   reason = e.strerror or str(e)
-  return _one_line(f'{where}: {reason}; check that path (--model_dir, '
+  return cli.one_line(f'{where}: {reason}; check that path (--model_dir, '
                    '--data_dir, --cache) and rerun' if where else
                    f'{reason}; check --model_dir, --data_dir and --cache')
 
@@ -122,7 +118,7 @@ def main(argv):
   try:
     config = config_from_flags()
   except UserError as e:
-    sys.exit(f'error: {_one_line(e)}')
+    sys.exit(f'error: {cli.one_line(e)}')
   from trainer import train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(config)
@@ -130,11 +126,11 @@ def main(argv):
     print(f'[train] {e}', file=sys.stderr, flush=True)
     sys.exit(PREEMPTED_STATUS)
   except UserError as e:
-    sys.exit(f'error: {_one_line(e)}')
+    sys.exit(f'error: {cli.one_line(e)}')
   except OSError as e:  # A disk or path problem no check foresaw.
     sys.exit(f'error: {_os_error(e)}')
   except train_lib.tf.errors.OpError as e:  # Idem, raised inside TensorFlow.
-    sys.exit(f'error: {_one_line(train_lib.tf_message(e))}; check '
+    sys.exit(f'error: {cli.one_line(train_lib.tf_message(e))}; check '
              '--model_dir, --data_dir and --cache')
 
 

@@ -83,7 +83,7 @@ def load(model_dir: str):
   try:
     served = tf.saved_model.load(export_path)
   except (OSError, ValueError, tf.errors.OpError) as e:
-    detail = ' '.join(str(e).split())[:200]
+    detail = cli.one_line(e, 200)
     raise UserError(f'{export_path} cannot be loaded ({type(e).__name__}: '
                     f'{detail}); {rerun}') from None
   if not hasattr(served, 'serve'):
@@ -150,7 +150,7 @@ def predict_files(paths, served, config, *,
     try:
       out = served.serve(tf.constant([encoded]))
     except tf.errors.OpError as e:  # The export refused it: say why.
-      reason = ' '.join(str(e.message).split())[:300]
+      reason = cli.one_line(e.message, 300)
       results.append({'path': shown, 'error': f'the model refused it ({reason})'})
       continue
     index = int(out['class_index'][0])
@@ -192,7 +192,7 @@ def main(argv):
   try:
     served, config = load(_MODEL_DIR.value)
   except UserError as e:
-    sys.exit(f'error: {" ".join(str(e).split())}')
+    sys.exit(f'error: {cli.one_line(e)}')
   failed = 0
   try:
     for path, error in expand_paths(paths):

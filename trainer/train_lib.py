@@ -22,6 +22,7 @@ import numpy as np
 import tensorflow as tf
 
 from pipelines import plots
+from pipelines.common import cli
 from pipelines.common.errors import UserError
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import input_pipeline
@@ -150,7 +151,7 @@ def _read_spec(data_dir: str):
     raise UserError(str(e)) from None
   except (ValueError, KeyError, TypeError, AttributeError, OSError,
           tf.errors.OpError) as e:
-    detail = ' '.join(str(e).split())[:200]
+    detail = cli.one_line(e, 200)
     raise UserError(
         f'--data_dir={data_dir}: its {tfrecords_schema.metadata.METADATA_FILE} '
         f'cannot be read ({type(e).__name__}: {detail}); '
@@ -263,7 +264,7 @@ def tf_message(error: Exception) -> str:
   text = str(getattr(error, 'message', None) or error)
   text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
                        else type(error).__name__)
-  return ' '.join(text.split())[:300]
+  return cli.one_line(text, 300)
 
 
 @contextlib.contextmanager

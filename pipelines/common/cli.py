@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import threading
+from typing import Optional
 
 from absl import flags
 from absl import logging
@@ -110,3 +111,9 @@ def parse_image_size(text: str, flag: str = 'image_size') -> tuple[int, int]:
         f'--{flag}={text} is not a size; pass one number (150) or '
         f'HEIGHT,WIDTH (300,200), each between 1 and {MAX_IMAGE_SIDE}')
   return sizes[0], sizes[1]
+
+
+def one_line(text, limit: Optional[int] = None) -> str:
+  """Any message (an exception too) as one line, white space collapsed, cut
+  at `limit` characters: error lines must stay one line."""
+  return ' '.join(str(text).split())[:limit]

@@ -86,14 +86,18 @@ class ResumableTraining(keras.callbacks.Callback):
       has (a run saved by another version) are not compared.
     same: optional `same(key, saved, current) -> bool` for values that are
       equal in other spellings; default `==`.
+    write: False on the workers of a multi-worker run that are not the
+      chief: they keep the same state in memory and write nothing.
   """
 
   def __init__(self, model_dir: str, *, monitor: str = 'val_loss',
                patience: int = 0, target_accuracy: Optional[float] = None,
                restore_best_weights: bool = True,
                fingerprint: Optional[dict] = None,
-               same: Optional[Callable[[str, Any, Any], bool]] = None):
+               same: Optional[Callable[[str, Any, Any], bool]] = None,
+               write: bool = True):
     super().__init__()
+    self.write = write
     self.model_dir = model_dir
     self.checkpoint_dir = os.path.join(model_dir, CHECKPOINT_DIR)
     self.monitor = monitor
@@ -220,9 +224,8 @@ class ResumableTraining(keras.callbacks.Callback):
     value = logs.get(self.monitor)
     if value is not None and not math.isnan(value) and self._improved(value):
       self.best, self.best_epoch, self.wait = float(value), epoch + 1, 0
-      self.model.save_weights(self._path(BEST_WEIGHTS + '.tmp.weights.h5'))
-      os.replace(self._path(BEST_WEIGHTS + '.tmp.weights.h5'),
-                 self._path(BEST_WEIGHTS))
+      if self.write:
+        self._save_best()
     else:
       self.wait += 1
     if self.patience and self.wait >= self.patience:
@@ -236,7 +239,13 @@ class ResumableTraining(keras.callbacks.Callback):
           f'{self.target_accuracy}')
     if self.stopped_early:
       self.model.stop_training = True
-    self._save(epoch)
+    if self.write:
+      self._save(epoch)
+
+  def _save_best(self) -> None:
+    tmp = self._path(BEST_WEIGHTS + '.tmp.weights.h5')
+    self.model.save_weights(tmp)
+    os.replace(tmp, self._path(BEST_WEIGHTS))
 
   def _save(self, epoch: int) -> None:
     tmp = self._path('last.tmp.weights.h5')
@@ -266,6 +275,8 @@ class ResumableTraining(keras.callbacks.Callback):
 
   def prepare(self) -> None:
     """Creates checkpoint/; after a resume, repairs history.csv."""
+    if not self.write:
+      return
     os.makedirs(self.checkpoint_dir, exist_ok=True)
     if self.resumed_from:
       # history.csv is written just after state.json: a kill between the

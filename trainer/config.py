@@ -33,7 +33,7 @@ from pipelines.records_to_batches import augment_config
 MODELS = ('small_cnn', 'horses_humans', 'cats_dogs', 'transfer')
 BASE_MODELS = ('inception_v3', 'mobilenet_v2')
 OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
-DISTRIBUTIONS = ('default', 'mirrored')
+DISTRIBUTIONS = ('default', 'mirrored', 'multi_worker')
 MONITORS = ('val_loss', 'val_accuracy', 'loss', 'accuracy')
 
 # Files and folders of a run (--model_dir).
@@ -48,6 +48,86 @@ CONFUSION_FILE = 'confusion_matrix.png'
 CLASS_REPORT_FILE = 'classification_report.txt'
 TENSORBOARD_DIR = 'tensorboard'
 CHECKPOINT_DIR = 'checkpoint'
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterTask:
+  """This process's place in a --distribution=multi_worker cluster.
+
+  Read from TF_CONFIG (`tf.distribute.cluster_resolver.TFConfigClusterResolver`
+  reads the same): every machine runs the same command, only TF_CONFIG
+  differs. The chief (task type `chief`, else worker 0) writes --model_dir.
+  """
+  task_type: str
+  task_index: int
+  num_workers: int  # Every training process (chief included).
+  address: str
+  has_chief: bool = False  # The cluster lists a "chief" task.
+
+  @property
+  def is_chief(self) -> bool:
+    return self.task_type == 'chief' or (
+        self.task_index == 0 and not self.has_chief)
+
+  @property
+  def id_in_cluster(self) -> int:
+    """0 for the chief, then the workers in order (the input pipeline id)."""
+    if self.task_type == 'chief':
+      return 0
+    return self.task_index + int(self.has_chief)
+
+  def describe(self) -> str:
+    role = 'chief' if self.is_chief else 'not the chief: writes nothing'
+    return (f'{self.task_type} {self.task_index} of {self.num_workers} '
+            f'processes at {self.address} ({role})')
+
+
+def cluster_task(tf_config: Optional[str]) -> ClusterTask:
+  """TF_CONFIG's text -> ClusterTask; ValueError naming what is wrong."""
+  example = ('e.g. TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", '
+             '"host2:12345"]}, "task": {"type": "worker", "index": 0}}\' on '
+             'the first machine, index 1 on the second')
+  if not tf_config or not tf_config.strip():
+    raise ValueError(f'--distribution=multi_worker needs TF_CONFIG set on '
+                     f'every machine; {example}')
+  try:
+    value = json.loads(tf_config)
+  except ValueError as e:
+    raise ValueError(f'TF_CONFIG is not JSON ({e}); {example}') from None
+  cluster = value.get('cluster') if isinstance(value, dict) else None
+  task = value.get('task') if isinstance(value, dict) else None
+  if not isinstance(cluster, dict) or not isinstance(task, dict):
+    raise ValueError(f'TF_CONFIG needs "cluster" and "task" objects; {example}')
+  trainers = {}
+  for kind in ('chief', 'worker'):
+    addresses = cluster.get(kind, [])
+    if not isinstance(addresses, list) or not all(
+        isinstance(a, str) and a.rpartition(':')[2].isdigit()
+        for a in addresses):
+      raise ValueError(f'TF_CONFIG cluster "{kind}" must be a list of '
+                       f'"HOST:PORT" strings, not {addresses!r}; {example}')
+    trainers[kind] = addresses
+  if len(trainers['chief']) > 1:
+    raise ValueError('TF_CONFIG lists more than one "chief"; list one (or '
+                     'none: worker 0 is then the chief)')
+  extra = sorted(set(cluster) - {'chief', 'worker'})
+  if extra:
+    raise ValueError(f'TF_CONFIG cluster has {", ".join(extra)}: '
+                     '--distribution=multi_worker uses only "chief" and '
+                     '"worker" (parameter servers and evaluators are not '
+                     'supported)')
+  kind, index = task.get('type'), task.get('index', 0)
+  if kind not in ('chief', 'worker') or not isinstance(index, int) or not (
+      0 <= index < len(trainers.get(kind, []))):
+    raise ValueError(
+        f'TF_CONFIG task {task!r} is not in its cluster ({len(trainers["worker"])} '
+        f'workers, {len(trainers["chief"])} chief); set "task": '
+        '{"type": "worker", "index": N} with N from 0 on each machine')
+  addresses = trainers[kind]
+  return ClusterTask(task_type=kind, task_index=index,
+                     num_workers=len(trainers['chief']) + len(trainers['worker']),
+                     address=addresses[index],
+                     has_chief=bool(trainers['chief']))
 
 
 def single_unit(num_classes: int) -> bool:

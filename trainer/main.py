@@ -58,7 +58,8 @@ flags.DEFINE_boolean(
 flags.DEFINE_boolean('jit_compile', _D('jit_compile'), 'Compile train steps with XLA.')
 flags.DEFINE_string(
     'distribution', _D('distribution'),
-    f'One of {", ".join(config_lib.DISTRIBUTIONS)} (mirrored: all local GPUs).')
+    f'One of {", ".join(config_lib.DISTRIBUTIONS)} (mirrored: all local GPUs; '
+    'multi_worker: every machine in TF_CONFIG, see README).')
 flags.DEFINE_string(
     'base_model', _D('base_model'),
     f'--model=transfer base: {", ".join(config_lib.BASE_MODELS)}.')

@@ -31,6 +31,7 @@ from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import export as export_lib
 from trainer import models
+from trainer import multi_worker
 from trainer import report
 from trainer.config import TrainConfig
 
@@ -62,6 +63,11 @@ def _validate(config: TrainConfig, spec) -> None:
   if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
                     f'{", ".join(config_lib.MONITORS)}')
+  if config.data_service and config.distribution == 'multi_worker':
+    raise UserError(
+        '--data_service with --distribution=multi_worker is not supported: '
+        'each worker reads its own part of the data; leave --data_service out '
+        '(or train in one process through the service)')
   if config.data_service:
     _check_data_service(config.data_service)
   for split in ('train', 'validation'):
@@ -194,12 +200,14 @@ def _check_model_dir(model_dir: str) -> None:
           'folder; move it away, or pass a new --model_dir')
 
 
-def _cache_files(config: TrainConfig, spec, size) -> tuple[Any, Any]:
+def _cache_files(config: TrainConfig, spec, size,
+                 part: str = '') -> tuple[Any, Any]:
   """(train, validation) `cache=` for make_dataset; checked before any write.
 
   A file cache holds decoded, resized images: its files are named after
   the dataset's digest and the size (PREFIX.<key>.train.*), so a rebuilt
-  dataset or another --image_size never reads stale images.
+  dataset or another --image_size never reads stale images. `part` names
+  one worker's files of a multi-worker run (each reads its own images).
   """
   cache = config.cache
   if not cache:
@@ -221,7 +229,8 @@ def _cache_files(config: TrainConfig, spec, size) -> tuple[Any, Any]:
                       'pass a --cache path in a folder you can write to')
   key = hashlib.sha256(
       f'{config_lib.dataset_digest(spec)} {size[0]}x{size[1]}'.encode()).hexdigest()[:12]
-  files = tuple(f'{cache}.{key}.{split}' for split in ('train', 'validation'))
+  files = tuple(f'{cache}.{key}.{split}{part}'
+                for split in ('train', 'validation'))
   for prefix in files:
     if tf.io.gfile.exists(prefix + '.index'):
       continue  # Complete: read, not written.
@@ -296,6 +305,32 @@ def _reading(config: TrainConfig):
     ) from None
 
 
+def _cluster_task(config: TrainConfig):
+  """This process's ClusterTask for --distribution=multi_worker, else None."""
+  if config.distribution != 'multi_worker':
+    return None
+  try:
+    return config_lib.cluster_task(os.environ.get('TF_CONFIG'))
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
+def _build_model(config: TrainConfig, model_input: ModelInput,
+                 num_classes: int, binary: bool):
+  """The compiled model of this run (in the current strategy's scope)."""
+  model = models.build_model(
+      config.model, input_shape=model_input.shape,
+      num_classes=num_classes, dropout=config.dropout,
+      base_model=config.base_model, base_weights=config.base_weights,
+      base_cutoff_layer=config.base_cutoff_layer)
+  model.compile(
+      optimizer=_optimizer(config.optimizer, config.learning_rate),
+      loss=(keras.losses.BinaryCrossentropy() if binary else
+            keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
+      metrics=['accuracy'], jit_compile=config.jit_compile)
+  return model
+
+
 def _mirrored_strategy():
   """All local GPUs; without GPUs, all logical CPU devices (a test splits
   the CPU into two to check mirrored training against one device)."""
@@ -345,6 +380,17 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   """
   spec = _read_spec(config.data_dir)  # Once per run.
   _validate(config, spec)
+  task = _cluster_task(config)
+  if task:
+    # Before any other TensorFlow op: the strategy sets up the runtime.
+    _say(f'multi_worker: {task.describe()}; waiting for every worker')
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    if config.batch_size % strategy.num_replicas_in_sync:
+      raise UserError(
+          f'--batch_size={config.batch_size} must be a multiple of the '
+          f'{strategy.num_replicas_in_sync} replicas of the cluster (it is '
+          'the global batch, split evenly); pass e.g. --batch_size='
+          f'{max(1, config.batch_size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync}')
   augment = config.augment
   model_input = ModelInput.from_spec(
       spec, image_size=config.image_size,
@@ -354,12 +400,15 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   binary = config_lib.single_unit(num_classes)
   label_mode = 'binary' if binary else 'int'
   _check_model_dir(config.model_dir)
-  train_cache, val_cache = _cache_files(config, spec, size)
+  part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''
+  train_cache, val_cache = _cache_files(config, spec, size, part)
+  is_chief = task is None or task.is_chief
   resumable = callbacks_lib.ResumableTraining(
       config.model_dir, monitor=config.early_stopping_monitor,
       patience=config.early_stopping_patience,
       target_accuracy=config.target_accuracy, restore_best_weights=True,
-      fingerprint=config.fingerprint(spec), same=config_lib.same_setting)
+      fingerprint=config.fingerprint(spec), same=config_lib.same_setting,
+      write=is_chief)
   try:
     done = resumable.load_state()  # Only reads.
   except callbacks_lib.SettingsMismatch as e:
@@ -374,20 +423,12 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     gpu = bool(tf.config.list_physical_devices('GPU'))
     keras.mixed_precision.set_global_policy(
         'mixed_float16' if gpu else 'mixed_bfloat16')
-  strategy = (_mirrored_strategy() if config.distribution == 'mirrored'
-              else tf.distribute.get_strategy())
+  if not task:
+    strategy = (_mirrored_strategy() if config.distribution == 'mirrored'
+                else tf.distribute.get_strategy())
   try:
     with strategy.scope():
-      model = models.build_model(
-          config.model, input_shape=model_input.shape,
-          num_classes=num_classes, dropout=config.dropout,
-          base_model=config.base_model, base_weights=config.base_weights,
-          base_cutoff_layer=config.base_cutoff_layer)
-      model.compile(
-          optimizer=_optimizer(config.optimizer, config.learning_rate),
-          loss=(keras.losses.BinaryCrossentropy() if binary else
-                keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
-          metrics=['accuracy'], jit_compile=config.jit_compile)
+      model = _build_model(config, model_input, num_classes, binary)
       resumable.set_model(model)
       resumable.restore_weights()  # Before any write: a misfit is refused.
   except models.ModelError as e:
@@ -406,29 +447,59 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.
-  train_ds = _make_dataset(
-      config, 'train', batch_size=config.batch_size, training=True,
-      augment=augment, seed=config.seed, repeat=True, cache=train_cache,
-      data_service=config.data_service, **common)
+  def train_dataset(batch_size, shard=None):
+    return _make_dataset(
+        config, 'train', batch_size=batch_size, training=True,
+        augment=augment, seed=config.seed, repeat=True, cache=train_cache,
+        data_service=config.data_service, shard=shard, **common)
+  # A worker of a multi-worker run reads its own part (see multi_worker).
+  shard = (task.num_workers, task.id_in_cluster) if task else None
+  train_ds = train_dataset(config.batch_size, shard)
   val_ds = _make_dataset(
       config, 'validation', batch_size=config.batch_size, training=False,
       cache=val_cache, **common)
 
   with _reading(config):  # A damaged train shard often shows here already.
-    sample_batch = next(iter(train_ds.take(1)))
+    # From a dataset of its own: iterating train_ds would advance its seeded
+    # shuffle and augmentation generators before training starts.
+    sample_batch = next(iter(train_dataset(config.batch_size, shard).take(1)))
 
-  # Every check passed: from here on, the run writes.
-  os.makedirs(config.model_dir, exist_ok=True)
-  resumable.prepare()
-  _write_samples(sample_batch, config, spec, model_input,
-                 augmented=augment is not None)
+  if task:
+    loop = multi_worker.Loop(strategy, model, binary=binary,
+                             global_batch=config.batch_size,
+                             jit_compile=config.jit_compile)
+    multi_worker.check_agreement(loop, done=done,
+                                 fingerprint=resumable.fingerprint,
+                                 model_dir=config.model_dir)
+
+  # Every check passed: from here on, the run writes (the chief only).
+  if is_chief:
+    os.makedirs(config.model_dir, exist_ok=True)
+    resumable.prepare()
+    _write_samples(sample_batch, config, spec, model_input,
+                   augmented=augment is not None)
   _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
        f'{num_classes} classes, {train_count} train / '
        f'{spec.splits["validation"].num_examples} validation images, '
        f'{model.count_params():,} parameters'
        + (f'; resuming after epoch {done}' if done else ''))
   start = time.perf_counter()
-  if done < config.epochs and not resumable.stopped_early:
+  if task and done < config.epochs and not resumable.stopped_early:
+    replicas = strategy.num_replicas_in_sync
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda context: train_dataset(config.batch_size // replicas, shard)))
+    with _reading(config), _preemptible(resumable):
+      multi_worker.fit(
+          loop, iterator=iterator, val_ds=val_ds, resumable=resumable,
+          epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+          is_chief=is_chief, preempted=lambda: resumable.preempted,
+          tensorboard_dir=os.path.join(config.model_dir,
+                                       config_lib.TENSORBOARD_DIR))
+    _say(f'weights after epoch {len(resumable.rows)}: sha256 '
+         f'{multi_worker.weights_digest(model)} (the same on every worker)')
+    if is_chief and not resumable.preempted:
+      resumable.on_train_end()
+  elif done < config.epochs and not resumable.stopped_early:
     with _reading(config), _preemptible(resumable):
       model.fit(train_ds, steps_per_epoch=steps_per_epoch,
                 epochs=config.epochs, validation_data=val_ds, verbose=2,
@@ -436,14 +507,25 @@ def train_and_evaluate(config: TrainConfig) -> dict:
                     resumable, keras.callbacks.TerminateOnNaN(),
                     keras.callbacks.TensorBoard(os.path.join(
                         config.model_dir, config_lib.TENSORBOARD_DIR))])
-  else:
+  elif is_chief:
     resumable.on_train_end()
   train_seconds = time.perf_counter() - start
   if resumable.preempted:
     raise Preempted(
-        f'preempted (SIGTERM) after epoch {len(resumable.rows)} of '
-        f'{config.epochs}; its state is saved in {config.model_dir}: rerun '
-        'the same command to resume')
+        f'preempted (SIGTERM{" on a worker" if task else ""}) after epoch '
+        f'{len(resumable.rows)} of {config.epochs}; its state is saved in '
+        f'{config.model_dir}: rerun the same command'
+        f'{" on every machine" if task else ""} to resume')
+  if not is_chief:
+    _say(f'worker done after epoch {len(resumable.rows)}; the chief writes '
+         f'the model and results to {config.model_dir}')
+    return {}
+  if task:
+    # Evaluation, saving and export on a plain copy: no collectives, and the
+    # files are those a single-process run writes.
+    weights = model.get_weights()
+    model = _build_model(config, model_input, num_classes, binary)
+    model.set_weights(weights)
   return _finish(config, spec, model, resumable, model_input=model_input,
                  binary=binary, common=common, train_seconds=train_seconds)
 

@@ -228,13 +228,18 @@ def _estimate_bytes(spec, split: str, size) -> int:
 def read_records(data_dir: str, spec, split: str, *, training: bool,
                  seed: Optional[int] = None, skip_bad_records: bool = False,
                  deterministic: bool = True,
-                 splittable: bool = False) -> tf.data.Dataset:
+                 splittable: bool = False,
+                 shard: Optional[tuple[int, int]] = None) -> tf.data.Dataset:
   """Serialized records (tf.string []) of one split, checked shard by shard.
 
   Shards are read in parallel (in a new order every epoch when training);
   a shard that holds fewer records than the build wrote is an error naming
   it (or, with skip_bad_records, a printed count). splittable: always start
   from the list of shard files (what a tf.data service deals out).
+  shard: (count, index): only this reader's part of the split, for one of
+  `count` training processes: whole shard files when there are at least
+  `count` of them (file i goes to reader i % count), else every count-th
+  record of the split read in a fixed file order.
   """
   paths = spec.shard_paths(data_dir, split)
   if not paths:
@@ -244,6 +249,15 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
         f'{[s for s, v in spec.splits.items() if v.shards]}')
   _check_shard_sizes(data_dir, spec, split, paths)
   shard_lengths = spec.splits[split].shard_lengths
+  if shard is not None:
+    count, index = shard
+    if not 0 <= index < count:
+      raise ValueError(f'shard={shard}: index must be in [0, {count})')
+    if len(paths) < count:  # Too few files: split by record.
+      return read_records(data_dir, spec, split, training=False,
+                          skip_bad_records=skip_bad_records,
+                          deterministic=True).shard(count, index)
+    paths, shard_lengths = paths[index::count], shard_lengths[index::count]
   if len(paths) == 1 and not splittable:
     # One shard: no interleave at all (even a sequential one costs ~8%).
     return _shard_records(tf.constant(paths[0]),
@@ -322,6 +336,7 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
                  label_mode: str = 'int', skip_bad_records: bool = False,
                  spec: Optional[tfrecords_schema.DatasetSpec] = None,
                  data_service: Optional[str] = None,
+                 shard: Optional[tuple[int, int]] = None,
                  ) -> tf.data.Dataset:
   """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
 
@@ -360,6 +375,10 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       them), order is not reproducible, and augmentation draws fresh random
       seeds on the worker. Ignored when not training (evaluation stays
       local).
+    shard: (count, index) to read only this process's part of the split, as
+      one of `count` training processes (--distribution=multi_worker): by
+      shard file when the split has at least `count` files, else by record.
+      Augmentation seeds then differ per index.
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)`.
@@ -390,7 +409,9 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   records = read_records(data_dir, spec, split, training=training, seed=seed,
                          skip_bad_records=skip_bad_records,
                          deterministic=deterministic,
-                         splittable=distributed)
+                         splittable=distributed, shard=shard)
+  if shard is not None and seed is not None:
+    seed = seed + 7919 * shard[1]  # Other shuffles and augmentations.
 
   caching = cache in (True, 'memory') or (isinstance(cache, str) and cache)
   if training and not caching:
@@ -441,7 +462,7 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
     ds = ds.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
         service=data_service))
-  elif not repeat and not skip_bad_records:
+  elif not repeat and not skip_bad_records and shard is None:
     # The exact batch count is known from the metadata: declaring it lets
     # Keras size epochs (no "ran out of data" warnings) and makes any
     # shortfall an error instead of a shorter epoch.

@@ -1,0 +1,131 @@
+"""--distribution=multi_worker: two real worker processes on 127.0.0.1.
+
+Both train the same model (identical weights at the end), only the chief
+writes --model_dir, SIGTERM on one worker stops both after the same step
+(exit 143), kill -9 of one makes the other stop with one line, and rerunning
+both commands resumes after the last finished epoch without repeating one.
+"""
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+from tests import helpers
+
+
+def _tf_config(ports, index):
+  return json.dumps({
+      'cluster': {'worker': [f'127.0.0.1:{p}' for p in ports]},
+      'task': {'type': 'worker', 'index': index}})
+
+
+def _start(args, ports):
+  """Both workers' processes, same command, only TF_CONFIG differs."""
+  processes = []
+  for index in range(len(ports)):
+    env = dict(os.environ, TF_CONFIG=_tf_config(ports, index))
+    processes.append(subprocess.Popen(
+        [sys.executable, '-m', 'trainer.main', *args], cwd=helpers.REPO_ROOT,
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  return processes
+
+
+def _finish(processes, timeout=300):
+  out = []
+  for process in processes:
+    stdout, stderr = process.communicate(timeout=timeout)
+    out.append((process.returncode, stdout, stderr))
+  return out
+
+
+def _epochs_done(model_dir):
+  state = model_dir / 'checkpoint' / 'state.json'
+  try:
+    return json.loads(state.read_text())['epochs_done']
+  except (OSError, ValueError, KeyError):
+    return 0
+
+
+def _wait_for_epoch(model_dir, epoch, processes, timeout=240):
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if _epochs_done(model_dir) >= epoch:
+      return
+    assert all(p.poll() is None for p in processes), _finish(processes)
+    time.sleep(0.02)
+  raise AssertionError(f'epoch {epoch} not reached')
+
+
+def _history_epochs(model_dir):
+  with open(model_dir / 'history.csv') as f:
+    return [int(row['epoch']) for row in csv.DictReader(f)]
+
+
+def _digests(stderr):
+  return re.findall(r'weights after epoch (\d+): sha256 (\w+)', stderr)
+
+
+def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
+  helpers.write_tiny_dataset(
+      tmp_path / 'data', per_class={'train': 8, 'validation': 2},
+      shards={'train': 3, 'validation': 1})
+  model_dir = tmp_path / 'run'
+  args = [f'--data_dir={tmp_path / "data"}', f'--model_dir={model_dir}',
+          '--distribution=multi_worker', '--epochs=40', '--batch_size=4',
+          '--early_stopping_patience=0', '--seed=3', '--augment=course']
+
+  # 1. SIGTERM on the worker that is not the chief: both stop after the
+  # same step, the last finished epoch is kept, both exit 143.
+  chiefs = set()  # The chief's pid in each of the three runs.
+  processes = _start(args, [helpers.free_port(), helpers.free_port()])
+  chiefs.add(str(processes[0].pid))
+  _wait_for_epoch(model_dir, 2, processes)
+  processes[1].send_signal(signal.SIGTERM)
+  (rc0, _, err0), (rc1, _, err1) = _finish(processes)
+  assert (rc0, rc1) == (143, 143), (err0[-2000:], err1[-2000:])
+  done = _epochs_done(model_dir)
+  assert 2 <= done < 40
+  for err in (err0, err1):
+    assert 'Traceback' not in err
+    assert f'preempted (SIGTERM on a worker) after epoch {done} of 40' in err
+  assert _history_epochs(model_dir) == list(range(1, done + 1))
+  assert not (model_dir / 'metrics.json').exists()
+
+  # 2. The same commands resume; kill -9 of one worker mid-run: the other
+  # stops with one line naming the way out.
+  processes = _start(args, [helpers.free_port(), helpers.free_port()])
+  chiefs.add(str(processes[0].pid))
+  _wait_for_epoch(model_dir, done + 2, processes)
+  processes[1].kill()
+  (rc0, _, err0), _ = _finish(processes)
+  assert rc0 == 1, err0[-2000:]
+  assert f'resuming after epoch {done}' in err0
+  lines = helpers.error_lines(err0)
+  assert len(lines) == 1 and 'another worker stopped' in lines[0], err0[-3000:]
+  assert 'rerun the same command on every machine' in lines[0]
+  done = _epochs_done(model_dir)
+
+  # 3. Rerun both: resumes after the last finished epoch, runs to the end.
+  processes = _start(args, [helpers.free_port(), helpers.free_port()])
+  chiefs.add(str(processes[0].pid))
+  (rc0, out0, err0), (rc1, out1, err1) = _finish(processes)
+  assert (rc0, rc1) == (0, 0), (err0[-3000:], err1[-3000:])
+  assert f'resuming after epoch {done}' in err0
+  assert _history_epochs(model_dir) == list(range(1, 41))
+  # Identical weights on both workers at the end.
+  assert _digests(err0) == _digests(err1) and _digests(err0)[0][0] == '40'
+  # Only the chief writes: outputs once, TensorBoard from one process.
+  assert 'best epoch' in out0 and out1 == ''
+  assert 'writes nothing' in err1
+  for name in ('metrics.json', 'best.keras', 'export', 'history.csv',
+               'training_curves.png', 'train_samples.png'):
+    assert (model_dir / name).exists(), name
+  for split in ('train', 'validation'):
+    pids = {f.split('.')[-3] for f in os.listdir(
+        model_dir / 'tensorboard' / split)}
+    assert pids <= chiefs, (pids, chiefs)  # Written by chiefs only.

@@ -49,6 +49,22 @@ def make_jpeg_folder(root: pathlib.Path, num_images: int, *,
   return root
 
 
+def photo_records(work_dir: str, num_images: int, size: int = 150
+                  ) -> tuple[pathlib.Path, pathlib.Path]:
+  """(JPEG folder, built records) of `num_images` photo-like images, made
+  once under work_dir and reused (the input, train and service benchmarks
+  share them)."""
+  work = pathlib.Path(work_dir)
+  images = make_jpeg_folder(work / f'jpegs_{num_images}', num_images)
+  data = work / f'records_{num_images}'
+  if not (data / 'metadata.json').exists():
+    from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
+    builder.build(input_dir=str(images), output_dir=str(data),
+                  image_size=str(size), validation_fraction=0.0,
+                  overwrite=True, quiet=True)
+  return images, data
+
+
 def _descendants(pid: int) -> list[int]:
   """pid and all its descendants (Linux /proc)."""
   children: dict[int, list[int]] = {}

@@ -139,15 +139,7 @@ def run_variant(variant: str, images_dir: str, data_dir: str,
 
 
 def _prepare(n: int) -> tuple[pathlib.Path, pathlib.Path]:
-  work = pathlib.Path(_WORK_DIR.value)
-  images = common.make_jpeg_folder(work / f'jpegs_{n}', n)
-  data = work / f'records_{n}'
-  if not (data / 'metadata.json').exists():
-    from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-    builder.build(input_dir=str(images), output_dir=str(data),
-                  image_size=str(SIZE), validation_fraction=0.0,
-                  overwrite=True, quiet=True)
-  return images, data
+  return common.photo_records(_WORK_DIR.value, n, SIZE)
 
 
 def main(argv):

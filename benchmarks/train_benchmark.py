@@ -16,7 +16,6 @@ that contention.
 """
 
 import os
-import pathlib
 import tempfile
 import time
 
@@ -96,15 +95,7 @@ def measure(setting: str, data_dir: str) -> dict:
 def main(argv):
   del argv
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-  work = pathlib.Path(_WORK_DIR.value)
-  n = _NUM_IMAGES.value
-  images = common.make_jpeg_folder(work / f'jpegs_{n}', n)
-  data = work / f'records_{n}'
-  if not (data / 'metadata.json').exists():
-    builder.build(input_dir=str(images), output_dir=str(data),
-                  image_size='150', validation_fraction=0.0, overwrite=True,
-                  quiet=True)
+  _, data = common.photo_records(_WORK_DIR.value, _NUM_IMAGES.value)
   results = [measure(s, str(data)) for s in _SETTINGS.value]
   common.report(
       ['model', 'setting', 'device', 'images/s', 'in-memory images/s',

@@ -7,6 +7,7 @@ both commands resumes after the last finished epoch without repeating one.
 """
 
 import csv
+import hashlib
 import json
 import os
 import re
@@ -14,6 +15,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from tests import helpers
 
@@ -129,3 +132,73 @@ def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
     pids = {f.split('.')[-3] for f in os.listdir(
         model_dir / 'tensorboard' / split)}
     assert pids <= chiefs, (pids, chiefs)  # Written by chiefs only.
+
+
+@pytest.mark.parametrize('shards', [1, 2, 5])
+def test_worker_parts_are_disjoint_and_cover_the_split(tmp_path, shards):
+  """make_dataset(shard=): by file (>= as many files as workers) or by record."""
+  from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
+  tiny = helpers.write_tiny_dataset(
+      tmp_path / 'data', per_class={'train': 5, 'validation': 1},
+      shards={'train': shards, 'validation': 1})
+
+  def part(count, index):
+    ds = input_pipeline.make_dataset(
+        tiny.path, 'train', batch_size=1, training=True, seed=1,
+        shard=(count, index), drop_remainder=False)
+    return sorted(hashlib.sha256(x.numpy().tobytes()).hexdigest()
+                  for x, _ in ds)
+
+  everything = part(1, 0)
+  assert len(everything) == 15
+  for count in (2, 3):
+    parts = [part(count, i) for i in range(count)]
+    assert sorted(sum(parts, [])) == everything  # Each image exactly once.
+    assert all(parts), parts  # No worker without data.
+  with pytest.raises(ValueError, match='index'):
+    input_pipeline.make_dataset(tiny.path, 'train', batch_size=1,
+                                training=True, shard=(2, 2))
+
+
+@pytest.mark.parametrize('tf_config, message', [
+    (None, 'needs TF_CONFIG set on every machine'),
+    ('{"cluster": ', 'TF_CONFIG is not JSON'),
+    ('{"cluster": {"worker": ["a:1"]}}', 'needs "cluster" and "task"'),
+    ('{"cluster": {"worker": ["a"]}, "task": {"type": "worker", "index": 0}}',
+     'must be a list of "HOST:PORT"'),
+    ('{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", '
+     '"index": 2}}', 'is not in its cluster'),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["c:3"]}, "task": {"type": '
+     '"worker", "index": 0}}', 'parameter servers'),
+])
+def test_bad_tf_config_is_one_line_before_training(tmp_path, tf_config,
+                                                   message):
+  tiny = helpers.write_tiny_dataset(tmp_path / 'data')
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CONFIG'}
+  if tf_config is not None:
+    env['TF_CONFIG'] = tf_config
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.main', f'--data_dir={tiny.path}',
+       f'--model_dir={tmp_path / "run"}', '--distribution=multi_worker',
+       '--batch_size=4'],
+      cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True,
+      timeout=300, check=False)
+  assert result.returncode == 1
+  lines = helpers.error_lines(result.stderr)
+  assert len(lines) == 1 and message in lines[0], result.stderr[-2000:]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_chief_is_the_chief_task_or_worker_0():
+  from trainer import config  # pylint: disable=g-import-not-at-top
+  workers = {'worker': ['a:1', 'b:2']}
+  first = config.cluster_task(json.dumps(
+      {'cluster': workers, 'task': {'type': 'worker', 'index': 0}}))
+  assert first.is_chief and first.id_in_cluster == 0
+  with_chief = dict(workers, chief=['c:3'])
+  chief = config.cluster_task(json.dumps(
+      {'cluster': with_chief, 'task': {'type': 'chief', 'index': 0}}))
+  worker0 = config.cluster_task(json.dumps(
+      {'cluster': with_chief, 'task': {'type': 'worker', 'index': 0}}))
+  assert chief.is_chief and chief.num_workers == 3
+  assert not worker0.is_chief and worker0.id_in_cluster == 1

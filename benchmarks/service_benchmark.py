@@ -11,9 +11,10 @@ in every variant:
               worker process on 127.0.0.1, this process only receives batches
   service_2   ... with 2 worker processes
 
-Per variant, `--epochs` passes over the training split are timed (the first
-is warm-up: the service starts its job then); images/s is the median of the
-rest. The consumer process's CPU time per image is reported too: it is what
+Per variant, one iterator over the repeated pipeline (as the trainer reads
+it) is timed over `--epochs` epochs of `train images // 32` batches (the
+first is warm-up: the service starts its job then); images/s is the median
+of the rest. The consumer process's CPU time per image is reported too: it is what
 the service takes off the training host. On this 2-core machine the workers
 share the cores with the consumer, so more workers cannot add throughput
 here; on real machines each worker brings its own cores.
@@ -88,18 +89,23 @@ def measure(variant: str, data_dir: str) -> dict:
   import numpy as np  # pylint: disable=g-import-not-at-top
   from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
   from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
+  import tfrecords_schema  # pylint: disable=g-import-not-at-top
   processes, address = [], None
   if variant.startswith('service_'):
     address, processes = _servers(int(variant.split('_')[1]))
   try:
     ds = input_pipeline.make_dataset(
         data_dir, 'train', batch_size=BATCH, training=True,
-        augment=augment_config.COURSE, data_service=address)
+        augment=augment_config.COURSE, data_service=address, repeat=True)
+    # As the trainer reads: one iterator for the whole run, an epoch of
+    # `train images // batch` batches.
+    iterator = iter(ds)
+    steps = tfrecords_schema.read_dataset_spec(data_dir).splits['train'].num_examples // BATCH
     rates, cpu_per_image = [], []
     for _ in range(_EPOCHS.value):
       cpu0 = time.process_time()
       start = time.perf_counter()
-      images = sum(int(np.shape(x)[0]) for x, _ in ds)
+      images = sum(int(np.shape(next(iterator)[0])[0]) for _ in range(steps))
       seconds = time.perf_counter() - start
       rates.append(images / seconds)
       cpu_per_image.append((time.process_time() - cpu0) / images * 1e3)

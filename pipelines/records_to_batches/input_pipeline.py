@@ -287,6 +287,11 @@ def decode_example(serialized: tf.Tensor, model_input: ModelInput
   return image, tf.cast(example[schema.LABEL], tf.int32)
 
 
+def to_uint8(images: tf.Tensor) -> tf.Tensor:
+  """float32 [..] pixels on the 0..255 scale -> uint8, rounded and clipped."""
+  return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
+
+
 def encode_labels(labels: tf.Tensor, label_mode: str,
                   num_classes: int) -> tf.Tensor:
   """int32 [B] -> int32 [B] ('int'), float32 [B, K] ('categorical') or
@@ -373,7 +378,8 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       batches. Each worker batches and shuffles its own share, so a pass
       ends with up to one partial batch per worker (drop_remainder drops
       them), order is not reproducible, and augmentation draws fresh random
-      seeds on the worker. Ignored when not training (evaluation stays
+      seeds on the worker. Batches travel as uint8 (augmented pixels
+      rounded to whole levels) and are normalized on this host. Ignored when not training (evaluation stays
       local).
     shard: (count, index) to read only this process's part of the split, as
       one of `count` training processes (--distribution=multi_worker): by
@@ -441,13 +447,23 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
 
   parse = dict(model_input=model_input, label_mode=label_mode,
                num_classes=spec.num_classes)
-  if augment is not None and distributed:
-    # On a service worker: a fresh random seed per batch (a seeded stream
+  if distributed:
+    # On the service workers: decode, shuffle, batch, augment; batches cross
+    # the network as uint8 (augmented pixels rounded: 4x fewer bytes than
+    # float32, the limit of a service pass) and are normalized here.
+    # Augmentation draws a fresh random seed per batch (a seeded stream
     # would be a second, unsplittable source).
-    ds = ds.map(lambda images, labels: train_parse(
-        images, labels, tf.random.uniform([2], maxval=2**62, dtype=tf.int64),
-        augment=augment, **parse), num_parallel_calls=AUTOTUNE,
-                deterministic=False)
+    if augment is not None:
+      ds = ds.map(lambda images, labels: (to_uint8(augment_lib.augment_batch(
+          images, tf.random.uniform([2], maxval=2**62, dtype=tf.int64),
+          augment)), labels), num_parallel_calls=AUTOTUNE,
+                  deterministic=False)
+    ds = ds.prefetch(AUTOTUNE)  # The worker keeps making batches meanwhile.
+    ds = ds.apply(tf.data.experimental.service.distribute(
+        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
+        service=data_service))
+    ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
+                num_parallel_calls=AUTOTUNE, deterministic=False)
   elif augment is not None:
     # One seed per batch from a seeded stream that changes every epoch.
     seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True
@@ -458,11 +474,8 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   else:
     ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  if distributed:
-    ds = ds.apply(tf.data.experimental.service.distribute(
-        processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-        service=data_service))
-  elif not repeat and not skip_bad_records and shard is None:
+  if not distributed and not repeat and not skip_bad_records and (
+      shard is None):
     # The exact batch count is known from the metadata: declaring it lets
     # Keras size epochs (no "ran out of data" warnings) and makes any
     # shortfall an error instead of a shorter epoch.

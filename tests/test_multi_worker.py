@@ -111,6 +111,8 @@ def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
   lines = helpers.error_lines(err0)
   assert len(lines) == 1 and 'another worker stopped' in lines[0], err0[-3000:]
   assert 'rerun the same command on every machine' in lines[0]
+  reason = lines[0].split('cannot be reached (', 1)[1]
+  assert not reason.startswith(('File ', ')', 'Graph execution')), lines[0]
   done = _epochs_done(model_dir)
 
   # 3. Rerun both: resumes after the last finished epoch, runs to the end.
@@ -202,3 +204,68 @@ def test_chief_is_the_chief_task_or_worker_0():
       {'cluster': with_chief, 'task': {'type': 'worker', 'index': 0}}))
   assert chief.is_chief and chief.num_workers == 3
   assert not worker0.is_chief and worker0.id_in_cluster == 1
+
+
+def test_a_worker_that_never_comes_ends_the_wait_with_one_line(tmp_path):
+  tiny = helpers.write_tiny_dataset(tmp_path / 'data')
+  ports = [helpers.free_port(), helpers.free_port()]
+  env = dict(os.environ, TF_CONFIG=_tf_config(ports, 0))
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, '-m', 'trainer.main', f'--data_dir={tiny.path}',
+       f'--model_dir={tmp_path / "run"}', '--distribution=multi_worker',
+       '--batch_size=4', '--multi_worker_timeout=5'], cwd=helpers.REPO_ROOT,
+      env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert time.time() - start < 60
+  assert result.returncode != 0
+  lines = helpers.error_lines(result.stderr)
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert 'not every worker of TF_CONFIG joined within' in lines[0]
+  assert not (tmp_path / 'run').exists()
+
+
+def test_workers_started_with_other_flags_all_refuse_before_training(
+    tmp_path):
+  tiny = helpers.write_tiny_dataset(tmp_path / 'data')
+  ports = [helpers.free_port(), helpers.free_port()]
+  processes = []
+  for index, epochs in enumerate((3, 4)):
+    processes.append(subprocess.Popen(
+        [sys.executable, '-m', 'trainer.main', f'--data_dir={tiny.path}',
+         f'--model_dir={tmp_path / "run"}', '--distribution=multi_worker',
+         '--batch_size=4', f'--epochs={epochs}'], cwd=helpers.REPO_ROOT,
+        env=dict(os.environ, TF_CONFIG=_tf_config(ports, index)),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+  (rc0, _, err0), (rc1, _, err1) = _finish(processes, timeout=240)
+  assert (rc0, rc1) == (1, 1), (err0[-2000:], err1[-2000:])
+  assert helpers.error_lines(err1) == [
+      "error: the workers were started with other flags: --epochs differ "
+      "from the chief's; run the same command on every machine (only "
+      "TF_CONFIG differs)"]
+  assert len(helpers.error_lines(err0)) == 1
+  assert not (tmp_path / 'run').exists()
+
+
+def test_tf_config_without_multi_worker_is_refused(tmp_path):
+  tiny = helpers.write_tiny_dataset(tmp_path / 'data')
+  result = helpers.run_cli(
+      'trainer.main', f'--data_dir={tiny.path}',
+      f'--model_dir={tmp_path / "run"}', '--batch_size=4',
+      env=dict(os.environ, TF_CONFIG=_tf_config([1, 2], 0)))
+  assert result.returncode == 1
+  assert helpers.error_lines(result.stderr) == [
+      'error: TF_CONFIG is set but --distribution=default: pass '
+      '--distribution=multi_worker to train on its cluster, or unset '
+      'TF_CONFIG to train in this process alone']
+
+
+def test_files_are_dealt_only_when_the_shares_are_even():
+  from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
+  parts = input_pipeline.file_parts
+  assert parts([10, 10, 10, 10], 2) == [[0, 2], [1, 3]]
+  assert parts([64, 64, 1], 2) == [[0, 2], [1]]  # 65 vs 64 records.
+  # A short last shard or too few files: by record instead (a worker with
+  # 4 of 30 images would repeat them 3.5x per epoch).
+  assert parts([26, 4], 2) is None
+  assert parts([10, 10, 10], 2) is None
+  assert parts([10], 2) is None

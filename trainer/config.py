@@ -117,12 +117,17 @@ def cluster_task(tf_config: Optional[str]) -> ClusterTask:
                      '"worker" (parameter servers and evaluators are not '
                      'supported)')
   kind, index = task.get('type'), task.get('index', 0)
+  if not isinstance(index, int) or isinstance(index, bool):
+    raise ValueError(f'TF_CONFIG task "index" must be a number, not '
+                     f'{index!r}; {example}')
   if kind not in ('chief', 'worker') or not isinstance(index, int) or not (
       0 <= index < len(trainers.get(kind, []))):
     raise ValueError(
         f'TF_CONFIG task {task!r} is not in its cluster ({len(trainers["worker"])} '
         f'workers, {len(trainers["chief"])} chief); set "task": '
-        '{"type": "worker", "index": N} with N from 0 on each machine')
+        '{"type": "worker", "index": N} with N from 0 on each machine'
+        + (' (and {"type": "chief", "index": 0} on the chief)'
+           if trainers['chief'] else ''))
   addresses = trainers[kind]
   return ClusterTask(task_type=kind, task_index=index,
                      num_workers=len(trainers['chief']) + len(trainers['worker']),
@@ -160,6 +165,7 @@ class TrainConfig:
   base_cutoff_layer: Optional[str] = None
   cache: Optional[str] = None
   data_service: Optional[str] = None
+  multi_worker_timeout: int = 600
 
   def fingerprint(self, spec=None) -> dict:
     """Settings a resumed run must share (epochs may grow).
@@ -174,6 +180,7 @@ class TrainConfig:
     out.pop('epochs')
     out.pop('model_dir')
     out.pop('data_service')  # Where batches are made, not what the run is.
+    out.pop('multi_worker_timeout')
     out['data_dir'] = normalized_path(self.data_dir)
     out['cache'] = (self.cache if self.cache in (None, '', 'memory')
                     else normalized_path(self.cache))

@@ -78,6 +78,10 @@ flags.DEFINE_string(
     'data_service', _D('data_service'),
     'grpc://HOST:PORT of a tf.data service dispatcher (python -m '
     'pipelines.data_service): training batches are made on its workers.')
+flags.DEFINE_integer(
+    'multi_worker_timeout', _D('multi_worker_timeout'),
+    '--distribution=multi_worker: seconds to wait for every worker in '
+    'TF_CONFIG to start.')
 FLAGS = flags.FLAGS
 
 

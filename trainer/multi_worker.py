@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -70,13 +71,52 @@ def per_example_loss(binary: bool) -> keras.losses.Loss:
 def _correct(labels: tf.Tensor, outputs: tf.Tensor, binary: bool) -> tf.Tensor:
   """Number of right predictions in a batch (float32 []), as 'accuracy'."""
   if binary:
-    predicted = tf.cast(outputs >= 0.5, tf.float32)
+    predicted = tf.cast(outputs > 0.5, tf.float32)  # As BinaryAccuracy.
     right = tf.equal(predicted, tf.cast(tf.reshape(labels, tf.shape(outputs)),
                                         tf.float32))
   else:
     right = tf.equal(tf.argmax(outputs, axis=-1, output_type=tf.int32),
                      tf.cast(tf.reshape(labels, [-1]), tf.int32))
   return tf.reduce_sum(tf.cast(right, tf.float32))
+
+
+class Cluster:
+  """Small agreements between the workers (one all-reduce each).
+
+  Usable as soon as the strategy exists, before any model: the workers
+  check they can start and agree on the run before variables are made
+  (making variables is already a collective).
+  """
+
+  def __init__(self, strategy):
+    self.strategy = strategy
+    self._broadcast = tf.function(self._broadcast_fn)
+    self._sum = tf.function(self._sum_fn)
+
+  def _broadcast_fn(self, values):
+    def replica(values):
+      context = tf.distribute.get_replica_context()
+      first = tf.equal(context.replica_id_in_sync_group, 0)
+      return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(
+          first, values, tf.zeros_like(values)))
+    return self.strategy.run(replica, args=(values,))
+
+  def broadcast(self, values) -> np.ndarray:
+    """The first replica's (the chief's) float64 values, on every worker."""
+    out = self._broadcast(tf.constant(values, tf.float64))
+    return self.strategy.experimental_local_results(out)[0].numpy()
+
+  def any_worker(self, flag: bool) -> bool:
+    """True on every worker when `flag` is True on any of them."""
+    out = self._sum(tf.constant([float(flag)], tf.float64))
+    return bool(self.strategy.experimental_local_results(out)[0].numpy()[0] > 0)
+
+  def _sum_fn(self, value):
+    def replica(value):
+      # (identity: the reduction needs a value made on the replica's device)
+      return tf.distribute.get_replica_context().all_reduce(
+          tf.distribute.ReduceOp.SUM, tf.identity(value))
+    return self.strategy.run(replica, args=(value,))
 
 
 class Loop:
@@ -90,9 +130,10 @@ class Loop:
     jit_compile: compile the per-replica forward/backward pass with XLA.
   """
 
-  def __init__(self, strategy, model, *, binary: bool, global_batch: int,
-               jit_compile: bool = False):
-    self.strategy = strategy
+  def __init__(self, cluster: 'Cluster', model, *, binary: bool,
+               global_batch: int, jit_compile: bool = False):
+    self.cluster = cluster
+    self.strategy = cluster.strategy
     self.model = model
     self.binary = binary
     self.global_batch = global_batch
@@ -100,8 +141,6 @@ class Loop:
     self._grads = tf.function(self._forward_backward, jit_compile=jit_compile)
     self.train_step = tf.function(self._train_step)
     self._eval_batch = tf.function(self._eval)
-    self._broadcast = tf.function(self._broadcast_fn)
-    self._sum = tf.function(self._sum_fn)
 
   def _forward_backward(self, images, labels):
     model = self.model
@@ -144,31 +183,6 @@ class Loop:
       total += self._eval_batch(images, labels).numpy()
     return total[0] / total[2], total[1] / total[2]
 
-  def _broadcast_fn(self, values):
-    def replica(values):
-      context = tf.distribute.get_replica_context()
-      first = tf.equal(context.replica_id_in_sync_group, 0)
-      return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(
-          first, values, tf.zeros_like(values)))
-    return self.strategy.run(replica, args=(values,))
-
-  def broadcast(self, values) -> np.ndarray:
-    """The first replica's (the chief's) float64 values, on every worker."""
-    out = self._broadcast(tf.constant(values, tf.float64))
-    return self.strategy.experimental_local_results(out)[0].numpy()
-
-  def any_worker(self, flag: bool) -> bool:
-    """True on every worker when `flag` is True on any of them."""
-    out = self._sum(tf.constant([float(flag)], tf.float64))
-    return bool(self.strategy.experimental_local_results(out)[0].numpy()[0] > 0)
-
-  def _sum_fn(self, value):
-    def replica(value):
-      # (identity: the reduction needs a value made on the replica's device)
-      return tf.distribute.get_replica_context().all_reduce(
-          tf.distribute.ReduceOp.SUM, tf.identity(value))
-    return self.strategy.run(replica, args=(value,))
-
 
 def weights_digest(model) -> str:
   """sha256 (16 hex digits) of the model's weights: equal on every worker."""
@@ -178,29 +192,47 @@ def weights_digest(model) -> str:
   return digest.hexdigest()[:16]
 
 
-def settings_digest(fingerprint: dict) -> float:
-  """A number that is equal on two workers when their settings agree.
+PATH_KEYS = ('data_dir', 'cache', 'base_weights')  # May differ per machine.
 
-  Paths are left out (machines may mount the same data elsewhere).
-  """
-  kept = {k: v for k, v in fingerprint.items()
-          if k not in ('data_dir', 'cache', 'base_weights')}
-  text = json.dumps(kept, sort_keys=True, default=str)
+
+def _digest(value) -> float:
+  """48 bits of sha256 of a JSON value: exact in a float64."""
+  text = json.dumps(value, sort_keys=True, default=str)
   return float(int(hashlib.sha256(text.encode()).hexdigest()[:12], 16))
 
 
-def check_agreement(loop: Loop, *, done: int, fingerprint: dict,
-                    model_dir: str) -> None:
-  """Every worker must resume from the same state with the same settings."""
-  mine = np.array([done, settings_digest(fingerprint)], np.float64)
-  chief = loop.broadcast(mine)
-  if loop.any_worker(not np.array_equal(mine, chief)):
+def agree_to_start(cluster: Cluster, *, error: Optional[UserError],
+                   settings: dict, done: int, model_dir: str) -> None:
+  """Every worker starts the same run, or none does (before any variable).
+
+  error: this worker's own refusal (bad flag, dataset, --model_dir, ...),
+  raised on it; the others stop with a line pointing to it. settings: the
+  run's fingerprint with --epochs (paths left out: machines may mount the
+  same data elsewhere); done: epochs finished in the state this worker read.
+  """
+  if cluster.any_worker(error is not None):
+    if error is not None:
+      raise error
+    raise UserError('another worker refused to start (its error line says '
+                    'why); fix it and rerun the command on every machine')
+  keys = sorted(k for k in settings if k not in PATH_KEYS)
+  mine = np.array([done] + [_digest(settings[k]) for k in keys], np.float64)
+  chief = cluster.broadcast(mine)
+  differs = [k for k, a, b in zip(keys, mine[1:], chief[1:]) if a != b]
+  if not cluster.any_worker(bool(differs) or mine[0] != chief[0]):
+    return
+  if differs:
     raise UserError(
-        f'the workers disagree: this one has {done} finished epochs and '
-        f'{"the same" if mine[1] == chief[1] else "other"} settings, the '
-        f'chief {int(chief[0])} epochs; run the same command (same flags) on '
-        f'every machine, with --model_dir={model_dir} on storage they all '
-        'share (a network file system or gs://...)')
+        'the workers were started with other flags: '
+        + ', '.join(f'--{k}' for k in differs) + ' differ from the chief\'s; '
+        'run the same command on every machine (only TF_CONFIG differs)')
+  if mine[0] != chief[0]:
+    raise UserError(
+        f'this worker finds {done} finished epochs in --model_dir={model_dir}, '
+        f'the chief {int(chief[0])}: every machine must see the same '
+        '--model_dir (one folder on shared storage, e.g. NFS)')
+  raise UserError('another worker disagrees with the chief (its error line '
+                  'says how); run the same command on every machine')
 
 
 def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
@@ -232,7 +264,10 @@ def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
           return 'preempted'
         total += out[:3]
       val_loss, val_accuracy = loop.evaluate(val_ds)
-      val_loss, val_accuracy = loop.broadcast([val_loss, val_accuracy])
+      if loop.cluster.any_worker(preempted()):  # SIGTERM while validating.
+        resumable.preempted = True
+        return 'preempted'
+      val_loss, val_accuracy = loop.cluster.broadcast([val_loss, val_accuracy])
       logs = {'accuracy': total[1] / total[2], 'loss': total[0] / total[2],
               'val_accuracy': float(val_accuracy), 'val_loss': float(val_loss)}
       if math.isnan(logs['loss']):  # As TerminateOnNaN, but recorded.
@@ -264,6 +299,69 @@ def peer_reason(error: Exception) -> str:
   lines = [line.strip() for line in text.splitlines() if line.strip()]
   useful = [line for line in lines if not re.match(
       r'(Graph execution error|Detected at node|\[\[|The error could be|'
-      r'Additional GRPC)', line)]
-  reason = (useful or lines or [type(error).__name__])[0]
+      r'Additional GRPC|File "|Traceback|\^)', line)]
+  telling = [line for line in useful if re.search(
+      r'abort|heartbeat|unavailable|connect|socket|reset|unhealthy|closed|'
+      r'deadline', line, re.IGNORECASE)]
+  reason = (telling or useful or [type(error).__name__])[0]
   return cli.one_line(re.sub(r'\s*\[\[.*', '', reason), 200)
+
+
+def _check_port(task) -> None:
+  """UserError naming this task's port when something already listens there."""
+  import socket  # pylint: disable=g-import-not-at-top
+  port = int(task.address.rpartition(':')[2])
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(('', port))
+    except OSError as e:
+      raise UserError(
+          f'TF_CONFIG gives this {task.task_type} {task.task_index} the '
+          f'address {task.address}, but port {port} is in use here '
+          f'({e.strerror}); stop what listens there (an earlier run?) or '
+          'change the port in TF_CONFIG on every machine') from None
+
+
+_WATCHDOG = r"""
+import os, signal, sys, time
+parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+end = time.monotonic() + timeout
+while time.monotonic() < end:
+  time.sleep(0.5)
+  if os.getppid() != parent:
+    sys.exit(0)  # The trainer is gone.
+print(message, file=sys.stderr, flush=True)
+os.kill(parent, signal.SIGKILL)
+"""
+
+
+def start_strategy(task, *, timeout_s: int):
+  """MultiWorkerMirroredStrategy once every worker of TF_CONFIG has joined.
+
+  Creating the strategy blocks inside TensorFlow until every task is up,
+  holding the interpreter (no Python handler or thread runs; TensorFlow
+  also takes SIGTERM over). A watchdog process bounds the wait: if the
+  cluster is not complete after `timeout_s`, it prints one error line and
+  ends this process (exit status 137). SIGTERM is given back its default
+  action once the strategy exists.
+  """
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  _check_port(task)
+  message = (
+      f'error: not every worker of TF_CONFIG joined within '
+      f'--multi_worker_timeout={timeout_s} s (this is {task.describe()}); '
+      'start the same command on every machine TF_CONFIG lists, check they '
+      'reach each other on those ports, or raise --multi_worker_timeout')
+  watchdog = subprocess.Popen(
+      [sys.executable, '-c', _WATCHDOG, str(os.getpid()), str(timeout_s),
+       message], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+      stderr=cli.unfiltered_stderr())
+  try:
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+  finally:
+    watchdog.kill()
+    watchdog.wait()
+  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  return strategy

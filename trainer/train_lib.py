@@ -63,6 +63,9 @@ def _validate(config: TrainConfig, spec) -> None:
   if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
                     f'{", ".join(config_lib.MONITORS)}')
+  if config.multi_worker_timeout < 1:
+    raise UserError(f'--multi_worker_timeout={config.multi_worker_timeout} '
+                    'must be >= 1 (seconds)')
   if config.data_service and config.distribution == 'multi_worker':
     raise UserError(
         '--data_service with --distribution=multi_worker is not supported: '
@@ -308,6 +311,11 @@ def _reading(config: TrainConfig):
 def _cluster_task(config: TrainConfig):
   """This process's ClusterTask for --distribution=multi_worker, else None."""
   if config.distribution != 'multi_worker':
+    if os.environ.get('TF_CONFIG', '').strip():
+      raise UserError(
+          f'TF_CONFIG is set but --distribution={config.distribution}: pass '
+          '--distribution=multi_worker to train on its cluster, or unset '
+          'TF_CONFIG to train in this process alone')
     return None
   try:
     return config_lib.cluster_task(os.environ.get('TF_CONFIG'))
@@ -371,6 +379,18 @@ def _preemptible(resumable):
     signal.signal(signal.SIGTERM, previous)
 
 
+def _load_state(config: TrainConfig, resumable) -> int:
+  """Epochs a saved run in --model_dir finished; its refusals as UserErrors."""
+  try:
+    return resumable.load_state()  # Only reads.
+  except callbacks_lib.SettingsMismatch as e:
+    raise UserError(config_lib.settings_message(config, e.differences)
+                    ) from None
+  except ValueError as e:  # A damaged state.json.
+    raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
+        'a new model_dir', 'a new --model_dir')) from None
+
+
 def train_and_evaluate(config: TrainConfig) -> dict:
   """Trains (or resumes) and writes model, export, history, metrics, plots.
 
@@ -381,42 +401,61 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   spec = _read_spec(config.data_dir)  # Once per run.
   _validate(config, spec)
   task = _cluster_task(config)
-  if task:
-    # Before any other TensorFlow op: the strategy sets up the runtime.
-    _say(f'multi_worker: {task.describe()}; waiting for every worker')
-    strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    if config.batch_size % strategy.num_replicas_in_sync:
+  if not task:
+    return _train(config, spec, None)
+  # Before any other TensorFlow op: the strategy sets up the runtime.
+  _say(f'multi_worker: {task.describe()}; waiting for every worker')
+  strategy = multi_worker.start_strategy(
+      task, timeout_s=config.multi_worker_timeout)
+  try:
+    return _train(config, spec, task, multi_worker.Cluster(strategy))
+  except multi_worker.PEER_ERRORS as e:
+    raise multi_worker.PeerLost(
+        f'another worker stopped or cannot be reached '
+        f'({multi_worker.peer_reason(e)}); rerun the same command on every '
+        'machine') from None
+
+
+def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
+  """train_and_evaluate after the checks that need no TensorFlow runtime."""
+  augment = config.augment
+  try:  # A worker's refusal stops every worker (agree_to_start).
+    if cluster and config.batch_size % cluster.strategy.num_replicas_in_sync:
+      replicas = cluster.strategy.num_replicas_in_sync
       raise UserError(
           f'--batch_size={config.batch_size} must be a multiple of the '
-          f'{strategy.num_replicas_in_sync} replicas of the cluster (it is '
-          'the global batch, split evenly); pass e.g. --batch_size='
-          f'{max(1, config.batch_size // strategy.num_replicas_in_sync) * strategy.num_replicas_in_sync}')
-  augment = config.augment
-  model_input = ModelInput.from_spec(
-      spec, image_size=config.image_size,
-      normalize=models.NORMALIZATION.get(config.model, 'rescale'))
+          f'{replicas} replicas of the cluster (it is the global batch, '
+          'split evenly); pass e.g. --batch_size='
+          f'{max(1, config.batch_size // replicas) * replicas}')
+    model_input = ModelInput.from_spec(
+        spec, image_size=config.image_size,
+        normalize=models.NORMALIZATION.get(config.model, 'rescale'))
+    _check_model_dir(config.model_dir)
+    part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''
+    train_cache, val_cache = _cache_files(config, spec, model_input.size,
+                                          part)
+    is_chief = task is None or task.is_chief
+    resumable = callbacks_lib.ResumableTraining(
+        config.model_dir, monitor=config.early_stopping_monitor,
+        patience=config.early_stopping_patience,
+        target_accuracy=config.target_accuracy, restore_best_weights=True,
+        fingerprint=config.fingerprint(spec), same=config_lib.same_setting,
+        write=is_chief)
+    done = _load_state(config, resumable)
+    error = None
+  except UserError as e:
+    if not cluster:
+      raise
+    error, done = e, 0
+  if cluster:
+    multi_worker.agree_to_start(
+        cluster, error=error, done=done, model_dir=config.model_dir,
+        settings=dict(resumable.fingerprint, epochs=config.epochs))
+    strategy = cluster.strategy
   size = model_input.size
   num_classes = spec.num_classes
   binary = config_lib.single_unit(num_classes)
   label_mode = 'binary' if binary else 'int'
-  _check_model_dir(config.model_dir)
-  part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''
-  train_cache, val_cache = _cache_files(config, spec, size, part)
-  is_chief = task is None or task.is_chief
-  resumable = callbacks_lib.ResumableTraining(
-      config.model_dir, monitor=config.early_stopping_monitor,
-      patience=config.early_stopping_patience,
-      target_accuracy=config.target_accuracy, restore_best_weights=True,
-      fingerprint=config.fingerprint(spec), same=config_lib.same_setting,
-      write=is_chief)
-  try:
-    done = resumable.load_state()  # Only reads.
-  except callbacks_lib.SettingsMismatch as e:
-    raise UserError(config_lib.settings_message(config, e.differences)
-                    ) from None
-  except ValueError as e:  # A damaged state.json.
-    raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
-        'a new model_dir', 'a new --model_dir')) from None
 
   keras.utils.set_random_seed(config.seed)
   if config.mixed_precision:
@@ -465,12 +504,9 @@ def train_and_evaluate(config: TrainConfig) -> dict:
     sample_batch = next(iter(train_dataset(config.batch_size, shard).take(1)))
 
   if task:
-    loop = multi_worker.Loop(strategy, model, binary=binary,
+    loop = multi_worker.Loop(cluster, model, binary=binary,
                              global_batch=config.batch_size,
                              jit_compile=config.jit_compile)
-    multi_worker.check_agreement(loop, done=done,
-                                 fingerprint=resumable.fingerprint,
-                                 model_dir=config.model_dir)
 
   # Every check passed: from here on, the run writes (the chief only).
   if is_chief:

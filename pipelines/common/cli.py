@@ -42,6 +42,15 @@ def _forward(read_fd: int, write_fd: int) -> None:
         os.write(write_fd, line)
 
 
+_UNFILTERED_STDERR = 2  # The real stderr once filter_noise has run.
+
+
+def unfiltered_stderr() -> int:
+  """A file descriptor of the real stderr (for a helper process whose last
+  words must get out even when this process is killed)."""
+  return _UNFILTERED_STDERR
+
+
 def filter_noise() -> None:
   """Drops known start-up chatter from this process's (and children's) stderr.
 
@@ -56,7 +65,9 @@ def filter_noise() -> None:
     return
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   sys.stderr.flush()
+  global _UNFILTERED_STDERR
   original = os.dup(2)
+  _UNFILTERED_STDERR = original
   read_fd, write_fd = os.pipe()
   os.dup2(write_fd, 2)
   os.close(write_fd)

@@ -225,6 +225,32 @@ def _estimate_bytes(spec, split: str, size) -> int:
   return spec.splits[split].num_examples * size[0] * size[1] * spec.channels
 
 
+# Whole files per reader only when every reader's share of records is within
+# this fraction of the largest share; else readers split by record.
+MAX_FILE_PART_IMBALANCE = 0.1
+
+
+def file_parts(shard_lengths, count: int) -> Optional[list[list[int]]]:
+  """Shard files dealt to `count` readers with near-equal record counts.
+
+  Largest file first to the reader with the fewest records so far (ties:
+  lowest index), so the split is the same on every machine. None when some
+  reader would get more than MAX_FILE_PART_IMBALANCE fewer records than
+  the largest share (a short last shard, too few files): with equal batches
+  per step, a small share would be repeated more often than the rest.
+  """
+  if len(shard_lengths) < count:
+    return None
+  parts, totals = [[] for _ in range(count)], [0] * count
+  for i in sorted(range(len(shard_lengths)), key=lambda i: -shard_lengths[i]):
+    reader = min(range(count), key=lambda r: (totals[r], r))
+    parts[reader].append(i)
+    totals[reader] += shard_lengths[i]
+  if min(totals) < (1 - MAX_FILE_PART_IMBALANCE) * max(totals):
+    return None
+  return [sorted(p) for p in parts]
+
+
 def read_records(data_dir: str, spec, split: str, *, training: bool,
                  seed: Optional[int] = None, skip_bad_records: bool = False,
                  deterministic: bool = True,
@@ -237,9 +263,9 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
   it (or, with skip_bad_records, a printed count). splittable: always start
   from the list of shard files (what a tf.data service deals out).
   shard: (count, index): only this reader's part of the split, for one of
-  `count` training processes: whole shard files when there are at least
-  `count` of them (file i goes to reader i % count), else every count-th
-  record of the split read in a fixed file order.
+  `count` training processes: whole shard files when they share out with
+  near-equal record counts (`file_parts`), else every count-th record of
+  the split read in a fixed file order.
   """
   paths = spec.shard_paths(data_dir, split)
   if not paths:
@@ -253,11 +279,13 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
     count, index = shard
     if not 0 <= index < count:
       raise ValueError(f'shard={shard}: index must be in [0, {count})')
-    if len(paths) < count:  # Too few files: split by record.
+    files = file_parts(shard_lengths, count)
+    if files is None:  # The files do not share out evenly: split by record.
       return read_records(data_dir, spec, split, training=False,
                           skip_bad_records=skip_bad_records,
                           deterministic=True).shard(count, index)
-    paths, shard_lengths = paths[index::count], shard_lengths[index::count]
+    paths = [paths[i] for i in files[index]]
+    shard_lengths = [shard_lengths[i] for i in files[index]]
   if len(paths) == 1 and not splittable:
     # One shard: no interleave at all (even a sequential one costs ~8%).
     return _shard_records(tf.constant(paths[0]),
@@ -383,7 +411,8 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       local).
     shard: (count, index) to read only this process's part of the split, as
       one of `count` training processes (--distribution=multi_worker): by
-      shard file when the split has at least `count` files, else by record.
+      shard file when the files share out with near-equal record counts,
+      else by record.
       Augmentation seeds then differ per index.
 
   Returns:

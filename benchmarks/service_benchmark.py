@@ -68,11 +68,13 @@ def _wait_port(port: int, timeout: float = 60) -> None:
   raise RuntimeError(f'nothing listens on {port}')
 
 
-def _servers(workers: int):
+def _servers(workers: int, processes: list) -> str:
+  """Starts a dispatcher and workers (appended to `processes` at once, so
+  the caller stops them whatever happens); returns the service address."""
   port = _free_port()
-  processes = [subprocess.Popen(
+  processes.append(subprocess.Popen(
       [_PY, '-m', 'pipelines.data_service', 'dispatcher', f'--port={port}'],
-      cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+      cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
   _wait_port(port)
   for _ in range(workers):
     worker_port = _free_port()
@@ -82,7 +84,7 @@ def _servers(workers: int):
          '--worker_host=localhost'], cwd=_ROOT, stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL))
     _wait_port(worker_port)
-  return f'grpc://localhost:{port}', processes
+  return f'grpc://localhost:{port}'
 
 
 def measure(variant: str, data_dir: str) -> dict:
@@ -91,9 +93,9 @@ def measure(variant: str, data_dir: str) -> dict:
   from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   processes, address = [], None
-  if variant.startswith('service_'):
-    address, processes = _servers(int(variant.split('_')[1]))
   try:
+    if variant.startswith('service_'):
+      address = _servers(int(variant.split('_')[1]), processes)
     ds = input_pipeline.make_dataset(
         data_dir, 'train', batch_size=BATCH, training=True,
         augment=augment_config.COURSE, data_service=address, repeat=True)
@@ -113,7 +115,10 @@ def measure(variant: str, data_dir: str) -> dict:
     for p in processes:
       p.send_signal(signal.SIGTERM)
     for p in processes:
-      p.wait(timeout=60)
+      try:
+        p.wait(timeout=60)
+      except subprocess.TimeoutExpired:
+        p.kill()
   steady = rates[1:] or rates
   return {'variant': variant, 'images_per_s': round(statistics.median(steady), 1),
           'epochs_images_per_s': [round(r, 1) for r in rates],

@@ -49,6 +49,14 @@ def make_jpeg_folder(root: pathlib.Path, num_images: int, *,
   return root
 
 
+def free_port() -> int:
+  """A TCP port free on 127.0.0.1 now (for a server a benchmark starts)."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
 def photo_records(work_dir: str, num_images: int, size: int = 150
                   ) -> tuple[pathlib.Path, pathlib.Path]:
   """(JPEG folder, built records) of `num_images` photo-like images, made

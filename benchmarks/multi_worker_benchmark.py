@@ -18,7 +18,6 @@ use the same global --batch_size and epochs / early stopping.
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,12 +39,6 @@ _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
 
 _PY = sys.executable
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
 
 
 def _build(work: pathlib.Path) -> pathlib.Path:
@@ -76,7 +69,7 @@ def _train(data, model_dir, seed, workers: int) -> dict:
   if workers == 1:
     subprocess.run(args, check=True, cwd=_ROOT, capture_output=True)
   else:
-    ports = [_free_port() for _ in range(workers)]
+    ports = [common.free_port() for _ in range(workers)]
     processes = []
     for index in range(workers):
       tf_config = json.dumps({

@@ -51,12 +51,6 @@ _ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH = 32
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _wait_port(port: int, timeout: float = 60) -> None:
   deadline = time.time() + timeout
   while time.time() < deadline:
@@ -71,13 +65,13 @@ def _wait_port(port: int, timeout: float = 60) -> None:
 def _servers(workers: int, processes: list) -> str:
   """Starts a dispatcher and workers (appended to `processes` at once, so
   the caller stops them whatever happens); returns the service address."""
-  port = _free_port()
+  port = common.free_port()
   processes.append(subprocess.Popen(
       [_PY, '-m', 'pipelines.data_service', 'dispatcher', f'--port={port}'],
       cwd=_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
   _wait_port(port)
   for _ in range(workers):
-    worker_port = _free_port()
+    worker_port = common.free_port()
     processes.append(subprocess.Popen(
         [_PY, '-m', 'pipelines.data_service', 'worker',
          f'--dispatcher_address=localhost:{port}', f'--port={worker_port}',

@@ -269,3 +269,26 @@ def test_files_are_dealt_only_when_the_shares_are_even():
   assert parts([26, 4], 2) is None
   assert parts([10, 10, 10], 2) is None
   assert parts([10], 2) is None
+
+
+def test_a_refusal_before_the_run_state_is_read_is_one_line_on_every_worker(
+    tmp_path):
+  """--batch_size not a multiple of the replicas is refused before the
+  worker reads --model_dir; every worker says so in one line."""
+  tiny = helpers.write_tiny_dataset(tmp_path / 'data')
+  ports = [helpers.free_port(), helpers.free_port()]
+  processes = [subprocess.Popen(
+      [sys.executable, '-m', 'trainer.main', f'--data_dir={tiny.path}',
+       f'--model_dir={tmp_path / "run"}', '--distribution=multi_worker',
+       '--batch_size=5'], cwd=helpers.REPO_ROOT,
+      env=dict(os.environ, TF_CONFIG=_tf_config(ports, index)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in range(2)]
+  for rc, _, err in _finish(processes, timeout=240):
+    assert rc == 1, err[-2000:]
+    assert 'Traceback' not in err
+    assert helpers.error_lines(err) == [
+        'error: --batch_size=5 must be a multiple of the 2 replicas of the '
+        'cluster (it is the global batch, split evenly); pass e.g. '
+        '--batch_size=4']
+  assert not (tmp_path / 'run').exists()

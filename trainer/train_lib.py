@@ -448,9 +448,10 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
       raise
     error, done = e, 0
   if cluster:
+    # The settings from the config: a refusal may come before `resumable`.
     multi_worker.agree_to_start(
         cluster, error=error, done=done, model_dir=config.model_dir,
-        settings=dict(resumable.fingerprint, epochs=config.epochs))
+        settings=dict(config.fingerprint(spec), epochs=config.epochs))
     strategy = cluster.strategy
   size = model_input.size
   num_classes = spec.num_classes
@@ -486,22 +487,22 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
   steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.
-  def train_dataset(batch_size, shard=None):
+  # A worker of a multi-worker run reads its own part (see multi_worker).
+  shard = (task.num_workers, task.id_in_cluster) if task else None
+
+  def train_dataset(batch_size):
     return _make_dataset(
         config, 'train', batch_size=batch_size, training=True,
         augment=augment, seed=config.seed, repeat=True, cache=train_cache,
         data_service=config.data_service, shard=shard, **common)
-  # A worker of a multi-worker run reads its own part (see multi_worker).
-  shard = (task.num_workers, task.id_in_cluster) if task else None
-  train_ds = train_dataset(config.batch_size, shard)
   val_ds = _make_dataset(
       config, 'validation', batch_size=config.batch_size, training=False,
       cache=val_cache, **common)
 
   with _reading(config):  # A damaged train shard often shows here already.
-    # From a dataset of its own: iterating train_ds would advance its seeded
-    # shuffle and augmentation generators before training starts.
-    sample_batch = next(iter(train_dataset(config.batch_size, shard).take(1)))
+    # From a dataset of its own: iterating the training dataset would
+    # advance its seeded shuffle and augmentation generators.
+    sample_batch = next(iter(train_dataset(config.batch_size).take(1)))
 
   if task:
     loop = multi_worker.Loop(cluster, model, binary=binary,
@@ -523,7 +524,7 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
   if task and done < config.epochs and not resumable.stopped_early:
     replicas = strategy.num_replicas_in_sync
     iterator = iter(strategy.distribute_datasets_from_function(
-        lambda context: train_dataset(config.batch_size // replicas, shard)))
+        lambda context: train_dataset(config.batch_size // replicas)))
     with _reading(config), _preemptible(resumable):
       multi_worker.fit(
           loop, iterator=iterator, val_ds=val_ds, resumable=resumable,
@@ -537,7 +538,7 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
       resumable.on_train_end()
   elif done < config.epochs and not resumable.stopped_early:
     with _reading(config), _preemptible(resumable):
-      model.fit(train_ds, steps_per_epoch=steps_per_epoch,
+      model.fit(train_dataset(config.batch_size), steps_per_epoch=steps_per_epoch,
                 epochs=config.epochs, validation_data=val_ds, verbose=2,
                 shuffle=False, callbacks=[
                     resumable, keras.callbacks.TerminateOnNaN(),

@@ -41,13 +41,10 @@ def check_port_free(port: int) -> None:
   """UserError naming the port when something already listens on it."""
   if not 0 < port < 65536:
     raise UserError(f'--port={port} is not a port; pass 1..65535')
-  with socket.socket() as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind(('', port))
-    except OSError as e:
-      raise UserError(f'--port={port} is in use ({e.strerror}); stop what '
-                      'listens there or pass another --port') from None
+  reason = cli.port_in_use(port)
+  if reason:
+    raise UserError(f'--port={port} is in use ({reason}); stop what '
+                    'listens there or pass another --port')
 
 
 def start(role: str, *, port: int, dispatcher_address=None, worker_host=None):

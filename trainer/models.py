@@ -46,6 +46,18 @@ def head(x, num_classes: int, dropout: float):
   return layers.Dense(num_classes, dtype='float32', name='logits')(x)
 
 
+def loss(num_classes: int, reduction: Optional[str] = 'sum_over_batch_size'
+         ) -> keras.losses.Loss:
+  """The loss of `head`'s output: binary cross-entropy on the sigmoid unit,
+  sparse categorical cross-entropy on the logits. reduction=None gives one
+  value per example (the multi-worker loop averages over the global batch).
+  """
+  if config_lib.single_unit(num_classes):
+    return keras.losses.BinaryCrossentropy(reduction=reduction)
+  return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
+                                                    reduction=reduction)
+
+
 def min_side(num_convs: int) -> int:
   """Smallest input side a stack of 3x3 valid conv + 2x2 pool leaves >= 1."""
   side = 1

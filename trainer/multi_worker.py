@@ -10,20 +10,21 @@ single process:
     every worker; gradients are summed across all of them each step (the
     strategy's collective all-reduce), so all workers hold the same weights;
   * each worker reads its own part of the training split (by shard file
-    when there are at least as many files as workers, else by record), with
-    its own shuffle and augmentation seeds; an epoch is
-    `train images // batch_size` global steps;
+    when the files share out evenly, else by record: see
+    `input_pipeline.file_parts`), with its own shuffle and augmentation
+    seeds; an epoch is `train images // batch_size` global steps;
   * validation each epoch: every worker evaluates the whole validation split
     with the (identical) weights; the chief's figures are broadcast so every
     worker takes the same early-stopping / target-accuracy decision;
   * history.csv, checkpoints, state.json, TensorBoard scalars and, after
     training, the model, export and pictures are written by the chief only;
     the other workers write nothing;
-  * resume: every worker reads the chief's state from the shared --model_dir
-    and all check they agree (same epochs done, same settings) before
-    training;
+  * before any variable is made the workers agree (`agree_to_start`): a
+    refusal on one stops all, and every worker must run the same flags from
+    the same state (epochs done in the shared --model_dir);
   * SIGTERM on any worker stops every worker after the same step (the flag
-    rides on the step's all-reduce); the last finished epoch is kept;
+    rides on the step's all-reduce, and on one more after validation); the
+    last finished epoch is kept;
   * a worker that dies (kill -9, lost machine) makes the others stop with one
     line; rerunning every command resumes after the last finished epoch.
 """
@@ -39,12 +40,13 @@ import sys
 import time
 from typing import Callable, Optional
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from pipelines.common import cli
 from pipelines.common.errors import UserError
+from trainer import config as config_lib
+from trainer import models
 
 # Errors a collective raises when a peer is gone or unreachable.
 PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.CancelledError,
@@ -56,20 +58,22 @@ class PeerLost(UserError):
   """Another worker stopped or cannot be reached; rerun every worker."""
 
 
+def peer_lost(error: Exception, after_epoch: Optional[int] = None) -> PeerLost:
+  """PeerLost for a collective's error, with where a rerun resumes."""
+  resumes = (f': training resumes after epoch {after_epoch}'
+             if after_epoch is not None else '')
+  return PeerLost(f'another worker stopped or cannot be reached '
+                  f'({peer_reason(error)}); rerun the same command on every '
+                  f'machine{resumes}')
+
+
 def _say(message: str) -> None:
   print(f'[train] {message}', file=sys.stderr, flush=True)
 
 
-def per_example_loss(binary: bool) -> keras.losses.Loss:
-  """The compiled loss, per example ([B]), as fit would average it."""
-  if binary:
-    return keras.losses.BinaryCrossentropy(reduction=None)
-  return keras.losses.SparseCategoricalCrossentropy(from_logits=True,
-                                                    reduction=None)
-
-
-def _correct(labels: tf.Tensor, outputs: tf.Tensor, binary: bool) -> tf.Tensor:
-  """Number of right predictions in a batch (float32 []), as 'accuracy'."""
+def _stats(labels: tf.Tensor, outputs: tf.Tensor, per_example: tf.Tensor,
+           binary: bool) -> tf.Tensor:
+  """float32 [3]: loss sum, right predictions ('accuracy'), examples."""
   if binary:
     predicted = tf.cast(outputs > 0.5, tf.float32)  # As BinaryAccuracy.
     right = tf.equal(predicted, tf.cast(tf.reshape(labels, tf.shape(outputs)),
@@ -77,7 +81,9 @@ def _correct(labels: tf.Tensor, outputs: tf.Tensor, binary: bool) -> tf.Tensor:
   else:
     right = tf.equal(tf.argmax(outputs, axis=-1, output_type=tf.int32),
                      tf.cast(tf.reshape(labels, [-1]), tf.int32))
-  return tf.reduce_sum(tf.cast(right, tf.float32))
+  return tf.stack([tf.reduce_sum(per_example),
+                   tf.reduce_sum(tf.cast(right, tf.float32)),
+                   tf.cast(tf.shape(outputs)[0], tf.float32)])
 
 
 class Cluster:
@@ -120,24 +126,26 @@ class Cluster:
 
 
 class Loop:
-  """Distributed train step, local evaluation and cross-worker agreement.
+  """The distributed train step and the local evaluation.
 
   Args:
-    strategy: the MultiWorkerMirroredStrategy the model was built under.
-    model: a compiled Keras model (its optimizer is used).
-    binary: one sigmoid unit (labels float32 [B, 1]) vs softmax logits.
+    cluster: the Cluster of the strategy the model was built under.
+    model: a compiled Keras model (its optimizer is used), with
+      `models.head`'s output.
+    num_classes: 2 trains one sigmoid unit (labels float32 [B, 1]), more
+      softmax logits (labels int32 [B]), as `models.head`.
     global_batch: images per step over all replicas.
     jit_compile: compile the per-replica forward/backward pass with XLA.
   """
 
-  def __init__(self, cluster: 'Cluster', model, *, binary: bool,
+  def __init__(self, cluster: 'Cluster', model, *, num_classes: int,
                global_batch: int, jit_compile: bool = False):
     self.cluster = cluster
     self.strategy = cluster.strategy
     self.model = model
-    self.binary = binary
+    self.binary = config_lib.single_unit(num_classes)
     self.global_batch = global_batch
-    self._loss = per_example_loss(binary)
+    self._loss = models.loss(num_classes, reduction=None)
     self._grads = tf.function(self._forward_backward, jit_compile=jit_compile)
     self.train_step = tf.function(self._train_step)
     self._eval_batch = tf.function(self._eval)
@@ -153,10 +161,7 @@ class Loop:
         loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
       scaled = model.optimizer.scale_loss(loss)
     grads = tape.gradient(scaled, model.trainable_variables)
-    stats = tf.stack([tf.reduce_sum(per_example),
-                      _correct(labels, outputs, self.binary),
-                      tf.cast(tf.shape(outputs)[0], tf.float32)])
-    return grads, stats
+    return grads, _stats(labels, outputs, per_example, self.binary)
 
   def _train_step(self, iterator, stop: tf.Tensor) -> tf.Tensor:
     """One global step -> [loss sum, right, examples, stop votes] (all workers)."""
@@ -172,9 +177,7 @@ class Loop:
 
   def _eval(self, images, labels):
     outputs = tf.cast(self.model(images, training=False), tf.float32)
-    return tf.stack([tf.reduce_sum(self._loss(labels, outputs)),
-                     _correct(labels, outputs, self.binary),
-                     tf.cast(tf.shape(outputs)[0], tf.float32)])
+    return _stats(labels, outputs, self._loss(labels, outputs), self.binary)
 
   def evaluate(self, dataset) -> tuple[float, float]:
     """(mean loss, accuracy) over a local dataset of (images, labels)."""
@@ -238,13 +241,13 @@ def agree_to_start(cluster: Cluster, *, error: Optional[UserError],
 def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
         steps_per_epoch: int, is_chief: bool,
         tensorboard_dir: Optional[str] = None,
-        preempted: Callable[[], bool] = lambda: False) -> str:
-  """Trains from resumable's state until done; returns how it ended.
+        preempted: Callable[[], bool] = lambda: False) -> None:
+  """Trains from resumable's state to --epochs, or until it stops.
 
-  'done', 'stopped' (early stopping / target accuracy / NaN loss) or
-  'preempted' (a SIGTERM on some worker: every worker stops after the same
-  step and the cut epoch is not recorded). Raises PeerLost when another
-  worker is gone.
+  How it ended is on `resumable`: `stopped_early` (early stopping, target
+  accuracy, NaN loss) or `preempted` (a SIGTERM on some worker: every worker
+  stops after the same step and the cut epoch is not recorded). Raises
+  PeerLost when another worker is gone.
   """
   model = loop.model
   model.stop_training = False
@@ -261,12 +264,12 @@ def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
         out = loop.train_step(iterator, tf.constant(float(preempted()))).numpy()
         if out[3] > 0:
           resumable.preempted = True
-          return 'preempted'
+          return
         total += out[:3]
       val_loss, val_accuracy = loop.evaluate(val_ds)
       if loop.cluster.any_worker(preempted()):  # SIGTERM while validating.
         resumable.preempted = True
-        return 'preempted'
+        return
       val_loss, val_accuracy = loop.cluster.broadcast([val_loss, val_accuracy])
       logs = {'accuracy': total[1] / total[2], 'loss': total[0] / total[2],
               'val_accuracy': float(val_accuracy), 'val_loss': float(val_loss)}
@@ -284,13 +287,9 @@ def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
                 tf.summary.scalar(f'epoch_{name}', logs[prefix + name])
             writers[split].flush()
       if model.stop_training:
-        return 'stopped'
-    return 'done'
+        return
   except PEER_ERRORS as e:
-    raise PeerLost(
-        f'another worker stopped or cannot be reached ({peer_reason(e)}); '
-        'rerun the same command on every machine: training resumes after '
-        f'epoch {len(resumable.rows)}') from None
+    raise peer_lost(e, after_epoch=len(resumable.rows)) from None
 
 
 def peer_reason(error: Exception) -> str:
@@ -309,18 +308,14 @@ def peer_reason(error: Exception) -> str:
 
 def _check_port(task) -> None:
   """UserError naming this task's port when something already listens there."""
-  import socket  # pylint: disable=g-import-not-at-top
   port = int(task.address.rpartition(':')[2])
-  with socket.socket() as s:
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-      s.bind(('', port))
-    except OSError as e:
-      raise UserError(
-          f'TF_CONFIG gives this {task.task_type} {task.task_index} the '
-          f'address {task.address}, but port {port} is in use here '
-          f'({e.strerror}); stop what listens there (an earlier run?) or '
-          'change the port in TF_CONFIG on every machine') from None
+  reason = cli.port_in_use(port)
+  if reason:
+    raise UserError(
+        f'TF_CONFIG gives this {task.task_type} {task.task_index} the '
+        f'address {task.address}, but port {port} is in use here '
+        f'({reason}); stop what listens there (an earlier run?) or '
+        'change the port in TF_CONFIG on every machine')
 
 
 _WATCHDOG = r"""

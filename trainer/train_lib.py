@@ -324,7 +324,7 @@ def _cluster_task(config: TrainConfig):
 
 
 def _build_model(config: TrainConfig, model_input: ModelInput,
-                 num_classes: int, binary: bool):
+                 num_classes: int):
   """The compiled model of this run (in the current strategy's scope)."""
   model = models.build_model(
       config.model, input_shape=model_input.shape,
@@ -333,9 +333,8 @@ def _build_model(config: TrainConfig, model_input: ModelInput,
       base_cutoff_layer=config.base_cutoff_layer)
   model.compile(
       optimizer=_optimizer(config.optimizer, config.learning_rate),
-      loss=(keras.losses.BinaryCrossentropy() if binary else
-            keras.losses.SparseCategoricalCrossentropy(from_logits=True)),
-      metrics=['accuracy'], jit_compile=config.jit_compile)
+      loss=models.loss(num_classes), metrics=['accuracy'],
+      jit_compile=config.jit_compile)
   return model
 
 
@@ -410,10 +409,7 @@ def train_and_evaluate(config: TrainConfig) -> dict:
   try:
     return _train(config, spec, task, multi_worker.Cluster(strategy))
   except multi_worker.PEER_ERRORS as e:
-    raise multi_worker.PeerLost(
-        f'another worker stopped or cannot be reached '
-        f'({multi_worker.peer_reason(e)}); rerun the same command on every '
-        'machine') from None
+    raise multi_worker.peer_lost(e) from None
 
 
 def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
@@ -468,7 +464,7 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
                 else tf.distribute.get_strategy())
   try:
     with strategy.scope():
-      model = _build_model(config, model_input, num_classes, binary)
+      model = _build_model(config, model_input, num_classes)
       resumable.set_model(model)
       resumable.restore_weights()  # Before any write: a misfit is refused.
   except models.ModelError as e:
@@ -505,7 +501,7 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
     sample_batch = next(iter(train_dataset(config.batch_size).take(1)))
 
   if task:
-    loop = multi_worker.Loop(cluster, model, binary=binary,
+    loop = multi_worker.Loop(cluster, model, num_classes=num_classes,
                              global_batch=config.batch_size,
                              jit_compile=config.jit_compile)
 
@@ -561,7 +557,7 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
     # Evaluation, saving and export on a plain copy: no collectives, and the
     # files are those a single-process run writes.
     weights = model.get_weights()
-    model = _build_model(config, model_input, num_classes, binary)
+    model = _build_model(config, model_input, num_classes)
     model.set_weights(weights)
   return _finish(config, spec, model, resumable, model_input=model_input,
                  binary=binary, common=common, train_seconds=train_seconds)

@@ -124,6 +124,19 @@ def parse_image_size(text: str, flag: str = 'image_size') -> tuple[int, int]:
   return sizes[0], sizes[1]
 
 
+def port_in_use(port: int) -> Optional[str]:
+  """Why `port` cannot be listened on here (e.g. 'Address already in use'),
+  or None when it is free."""
+  import socket  # pylint: disable=g-import-not-at-top
+  with socket.socket() as s:
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+      s.bind(('', port))
+    except OSError as e:
+      return e.strerror or str(e)
+  return None
+
+
 def one_line(text, limit: Optional[int] = None) -> str:
   """Any message (an exception too) as one line, white space collapsed, cut
   at `limit` characters: error lines must stay one line."""

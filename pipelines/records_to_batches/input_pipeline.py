@@ -407,13 +407,13 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       ends with up to one partial batch per worker (drop_remainder drops
       them), order is not reproducible, and augmentation draws fresh random
       seeds on the worker. Batches travel as uint8 (augmented pixels
-      rounded to whole levels) and are normalized on this host. Ignored when not training (evaluation stays
-      local).
+      rounded to whole levels) and are normalized on this host. Ignored
+      when not training (evaluation stays local).
     shard: (count, index) to read only this process's part of the split, as
       one of `count` training processes (--distribution=multi_worker): by
       shard file when the files share out with near-equal record counts,
-      else by record.
-      Augmentation seeds then differ per index.
+      else by record (see `file_parts`). Shuffle and augmentation seeds
+      then differ per index.
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)`.

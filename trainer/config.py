@@ -120,8 +120,8 @@ def cluster_task(tf_config: Optional[str]) -> ClusterTask:
   if not isinstance(index, int) or isinstance(index, bool):
     raise ValueError(f'TF_CONFIG task "index" must be a number, not '
                      f'{index!r}; {example}')
-  if kind not in ('chief', 'worker') or not isinstance(index, int) or not (
-      0 <= index < len(trainers.get(kind, []))):
+  if kind not in ('chief', 'worker') or not (
+      0 <= index < len(trainers[kind])):
     raise ValueError(
         f'TF_CONFIG task {task!r} is not in its cluster ({len(trainers["worker"])} '
         f'workers, {len(trainers["chief"])} chief); set "task": '

@@ -13,19 +13,23 @@ file distinct) is made once (kept under --work_dir); then
                   images/s end to end (the build's Beam run) and steady (its
                   write stage)
 
-`--code_dir` runs another checkout's `pipelines.build` (e.g. the commit
-before the change) for the build figures; graph bytes are always this
-checkout's.
+`--code_dirs` runs other checkouts' `pipelines.build` too (e.g. the commit
+before a change), interleaved run by run with `--repeats`, so slow spells of
+the machine hit all of them; the table gives medians (images/s: with the
+range). Graph bytes are always this checkout's.
 """
 
 import json
 import os
 import pathlib
+import shutil
+import statistics
 import sys
 import tempfile
 
 from absl import app
 from absl import flags
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -35,8 +39,9 @@ _NUM_IMAGES = flags.DEFINE_list('num_images', ['10000'], 'Folder sizes.')
 _WORK_DIR = flags.DEFINE_string(
     'work_dir', os.path.join(tempfile.gettempdir(), 'scale_benchmark'),
     'Where image folders (kept) and outputs (deleted) go.')
-_CODE_DIR = flags.DEFINE_string('code_dir', None,
-                                'Checkout whose build to run (default: this).')
+_CODE_DIRS = flags.DEFINE_list(
+    'code_dirs', ['.'], "Checkouts whose builds to run ('.': this one).")
+_REPEATS = flags.DEFINE_integer('repeats', 1, 'Runs of each build, interleaved.')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
 
 NUM_CLASSES = 100
@@ -61,38 +66,61 @@ def make_png_folder(root: pathlib.Path, num_images: int) -> pathlib.Path:
   return root
 
 
+def _run_build(folder: pathlib.Path, out: pathlib.Path, code_dir: str) -> dict:
+  """One build with the default runner and 2 worker processes, measured."""
+  shutil.rmtree(out, ignore_errors=True)
+  run = common.run_measured(
+      [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
+       f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',
+       '--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+      cwd=code_dir)
+  if run['returncode']:
+    sys.exit(run['stderr'][-3000:])
+  report = json.loads((out / 'build_report.json').read_text())
+  shutil.rmtree(out)
+  peaks = dict(run['peak_by_pid'])
+  launcher = peaks.pop(run['root_pid'], 0.0)
+  return {'launcher': launcher,
+          'workers': sorted((mb for mb in peaks.values() if mb > 50),
+                            reverse=True),
+          'images_per_s': report['images_per_s'],
+          'steady': report['counts']['written'] / max(
+              report['write_stage_s'], 1e-9),
+          'wall_s': run['wall_s']}
+
+
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)  # Beam's type-hint chatter.
   work = pathlib.Path(_WORK_DIR.value)
-  code_dir = _CODE_DIR.value or str(pathlib.Path(__file__).parents[1])
-  headers = ['images', 'graph bytes', 'launcher peak MB', 'worker peak MB',
-             'images/s', 'steady images/s', 'wall s']
+  here = str(pathlib.Path(__file__).parents[1])
+  code_dirs = [here if d == '.' else d for d in _CODE_DIRS.value]
+  headers = ['images', 'build', 'graph bytes', 'launcher peak MB',
+             'worker peak MB', 'images/s', 'steady images/s', 'wall s']
   rows, results = [], []
   for n in (int(x) for x in _NUM_IMAGES.value):
     folder = make_png_folder(work / f'png_{n}', n)
-    out = work / f'out_{n}'
-    if out.exists():
-      import shutil  # pylint: disable=g-import-not-at-top
-      shutil.rmtree(out)
     from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
     graph = builder.graph_bytes(str(folder), str(work))
-    run = common.run_measured(
-        [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
-         f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',
-         '--direct_num_workers=2', '--direct_running_mode=multi_processing'],
-        cwd=code_dir)
-    if run['returncode']:
-      sys.exit(run['stderr'][-3000:])
-    report = json.loads((out / 'build_report.json').read_text())
-    peaks = dict(run['peak_by_pid'])
-    launcher = peaks.pop(run['root_pid'], 0.0)
-    workers = sorted((mb for mb in peaks.values() if mb > 50), reverse=True)
-    steady = report['counts']['written'] / max(report['write_stage_s'], 1e-9)
-    row = [n, graph, round(launcher), '/'.join(str(round(w)) for w in workers),
-           report['images_per_s'], round(steady, 1), round(run['wall_s'], 1)]
-    rows.append(row)
-    results.append(dict(zip(headers, row)))
-    print(row, flush=True)
+    runs = {d: [] for d in code_dirs}
+    for _ in range(_REPEATS.value):
+      for code_dir in code_dirs:
+        runs[code_dir].append(_run_build(folder, work / f'out_{n}', code_dir))
+        print(n, code_dir, runs[code_dir][-1], flush=True)
+    for code_dir, measured in runs.items():
+      median = lambda key: statistics.median(m[key] for m in measured)  # pylint: disable=cell-var-from-loop
+      rates = sorted(m['images_per_s'] for m in measured)
+      workers = [statistics.median(m['workers'][i] for m in measured)
+                 for i in range(min(len(m['workers']) for m in measured))]
+      row = [n, 'this' if code_dir == here else code_dir, graph,
+             round(median('launcher')),
+             '/'.join(str(round(w)) for w in workers),
+             f"{median('images_per_s'):.0f}" + (
+                 f' ({rates[0]:.0f}-{rates[-1]:.0f})' if len(rates) > 1
+                 else ''),
+             round(median('steady')), round(median('wall_s'), 1)]
+      rows.append(row)
+      results.append({**dict(zip(headers, row)), 'runs': measured})
   common.report(headers, rows, results, _RESULTS.value)
 
 

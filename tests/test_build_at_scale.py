@@ -1,16 +1,28 @@
-"""The build scales out: its graph does not grow with the files, and it runs
-on Beam's portable runner (job service + external worker pool) with shards
-byte-identical to the default runner's."""
+"""The build scales out: its graph does not grow with the files, duplicates
+are resolved per content hash and shards cut from per-chunk totals without
+losing or repeating a record, and it runs on Beam's portable runner (job
+service + external worker pool) with shards byte-identical to the default
+runner's."""
 
 import contextlib
+import io
+import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
 
+import numpy as np
+from PIL import Image
+import tensorflow as tf
+
+from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import builder
 from tests import helpers
+import tfrecords_schema
+from tfrecords_schema import schema
 
 
 def _empty_files(root: pathlib.Path, num_files: int, num_classes: int = 10):
@@ -89,3 +101,116 @@ def test_portable_runner_with_an_external_worker_pool_writes_the_same_shards(
   for name in ('metadata.json', 'rejected.jsonl'):
     assert ((tmp_path / 'portable' / name).read_bytes() ==
             (tmp_path / 'default' / name).read_bytes()), name
+
+
+def _stored(out: pathlib.Path, split: str) -> list[tuple[str, int, np.ndarray]]:
+  """(filename, label, pixels) of every record of a split, in shard order."""
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  records = []
+  for serialized in tf.data.TFRecordDataset(spec.shard_paths(str(out), split)):
+    parsed = schema.parse_examples(serialized)
+    pixels = np.asarray(Image.open(io.BytesIO(parsed[schema.IMAGE].numpy())))
+    records.append((parsed[schema.FILENAME].numpy().decode(),
+                    int(parsed[schema.LABEL].numpy()), pixels))
+  return records
+
+
+def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
+  """Several chunks (of 64 files) and dozens of shards, with duplicates and
+  label conflicts whose copies land in other chunks and shards: every file
+  is written once or reported, counts and train statistics are exact."""
+  images = tmp_path / 'images'
+  rng = np.random.default_rng(0)
+  classes = ('a', 'b', 'c')
+  for i in range(240):
+    pixels = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
+    helpers.save(images / classes[i % 3] / f'{i:03d}.png',
+                 Image.fromarray(pixels))
+  for i in range(0, 90, 3):  # 30 exact duplicates in the same class.
+    source = images / classes[i % 3] / f'{i:03d}.png'
+    shutil.copy(source, source.with_name(f'copy_{i:03d}.png'))
+  for i in range(1, 40, 3):  # 13 label conflicts: 26 files dropped.
+    shutil.copy(images / classes[i % 3] / f'{i:03d}.png',
+                images / classes[(i + 1) % 3] / f'conflict_{i:03d}.png')
+  out = tmp_path / 'out'
+  run = helpers.run_cli('pipelines.build', f'--input_dir={images}',
+                        f'--output_dir={out}', '--image_size=12',
+                        '--image_format=png', '--shard_size_mb=0.004')
+  assert run.returncode == 0, run.stderr[-3000:]
+  report = json.loads((out / 'build_report.json').read_text())
+  assert report['counts'] == {'seen': 283, 'written': 227, 'duplicate': 30,
+                              'label_conflict': 26}
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  assert sum(len(s.shards) for s in spec.splits.values()) > 20
+  rejected = {json.loads(l)['path']
+              for l in (out / 'rejected.jsonl').read_text().splitlines()}
+  written = []
+  for split in ('train', 'validation', 'test'):
+    records = _stored(out, split)
+    written += [name for name, _, _ in records]
+    counts = np.bincount([label for _, label, _ in records], minlength=3)
+    assert tuple(counts) == spec.splits[split].class_counts
+    assert [sum(1 for _ in tf.data.TFRecordDataset(str(out / name)))
+            for name in spec.splits[split].shards] == list(
+                spec.splits[split].shard_lengths)
+    if split == 'train':
+      pixels = np.concatenate([p.reshape(-1, 3) for _, _, p in records])
+      assert report['train_mean'] == [
+          round(float(m), 4) for m in pixels.astype(np.float64).mean(0)]
+      np.testing.assert_allclose(report['train_std'],
+                                 pixels.astype(np.float64).std(0), atol=1e-4)
+  everything = {p.relative_to(images).as_posix()
+                for p in images.rglob('*.png')}
+  assert len(written) == len(set(written)) == 227  # Each record once.
+  assert not set(written) & rejected
+  assert set(written) | rejected == everything
+
+
+def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
+  """A train chunk file of framed records and its index; their offsets."""
+  offsets, data, lines = [], b'', []
+  for i, payload in enumerate(payloads):
+    record = schema.frame_record(payload)
+    offsets.append(len(data))
+    lines.append(json.dumps(beam_build.IndexEntry(
+        len(data), len(record), i % 2, [i, 0, 0], [i * i, 0, 0], 1, None,
+        f'c{index}/{i}.png')))
+    data += record
+  pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
+  pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_text(
+      '\n'.join(lines) + '\n')
+  return offsets
+
+
+def test_concat_shard_copies_only_its_kept_records(tmp_path):
+  (tmp_path / beam_build.CHUNKS_DIR).mkdir()
+  first = _chunk(str(tmp_path), 0, [b'a' * 10, b'b' * 10, b'c' * 10])
+  second = _chunk(str(tmp_path), 1, [b'd' * 10, b'e' * 10])
+  size = 26 * 2  # A framed 10-byte record is 26 bytes: two per shard.
+  layout = beam_build.shard_layout([('train', 0, 78), ('train', 1, 52)],
+                                   shard_size_bytes=size)
+  assert layout['num_shards'] == {'train': 3}
+  config = beam_build.BuildConfig('in', 'ds', ('x', 'y'), 'class_folders',
+                                  None, 0.1, 0.1, 0, size)
+  concat = beam_build.ConcatShard(str(tmp_path), config)
+
+  def shard(index, dropped):
+    results = list(concat.process((('train', index), [None, *dropped]),
+                                  layout))
+    files = [r for r in results if isinstance(r, beam_build.ShardResult)]
+    sums = [r.value for r in results if getattr(r, 'tag', None) == 'sums']
+    return files, sums
+
+  # Shard 1 spans both chunks (c, then d); d is a dropped copy.
+  files, sums = shard(1, [(1, second[0])])
+  assert [(f.filename, f.num_examples, f.class_counts) for f in files] == [
+      ('ds-train.tfrecord-00001-of-00003', 1, (1, 0))]
+  assert list(tf.data.TFRecordDataset(str(tmp_path / files[0].filename)
+                                      ).as_numpy_iterator()) == [b'c' * 10]
+  assert sums == [((2, 0, 0), (4, 0, 0), 1)]
+  # The last shard runs to the end; every record of shard 0 dropped: no file.
+  files, _ = shard(2, [])
+  assert files[0].num_examples == 1
+  files, sums = shard(0, [(0, first[0]), (0, first[1])])
+  assert files == [] and sums == []
+  assert not (tmp_path / 'ds-train.tfrecord-00000-of-00003').exists()

@@ -76,12 +76,16 @@ def test_listing_of_class_folders_is_sorted_and_ignores_with_reasons(tmp_path):
   ignored = {i.relpath: i.outcome for i in result.ignored}
   assert ignored == {k: v for k, v in outcomes.items()
                      if v.startswith('ignored')}
+  # The build's shuffles carry only the path; the rest follows from it.
+  assert [listing.source_file(f.relpath, result.layout)
+          for f in result.files] == list(result.files)
 
 
 def test_listing_of_split_folders(tmp_path):
-  for split in ('train', 'validation'):
+  for split in ('train', 'Val'):
     for cls in ('horses', 'humans'):
       helpers.write(tmp_path / split / cls / 'a.jpg', b'x')
+  helpers.write(tmp_path / 'train' / 'humans' / 'deeper' / 'b.png', b'x')
   helpers.write(tmp_path / 'train' / 'loose.jpg', b'x')
   result = listing.list_input(str(tmp_path))
   assert result.layout == listing.SPLIT_FOLDERS_LAYOUT
@@ -90,6 +94,8 @@ def test_listing_of_split_folders(tmp_path):
       ('train', 'horses'), ('train', 'humans'), ('validation', 'horses'),
       ('validation', 'humans')}
   assert [i.relpath for i in result.ignored] == ['train/loose.jpg']
+  assert [listing.source_file(f.relpath, result.layout)
+          for f in result.files] == list(result.files)
 
 
 @pytest.mark.parametrize('setup,message', [

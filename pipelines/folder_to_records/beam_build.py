@@ -15,16 +15,21 @@ see only per-chunk totals. Stages:
   WriteChunks       per chunk, files in (order_key, path) order: read,
                     sha256, split = hash(seed, sha256) (or the split
                     folder), decode/validate/resize/encode; records go to one
-                    chunk file per (chunk, split), with its byte total; bad
-                    files -> rejected
-  Dedupe            GroupByKey on sha256: duplicates, label conflicts and
-                    leaks resolved per content hash
+                    chunk file per (chunk, split) with an index file (offset,
+                    length, label, pixel sums, warning of each record) and
+                    its byte total; bad files -> rejected
+  Dedupe            GroupByKey on sha256 of (path, chunk, offset) references:
+                    duplicates, label conflicts and leaks resolved per
+                    content hash; only dropped copies come out
   ShardLayout       prefix sums over the (split, chunk) byte totals (a list
                     the size of the number of chunks) give each record its
                     offset in its split; shard = offset // shard_size
-  ConcatShards      GroupByKey on (split, shard) of the kept records: byte
-                    ranges of chunk files -> shard files (framed TFRecords
-                    concatenate)
+  ConcatShards      one element per (split, shard) from the layout, grouped
+                    with the copies dropped in it; reads the index files of
+                    the chunks its byte range covers and copies the kept
+                    records' byte ranges (framed TFRecords concatenate);
+                    class counts, train pixel sums and warnings come from
+                    the indexes, so no per-image element crosses this step
   Statistics        train mean/std from exact integer sums (any order)
   Finalize          metadata.json, build_report.json, rejected.jsonl
                     (streamed from an iterable side input)
@@ -39,6 +44,7 @@ many, in one process or several, on any runner, write byte-identical shards.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import fractions
@@ -53,7 +59,6 @@ from typing import NamedTuple, Optional, Sequence
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
-import numpy as np
 
 from pipelines.preprocessing import source_image
 from pipelines.folder_to_records import listing as listing_lib
@@ -85,33 +90,21 @@ class BuildConfig:
   shard_size_bytes: int
 
 
-class RecordInfo(NamedTuple):
-  """Where one written record lies in a chunk file, and what it holds.
+class IndexEntry(NamedTuple):
+  """One record of a chunk file, a JSON list per line of its index file.
 
-  Crosses the dedupe shuffle as a plain tuple (Beam encodes a tuple in a
-  third fewer bytes than a NamedTuple, and the runner holds them). pixel_sums: exact per-channel integer sums and sums of squares of the
-  stored pixels (the train statistics), num_pixels their count.
+  offset, length: its bytes in the chunk file; pixel_sum, pixel_sumsq: exact
+  per-channel integer sums of the stored pixels and of their squares (the
+  train statistics), num_pixels their count; warning: for the report.
   """
-  relpath: str
-  class_name: str
-  given_split: Optional[str]
-  sha256: str
-  split: str
-  chunk: int
-  offset: int
-  length: int
-  pixel_sums: tuple[tuple[int, ...], tuple[int, ...]]
-  num_pixels: int
-  warning: Optional[str]
-
-
-class Placed(NamedTuple):
-  """A kept record, slimmed for the shard shuffle (a plain tuple there)."""
-  split: str
-  chunk: int
   offset: int
   length: int
   label: int
+  pixel_sum: tuple[int, ...]
+  pixel_sumsq: tuple[int, ...]
+  num_pixels: int
+  warning: Optional[str]
+  relpath: str
 
 
 class ShardResult(NamedTuple):
@@ -143,33 +136,41 @@ def chunk_path(tmp_dir: str, index: int, split: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.tfrecord')
 
 
+def index_path(tmp_dir: str, index: int, split: str) -> str:
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.index')
+
+
+def record_split(source: listing_lib.SourceFile, sha256: str,
+                 config: BuildConfig) -> str:
+  """The split a file's record is written to: its split folder, or a hash
+  of its content."""
+  return source.given_split or splits_lib.assign_split(
+      sha256, seed=config.seed,
+      validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction)
+
+
 class WriteChunk(beam.DoFn):
-  """(chunk index, SourceFile tuples) -> a RecordInfo tuple per record.
+  """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
+  record, for the dedupe shuffle.
 
-  Also 'totals': (split, chunk, bytes written) for each chunk file.
-
-  Files are written in (order_key, path) order, whatever order the runner
-  grouped them in. Files that cannot become an example go to 'rejected' with
-  a reason.
+  Writes a chunk file and its index file per split; 'totals': (split, chunk,
+  bytes written) for each chunk file. Files are written in (order_key, path)
+  order, whatever order the runner grouped them in. Files that cannot become
+  an example go to 'rejected' with a reason.
   """
 
   def __init__(self, config: BuildConfig, tmp_dir: str):
     self._config = config
     self._tmp_dir = tmp_dir
 
-  def _split_of(self, source: listing_lib.SourceFile, sha: str) -> str:
-    return source.given_split or splits_lib.assign_split(
-        sha, seed=self._config.seed,
-        validation_fraction=self._config.validation_fraction,
-        test_fraction=self._config.test_fraction)
-
   def process(self, element):
-    index, files = element
+    index, relpaths = element
     config = self._config
     start_time = time.time()
-    files = sorted((listing_lib.SourceFile(*f) for f in files), key=lambda f: (
-        splits_lib.order_key(f.relpath, seed=config.seed), f.relpath))
-    writers, offsets, written = {}, collections.Counter(), 0
+    files = [listing_lib.source_file(p, config.layout) for p in sorted(
+        relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
+    writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     try:
       for source in files:
         try:
@@ -188,29 +189,34 @@ class WriteChunk(beam.DoFn):
               source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
-        sha = hashlib.sha256(data).hexdigest()
-        split = self._split_of(source, sha)
+        digest = hashlib.sha256(data).digest()
+        sha = digest.hex()
+        split = record_split(source, sha, config)
+        label = config.class_names.index(source.class_name)
         record = schema.frame_record(schema.encode_example(
-            image=processed.encoded,
-            label=config.class_names.index(source.class_name),
-            filename=source.relpath, sha256=sha,
-            original_height=processed.original_height,
+            image=processed.encoded, label=label, filename=source.relpath,
+            sha256=sha, original_height=processed.original_height,
             original_width=processed.original_width))
         if split not in writers:
           writers[split] = FileSystems.create(
               chunk_path(self._tmp_dir, index, split), compression_type=_RAW)
+          indexes[split] = []
         writers[split].write(record)
-        yield tuple(RecordInfo(
-            source.relpath, source.class_name, source.given_split, sha, split,
-            index, offsets[split], len(record),
-            (tuple(int(v) for v in processed.pixel_sum),
-             tuple(int(v) for v in processed.pixel_sumsq)),
-            processed.num_pixels, processed.warning))
+        indexes[split].append(json.dumps(IndexEntry(
+            offsets[split], len(record), label,
+            [int(v) for v in processed.pixel_sum],
+            [int(v) for v in processed.pixel_sumsq],
+            processed.num_pixels, processed.warning, source.relpath)))
+        # The dedupe shuffle carries only this (the runner may hold it all).
+        yield digest, (source.relpath, index, offsets[split])
         offsets[split] += len(record)
         written += 1
     finally:
       for writer in writers.values():
         writer.close()
+    for split, lines in indexes.items():
+      _write_bytes(index_path(self._tmp_dir, index, split),
+                   ('\n'.join(lines) + '\n').encode())
     _log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -219,7 +225,7 @@ class WriteChunk(beam.DoFn):
 
 
 class ListFolder(beam.DoFn):
-  """FolderTask -> a SourceFile tuple per candidate; 'ignored' for the rest."""
+  """FolderTask -> the relpath of each candidate; 'ignored' for the rest."""
 
   def __init__(self, input_dir: str, exclude: Sequence[str]):
     self._input_dir = input_dir
@@ -229,7 +235,7 @@ class ListFolder(beam.DoFn):
     for item in listing_lib.list_folder(self._input_dir, task,
                                         exclude=self._exclude):
       if isinstance(item, listing_lib.SourceFile):
-        yield tuple(dataclasses.astuple(item))  # Compact in the shuffle.
+        yield item.relpath  # All the shuffle needs (see source_file).
       else:
         yield beam.pvalue.TaggedOutput(IGNORED, splits_lib.Dropped(
             item.relpath, item.outcome, item.reason))
@@ -242,54 +248,65 @@ def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
 
 
 def resolve_duplicates(element, *, config: BuildConfig):
-  """(sha256, RecordInfo tuples of those bytes) -> a Placed tuple per kept
-  record; 'rejected' and 'findings' for duplicates, conflicts and leaks;
-  'sums' (train pixel sums) and 'warnings' of kept records."""
-  sha, records = element
-  records = {r.relpath: r for r in (RecordInfo(*t) for t in records)}
-  kept, dropped, finding = splits_lib.resolve_same_bytes(
-      sha, [splits_lib.FileEntry(r.relpath, r.class_name, r.given_split, sha)
-            for r in records.values()],
+  """(sha256 digest, (relpath, chunk, offset) of each copy) -> the dropped
+  copies as (split, chunk, offset); 'rejected' and 'findings' for
+  duplicates, conflicts and leaks. A unique file (nearly all) gives nothing:
+  it stays where it was written."""
+  digest, refs = element
+  refs = {r[0]: r for r in refs}
+  if len(refs) == 1:
+    return
+  sha = digest.hex()
+  sources = {p: listing_lib.source_file(p, config.layout) for p in refs}
+  _, dropped, finding = splits_lib.resolve_same_bytes(
+      sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
+            for p, s in sources.items()],
       seed=config.seed, validation_fraction=config.validation_fraction,
       test_fraction=config.test_fraction)
-  for k in kept:
-    r = records[k.relpath]
-    yield tuple(Placed(r.split, r.chunk, r.offset, r.length,
-                       config.class_names.index(r.class_name)))
-    if r.split == 'train':
-      yield beam.pvalue.TaggedOutput(SUMS, (*r.pixel_sums, r.num_pixels))
-    if r.warning:
-      yield beam.pvalue.TaggedOutput(WARNINGS, {'path': r.relpath,
-                                                'warning': r.warning})
   for d in dropped:
+    _, chunk, offset = refs[d.relpath]
+    yield record_split(sources[d.relpath], sha, config), chunk, offset
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   if finding:
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
 def shard_layout(totals, *, shard_size_bytes: int) -> dict:
-  """[(split, chunk, bytes written)] -> {'start': {(split, chunk): offset},
-  'num_shards': {split: n}}: prefix sums over the chunk list, in chunk order.
+  """[(split, chunk, bytes written)] -> the shard layout, from prefix sums
+  over the chunk list, in chunk order:
+
+    'chunks': {split: [(start, chunk, bytes)]}, sorted by start: where each
+      chunk file's bytes begin in its split;
+    'num_shards': {split: n}.
 
   The list has one entry per (split, chunk), never one per image. Offsets
   count every written record (a dropped duplicate's bytes too), so a shard
   holds up to shard_size bytes of kept records.
   """
-  start, size = {}, collections.Counter()
+  chunks, size = collections.defaultdict(list), collections.Counter()
   for split, chunk, num_bytes in sorted(totals):
-    start[split, chunk] = size[split]
+    chunks[split].append((size[split], chunk, num_bytes))
     size[split] += num_bytes
-  return {'start': start, 'num_shards': {
+  return {'chunks': dict(chunks), 'num_shards': {
       split: max(1, -(-total // shard_size_bytes))
       for split, total in size.items()}}
 
 
-def shard_of(placed, layout: dict, *, shard_size_bytes: int):
-  """A Placed tuple -> ((split, shard), the tuple)."""
-  split, chunk, offset = placed[0], placed[1], placed[2]
-  offset += layout['start'][split, chunk]
-  shard = min(offset // shard_size_bytes, layout['num_shards'][split] - 1)
-  return (split, shard), placed
+def shard_keys(layout: dict):
+  """Every (split, shard) of the layout, each as ((split, shard), None)."""
+  for split, num_shards in sorted(layout['num_shards'].items()):
+    for shard in range(num_shards):
+      yield (split, shard), None
+
+
+def shard_of_drop(drop, layout: dict, *, shard_size_bytes: int):
+  """(split, chunk, offset) of a dropped copy -> ((split, shard), (chunk,
+  offset)): the shard whose byte range holds its record."""
+  split, chunk, offset = drop
+  starts = {c: start for start, c, _ in layout['chunks'][split]}
+  shard = min((starts[chunk] + offset) // shard_size_bytes,
+              layout['num_shards'][split] - 1)
+  return (split, shard), (chunk, offset)
 
 
 class PixelSums(beam.CombineFn):
@@ -300,18 +317,20 @@ class PixelSums(beam.CombineFn):
 
   def add_input(self, acc, sums):
     """sums: (per-channel sums, per-channel sums of squares, pixel count)."""
-    return sums if acc is None else self._add(acc, sums)
+    return self.add(acc, sums)
 
   @staticmethod
-  def _add(a, b):
+  def add(a, b):
+    """The sum of two (sums, sums of squares, count) triples (None: 0)."""
+    if a is None or b is None:
+      return b if a is None else a
     return (tuple(x + y for x, y in zip(a[0], b[0])),
             tuple(x + y for x, y in zip(a[1], b[1])), a[2] + b[2])
 
   def merge_accumulators(self, accumulators):
     out = None
     for acc in accumulators:
-      if acc is not None:
-        out = acc if out is None else self._add(out, acc)
+      out = self.add(out, acc)
     return out
 
   def extract_output(self, acc):
@@ -332,24 +351,65 @@ def mean_std(sums) -> tuple[Optional[tuple[float, ...]],
 
 
 class ConcatShard(beam.DoFn):
-  """((split, shard), Placed tuples) -> ShardResult: copies byte ranges."""
+  """((split, shard), [None, (chunk, offset) of each copy dropped in it]) ->
+  ShardResult, with 'sums' (train pixel sums) and 'warnings' of its records.
+
+  Its records are those whose offset in the split lies in [shard *
+  shard_size, (shard + 1) * shard_size) (the last shard: to the end), read
+  chunk by chunk from the index files; kept ones are copied as byte ranges.
+  Nothing is written for a shard whose records were all dropped.
+  """
 
   def __init__(self, tmp_dir: str, config: BuildConfig):
     self._tmp_dir = tmp_dir
     self._config = config
 
+  def _records(self, split: str, shard: int, layout: dict):
+    """(chunk, IndexEntry) of every record in the shard, in offset order."""
+    size = self._config.shard_size_bytes
+    low = shard * size
+    high = (low + size if shard < layout['num_shards'][split] - 1
+            else float('inf'))
+    chunks = layout['chunks'][split]
+    first = max(0, bisect.bisect_right([c[0] for c in chunks], low) - 1)
+    for start, chunk, num_bytes in chunks[first:]:
+      if start >= high:
+        break
+      if start + num_bytes <= low:
+        continue
+      with FileSystems.open(index_path(self._tmp_dir, chunk, split),
+                            compression_type=_RAW) as f:
+        for line in f.read().decode().splitlines():
+          entry = IndexEntry(*json.loads(line))
+          if low <= start + entry.offset < high:
+            yield chunk, entry
+
   def process(self, element, layout):
-    (split, index), records = element
-    records = sorted(Placed(*r) for r in records)
-    filename = schema.shard_filename(self._config.dataset_name, split, index,
+    (split, shard), values = element
+    dropped = {v for v in values if v is not None}
+    filename = schema.shard_filename(self._config.dataset_name, split, shard,
                                      layout['num_shards'][split])
+    counts = collections.Counter()
+    sums = None
     pieces = []
-    for r in records:  # Neighbouring records of one chunk file: one range.
-      path = chunk_path(self._tmp_dir, r.chunk, split)
-      if pieces and pieces[-1][0] == path and sum(pieces[-1][1:]) == r.offset:
-        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + r.length)
+    for chunk, entry in self._records(split, shard, layout):
+      if (chunk, entry.offset) in dropped:
+        continue
+      counts[entry.label] += 1
+      if split == 'train':
+        sums = PixelSums.add(sums, (tuple(entry.pixel_sum),
+                                    tuple(entry.pixel_sumsq), entry.num_pixels))
+      if entry.warning:
+        yield beam.pvalue.TaggedOutput(WARNINGS, {'path': entry.relpath,
+                                                  'warning': entry.warning})
+      path = chunk_path(self._tmp_dir, chunk, split)
+      if pieces and pieces[-1][0] == path and sum(
+          pieces[-1][1:]) == entry.offset:  # Neighbours: one byte range.
+        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + entry.length)
       else:
-        pieces.append((path, r.offset, r.length))
+        pieces.append((path, entry.offset, entry.length))
+    if not pieces:
+      return
     num_bytes = 0
     with FileSystems.create(posixpath.join(self._tmp_dir, filename),
                             compression_type=_RAW) as out:
@@ -364,8 +424,9 @@ class ConcatShard(beam.DoFn):
             out.write(block)
             remaining -= len(block)
             num_bytes += len(block)
-    counts = collections.Counter(r.label for r in records)
-    yield ShardResult(split, index, filename, num_bytes, len(records),
+    if sums is not None:
+      yield beam.pvalue.TaggedOutput(SUMS, sums)
+    yield ShardResult(split, shard, filename, num_bytes, sum(counts.values()),
                       tuple(counts[i] for i in range(
                           len(self._config.class_names))))
 
@@ -485,31 +546,32 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   written = (
       listed.files
       | 'Chunk' >> beam.Map(
-          lambda f, n: (chunk_of(f[0], n, seed=seed), f),
+          lambda p, n: (chunk_of(p, n, seed=seed), p),
           n=beam.pvalue.AsSingleton(num_chunks))
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
           REJECTED, TOTALS, TIMES, main='records'))
-  deduped = (
-      written.records
-      | 'KeyBySha' >> beam.Map(lambda r: (r[3], r))  # RecordInfo.sha256.
-      | 'GroupBySha' >> beam.GroupByKey()
-      | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
-                                 ).with_outputs(REJECTED, FINDINGS, SUMS,
-                                                WARNINGS, main='kept'))
-  layout = (
+  layout = beam.pvalue.AsSingleton(
       written[TOTALS]
       | 'AllTotals' >> beam.combiners.ToList()
       | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
+  deduped = (
+      written.records
+      | 'GroupBySha' >> beam.GroupByKey()
+      | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
+                                 ).with_outputs(REJECTED, FINDINGS,
+                                                main='dropped'))
   shards = (
-      deduped.kept
-      | 'Shard' >> beam.Map(shard_of, beam.pvalue.AsSingleton(layout),
-                            shard_size_bytes=size)
+      (pipeline | 'StartShards' >> beam.Create([None])
+       | 'ShardKeys' >> beam.FlatMap(lambda _, l: shard_keys(l), layout),
+       deduped.dropped | 'ShardOfDrop' >> beam.Map(
+           shard_of_drop, layout, shard_size_bytes=size))
+      | 'AllShardKeys' >> beam.Flatten()
       | 'GroupShards' >> beam.GroupByKey()
-      | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config),
-                                     beam.pvalue.AsSingleton(layout)))
-  stats = deduped[SUMS] | 'PixelSums' >> beam.CombineGlobally(PixelSums())
-  warnings = deduped[WARNINGS]
+      | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config), layout
+                                     ).with_outputs(SUMS, WARNINGS,
+                                                    main='shards'))
+  stats = shards[SUMS] | 'PixelSums' >> beam.CombineGlobally(PixelSums())
   ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
              for i in plan.ignored]
   rejected = (
@@ -524,10 +586,10 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           finalize, beam.pvalue.AsSingleton(num_files),
           beam.pvalue.AsSingleton(num_ignored),
           num_top_ignored=len(ignored), config=config, tmp_dir=tmp_dir,
-          shards=beam.pvalue.AsList(shards),
+          shards=beam.pvalue.AsList(shards.shards),
           stats=beam.pvalue.AsSingleton(stats),
           findings=beam.pvalue.AsIter(deduped[FINDINGS]),
-          warnings=beam.pvalue.AsIter(warnings),
+          warnings=beam.pvalue.AsIter(shards[WARNINGS]),
           rejected=beam.pvalue.AsIter(rejected),
           times=beam.pvalue.AsIter(written[TIMES])))
 

@@ -12,6 +12,7 @@ import json
 import os
 import posixpath
 import re
+import shutil
 import sys
 import uuid
 from typing import Iterator, Optional, Sequence
@@ -432,6 +433,9 @@ def graph_bytes(input_dir: str, tmp_dir: str) -> int:
       input_dir=input_dir, listing=plan)
   pipeline = beam.Pipeline(options=PipelineOptions(
       beam_build.pipeline_args([])))
-  beam_build.build_pipeline(pipeline, config=config, plan=plan,
-                            tmp_dir=posixpath.join(tmp_dir, 'tmp'))
-  return len(pipeline.to_runner_api().SerializeToString())
+  try:
+    beam_build.build_pipeline(pipeline, config=config, plan=plan,
+                              tmp_dir=posixpath.join(tmp_dir, 'tmp'))
+    return len(pipeline.to_runner_api().SerializeToString())
+  finally:  # Beam removes its temp folder only when a pipeline runs.
+    shutil.rmtree(pipeline.local_tempdir, ignore_errors=True)

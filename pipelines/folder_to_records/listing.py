@@ -250,6 +250,19 @@ def _classify(relpath: str, task: FolderTask
   return SourceFile(relpath, task.class_name, task.given_split)
 
 
+def source_file(relpath: str, layout: str) -> SourceFile:
+  """The SourceFile of a listed candidate, from its path and the layout.
+
+  A class folder is the first path component ('cats/x.jpg'), or the second
+  below a split folder ('Train/cats/x.jpg'), exactly as plan_input makes its
+  FolderTasks; so the shuffles carry only the path.
+  """
+  if layout == CLASS_FOLDERS_LAYOUT:
+    return SourceFile(relpath, relpath.split('/', 1)[0], None)
+  split_dir, class_name = relpath.split('/', 2)[:2]
+  return SourceFile(relpath, class_name, SPLIT_FOLDERS[split_dir.lower()])
+
+
 def list_folder(input_dir: str, task: FolderTask, *,
                 exclude: Sequence[str] = ()
                 ) -> Iterator[Union[SourceFile, IgnoredFile]]:

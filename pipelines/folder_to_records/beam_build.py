@@ -44,6 +44,7 @@ many, in one process or several, on any runner, write byte-identical shards.
 
 from __future__ import annotations
 
+import array
 import bisect
 import collections
 import dataclasses
@@ -271,25 +272,39 @@ def resolve_duplicates(element, *, config: BuildConfig):
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
+class SplitChunks(NamedTuple):
+  """The chunk files of one split, in chunk order (= byte order): parallel
+  int64 arrays (24 bytes a chunk file in every worker that reads them)."""
+  ids: array.array
+  starts: array.array  # Where each chunk file's bytes begin in the split.
+  sizes: array.array
+
+  def start_of(self, chunk: int) -> int:
+    return self.starts[bisect.bisect_left(self.ids, chunk)]
+
+
 def shard_layout(totals, *, shard_size_bytes: int) -> dict:
   """[(split, chunk, bytes written)] -> the shard layout, from prefix sums
   over the chunk list, in chunk order:
 
-    'chunks': {split: [(start, chunk, bytes)]}, sorted by start: where each
-      chunk file's bytes begin in its split;
+    'chunks': {split: SplitChunks};
     'num_shards': {split: n}.
 
-  The list has one entry per (split, chunk), never one per image. Offsets
-  count every written record (a dropped duplicate's bytes too), so a shard
-  holds up to shard_size bytes of kept records.
+  It has one entry per (split, chunk), never one per image. Offsets count
+  every written record (a dropped duplicate's bytes too), so a shard holds
+  up to shard_size bytes of kept records.
   """
-  chunks, size = collections.defaultdict(list), collections.Counter()
+  chunks = {}
   for split, chunk, num_bytes in sorted(totals):
-    chunks[split].append((size[split], chunk, num_bytes))
-    size[split] += num_bytes
-  return {'chunks': dict(chunks), 'num_shards': {
-      split: max(1, -(-total // shard_size_bytes))
-      for split, total in size.items()}}
+    if split not in chunks:
+      chunks[split] = SplitChunks(*(array.array('q') for _ in range(3)))
+    c = chunks[split]
+    c.starts.append(c.starts[-1] + c.sizes[-1] if c.ids else 0)
+    c.ids.append(chunk)
+    c.sizes.append(num_bytes)
+  return {'chunks': chunks, 'num_shards': {
+      split: max(1, -(-(c.starts[-1] + c.sizes[-1]) // shard_size_bytes))
+      for split, c in chunks.items()}}
 
 
 def shard_keys(layout: dict):
@@ -303,8 +318,8 @@ def shard_of_drop(drop, layout: dict, *, shard_size_bytes: int):
   """(split, chunk, offset) of a dropped copy -> ((split, shard), (chunk,
   offset)): the shard whose byte range holds its record."""
   split, chunk, offset = drop
-  starts = {c: start for start, c, _ in layout['chunks'][split]}
-  shard = min((starts[chunk] + offset) // shard_size_bytes,
+  start = layout['chunks'][split].start_of(chunk)
+  shard = min((start + offset) // shard_size_bytes,
               layout['num_shards'][split] - 1)
   return (split, shard), (chunk, offset)
 
@@ -371,8 +386,9 @@ class ConcatShard(beam.DoFn):
     high = (low + size if shard < layout['num_shards'][split] - 1
             else float('inf'))
     chunks = layout['chunks'][split]
-    first = max(0, bisect.bisect_right([c[0] for c in chunks], low) - 1)
-    for start, chunk, num_bytes in chunks[first:]:
+    first = max(0, bisect.bisect_right(chunks.starts, low) - 1)
+    for i in range(first, len(chunks.ids)):
+      chunk, start, num_bytes = chunks.ids[i], chunks.starts[i], chunks.sizes[i]
       if start >= high:
         break
       if start + num_bytes <= low:

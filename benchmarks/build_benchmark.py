@@ -17,6 +17,11 @@ build's write stage only (first chunk start to last chunk end, from the
 workers' clocks): Beam's throughput once its workers run, without the fixed
 cost of starting them, planning shards and writing metadata. Peak RSS sums the process
 and its children (Beam's workers), sampled every 0.2 s.
+
+With --repeats=N the variants run in N interleaved rounds (plain, beam_2,
+plain, beam_2, ...); the table gives medians, and "vs plain" is the median
+of each round's ratio to that round's plain loop, so a slow spell of the
+machine cannot favour one variant.
 """
 
 import json
@@ -41,6 +46,7 @@ _PLAIN_LOOP = flags.DEFINE_string('plain_loop', None,
                                   'Internal: run the plain loop on this folder.')
 _OUT = flags.DEFINE_string('out', None, 'Internal: output folder of the loop.')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
+_REPEATS = flags.DEFINE_integer('repeats', 1, 'Interleaved rounds of variants.')
 
 IMAGE_SIZE = 150
 
@@ -105,27 +111,36 @@ def main(argv):
     print(json.dumps(plain_loop(_PLAIN_LOOP.value, _OUT.value)))
     return
   import shutil  # pylint: disable=g-import-not-at-top
+  import statistics  # pylint: disable=g-import-not-at-top
   work = pathlib.Path(_WORK_DIR.value)
-  results = []
+  results, rows = [], []
   for n in (int(x) for x in _NUM_IMAGES.value):
     images = common.make_jpeg_folder(work / f'jpegs_{n}', n)
     print(f'# {n} images in {images}', flush=True)
+    rounds = []
+    for r in range(_REPEATS.value):
+      rounds.append({})
+      for variant in _VARIANTS.value:
+        out = work / f'out_{variant}_{n}'
+        shutil.rmtree(out, ignore_errors=True)
+        row = {'num_images': n, 'round': r, **_run_variant(variant, images, out)}
+        shutil.rmtree(out, ignore_errors=True)
+        rounds[-1][variant] = row
+        results.append(row)
+        print(json.dumps(row), flush=True)
     for variant in _VARIANTS.value:
-      out = work / f'out_{variant}_{n}'
-      shutil.rmtree(out, ignore_errors=True)
-      row = {'num_images': n, **_run_variant(variant, images, out)}
-      shutil.rmtree(out, ignore_errors=True)
-      results.append(row)
-      print(json.dumps(row), flush=True)
-  rows = []
-  for row in results:
-    plain = next((r for r in results if r['num_images'] == row['num_images']
-                  and r['variant'] == 'plain'), None)
-    ratio = lambda v: f'{v / plain["images_per_s"]:.2f}x' if plain else '-'  # pylint: disable=cell-var-from-loop
-    rows.append([row['num_images'], row['variant'], row['images_per_s'],
-                 ratio(row['images_per_s']), row['steady_images_per_s'],
-                 ratio(row['steady_images_per_s']), row['elapsed_s'],
-                 row['wall_s'], row['peak_rss_mb']])
+      runs = [r[variant] for r in rounds]
+      median = lambda key: statistics.median(x[key] for x in runs)  # pylint: disable=cell-var-from-loop
+
+      def ratio(key):
+        if 'plain' not in _VARIANTS.value:
+          return '-'
+        return f"{statistics.median(r[variant][key] / r['plain'][key] for r in rounds):.2f}x"  # pylint: disable=cell-var-from-loop
+      rows.append([n, variant, round(median('images_per_s'), 1),
+                   ratio('images_per_s'),
+                   round(median('steady_images_per_s'), 1),
+                   ratio('steady_images_per_s'), median('elapsed_s'),
+                   median('wall_s'), round(median('peak_rss_mb'))])
   common.report(['images', 'variant', 'images/s', 'vs plain',
                  'steady images/s', 'vs plain', 'processing s', 'wall s',
                  'peak RSS MB'], rows, results, _RESULTS.value)

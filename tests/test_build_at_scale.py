@@ -126,6 +126,9 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
     pixels = rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)
     helpers.save(images / classes[i % 3] / f'{i:03d}.png',
                  Image.fromarray(pixels))
+  for name in ('a/line\u2028sep\x85.png', 'b/new\nline.png'):  # Odd names.
+    helpers.save(images / name, Image.fromarray(
+        rng.integers(0, 256, size=(12, 12, 3), dtype=np.uint8)))
   for i in range(0, 90, 3):  # 30 exact duplicates in the same class.
     source = images / classes[i % 3] / f'{i:03d}.png'
     shutil.copy(source, source.with_name(f'copy_{i:03d}.png'))
@@ -138,7 +141,7 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
                         '--image_format=png', '--shard_size_mb=0.004')
   assert run.returncode == 0, run.stderr[-3000:]
   report = json.loads((out / 'build_report.json').read_text())
-  assert report['counts'] == {'seen': 283, 'written': 227, 'duplicate': 30,
+  assert report['counts'] == {'seen': 285, 'written': 229, 'duplicate': 30,
                               'label_conflict': 26}
   spec = tfrecords_schema.read_dataset_spec(str(out))
   assert sum(len(s.shards) for s in spec.splits.values()) > 20
@@ -161,7 +164,7 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
                                  pixels.astype(np.float64).std(0), atol=1e-4)
   everything = {p.relative_to(images).as_posix()
                 for p in images.rglob('*.png')}
-  assert len(written) == len(set(written)) == 227  # Each record once.
+  assert len(written) == len(set(written)) == 229  # Each record once.
   assert not set(written) & rejected
   assert set(written) | rejected == everything
 

@@ -94,6 +94,9 @@ class BuildConfig:
 class IndexEntry(NamedTuple):
   """One record of a chunk file, a JSON list per line of its index file.
 
+  JSON escapes every control and non-ASCII character, so a path holding a
+  line separator (U+2028, U+0085, ...) stays on its line.
+
   offset, length: its bytes in the chunk file; pixel_sum, pixel_sumsq: exact
   per-channel integer sums of the stored pixels and of their squares (the
   train statistics), num_pixels their count; warning: for the report.
@@ -395,7 +398,7 @@ class ConcatShard(beam.DoFn):
         continue
       with FileSystems.open(index_path(self._tmp_dir, chunk, split),
                             compression_type=_RAW) as f:
-        for line in f.read().decode().splitlines():
+        for line in f.read().split(b'\n')[:-1]:  # One JSON line each (IndexEntry).
           entry = IndexEntry(*json.loads(line))
           if low <= start + entry.offset < high:
             yield chunk, entry

@@ -4,6 +4,7 @@ losing or repeating a record, and it runs on Beam's portable runner (job
 service + external worker pool) with shards byte-identical to the default
 runner's."""
 
+import concurrent.futures
 import contextlib
 import io
 import json
@@ -13,6 +14,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
 from PIL import Image
@@ -217,3 +220,32 @@ def test_concat_shard_copies_only_its_kept_records(tmp_path):
   files, sums = shard(0, [(0, first[0]), (0, first[1])])
   assert files == [] and sums == []
   assert not (tmp_path / 'ds-train.tfrecord-00000-of-00003').exists()
+
+
+def test_read_ahead_keeps_order_bounds_depth_and_reports_each_failure():
+  started, release = [], threading.Event()
+
+  def read(i):
+    started.append(i)
+    if i == 0:
+      release.wait(10)  # The first read is slow: the others must not run away.
+    if i == 3:
+      raise OSError('unreadable 3')
+    return i * 10
+
+  with concurrent.futures.ThreadPoolExecutor(4) as executor:
+    reads = beam_build.read_ahead(executor, read, range(8), depth=2)
+    first = next(reads)
+    deadline = time.monotonic() + 10
+    while len(started) < 3 and time.monotonic() < deadline:
+      time.sleep(0.01)
+    time.sleep(0.2)  # Time for a read beyond the depth to start, if any did.
+    assert sorted(started) == [0, 1, 2]  # The waited-on one + 2 ahead.
+    release.set()
+    results = [first.result()]
+    for future in reads:
+      try:
+        results.append(future.result())
+      except OSError as e:
+        results.append(str(e))
+  assert results == [0, 10, 20, 'unreadable 3', 40, 50, 60, 70]

@@ -47,6 +47,7 @@ from __future__ import annotations
 import array
 import bisect
 import collections
+import concurrent.futures
 import dataclasses
 import fractions
 import hashlib
@@ -70,6 +71,10 @@ from tfrecords_schema import schema
 # Unit of parallel work: small enough that 2+ workers get even shares, large
 # enough that Beam's per-element cost is noise next to 64 image decodes.
 EXAMPLES_PER_CHUNK = 64
+# Source files read ahead of the one being decoded, by as many threads: the
+# reads (a cold disk, or gs:// round trips) overlap decoding. A worker holds
+# at most READ_AHEAD + 1 source files (each under --max_file_bytes).
+READ_AHEAD = 3
 CHUNKS_DIR = '_chunks'
 _COPY_BLOCK = 16 << 20
 # Tagged outputs.
@@ -154,6 +159,19 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
       test_fraction=config.test_fraction)
 
 
+def read_ahead(executor: concurrent.futures.Executor, read, items, *,
+               depth: int):
+  """Futures of read(item), in order, with at most `depth` submitted beyond
+  the one the caller waits on (a failed read raises from its .result())."""
+  pending = collections.deque()
+  for item in items:
+    pending.append(executor.submit(read, item))
+    if len(pending) > depth:
+      yield pending.popleft()
+  while pending:
+    yield pending.popleft()
+
+
 class WriteChunk(beam.DoFn):
   """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
   record, for the dedupe shuffle.
@@ -167,20 +185,36 @@ class WriteChunk(beam.DoFn):
   def __init__(self, config: BuildConfig, tmp_dir: str):
     self._config = config
     self._tmp_dir = tmp_dir
+    self._reader = None
+
+  def setup(self):
+    self._reader = concurrent.futures.ThreadPoolExecutor(
+        READ_AHEAD, thread_name_prefix='read-ahead')
+
+  def teardown(self):
+    if self._reader:
+      self._reader.shutdown(wait=False, cancel_futures=True)
+
+  def _read(self, relpath: str) -> bytes:
+    return source_image.read_source(
+        posixpath.join(self._config.input_dir, relpath),
+        max_bytes=self._config.image.max_file_bytes)
 
   def process(self, element):
     index, relpaths = element
     config = self._config
     start_time = time.time()
+    if self._reader is None:  # Called outside Beam (tests, profiling).
+      self.setup()
     files = [listing_lib.source_file(p, config.layout) for p in sorted(
         relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
+    reads = read_ahead(self._reader, self._read, [f.relpath for f in files],
+                       depth=READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     try:
-      for source in files:
+      for source, read in zip(files, reads):
         try:
-          data = source_image.read_source(
-              posixpath.join(config.input_dir, source.relpath),
-              max_bytes=config.image.max_file_bytes)
+          data = read.result()
           processed = source_image.process(
               data, extension=posixpath.splitext(source.relpath)[1],
               options=config.image)

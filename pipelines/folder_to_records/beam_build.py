@@ -433,9 +433,14 @@ class ConcatShard(beam.DoFn):
       with FileSystems.open(index_path(self._tmp_dir, chunk, split),
                             compression_type=_RAW) as f:
         for line in f.read().split(b'\n')[:-1]:  # One JSON line each (IndexEntry).
-          entry = IndexEntry(*json.loads(line))
-          if low <= start + entry.offset < high:
-            yield chunk, entry
+          # Lines are in offset order and start '[offset,': only the lines
+          # in this shard's range are parsed (shards may be far smaller
+          # than a chunk file).
+          offset = start + int(line[1:line.index(b',')])
+          if offset >= high:
+            break
+          if offset >= low:
+            yield chunk, IndexEntry(*json.loads(line))
 
   def process(self, element, layout):
     (split, shard), values = element

@@ -351,13 +351,19 @@ def shard_keys(layout: dict):
       yield (split, shard), None
 
 
+def shard_of(offset: int, num_shards: int, shard_size_bytes: int) -> int:
+  """The shard of a record starting `offset` bytes into its split: shard s
+  holds [s * shard_size, (s + 1) * shard_size), the last one the rest."""
+  return min(offset // shard_size_bytes, num_shards - 1)
+
+
 def shard_of_drop(drop, layout: dict, *, shard_size_bytes: int):
   """(split, chunk, offset) of a dropped copy -> ((split, shard), (chunk,
   offset)): the shard whose byte range holds its record."""
   split, chunk, offset = drop
   start = layout['chunks'][split].start_of(chunk)
-  shard = min((start + offset) // shard_size_bytes,
-              layout['num_shards'][split] - 1)
+  shard = shard_of(start + offset, layout['num_shards'][split],
+                   shard_size_bytes)
   return (split, shard), (chunk, offset)
 
 
@@ -419,16 +425,15 @@ class ConcatShard(beam.DoFn):
   def _records(self, split: str, shard: int, layout: dict):
     """(chunk, IndexEntry) of every record in the shard, in offset order."""
     size = self._config.shard_size_bytes
-    low = shard * size
-    high = (low + size if shard < layout['num_shards'][split] - 1
-            else float('inf'))
     chunks = layout['chunks'][split]
-    first = max(0, bisect.bisect_right(chunks.starts, low) - 1)
+    shard_at = lambda offset: shard_of(offset, layout['num_shards'][split],
+                                       size)
+    first = max(0, bisect.bisect_right(chunks.starts, shard * size) - 1)
     for i in range(first, len(chunks.ids)):
-      chunk, start, num_bytes = chunks.ids[i], chunks.starts[i], chunks.sizes[i]
-      if start >= high:
+      chunk, start = chunks.ids[i], chunks.starts[i]
+      if shard_at(start) > shard:
         break
-      if start + num_bytes <= low:
+      if shard_at(start + chunks.sizes[i] - 1) < shard:
         continue
       with FileSystems.open(index_path(self._tmp_dir, chunk, split),
                             compression_type=_RAW) as f:
@@ -436,10 +441,10 @@ class ConcatShard(beam.DoFn):
           # Lines are in offset order and start '[offset,': only the lines
           # in this shard's range are parsed (shards may be far smaller
           # than a chunk file).
-          offset = start + int(line[1:line.index(b',')])
-          if offset >= high:
+          at = shard_at(start + int(line[1:line.index(b',')]))
+          if at > shard:
             break
-          if offset >= low:
+          if at == shard:
             yield chunk, IndexEntry(*json.loads(line))
 
   def process(self, element, layout):

@@ -249,3 +249,44 @@ def test_read_ahead_keeps_order_bounds_depth_and_reports_each_failure():
       except OSError as e:
         results.append(str(e))
   assert results == [0, 10, 20, 'unreadable 3', 40, 50, 60, 70]
+
+
+def test_local_prefetch_runs_ahead_in_order_and_reports_each_failure():
+  events = []
+
+  def read(i):
+    events.append(('read', i))
+    if i == 3:
+      raise OSError('unreadable 3')
+    return i * 10
+
+  results = []
+  for later in beam_build.prefetched(read, lambda i: events.append(
+      ('prefetch', i)), range(6), depth=2):
+    try:
+      results.append(later.result())
+    except OSError as e:
+      results.append(str(e))
+  assert results == [0, 10, 20, 'unreadable 3', 40, 50]
+  # Each file is prefetched exactly once, two files before it is read.
+  assert [i for kind, i in events if kind == 'prefetch'] == list(range(6))
+  for i in range(6):
+    assert events.index(('prefetch', min(i + 2, 5))) < events.index(('read', i))
+
+
+def test_prefetch_local_leaves_special_and_missing_files_alone(tmp_path):
+  image = tmp_path / 'a.jpg'
+  image.write_bytes(b'\xff\xd8\xff' + bytes(1000))
+  fifo = tmp_path / 'pipe.jpg'
+  os.mkfifo(fifo)
+  done = threading.Event()
+
+  def run():
+    beam_build.prefetch_local(str(image))
+    beam_build.prefetch_local(str(fifo))  # Must not block on a writer.
+    beam_build.prefetch_local(str(tmp_path / 'missing.jpg'))
+    beam_build.prefetch_local('/dev/zero')
+    done.set()
+
+  threading.Thread(target=run, daemon=True).start()
+  assert done.wait(10), 'prefetch_local blocked'

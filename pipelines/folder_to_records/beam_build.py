@@ -53,7 +53,9 @@ import fractions
 import hashlib
 import json
 import math
+import os
 import posixpath
+import stat
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -71,9 +73,11 @@ from tfrecords_schema import schema
 # Unit of parallel work: small enough that 2+ workers get even shares, large
 # enough that Beam's per-element cost is noise next to 64 image decodes.
 EXAMPLES_PER_CHUNK = 64
-# Source files read ahead of the one being decoded, by as many threads: the
-# reads (a cold disk, or gs:// round trips) overlap decoding. A worker holds
-# at most READ_AHEAD + 1 source files (each under --max_file_bytes).
+# Source files read ahead of the one being decoded, so that a cold disk or
+# a bucket's round trips overlap decoding. Local files: the kernel is asked
+# to fetch them (posix_fadvise WILLNEED; no thread, no bytes held by us).
+# Remote ones (gs://, s3://): as many reader threads. A worker holds at most
+# READ_AHEAD + 1 source files (each under --max_file_bytes).
 READ_AHEAD = 3
 CHUNKS_DIR = '_chunks'
 _COPY_BLOCK = 16 << 20
@@ -172,6 +176,44 @@ def read_ahead(executor: concurrent.futures.Executor, read, items, *,
     yield pending.popleft()
 
 
+class _ReadWhenAsked:
+  """read(item) run by .result(), in the caller's thread (a Future's face)."""
+
+  def __init__(self, read, item):
+    self._read, self._item = read, item
+
+  def result(self):
+    return self._read(self._item)
+
+
+def prefetched(read, prefetch, items, *, depth: int):
+  """Like read_ahead, without threads: prefetch(item) is called `depth`
+  items before read(item) runs (in the caller's thread, from .result())."""
+  items = list(items)
+  for item in items[:depth]:
+    prefetch(item)
+  for i, item in enumerate(items):
+    if i + depth < len(items):
+      prefetch(items[i + depth])
+    yield _ReadWhenAsked(read, item)
+
+
+def prefetch_local(path: str) -> None:
+  """Asks the kernel to start reading a local regular file into its page
+  cache, and returns at once. Anything else is left alone: read_source
+  reports it (devices are never opened; O_NONBLOCK: a FIFO does not hang)."""
+  try:
+    if not stat.S_ISREG(os.stat(path).st_mode):
+      return
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    finally:
+      os.close(fd)
+  except (OSError, AttributeError):  # AttributeError: no posix_fadvise (macOS).
+    pass
+
+
 class WriteChunk(beam.DoFn):
   """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
   record, for the dedupe shuffle.
@@ -188,8 +230,9 @@ class WriteChunk(beam.DoFn):
     self._reader = None
 
   def setup(self):
-    self._reader = concurrent.futures.ThreadPoolExecutor(
-        READ_AHEAD, thread_name_prefix='read-ahead')
+    if '://' in self._config.input_dir:  # Local files need no thread.
+      self._reader = concurrent.futures.ThreadPoolExecutor(
+          READ_AHEAD, thread_name_prefix='read-ahead')
 
   def teardown(self):
     if self._reader:
@@ -204,12 +247,16 @@ class WriteChunk(beam.DoFn):
     index, relpaths = element
     config = self._config
     start_time = time.time()
-    if self._reader is None:  # Called outside Beam (tests, profiling).
-      self.setup()
+    if self._reader is None and '://' in config.input_dir:
+      self.setup()  # Called outside Beam (tests, profiling).
     files = [listing_lib.source_file(p, config.layout) for p in sorted(
         relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
-    reads = read_ahead(self._reader, self._read, [f.relpath for f in files],
-                       depth=READ_AHEAD)
+    relpaths = [f.relpath for f in files]
+    if self._reader is None:
+      reads = prefetched(self._read, lambda p: prefetch_local(
+          posixpath.join(config.input_dir, p)), relpaths, depth=READ_AHEAD)
+    else:
+      reads = read_ahead(self._reader, self._read, relpaths, depth=READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     try:
       for source, read in zip(files, reads):

@@ -646,8 +646,10 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   seed = config.seed
   size = config.shard_size_bytes
   listed = (
-      _spread(pipeline | 'Folders' >> beam.Create(plan.folders), 'Folders',
-              lambda t: t.relpath)
+      # No Create reshuffle: _spread deals the folders out (one stage less).
+      _spread(pipeline | 'Folders' >> beam.Create(plan.folders,
+                                                  reshuffle=False),
+              'Folders', lambda t: t.relpath)
       | 'ListFolders' >> beam.ParDo(ListFolder(config.input_dir, exclude)
                                     ).with_outputs(IGNORED, main='files'))
   num_files = _count(listed.files, 'CountFiles')
@@ -685,7 +687,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
              for i in plan.ignored]
   rejected = (
-      (pipeline | 'TopIgnored' >> beam.Create(ignored), listed[IGNORED],
+      (pipeline | 'TopIgnored' >> beam.Create(ignored, reshuffle=False),
+       listed[IGNORED],
        written[REJECTED], deduped[REJECTED])
       | 'AllRejected' >> beam.Flatten())
   num_ignored = _count(listed[IGNORED], 'CountIgnored')
@@ -732,6 +735,13 @@ def pipeline_args(beam_args: Sequence[str]) -> list[str]:
   if not any(a.split('=')[0] == '--default_sdk_harness_log_level'
              for a in beam_args):
     beam_args.append('--default_sdk_harness_log_level=WARNING')
+  if not any(a.split('=')[0] in ('--pipeline_type_check',
+                                  '--no_pipeline_type_check')
+             for a in beam_args):
+    # Construction-time type inference over every transform is half the
+    # launcher's graph-building time (0.45 -> 0.21 s); this pipeline is
+    # fixed and tested, so the check finds nothing a user could fix.
+    beam_args.append('--no_pipeline_type_check')
   if not any(a.split('=')[0] == '--runner' for a in beam_args):
     # Beam's DirectRunner first tries Prism, which downloads a binary at run
     # time (hangs or fails offline); the FnApiRunner is what it falls back to.

@@ -274,19 +274,30 @@ def test_local_prefetch_runs_ahead_in_order_and_reports_each_failure():
     assert events.index(('prefetch', min(i + 2, 5))) < events.index(('read', i))
 
 
-def test_prefetch_local_leaves_special_and_missing_files_alone(tmp_path):
+def test_prefetch_local_leaves_special_huge_and_missing_files_alone(
+    tmp_path, monkeypatch):
+  advised = []
+  real_fadvise = os.posix_fadvise
+
+  def fadvise(fd, offset, length, advice):
+    advised.append((os.readlink(f'/proc/self/fd/{fd}'), offset, length))
+    return real_fadvise(fd, offset, length, advice)
+
+  monkeypatch.setattr(os, 'posix_fadvise', fadvise)
   image = tmp_path / 'a.jpg'
   image.write_bytes(b'\xff\xd8\xff' + bytes(1000))
+  huge = tmp_path / 'huge.jpg'
+  with open(huge, 'wb') as f:
+    f.truncate(1 << 40)  # A sparse 1 TiB file: read_source refuses its size.
   fifo = tmp_path / 'pipe.jpg'
   os.mkfifo(fifo)
   done = threading.Event()
 
   def run():
-    beam_build.prefetch_local(str(image))
-    beam_build.prefetch_local(str(fifo))  # Must not block on a writer.
-    beam_build.prefetch_local(str(tmp_path / 'missing.jpg'))
-    beam_build.prefetch_local('/dev/zero')
+    for path in (image, huge, fifo, tmp_path / 'missing.jpg', '/dev/zero'):
+      beam_build.prefetch_local(str(path), max_bytes=1 << 20)  # No blocking.
     done.set()
 
   threading.Thread(target=run, daemon=True).start()
   assert done.wait(10), 'prefetch_local blocked'
+  assert advised == [(str(image), 0, 1003)]  # Only the regular small file.

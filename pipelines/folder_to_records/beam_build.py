@@ -198,16 +198,18 @@ def prefetched(read, prefetch, items, *, depth: int):
     yield _ReadWhenAsked(read, item)
 
 
-def prefetch_local(path: str) -> None:
+def prefetch_local(path: str, *, max_bytes: int) -> None:
   """Asks the kernel to start reading a local regular file into its page
-  cache, and returns at once. Anything else is left alone: read_source
-  reports it (devices are never opened; O_NONBLOCK: a FIFO does not hang)."""
+  cache, and returns at once. Anything else is left alone for read_source to
+  report: a file over max_bytes (refused from its size, so a huge or sparse
+  file costs no I/O), devices (never opened), FIFOs (O_NONBLOCK: no hang)."""
   try:
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
       return
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+      os.posix_fadvise(fd, 0, info.st_size, os.POSIX_FADV_WILLNEED)
     finally:
       os.close(fd)
   except (OSError, AttributeError):  # AttributeError: no posix_fadvise (macOS).
@@ -254,7 +256,8 @@ class WriteChunk(beam.DoFn):
     relpaths = [f.relpath for f in files]
     if self._reader is None:
       reads = prefetched(self._read, lambda p: prefetch_local(
-          posixpath.join(config.input_dir, p)), relpaths, depth=READ_AHEAD)
+          posixpath.join(config.input_dir, p),
+          max_bytes=config.image.max_file_bytes), relpaths, depth=READ_AHEAD)
     else:
       reads = read_ahead(self._reader, self._read, relpaths, depth=READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0

@@ -249,12 +249,12 @@ class WriteChunk(beam.DoFn):
     index, relpaths = element
     config = self._config
     start_time = time.time()
-    if self._reader is None and '://' in config.input_dir:
-      self.setup()  # Called outside Beam (tests, profiling).
+    if self._reader is None:  # Called outside Beam (tests, profiling).
+      self.setup()  # Makes reader threads for remote files only.
     files = [listing_lib.source_file(p, config.layout) for p in sorted(
         relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
     relpaths = [f.relpath for f in files]
-    if self._reader is None:
+    if self._reader is None:  # Local files.
       reads = prefetched(self._read, lambda p: prefetch_local(
           posixpath.join(config.input_dir, p),
           max_bytes=config.image.max_file_bytes), relpaths, depth=READ_AHEAD)
@@ -735,17 +735,15 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
 def pipeline_args(beam_args: Sequence[str]) -> list[str]:
   """The user's Beam flags plus our defaults (quiet workers, FnApiRunner)."""
   beam_args = list(beam_args)
-  if not any(a.split('=')[0] == '--default_sdk_harness_log_level'
-             for a in beam_args):
+  given = lambda *names: any(a.split('=')[0] in names for a in beam_args)
+  if not given('--default_sdk_harness_log_level'):
     beam_args.append('--default_sdk_harness_log_level=WARNING')
-  if not any(a.split('=')[0] in ('--pipeline_type_check',
-                                  '--no_pipeline_type_check')
-             for a in beam_args):
+  if not given('--pipeline_type_check', '--no_pipeline_type_check'):
     # Construction-time type inference over every transform is half the
     # launcher's graph-building time (0.45 -> 0.21 s); this pipeline is
     # fixed and tested, so the check finds nothing a user could fix.
     beam_args.append('--no_pipeline_type_check')
-  if not any(a.split('=')[0] == '--runner' for a in beam_args):
+  if not given('--runner'):
     # Beam's DirectRunner first tries Prism, which downloads a binary at run
     # time (hangs or fails offline); the FnApiRunner is what it falls back to.
     beam_args.insert(0, '--runner=FnApiRunner')

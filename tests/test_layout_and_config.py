@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -45,6 +46,66 @@ def test_trainer_help_lists_every_setting_without_tensorflow():
     shown = result.stdout + result.stderr
     assert (f'--{field.name}:' in shown or f'--[no]{field.name}:' in shown
            ), field.name
+
+
+_RUN_CLI = """
+import json, runpy, sys
+sys.argv = {argv!r}
+try:
+  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)
+except SystemExit as e:
+  print(json.dumps([str(e.code), sorted(m for m in ('tensorflow', 'keras')
+                                        if m in sys.modules)]))
+"""
+
+
+def _refusal(module: str, *args: str) -> tuple[str, list[str]]:
+  """(the error a command exits with, which of TF/Keras it had loaded)."""
+  result = subprocess.run(
+      [sys.executable, '-c', _RUN_CLI.format(argv=[module, *args],
+                                             module=module)],
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120,
+      check=True)
+  error, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+  return error, loaded
+
+
+def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):
+  # TensorFlow takes seconds to start; a typo should not wait for it.
+  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/nope',
+                           f'--output_dir={tmp_path}/out')
+  assert f'--input_dir={tmp_path}/nope does not exist' in error
+  assert loaded == []
+  (tmp_path / 'file').write_text('x')
+  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/in',
+                           f'--output_dir={tmp_path}/file')
+  assert 'is a file' in error and loaded == []
+  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/nope',
+                           f'--model_dir={tmp_path}/run')
+  assert f'--data_dir={tmp_path}/nope does not exist' in error
+  assert loaded == []
+  assert not (tmp_path / 'run').exists()
+
+
+@pytest.mark.parametrize('kind', ['fifo', 'device', 'huge', 'not_utf8'])
+def test_a_metadata_file_that_is_not_small_text_is_one_line(tmp_path, kind):
+  from tfrecords_schema import metadata  # pylint: disable=g-import-not-at-top
+  data = tmp_path / 'data'
+  data.mkdir()
+  path = data / metadata.METADATA_FILE
+  if kind == 'fifo':
+    os.mkfifo(path)  # Opened for reading, it would block forever.
+  elif kind == 'device':
+    os.symlink('/dev/zero', path)  # Read, it would never end.
+  elif kind == 'huge':
+    with open(path, 'wb') as f:
+      f.truncate(metadata.MAX_METADATA_BYTES + 1)  # Sparse: no disk used.
+  else:
+    path.write_bytes(b'\xff\xfe{}')
+  error, loaded = _refusal('trainer.main', f'--data_dir={data}',
+                           f'--model_dir={tmp_path}/run')
+  assert error.startswith(f'error: {path} is ') and 'rebuild' in error, error
+  assert '\n' not in error and loaded == []
 
 
 def _flag_defaults(module: str) -> dict:

@@ -17,6 +17,7 @@ import json
 import posixpath
 from typing import Mapping, Optional
 
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from tfrecords_schema import schema
 
@@ -24,6 +25,8 @@ METADATA_FILE = 'metadata.json'
 REPORT_FILE = 'build_report.json'
 REJECTED_FILE = 'rejected.jsonl'
 TOOLKIT_MARKER = 'image-folder-tfrecords'
+# metadata.json holds one entry per shard and per class: far below this.
+MAX_METADATA_BYTES = 64 << 20
 SPLITS = ('train', 'validation', 'test')
 
 
@@ -157,14 +160,14 @@ def _sibling_output_dir(data_dir: str) -> str:
 
 
 def read_dataset_spec(data_dir: str) -> DatasetSpec:
-  """Reads and validates `metadata.json` of a dataset built by this toolkit."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if not tf.io.gfile.isdir(data_dir):
+  """Reads and validates `metadata.json` of a dataset built by this toolkit
+  (local ones without loading TensorFlow: a mistyped --data_dir fails fast)."""
+  if not paths.isdir(data_dir):
     raise DatasetError(
         f'--data_dir={data_dir} does not exist; pass the --output_dir of a '
         '`python -m pipelines.build` run')
   path = posixpath.join(data_dir, METADATA_FILE)
-  if not tf.io.gfile.exists(path):
+  if not paths.exists(path):
     built = _built_sub_datasets(data_dir)
     if built:
       raise DatasetError(
@@ -183,12 +186,16 @@ def read_dataset_spec(data_dir: str) -> DatasetSpec:
         f'{data_dir} is not a dataset built by this toolkit (no '
         f'{METADATA_FILE}); build one with `python -m pipelines.build '
         f'--input_dir=IMAGES --output_dir={data_dir}`')
-  with tf.io.gfile.GFile(path, 'r') as f:
-    try:
-      raw = json.load(f)
-    except json.JSONDecodeError as e:
-      raise DatasetError(f'{path} is not valid JSON ({e}); rebuild the '
-                         'dataset with `python -m pipelines.build`') from None
+  try:
+    text = paths.read_text(path, max_bytes=MAX_METADATA_BYTES)
+  except ValueError as e:
+    raise DatasetError(f'{path} {e}; rebuild the dataset with '
+                       '`python -m pipelines.build`') from None
+  try:
+    raw = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise DatasetError(f'{path} is not valid JSON ({e}); rebuild the '
+                       'dataset with `python -m pipelines.build`') from None
   if raw.get('toolkit') != TOOLKIT_MARKER:
     raise DatasetError(
         f'{path} was not written by this toolkit (toolkit='

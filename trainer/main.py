@@ -25,6 +25,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tfrecords_schema import metadata as metadata_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Every TrainConfig field is a flag of the same name and default (a test
 # checks it); TensorFlow is imported only when training starts, so --help
@@ -122,8 +123,12 @@ def main(argv):
              '--data_dir=data/photos --model_dir=runs/photos')
   try:
     config = config_from_flags()
+    # Before TensorFlow loads (seconds): a mistyped --data_dir fails at once.
+    metadata_lib.read_dataset_spec(config.data_dir)
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')
+  except OSError as e:
+    sys.exit(f'error: {_os_error(e)}')
   from trainer import train_lib  # pylint: disable=g-import-not-at-top
   try:
     train_lib.train_and_evaluate(config)

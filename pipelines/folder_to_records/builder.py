@@ -18,6 +18,7 @@ import uuid
 from typing import Iterator, Optional, Sequence
 
 from pipelines import plots
+from pipelines.common import paths
 from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import beam_build
@@ -109,13 +110,11 @@ def check_output_dir(output_dir: str, *, overwrite: bool) -> bool:
   Returns:
     True when output_dir holds an earlier build that --overwrite replaces.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  gfile = tf.io.gfile
-  if not gfile.exists(output_dir):
+  if not paths.exists(output_dir):
     return False
-  if not gfile.isdir(output_dir):
+  if not paths.isdir(output_dir):
     raise UserError(f'--output_dir={output_dir} is a file; pass a folder path')
-  if not gfile.listdir(output_dir):
+  if not paths.listdir(output_dir):
     return False
   if not is_toolkit_output(output_dir):
     raise UserError(
@@ -289,8 +288,7 @@ def build(settings: Optional[BuildSettings] = None, *,
     The build report (also in `output_dir/build_report.json`), with
     `elapsed_s` and `images_per_s` of the Beam run added.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  if settings is None:
+  if settings is None:  # TensorFlow loads after the cheap checks (typos fail fast).
     settings = BuildSettings(**kwargs)
   elif kwargs:
     settings = dataclasses.replace(settings, **kwargs)

@@ -41,6 +41,7 @@ import unicodedata
 from typing import Iterator, Optional, Sequence, Union
 
 from pipelines.preprocessing import source_image
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 
 SPLIT_FOLDERS = {'train': 'train', 'validation': 'validation',
@@ -83,11 +84,6 @@ def is_hidden(name: str) -> bool:
   return name.startswith('.') or name == '__MACOSX'
 
 
-def _gfile():
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
-
-
 def escaped(name: str) -> str:
   """A name as text: bytes that are not UTF-8 become \\xNN escapes."""
   return os.fsencode(name).decode('utf-8', 'backslashreplace')
@@ -100,17 +96,6 @@ def is_text(name: str) -> bool:
   except UnicodeEncodeError:
     return False
   return True
-
-
-def _listdir(path: str) -> list[str]:
-  """Entry names of a folder (local: byte-safe, never a UnicodeDecodeError)."""
-  if '://' in path:
-    return [e.rstrip('/') for e in _gfile().listdir(path)]
-  return os.listdir(path)
-
-
-def _isdir(path: str) -> bool:
-  return _gfile().isdir(path) if '://' in path else os.path.isdir(path)
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -287,10 +272,10 @@ def _top_entries(folder: str, rel: str, *, input_real: str,
   """(visible folders, hidden folders, files, ignored links) of one folder,
   relative to --input_dir."""
   visible, hidden, files, ignored = [], [], [], []
-  for name in sorted(_listdir(folder)):
+  for name in sorted(paths.listdir(folder)):
     relpath = posixpath.join(rel, name) if rel else name
     path = posixpath.join(folder, name)
-    if not _isdir(path):
+    if not paths.isdir(path):
       files.append(relpath)
       continue
     if '://' not in folder and os.path.islink(path):
@@ -311,14 +296,13 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
   dataset. Linked folders inside `exclude` (the build's own output) are not
   read.
   """
-  gfile = _gfile()
-  if not gfile.exists(input_dir):
+  if not paths.exists(input_dir):
     raise UserError(f'--input_dir={input_dir} does not exist; pass a folder '
                     'with one sub-folder of images per class')
-  if not gfile.isdir(input_dir):
+  if not paths.isdir(input_dir):
     raise UserError(f'--input_dir={input_dir} is a file, not a folder; pass '
                     'a folder with one sub-folder of images per class')
-  if not _listdir(input_dir):
+  if not paths.listdir(input_dir):
     raise UserError(f'--input_dir={input_dir} is empty; put one sub-folder '
                     'of images per class in it')
   input_real = (input_dir if '://' in input_dir else

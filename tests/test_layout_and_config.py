@@ -80,6 +80,16 @@ def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):
   error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/in',
                            f'--output_dir={tmp_path}/file')
   assert 'is a file' in error and loaded == []
+  (tmp_path / 'theirs').mkdir()
+  (tmp_path / 'theirs' / 'notes.txt').write_text('keep me')
+  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/in',
+                           f'--output_dir={tmp_path}/theirs')
+  assert 'never replaces' in error and loaded == []
+  (tmp_path / 'photos' / 'cats').mkdir(parents=True)
+  (tmp_path / 'photos' / 'cats' / 'a.jpg').write_bytes(b'')
+  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/photos',
+                           f'--model_dir={tmp_path}/run')
+  assert 'is a folder of images' in error and loaded == []
   error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/nope',
                            f'--model_dir={tmp_path}/run')
   assert f'--data_dir={tmp_path}/nope does not exist' in error

@@ -109,7 +109,6 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
   Looks at no more than `limit` entries per folder, two levels down: only
   to word an error message.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
     extensions = set(source_image.EXTENSION_FORMATS)
@@ -118,9 +117,9 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
 
   def entries(folder):
     try:
-      return [e.rstrip('/') for e in sorted(tf.io.gfile.listdir(folder))
+      return [e for e in sorted(paths.listdir(folder))
               if not e.startswith('.')][:limit]
-    except (OSError, tf.errors.OpError):
+    except OSError:
       return []
 
   def has_images(folder, depth):
@@ -131,22 +130,21 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
       folders.append(posixpath.join(folder, name))
     return depth > 0 and any(
         has_images(f, depth - 1) for f in folders[:20]
-        if tf.io.gfile.isdir(f))
+        if paths.isdir(f))
 
   return any(has_images(posixpath.join(data_dir, name), 1)
              for name in entries(data_dir)[:20]
-             if tf.io.gfile.isdir(posixpath.join(data_dir, name)))
+             if paths.isdir(posixpath.join(data_dir, name)))
 
 
 def _built_sub_datasets(data_dir: str, limit: int = 200) -> list[str]:
   """Sub-folders of data_dir that hold a built dataset (a metadata.json)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
-    names = sorted(tf.io.gfile.listdir(data_dir))[:limit]
-    return [posixpath.join(data_dir.rstrip('/'), n.rstrip('/')) for n in names
-            if not n.startswith('.') and tf.io.gfile.exists(
-                posixpath.join(data_dir, n.rstrip('/'), METADATA_FILE))]
-  except (OSError, tf.errors.OpError):
+    names = sorted(paths.listdir(data_dir))[:limit]
+    return [posixpath.join(data_dir.rstrip('/'), n) for n in names
+            if not n.startswith('.') and paths.exists(
+                posixpath.join(data_dir, n, METADATA_FILE))]
+  except OSError:
     return []
 
 

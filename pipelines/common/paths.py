@@ -12,33 +12,45 @@ def is_remote(path: str) -> bool:
   return '://' in path
 
 
-def _gfile():
+def _remote(path: str, call):
+  """call(tf.io.gfile); TensorFlow's errors (not found, denied) as OSError,
+  as the local calls raise them."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  return tf.io.gfile
+  try:
+    return call(tf.io.gfile)
+  except tf.errors.OpError as e:
+    raise OSError(f'{path}: {e.message}') from None
 
 
 def exists(path: str) -> bool:
-  return _gfile().exists(path) if is_remote(path) else os.path.exists(path)
+  if is_remote(path):
+    return _remote(path, lambda gfile: gfile.exists(path))
+  return os.path.exists(path)
 
 
 def isdir(path: str) -> bool:
-  return _gfile().isdir(path) if is_remote(path) else os.path.isdir(path)
+  if is_remote(path):
+    return _remote(path, lambda gfile: gfile.isdir(path))
+  return os.path.isdir(path)
 
 
 def listdir(path: str) -> list[str]:
   """Entry names of a folder (local: byte-safe, never a UnicodeDecodeError)."""
   if is_remote(path):
-    return [e.rstrip('/') for e in _gfile().listdir(path)]
+    return [e.rstrip('/') for e in _remote(path, lambda g: g.listdir(path))]
   return os.listdir(path)
 
 
 def read_text(path: str, *, max_bytes: int) -> str:
   """A small UTF-8 text file. ValueError (saying why, after "is") for a
   local path that is not a regular file (a FIFO never blocks, a device is
-  never read), is over max_bytes, or is not UTF-8."""
+  never read), is over max_bytes, or is not UTF-8; OSError when it cannot
+  be opened (remote errors too)."""
   if is_remote(path):
-    with _gfile().GFile(path, 'r') as f:
-      return f.read()
+    def read(gfile):
+      with gfile.GFile(path, 'r') as f:
+        return f.read()
+    return _remote(path, read)
   with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), 'rb') as f:
     info = os.fstat(f.fileno())
     if not stat.S_ISREG(info.st_mode):

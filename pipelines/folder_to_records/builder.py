@@ -83,6 +83,11 @@ def _real(path: str) -> str:
   return path if '://' in path else os.path.realpath(path)
 
 
+# Only a build that wrote nothing leaves a report without metadata.json, and
+# it lists no duplicates or warnings: small. The cap bounds a fake one.
+_MAX_REPORT_BYTES = 1 << 28
+
+
 def _is_dataset(path: str) -> bool:
   try:
     metadata_lib.read_dataset_spec(path)
@@ -93,14 +98,14 @@ def _is_dataset(path: str) -> bool:
 
 def is_toolkit_output(path: str) -> bool:
   """True for a dataset built here, or the report of a build that wrote nothing."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   if _is_dataset(path):
     return True
   report = posixpath.join(path, metadata_lib.REPORT_FILE)
   try:
-    with tf.io.gfile.GFile(report) as f:
-      return json.load(f).get('toolkit') == metadata_lib.TOOLKIT_MARKER
-  except (tf.errors.OpError, ValueError, AttributeError):
+    return json.loads(paths.read_text(
+        report, max_bytes=_MAX_REPORT_BYTES)).get(
+            'toolkit') == metadata_lib.TOOLKIT_MARKER
+  except (OSError, ValueError, AttributeError):  # Absent, odd or not ours.
     return False
 
 

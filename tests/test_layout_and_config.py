@@ -90,6 +90,10 @@ def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):
   error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/photos',
                            f'--model_dir={tmp_path}/run')
   assert 'is a folder of images' in error and loaded == []
+  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/photos',
+                           f'--model_dir={tmp_path}/run', '--model=resnet')
+  assert '--model=resnet is not a model; choose one of' in error
+  assert loaded == []
   error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/nope',
                            f'--model_dir={tmp_path}/run')
   assert f'--data_dir={tmp_path}/nope does not exist' in error

@@ -27,6 +27,7 @@ import json
 import os
 from typing import Any, Optional
 
+from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.records_to_batches import augment_config
 
@@ -35,6 +36,21 @@ BASE_MODELS = ('inception_v3', 'mobilenet_v2')
 OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
 DISTRIBUTIONS = ('default', 'mirrored', 'multi_worker')
 MONITORS = ('val_loss', 'val_accuracy', 'loss', 'accuracy')
+
+
+class ModelError(UserError):
+  """A model that cannot be built for this dataset; the message says why."""
+
+
+def check_model_names(model: str, base_model: str) -> None:
+  """ModelError for a --model or --base_model that is not one (no Keras
+  needed: the trainer checks before TensorFlow loads)."""
+  if model not in MODELS:
+    raise ModelError(f'--model={model} is not a model; choose one of '
+                     f'{", ".join(MODELS)}')
+  if base_model not in BASE_MODELS:
+    raise ModelError(f'--base_model={base_model} is not one of '
+                     f'{", ".join(BASE_MODELS)}')
 
 # Files and folders of a run (--model_dir).
 BEST_MODEL_FILE = 'best.keras'

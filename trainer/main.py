@@ -123,7 +123,8 @@ def main(argv):
              '--data_dir=data/photos --model_dir=runs/photos')
   try:
     config = config_from_flags()
-    # Before TensorFlow loads (seconds): a mistyped --data_dir fails at once.
+    # Before TensorFlow loads (seconds): typos in these fail at once.
+    config_lib.check_model_names(config.model, config.base_model)
     metadata_lib.read_dataset_spec(config.data_dir)
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')

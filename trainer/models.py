@@ -19,7 +19,6 @@ from typing import Optional
 import keras
 from keras import layers
 
-from pipelines.common.errors import UserError
 from trainer import config as config_lib
 
 MODELS = config_lib.MODELS
@@ -32,8 +31,7 @@ DEFAULT_DROPOUT = {'small_cnn': 0.0, 'horses_humans': 0.0, 'cats_dogs': 0.5,
                    'transfer': 0.2}
 
 
-class ModelError(UserError):
-  """A model that cannot be built for this dataset; the message says why."""
+ModelError = config_lib.ModelError
 
 
 def head(x, num_classes: int, dropout: float):
@@ -161,12 +159,7 @@ def build_model(name: str, *, input_shape: tuple[int, int, int],
                 base_weights: Optional[str] = None,
                 base_cutoff_layer: Optional[str] = None) -> keras.Model:
   """Builds `name` for (H, W, C) inputs; ModelError when it cannot."""
-  if name not in MODELS:
-    raise ModelError(f'--model={name} is not a model; choose one of '
-                     f'{", ".join(MODELS)}')
-  if base_model not in BASE_MODELS:
-    raise ModelError(f'--base_model={base_model} is not one of '
-                     f'{", ".join(BASE_MODELS)}')
+  config_lib.check_model_names(name, base_model)
   dropout = DEFAULT_DROPOUT[name] if dropout is None else dropout
   if not 0 <= dropout < 1:
     raise ModelError(f'--dropout={dropout} must be in [0, 1)')

@@ -151,7 +151,7 @@ def _built_sub_datasets(data_dir: str, limit: int = 200) -> list[str]:
 def _sibling_output_dir(data_dir: str) -> str:
   """A new folder next to data_dir (so outside it) to build into."""
   base = data_dir.rstrip('/') or '/'
-  if '://' not in base and posixpath.basename(base) in ('', '.', '..'):
+  if not paths.is_remote(base) and posixpath.basename(base) in ('', '.', '..'):
     import os  # pylint: disable=g-import-not-at-top
     base = os.path.abspath(base)
   return f'{base}_dataset'

@@ -8,8 +8,45 @@ import os
 import stat
 
 
+# What a local path can be instead of a regular file, as error text says it.
+_FILE_KINDS = ((stat.S_ISFIFO, 'a FIFO (named pipe)'),
+               (stat.S_ISCHR, 'a character device'),
+               (stat.S_ISBLK, 'a block device'),
+               (stat.S_ISSOCK, 'a socket'),
+               (stat.S_ISDIR, 'a folder'))
+
+
+class NotAFile(ValueError):
+  """A local path that is not a regular file; str(e) says what it is."""
+
+
 def is_remote(path: str) -> bool:
   return '://' in path
+
+
+def _check_regular(info: os.stat_result) -> None:
+  for is_kind, kind in _FILE_KINDS:
+    if is_kind(info.st_mode):
+      raise NotAFile(kind)
+
+
+def open_regular(path: str):
+  """(unbuffered binary file, its fstat) of a local regular file, opened so
+  that nothing can block or be read by accident: devices are refused from
+  stat before any open; a FIFO swapped in after that is opened O_NONBLOCK
+  (no wait for a writer) and refused from fstat. NotAFile, or OSError when
+  the path cannot be opened. The file is blocking again once returned."""
+  _check_regular(os.stat(path))
+  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+  f = os.fdopen(fd, 'rb', buffering=0)
+  try:
+    info = os.fstat(fd)
+    _check_regular(info)
+    os.set_blocking(fd, True)
+  except BaseException:
+    f.close()
+    raise
+  return f, info
 
 
 def _remote(path: str, call):
@@ -51,10 +88,11 @@ def read_text(path: str, *, max_bytes: int) -> str:
       with gfile.GFile(path, 'r') as f:
         return f.read()
     return _remote(path, read)
-  with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), 'rb') as f:
-    info = os.fstat(f.fileno())
-    if not stat.S_ISREG(info.st_mode):
-      raise ValueError('is not a regular file')
+  try:
+    f, _ = open_regular(path)
+  except NotAFile as e:
+    raise ValueError(f'is not a regular file but {e}') from None
+  with f:
     data = f.read(max_bytes + 1)
   if len(data) > max_bytes:
     raise ValueError(f'is over {max_bytes} bytes')

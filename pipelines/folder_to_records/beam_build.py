@@ -55,7 +55,6 @@ import json
 import math
 import os
 import posixpath
-import stat
 import sys
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -64,6 +63,7 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.common import paths
 from pipelines.preprocessing import source_image
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import splits as splits_lib
@@ -204,16 +204,15 @@ def prefetch_local(path: str, *, max_bytes: int) -> None:
   report: a file over max_bytes (refused from its size, so a huge or sparse
   file costs no I/O), devices (never opened), FIFOs (O_NONBLOCK: no hang)."""
   try:
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode) or info.st_size > max_bytes:
-      return
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    try:
-      os.posix_fadvise(fd, 0, info.st_size, os.POSIX_FADV_WILLNEED)
-    finally:
-      os.close(fd)
-  except (OSError, AttributeError):  # AttributeError: no posix_fadvise (macOS).
-    pass
+    f, info = paths.open_regular(path)
+  except (OSError, paths.NotAFile):  # Missing, or no regular file.
+    return
+  with f:
+    if info.st_size <= max_bytes and hasattr(os, 'posix_fadvise'):  # macOS: no.
+      try:
+        os.posix_fadvise(f.fileno(), 0, info.st_size, os.POSIX_FADV_WILLNEED)
+      except OSError:  # Only a hint: read_source reads the file either way.
+        pass
 
 
 class WriteChunk(beam.DoFn):
@@ -232,7 +231,7 @@ class WriteChunk(beam.DoFn):
     self._reader = None
 
   def setup(self):
-    if '://' in self._config.input_dir:  # Local files need no thread.
+    if paths.is_remote(self._config.input_dir):  # Local: no thread.
       self._reader = concurrent.futures.ThreadPoolExecutor(
           READ_AHEAD, thread_name_prefix='read-ahead')
 

@@ -80,7 +80,7 @@ def _real(path: str) -> str:
   through a link into --input_dir is caught, and an --output_dir that is a
   link keeps pointing at the new dataset.
   """
-  return path if '://' in path else os.path.realpath(path)
+  return path if paths.is_remote(path) else os.path.realpath(path)
 
 
 # Only a build that wrote nothing leaves a report without metadata.json, and
@@ -141,7 +141,7 @@ def output_lock(output_dir: str) -> Iterator[None]:
   instead of racing the first and replacing its result. The lock is a
   hidden file beside output_dir, removed at the end.
   """
-  if '://' in output_dir:
+  if paths.is_remote(output_dir):
     yield  # Object stores have no locks; see README.
     return
   import fcntl  # pylint: disable=g-import-not-at-top
@@ -238,7 +238,7 @@ def _commit(tmp_dir: str, output_dir: str, *, replace: bool,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   gfile = tf.io.gfile
   if by_copy is None:
-    by_copy = '://' in output_dir
+    by_copy = paths.is_remote(output_dir)
   if gfile.exists(output_dir) and gfile.listdir(output_dir) and not (
       replace and is_toolkit_output(output_dir)):
     raise UserError(

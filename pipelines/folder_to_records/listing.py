@@ -257,7 +257,7 @@ def list_folder(input_dir: str, task: FolderTask, *,
   walker and its link policy, remote ones through Beam's FileSystems.
   """
   root = posixpath.join(input_dir, task.relpath)
-  if '://' in input_dir:
+  if paths.is_remote(input_dir):
     walked = _walk_remote(root, task.relpath)
   else:
     walked = _walk_local(root, task.relpath,
@@ -278,7 +278,7 @@ def _top_entries(folder: str, rel: str, *, input_real: str,
     if not paths.isdir(path):
       files.append(relpath)
       continue
-    if '://' not in folder and os.path.islink(path):
+    if not paths.is_remote(folder) and os.path.islink(path):
       problem = _link_problem(path, relpath, input_real=input_real,
                               exclude=exclude, seen=set())
       if problem:
@@ -305,7 +305,7 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
   if not paths.listdir(input_dir):
     raise UserError(f'--input_dir={input_dir} is empty; put one sub-folder '
                     'of images per class in it')
-  input_real = (input_dir if '://' in input_dir else
+  input_real = (input_dir if paths.is_remote(input_dir) else
                 os.path.realpath(input_dir))
   top = dict(input_real=input_real, exclude=exclude)
   visible, hidden, files, ignored = _top_entries(input_dir, '', **top)

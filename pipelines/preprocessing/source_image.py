@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
-import stat
 import warnings
 from typing import Optional
 
@@ -25,6 +24,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageFile
 import simplejpeg
+
+from pipelines.common import paths
 
 # Fail on truncated files instead of padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -60,13 +61,6 @@ UNSUPPORTED = 'rejected_unsupported_format'
 TOO_LARGE = 'rejected_too_large'
 UNREADABLE = 'rejected_unreadable'
 NOT_A_FILE = 'rejected_not_a_regular_file'
-_FILE_KINDS = ((stat.S_ISFIFO, 'a FIFO (named pipe)'),
-               (stat.S_ISCHR, 'a character device'),
-               (stat.S_ISBLK, 'a block device'),
-               (stat.S_ISSOCK, 'a socket'),
-               (stat.S_ISDIR, 'a folder'))
-
-
 class ImageRejected(Exception):
   """A file that cannot become an example; `outcome` is a report key."""
 
@@ -153,14 +147,6 @@ def _read_bounded(f, size_hint: Optional[int], *, extension: str,
   return b''.join(chunks)
 
 
-def _check_regular(info: os.stat_result) -> None:
-  for is_kind, kind in _FILE_KINDS:
-    if is_kind(info.st_mode):
-      raise ImageRejected(
-          NOT_A_FILE, f'not a regular file but {kind}; only image files are '
-          'read')
-
-
 def read_source(path: str, *,
                 max_bytes: int = DEFAULT_MAX_FILE_BYTES) -> bytes:
   """The bytes of one source image file, read safely.
@@ -177,7 +163,7 @@ def read_source(path: str, *,
       CORRUPT or UNSUPPORTED.
   """
   extension = os.path.splitext(path)[1]
-  if '://' in path:
+  if paths.is_remote(path):
     from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     try:
@@ -189,16 +175,13 @@ def read_source(path: str, *,
     except (OSError, IOError) as e:
       raise ImageRejected(UNREADABLE, f'cannot read ({e})') from None
   try:
-    _check_regular(os.stat(path))  # Devices are refused before any open.
-    # O_NONBLOCK: a FIFO swapped in after the check is opened without
-    # waiting for a writer, and the fstat below refuses it.
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    f, info = paths.open_regular(path)
+  except paths.NotAFile as e:
+    raise ImageRejected(NOT_A_FILE, f'not a regular file but {e}; only image '
+                        'files are read') from None
   except OSError as e:
     raise ImageRejected(UNREADABLE, f'cannot read ({e.strerror})') from None
-  with os.fdopen(fd, 'rb', buffering=0) as f:
-    info = os.fstat(fd)
-    _check_regular(info)
-    os.set_blocking(fd, True)
+  with f:
     try:
       return _read_bounded(f, info.st_size, extension=extension,
                            max_bytes=max_bytes)

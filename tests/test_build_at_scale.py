@@ -4,8 +4,10 @@ losing or repeating a record, and it runs on Beam's portable runner (job
 service + external worker pool) with shards byte-identical to the default
 runner's."""
 
+import collections
 import concurrent.futures
 import contextlib
+import errno
 import io
 import json
 import os
@@ -18,6 +20,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 from PIL import Image
 import tensorflow as tf
 
@@ -174,17 +177,17 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
 
 def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
   """A train chunk file of framed records and its index; their offsets."""
-  offsets, data, lines = [], b'', []
+  offsets, data, entries = [], b'', []
   for i, payload in enumerate(payloads):
     record = schema.frame_record(payload)
     offsets.append(len(data))
-    lines.append(json.dumps(beam_build.IndexEntry(
-        len(data), len(record), i % 2, [i, 0, 0], [i * i, 0, 0], 1, None,
-        f'c{index}/{i}.png')))
+    entries.append(beam_build.IndexEntry(
+        len(data), len(record), i % 2, [i, 0, 0], [i * i, 0, 0], 1,
+        'small' if i == 2 else None, f'c{index}/{i}.png'))
     data += record
   pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
-  pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_text(
-      '\n'.join(lines) + '\n')
+  pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_bytes(
+      beam_build.index_file(entries, num_classes=2))
   return offsets
 
 
@@ -220,6 +223,59 @@ def test_concat_shard_copies_only_its_kept_records(tmp_path):
   files, sums = shard(0, [(0, first[0]), (0, first[1])])
   assert files == [] and sums == []
   assert not (tmp_path / 'ds-train.tfrecord-00000-of-00003').exists()
+
+
+def test_concat_shard_takes_whole_chunks_from_their_summary(tmp_path):
+  """One shard holds both chunk files: their summary lines give the counts,
+  sums and warnings; a chunk with a dropped copy is read record by record."""
+  (tmp_path / beam_build.CHUNKS_DIR).mkdir()
+  _chunk(str(tmp_path), 0, [b'a' * 10, b'b' * 10, b'c' * 10])
+  second = _chunk(str(tmp_path), 1, [b'd' * 10, b'e' * 10])
+  layout = beam_build.shard_layout([('train', 0, 78), ('train', 1, 52)],
+                                   shard_size_bytes=1000)
+  config = beam_build.BuildConfig('in', 'ds', ('x', 'y'), 'class_folders',
+                                  None, 0.1, 0.1, 0, 1000)
+  concat = beam_build.ConcatShard(str(tmp_path), config)
+  for dropped, records, counts, sums in [
+      ([], [b'a', b'b', b'c', b'd', b'e'], (3, 2), ((4, 0, 0), (6, 0, 0), 5)),
+      ([(1, second[1])], [b'a', b'b', b'c', b'd'], (3, 1),
+       ((3, 0, 0), (5, 0, 0), 4))]:
+    results = list(concat.process((('train', 0), [None, *dropped]), layout))
+    tags = collections.defaultdict(list)
+    for r in results:
+      tags[getattr(r, 'tag', 'main')].append(getattr(r, 'value', r))
+    [shard] = tags['main']
+    assert (shard.num_examples, shard.class_counts) == (len(records), counts)
+    assert tags['sums'] == [sums]
+    assert tags['warnings'] == [{'path': 'c0/2.png', 'warning': 'small'}]
+    assert list(tf.data.TFRecordDataset(str(tmp_path / shard.filename))
+                .as_numpy_iterator()) == [r * 10 for r in records]
+
+
+@pytest.mark.parametrize('how', ['kernel', 'no_kernel_copy', 'beam'])
+def test_copy_ranges_joins_byte_ranges_and_refuses_a_short_file(
+    tmp_path, monkeypatch, how):
+  """The shard copy: in-kernel for local files, by hand where the kernel
+  cannot (EXDEV across file systems), through Beam for remote ones."""
+  if how == 'no_kernel_copy':
+    def refuse(*args):
+      raise OSError(errno.EXDEV, 'Invalid cross-device link')
+    monkeypatch.setattr(os, 'copy_file_range', refuse)
+  elif how == 'beam':  # As for gs:// paths: never the local copy.
+    monkeypatch.setattr(beam_build.paths, 'is_remote', lambda path: True)
+    monkeypatch.delattr(os, 'copy_file_range')
+    monkeypatch.setattr(os, 'pread', None)
+  a = tmp_path / 'a'
+  b = tmp_path / 'b'
+  a.write_bytes(bytes(range(256)) * 300)  # 76,800 bytes.
+  b.write_bytes(b'xyz' * 10)
+  pieces = [(str(a), 5, 70_000), (str(b), 3, 6), (str(a), 0, 2)]
+  out = tmp_path / 'out'
+  assert beam_build.copy_ranges(pieces, str(out)) == 70_008
+  data = a.read_bytes()
+  assert out.read_bytes() == data[5:70_005] + b'xyzxyz' + data[:2]
+  with pytest.raises(IOError, match=f'{b} ended before byte 31'):
+    beam_build.copy_ranges([(str(b), 1, 30)], str(tmp_path / 'short'))
 
 
 def test_read_ahead_keeps_order_bounds_depth_and_reports_each_failure():

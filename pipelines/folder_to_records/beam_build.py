@@ -49,6 +49,7 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import fractions
 import hashlib
 import json
@@ -82,8 +83,9 @@ READ_AHEAD = 3
 CHUNKS_DIR = '_chunks'
 _COPY_BLOCK = 16 << 20
 # Tagged outputs.
-REJECTED, IGNORED, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES = (
-    'rejected', 'ignored', 'findings', 'totals', 'sums', 'warnings', 'times')
+REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES = (
+    'rejected', 'ignored', 'counts', 'findings', 'totals', 'sums', 'warnings',
+    'times')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +122,29 @@ class IndexEntry(NamedTuple):
   relpath: str
 
 
+def index_file(entries: Sequence[IndexEntry], num_classes: int) -> bytes:
+  """The index file of a chunk file: a summary line, then one line per record.
+
+  The summary (a JSON object) totals the records: per-class counts, pixel
+  sums as PixelSums triples and the (relpath, warning) pairs in record
+  order. A shard that holds the whole chunk file, with no copy dropped from
+  it (nearly every chunk), reads only that line; the record lines (JSON
+  lists) serve the chunk files a shard boundary cuts and those holding a
+  dropped duplicate.
+  """
+  counts = [0] * num_classes
+  for e in entries:
+    counts[e.label] += 1
+  summary = {
+      'counts': counts,
+      'sums': [[sum(c) for c in zip(*(e.pixel_sum for e in entries))],
+               [sum(c) for c in zip(*(e.pixel_sumsq for e in entries))],
+               sum(e.num_pixels for e in entries)],
+      'warnings': [[e.relpath, e.warning] for e in entries if e.warning]}
+  return ('\n'.join([json.dumps(summary)] + [json.dumps(e) for e in entries])
+          + '\n').encode()
+
+
 class ShardResult(NamedTuple):
   """One written shard file."""
   split: str
@@ -143,6 +168,52 @@ def _write_bytes(path: str, data: bytes) -> None:
 
 def _log(message: str) -> None:
   print(f'[build] {message}', file=sys.stderr, flush=True)
+
+
+def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:
+  """Writes the byte ranges (path, offset, length) one after another to
+  out_path; returns the bytes written. Local files are copied by the kernel
+  (copy_file_range: 3-6x Python's read/write here, and a reflink where the
+  file system has them); remote ones through Beam's file systems."""
+  if paths.is_remote(out_path) or not hasattr(os, 'copy_file_range'):
+    return _copy_ranges_beam(pieces, out_path)
+  num_bytes = 0
+  with open(out_path, 'wb', buffering=0) as out:  # Unbuffered: one position.
+    for path, offset, length in pieces:
+      with open(path, 'rb', buffering=0) as f:
+        done = 0
+        while done < length:
+          try:
+            n = os.copy_file_range(f.fileno(), out.fileno(), length - done,
+                                   offset + done)
+          except OSError as e:  # No in-kernel copy here: copy it ourselves.
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
+                               errno.EOPNOTSUPP):
+              raise
+            n = out.write(os.pread(f.fileno(), min(length - done, _COPY_BLOCK),
+                                   offset + done))
+          if not n:
+            raise IOError(f'{path} ended before byte {offset + length}')
+          done += n
+      num_bytes += length
+  return num_bytes
+
+
+def _copy_ranges_beam(pieces, out_path: str) -> int:
+  num_bytes = 0
+  with FileSystems.create(out_path, compression_type=_RAW) as out:
+    for path, offset, length in pieces:
+      with FileSystems.open(path, compression_type=_RAW) as f:
+        f.seek(offset)
+        remaining = length
+        while remaining:
+          block = f.read(min(remaining, _COPY_BLOCK))
+          if not block:
+            raise IOError(f'{path} ended before byte {offset + length}')
+          out.write(block)
+          remaining -= len(block)
+          num_bytes += len(block)
+  return num_bytes
 
 
 def chunk_path(tmp_dir: str, index: int, split: str) -> str:
@@ -289,11 +360,11 @@ class WriteChunk(beam.DoFn):
               chunk_path(self._tmp_dir, index, split), compression_type=_RAW)
           indexes[split] = []
         writers[split].write(record)
-        indexes[split].append(json.dumps(IndexEntry(
+        indexes[split].append(IndexEntry(
             offsets[split], len(record), label,
             [int(v) for v in processed.pixel_sum],
             [int(v) for v in processed.pixel_sumsq],
-            processed.num_pixels, processed.warning, source.relpath)))
+            processed.num_pixels, processed.warning, source.relpath))
         # The dedupe shuffle carries only this (the runner may hold it all).
         yield digest, (source.relpath, index, offsets[split])
         offsets[split] += len(record)
@@ -301,9 +372,9 @@ class WriteChunk(beam.DoFn):
     finally:
       for writer in writers.values():
         writer.close()
-    for split, lines in indexes.items():
+    for split, entries in indexes.items():
       _write_bytes(index_path(self._tmp_dir, index, split),
-                   ('\n'.join(lines) + '\n').encode())
+                   index_file(entries, len(config.class_names)))
     _log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -312,20 +383,30 @@ class WriteChunk(beam.DoFn):
 
 
 class ListFolder(beam.DoFn):
-  """FolderTask -> the relpath of each candidate; 'ignored' for the rest."""
+  """FolderTask -> the relpath of each candidate; 'ignored' for the rest;
+  'counts': (candidates, ignored) of the task. A Dropped (what the launcher
+  ignored at the top level) passes through to 'ignored'."""
 
   def __init__(self, input_dir: str, exclude: Sequence[str]):
     self._input_dir = input_dir
     self._exclude = tuple(exclude)
 
-  def process(self, task: listing_lib.FolderTask):
+  def process(self, task):
+    if isinstance(task, splits_lib.Dropped):
+      yield beam.pvalue.TaggedOutput(IGNORED, task)
+      yield beam.pvalue.TaggedOutput(COUNTS, (0, 1))
+      return
+    files = ignored = 0
     for item in listing_lib.list_folder(self._input_dir, task,
                                         exclude=self._exclude):
       if isinstance(item, listing_lib.SourceFile):
+        files += 1
         yield item.relpath  # All the shuffle needs (see source_file).
       else:
+        ignored += 1
         yield beam.pvalue.TaggedOutput(IGNORED, splits_lib.Dropped(
             item.relpath, item.outcome, item.reason))
+    yield beam.pvalue.TaggedOutput(COUNTS, (files, ignored))
 
 
 def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
@@ -367,6 +448,9 @@ class SplitChunks(NamedTuple):
 
   def start_of(self, chunk: int) -> int:
     return self.starts[bisect.bisect_left(self.ids, chunk)]
+
+  def size_of(self, chunk: int) -> int:
+    return self.sizes[bisect.bisect_left(self.ids, chunk)]
 
 
 def shard_layout(totals, *, shard_size_bytes: int) -> dict:
@@ -464,15 +548,19 @@ class ConcatShard(beam.DoFn):
   Its records are those whose offset in the split lies in [shard *
   shard_size, (shard + 1) * shard_size) (the last shard: to the end), read
   chunk by chunk from the index files; kept ones are copied as byte ranges.
-  Nothing is written for a shard whose records were all dropped.
+  A chunk file wholly inside the shard with no copy dropped from it is taken
+  whole, from its index's summary line; only cut chunk files and those with
+  a dropped copy are read record by record. Nothing is written for a shard
+  whose records were all dropped.
   """
 
   def __init__(self, tmp_dir: str, config: BuildConfig):
     self._tmp_dir = tmp_dir
     self._config = config
 
-  def _records(self, split: str, shard: int, layout: dict):
-    """(chunk, IndexEntry) of every record in the shard, in offset order."""
+  def _chunks(self, split: str, shard: int, layout: dict):
+    """(chunk, whole, index lines) of each chunk file with bytes in the
+    shard, in offset order; whole: all its bytes are in the shard."""
     size = self._config.shard_size_bytes
     chunks = layout['chunks'][split]
     shard_at = lambda offset: shard_of(offset, layout['num_shards'][split],
@@ -480,72 +568,82 @@ class ConcatShard(beam.DoFn):
     first = max(0, bisect.bisect_right(chunks.starts, shard * size) - 1)
     for i in range(first, len(chunks.ids)):
       chunk, start = chunks.ids[i], chunks.starts[i]
+      last = shard_at(start + chunks.sizes[i] - 1)
       if shard_at(start) > shard:
         break
-      if shard_at(start + chunks.sizes[i] - 1) < shard:
+      if last < shard:
         continue
       with FileSystems.open(index_path(self._tmp_dir, chunk, split),
                             compression_type=_RAW) as f:
-        for line in f.read().split(b'\n')[:-1]:  # One JSON line each (IndexEntry).
-          # Lines are in offset order and start '[offset,': only the lines
-          # in this shard's range are parsed (shards may be far smaller
-          # than a chunk file).
-          at = shard_at(start + int(line[1:line.index(b',')]))
-          if at > shard:
-            break
-          if at == shard:
-            yield chunk, IndexEntry(*json.loads(line))
+        lines = f.read().split(b'\n')[:-1]
+      yield chunk, shard_at(start) == last, lines
+
+  def _records(self, split: str, shard: int, layout: dict, chunk: int,
+               lines: Sequence[bytes]):
+    """The IndexEntry of each record of the chunk file in the shard."""
+    start = layout['chunks'][split].start_of(chunk)
+    for line in lines[1:]:  # After the summary, one JSON list per record.
+      # Lines are in offset order and start '[offset,': only the lines
+      # in this shard's range are parsed (shards may be far smaller than a
+      # chunk file).
+      at = shard_of(start + int(line[1:line.index(b',')]),
+                    layout['num_shards'][split], self._config.shard_size_bytes)
+      if at > shard:
+        break
+      if at == shard:
+        yield IndexEntry(*json.loads(line))
 
   def process(self, element, layout):
     (split, shard), values = element
     dropped = {v for v in values if v is not None}
+    dropped_from = {chunk for chunk, _ in dropped}
     filename = schema.shard_filename(self._config.dataset_name, split, shard,
                                      layout['num_shards'][split])
-    counts = collections.Counter()
-    sums = None
-    pieces = []
-    for chunk, entry in self._records(split, shard, layout):
-      if (chunk, entry.offset) in dropped:
-        continue
-      counts[entry.label] += 1
+    counts = [0] * len(self._config.class_names)
+    sums, pieces = None, []
+
+    def add(chunk_counts, chunk_sums, warnings, path, offset, length):
+      nonlocal counts, sums
+      counts = [a + b for a, b in zip(counts, chunk_counts)]
       if split == 'train':
-        sums = PixelSums.add(sums, (tuple(entry.pixel_sum),
-                                    tuple(entry.pixel_sumsq), entry.num_pixels))
-      if entry.warning:
-        yield beam.pvalue.TaggedOutput(WARNINGS, {'path': entry.relpath,
-                                                  'warning': entry.warning})
-      path = chunk_path(self._tmp_dir, chunk, split)
+        sums = PixelSums.add(sums, (tuple(chunk_sums[0]), tuple(chunk_sums[1]),
+                                    chunk_sums[2]))
       if pieces and pieces[-1][0] == path and sum(
-          pieces[-1][1:]) == entry.offset:  # Neighbours: one byte range.
-        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + entry.length)
+          pieces[-1][1:]) == offset:  # Neighbours: one byte range.
+        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
       else:
-        pieces.append((path, entry.offset, entry.length))
+        pieces.append((path, offset, length))
+      return [beam.pvalue.TaggedOutput(WARNINGS, {'path': p, 'warning': w})
+              for p, w in warnings]
+
+    for chunk, whole, lines in self._chunks(split, shard, layout):
+      path = chunk_path(self._tmp_dir, chunk, split)
+      if whole and chunk not in dropped_from:  # The summary says it all.
+        summary = json.loads(lines[0])
+        yield from add(summary['counts'], summary['sums'],
+                       summary['warnings'], path, 0,
+                       layout['chunks'][split].size_of(chunk))
+        continue
+      for entry in self._records(split, shard, layout, chunk, lines):
+        if (chunk, entry.offset) in dropped:
+          continue
+        yield from add(
+            [int(entry.label == i) for i in range(len(counts))],
+            (entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels),
+            [(entry.relpath, entry.warning)] if entry.warning else [],
+            path, entry.offset, entry.length)
     if not pieces:
       return
-    num_bytes = 0
-    with FileSystems.create(posixpath.join(self._tmp_dir, filename),
-                            compression_type=_RAW) as out:
-      for path, offset, length in pieces:
-        with FileSystems.open(path, compression_type=_RAW) as f:
-          f.seek(offset)
-          remaining = length
-          while remaining:
-            block = f.read(min(remaining, _COPY_BLOCK))
-            if not block:
-              raise IOError(f'{path} ended before byte {offset + length}')
-            out.write(block)
-            remaining -= len(block)
-            num_bytes += len(block)
+    num_bytes = copy_ranges(pieces, posixpath.join(self._tmp_dir, filename))
     if sums is not None:
       yield beam.pvalue.TaggedOutput(SUMS, sums)
-    yield ShardResult(split, shard, filename, num_bytes, sum(counts.values()),
-                      tuple(counts[i] for i in range(
-                          len(self._config.class_names))))
+    yield ShardResult(split, shard, filename, num_bytes, sum(counts),
+                      tuple(counts))
 
 
-def finalize(_, num_files: int, num_ignored: int, *, config: BuildConfig,
-             tmp_dir: str, num_top_ignored: int, shards: list, stats,
-             findings, warnings, rejected, times) -> None:
+def finalize(_, counts: tuple[int, int], *, config: BuildConfig,
+             tmp_dir: str, shards: list, stats, findings, warnings, rejected,
+             times) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
   `rejected` is an iterable side input, written to rejected.jsonl as it is
@@ -553,7 +651,7 @@ def finalize(_, num_files: int, num_ignored: int, *, config: BuildConfig,
   warnings one per problem found. The launcher adds the TFDS files (which
   need TensorFlow) after the run.
   """
-  num_seen = num_files + num_ignored + num_top_ignored
+  num_seen = sum(counts)  # (candidates, ignored) of the listing.
   mean, std = mean_std(stats)
   split_specs = {}
   for split in metadata_lib.SPLITS:
@@ -637,38 +735,49 @@ def _spread(pcoll, name: str, key):
           | f'Unkey{name}' >> beam.FlatMap(lambda kv: kv[1]))
 
 
-def _count(pcoll, name: str):
-  return pcoll | name >> beam.combiners.Count.Globally()
+def _combine(pcoll, name: str, combine_fn):
+  """A global combine without Beam's default for no input (one stage and
+  four transforms less each): its side input gives the default instead."""
+  return pcoll | name >> beam.CombineGlobally(combine_fn).without_defaults()
 
 
 def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                    plan: listing_lib.InputPlan, tmp_dir: str,
                    exclude: Sequence[str] = ()) -> None:
-  """Adds the whole build to `pipeline` (see the module docstring)."""
+  """Adds the whole build to `pipeline` (see the module docstring).
+
+  Fewer transforms make a faster launch (graph building and Beam's
+  translation scale with them) and fewer stages a shorter run: the global
+  combines have no default value, and the top-level ignored files travel
+  with the folder tasks.
+  """
   seed = config.seed
   size = config.shard_size_bytes
+  ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
+             for i in plan.ignored]
   listed = (
       # No Create reshuffle: _spread deals the folders out (one stage less).
-      _spread(pipeline | 'Folders' >> beam.Create(plan.folders,
-                                                  reshuffle=False),
+      _spread(pipeline | 'Folders' >> beam.Create(
+          list(plan.folders) + ignored, reshuffle=False),
               'Folders', lambda t: t.relpath)
       | 'ListFolders' >> beam.ParDo(ListFolder(config.input_dir, exclude)
-                                    ).with_outputs(IGNORED, main='files'))
-  num_files = _count(listed.files, 'CountFiles')
-  num_chunks = num_files | 'NumChunks' >> beam.Map(
-      lambda n: max(1, -(-n // EXAMPLES_PER_CHUNK)))
+                                    ).with_outputs(IGNORED, COUNTS,
+                                                   main='files'))
+  counts = beam.pvalue.AsSingleton(
+      _combine(listed[COUNTS], 'Counts',
+               beam.combiners.TupleCombineFn(sum, sum)), default_value=(0, 0))
   written = (
       listed.files
       | 'Chunk' >> beam.Map(
-          lambda p, n: (chunk_of(p, n, seed=seed), p),
-          n=beam.pvalue.AsSingleton(num_chunks))
+          lambda p, c: (chunk_of(p, num_chunks(c[0]), seed=seed), p), counts)
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
           REJECTED, TOTALS, TIMES, main='records'))
+  layouts = (_combine(written[TOTALS], 'AllTotals',
+                      beam.combiners.ToListCombineFn())
+             | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
   layout = beam.pvalue.AsSingleton(
-      written[TOTALS]
-      | 'AllTotals' >> beam.combiners.ToList()
-      | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
+      layouts, default_value=shard_layout([], shard_size_bytes=size))
   deduped = (
       written.records
       | 'GroupBySha' >> beam.GroupByKey()
@@ -676,8 +785,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                                  ).with_outputs(REJECTED, FINDINGS,
                                                 main='dropped'))
   shards = (
-      (pipeline | 'StartShards' >> beam.Create([None])
-       | 'ShardKeys' >> beam.FlatMap(lambda _, l: shard_keys(l), layout),
+      (layouts | 'ShardKeys' >> beam.FlatMap(shard_keys),
        deduped.dropped | 'ShardOfDrop' >> beam.Map(
            shard_of_drop, layout, shard_size_bytes=size))
       | 'AllShardKeys' >> beam.Flatten()
@@ -685,28 +793,25 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
       | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config), layout
                                      ).with_outputs(SUMS, WARNINGS,
                                                     main='shards'))
-  stats = shards[SUMS] | 'PixelSums' >> beam.CombineGlobally(PixelSums())
-  ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
-             for i in plan.ignored]
-  rejected = (
-      (pipeline | 'TopIgnored' >> beam.Create(ignored, reshuffle=False),
-       listed[IGNORED],
-       written[REJECTED], deduped[REJECTED])
-      | 'AllRejected' >> beam.Flatten())
-  num_ignored = _count(listed[IGNORED], 'CountIgnored')
+  stats = _combine(shards[SUMS], 'PixelSums', PixelSums())
+  rejected = ((listed[IGNORED], written[REJECTED], deduped[REJECTED])
+              | 'AllRejected' >> beam.Flatten())
   _ = (
       pipeline
       | 'Once' >> beam.Create([None])
       | 'Finalize' >> beam.Map(
-          finalize, beam.pvalue.AsSingleton(num_files),
-          beam.pvalue.AsSingleton(num_ignored),
-          num_top_ignored=len(ignored), config=config, tmp_dir=tmp_dir,
+          finalize, counts, config=config, tmp_dir=tmp_dir,
           shards=beam.pvalue.AsList(shards.shards),
-          stats=beam.pvalue.AsSingleton(stats),
+          stats=beam.pvalue.AsSingleton(stats, default_value=None),
           findings=beam.pvalue.AsIter(deduped[FINDINGS]),
           warnings=beam.pvalue.AsIter(shards[WARNINGS]),
           rejected=beam.pvalue.AsIter(rejected),
           times=beam.pvalue.AsIter(written[TIMES])))
+
+
+def num_chunks(num_files: int) -> int:
+  """How many chunks the files are cut into: ~EXAMPLES_PER_CHUNK each."""
+  return max(1, -(-num_files // EXAMPLES_PER_CHUNK))
 
 
 def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,

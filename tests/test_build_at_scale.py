@@ -7,7 +7,6 @@ runner's."""
 import collections
 import concurrent.futures
 import contextlib
-import errno
 import io
 import json
 import os
@@ -252,19 +251,7 @@ def test_concat_shard_takes_whole_chunks_from_their_summary(tmp_path):
                 .as_numpy_iterator()) == [r * 10 for r in records]
 
 
-@pytest.mark.parametrize('how', ['kernel', 'no_kernel_copy', 'beam'])
-def test_copy_ranges_joins_byte_ranges_and_refuses_a_short_file(
-    tmp_path, monkeypatch, how):
-  """The shard copy: in-kernel for local files, by hand where the kernel
-  cannot (EXDEV across file systems), through Beam for remote ones."""
-  if how == 'no_kernel_copy':
-    def refuse(*args):
-      raise OSError(errno.EXDEV, 'Invalid cross-device link')
-    monkeypatch.setattr(os, 'copy_file_range', refuse)
-  elif how == 'beam':  # As for gs:// paths: never the local copy.
-    monkeypatch.setattr(beam_build.paths, 'is_remote', lambda path: True)
-    monkeypatch.delattr(os, 'copy_file_range')
-    monkeypatch.setattr(os, 'pread', None)
+def test_copy_ranges_joins_byte_ranges_and_refuses_a_short_file(tmp_path):
   a = tmp_path / 'a'
   b = tmp_path / 'b'
   a.write_bytes(bytes(range(256)) * 300)  # 76,800 bytes.

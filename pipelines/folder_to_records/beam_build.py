@@ -49,7 +49,6 @@ import bisect
 import collections
 import concurrent.futures
 import dataclasses
-import errno
 import fractions
 import hashlib
 import json
@@ -172,34 +171,9 @@ def _log(message: str) -> None:
 
 def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:
   """Writes the byte ranges (path, offset, length) one after another to
-  out_path; returns the bytes written. Local files are copied by the kernel
-  (copy_file_range: 3-6x Python's read/write here, and a reflink where the
-  file system has them); remote ones through Beam's file systems."""
-  if paths.is_remote(out_path) or not hasattr(os, 'copy_file_range'):
-    return _copy_ranges_beam(pieces, out_path)
-  num_bytes = 0
-  with open(out_path, 'wb', buffering=0) as out:  # Unbuffered: one position.
-    for path, offset, length in pieces:
-      with open(path, 'rb', buffering=0) as f:
-        done = 0
-        while done < length:
-          try:
-            n = os.copy_file_range(f.fileno(), out.fileno(), length - done,
-                                   offset + done)
-          except OSError as e:  # No in-kernel copy here: copy it ourselves.
-            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                               errno.EOPNOTSUPP):
-              raise
-            n = out.write(os.pread(f.fileno(), min(length - done, _COPY_BLOCK),
-                                   offset + done))
-          if not n:
-            raise IOError(f'{path} ended before byte {offset + length}')
-          done += n
-      num_bytes += length
-  return num_bytes
-
-
-def _copy_ranges_beam(pieces, out_path: str) -> int:
+  out_path; returns the bytes written. (os.copy_file_range was measured for
+  local files: ~10% faster on this step's 0.15 s at 30,000 images, not worth
+  a second code path.)"""
   num_bytes = 0
   with FileSystems.create(out_path, compression_type=_RAW) as out:
     for path, offset, length in pieces:

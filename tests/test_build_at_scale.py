@@ -186,7 +186,7 @@ def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
     data += record
   pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
   pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_bytes(
-      beam_build.index_file(entries, num_classes=2))
+      beam_build.index_file(entries))
   return offsets
 
 
@@ -235,8 +235,16 @@ def test_concat_shard_takes_whole_chunks_from_their_summary(tmp_path):
   config = beam_build.BuildConfig('in', 'ds', ('x', 'y'), 'class_folders',
                                   None, 0.1, 0.1, 0, 1000)
   concat = beam_build.ConcatShard(str(tmp_path), config)
+  summary = json.loads(pathlib.Path(beam_build.index_path(
+      str(tmp_path), 0, 'train')).read_text().splitlines()[0])
+  assert summary['counts'] == [[0, 2], [1, 1]]  # [label, count], sparse.
+  everything = ([b'a', b'b', b'c', b'd', b'e'], (3, 2),
+                ((4, 0, 0), (6, 0, 0), 5))
   for dropped, records, counts, sums in [
-      ([], [b'a', b'b', b'c', b'd', b'e'], (3, 2), ((4, 0, 0), (6, 0, 0), 5)),
+      ([], *everything),
+      # A drop that matches no record sends both chunks down the record by
+      # record path: it must give exactly what the summaries gave.
+      ([(0, 999), (1, 999)], *everything),
       ([(1, second[1])], [b'a', b'b', b'c', b'd'], (3, 1),
        ((3, 0, 0), (5, 0, 0), 4))]:
     results = list(concat.process((('train', 0), [None, *dropped]), layout))

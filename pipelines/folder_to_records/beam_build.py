@@ -121,21 +121,19 @@ class IndexEntry(NamedTuple):
   relpath: str
 
 
-def index_file(entries: Sequence[IndexEntry], num_classes: int) -> bytes:
+def index_file(entries: Sequence[IndexEntry]) -> bytes:
   """The index file of a chunk file: a summary line, then one line per record.
 
-  The summary (a JSON object) totals the records: per-class counts, pixel
-  sums as PixelSums triples and the (relpath, warning) pairs in record
-  order. A shard that holds the whole chunk file, with no copy dropped from
-  it (nearly every chunk), reads only that line; the record lines (JSON
-  lists) serve the chunk files a shard boundary cuts and those holding a
-  dropped duplicate.
+  The summary (a JSON object) totals the records: [label, count] of each
+  class present (sparse: a chunk of 64 holds at most 64 of 10,000 classes),
+  pixel sums as a PixelSums triple and the [relpath, warning] pairs in
+  record order. A shard that holds the whole chunk file, with no copy
+  dropped from it (nearly every chunk), reads only that line; the record
+  lines (JSON lists) serve the chunk files a shard boundary cuts and those
+  holding a dropped duplicate.
   """
-  counts = [0] * num_classes
-  for e in entries:
-    counts[e.label] += 1
   summary = {
-      'counts': counts,
+      'counts': sorted(collections.Counter(e.label for e in entries).items()),
       'sums': [[sum(c) for c in zip(*(e.pixel_sum for e in entries))],
                [sum(c) for c in zip(*(e.pixel_sumsq for e in entries))],
                sum(e.num_pixels for e in entries)],
@@ -348,7 +346,7 @@ class WriteChunk(beam.DoFn):
         writer.close()
     for split, entries in indexes.items():
       _write_bytes(index_path(self._tmp_dir, index, split),
-                   index_file(entries, len(config.class_names)))
+                   index_file(entries))
     _log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -365,7 +363,7 @@ class ListFolder(beam.DoFn):
     self._input_dir = input_dir
     self._exclude = tuple(exclude)
 
-  def process(self, task):
+  def process(self, task: listing_lib.FolderTask | splits_lib.Dropped):
     if isinstance(task, splits_lib.Dropped):
       yield beam.pvalue.TaggedOutput(IGNORED, task)
       yield beam.pvalue.TaggedOutput(COUNTS, (0, 1))
@@ -533,30 +531,27 @@ class ConcatShard(beam.DoFn):
     self._config = config
 
   def _chunks(self, split: str, shard: int, layout: dict):
-    """(chunk, whole, index lines) of each chunk file with bytes in the
-    shard, in offset order; whole: all its bytes are in the shard."""
+    """(chunk, whole) of each chunk file with bytes in the shard, in offset
+    order; whole: all its bytes are in the shard."""
     size = self._config.shard_size_bytes
     chunks = layout['chunks'][split]
     shard_at = lambda offset: shard_of(offset, layout['num_shards'][split],
                                        size)
     first = max(0, bisect.bisect_right(chunks.starts, shard * size) - 1)
     for i in range(first, len(chunks.ids)):
-      chunk, start = chunks.ids[i], chunks.starts[i]
-      last = shard_at(start + chunks.sizes[i] - 1)
+      start, last = chunks.starts[i], shard_at(
+          chunks.starts[i] + chunks.sizes[i] - 1)
       if shard_at(start) > shard:
         break
-      if last < shard:
-        continue
-      with FileSystems.open(index_path(self._tmp_dir, chunk, split),
-                            compression_type=_RAW) as f:
-        lines = f.read().split(b'\n')[:-1]
-      yield chunk, shard_at(start) == last, lines
+      if last >= shard:
+        yield chunks.ids[i], shard_at(start) == last
 
   def _records(self, split: str, shard: int, layout: dict, chunk: int,
                lines: Sequence[bytes]):
-    """The IndexEntry of each record of the chunk file in the shard."""
+    """The IndexEntry of each record of the chunk file in the shard, from
+    its index's record lines."""
     start = layout['chunks'][split].start_of(chunk)
-    for line in lines[1:]:  # After the summary, one JSON list per record.
+    for line in lines:
       # Lines are in offset order and start '[offset,': only the lines
       # in this shard's range are parsed (shards may be far smaller than a
       # chunk file).
@@ -574,11 +569,10 @@ class ConcatShard(beam.DoFn):
     filename = schema.shard_filename(self._config.dataset_name, split, shard,
                                      layout['num_shards'][split])
     counts = [0] * len(self._config.class_names)
-    sums, pieces = None, []
+    sums, pieces, warnings = None, [], []
 
-    def add(chunk_counts, chunk_sums, warnings, path, offset, length):
-      nonlocal counts, sums
-      counts = [a + b for a, b in zip(counts, chunk_counts)]
+    def add(chunk_sums, path, offset, length):
+      nonlocal sums
       if split == 'train':
         sums = PixelSums.add(sums, (tuple(chunk_sums[0]), tuple(chunk_sums[1]),
                                     chunk_sums[2]))
@@ -587,25 +581,30 @@ class ConcatShard(beam.DoFn):
         pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
       else:
         pieces.append((path, offset, length))
-      return [beam.pvalue.TaggedOutput(WARNINGS, {'path': p, 'warning': w})
-              for p, w in warnings]
 
-    for chunk, whole, lines in self._chunks(split, shard, layout):
+    for chunk, whole in self._chunks(split, shard, layout):
       path = chunk_path(self._tmp_dir, chunk, split)
-      if whole and chunk not in dropped_from:  # The summary says it all.
-        summary = json.loads(lines[0])
-        yield from add(summary['counts'], summary['sums'],
-                       summary['warnings'], path, 0,
-                       layout['chunks'][split].size_of(chunk))
-        continue
+      with FileSystems.open(index_path(self._tmp_dir, chunk, split),
+                            compression_type=_RAW) as f:
+        summary = json.loads(f.readline())
+        if whole and chunk not in dropped_from:  # The summary says it all.
+          for label, n in summary['counts']:
+            counts[label] += n
+          warnings.extend(summary['warnings'])
+          add(summary['sums'], path, 0, layout['chunks'][split].size_of(chunk))
+          continue
+        lines = f.read().split(b'\n')[:-1]
       for entry in self._records(split, shard, layout, chunk, lines):
         if (chunk, entry.offset) in dropped:
           continue
-        yield from add(
-            [int(entry.label == i) for i in range(len(counts))],
-            (entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels),
-            [(entry.relpath, entry.warning)] if entry.warning else [],
-            path, entry.offset, entry.length)
+        counts[entry.label] += 1
+        if entry.warning:
+          warnings.append((entry.relpath, entry.warning))
+        add((entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels), path,
+            entry.offset, entry.length)
+    for relpath, warning in warnings:
+      yield beam.pvalue.TaggedOutput(WARNINGS, {'path': relpath,
+                                                'warning': warning})
     if not pieces:
       return
     num_bytes = copy_ranges(pieces, posixpath.join(self._tmp_dir, filename))
@@ -615,7 +614,7 @@ class ConcatShard(beam.DoFn):
                       tuple(counts))
 
 
-def finalize(_, counts: tuple[int, int], *, config: BuildConfig,
+def finalize(_, listed: tuple[int, int], *, config: BuildConfig,
              tmp_dir: str, shards: list, stats, findings, warnings, rejected,
              times) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
@@ -625,7 +624,7 @@ def finalize(_, counts: tuple[int, int], *, config: BuildConfig,
   warnings one per problem found. The launcher adds the TFDS files (which
   need TensorFlow) after the run.
   """
-  num_seen = sum(counts)  # (candidates, ignored) of the listing.
+  num_seen = sum(listed)  # (candidates, ignored) of the listing.
   mean, std = mean_std(stats)
   split_specs = {}
   for split in metadata_lib.SPLITS:

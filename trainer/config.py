@@ -27,6 +27,7 @@ import json
 import os
 from typing import Any, Optional
 
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.records_to_batches import augment_config
@@ -213,7 +214,7 @@ class TrainConfig:
 
 def normalized_path(path: Optional[str]) -> Optional[str]:
   """Absolute, resolved local path (URLs such as gs://... unchanged)."""
-  if not path or '://' in path:
+  if not path or paths.is_remote(path):
     return path
   return os.path.realpath(os.path.expanduser(path))
 

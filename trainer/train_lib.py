@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipelines import plots
 from pipelines.common import cli
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import input_pipeline
@@ -217,7 +218,7 @@ def _cache_files(config: TrainConfig, spec, size,
     return None, None
   if cache == 'memory':
     return 'memory', 'memory'
-  if '://' not in cache:
+  if not paths.is_remote(cache):
     if cache.endswith(os.sep) or os.path.isdir(cache):
       raise UserError(
           f'--cache={cache} is a folder; pass a file path prefix in it, e.g. '

@@ -293,7 +293,9 @@ def build(settings: Optional[BuildSettings] = None, *,
     The build report (also in `output_dir/build_report.json`), with
     `elapsed_s` and `images_per_s` of the Beam run added.
   """
-  if settings is None:  # TensorFlow loads after the cheap checks (typos fail fast).
+  # TensorFlow loads only in _run_and_commit, after the cheap checks, so
+  # typos fail fast.
+  if settings is None:
     settings = BuildSettings(**kwargs)
   elif kwargs:
     settings = dataclasses.replace(settings, **kwargs)

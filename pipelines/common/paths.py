@@ -6,6 +6,9 @@ after TensorFlow's start-up; remote ones go through `tf.io.gfile`.
 
 import os
 import stat
+import urllib.parse
+
+from pipelines.common.errors import UserError
 
 
 # What a local path can be instead of a regular file, as error text says it.
@@ -22,6 +25,43 @@ class NotAFile(ValueError):
 
 def is_remote(path: str) -> bool:
   return '://' in path
+
+
+_FILE_URL = 'file://'
+_LOCAL_HOSTS = ('', 'localhost')
+
+
+def _file_url_path(url: str) -> str:
+  """The local path of file:///abs or file://localhost/abs, percent-decoded
+  (file:///a%20b is '/a b'). The rest is taken as path text: a '?' or '#'
+  stays in the name instead of silently cutting it off. UserError for a
+  file URL of another host or without a path."""
+  host, slash, rest = url[len(_FILE_URL):].partition('/')
+  if host.lower() not in _LOCAL_HOSTS:
+    raise UserError(
+        f'{url!r} names the host {host!r}: only local file URLs are read '
+        '(file:///abs/path or file://localhost/abs/path); pass the path '
+        'itself, or mount that host\'s folder here')
+  if not slash:
+    raise UserError(f'{url!r} names no path: write file:///abs/path or '
+                    'the plain path')
+  return urllib.parse.unquote('/' + rest, errors='surrogateescape')
+
+
+def expand(path: str) -> str:
+  """A user's path flag as the tools use it.
+
+  `~` and `~user` are expanded (local paths only); file:///abs and
+  file://localhost/abs become the local path /abs, percent-decoded as in a
+  file URL; other schemes (gs://, s3://) and '' are returned unchanged, so
+  overlap checks and messages compare and show real paths. UserError for a
+  file URL that names another host or no path.
+  """
+  if path[:len(_FILE_URL)].lower() == _FILE_URL:
+    return _file_url_path(path)
+  if is_remote(path):
+    return path
+  return os.path.expanduser(path)
 
 
 def _check_regular(info: os.stat_result) -> None:

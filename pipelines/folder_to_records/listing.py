@@ -20,12 +20,22 @@ Hidden files and folders ('.DS_Store', '.git', '__MACOSX'), files whose
 extension is not an image's, and files outside any class folder are not read,
 but each is listed in `ignored` with a reason so the report accounts for it.
 
+In layout (b) every split folder must hold the classes of train/: a class
+with no train/<class>/ folder is refused (the model could not learn it), and
+one missing from validation/ or test/ too, unless the caller allows it
+(`allow_missing_eval_classes`); the error names each split's missing
+classes, where they are, and the likely typo ('validation/dog' for
+'train/dogs').
+
 Hostile trees: split folders are recognised in any case ('Train/'); a file
 whose name is not valid UTF-8 is listed with its name escaped
-('cat/\\xff.jpg') and rejected (TFRecords and TFDS need text names); a
-class folder with such a name, or one a TFDS label file cannot hold (line
-breaks, control characters, surrounding spaces), or two class names that
-differ only in case, stop the build with an error. Links to files are read
+('cat/\\xff.jpg') and rejected (TFRecords and TFDS need text names). These
+stop the build with an error: a class folder with such a name, one a TFDS
+label file cannot hold (line breaks, control characters, surrounding
+spaces) or that holds an invisible character (U+200B, bidi controls: they
+make two labels print alike), and two class or split folders whose names a
+person cannot tell apart (`look_alike_key`: case, NFC/NFD accents,
+full-width letters, ligatures). Links to files are read
 as their targets. A link to a folder is followed when it leads outside
 --input_dir to a folder not read yet; a link into --input_dir, to one of its
 parents, or to a folder already read is not followed (it would read images
@@ -34,20 +44,41 @@ twice, possibly under another label, or loop forever) and is reported.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import difflib
 import os
 import posixpath
+import re
 import unicodedata
 from typing import Iterator, Optional, Sequence, Union
 
 from pipelines.preprocessing import source_image
 from pipelines.common import paths
 from pipelines.common.errors import UserError
+from tfrecords_schema import metadata as metadata_lib
 
 SPLIT_FOLDERS = {'train': 'train', 'validation': 'validation',
                  'val': 'validation', 'test': 'test'}
 CLASS_FOLDERS_LAYOUT = 'class_folders'
 SPLIT_FOLDERS_LAYOUT = 'split_folders'
+
+# The build flag that lets a class be absent from validation/ or test/.
+ALLOW_MISSING_EVAL_CLASSES_FLAG = '--allow_missing_eval_classes'
+
+# Line boundaries of str.splitlines: a label file would cut the name.
+_LINE_BREAKS = frozenset('\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029')
+# Default_Ignorable_Code_Point characters outside category C (Unicode's
+# DerivedCoreProperties.txt): a joiner and fillers that render as nothing.
+# Those in category C (Cf: U+200B, U+200D, U+FEFF, bidi controls, ...) are
+# refused with the rest of that category.
+_INVISIBLE = frozenset('\u034f\u115f\u1160\u17b4\u17b5\u3164\uffa0')
+# Variation selectors choose a glyph variant (emoji, CJK, Mongolian): allowed
+# in a name, but ignored when two names are compared.
+_VARIATION_SELECTORS = re.compile(
+    '[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]')
+# Missing classes named per split in an error line; the rest are counted.
+_MAX_NAMED = 5
 
 IGNORED_HIDDEN = 'ignored_hidden'
 IGNORED_NOT_IMAGE = 'ignored_not_image'
@@ -96,6 +127,67 @@ def is_text(name: str) -> bool:
   except UnicodeEncodeError:
     return False
   return True
+
+
+def look_alike_key(name: str) -> str:
+  """The same for two names a person cannot tell apart on screen.
+
+  Unicode's compatibility caseless match (NFKC, casefold, NFKC): case
+  ('cats', 'Cats'), composed or decomposed accents ('caf\\xe9',
+  'cafe\\u0301'), full-width letters, ligatures and other compatibility
+  forms; variation selectors are ignored.
+  """
+  name = _VARIATION_SELECTORS.sub('', name)
+  return unicodedata.normalize(
+      'NFKC', unicodedata.normalize('NFKC', name).casefold())
+
+
+def split_of(split_dir: str) -> Optional[str]:
+  """'train', 'validation' or 'test' for a split folder name in any case
+  or Unicode form ('Train', 'VAL', full-width letters); None otherwise."""
+  return SPLIT_FOLDERS.get(look_alike_key(split_dir))
+
+
+def shown(name: str) -> str:
+  """A name for an error line, quoted: characters that print as nothing or
+  not at all as \\u/\\x escapes, bytes that are not UTF-8 as \\xNN."""
+  def show(c):
+    if (c.isprintable() and c not in _INVISIBLE
+        and not _VARIATION_SELECTORS.match(c)):
+      return c
+    return c.encode('unicode_escape').decode('ascii')
+  return "'" + ''.join(show(c) for c in escaped(name)) + "'"
+
+
+def _code_points(name: str) -> str:
+  """A name as ASCII escapes ('cafe\\u0301'): tells look-alikes apart."""
+  return escaped(name).encode('ascii', 'backslashreplace').decode('ascii')
+
+
+def _char(c: str) -> str:
+  return f'U+{ord(c):04X} {unicodedata.name(c, "")}'.rstrip()
+
+
+def name_problem(name: str) -> Optional[str]:
+  """Why a folder name cannot be a class name (a label), or None."""
+  if not is_text(name):
+    return 'is not valid UTF-8, which a label file cannot hold'
+  for c in name:
+    category = unicodedata.category(c)
+    if c in _LINE_BREAKS:
+      return f'holds a line break ({_char(c)}), which a label file cannot hold'
+    if category == 'Cc':
+      return (f'holds the control character {_char(c)}, which a label file '
+              'cannot hold')
+    if category == 'Cf' or c in _INVISIBLE:
+      return (f'holds {_char(c)}, an invisible character (the label would '
+              'print like another name)')
+    if category.startswith('C'):
+      return (f'holds {_char(c)}, a private-use or unassigned code point '
+              'with no agreed glyph')
+  if name != name.strip():
+    return 'starts or ends with white space, which a label file cannot hold'
+  return None
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -245,7 +337,7 @@ def source_file(relpath: str, layout: str) -> SourceFile:
   if layout == CLASS_FOLDERS_LAYOUT:
     return SourceFile(relpath, relpath.split('/', 1)[0], None)
   split_dir, class_name = relpath.split('/', 2)[:2]
-  return SourceFile(relpath, class_name, SPLIT_FOLDERS[split_dir.lower()])
+  return SourceFile(relpath, class_name, split_of(split_dir))
 
 
 def list_folder(input_dir: str, task: FolderTask, *,
@@ -288,13 +380,15 @@ def _top_entries(folder: str, rel: str, *, input_real: str,
   return visible, hidden, files, ignored
 
 
-def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
+def plan_input(input_dir: str, *, exclude: Sequence[str] = (),
+               allow_missing_eval_classes: bool = False) -> InputPlan:
   """The layout, classes and folder tasks of input_dir, from its top only.
 
   Reads the top level (and the split folders' top level): cheap whatever
   the number of images. Raises UserError for a folder that cannot be a
   dataset. Linked folders inside `exclude` (the build's own output) are not
-  read.
+  read. allow_missing_eval_classes: layout (b) accepts a class of train/
+  that validation/ or test/ lacks (never one that train/ lacks).
   """
   if not paths.exists(input_dir):
     raise UserError(f'--input_dir={input_dir} does not exist; pass a folder '
@@ -316,24 +410,32 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = ()) -> InputPlan:
   folders = [FolderTask(h, None, None) for h in hidden]
   strays = [(f, f'--input_dir={input_dir}') for f in files]
   if layout == CLASS_FOLDERS_LAYOUT:
-    _check_class_names(visible, input_dir)
+    _check_class_names({name: [] for name in visible}, input_dir)
     class_names = tuple(visible)
     folders += [FolderTask(c, c, None) for c in visible]
   else:
-    names = set()
+    by_split = {}  # split -> (split folder, {class name: relpath}).
     for split_dir in visible:
-      split = SPLIT_FOLDERS[split_dir.lower()]
+      split = split_of(split_dir)
       classes, hidden, files, links = _top_entries(
           posixpath.join(input_dir, split_dir), split_dir, **top)
       ignored += links
       folders += [FolderTask(h, None, None) for h in hidden]
       strays += [(f, 'split folder') for f in files]
+      by_split[split] = (split_dir, {})
       for relpath in classes:
         name = relpath.split('/', 1)[1]
-        names.add(name)
+        check_class_name(name, posixpath.join(input_dir, split_dir))
+        by_split[split][1][name] = relpath
         folders.append(FolderTask(relpath, name, split))
-    class_names = tuple(sorted(names))
-    _check_class_names(class_names, input_dir)
+    split_dirs = collections.defaultdict(list)  # Class name -> 'train/', ...
+    for split_dir, classes in by_split.values():
+      for name in classes:
+        split_dirs[name].append(f'{split_dir}/')
+    class_names = tuple(sorted(split_dirs))
+    _check_class_names(split_dirs, input_dir)
+    _check_split_classes(by_split, input_dir,
+                         allow_missing=allow_missing_eval_classes)
   if len(class_names) < 2:
     found = f'one class folder ({class_names[0]!r})' if class_names else (
         'no class folders')
@@ -367,58 +469,155 @@ def list_input(input_dir: str, *, exclude: Sequence[str] = ()) -> Listing:
 
 
 def check_class_name(name: str, where: str) -> None:
-  """Refuses a class folder name that cannot be a TFDS label."""
-  problem = None
-  if not is_text(name):
-    problem = 'is not valid UTF-8'
-  elif any(unicodedata.category(c).startswith('C') for c in name):
-    problem = 'holds a line break or another control character'
-  elif name != name.strip():
-    problem = 'starts or ends with white space'
+  """Refuses a class folder name that cannot be a TFDS label, or that
+  holds a character that prints as nothing (see name_problem)."""
+  problem = name_problem(name)
   if problem:
-    shown = repr(name) if is_text(name) else f"'{escaped(name)}'"
     raise UserError(
-        f'class folder {shown} in {where} {problem}, which a label file '
-        'cannot hold; rename the folder (class names become labels)')
+        f'class folder {shown(name)} in {where} {problem}; rename the folder '
+        '(class names become labels)')
 
 
 def detect_layout(top_dirs: list[str], input_dir: str) -> str:
   """Class folders or split folders, from the visible top-level folders.
 
-  Split folders are recognised in any case ('Train', 'VAL'), so they can
-  never become classes named 'Test' and 'Train'.
+  Split folders are recognised in any case or Unicode form ('Train', 'VAL',
+  full-width 'ｔｒａｉｎ'), so they can never become classes named 'Test' and
+  'Train'; two folders of one split are refused.
   """
-  split_like = [d for d in top_dirs if d.lower() in SPLIT_FOLDERS]
+  split_like = [d for d in top_dirs if split_of(d)]
   if not split_like:
     return CLASS_FOLDERS_LAYOUT
+  listed = lambda names: ', '.join(_named(n) for n in sorted(names))
   if len(split_like) != len(top_dirs):
-    other = sorted(set(top_dirs) - set(split_like))
+    other = set(top_dirs) - set(split_like)
     raise UserError(
-        f'--input_dir={input_dir} mixes split folders {sorted(split_like)} '
-        f'with other folders {other}; use either <class>/ folders or '
+        f'--input_dir={input_dir} mixes split folders {listed(split_like)} '
+        f'with other folders {listed(other)}; use either <class>/ folders or '
         'train/<class>/ (+ validation/, test/) folders, not both')
-  by_split = {}
+  by_split = collections.defaultdict(list)
   for folder in split_like:
-    by_split.setdefault(SPLIT_FOLDERS[folder.lower()], []).append(folder)
+    by_split[split_of(folder)].append(folder)
   for split, folders in by_split.items():
     if len(folders) > 1:
       raise UserError(
           f'--input_dir={input_dir} has several {split} folders '
-          f'{sorted(folders)}; merge them into one')
+          f'{listed(folders)}; merge them into one')
   if 'train' not in by_split:
     raise UserError(
-        f'--input_dir={input_dir} has split folders {sorted(split_like)} but '
+        f'--input_dir={input_dir} has split folders {listed(split_like)} but '
         'no train/; add train/<class>/ folders or pass the class folders')
   return SPLIT_FOLDERS_LAYOUT
 
 
-def _check_class_names(class_names, input_dir: str) -> None:
-  folded = {}
-  for name in class_names:
+def _look_alikes(names) -> list[list[str]]:
+  """Groups (each sorted, two names or more) of names that look the same."""
+  groups = collections.defaultdict(list)
+  for name in sorted(names):
+    groups[look_alike_key(name)].append(name)
+  return [g for g in groups.values() if len(g) > 1]
+
+
+def _difference(names: Sequence[str]) -> str:
+  """What tells look-alike names apart, in words."""
+  same = lambda form: len({form(n) for n in names}) == 1
+  if same(lambda n: unicodedata.normalize('NFC', n)):
+    return 'differ only in how accents are encoded (composed or decomposed)'
+  if same(lambda n: unicodedata.normalize(
+      'NFKC', _VARIATION_SELECTORS.sub('', n))):
+    return ('differ only in Unicode compatibility forms (full-width letters, '
+            'ligatures, variation selectors)')
+  if same(str.lower):
+    return 'differ only in case'
+  return 'differ only in case and Unicode form'
+
+
+def _named(name: str) -> str:
+  """shown(name), plus its ASCII escapes where they differ."""
+  plain, code = shown(name), _code_points(name)
+  return plain if plain == f"'{code}'" else f'{plain} ({code})'
+
+
+def _check_class_names(where: dict, input_dir: str) -> None:
+  """Refuses bad class names, and classes whose names look the same.
+
+  where: class name -> the split folders holding it ('train/'; empty in
+  layout (a)).
+  """
+  for name in where:
     check_class_name(name, input_dir)
-    folded.setdefault(name.casefold(), []).append(name)
-  for names in folded.values():
-    if len(names) > 1:
-      raise UserError(
-          f'--input_dir={input_dir} has class folders {sorted(names)} that '
-          'differ only in case: one class or two? rename or merge them')
+  for names in _look_alikes(where):
+    fix = 'one' if len(names) == 2 else 'all but one'
+    folders = ' and '.join(
+        _named(n) + (f' in {", ".join(where[n])}' if where[n] else '')
+        for n in names)
+    raise UserError(
+        f'--input_dir={input_dir} has class folders {folders} whose names '
+        f'{_difference(names)}: they look the same but would be '
+        f'{len(names)} classes; rename {fix} (or merge them)')
+
+
+def _missing_in(split_dir: str, missing: Sequence[str], found: dict,
+                unmatched: Sequence[str]) -> str:
+  """'validation/ lacks 'dogs' (in train/dogs; a typo of validation/dog?)'.
+
+  found: class name -> relpaths that hold it. unmatched: this split's class
+  folders that the other splits lack, where a typo would be.
+  """
+  def one(name):
+    folded = {u.casefold(): u for u in unmatched}
+    typo = difflib.get_close_matches(name.casefold(), list(folded), n=1,
+                                     cutoff=0.6)
+    hint = f'; a typo of {split_dir}/{folded[typo[0]]}?' if typo else ''
+    return f'{shown(name)} (in {", ".join(found[name])}{hint})'
+  named = ', '.join(one(n) for n in missing[:_MAX_NAMED])
+  more = len(missing) - _MAX_NAMED
+  return f'{split_dir}/ lacks {named}' + (f' and {more} more' if more > 0
+                                          else '')
+
+
+def _check_split_classes(by_split: dict, input_dir: str, *,
+                         allow_missing: bool) -> None:
+  """Layout (b): every class has a train/ folder, and validation/ and test/
+  hold the classes of train/ (unless allow_missing).
+
+  A class without train images cannot be learned, yet would get an output
+  (its evaluation images always wrong); one missing from an evaluation split
+  gets no metric there. Both are usually a typo or a forgotten copy.
+
+  by_split: split -> (split folder name, {class name: relpath}).
+  """
+  found = collections.defaultdict(list)  # Class name -> relpaths.
+  for split in metadata_lib.SPLITS:  # train/ first.
+    for name, relpath in by_split.get(split, (None, {}))[1].items():
+      found[name].append(relpath)
+  if not found:
+    return  # No class at all: plan_input says so.
+  train = set(by_split['train'][1])
+  problems, eval_only = [], True
+  for split in metadata_lib.SPLITS:
+    if split not in by_split:
+      continue
+    split_dir, classes = by_split[split]
+    if split == 'train':
+      missing = sorted(set(found) - train)
+      eval_only = not missing
+    elif allow_missing:
+      continue
+    else:
+      missing = sorted(train - set(classes))
+    if not classes:
+      problems.append(f'{split_dir}/ holds no class folder' + (
+          '' if split == 'train' else ' (remove it, or add them)'))
+    elif missing:
+      unmatched = sorted(c for c in classes if len(found[c]) < len(by_split))
+      problems.append(_missing_in(split_dir, missing, found, unmatched))
+  if not problems:
+    return
+  allow = (f', or pass {ALLOW_MISSING_EVAL_CLASSES_FLAG} to build with '
+           'classes missing from validation/ or test/' if eval_only else '')
+  raise UserError(
+      f'--input_dir={input_dir} has split folders with different classes: '
+      f'{"; ".join(problems)}. Every class needs a train/<class>/ folder, '
+      'and validation/ and test/ the classes of train/: rename the '
+      f'misspelled folder, add the missing one or remove the class{allow}')

@@ -5,10 +5,12 @@ and the trainer trains through them."""
 import collections
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,3 +121,141 @@ def test_an_unreachable_dispatcher_is_refused_up_front(service, tmp_path):
           data_dir=str(data), model_dir=str(tmp_path / 'run'), epochs=1,
           batch_size=4, data_service=address))
     assert not (tmp_path / 'run').exists()
+
+
+# Hangs: a peer that is gone or never came must end every process with one
+# line naming it, and SIGTERM/SIGINT must stop a process that TensorFlow
+# holds (pipelines.common.watchdog). Bounds are generous: they catch hangs.
+
+
+def _wait_for(path, needle: str, process, timeout: float = 120) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    assert process.poll() is None, path.read_text()[-3000:]
+    if needle in path.read_text():
+      return
+    time.sleep(0.2)
+  raise TimeoutError(f'{needle!r} not seen in {path}')
+
+
+def _finish(process, timeout: float) -> float:
+  """Seconds until process ended (fails after timeout)."""
+  start = time.monotonic()
+  process.wait(timeout=timeout)
+  return time.monotonic() - start
+
+
+@contextlib.contextmanager
+def _trainer(tmp_path, data, address, *flags):
+  out, err = tmp_path / 'train.out', tmp_path / 'train.err'
+  with open(out, 'w') as stdout, open(err, 'w') as stderr:
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'trainer.main', f'--data_dir={data}',
+         f'--model_dir={tmp_path / "run"}', f'--data_service={address}',
+         '--batch_size=4', '--epochs=100000', '--early_stopping_patience=0',
+         *flags], cwd=helpers.REPO_ROOT, stdout=stdout, stderr=stderr,
+        start_new_session=True)
+  try:
+    yield process, out, err
+  finally:
+    if process.poll() is None:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+
+
+@pytest.fixture(scope='module')
+def tiny(tmp_path_factory):
+  return helpers.write_tiny_dataset(tmp_path_factory.mktemp('tiny') / 'data',
+                                    per_class={'train': 8, 'validation': 2})
+
+
+def test_a_worker_waits_a_bounded_time_for_its_dispatcher():
+  nobody = helpers.free_port()
+  with _server('worker', f'--port={helpers.free_port()}',
+               f'--dispatcher_address=localhost:{nobody}',
+               '--dispatcher_timeout=3') as process:
+    _, stderr = process.communicate(timeout=60)
+  assert process.returncode == 1, stderr[-2000:]
+  errors = helpers.error_lines(stderr)
+  assert len(errors) == 1 and f'localhost:{nobody}' in errors[0]
+  assert 'dispatcher --port=' in errors[0]  # The fix.
+  # SIGTERM while it waits stops it at once.
+  with _server('worker', f'--port={helpers.free_port()}',
+               f'--dispatcher_address=localhost:{nobody}') as process:
+    deadline = time.monotonic() + 60
+    while 'waiting for the dispatcher' not in (
+        process.stderr.readline() if time.monotonic() < deadline else 'x'):
+      pass
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=20)
+  assert process.returncode == 0 and 'stopped' in stderr
+
+
+def test_no_worker_ends_the_trainer_with_one_line(tiny, tmp_path):
+  port = helpers.free_port()
+  with _server('dispatcher', f'--port={port}') as dispatcher:
+    helpers.wait_for_port(port, dispatcher)
+    with _trainer(tmp_path, tiny, f'grpc://localhost:{port}',
+                  '--data_service_timeout=8') as (trainer, _, err):
+      _finish(trainer, timeout=120)
+    errors = helpers.error_lines(err.read_text())
+    assert trainer.returncode != 0 and len(errors) == 1, err.read_text()[-3000:]
+    assert f'localhost:{port}' in errors[0] and 'no worker' in errors[0]
+    assert 'pipelines.data_service worker' in errors[0]
+    # Ctrl-C while it waits (inside TensorFlow, where Python cannot raise
+    # KeyboardInterrupt) stops it within the SIGINT grace.
+    with _trainer(tmp_path, tiny, f'grpc://localhost:{port}',
+                  '--data_service_timeout=60') as (trainer, _, err):
+      _wait_for(err, 'is a worker running?', trainer)
+      trainer.send_signal(signal.SIGINT)
+      seconds = _finish(trainer, timeout=60)
+    assert trainer.returncode != 0
+    assert 'SIGINT: training did not stop' in err.read_text()
+    assert seconds < 20, err.read_text()[-3000:]
+
+
+def test_a_killed_dispatcher_stops_trainer_and_worker(tiny, tmp_path):
+  ports = [helpers.free_port() for _ in range(2)]
+  with _server('dispatcher', f'--port={ports[0]}') as dispatcher, _server(
+      'worker', f'--port={ports[1]}',
+      f'--dispatcher_address=localhost:{ports[0]}',
+      '--worker_host=localhost') as worker:
+    helpers.wait_for_port(ports[1], worker)
+    with _trainer(tmp_path, tiny, f'grpc://localhost:{ports[0]}',
+                  '--data_service_timeout=8') as (trainer, out, err):
+      _wait_for(out, 'Epoch 3/', trainer)
+      dispatcher.kill()
+      _finish(trainer, timeout=90)
+    worker.send_signal(signal.SIGTERM)  # Its dispatcher is gone too.
+    _finish(worker, timeout=30)
+    assert worker.returncode == 0
+  errors = helpers.error_lines(err.read_text())
+  assert trainer.returncode != 0 and len(errors) == 1, err.read_text()[-3000:]
+  assert f'dispatcher at localhost:{ports[0]}' in errors[0]
+  assert 'rerun the same command' in errors[0]
+  state = json.loads((tmp_path / 'run' / 'checkpoint' /
+                      'state.json').read_text())
+  assert state['epochs_done'] >= 2  # Finished epochs survive.
+
+
+def test_sigterm_twice_stops_a_trainer_that_waits_for_input(tiny, tmp_path):
+  ports = [helpers.free_port() for _ in range(2)]
+  with _server('dispatcher', f'--port={ports[0]}') as dispatcher, _server(
+      'worker', f'--port={ports[1]}',
+      f'--dispatcher_address=localhost:{ports[0]}',
+      '--worker_host=localhost') as worker:
+    helpers.wait_for_port(ports[1], worker)
+    with _trainer(tmp_path, tiny, f'grpc://localhost:{ports[0]}') as (
+        trainer, out, err):
+      _wait_for(out, 'Epoch 3/', trainer)
+      os.killpg(worker.pid, signal.SIGKILL)  # Input stops coming.
+      time.sleep(3)
+      trainer.send_signal(signal.SIGTERM)  # A preemption: waits for a step,
+      time.sleep(0.5)
+      trainer.send_signal(signal.SIGTERM)  # but a second one ends it now.
+      seconds = _finish(trainer, timeout=60)
+    assert dispatcher.poll() is None
+  stderr = err.read_text()
+  assert trainer.returncode != 0, stderr[-3000:]
+  assert 'SIGTERM: training did not stop' in stderr, stderr[-3000:]
+  assert seconds < 10, stderr[-3000:]

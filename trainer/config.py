@@ -182,6 +182,7 @@ class TrainConfig:
   base_cutoff_layer: Optional[str] = None
   cache: Optional[str] = None
   data_service: Optional[str] = None
+  data_service_timeout: float = 300
   multi_worker_timeout: int = 600
 
   def fingerprint(self, spec=None) -> dict:
@@ -198,6 +199,7 @@ class TrainConfig:
     out.pop('model_dir')
     out.pop('data_service')  # Where batches are made, not what the run is.
     out.pop('multi_worker_timeout')
+    out.pop('data_service_timeout')
     out['data_dir'] = normalized_path(self.data_dir)
     out['cache'] = (self.cache if self.cache in (None, '', 'memory')
                     else normalized_path(self.cache))

@@ -22,6 +22,7 @@ if __name__ == '__main__':
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines.common import watchdog  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -79,6 +80,11 @@ flags.DEFINE_string(
     'data_service', _D('data_service'),
     'grpc://HOST:PORT of a tf.data service dispatcher (python -m '
     'pipelines.data_service): training batches are made on its workers.')
+flags.DEFINE_float(
+    'data_service_timeout', _D('data_service_timeout'),
+    '--data_service: seconds without a training batch from the service '
+    'before the run stops with an error (a dispatcher that refuses '
+    'connections stops it after 30 s, or half this if less).')
 flags.DEFINE_integer(
     'multi_worker_timeout', _D('multi_worker_timeout'),
     '--distribution=multi_worker: seconds to wait for every worker in '
@@ -130,20 +136,52 @@ def main(argv):
     sys.exit(f'error: {cli.one_line(e)}')
   except OSError as e:
     sys.exit(f'error: {_os_error(e)}')
-  from trainer import train_lib  # pylint: disable=g-import-not-at-top
+  dog = watchdog.Watchdog(_stop_lines(config), stderr=cli.unfiltered_stderr())
   try:
-    train_lib.train_and_evaluate(config)
-  except train_lib.Preempted as e:
-    print(f'[train] {e}', file=sys.stderr, flush=True)
-    sys.exit(PREEMPTED_STATUS)
+    _run(config, dog)
+  finally:
+    dog.close()
+
+
+# Seconds the trainer has to stop by itself after SIGTERM (a preemption
+# stops after the current step) or Ctrl-C before the watchdog kills it.
+STOP_GRACE_S = {'SIGTERM': 20, 'SIGINT': 5}
+
+
+def _stop_lines(config) -> dict:
+  """What the watchdog says when it kills a trainer that did not stop."""
+  import signal  # pylint: disable=g-import-not-at-top
+  return {
+      getattr(signal, name): (grace, (
+          f'[train] {name}: training did not stop within {grace} s (blocked '
+          'inside TensorFlow, e.g. waiting for input); killed. The last '
+          f'finished epoch is saved in --model_dir={config.model_dir}: rerun '
+          'the same command to resume'))
+      for name, grace in STOP_GRACE_S.items()}
+
+
+def _run(config, dog) -> None:
+  """train_and_evaluate, every way it can end as one line and a status."""
+  try:
+    from trainer import train_lib  # pylint: disable=g-import-not-at-top
+    train_lib.train_and_evaluate(config, dog=dog)
+  except KeyboardInterrupt:
+    sys.exit(f'error: interrupted (Ctrl-C); finished epochs are saved in '
+             f'--model_dir={config.model_dir}: rerun the same command to '
+             'resume')
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')
   except OSError as e:  # A disk or path problem no check foresaw.
     sys.exit(f'error: {_os_error(e)}')
-  except train_lib.tf.errors.OpError as e:  # Idem, raised inside TensorFlow.
-    sys.exit(f'error: {cli.one_line(train_lib.tf_message(e))}; check '
-             '--model_dir, --data_dir and --cache')
-
+  except Exception as e:  # pylint: disable=broad-except
+    from trainer import train_lib  # pylint: disable=g-import-not-at-top
+    if isinstance(e, train_lib.Preempted):
+      print(f'[train] {e}', file=sys.stderr, flush=True)
+      sys.exit(PREEMPTED_STATUS)
+    if isinstance(e, train_lib.tf.errors.OpError):  # Raised inside TF.
+      sys.exit(f'error: {cli.one_line(train_lib.tf_message(e))}; check '
+               '--model_dir, --data_dir and --cache')
+    raise
 
 if __name__ == '__main__':
   app.run(main, flags_parser=cli.flags_parser(known_only=False))

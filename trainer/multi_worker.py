@@ -318,45 +318,34 @@ def _check_port(task) -> None:
         'change the port in TF_CONFIG on every machine')
 
 
-_WATCHDOG = r"""
-import os, signal, sys, time
-parent, timeout, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
-end = time.monotonic() + timeout
-while time.monotonic() < end:
-  time.sleep(0.5)
-  if os.getppid() != parent:
-    sys.exit(0)  # The trainer is gone.
-print(message, file=sys.stderr, flush=True)
-os.kill(parent, signal.SIGKILL)
-"""
-
-
-def start_strategy(task, *, timeout_s: int):
+def start_strategy(task, *, timeout_s: int, dog=None):
   """MultiWorkerMirroredStrategy once every worker of TF_CONFIG has joined.
 
   Creating the strategy blocks inside TensorFlow until every task is up,
   holding the interpreter (no Python handler or thread runs; TensorFlow
-  also takes SIGTERM over). A watchdog process bounds the wait: if the
-  cluster is not complete after `timeout_s`, it prints one error line and
-  ends this process (exit status 137). SIGTERM is given back its default
-  action once the strategy exists.
+  also takes SIGTERM over). The watchdog process (pipelines.common.watchdog;
+  a new one when `dog` is None) bounds the wait: if the cluster is not
+  complete after `timeout_s`, it prints one error line and ends this
+  process (exit status 137). SIGTERM is given back its default action once
+  the strategy exists.
   """
   import signal  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
+  from pipelines.common import watchdog  # pylint: disable=g-import-not-at-top
   _check_port(task)
   message = (
       f'error: not every worker of TF_CONFIG joined within '
       f'--multi_worker_timeout={timeout_s} s (this is {task.describe()}); '
       'start the same command on every machine TF_CONFIG lists, check they '
       'reach each other on those ports, or raise --multi_worker_timeout')
-  watchdog = subprocess.Popen(
-      [sys.executable, '-c', _WATCHDOG, str(os.getpid()), str(timeout_s),
-       message], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-      stderr=cli.unfiltered_stderr())
+  own = dog is None
+  if own:
+    dog = watchdog.Watchdog({}, stderr=cli.unfiltered_stderr())
+  dog.arm(timeout_s, message)
   try:
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
   finally:
-    watchdog.kill()
-    watchdog.wait()
+    dog.clear()
+    if own:
+      dog.close()
   signal.signal(signal.SIGTERM, signal.SIG_DFL)
   return strategy

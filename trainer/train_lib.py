@@ -23,6 +23,7 @@ import tensorflow as tf
 
 from pipelines import plots
 from pipelines.common import cli
+from pipelines.common import net
 from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.preprocessing.model_input import ModelInput
@@ -64,6 +65,9 @@ def _validate(config: TrainConfig, spec) -> None:
   if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
                     f'{", ".join(config_lib.MONITORS)}')
+  if not config.data_service_timeout > 0:
+    raise UserError(f'--data_service_timeout={config.data_service_timeout} '
+                    'must be > 0 (seconds)')
   if config.multi_worker_timeout < 1:
     raise UserError(f'--multi_worker_timeout={config.multi_worker_timeout} '
                     'must be >= 1 (seconds)')
@@ -86,26 +90,91 @@ def _validate(config: TrainConfig, spec) -> None:
         'smaller --batch_size')
 
 
-def _check_data_service(address: str) -> str:
-  """'grpc://HOST:PORT' of a dispatcher that answers; UserError otherwise.
+def _check_data_service(address: str) -> tuple[str, int]:
+  """(host, port) of a dispatcher that answers; UserError otherwise.
 
   Checked up front: tf.data retries an unreachable dispatcher forever.
   """
-  import socket  # pylint: disable=g-import-not-at-top
-  match = re.fullmatch(r'(?:grpc://)?([^:/\s]+):(\d+)', address)
-  if not match:
-    raise UserError(f'--data_service={address} is not grpc://HOST:PORT of a '
-                    'dispatcher (python -m pipelines.data_service dispatcher)')
-  host, port = match.group(1), int(match.group(2))
-  try:
-    socket.create_connection((host, port), timeout=10).close()
-  except OSError as e:
+  host, port = net.host_port(address, 'data_service')
+  reason = net.unreachable(host, port, timeout=10)
+  if reason:
     raise UserError(
         f'--data_service={address}: no dispatcher answers at {host}:{port} '
-        f'({e.strerror or e}); start one with `python -m '
-        f'pipelines.data_service dispatcher --port={port}` and its workers'
-    ) from None
-  return f'grpc://{host}:{port}'
+        f'({reason}); start one with `python -m pipelines.data_service '
+        f'dispatcher --port={port}` and its workers')
+  return host, port
+
+
+# A dispatcher that refuses connections this long (or half of
+# --data_service_timeout, if less) is gone: a restart takes seconds.
+DISPATCHER_GRACE_S = 30
+
+
+class _Heartbeat(keras.callbacks.Callback):
+  """Calls `beat` as batches go by (at most once a second)."""
+
+  def __init__(self, beat):
+    super().__init__()
+    self._beat = beat
+    self._last = 0.0
+
+  def _tick(self, *unused_args, **unused_kwargs):
+    now = time.monotonic()
+    if now - self._last >= 1:
+      self._last = now
+      self._beat()
+
+  on_train_batch_end = on_test_batch_end = _tick
+  on_epoch_begin = on_epoch_end = _tick
+
+
+@contextlib.contextmanager
+def _service_watch(config: TrainConfig, dog, resumable):
+  """Bounds every wait on --data_service; yields a heartbeat callback.
+
+  The trainer blocks inside TensorFlow (holding the interpreter) while the
+  service sends nothing, so the watchdog process (pipelines.common.watchdog)
+  ends the run: when the dispatcher refuses connections for
+  DISPATCHER_GRACE_S seconds (at most half the timeout), or when no batch came for
+  --data_service_timeout seconds (no worker, or none that can read the
+  data), each with one line naming the peer and the fix. Finished epochs
+  are saved, so the same command resumes.
+  """
+  if not (dog and config.data_service):
+    yield []
+    return
+  host, port = net.host_port(config.data_service, 'data_service')
+  timeout = config.data_service_timeout
+  resume = ('then rerun the same command (it resumes after the last '
+            f'finished epoch, saved in --model_dir={config.model_dir})')
+  start_worker = (f'python -m pipelines.data_service worker '
+                  f'--dispatcher_address={host}:{port}')
+  note_after = min(30.0, timeout / 2)
+
+  def beat():
+    epoch = len(resumable.rows) + 1
+    dog.arm(timeout, (
+        f'error: no batch from the tf.data service at {host}:{port} '
+        f'(--data_service) for --data_service_timeout={timeout:g} s, in '
+        f'epoch {epoch}: its dispatcher answers, but no worker delivers (none '
+        'registered, or they cannot read --data_dir='
+        f'{config.data_dir}); start workers ({start_worker}), {resume}'),
+            note_after=note_after, note=(
+                f'[train] no batch from the tf.data service at {host}:{port} '
+                f'for {note_after:g} s: is a worker running? ({start_worker}); '
+                f'waiting up to --data_service_timeout={timeout:g} s'))
+
+  grace = min(DISPATCHER_GRACE_S, timeout / 2)
+  dog.watch_peer(host, port, seconds=grace, message=(
+      f'error: the tf.data service dispatcher at {host}:{port} '
+      f'(--data_service) has refused connections for {grace:g} s; '
+      f'restart it and its workers, {resume}'))
+  beat()
+  try:
+    yield [_Heartbeat(beat)]
+  finally:
+    dog.clear()
+    dog.forget_peer()
 
 
 def _optimizer(name: str, learning_rate: float):
@@ -391,29 +460,34 @@ def _load_state(config: TrainConfig, resumable) -> int:
         'a new model_dir', 'a new --model_dir')) from None
 
 
-def train_and_evaluate(config: TrainConfig) -> dict:
+def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
   """Trains (or resumes) and writes model, export, history, metrics, plots.
 
   Everything that can refuse the run (flags, dataset, --model_dir, --cache,
   a saved run with other settings, a checkpoint that does not fit) is
   checked before the first file is written.
+
+  dog: the process's pipelines.common.watchdog.Watchdog (trainer.main
+  makes one): it bounds the waits on --data_service and on the workers of
+  --distribution=multi_worker by ending the process. Without one (a library
+  call), --data_service waits as long as TensorFlow does.
   """
   spec = _read_spec(config.data_dir)  # Once per run.
   _validate(config, spec)
   task = _cluster_task(config)
   if not task:
-    return _train(config, spec, None)
+    return _train(config, spec, None, dog=dog)
   # Before any other TensorFlow op: the strategy sets up the runtime.
   _say(f'multi_worker: {task.describe()}; waiting for every worker')
   strategy = multi_worker.start_strategy(
-      task, timeout_s=config.multi_worker_timeout)
+      task, timeout_s=config.multi_worker_timeout, dog=dog)
   try:
-    return _train(config, spec, task, multi_worker.Cluster(strategy))
+    return _train(config, spec, task, multi_worker.Cluster(strategy), dog)
   except multi_worker.PEER_ERRORS as e:
     raise multi_worker.peer_lost(e) from None
 
 
-def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
+def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
   """train_and_evaluate after the checks that need no TensorFlow runtime."""
   augment = config.augment
   try:  # A worker's refusal stops every worker (agree_to_start).
@@ -496,6 +570,8 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
       config, 'validation', batch_size=config.batch_size, training=False,
       cache=val_cache, **common)
 
+  watch = contextlib.ExitStack()  # Closed once training ends.
+  heartbeat = watch.enter_context(_service_watch(config, dog, resumable))
   with _reading(config):  # A damaged train shard often shows here already.
     # From a dataset of its own: iterating the training dataset would
     # advance its seeded shuffle and augmentation generators.
@@ -538,11 +614,12 @@ def _train(config: TrainConfig, spec, task, cluster=None) -> dict:
       model.fit(train_dataset(config.batch_size), steps_per_epoch=steps_per_epoch,
                 epochs=config.epochs, validation_data=val_ds, verbose=2,
                 shuffle=False, callbacks=[
-                    resumable, keras.callbacks.TerminateOnNaN(),
+                    *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
                     keras.callbacks.TensorBoard(os.path.join(
                         config.model_dir, config_lib.TENSORBOARD_DIR))])
   elif is_chief:
     resumable.on_train_end()
+  watch.close()
   train_seconds = time.perf_counter() - start
   if resumable.preempted:
     raise Preempted(

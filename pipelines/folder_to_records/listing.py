@@ -267,6 +267,14 @@ def _walk_local(root: str, rel_root: str, *, input_real: str,
     stack.extend(reversed(subdirs))
 
 
+def walk_local(folder: str) -> Iterator[Union[str, IgnoredFile]]:
+  """Every file below a local folder, as '/'-separated paths relative to
+  it, with the build's link policy (links that lead into the folder, to a
+  parent or to a folder already read come back as IgnoredFile, as do
+  folders that cannot be listed). For trainer.predict."""
+  return _walk_local(folder, '', input_real=os.path.realpath(folder))
+
+
 def _walk_remote(root: str, rel_root: str) -> Iterator[str]:
   """Files below gs://, s3://, ... folders, through Beam's FileSystems."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top

@@ -147,9 +147,9 @@ def main(argv):
               'worker stops: restart the dispatcher, then its workers')
       # Registering blocks inside TensorFlow while the dispatcher is away.
       dog.arm(_DISPATCHER_TIMEOUT.value, lost)
-    server = start(role, port=_PORT.value,
-                   dispatcher_address=_DISPATCHER.value,
-                   worker_host=_WORKER_HOST.value)
+    _server = start(role, port=_PORT.value,  # Alive until the process ends.
+                    dispatcher_address=_DISPATCHER.value,
+                    worker_host=_WORKER_HOST.value)
     if role == 'worker':
       dog.clear()
       dog.watch_peer(host, port, seconds=_DISPATCHER_TIMEOUT.value,

@@ -107,22 +107,74 @@ def plot_training_curves(rows: Sequence[dict], path: str) -> None:
   plt.close(fig)
 
 
-def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
-                          path: str, *, title: str) -> None:
-  k = len(class_names)
-  size = max(4.0, 0.6 * k + 2)
-  fig, ax = plt.subplots(figsize=(size, size))
+# Up to this many classes the whole matrix is drawn with a count per cell;
+# beyond, the classes most involved in mistakes and the top confusions.
+MAX_MATRIX_CLASSES = 20
+
+
+def most_confused(matrix: np.ndarray, count: int) -> list[tuple[int, int, int]]:
+  """(true, predicted, images) of the `count` largest off-diagonal cells,
+  largest first (ties: by class indices). matrix: int [K, K]."""
+  off = matrix.copy()
+  np.fill_diagonal(off, 0)
+  flat = np.flatnonzero(off)  # At most one per evaluated image.
+  flat = flat[np.lexsort((flat, -off.ravel()[flat]))][:count]
+  return [(int(i // off.shape[1]), int(i % off.shape[1]),
+           int(off.ravel()[i])) for i in flat]
+
+
+def _matrix_panel(ax, matrix: np.ndarray, names: Sequence[str]) -> None:
+  k = len(names)
   ax.imshow(matrix, cmap='Blues')
-  ax.set_xticks(range(k), class_names, rotation=45, ha='right')
-  ax.set_yticks(range(k), class_names)
+  ax.set_xticks(range(k), names, rotation=45, ha='right')
+  ax.set_yticks(range(k), names)
   ax.set_xlabel('predicted')
   ax.set_ylabel('true')
-  ax.set_title(title)
   threshold = matrix.max() / 2 if matrix.size else 0
   for i in range(k):
     for j in range(k):
       ax.text(j, i, str(matrix[i, j]), ha='center', va='center',
               color='white' if matrix[i, j] > threshold else 'black')
+
+
+def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
+                          path: str, *, title: str) -> None:
+  """True vs predicted counts (matrix: int [K, K], rows are true classes).
+
+  Up to MAX_MATRIX_CLASSES classes: the whole matrix. Beyond (a matrix of
+  250 or 2,000 classes has no readable cell): the matrix of the
+  MAX_MATRIX_CLASSES classes most involved in mistakes, and a bar chart of
+  the most frequent (true -> predicted) confusions. The cost is bounded
+  whatever the class count.
+  """
+  k = len(class_names)
+  if k <= MAX_MATRIX_CLASSES:
+    size = max(4.0, 0.6 * k + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    _matrix_panel(ax, matrix, class_names)
+    ax.set_title(title)
+  else:
+    top = most_confused(matrix, MAX_MATRIX_CLASSES)
+    # The classes of the top confusions, then those with most mistakes.
+    errors = matrix.sum(axis=0) + matrix.sum(axis=1) - 2 * np.diag(matrix)
+    order = [c for t, p, _ in top for c in (t, p)] + list(
+        np.argsort(-errors, kind='stable'))
+    chosen = sorted(list(dict.fromkeys(int(c) for c in order))[
+        :MAX_MATRIX_CLASSES])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(22, 11))
+    _matrix_panel(left, matrix[np.ix_(chosen, chosen)],
+                  [class_names[i] for i in chosen])
+    left.set_title(f'the {len(chosen)} classes of the top confusions')
+    labels = [f'{class_names[t]} -> {class_names[p]}' for t, p, _ in top]
+    right.barh(range(len(top)), [n for _, _, n in top], color='tab:red')
+    right.set_yticks(range(len(top)), labels)
+    right.invert_yaxis()
+    right.set_xlabel('images')
+    right.set_title('most frequent confusions (true -> predicted)')
+    right.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    correct = int(np.trace(matrix))
+    fig.suptitle(f'{title}: {k} classes, {correct} of {int(matrix.sum())} '
+                 'images right')
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)

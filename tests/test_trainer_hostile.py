@@ -21,6 +21,7 @@ import types
 import warnings
 
 import keras
+import numpy as np
 import pytest
 
 from pipelines.folder_to_records import builder
@@ -120,12 +121,11 @@ def test_flipped_byte_in_a_shard_names_the_shard(env, tmp_path):
 
 
 def test_model_dir_that_is_a_file(env, tmp_path):
-  data = _copy_data(env, tmp_path)
-  victim = data / 'metadata.json'
-  before = _snapshot(data)
-  result = helpers.run_cli('trainer.main', *_train_args(data, victim))
+  victim = helpers.write(tmp_path / 'notes' / 'notes.txt', b'mine')
+  before = _snapshot(tmp_path)
+  result = helpers.run_cli('trainer.main', *_train_args(env.data, victim))
   _one_error(result, f'--model_dir={victim}', 'is a file')
-  assert _snapshot(data) == before
+  assert _snapshot(tmp_path) == before
   with pytest.raises(UserError) as raised:  # A file on the way to it.
     train_lib.train_and_evaluate(_config(env.data, victim / 'run'))
   _one_line(raised.value, str(victim), 'is a file')
@@ -334,3 +334,174 @@ def test_predict_reads_files_as_safely_as_the_build(env, tmp_path):
                             'device; only image files are read',
   }
   assert lines[f'{folder}/small.jpg'].startswith('error: ')
+
+
+# Wrong results are never a success: a diverged run fails and exports
+# nothing; JSON outputs stay valid JSON; predict refuses NaN.
+
+
+def _strict_json(path: pathlib.Path):
+  def refuse(token):
+    raise AssertionError(f'{path} holds {token}: not JSON')
+  return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_diverged_run_fails_and_exports_nothing(env, tmp_path):
+  run = tmp_path / 'run'
+  args = _train_args(env.data, run, '--learning_rate=1e10', '--epochs=3')
+  for _ in range(2):  # The rerun ends the same way, without training again.
+    result = helpers.run_cli('trainer.main', *args)
+    error = _one_error(result, 'diverged in epoch 1', '--learning_rate',
+                       'no model was saved or exported')
+    assert 'nan' in error
+    for name in ('best.keras', 'export', 'metrics.json', 'model_config.json'):
+      assert not (run / name).exists(), name
+    state = _strict_json(run / 'checkpoint' / 'state.json')
+    assert state['rows'] == [] and state['stopped_early']
+  assert 'Epoch 1/3' not in result.stdout  # The rerun did not train.
+
+
+def test_a_non_finite_epoch_is_not_recorded(env, tmp_path):
+  from trainer import callbacks as callbacks_lib  # pylint: disable=g-import-not-at-top
+  model = keras.models.load_model(env.run / 'best.keras')
+  resumable = callbacks_lib.ResumableTraining(str(tmp_path), patience=0)
+  resumable.set_model(model)
+  resumable.prepare()
+  resumable.on_epoch_end(0, {'loss': 0.5, 'val_loss': 0.6})
+  last = (tmp_path / 'checkpoint' / 'last.weights.h5').read_bytes()
+  model.set_weights([w * float('nan') for w in model.get_weights()])
+  resumable.on_epoch_end(1, {'loss': float('nan'), 'val_loss': float('inf')})
+  assert model.stop_training and resumable.diverged
+  assert [r['epoch'] for r in resumable.rows] == [1]
+  assert 'diverged in epoch 2' in resumable.stop_reason
+  assert (tmp_path / 'checkpoint' / 'last.weights.h5').read_bytes() == last
+  state = _strict_json(tmp_path / 'checkpoint' / 'state.json')
+  assert len(state['rows']) == 1 and state['stopped_early']
+
+
+def test_json_ready_makes_every_output_valid_json():
+  from trainer import report  # pylint: disable=g-import-not-at-top
+  value = {'a': float('nan'), 'b': [1.0, float('inf'), {'c': -float('inf')}],
+           'd': 'nan', 'e': 2}
+  text = json.dumps(report.json_ready(value), allow_nan=False)
+  assert json.loads(text) == {'a': None, 'b': [1.0, None, {'c': None}],
+                              'd': 'nan', 'e': 2}
+
+
+def test_predict_refuses_a_model_that_gives_nan(env, tmp_path):
+  from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
+  from trainer import export as export_lib  # pylint: disable=g-import-not-at-top
+  run = tmp_path / 'nan_run'
+  run.mkdir()
+  model = keras.models.load_model(env.run / 'best.keras')
+  model.set_weights([w * float('nan') for w in model.get_weights()])
+  config = config_lib.ModelConfig.from_json_dict(json.loads(
+      (env.run / 'model_config.json').read_text()))
+  export_lib.export(model, str(run), config)
+  image = helpers.write(tmp_path / 'cat.jpg',
+                        helpers.jpeg_bytes(helpers.photo('chelsea')))
+  result = helpers.run_cli('trainer.predict', f'--model_dir={run}', '--json',
+                           str(image))
+  assert result.returncode == 1, result.stderr[-3000:]
+  (line,) = result.stdout.splitlines()
+  entry = json.loads(line, parse_constant=lambda token: pytest.fail(token))
+  assert 'non-finite' in entry['error'] and 'probability' not in entry
+
+
+# Where a run lives: never inside, at or around a dataset or its photos.
+
+
+def test_model_dir_inside_or_around_data_or_photos_is_refused(env, tmp_path):
+  data = _copy_data(env, tmp_path)
+  for model_dir, needles in (
+      (data / 'run1', ['is inside the dataset --data_dir']),
+      (data, ['is the dataset']),
+      (tmp_path, ['holds the dataset']),
+      (env.photos / 'run', ['is inside the photo folder']),
+      (env.photos, ['is the photo folder']),
+      (data / 'sub' / 'deeper', ['is inside the dataset'])):
+    before = _snapshot(tmp_path)
+    with pytest.raises(UserError) as raised:
+      train_lib.train_and_evaluate(_config(data, model_dir))
+    _one_line(raised.value, f'--model_dir={model_dir}', *needles,
+              'outside')
+    assert _snapshot(tmp_path) == before
+    assert not (env.photos / 'run').exists()
+  # Another dataset above --model_dir counts too.
+  other = _copy_data(env, tmp_path / 'other')
+  with pytest.raises(UserError, match='inside the dataset folder'):
+    train_lib.train_and_evaluate(_config(data, other / 'run'))
+
+
+def test_paths_with_tilde_and_a_run_as_data_dir(env, tmp_path):
+  home = tmp_path / 'home'
+  shutil.copytree(env.data, home / 'data')
+  shutil.copytree(env.run, home / 'run')
+  result = helpers.run_cli('trainer.main', '--data_dir=~/data',
+                           '--model_dir=~/data/run', env={'HOME': str(home)})
+  _one_error(result, f'is inside the dataset --data_dir={home}/data')
+  assert not (helpers.REPO_ROOT / '~').exists()
+  result = helpers.run_cli('trainer.main', '--data_dir=~/run',
+                           '--model_dir=~/run2', env={'HOME': str(home)})
+  _one_error(result, 'is a training run', f'--data_dir={env.data}')
+
+
+def test_predict_follows_folder_links_as_the_build_does(env, tmp_path):
+  photo = helpers.jpeg_bytes(helpers.photo('chelsea'))
+  outside = tmp_path / 'elsewhere'
+  helpers.write(outside / 'linked.jpg', photo)
+  folder = tmp_path / 'pictures'
+  helpers.write(folder / 'a' / 'own.jpg', photo)
+  os.symlink(outside, folder / 'again')  # Outside: followed.
+  os.symlink(folder, folder / 'a' / 'loop')  # A parent: skipped, noted.
+  os.symlink(outside, folder / 'a' / 'more')  # Read already: skipped.
+  helpers.write(folder / 'notes.txt', b'x')
+  result = helpers.run_cli('trainer.predict', f'--model_dir={env.run}',
+                           str(folder))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert [l.split('\t')[0] for l in result.stdout.splitlines()] == [
+      f'{folder}/a/own.jpg', f'{folder}/again/linked.jpg']
+  notes = [l for l in result.stderr.splitlines() if l.startswith('[predict]')]
+  assert any(f'{folder}/a/loop' in n and 'not followed' in n for n in notes)
+  assert any(f'{folder}/a/more' in n and 'not followed' in n for n in notes)
+  assert any('1 file(s) without an image extension (notes.txt)' in n
+             for n in notes), notes
+
+
+# Pictures never stop the model's outputs, and stay readable at any class
+# count.
+
+
+def test_a_failing_picture_does_not_stop_the_export(env, tmp_path,
+                                                    monkeypatch):
+  from pipelines import plots  # pylint: disable=g-import-not-at-top
+  def broken(*args, **kwargs):
+    raise MemoryError('drawing failed')
+  monkeypatch.setattr(plots, 'plot_confusion_matrix', broken)
+  train_lib.train_and_evaluate(_config(env.data, tmp_path / 'run'))
+  for name in ('best.keras', 'metrics.json', 'export/saved_model.pb',
+               'training_curves.png'):
+    assert (tmp_path / 'run' / name).exists(), name
+  assert not (tmp_path / 'run' / 'confusion_matrix.png').exists()
+
+
+def test_the_confusion_picture_is_bounded_at_any_class_count(tmp_path):
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from pipelines import plots  # pylint: disable=g-import-not-at-top
+  k = 2000
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, k, 8000)
+  predictions = labels.copy()
+  predictions[:300] = (labels[:300] + 1) % k  # Planted confusions...
+  predictions[:40] = 7  # ...and a big one.
+  labels[:40] = 3
+  matrix = np.zeros((k, k), np.int64)
+  np.add.at(matrix, (labels, predictions), 1)
+  top = plots.most_confused(matrix, 5)
+  assert top[0] == (3, 7, 40) and [n for *_, n in top] == sorted(
+      [n for *_, n in top], reverse=True)
+  path = tmp_path / 'cm.png'
+  plots.plot_confusion_matrix(matrix, [f'c{i}' for i in range(k)], str(path),
+                              title='t')
+  with Image.open(path) as image:
+    assert image.size == (2200, 1100)  # Not k-sized.

@@ -34,7 +34,7 @@ from pipelines.common import cli
 from trainer import config as config_lib
 
 CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
-STATE_FILE = 'state.json'
+STATE_FILE = config_lib.STATE_FILE
 LAST_WEIGHTS = 'last.weights.h5'
 BEST_WEIGHTS = 'best.weights.h5'
 HISTORY_FILE = config_lib.HISTORY_FILE
@@ -117,6 +117,7 @@ class ResumableTraining(keras.callbacks.Callback):
     self.wait = 0
     self.stopped_early = False
     self.stop_reason: Optional[str] = None
+    self.diverged = False  # The last epoch run had non-finite numbers.
     self.resumed_from = 0
 
   def _path(self, name: str) -> str:
@@ -220,6 +221,10 @@ class ResumableTraining(keras.callbacks.Callback):
       return  # A cut-short epoch is not finished: nothing is recorded.
     logs = dict(logs or {})
     row = {'epoch': epoch + 1, **{k: float(v) for k, v in logs.items()}}
+    bad = sorted(k for k, v in row.items() if not math.isfinite(v))
+    if bad:
+      self._diverged(epoch, row, bad)
+      return
     self.rows.append(row)
     value = logs.get(self.monitor)
     if value is not None and not math.isnan(value) and self._improved(value):
@@ -242,6 +247,21 @@ class ResumableTraining(keras.callbacks.Callback):
     if self.write:
       self._save(epoch)
 
+  def _diverged(self, epoch: int, row: dict, bad: list) -> None:
+    """An epoch whose loss or metrics are not finite (NaN, inf) ended
+    training. It is not recorded, and its weights are not saved: the run's
+    state stays that of the last finite epoch, with the stop reason, so a
+    rerun of the same command ends the same way instead of training on
+    NaN weights (the in-memory model is NaN until on_train_end restores
+    the best epoch)."""
+    shown = ', '.join(f'{k} {row[k]}' for k in bad)
+    self.stopped_early, self.stop_reason = True, (
+        f'training diverged in epoch {epoch + 1} ({shown})')
+    self.diverged = True
+    self.model.stop_training = True
+    if self.write:
+      self._save_state(epoch)
+
   def _save_best(self) -> None:
     tmp = self._path(BEST_WEIGHTS + '.tmp.weights.h5')
     self.model.save_weights(tmp)
@@ -251,11 +271,14 @@ class ResumableTraining(keras.callbacks.Callback):
     tmp = self._path('last.tmp.weights.h5')
     self.model.save_weights(tmp)
     os.replace(tmp, self._path(LAST_WEIGHTS))
+    self._save_state(epoch + 1)
+
+  def _save_state(self, epochs_done: int) -> None:
     _atomic_write_text(self._path(STATE_FILE), json.dumps({
-        'fingerprint': self.fingerprint, 'epochs_done': epoch + 1,
+        'fingerprint': self.fingerprint, 'epochs_done': epochs_done,
         'rows': self.rows, 'best': self.best, 'best_epoch': self.best_epoch,
         'wait': self.wait, 'stopped_early': self.stopped_early,
-        'stop_reason': self.stop_reason}, indent=1))
+        'stop_reason': self.stop_reason}, indent=1, allow_nan=False))
     self.write_history()
 
   def write_history(self) -> None:

@@ -65,6 +65,7 @@ CONFUSION_FILE = 'confusion_matrix.png'
 CLASS_REPORT_FILE = 'classification_report.txt'
 TENSORBOARD_DIR = 'tensorboard'
 CHECKPOINT_DIR = 'checkpoint'
+STATE_FILE = 'state.json'  # In CHECKPOINT_DIR: the resume state.
 
 
 @dataclasses.dataclass(frozen=True)

@@ -22,10 +22,12 @@ if __name__ == '__main__':
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from pipelines.common import paths  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common import watchdog  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from trainer import places  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfrecords_schema import metadata as metadata_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 # Every TrainConfig field is a flag of the same name and default (a test
@@ -106,6 +108,9 @@ def config_from_flags() -> config_lib.TrainConfig:
     raise UserError(f'--augment={values["augment"]}: {e}') from None
   if values['image_size']:
     values['image_size'] = cli.parse_image_size(values['image_size'])
+  for flag in ('data_dir', 'model_dir', 'cache', 'base_weights'):
+    if values[flag]:  # ~, file:// as the user means them.
+      values[flag] = paths.expand(values[flag])
   return config_lib.TrainConfig(**values)
 
 
@@ -131,7 +136,9 @@ def main(argv):
     config = config_from_flags()
     # Before TensorFlow loads (seconds): typos in these fail at once.
     config_lib.check_model_names(config.model, config.base_model)
+    places.check_data_dir_is_not_a_run(config.data_dir)
     metadata_lib.read_dataset_spec(config.data_dir)
+    places.check_model_dir_place(config.model_dir, config.data_dir)
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')
   except OSError as e:

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import os
 import re
 import sys
 import time
@@ -273,9 +271,7 @@ def fit(loop: Loop, *, iterator, val_ds, resumable, epochs: int,
       val_loss, val_accuracy = loop.cluster.broadcast([val_loss, val_accuracy])
       logs = {'accuracy': total[1] / total[2], 'loss': total[0] / total[2],
               'val_accuracy': float(val_accuracy), 'val_loss': float(val_loss)}
-      if math.isnan(logs['loss']):  # As TerminateOnNaN, but recorded.
-        resumable.stopped_early, resumable.stop_reason = True, 'NaN loss'
-      resumable.on_epoch_end(epoch, logs)
+      resumable.on_epoch_end(epoch, logs)  # Non-finite numbers stop it.
       if is_chief:
         seconds = time.perf_counter() - start
         _say(f'epoch {epoch + 1}/{epochs} - {seconds:.0f}s - '

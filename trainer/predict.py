@@ -18,6 +18,8 @@ import json
 import os
 import sys
 
+import numpy as np
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from pipelines.common import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -31,6 +33,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common import paths as paths_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -91,30 +94,52 @@ def load(model_dir: str):
   return served, config
 
 
-def expand_paths(paths):
+def expand_paths(paths, *, note=None):
   """Command-line paths -> (path, error or None), folders expanded.
 
   A folder gives the image files in it and in its sub-folders, in sorted
-  order, skipping hidden files and folders (as the build does); files named
-  on the command line are kept whatever their name. A folder with no
-  images is an error entry, so it is not silently nothing.
+  order, with the build's walker and link policy (listing.walk_local): a
+  link to a folder is followed unless it leads into the folder, to one of
+  its parents or to a folder already read (then it is skipped, with a
+  note). Hidden files and folders and files without an image extension
+  are skipped as the build skips them, counted in one note per folder;
+  files named on the command line are kept whatever their name. A folder
+  with no images, or one that cannot be listed, is an error entry, so it
+  is not silently nothing.
+
+  note: called with each line for stderr (what was skipped, and why).
   """
+  note = note or (lambda line: None)
   for path in paths:
     if not os.path.isdir(path):
       yield path, None
       continue
-    found = False
-    problems = []
-    for root, dirs, files in os.walk(path, onerror=problems.append):
-      dirs[:] = sorted(d for d in dirs if not listing.is_hidden(d))
-      for name in sorted(files):
-        if (not listing.is_hidden(name) and os.path.splitext(name)[1].lower()
-            in source_image.EXTENSION_FORMATS):
-          found = True
-          yield os.path.join(root, name), None
-    for problem in problems:
-      yield problem.filename or path, f'cannot read ({problem.strerror})'
-    if not found and not problems:
+    found, hidden, other = False, 0, []
+    for item in listing.walk_local(path):
+      if isinstance(item, listing.IgnoredFile):
+        where = os.path.join(path, item.relpath)
+        if item.outcome == listing.IGNORED_LINK:
+          note(f'skipped {where}: {item.reason}')
+        else:
+          yield where, item.reason
+        continue
+      parts = item.split('/')
+      if any(listing.is_hidden(part) for part in parts):
+        hidden += 1
+      elif (os.path.splitext(parts[-1])[1].lower() not in
+            source_image.EXTENSION_FORMATS):
+        other.append(item)
+      else:
+        found = True
+        yield os.path.join(path, item), None
+    if hidden or other:
+      names = ', '.join(listing.escaped(n) for n in other[:3]) + (
+          ', ...' if len(other) > 3 else '')
+      note(f'{listing.escaped(path)}: skipped ' + '; '.join(
+          ([f'{hidden} hidden file(s)'] if hidden else []) +
+          ([f'{len(other)} file(s) without an image extension ({names})']
+           if other else [])))
+    if not found:
       yield path, ('folder has no images (' +
                    ', '.join(sorted(source_image.EXTENSION_FORMATS)) + ')')
 
@@ -153,16 +178,22 @@ def predict_files(paths, served, config, *,
       reason = cli.one_line(e.message, 300)
       results.append({'path': shown, 'error': f'the model refused it ({reason})'})
       continue
+    probabilities = out['probabilities'][0].numpy()
+    if not np.isfinite(probabilities).all():
+      results.append({'path': shown, 'error': (
+          'the model gives non-finite probabilities (nan or inf) for it: the '
+          'model is damaged or its training diverged; retrain it (e.g. with '
+          'a lower --learning_rate)')})
+      continue
     index = int(out['class_index'][0])
     results.append({'path': shown, 'class': config.class_names[index],
-                    'probability': round(float(out['probabilities'][0, index]),
-                                         4)})
+                    'probability': round(float(probabilities[index]), 4)})
   return results
 
 
 def _print(result: dict, as_json: bool) -> None:
   if as_json:
-    print(json.dumps(result), flush=True)
+    print(json.dumps(result, allow_nan=False), flush=True)
   elif 'error' in result:
     print(f'{result["path"]}\terror: {result["error"]}', flush=True)
   else:
@@ -190,21 +221,27 @@ def main(argv):
              'range; pass a positive size in bytes, e.g. '
              f'{source_image.DEFAULT_MAX_FILE_BYTES} (256 MiB)')
   try:
-    served, config = load(_MODEL_DIR.value)
+    served, config = load(paths_lib.expand(_MODEL_DIR.value))
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')
-  failed = 0
+  except KeyboardInterrupt:
+    sys.exit('error: interrupted (Ctrl-C)')
+  failed = done = 0
   try:
-    for path, error in expand_paths(paths):
+    for path, error in expand_paths(paths, note=lambda line: print(
+        f'[predict] {line}', file=sys.stderr, flush=True)):
       # One file at a time: each line is out as soon as it is known.
       results = ([{'path': listing.escaped(path), 'error': error}] if error
                  else predict_files([path], served, config,
                                     max_file_bytes=_MAX_FILE_BYTES.value))
       for result in results:
+        done += 1
         failed += 'error' in result
         _print(result, _JSON.value)
   except BrokenPipeError:
     _stdout_closed()
+  except KeyboardInterrupt:
+    sys.exit(f'error: interrupted (Ctrl-C) after {done} file(s)')
   if failed:
     sys.exit(1)
 

@@ -5,11 +5,22 @@ The pictures (curves, confusion matrix) are drawn by pipelines.plots.
 
 from __future__ import annotations
 
-from typing import Sequence
+import math
+from typing import Any, Sequence
 
 import numpy as np
 
 
+def json_ready(value: Any) -> Any:
+  """value with every non-finite float (NaN, inf) as None: json.dump(...,
+  allow_nan=False) then always writes valid JSON (a bare NaN is not)."""
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  if isinstance(value, dict):
+    return {k: json_ready(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_ready(v) for v in value]
+  return value
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray,

@@ -34,6 +34,7 @@ from trainer import config as config_lib
 from trainer import export as export_lib
 from trainer import models
 from trainer import multi_worker
+from trainer import places
 from trainer import report
 from trainer.config import TrainConfig
 
@@ -198,11 +199,10 @@ def _write_samples(batch, config: TrainConfig, spec, model_input: ModelInput,
   """train_samples.png: one training batch as the model receives it."""
   images, labels = batch
   labels = np.asarray(labels).reshape(len(images)).astype(int)
-  plots.plot_sample_grid(
-      model_input.to_pixels(images), labels, spec.class_names,
-      os.path.join(config.model_dir, config_lib.TRAIN_SAMPLES_FILE),
+  _picture(config_lib.TRAIN_SAMPLES_FILE, lambda path: plots.plot_sample_grid(
+      model_input.to_pixels(images), labels, spec.class_names, path,
       title='Training batch as the model sees it' +
-      (' (augmented)' if augmented else ''))
+      (' (augmented)' if augmented else '')), config)
 
 
 def _read_spec(data_dir: str):
@@ -211,19 +211,7 @@ def _read_spec(data_dir: str):
     raise UserError(
         f'--data_dir={data_dir} is a file; pass the folder a `python -m '
         'pipelines.build` run wrote (its --output_dir)')
-  state = os.path.join(data_dir, config_lib.CHECKPOINT_DIR,
-                       callbacks_lib.STATE_FILE)
-  if (os.path.isfile(state) and not os.path.exists(
-      os.path.join(data_dir, tfrecords_schema.metadata.METADATA_FILE))):
-    trained_on = 'DATASET'
-    try:
-      with open(state) as f:
-        trained_on = json.load(f)['fingerprint']['data_dir'] or trained_on
-    except Exception:  # pylint: disable=broad-except
-      pass  # Only to word the message.
-    raise UserError(
-        f'--data_dir={data_dir} is a training run (a --model_dir), not a '
-        f'dataset; pass the dataset it was trained on: --data_dir={trained_on}')
+  places.check_data_dir_is_not_a_run(data_dir)
   try:
     return tfrecords_schema.read_dataset_spec(data_dir)
   except tfrecords_schema.DatasetError as e:
@@ -502,6 +490,7 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
         spec, image_size=config.image_size,
         normalize=models.NORMALIZATION.get(config.model, 'rescale'))
     _check_model_dir(config.model_dir)
+    places.check_model_dir_place(config.model_dir, config.data_dir)
     part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''
     train_cache, val_cache = _cache_files(config, spec, model_input.size,
                                           part)
@@ -643,11 +632,25 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
 
 def _finish(config, spec, model, resumable, *, model_input, binary, common,
             train_seconds) -> dict:
-  """Evaluation, pictures, metrics.json, best model and serving export."""
+  """Evaluation, metrics.json, best model and serving export, then pictures.
+
+  A run with no epoch that finished with finite numbers (a diverged one)
+  is refused: nothing is saved or exported. Pictures come last and never
+  stop the run: the model and its numbers are written whatever they cost.
+  """
   rows = resumable.rows
   if not rows:
-    raise UserError(f'no epoch finished in {config.model_dir}; check the '
-                    'logs above (NaN loss?)')
+    why = resumable.stop_reason or 'no epoch finished (see the logs above)'
+    raise UserError(
+        f'{why}, and no epoch finished with finite numbers, so no model was '
+        f'saved or exported; lower --learning_rate (now '
+        f'{config.learning_rate:g}), e.g. 10x, and train into a new '
+        f'--model_dir (or delete {os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)} '
+        'to start this one over)')
+  if resumable.diverged or (resumable.stop_reason or '').startswith(
+      'training diverged'):
+    _say(f'warning: {resumable.stop_reason}; the model is epoch '
+         f'{resumable.best_epoch or rows[-1]["epoch"]}\'s, the best finite one')
   best_epoch = resumable.best_epoch or rows[-1]['epoch']
   best = next(r for r in rows if r['epoch'] == best_epoch)
   model_path = os.path.join(config.model_dir, config_lib.BEST_MODEL_FILE)
@@ -681,21 +684,30 @@ def _finish(config, spec, model, resumable, *, model_input, binary, common,
     metrics['test_loss'] = float(test_loss)
   with open(os.path.join(config.model_dir, config_lib.METRICS_FILE),
             'w') as f:
-    json.dump(metrics, f, indent=2)
+    json.dump(report.json_ready(metrics), f, indent=2, allow_nan=False)
   with open(os.path.join(config.model_dir, config_lib.CLASS_REPORT_FILE),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
-  plots.plot_training_curves(
-      rows, os.path.join(config.model_dir, config_lib.CURVES_FILE))
-  plots.plot_confusion_matrix(
-      matrix, spec.class_names,
-      os.path.join(config.model_dir, config_lib.CONFUSION_FILE),
-      title=f'Confusion matrix ({eval_split} split)')
   export_lib.export(model, config.model_dir, config_lib.ModelConfig(
       model=config.model, class_names=spec.class_names,
       model_input=model_input))
+  _picture(config_lib.CURVES_FILE, lambda path: plots.plot_training_curves(
+      rows, path), config)
+  _picture(config_lib.CONFUSION_FILE, lambda path: plots.plot_confusion_matrix(
+      matrix, spec.class_names, path,
+      title=f'Confusion matrix ({eval_split} split)'), config)
   _summary(config, metrics, eval_split)
   return metrics
+
+
+def _picture(name: str, draw, config: TrainConfig) -> None:
+  """Draws one picture into --model_dir; a failure is a warning line, never
+  the end of a run whose model is already written."""
+  try:
+    draw(os.path.join(config.model_dir, name))
+  except Exception as e:  # pylint: disable=broad-except
+    _say(f'warning: {name} could not be drawn ({type(e).__name__}: '
+         f'{cli.one_line(e, 200)}); the model and metrics are written')
 
 
 def _summary(config, metrics: dict, eval_split: str) -> None:

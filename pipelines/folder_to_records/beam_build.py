@@ -35,6 +35,18 @@ see only per-chunk totals. Stages:
                     (streamed from an iterable side input)
   launcher          TFDS metadata (dataset_info.json, features.json)
 
+Memory: a worker holds one image at a time, whatever the number of images
+per chunk, bundle or shard: its source file (at most --max_file_bytes; a
+remote input adds READ_AHEAD files read ahead), its decoded pixels (at most
+--max_image_pixels, JPEGs decoded at a reduced scale when the stored size
+allows) and a few copies of its stored bytes (--image_size x channels for
+raw; ~4 today, tested in tests/test_build_memory.py). The chunk writers
+write each record before the next file is read; no step's elements carry
+image bytes (only paths, hashes and per-chunk totals cross the shuffles);
+shards are copied in _COPY_BLOCK pieces. So a worker's peak is its start-up
+size plus a few stored images (2 worker processes, raw: 0.37 GiB at
+4096x4096, 1.08 GiB at 8192x8192, the same for 6 or 12 images).
+
 Everything is written under a hidden temporary folder next to --output_dir;
 the launcher renames it into place only after the pipeline succeeded. Each
 chunk and shard is a pure function of the input and flags (seeded order,
@@ -272,6 +284,7 @@ class WriteChunk(beam.DoFn):
     self._config = config
     self._tmp_dir = tmp_dir
     self._reader = None
+    self._labels = {name: i for i, name in enumerate(config.class_names)}
 
   def setup(self):
     if paths.is_remote(self._config.input_dir):  # Local: no thread.
@@ -286,6 +299,20 @@ class WriteChunk(beam.DoFn):
     return source_image.read_source(
         posixpath.join(self._config.input_dir, relpath),
         max_bytes=self._config.image.max_file_bytes)
+
+  def _convert(self, source: listing_lib.SourceFile, reads
+               ) -> tuple[bytes, source_image.ProcessedImage]:
+    """(sha256 digest of the file, its stored image) for the next read of
+    `reads`; raises ImageRejected, or the read's own error.
+
+    Takes the read itself, so that once the file is converted neither the
+    caller nor a read-ahead future holds its bytes.
+    """
+    data = next(reads).result()
+    processed = source_image.process(
+        data, extension=posixpath.splitext(source.relpath)[1],
+        options=self._config.image)
+    return hashlib.sha256(data).digest(), processed
 
   def process(self, element):
     index, relpaths = element
@@ -304,12 +331,9 @@ class WriteChunk(beam.DoFn):
       reads = read_ahead(self._reader, self._read, relpaths, depth=READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     try:
-      for source, read in zip(files, reads):
+      for source in files:
         try:
-          data = read.result()
-          processed = source_image.process(
-              data, extension=posixpath.splitext(source.relpath)[1],
-              options=config.image)
+          digest, processed = self._convert(source, reads)
         except source_image.ImageRejected as e:
           yield beam.pvalue.TaggedOutput(REJECTED, splits_lib.Dropped(
               source.relpath, e.outcome, e.reason))
@@ -319,27 +343,33 @@ class WriteChunk(beam.DoFn):
               source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
-        digest = hashlib.sha256(data).digest()
         sha = digest.hex()
         split = record_split(source, sha, config)
-        label = config.class_names.index(source.class_name)
-        record = schema.frame_record(schema.encode_example(
+        label = self._labels[source.class_name]
+        # One image in flight (see "Memory" above): the stored image lives
+        # until its Example is made, the Example until it is framed, and the
+        # record until it is written, before the next file is read.
+        example = schema.encode_example(
             image=processed.encoded, label=label, filename=source.relpath,
             sha256=sha, original_height=processed.original_height,
-            original_width=processed.original_width))
+            original_width=processed.original_width)
+        entry = (label, [int(v) for v in processed.pixel_sum],
+                 [int(v) for v in processed.pixel_sumsq],
+                 processed.num_pixels, processed.warning, source.relpath)
+        del processed
         if split not in writers:
           writers[split] = FileSystems.create(
               chunk_path(self._tmp_dir, index, split), compression_type=_RAW)
           indexes[split] = []
+        record = schema.frame_record(example)
+        del example
         writers[split].write(record)
-        indexes[split].append(IndexEntry(
-            offsets[split], len(record), label,
-            [int(v) for v in processed.pixel_sum],
-            [int(v) for v in processed.pixel_sumsq],
-            processed.num_pixels, processed.warning, source.relpath))
+        length = len(record)
+        del record
+        indexes[split].append(IndexEntry(offsets[split], length, *entry))
         # The dedupe shuffle carries only this (the runner may hold it all).
         yield digest, (source.relpath, index, offsets[split])
-        offsets[split] += len(record)
+        offsets[split] += length
         written += 1
     finally:
       for writer in writers.values():

@@ -148,6 +148,7 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
   report = json.loads((out / 'build_report.json').read_text())
   assert report['counts'] == {'seen': 285, 'written': 229, 'duplicate': 30,
                               'label_conflict': 26}
+  assert report['classes_without_examples'] == {}  # Every class, each split.
   spec = tfrecords_schema.read_dataset_spec(str(out))
   assert sum(len(s.shards) for s in spec.splits.values()) > 20
   rejected = {json.loads(l)['path']

@@ -119,3 +119,26 @@ def test_listing_user_errors_name_the_value_and_fix(tmp_path, setup, message):
 def test_listing_missing_folder(tmp_path):
   with pytest.raises(UserError, match='does not exist'):
     listing.list_input(str(tmp_path / 'nope'))
+
+
+def test_classes_without_examples_and_when_they_are_an_error():
+  names = ('cats', 'dog', 'dogs')
+  gaps = splits.classes_without_examples(names, {
+      'train': (5, 0, 4), 'validation': (2, 1, 0), 'test': (0, 0, 0)})
+  # An empty test split is a choice, not a gap.
+  assert gaps == {'train': ['dog'], 'validation': ['dogs']}
+  kwargs = dict(input_dir='in', allow_flag='--allow_it')
+  for given, allowed in [(True, False), (True, True), (False, False)]:
+    error = splits.class_gap_error(gaps, given_splits=given,
+                                   allow_missing_eval_classes=allowed,
+                                   **kwargs)
+    assert "train: 'dog'" in error and '--allow_it' not in error
+    assert ("validation: 'dogs'" in error) == (given and not allowed)
+  eval_only = {'validation': ['dogs']}
+  error = splits.class_gap_error(eval_only, given_splits=True,
+                                 allow_missing_eval_classes=False, **kwargs)
+  assert "validation: 'dogs'" in error and '--allow_it' in error
+  for given, allowed in [(True, True), (False, False)]:
+    assert splits.class_gap_error(eval_only, given_splits=given,
+                                  allow_missing_eval_classes=allowed,
+                                  **kwargs) is None

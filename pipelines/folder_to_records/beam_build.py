@@ -721,6 +721,9 @@ def finalize(_, listed: tuple[int, int], *, config: BuildConfig,
       'conflicts': by_kind[splits_lib.LABEL_CONFLICT],
       'leaks': by_kind[splits_lib.LEAK],
       'warnings': sorted(warnings, key=lambda w: w['path']),
+      'classes_without_examples': splits_lib.classes_without_examples(
+          config.class_names, {name: s.class_counts
+                               for name, s in split_specs.items()}),
       # First chunk start to last chunk end: the steady-state write time.
       'write_stage_s': round(max((t[1] for t in times), default=0.0) -
                              min((t[0] for t in times), default=0.0), 3),

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional, Sequence
 
 from tfrecords_schema.metadata import SPLITS
 
 DUPLICATE = 'duplicate'
+# Classes named per split in an error line; the rest are counted.
+_MAX_NAMED = 5
 LABEL_CONFLICT = 'label_conflict'
 LEAK = 'leak'
 
@@ -113,3 +115,53 @@ def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
   kind = LEAK if any(d.outcome == LEAK for d in dropped) else DUPLICATE
   return kept, dropped, {'kind': kind, 'sha256': sha256, 'kept': first.relpath,
                          'dropped': [d.relpath for d in dropped]}
+
+
+def classes_without_examples(class_names: Sequence[str],
+                             counts: Mapping[str, Sequence[int]]
+                             ) -> dict[str, list[str]]:
+  """{split: names of its classes with no written example}.
+
+  Train always (a class with no train example cannot be learned); another
+  split only when it holds examples (an empty validation split is a choice,
+  --validation_fraction=0, not a gap). counts: split -> per-class counts in
+  class order.
+  """
+  gaps = {}
+  for split in SPLITS:
+    split_counts = counts.get(split) or [0] * len(class_names)
+    if split == 'train' or any(split_counts):
+      missing = [n for n, c in zip(class_names, split_counts) if not c]
+      if missing:
+        gaps[split] = missing
+  return gaps
+
+
+def class_gap_error(gaps: Mapping[str, Sequence[str]], *, input_dir: str,
+                    given_splits: bool, allow_missing_eval_classes: bool,
+                    allow_flag: str) -> Optional[str]:
+  """The error for classes a build wrote no example of, or None.
+
+  A class with no train example (its folder held no usable image, or all of
+  its few images fell into validation/test) is always an error. One with no
+  example in a split folder it should fill (layout (b): given_splits) is one
+  unless allowed; in layout (a) a small class may miss an evaluation split
+  by chance, which the report shows (`classes_without_examples`).
+  """
+  named = lambda split: f'{split}: ' + ', '.join(
+      repr(n) for n in gaps[split][:_MAX_NAMED]) + (
+          f' and {len(gaps[split]) - _MAX_NAMED} more'
+          if len(gaps[split]) > _MAX_NAMED else '')
+  problems = [named('train')] if 'train' in gaps else []
+  if given_splits and not allow_missing_eval_classes:
+    problems += [named(split) for split in gaps if split != 'train']
+  if not problems:
+    return None
+  small = ('' if given_splits else ', or a class too small for '
+           '--validation_fraction and --test_fraction')
+  allow = (f', or pass {allow_flag} to build with classes missing from '
+           'validation/ or test/' if 'train' not in gaps else '')
+  return (f'--input_dir={input_dir} gave classes no image in a split that '
+          f'needs them ({"; ".join(problems)}): a class folder that is empty '
+          f'or whose files were all rejected (see rejected.jsonl){small}; add '
+          f'readable images or remove the class folder{allow}')

@@ -238,24 +238,35 @@ def test_a_killed_dispatcher_stops_trainer_and_worker(tiny, tmp_path):
   assert state['epochs_done'] >= 2  # Finished epochs survive.
 
 
-def test_sigterm_twice_stops_a_trainer_that_waits_for_input(tiny, tmp_path):
+def test_sigterm_preempts_through_the_service_and_twice_kills(tiny, tmp_path):
   ports = [helpers.free_port() for _ in range(2)]
   with _server('dispatcher', f'--port={ports[0]}') as dispatcher, _server(
       'worker', f'--port={ports[1]}',
       f'--dispatcher_address=localhost:{ports[0]}',
       '--worker_host=localhost') as worker:
     helpers.wait_for_port(ports[1], worker)
+    # Healthy: a preemption stops after the step and saves (exit 143).
     with _trainer(tmp_path, tiny, f'grpc://localhost:{ports[0]}') as (
         trainer, out, err):
       _wait_for(out, 'Epoch 3/', trainer)
-      os.killpg(worker.pid, signal.SIGKILL)  # Input stops coming.
+      trainer.send_signal(signal.SIGTERM)
+      _finish(trainer, timeout=60)
+    assert trainer.returncode == 143, err.read_text()[-3000:]
+    assert 'preempted (SIGTERM)' in err.read_text()
+    # Input stops coming: TensorFlow holds the trainer; a second SIGTERM
+    # ends it at once instead of after the grace.
+    with _trainer(tmp_path, tiny, f'grpc://localhost:{ports[0]}') as (
+        trainer, out, err):
+      _wait_for(out, 'Epoch 5/', trainer)
+      os.killpg(worker.pid, signal.SIGKILL)
       time.sleep(3)
-      trainer.send_signal(signal.SIGTERM)  # A preemption: waits for a step,
+      trainer.send_signal(signal.SIGTERM)
       time.sleep(0.5)
-      trainer.send_signal(signal.SIGTERM)  # but a second one ends it now.
+      trainer.send_signal(signal.SIGTERM)
       seconds = _finish(trainer, timeout=60)
     assert dispatcher.poll() is None
   stderr = err.read_text()
   assert trainer.returncode != 0, stderr[-3000:]
+  assert 'resuming after epoch' in stderr
   assert 'SIGTERM: training did not stop' in stderr, stderr[-3000:]
   assert seconds < 10, stderr[-3000:]

@@ -15,8 +15,9 @@ from pipelines.common import cli
 
 if __name__ == '__main__':
   # Before TensorFlow and Beam's workers start: their start-up chatter would
-  # drown the progress lines (Beam's workers inherit this stderr).
-  cli.filter_noise()
+  # drown the progress lines (Beam's workers inherit this stderr). After
+  # Ctrl-C only the build's own lines: its workers die with tracebacks.
+  cli.filter_noise(keep_after_interrupt=('error:', '[build]'))
 
 
 def _import_beam_quietly():
@@ -119,22 +120,25 @@ def check_beam_args(args: list[str]) -> None:
 
 
 def main(argv):
+  cli.interrupt_on_sigterm()  # Cleans up as after Ctrl-C.
   beam_args = argv[1:]
   try:
     check_beam_args(beam_args)
-  except UserError as e:
-    sys.exit(f'error: {e}')
-  if not FLAGS.input_dir or not FLAGS.output_dir:
-    sys.exit('error: --input_dir and --output_dir are required, e.g. '
-             '--input_dir=photos --output_dir=data/photos')
-  cli.quiet_logs()  # Beam's INFO lines would drown the progress lines.
-  try:
+    if not FLAGS.input_dir or not FLAGS.output_dir:
+      raise UserError('--input_dir and --output_dir are required, e.g. '
+                      '--input_dir=photos --output_dir=data/photos')
+    cli.quiet_logs()  # Beam's INFO lines would drown the progress lines.
     builder.build(builder.BuildSettings(**{
         f.name: FLAGS[f.name].value
         for f in dataclasses.fields(builder.BuildSettings)}),
                   beam_args=beam_args)
   except UserError as e:
-    sys.exit(f'error: {e}')
+    print(f'error: {cli.one_line(e)}', file=sys.stderr, flush=True)
+    sys.exit(getattr(e, 'exit_code', 1))
+  except KeyboardInterrupt as e:  # Before the build began: nothing written.
+    print(f'error: interrupted ({cli.signal_name(e)}); nothing was written',
+          file=sys.stderr, flush=True)
+    sys.exit(128 + cli.signal_number(e))
 
 
 if __name__ == '__main__':

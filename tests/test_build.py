@@ -327,8 +327,9 @@ def test_commit_by_copy_puts_metadata_last_and_replaces_old(tmp_path,
     (tmp / name).write_text(name)
   out.mkdir()
   (out / 'build_report.json').write_text(json.dumps(
-      {'toolkit': metadata.TOOLKIT_MARKER}))  # Ours: may be replaced.
-  (out / 'old-shard').write_text('old')
+      {'toolkit': metadata.TOOLKIT_MARKER, 'dataset_name': 'old',
+       'splits': {'train': {'num_shards': 2}}}))  # Ours: may be replaced.
+  (out / 'old-train.tfrecord-00001-of-00002').write_text('old')
   copied = []
   original = tf.io.gfile.copy
   monkeypatch.setattr(tf.io.gfile, 'copy', lambda a, b, *args, **kw: (

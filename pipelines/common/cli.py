@@ -6,9 +6,10 @@ Imports neither Beam nor TensorFlow, so every command starts fast.
 import atexit
 import os
 import re
+import signal
 import sys
 import threading
-from typing import Optional
+from typing import Optional, Sequence
 
 from absl import flags
 from absl import logging
@@ -35,11 +36,41 @@ _NOISE = re.compile('|'.join([
 ]))
 
 
-def _forward(read_fd: int, write_fd: int) -> None:
-  with os.fdopen(read_fd, 'rb') as pipe:
-    for line in pipe:
+def _interrupted(wakeup_fd: int) -> bool:
+  """Whether SIGINT or SIGTERM reached this process (signal numbers that
+  the C-level handler wrote to the wakeup pipe; never blocks)."""
+  try:
+    data = os.read(wakeup_fd, 512)
+  except BlockingIOError:
+    return False
+  return bool({signal.SIGINT, signal.SIGTERM} & set(data))
+
+
+def _forward(read_fd: int, write_fd: int, wakeup_fd: Optional[int] = None,
+             keep: tuple[bytes, ...] = ()) -> None:
+  """Copies lines from read_fd to write_fd, without noise; once wakeup_fd
+  says the process was interrupted, only lines that start with `keep`.
+
+  The wakeup pipe is read after each read of the lines: a child process
+  hit by the same Ctrl-C can only write after the signal was sent, so its
+  lines are never forwarded.
+  """
+  interrupted, pending = False, b''
+  while True:
+    data = os.read(read_fd, 1 << 16)
+    if wakeup_fd is not None and not interrupted:
+      interrupted = _interrupted(wakeup_fd)
+    lines = (pending + data).split(b'\n')
+    pending = lines.pop() if data else b''
+    for line in lines:
+      if not line and not data:
+        continue
+      if interrupted and not line.startswith(keep):
+        continue
       if not _NOISE.search(line.decode('utf-8', 'replace')):
-        os.write(write_fd, line)
+        os.write(write_fd, line + b'\n')
+    if not data:
+      return
 
 
 _UNFILTERED_STDERR = 2  # The real stderr once filter_noise has run.
@@ -51,7 +82,7 @@ def unfiltered_stderr() -> int:
   return _UNFILTERED_STDERR
 
 
-def filter_noise() -> None:
+def filter_noise(*, keep_after_interrupt: Sequence[str] = ()) -> None:
   """Drops known start-up chatter from this process's (and children's) stderr.
 
   TensorFlow's C++ runtime prints CUDA-driver lines before its log level is
@@ -60,6 +91,12 @@ def filter_noise() -> None:
   routed through a pipe; a thread forwards every line that is not noise.
   Everything else, warnings and tracebacks included, still gets through.
   `--verbosity=...` (or -v) on the command line turns the filter off.
+
+  keep_after_interrupt: once Ctrl-C (SIGINT) or SIGTERM arrived, only lines
+  that start with one of these are shown (the command's own one-line
+  ending): Ctrl-C reaches Beam's worker processes too, whose tracebacks,
+  and those of the threads that watched them, say nothing to a user. Call
+  it from the main thread: it takes signal.set_wakeup_fd.
   """
   if any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
     return
@@ -71,7 +108,15 @@ def filter_noise() -> None:
   read_fd, write_fd = os.pipe()
   os.dup2(write_fd, 2)
   os.close(write_fd)
-  thread = threading.Thread(target=_forward, args=(read_fd, original),
+  wakeup_fd = None
+  if keep_after_interrupt:
+    wakeup_fd, signal_fd = os.pipe()
+    os.set_blocking(wakeup_fd, False)
+    os.set_blocking(signal_fd, False)
+    signal.set_wakeup_fd(signal_fd, warn_on_full_buffer=False)
+  keep = tuple(k.encode() for k in keep_after_interrupt)
+  thread = threading.Thread(target=_forward,
+                            args=(read_fd, original, wakeup_fd, keep),
                             daemon=True)
   thread.start()
 
@@ -84,6 +129,36 @@ def filter_noise() -> None:
     thread.join(timeout=2)
 
   atexit.register(restore)
+
+
+class Terminated(KeyboardInterrupt):
+  """SIGTERM, raised like Ctrl-C's KeyboardInterrupt so that the same
+  clean-up runs; `signum` gives the exit status (128 + signum)."""
+
+  def __init__(self, signum: int):
+    super().__init__(signal.Signals(signum).name)
+    self.signum = signum
+
+
+def _raise_terminated(signum, frame):
+  del frame
+  raise Terminated(signum)
+
+
+def interrupt_on_sigterm() -> None:
+  """SIGTERM (kill, a scheduler stopping the job) raises Terminated in the
+  main thread instead of ending the process on the spot, so a command
+  cleans up as it does after Ctrl-C."""
+  signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def signal_number(interrupt: KeyboardInterrupt) -> int:
+  """SIGTERM for Terminated, else SIGINT (Ctrl-C)."""
+  return getattr(interrupt, 'signum', signal.SIGINT)
+
+
+def signal_name(interrupt: KeyboardInterrupt) -> str:
+  return signal.Signals(signal_number(interrupt)).name
 
 
 def flags_parser(*, known_only: bool):

@@ -5,6 +5,7 @@ after TensorFlow's start-up; remote ones go through `tf.io.gfile`.
 """
 
 import os
+import shutil
 import stat
 import urllib.parse
 
@@ -116,6 +117,42 @@ def listdir(path: str) -> list[str]:
   if is_remote(path):
     return [e.rstrip('/') for e in _remote(path, lambda g: g.listdir(path))]
   return os.listdir(path)
+
+
+# Kinds of folder entries, as list_entries names them.
+FILE, FOLDER, LINK, OTHER = 'file', 'folder', 'link', 'other'
+
+
+def _kind(mode: int) -> str:
+  if stat.S_ISLNK(mode):
+    return LINK
+  if stat.S_ISDIR(mode):
+    return FOLDER
+  return FILE if stat.S_ISREG(mode) else OTHER
+
+
+def list_entries(path: str) -> list[tuple[str, str]]:
+  """(name, kind) of each entry of a folder, sorted; kind is FILE, FOLDER,
+  LINK (never followed) or OTHER (FIFO, socket, device). Object stores have
+  no links: their entries are FOLDER when listed with a trailing '/', else
+  FILE."""
+  if is_remote(path):
+    names = _remote(path, lambda gfile: gfile.listdir(path))
+    return sorted((n.rstrip('/'), FOLDER if n.endswith('/') else FILE)
+                  for n in names)
+  with os.scandir(path) as it:
+    return sorted((e.name, _kind(e.stat(follow_symlinks=False).st_mode))
+                  for e in it)
+
+
+def remove_tree(path: str) -> None:
+  """Removes a folder and everything in it. Local links inside are unlinked,
+  never followed: tf.io.gfile.rmtree follows a link to a folder and empties
+  the folder it points to, so it is used for object stores only."""
+  if is_remote(path):
+    _remote(path, lambda gfile: gfile.rmtree(path))
+  else:
+    shutil.rmtree(path)
 
 
 def read_text(path: str, *, max_bytes: int) -> str:

@@ -78,7 +78,9 @@ flags.DEFINE_integer(
     'max_file_bytes', _D['max_file_bytes'],
     'Larger files are rejected without being read.')
 flags.DEFINE_boolean(
-    'overwrite', _D['overwrite'], 'Replace an existing dataset in --output_dir.')
+    'overwrite', _D['overwrite'],
+    'Replace an earlier build in --output_dir: only what a build wrote; '
+    'anything else there stops the build, named.')
 FLAGS = flags.FLAGS
 
 

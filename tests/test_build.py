@@ -296,7 +296,8 @@ def test_failed_run_leaves_no_dataset(tmp_path, monkeypatch):
   assert not list(tmp_path.glob('.*'))
 
 
-def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path):
+def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path,
+                                                             capsys):
   images = _small_folder(tmp_path / 'images', per_class=400)
   out = tmp_path / 'out'
   process = subprocess.Popen(
@@ -316,6 +317,14 @@ def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path):
   assert [l.name.startswith('.out.incomplete-') for l in leftovers] == [True]
   with pytest.raises(metadata.DatasetError, match='not a dataset built'):
     tfrecords_schema.read_dataset_spec(str(leftovers[0]))
+  # The rerun (holding the lock: no other build of out runs) finds it all
+  # a build's own files, removes it and says so.
+  capsys.readouterr()
+  builder.build(input_dir=str(images), output_dir=str(out), image_size='8')
+  assert (f'[build] removed 1 temporary folder(s) that stopped builds left '
+          f'beside --output_dir: {leftovers[0].name}\n') in (
+              capsys.readouterr().err)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['images', 'out']
 
 
 def test_commit_by_copy_puts_metadata_last_and_replaces_old(tmp_path,

@@ -36,14 +36,29 @@ _NOISE = re.compile('|'.join([
 ]))
 
 
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_pending() -> bool:
+  """Whether SIGINT or SIGTERM was sent to this process but its handler has
+  not run yet (Linux: /proc/self/status; elsewhere False)."""
+  try:
+    with open('/proc/self/status') as f:
+      masks = [int(line.split()[1], 16) for line in f
+               if line.startswith(('SigPnd:', 'ShdPnd:'))]
+  except (OSError, ValueError, IndexError):
+    return False
+  return any(mask >> (s - 1) & 1 for mask in masks for s in _STOP_SIGNALS)
+
+
 def _interrupted(wakeup_fd: int) -> bool:
-  """Whether SIGINT or SIGTERM reached this process (signal numbers that
-  the C-level handler wrote to the wakeup pipe; never blocks)."""
+  """Whether SIGINT or SIGTERM reached this process: pending, or handled
+  (the C-level handler wrote its number to the wakeup pipe). Never blocks."""
   try:
     data = os.read(wakeup_fd, 512)
   except BlockingIOError:
-    return False
-  return bool({signal.SIGINT, signal.SIGTERM} & set(data))
+    data = b''
+  return bool(set(_STOP_SIGNALS) & set(data)) or _stop_pending()
 
 
 def _forward(read_fd: int, write_fd: int, wakeup_fd: Optional[int] = None,
@@ -51,9 +66,10 @@ def _forward(read_fd: int, write_fd: int, wakeup_fd: Optional[int] = None,
   """Copies lines from read_fd to write_fd, without noise; once wakeup_fd
   says the process was interrupted, only lines that start with `keep`.
 
-  The wakeup pipe is read after each read of the lines: a child process
-  hit by the same Ctrl-C can only write after the signal was sent, so its
-  lines are never forwarded.
+  The signal is looked for after each read of the lines: a child process
+  hit by the same Ctrl-C can only write after the signal was sent, and from
+  then on it is pending here or its number is in the wakeup pipe, so the
+  child's lines are never forwarded.
   """
   interrupted, pending = False, b''
   while True:

@@ -86,15 +86,17 @@ def _real(path: str) -> str:
   """
   return path if paths.is_remote(path) else os.path.realpath(path)
 
+
 # Only a build that wrote nothing leaves a report without metadata.json, and
 # it lists no duplicates or warnings: small. The cap bounds a fake one.
 _MAX_REPORT_BYTES = 1 << 28
 
 # The files a build writes into a dataset folder besides its shards: the
 # toolkit's own and those TFDS's write_metadata adds (dataset_info.json,
-# features.json, the class names of the label feature). test_build checks
-# that a real build writes exactly these and the shards of its metadata.json,
-# so a file added to the build cannot be missed here.
+# features.json, the class names of the label feature). A test
+# (test_build_output_safety) checks that a real build writes exactly these
+# and the shards of its metadata.json: a file added to the build cannot be
+# missed here.
 TFDS_FILES = ('dataset_info.json', 'features.json',
               f'{schema.LABEL}.labels.txt')
 BUILD_FILES = frozenset((metadata_lib.METADATA_FILE, metadata_lib.REPORT_FILE,
@@ -108,6 +110,11 @@ _SHARD_RE = re.compile(r'(?P<name>[a-z][a-z0-9_]*)-(?P<split>[a-z]+)\.'
                        r'-(?P<index>\d+)-of-(?P<count>\d+)')
 _CHUNK_RE = re.compile(r'(?P<index>\d+)-(?P<split>[a-z]+)\.[a-z]+')
 _SHOWN_ENTRIES = 5
+_MOUNT_POINT = (
+    '--output_dir={output_dir} is a mount point (or on another file system '
+    'than the folder it is in): a build writes beside it and renames the '
+    'finished dataset into place, which cannot replace a mount point; build '
+    'into a folder inside it, e.g. --output_dir={output_dir}/dataset')
 
 
 def _parse_shard(name: str) -> Optional[tuple[str, str, int]]:
@@ -268,6 +275,8 @@ def check_output_dir(output_dir: str, *, overwrite: bool) -> bool:
     return False
   if not paths.isdir(output_dir):
     raise UserError(f'--output_dir={output_dir} is a file; pass a folder path')
+  if not paths.is_remote(output_dir) and os.path.ismount(output_dir):
+    raise UserError(_MOUNT_POINT.format(output_dir=output_dir))
   entries = paths.list_entries(output_dir)
   if not entries:
     return False
@@ -530,9 +539,13 @@ _DISK_FIXES = {
                'another disk',
     errno.EMFILE: 'too many open files: raise the limit (ulimit -n 4096) '
                   'and rerun',
+    errno.EXDEV: 'the finished dataset cannot be renamed into place: '
+                 '--output_dir is on another file system than {parent} (a '
+                 'mount point?); build into a folder inside it',
 }
 _DISK_FIXES[errno.EPERM] = _DISK_FIXES[errno.EACCES]
 _DISK_FIXES[errno.ENFILE] = _DISK_FIXES[errno.EMFILE]
+_DISK_FIXES[errno.EBUSY] = _DISK_FIXES[errno.EXDEV]
 # Beam quotes an error of a worker process as text only.
 _QUOTED_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\]'\n]+)(?:: '([^'\n]+)')?")
 
@@ -992,21 +1005,24 @@ def empty_classes(report: dict, tmp_dir: str) -> list[dict]:
   if all(train[c] for c in report['class_names']):
     return []
   rejected = _rejected_per_class(tmp_dir, report['layout'])
-  fraction_hint = ('' if report['layout'] == listing_lib.SPLIT_FOLDERS_LAYOUT
-                   else ', or lower --validation_fraction/--test_fraction')
+  split_folders = report['layout'] == listing_lib.SPLIT_FOLDERS_LAYOUT
   out = []
   for name in report['class_names']:
     if train[name]:
       continue
     n = rejected.get(name, 0)
     if not written[name]:
-      warning = ('no image written: ' + (
-          f'all {n} of its files were rejected (reasons in '
-          f'{metadata_lib.REJECTED_FILE})' if n else
-          'its folder holds no file') + '; a model cannot learn it')
+      why = ('its only file was rejected' if n == 1 else
+             f'all {n} of its files were rejected' if n else
+             f'its folder{"s hold" if split_folders else " holds"} no file')
+      warning = (f'no image written: {why}' + (
+          f' (reasons in {metadata_lib.REJECTED_FILE})' if n else '') +
+                 '; a model cannot learn it')
     else:
+      fix = (f'add images to train/{name}/' if split_folders else
+             'add images, or lower --validation_fraction/--test_fraction')
       warning = (f'no image in train ({written[name]} in validation/test): '
-                 f'a model cannot learn it; add images{fraction_hint}')
+                 f'a model cannot learn it; {fix}')
     out.append({'class': name, 'written': written[name], 'train': 0,
                 'rejected': n, 'warning': warning})
   return out
@@ -1027,7 +1043,7 @@ def _class_rows(split: str, per_class: Mapping[str, int], width: int,
   hidden = len(ranked) - 2 * _SUMMARY_EDGE
   return ([row(name, n) for name, n in ranked[:_SUMMARY_EDGE]] +
           [f'{split:<12}{f"({hidden} more)":<{width}}  {"":>8}   '
-           f'every class: {report_path}'] +
+           f'smallest above, largest below; every class: {report_path}'] +
           [row(name, n) for name, n in ranked[-_SUMMARY_EDGE:]])
 
 

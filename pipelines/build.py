@@ -15,9 +15,9 @@ from pipelines.common import cli
 
 if __name__ == '__main__':
   # Before TensorFlow and Beam's workers start: their start-up chatter would
-  # drown the progress lines (Beam's workers inherit this stderr). After
-  # Ctrl-C only the build's own lines: its workers die with tracebacks.
-  cli.filter_noise(keep_after_interrupt=('error:', '[build]'))
+  # drown the progress lines (Beam's workers inherit this stderr). A failure
+  # the build explains in one line, and Ctrl-C, hide Beam's tracebacks.
+  cli.filter_noise(own_lines=('error:', '[build]'))
 
 
 def _import_beam_quietly():

@@ -7,6 +7,7 @@ import pwd
 
 import pytest
 
+from pipelines.common import cli
 from pipelines.common import paths
 from pipelines.common.errors import UserError
 
@@ -355,20 +356,53 @@ def _one_error(result) -> str:
   return errors[0]
 
 
+@pytest.mark.parametrize('workers', [
+    [], ['--direct_num_workers=2', '--direct_running_mode=multi_processing']])
 def test_a_full_disk_is_one_line_and_keeps_the_dataset(built, tmp_path,
-                                                       mounts):
+                                                       mounts, workers):
+  """In Beam's worker processes too, which print their tracebacks."""
   images, _ = built
   disk = mounts(tmp_path / 'disk', size='1m')
   out = disk / 'ds'
   shutil.copytree(built[1], out)  # Fits; the raw 512x512 build does not.
   before = _snapshot(out)
   result = _run_build(f'--input_dir={images}', f'--output_dir={out}',
-                      '--overwrite', '--image_size=512', '--image_format=raw')
+                      '--overwrite', '--image_size=512', '--image_format=raw',
+                      *workers)
   assert result.returncode == 1
   error = _one_error(result)
   assert 'No space left on device' in error and 'free space' in error
   assert 'the earlier dataset is kept' in error
   assert _snapshot(out) == before and _beside(out) == []
+
+
+def _forwarded(*chunks: bytes) -> bytes:
+  """What cli's stderr forwarder of the build writes for these chunks."""
+  read_fd, write_fd = os.pipe()
+  out_read, out_write = os.pipe()
+  forwarder = cli._Forwarder(out_write, None, (b'error:', b'[build]'))  # pylint: disable=protected-access
+  for chunk in chunks:
+    os.write(write_fd, chunk)
+  os.close(write_fd)
+  forwarder.run(read_fd)
+  os.close(out_write)
+  with os.fdopen(out_read, 'rb') as f:
+    return f.read()
+
+
+def test_tracebacks_wait_for_the_one_line_error_or_the_end():
+  trace = (b'Traceback (most recent call last):\n  File "x.py"\n'
+           b'OSError: [Errno 28] No space left on device\n')
+  # A worker's traceback, then the build's one line: the line alone.
+  assert _forwarded(b'[build] chunk 1\n', trace, b'[build] chunk 2\n',
+                    b'error: disk full\n') == (
+                        b'[build] chunk 1\n[build] chunk 2\nerror: disk full\n')
+  # A crash: everything, the traceback at the end; noise still dropped.
+  assert _forwarded(b'[build] a\n', trace[:20], trace[20:],
+                    b'INFO:worker chatter\n', b'[build] b\n',
+                    b'RuntimeError: bug') == (
+                        b'[build] a\n[build] b\n' + trace +
+                        b'RuntimeError: bug\n')
 
 
 def test_a_read_only_parent_is_named_before_anything_is_written(

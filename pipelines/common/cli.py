@@ -61,32 +61,69 @@ def _interrupted(wakeup_fd: int) -> bool:
   return bool(set(_STOP_SIGNALS) & set(data)) or _stop_pending()
 
 
-def _forward(read_fd: int, write_fd: int, wakeup_fd: Optional[int] = None,
-             keep: tuple[bytes, ...] = ()) -> None:
-  """Copies lines from read_fd to write_fd, without noise; once wakeup_fd
-  says the process was interrupted, only lines that start with `keep`.
+_TRACEBACK = b'Traceback (most recent call last):'
+_ERROR = b'error:'
 
-  The signal is looked for after each read of the lines: a child process
-  hit by the same Ctrl-C can only write after the signal was sent, and from
+
+class _Forwarder:
+  """Copies lines from a pipe to the real stderr, without noise.
+
+  With `own` (the prefixes of the command's own lines, `error:` among
+  them): once the process got SIGINT or SIGTERM, only its own lines; and a
+  traceback (of this process, a thread or a child process) with everything
+  after it that is not the command's own is held: dropped when the
+  command's one-line `error:` follows (it already says what happened), else
+  written at the end, so nothing of a real crash is lost.
+
+  The signal is looked for after each read of the pipe: a child process hit
+  by the same Ctrl-C can only write after the signal was sent, and from
   then on it is pending here or its number is in the wakeup pipe, so the
   child's lines are never forwarded.
   """
-  interrupted, pending = False, b''
-  while True:
-    data = os.read(read_fd, 1 << 16)
-    if wakeup_fd is not None and not interrupted:
-      interrupted = _interrupted(wakeup_fd)
-    lines = (pending + data).split(b'\n')
-    pending = lines.pop() if data else b''
-    for line in lines:
-      if not line and not data:
-        continue
-      if interrupted and not line.startswith(keep):
-        continue
-      if not _NOISE.search(line.decode('utf-8', 'replace')):
-        os.write(write_fd, line + b'\n')
-    if not data:
+
+  def __init__(self, write_fd: int, wakeup_fd: Optional[int],
+               own: tuple[bytes, ...]):
+    self._write_fd, self._wakeup_fd, self._own = write_fd, wakeup_fd, own
+    self._interrupted = False
+    self._held = None  # Lines held since a traceback, or None.
+
+  def run(self, read_fd: int) -> None:
+    pending = b''
+    while True:
+      data = os.read(read_fd, 1 << 16)
+      if self._wakeup_fd is not None and not self._interrupted:
+        self._interrupted = _interrupted(self._wakeup_fd)
+      lines = (pending + data).split(b'\n')
+      pending = lines.pop() if data else b''
+      for line in lines:
+        if line or data:
+          self._line(line + b'\n')
+      if not data:
+        self._write(self._held or [])
+        return
+
+  def _line(self, line: bytes) -> None:
+    if _NOISE.search(line.decode('utf-8', 'replace')):
       return
+    if not self._own:
+      self._write([line])
+      return
+    mine = line.startswith(self._own)
+    if self._interrupted and not mine:
+      return
+    if mine and line.startswith(_ERROR):
+      self._held = None  # The one-line error says it all.
+    elif self._held is not None and not mine:
+      self._held.append(line)
+      return
+    elif line.startswith(_TRACEBACK):
+      self._held = [line]
+      return
+    self._write([line])
+
+  def _write(self, lines: list[bytes]) -> None:
+    for line in lines:
+      os.write(self._write_fd, line)
 
 
 _UNFILTERED_STDERR = 2  # The real stderr once filter_noise has run.
@@ -98,7 +135,7 @@ def unfiltered_stderr() -> int:
   return _UNFILTERED_STDERR
 
 
-def filter_noise(*, keep_after_interrupt: Sequence[str] = ()) -> None:
+def filter_noise(*, own_lines: Sequence[str] = ()) -> None:
   """Drops known start-up chatter from this process's (and children's) stderr.
 
   TensorFlow's C++ runtime prints CUDA-driver lines before its log level is
@@ -108,11 +145,14 @@ def filter_noise(*, keep_after_interrupt: Sequence[str] = ()) -> None:
   Everything else, warnings and tracebacks included, still gets through.
   `--verbosity=...` (or -v) on the command line turns the filter off.
 
-  keep_after_interrupt: once Ctrl-C (SIGINT) or SIGTERM arrived, only lines
-  that start with one of these are shown (the command's own one-line
-  ending): Ctrl-C reaches Beam's worker processes too, whose tracebacks,
-  and those of the threads that watched them, say nothing to a user. Call
-  it from the main thread: it takes signal.set_wakeup_fd.
+  own_lines: prefixes of the command's own lines (`error:` among them).
+  Given, tracebacks wait for the end and go when the command ends with its
+  one-line `error:` (a full disk in a Beam worker process prints one there
+  and in this process), and after Ctrl-C (SIGINT) or SIGTERM only the
+  command's own lines are shown: Ctrl-C reaches Beam's worker processes
+  too, whose tracebacks, and those of the threads that watched them, say
+  nothing to a user. See _Forwarder. Call it from the main thread: it takes
+  signal.set_wakeup_fd.
   """
   if any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
     return
@@ -125,14 +165,14 @@ def filter_noise(*, keep_after_interrupt: Sequence[str] = ()) -> None:
   os.dup2(write_fd, 2)
   os.close(write_fd)
   wakeup_fd = None
-  if keep_after_interrupt:
+  if own_lines:
     wakeup_fd, signal_fd = os.pipe()
     os.set_blocking(wakeup_fd, False)
     os.set_blocking(signal_fd, False)
     signal.set_wakeup_fd(signal_fd, warn_on_full_buffer=False)
-  keep = tuple(k.encode() for k in keep_after_interrupt)
-  thread = threading.Thread(target=_forward,
-                            args=(read_fd, original, wakeup_fd, keep),
+  forwarder = _Forwarder(original, wakeup_fd,
+                         tuple(p.encode() for p in own_lines))
+  thread = threading.Thread(target=forwarder.run, args=(read_fd,),
                             daemon=True)
   thread.start()
 

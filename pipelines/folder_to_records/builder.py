@@ -660,18 +660,60 @@ class _DropDiskFailureLogs:
     return disk_failure(exc or RuntimeError(record.getMessage())) is None
 
 
+# The same for Beam's worker processes, which no filter here reaches: the
+# loggers that log a failing step before the runner re-raises it. Nothing is
+# lost: the error raised here quotes the worker's traceback. Given first, so
+# that the user's own overrides win.
+_QUIET_WORKER_FAILURES = '--sdk_harness_log_level_overrides=' + json.dumps({
+    'apache_beam.runners.common': 'CRITICAL',
+    'apache_beam.runners.worker.sdk_worker': 'CRITICAL'})
+
+
 @contextlib.contextmanager
-def _quiet_disk_failure_logs() -> Iterator[None]:
+def _quiet_disk_failure_logs(beam_args: Sequence[str]) -> Iterator[None]:
+  """Beam's failure logs off while the pipeline runs, here and in the
+  worker processes of the FnApiRunner."""
   import logging  # pylint: disable=g-import-not-at-top
   handlers = list(logging.getLogger().handlers)
   drop = _DropDiskFailureLogs()
   for handler in handlers:
     handler.addFilter(drop)
   try:
-    yield
+    with _worker_log_levels(beam_args):
+      yield
   finally:
     for handler in handlers:
       handler.removeFilter(drop)
+
+
+_WORKER_LOG_OPTIONS = ('default_sdk_harness_log_level',
+                       'sdk_harness_log_level_overrides')
+
+
+@contextlib.contextmanager
+def _worker_log_levels(beam_args: Sequence[str]) -> Iterator[None]:
+  """The FnApiRunner starts its worker processes
+  (--direct_running_mode=multi_processing) with empty pipeline options, so
+  no log level given as a flag reaches them; a worker reads the file named
+  by PIPELINE_OPTIONS_FILE in its environment instead (Beam's
+  sdk_worker_main). Only the log levels go there."""
+  if 'PIPELINE_OPTIONS_FILE' in os.environ:
+    yield  # The user's own.
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  given = PipelineOptions(beam_build.pipeline_args(beam_args)).get_all_options(
+      drop_default=True)
+  fd, path = tempfile.mkstemp(prefix='build-worker-options-', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump({'options': {k: given[k] for k in _WORKER_LOG_OPTIONS
+                           if k in given}}, f)
+  os.environ['PIPELINE_OPTIONS_FILE'] = path
+  try:
+    yield
+  finally:
+    del os.environ['PIPELINE_OPTIONS_FILE']
+    os.unlink(path)
 
 
 def make_config(settings: BuildSettings, *, input_dir: str,
@@ -921,10 +963,11 @@ def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tmp_dir, output_dir = progress.tmp_dir, progress.output_dir
   try:
-    with _quiet_disk_failure_logs():
-      elapsed = beam_build.run_pipeline(config=config, plan=plan,
-                                        tmp_dir=tmp_dir, beam_args=beam_args,
-                                        exclude=(output_dir,))
+    beam_args = [_QUIET_WORKER_FAILURES, *beam_args]
+    with _quiet_disk_failure_logs(beam_args):
+      elapsed = beam_build.run_pipeline(
+          config=config, plan=plan, tmp_dir=tmp_dir, beam_args=beam_args,
+          exclude=(output_dir,))
     report_path = posixpath.join(tmp_dir, metadata_lib.REPORT_FILE)
     with tf.io.gfile.GFile(report_path) as f:
       report = json.load(f)

@@ -439,6 +439,22 @@ def test_a_read_only_parent_is_named_before_anything_is_written(
   assert list(out.iterdir()) == []
 
 
+def test_names_the_file_system_cannot_hold_and_files_on_the_way_are_one_line(
+    built, tmp_path):
+  images, _ = built
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(UserError, match=f'{tmp_path}/file is a file, not a '
+                     'folder'):
+    builder.build(input_dir=str(images),
+                  output_dir=str(tmp_path / 'file' / 'a' / 'ds'), quiet=True)
+  # The name fits; the lock and temporary folder beside it do not.
+  with pytest.raises(builder.BuildFailed, match='File name too long.*adds up '
+                     'to 25 characters.*nothing was changed'):
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / ('a' * 250)),
+                  quiet=True)
+  assert [p.name for p in tmp_path.iterdir()] == ['file']
+
+
 def test_a_mount_point_is_refused_before_anything_is_written(built, tmp_path,
                                                             mounts):
   images, _ = built

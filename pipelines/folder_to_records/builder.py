@@ -272,6 +272,7 @@ def check_output_dir(output_dir: str, *, overwrite: bool) -> bool:
     True when output_dir holds an earlier build that --overwrite replaces.
   """
   if not paths.exists(output_dir):
+    _check_parent_is_a_folder(output_dir)
     return False
   if not paths.isdir(output_dir):
     raise UserError(f'--output_dir={output_dir} is a file; pass a folder path')
@@ -313,6 +314,18 @@ def _temp_entries_not_ours(path: str) -> list[tuple[str, str]]:
       continue
     foreign.append((name, kind))
   return foreign
+
+
+def _check_parent_is_a_folder(output_dir: str) -> None:
+  """The nearest existing folder above a new local output_dir must be one."""
+  if paths.is_remote(output_dir):
+    return
+  parent = os.path.dirname(output_dir)
+  while not os.path.exists(parent) and parent != os.path.dirname(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise UserError(f'--output_dir={output_dir}: {parent} is a file, not a '
+                    'folder; pass a folder path')
 
 
 def _remove_entries(path: str, owned: Owned) -> list[tuple[str, str]]:
@@ -467,16 +480,20 @@ def clear_leftovers(output_dir: str) -> list[str]:
           'that a build stopped while replacing it (kept): `mv '
           f'{path} {output_dir}` brings it back')
       continue
-    foreign = _temp_entries_not_ours(path)
-    if foreign:
-      lines.append(
-          f'warning: {path} looks like the temporary folder of a stopped '
-          f'build but holds what no build writes ({describe_entries(foreign)})'
-          '; it was left alone: remove it yourself once you have checked it')
-      continue
-    left = _remove_entries(path, _ANY_BUILD)
-    if not left:
-      removed.append(entry)
+    try:
+      foreign = _temp_entries_not_ours(path)
+      if foreign:
+        lines.append(
+            f'warning: {path} looks like the temporary folder of a stopped '
+            'build but holds what no build writes '
+            f'({describe_entries(foreign)}); it was left alone: remove it '
+            'yourself once you have checked it')
+      elif not _remove_entries(path, _ANY_BUILD):
+        removed.append(entry)
+    except OSError as e:  # Another user's, say: not this build's problem.
+      lines.append(f'warning: {path}, the temporary folder of a stopped '
+                   f'build, could not be removed ({e.strerror}); remove it '
+                   'yourself')
   if removed:
     lines.insert(0, f'removed {len(removed)} temporary folder(s) that '
                  f'stopped builds left beside --output_dir: '
@@ -531,8 +548,11 @@ _DISK_FIXES = {
                  'an --output_dir on a writable disk',
     errno.EACCES: _BESIDE + ', so {parent} must be writable: make it '
                   'writable, or choose another --output_dir',
-    errno.ENAMETOOLONG: 'a name is too long for that file system: choose a '
-                        'shorter --output_dir or --dataset_name',
+    errno.ENAMETOOLONG: 'a name is too long for that file system (the '
+                        'temporary folder beside --output_dir adds up to '
+                        f'{len(f".{_TEMP_SUFFIX}01234567{_OLD_SUFFIX}")} '
+                        'characters to its name): choose a shorter '
+                        '--output_dir or --dataset_name',
     errno.EFBIG: 'a file is larger than that file system allows: pass a '
                  'smaller --shard_size_mb',
     errno.EIO: 'the disk reported an I/O error: check it, or build to '
@@ -596,12 +616,17 @@ class _Progress:
     if self.committed:
       return f'the new dataset in --output_dir={out} is complete'
     if self.copying:
-      return (f'--output_dir={out} may hold part of the new dataset but no '
-              f'{metadata_lib.METADATA_FILE} (no reader takes it for a '
-              'dataset): rerun the build')
+      earlier = ', no longer the earlier one,' if self.had_dataset else ''
+      return (f'--output_dir={out} was being filled (an object store has no '
+              f'rename) and may hold part of the new dataset{earlier} but no '
+              f'{metadata_lib.METADATA_FILE}: no reader takes it for a '
+              'dataset; rerun the build')
+    try:
+      created = paths.exists(out)
+    except OSError:
+      created = True
     kept = ('the earlier dataset is kept' if self.had_dataset else
-            'it was not created' if not paths.exists(out) else
-            'it is as it was')
+            'it is as it was' if created else 'it was not created')
     tmp = (f'the temporary folder {self.tmp_dir} is left: remove it' if
            self.tmp_left else 'no temporary folder is left')
     return f'nothing was changed in --output_dir={out} ({kept}); {tmp}'

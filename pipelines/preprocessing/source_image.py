@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import struct
 import warnings
 from typing import Optional
 
@@ -189,6 +190,25 @@ def read_source(path: str, *,
       raise ImageRejected(UNREADABLE, f'cannot read ({e.strerror})') from None
 
 
+def _check_bmp_size(data: bytes, *, max_pixels: int) -> None:
+  """A BMP's width and height as the file means them (signed 32-bit; a
+  negative height is a top-down BMP), which Pillow reads as unsigned: -5
+  would be a 4294967291-pixel width, refused as too large. The serving
+  export names the same values."""
+  if data[:2] != b'BM' or len(data) < 26 or struct.unpack_from(
+      '<I', data, 14)[0] < 40:  # Not a BITMAPINFOHEADER (or later) BMP.
+    return
+  width, height = struct.unpack_from('<ii', data, 18)
+  if width <= 0 or height == 0:
+    raise ImageRejected(
+        CORRUPT, f'BMP header gives an invalid size {width}x{height} '
+        '(corrupt or truncated file)')
+  if width * abs(height) > max_pixels:
+    raise ImageRejected(
+        TOO_LARGE, f'{width}x{abs(height)} = {width * abs(height)} pixels '
+        f'exceeds the decompression-bomb limit --max_image_pixels={max_pixels}')
+
+
 def open_checked(data: bytes, *, extension: str,
                  max_pixels: int) -> tuple[Image.Image, Optional[str]]:
   """Opens image bytes (header only) and validates format and size.
@@ -199,6 +219,7 @@ def open_checked(data: bytes, *, extension: str,
   """
   if not data:
     raise ImageRejected(EMPTY, 'empty file (0 bytes)')
+  _check_bmp_size(data, max_pixels=max_pixels)
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore', Image.DecompressionBombWarning)

@@ -24,6 +24,11 @@ SAMPLES_FILE = 'samples.png'
 
 
 MAX_GRID_IMAGES = 100
+# Longest side of a grid image: a cell is 2.2 inches at 100 dpi (220 px).
+# Larger stored images are shrunk one by one as they are read, so the grid
+# holds thumbnails whatever --image_size (at 4096x4096, the 8 full-size
+# images in float32 took 6.9 GB).
+SAMPLE_SIDE = 256
 
 
 def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
@@ -62,7 +67,9 @@ def write_dataset_samples(data_dir: str, path: str, *,
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
   spec = tfrecords_schema.read_dataset_spec(data_dir)
-  model_input = ModelInput.from_spec(spec)
+  scale = min(1.0, SAMPLE_SIDE / max(spec.height, spec.width))
+  model_input = ModelInput.from_spec(spec, image_size=(
+      max(1, round(spec.height * scale)), max(1, round(spec.width * scale))))
   if split not in spec.splits or not spec.splits[split].shards:
     return
   per_class = max(1, min(4, MAX_GRID_IMAGES // spec.num_classes // 2))
@@ -72,7 +79,8 @@ def write_dataset_samples(data_dir: str, path: str, *,
     example = schema.parse_examples(record)
     label = int(example[schema.LABEL])
     if label in wanted and len(found[label]) < per_class:
-      found[label].append(model_input.decode(example[schema.IMAGE]).numpy())
+      found[label].append(model_input.read_resize(
+          model_input.decode(example[schema.IMAGE])).numpy())
     if all(len(found[c]) >= per_class for c in wanted):
       break
   labels = [c for c in wanted for _ in found[c]]

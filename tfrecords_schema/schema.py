@@ -44,17 +44,20 @@ def _varint(value: int) -> bytes:
   return bytes(out)
 
 
-def _field(tag: int, payload: bytes) -> bytes:
-  """One length-delimited protobuf field: tag byte, varint length, payload."""
-  return bytes([tag]) + _varint(len(payload)) + payload
+def _field(tag: int, *payload: bytes) -> list[bytes]:
+  """One length-delimited protobuf field: tag byte, varint length, payload
+  (given in pieces, kept as pieces: the image is copied once, by the join
+  in encode_example)."""
+  return [bytes([tag]) + _varint(sum(len(p) for p in payload)), *payload]
 
 
-def _bytes_feature(value: bytes) -> bytes:
-  return _field(0x0A, _field(0x0A, value))  # Feature.bytes_list.value[0]
+def _bytes_feature(value: bytes) -> list[bytes]:
+  return _field(0x0A, *_field(0x0A, value))  # Feature.bytes_list.value[0]
 
 
-def _int64_feature(value: int) -> bytes:
-  return _field(0x1A, _field(0x0A, _varint(value)))  # Feature.int64_list, packed
+def _int64_feature(value: int) -> list[bytes]:
+  # Feature.int64_list, packed.
+  return _field(0x1A, *_field(0x0A, _varint(value)))
 
 
 def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
@@ -76,10 +79,10 @@ def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
       ORIGINAL_HEIGHT: _int64_feature(original_height),
       ORIGINAL_WIDTH: _int64_feature(original_width),
   }
-  entries = b''.join(
-      _field(0x0A, _field(0x0A, key.encode()) + _field(0x12, features[key]))
-      for key in sorted(features))
-  return _field(0x0A, entries)  # Example.features = Features{feature: map}
+  entries = [piece for key in sorted(features) for piece in _field(
+      0x0A, *_field(0x0A, key.encode()), *_field(0x12, *features[key]))]
+  # Example.features = Features{feature: map}; the one copy of the image.
+  return b''.join(_field(0x0A, *entries))
 
 
 def _masked_crc32c(data: bytes) -> int:
@@ -95,8 +98,8 @@ def frame_record(data: bytes) -> bytes:
   concatenate into a valid file; the build relies on that to join chunks.
   """
   length = struct.pack('<Q', len(data))
-  return (length + struct.pack('<I', _masked_crc32c(length)) + data +
-          struct.pack('<I', _masked_crc32c(data)))
+  return b''.join((length, struct.pack('<I', _masked_crc32c(length)), data,
+                   struct.pack('<I', _masked_crc32c(data))))
 
 
 def feature_spec() -> dict:

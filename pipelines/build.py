@@ -81,6 +81,11 @@ flags.DEFINE_boolean(
     'overwrite', _D['overwrite'],
     'Replace an earlier build in --output_dir: only what a build wrote; '
     'anything else there stops the build, named.')
+flags.DEFINE_boolean(
+    'allow_missing_eval_classes', _D['allow_missing_eval_classes'],
+    'Split-folder layout: accept a class that has a train/<class>/ folder but '
+    'none (or no image) in validation/ or test/ (no metrics for it there). A '
+    'class with no train image is always refused.')
 FLAGS = flags.FLAGS
 
 

@@ -640,7 +640,7 @@ def test_file_urls_reach_the_overlap_check(built, tmp_path):
       'chelsea_0.png']
 
 
-def test_classes_without_images_are_warned_in_summary_and_report(
+def test_classes_without_train_images_are_warned_then_refused(
     tmp_path, capsys):
   images = tmp_path / 'images'
   helpers.photo_folder(images, layout='splits',
@@ -653,15 +653,20 @@ def test_classes_without_images_are_warned_in_summary_and_report(
   (images / 'validation' / 'b').mkdir()
   (images / 'train' / 'c').mkdir()
   (images / 'validation' / 'c').mkdir()
-  report = builder.build(input_dir=str(images),
-                         output_dir=str(tmp_path / 'out'), image_size='8')
+  with pytest.raises(UserError) as raised:
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  image_size='8')
+  error = str(raised.value)
+  assert "train: 'b', 'c', 'd'" in error and 'rejected.jsonl' in error
   summary = capsys.readouterr().out
-  assert [(e['class'], e['written'], e['train'], e['rejected'])
-          for e in report['empty_classes']] == [
-              ('b', 0, 0, 1), ('c', 0, 0, 0), ('d', 1, 0, 1)]
   on_disk = json.loads((tmp_path / 'out' / metadata.REPORT_FILE).read_text())
-  assert on_disk['empty_classes'] == report['empty_classes']
-  for split in report['splits'].values():  # The totals still reconcile.
+  assert [(e['class'], e['written'], e['train'], e['rejected'])
+          for e in on_disk['empty_classes']] == [
+              ('b', 0, 0, 1), ('c', 0, 0, 0), ('d', 1, 0, 1)]
+  assert on_disk['class_gap_error'] == error
+  assert not (tmp_path / 'out' / metadata.METADATA_FILE).exists()  # No dataset.
+  assert (tmp_path / 'out' / metadata.REJECTED_FILE).exists()
+  for split in on_disk['splits'].values():  # The totals still reconcile.
     assert sum(split['per_class'].values()) == split['total']
   assert ("warning: class 'b': no image written: its only file was rejected "
           '(reasons in rejected.jsonl)') in summary
@@ -669,6 +674,24 @@ def test_classes_without_images_are_warned_in_summary_and_report(
       summary)
   assert ("warning: class 'd': no image in train (1 in validation/test): a "
           'model cannot learn it; add images to train/d/') in summary
+
+
+def test_a_class_missing_only_from_validation_needs_the_flag(tmp_path):
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, layout='splits',
+                       classes={'a': 'chelsea', 'b': 'rocket'},
+                       per_class={'train': 1, 'validation': 1},
+                       formats=('png',), size=24)
+  for path in (images / 'validation' / 'b').iterdir():
+    path.write_bytes(b'not an image')
+  with pytest.raises(UserError, match='--allow_missing_eval_classes'):
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  image_size='8', quiet=True, samples=False)
+  report = builder.build(input_dir=str(images),
+                         output_dir=str(tmp_path / 'out2'), image_size='8',
+                         quiet=True, samples=False,
+                         allow_missing_eval_classes=True)
+  assert report['classes_without_examples'] == {'validation': ['b']}
 
 
 def _report(num_classes: int) -> dict:

@@ -27,6 +27,7 @@ from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import splits as splits_lib
 from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import schema
@@ -54,6 +55,7 @@ class BuildSettings:
   max_image_pixels: int = source_image.DEFAULT_MAX_PIXELS
   max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
   overwrite: bool = False
+  allow_missing_eval_classes: bool = False
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 
@@ -957,7 +959,9 @@ def build(settings: Optional[BuildSettings] = None, *,
           output_dir, overwrite=overwrite)
       for line in clear_leftovers(output_dir):
         say(line)
-      plan = listing_lib.plan_input(input_dir, exclude=(output_dir,))
+      plan = listing_lib.plan_input(
+          input_dir, exclude=(output_dir,),
+          allow_missing_eval_classes=settings.allow_missing_eval_classes)
       config = make_config(settings, input_dir=input_dir, listing=plan)
       say(f'{len(plan.class_names)} classes ({plan.layout} layout), '
           f'{len(plan.folders)} folders to list; writing '
@@ -965,7 +969,8 @@ def build(settings: Optional[BuildSettings] = None, *,
           f'{config.image.channels} {config.image.image_format}')
       report, lines = _run_and_commit(
           config, plan, progress=progress, replace=progress.had_dataset,
-          beam_args=beam_args, samples=samples)
+          beam_args=beam_args, samples=samples,
+          allow_missing_eval_classes=settings.allow_missing_eval_classes)
     report['output_dir'] = output_dir
     for line in lines:
       say(line)
@@ -973,17 +978,26 @@ def build(settings: Optional[BuildSettings] = None, *,
       print(format_summary(report))
   if not report['counts']['written']:
     raise UserError(_nothing_written(report, output_dir))
+  if report.get('class_gap_error'):
+    raise UserError(report['class_gap_error'] + (
+        ' (the earlier dataset in --output_dir was kept)'
+        if report.get('kept_earlier') else ''))
   return report
 
 
 def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
-                    beam_args, samples: bool) -> tuple[dict, list[str]]:
+                    beam_args, samples: bool,
+                    allow_missing_eval_classes: bool = False
+                    ) -> tuple[dict, list[str]]:
   """Runs Beam into the temporary folder and commits it; the folder never
   outlives a failure. Returns the report and lines to show.
 
-  A build that wrote no image commits only its report and rejected.jsonl
-  (no metadata.json: it is not a dataset), and only where no earlier build
-  would be replaced, so the reasons survive and nothing is lost for them.
+  A build that wrote no image, or left a class with no train image (or, in
+  layout (b), a split folder's class with none: splits.class_gap_error),
+  commits only its report and rejected.jsonl (no metadata.json: it is not
+  a dataset, and a model cannot learn such a class), and only where no
+  earlier build would be replaced, so the reasons survive and nothing is
+  lost for them. The report then holds `class_gap_error`.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tmp_dir, output_dir = progress.tmp_dir, progress.output_dir
@@ -999,12 +1013,20 @@ def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
     report['elapsed_s'] = round(elapsed, 3)
     report['images_per_s'] = round(report['counts']['written'] / elapsed, 1)
     report['empty_classes'] = empty_classes(report, tmp_dir)
+    gap = splits_lib.class_gap_error(
+        report['classes_without_examples'], input_dir=config.input_dir,
+        given_splits=config.layout == listing_lib.SPLIT_FOLDERS_LAYOUT,
+        allow_missing_eval_classes=allow_missing_eval_classes,
+        allow_flag=listing_lib.ALLOW_MISSING_EVAL_CLASSES_FLAG)
+    if gap and report['counts']['written']:
+      report['class_gap_error'] = gap
     with tf.io.gfile.GFile(report_path, 'w') as f:
       json.dump(report, f, indent=2)
-    if not report['counts']['written']:
+    if not report['counts']['written'] or gap:
       tf.io.gfile.remove(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE))
       if replace and _is_dataset(output_dir):
         _remove_temp(progress)  # Keep the earlier, usable dataset.
+        report['kept_earlier'] = True
         return report, []
     elif samples:
       plots.write_dataset_samples(

@@ -67,6 +67,8 @@ def _refusal(module: str, *args: str) -> tuple[str, list[str]]:
       cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120,
       check=True)
   error, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+  if error.isdigit():  # Printed its error line, then exited with a status.
+    (error,) = helpers.error_lines(result.stderr)
   return error, loaded
 
 

@@ -12,6 +12,7 @@ import difflib
 import sys
 
 from pipelines.common import cli
+from pipelines.common import net
 
 if __name__ == '__main__':
   # Before TensorFlow and Beam's workers start: their start-up chatter would
@@ -126,11 +127,39 @@ def check_beam_args(args: list[str]) -> None:
     raise UserError(f'unknown flag {arg.split("=", 1)[0]}{hint}')
 
 
+def check_endpoints(args: list[str]) -> None:
+  """Refuses a --job_endpoint (and an EXTERNAL --environment_config) that
+  nothing answers at: Beam's portable runner would wait minutes for it and
+  then print a gRPC traceback."""
+  from apache_beam.options import pipeline_options  # pylint: disable=g-import-not-at-top
+  options = pipeline_options.PipelineOptions(args).view_as(
+      pipeline_options.PortableOptions)
+  peers = []
+  if options.job_endpoint and options.job_endpoint != 'embed':
+    peers.append(('job_endpoint', options.job_endpoint,
+                  'python -m apache_beam.runners.portability.'
+                  'local_job_service_main --port=PORT'))
+  if (options.environment_type or '').upper() == 'EXTERNAL' and (
+      options.environment_config):
+    peers.append(('environment_config', options.environment_config,
+                  'python -m apache_beam.runners.worker.worker_pool_main '
+                  '--service_port=PORT'))
+  for flag, address, start in peers:
+    host, _, port = address.rpartition(':')
+    if not port.isdigit() or not host:
+      raise UserError(f'--{flag}={address} is not HOST:PORT')
+    reason = net.unreachable(host.strip('[]'), int(port), timeout=5)
+    if reason:
+      raise UserError(f'--{flag}={address}: nothing answers there ({reason}); '
+                      f'start it first ({start}) or fix --{flag}')
+
+
 def main(argv):
   cli.interrupt_on_sigterm()  # Cleans up as after Ctrl-C.
   beam_args = argv[1:]
   try:
     check_beam_args(beam_args)
+    check_endpoints(beam_args)
     if not FLAGS.input_dir or not FLAGS.output_dir:
       raise UserError('--input_dir and --output_dir are required, e.g. '
                       '--input_dir=photos --output_dir=data/photos')

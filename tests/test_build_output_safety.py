@@ -54,6 +54,7 @@ import json
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -724,3 +725,28 @@ def test_the_summary_stays_short_with_many_classes():
   few = builder.format_summary(_report(builder.SUMMARY_MAX_CLASSES))
   assert all(f'class_{i:04d}' in few
              for i in range(builder.SUMMARY_MAX_CLASSES))
+
+
+def test_an_unreachable_job_service_or_worker_pool_is_one_line(tmp_path):
+  """Beam's portable runner waits minutes for them, then prints a gRPC
+  traceback; the build refuses them before anything else."""
+  nobody = helpers.free_port()
+  listener = socket.socket()  # Answers like a job service, as far as TCP goes.
+  listener.bind(('localhost', 0))
+  listener.listen()
+  job = f'localhost:{listener.getsockname()[1]}'
+  with listener:
+    for flags, needle in (
+        ([f'--job_endpoint=localhost:{nobody}'], '--job_endpoint='),
+        ([f'--job_endpoint={job}', '--environment_type=EXTERNAL',
+          f'--environment_config=localhost:{nobody}'],
+         '--environment_config=')):
+      result = helpers.run_cli(
+          'pipelines.build', f'--input_dir={tmp_path}',
+          '--runner=PortableRunner', f'--output_dir={tmp_path / "out"}',
+          *flags, timeout=120)
+      assert result.returncode == 1, result.stderr[-2000:]
+      (error,) = helpers.error_lines(result.stderr)
+      assert needle in error and 'nothing answers there' in error, error
+      assert 'Traceback' not in result.stderr
+  assert not (tmp_path / 'out').exists()

@@ -113,3 +113,27 @@ def test_split_folders_in_any_unicode_form_are_one_split(tmp_path):
   message = _refusal(images)
   assert 'several train folders' in message
   assert '\\uff54\\uff52\\uff41\\uff49\\uff4e' in message
+
+
+def test_a_training_run_in_the_photos_is_refused(tmp_path):
+  """A --model_dir inside --input_dir would make checkpoint/, export/ and
+  tensorboard/ classes; as --input_dir it is no folder of images."""
+  from pipelines.common import run_files  # pylint: disable=g-import-not-at-top
+  photos = tmp_path / 'photos'
+  helpers.photo_folder(photos, per_class=1, formats=('png',), size=16)
+  listing.plan_input(str(photos))  # Fine before the run lands there.
+  run = photos / 'run1'
+  helpers.write(run / run_files.CHECKPOINT_DIR / run_files.STATE_FILE, b'{}')
+  (run / run_files.EXPORT_DIR).mkdir()
+  with pytest.raises(UserError, match=r'run1 in --input_dir=.* is a training '
+                     r'run .*move the run out of the photos'):
+    listing.plan_input(str(photos))
+  with pytest.raises(UserError, match=r'--input_dir=.*run1 is a training run'):
+    listing.plan_input(str(run))
+  finished = tmp_path / 'finished'  # A finished run, layout (b) position.
+  helpers.photo_folder(finished, layout='splits', per_class=1,
+                       formats=('png',), size=16)
+  helpers.write(finished / 'train' / 'cat' / run_files.MODEL_CONFIG_FILE,
+                b'{}')
+  with pytest.raises(UserError, match='is a training run'):
+    listing.plan_input(str(finished))

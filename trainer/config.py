@@ -28,6 +28,7 @@ import os
 from typing import Any, Optional
 
 from pipelines.common import paths
+from pipelines.common import run_files
 from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.records_to_batches import augment_config
@@ -55,17 +56,17 @@ def check_model_names(model: str, base_model: str) -> None:
 
 # Files and folders of a run (--model_dir).
 BEST_MODEL_FILE = 'best.keras'
-EXPORT_DIR = 'export'
-MODEL_CONFIG_FILE = 'model_config.json'
+EXPORT_DIR = run_files.EXPORT_DIR
+MODEL_CONFIG_FILE = run_files.MODEL_CONFIG_FILE
 HISTORY_FILE = 'history.csv'
 METRICS_FILE = 'metrics.json'
 CURVES_FILE = 'training_curves.png'
 TRAIN_SAMPLES_FILE = 'train_samples.png'
 CONFUSION_FILE = 'confusion_matrix.png'
 CLASS_REPORT_FILE = 'classification_report.txt'
-TENSORBOARD_DIR = 'tensorboard'
-CHECKPOINT_DIR = 'checkpoint'
-STATE_FILE = 'state.json'  # In CHECKPOINT_DIR: the resume state.
+TENSORBOARD_DIR = run_files.TENSORBOARD_DIR
+CHECKPOINT_DIR = run_files.CHECKPOINT_DIR
+STATE_FILE = run_files.STATE_FILE
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ import os
 from typing import Optional
 
 from pipelines.common import paths
+from pipelines.common import run_files
 from pipelines.common.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
 from trainer import config as config_lib
@@ -27,17 +28,10 @@ def _read_json(path: str) -> Optional[dict]:
   return data if isinstance(data, dict) else None
 
 
-def is_training_run(folder: str) -> bool:
-  """A --model_dir of trainer.main (its resume state or finished config)."""
-  return any(os.path.isfile(os.path.join(folder, *rel)) for rel in (
-      (config_lib.CHECKPOINT_DIR, config_lib.STATE_FILE),
-      (config_lib.MODEL_CONFIG_FILE,)))
-
-
 def check_data_dir_is_not_a_run(data_dir: str) -> None:
   """UserError naming the dataset a run trained on when --data_dir is that
   run's --model_dir (and no dataset)."""
-  if (paths.is_remote(data_dir) or not is_training_run(data_dir) or
+  if (paths.is_remote(data_dir) or not run_files.is_training_run(data_dir) or
       os.path.exists(os.path.join(data_dir, metadata_lib.METADATA_FILE))):
     return
   state = _read_json(os.path.join(data_dir, config_lib.CHECKPOINT_DIR,

@@ -18,11 +18,12 @@ import signal
 import sys
 import threading
 import uuid
-from typing import Callable, Iterator, Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 from pipelines import plots
 from pipelines.common import cli
 from pipelines.common import paths
+from pipelines.common import run_files
 from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import beam_build
@@ -106,7 +107,7 @@ BUILD_FILES = frozenset((metadata_lib.METADATA_FILE, metadata_lib.REPORT_FILE,
                          *TFDS_FILES))
 # Folders a trainer keeps in its --model_dir (trainer.config; a test checks
 # the names): only to word the refusal of a training run.
-TRAINING_RUN_FOLDERS = ('checkpoint', 'export')
+TRAINING_RUN_FOLDERS = (run_files.CHECKPOINT_DIR, run_files.EXPORT_DIR)
 _SHARD_RE = re.compile(r'(?P<name>[a-z][a-z0-9_]*)-(?P<split>[a-z]+)\.'
                        + re.escape(schema.RECORD_SUFFIX) +
                        r'-(?P<index>\d+)-of-(?P<count>\d+)')

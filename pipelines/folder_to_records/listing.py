@@ -55,6 +55,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from pipelines.preprocessing import source_image
 from pipelines.common import paths
+from pipelines.common import run_files
 from pipelines.common.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
 
@@ -388,6 +389,25 @@ def _top_entries(folder: str, rel: str, *, input_real: str,
   return visible, hidden, files, ignored
 
 
+def _refuse_training_runs(input_dir: str, relpaths: Sequence[str]) -> None:
+  """UserError when --input_dir, or one of its class or split folders
+  (relpaths; '' is --input_dir), is a training run: its checkpoint/,
+  export/ and tensorboard/ would become classes of images."""
+  if paths.is_remote(input_dir):
+    return
+  for relpath in relpaths:
+    folder = os.path.join(input_dir, relpath) if relpath else input_dir
+    if not run_files.is_training_run(folder):
+      continue
+    what = (f'--input_dir={input_dir} is' if not relpath else
+            f'{escaped(folder)} in --input_dir={input_dir} is')
+    raise UserError(
+        f'{what} a training run (a trainer.main --model_dir: '
+        f'{run_files.CHECKPOINT_DIR}/, {run_files.EXPORT_DIR}/), not a folder '
+        'of images; move the run out of the photos (a run belongs apart, '
+        'e.g. runs/NAME) and rerun')
+
+
 def plan_input(input_dir: str, *, exclude: Sequence[str] = (),
                allow_missing_eval_classes: bool = False) -> InputPlan:
   """The layout, classes and folder tasks of input_dir, from its top only.
@@ -411,6 +431,7 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = (),
                 os.path.realpath(input_dir))
   top = dict(input_real=input_real, exclude=exclude)
   visible, hidden, files, ignored = _top_entries(input_dir, '', **top)
+  _refuse_training_runs(input_dir, [''] + visible)
   if not visible:
     raise UserError(f'--input_dir={input_dir} has no class folders; expected '
                     f'{input_dir}/<class_name>/<image files>')
@@ -431,6 +452,7 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = (),
       folders += [FolderTask(h, None, None) for h in hidden]
       strays += [(f, 'split folder') for f in files]
       by_split[split] = (split_dir, {})
+      _refuse_training_runs(input_dir, classes)
       for relpath in classes:
         name = relpath.split('/', 1)[1]
         check_class_name(name, posixpath.join(input_dir, split_dir))

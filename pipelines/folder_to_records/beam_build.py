@@ -833,7 +833,7 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
                      ) as pipeline:
     build_pipeline(pipeline, config=config, plan=plan, tmp_dir=tmp_dir,
                    exclude=exclude)
-  tf.io.gfile.rmtree(posixpath.join(tmp_dir, CHUNKS_DIR))
+  paths.remove_tree(posixpath.join(tmp_dir, CHUNKS_DIR))  # Links unlinked.
   spec = metadata_lib.read_dataset_spec(tmp_dir)
   if any(s.shards for s in spec.splits.values()):  # TFDS needs a shard.
     metadata_lib.write_dataset_metadata(

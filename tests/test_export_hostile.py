@@ -8,11 +8,14 @@ test fails even on a model that happens to agree, the pixels the model gets
 against the pixels training would have read for the file.
 """
 
+import collections
 import dataclasses
 import io
 import json
 import os
+import re
 import time
+import zlib
 
 import keras
 import numpy as np
@@ -357,3 +360,206 @@ def test_mutated_headers_never_crash_the_server(run):
       assert probabilities.shape == (1, 3)
     except tf.errors.InvalidArgumentError:
       pass
+
+
+# ------------------------------------------------ the build's strictness
+#
+# Issue 23, cases 10 and 13: serving refuses exactly what the build
+# refuses (source_image.process: libjpeg strict, Pillow's warnings as
+# errors), and every refusal names the input's index.
+
+
+def _build_refusal(data, ext, config):
+  """The build's reason for refusing the file, or None if it stores it."""
+  try:
+    source_image.process(data, extension=ext,
+                         options=config.model_input.source_options())
+  except source_image.ImageRejected as e:
+    return e.reason
+  return None
+
+
+def _serve_refusal(served, data):
+  try:
+    _serve(served, data)
+  except tf.errors.InvalidArgumentError as e:
+    return e.message
+  return None
+
+
+def _chunk(kind, payload):
+  body = kind + payload
+  return (len(payload).to_bytes(4, 'big') + body +
+          zlib.crc32(body).to_bytes(4, 'big'))
+
+
+def _png_damage(data, rng):
+  """A PNG cut, flipped and re-chunked where Pillow and libpng differ."""
+  first = data.index(b'IDAT') - 4
+  end = data.index(b'IEND') - 4
+  cut_text = data[:end] + _chunk(b'tEXt', b'Comment\0hello')[:15]
+  flipped = [bytearray(data) for _ in range(3)]
+  flipped[0][int(rng.integers(12, first))] ^= 4  # Before the image data.
+  flipped[1][int(rng.integers(first + 8, end - 4))] ^= 16  # Its zlib data.
+  flipped[2][end - 1] ^= 1  # The IDAT CRC (libpng checks it, Pillow not).
+  return ([data[:int(rng.integers(8, len(data)))] for _ in range(3)] +
+          [bytes(f) for f in flipped] +
+          [data[:-12], data[:-1] + b'\0', cut_text, data + b'junk'])
+
+
+def _jpeg_damage(data, rng, *, sequential):
+  """A JPEG cut short (with and without a new end marker), with bytes
+  deleted or flipped in its scan data, and with odd headers."""
+  start = data.index(b'\xff\xda')
+  end = len(data) - 2
+  cuts = [int(rng.integers(start + 20, end)) for _ in range(3)]
+  cuts.append(int(rng.integers(end - 30, end)))
+  files = [data[:c] + b'\xff\xd9' for c in cuts] + [data[:cuts[0]]]
+  files.append(data[:2] + data[2:].replace(b'\xff\xdb', b'\0\xff\xdb', 1))
+  if b'JFIF\0' in data:
+    jfif = bytearray(data)
+    jfif[data.index(b'JFIF\0') + 5] = 2
+    files.append(bytes(jfif))
+  scan = bytearray(data)  # Se = 62: progressive parameters.
+  scan[start + 5 + 2 * data[start + 4] + 1] = 62
+  files.append(bytes(scan))
+  if sequential:  # Progressive scans: see the residual cases in serving.
+    for _ in range(2):
+      at = int(rng.integers(start + 20, end))
+      files.append(data[:at] + data[at + int(rng.integers(1, 50)):])
+    for _ in range(3):
+      flip = bytearray(data)
+      flip[int(rng.integers(start + 20, end))] ^= 1 << int(rng.integers(8))
+      files.append(bytes(flip))
+  return files
+
+
+def _damaged_files():
+  """(bytes, extension) of real photos damaged in every way the build
+  refuses some of, from each format the build reads."""
+  rng = np.random.default_rng(23)
+  photo = Image.fromarray(helpers.photo('chelsea'))
+  crop = Image.fromarray(helpers.photo('coffee')[:120, :301])  # Padded rows.
+  files = []
+  jpegs = {
+      'baseline': (_encode(photo, 'JPEG', quality=90), True),
+      'progressive': (_encode(photo, 'JPEG', quality=90, progressive=True),
+                      False),
+      'restarts': (_encode(photo, 'JPEG', quality=85,
+                           restart_marker_blocks=4), True),
+      'grey': (_encode(photo.convert('L'), 'JPEG', quality=80), True),
+      '4:4:4': (_encode(photo, 'JPEG', quality=95, subsampling=0,
+                        optimize=True), True),
+  }
+  for data, sequential in jpegs.values():
+    files += [(d, '.jpg') for d in _jpeg_damage(data, rng,
+                                                sequential=sequential)]
+  restarts = jpegs['restarts'][0]
+  rst = restarts.index(b'\xff\xd3', restarts.index(b'\xff\xda'))
+  files.append((restarts[:rst] + restarts[rst + 2:], '.jpg'))
+  for image in (crop, crop.convert('P')):
+    files += [(d, '.png') for d in _png_damage(_encode(image, 'PNG'), rng)]
+  for data in (_encode(crop, 'GIF'), _encode(crop, 'GIF', save_all=True,
+                                             append_images=[photo])):
+    for _ in range(3):
+      cut = data[:int(rng.integers(13, len(data)))]
+      files += [(cut, '.gif'), (cut + b';', '.gif')]
+  for mode in ('RGB', 'L', 'RGBA'):
+    data = _encode(crop.convert(mode), 'BMP')
+    top_down = bytearray(data)
+    top_down[22:26] = (-120).to_bytes(4, 'little', signed=True)
+    files += [(d, '.bmp') for d in (
+        data[:int(rng.integers(54, len(data)))], data[:-1], data[:-3],
+        data + b'\0' * 7, bytes(top_down))]
+  for data in (_encode(crop, 'WEBP', quality=80),
+               _encode(crop, 'WEBP', lossless=True)):
+    for _ in range(3):
+      flip = bytearray(data)
+      flip[int(rng.integers(40, len(data)))] ^= 1 << int(rng.integers(8))
+      files += [(data[:int(rng.integers(12, len(data)))], '.webp'),
+                (bytes(flip), '.webp')]
+  return files
+
+
+def _known_gap(reason):
+  """The one refusal serving cannot match (see serving's JPEG strictness
+  section): libjpeg finds fewer than 9 scan bytes never decoded, which its
+  bit reader may or may not have fetched ahead."""
+  found = re.search(r'(\d+) extraneous bytes', reason or '')
+  return found is not None and int(found.group(1)) < 9
+
+
+def test_serving_refuses_a_damaged_file_iff_the_build_does(run):
+  """Issue 23 case 10's class: damage libjpeg only warns about (a JPEG cut
+  and given a new end marker was accepted with p=0.936), PNG chunks Pillow
+  checks but libpng does not and the reverse, BMP rows cut short or longer,
+  GIF and WebP cut short: the build and serve agree on every file."""
+  served, config = _served(run, 'stretch')
+  files = _damaged_files()
+  verdicts = collections.Counter()
+  for data, ext in files:
+    build = _build_refusal(data, ext, config)
+    serve = _serve_refusal(served, data)
+    if _known_gap(build):
+      continue
+    verdicts[build is not None] += 1
+    assert (serve is not None) == (build is not None), (ext, build, serve)
+    if serve is not None:
+      assert serve.count('image_bytes[0]: ') == 1, serve
+  assert verdicts[True] >= 60 and verdicts[False] >= 25, verdicts
+
+
+def test_a_jpeg_cut_in_half_with_an_end_marker_is_refused(run):
+  """The issue's file: the build, predict and serve refuse it."""
+  served, config = _served(run, 'stretch')
+  good = helpers.jpeg_bytes(helpers.photo('rocket'))
+  for progressive in (False, True):
+    data = _encode(Image.fromarray(helpers.photo('chelsea')), 'JPEG',
+                   quality=90, progressive=progressive)
+    cut = data[:len(data) // 2] + b'\xff\xd9'
+    assert 'premature end of data segment' in _build_refusal(cut, '.jpg',
+                                                             config)
+    message = _error(served, good, good, cut)
+    assert ('image_bytes[2]: corrupt JPEG data (a scan ends before its last '
+            'block' in message), message
+    _serve(served, data)  # The whole file is fine.
+
+
+def test_every_refusal_names_the_input_index(run):
+  """Also where a TensorFlow decoder refuses the data (its own error names
+  no input): zlib data, a WebP bitstream, a JPEG without its end."""
+  served, _ = _served(run, 'stretch')
+  good = helpers.jpeg_bytes(helpers.photo('rocket'))
+  image = Image.fromarray(helpers.photo('coffee')[:60, :80])
+  png = bytearray(_encode(image, 'PNG'))
+  png[png.index(b'IDAT') + 30] ^= 0xFF
+  webp = _encode(image, 'WEBP')
+  jpeg = helpers.jpeg_bytes(helpers.photo('coffee'))
+  for bad, reason in ((bytes(png), 'corrupt PNG data'),
+                      (webp[:len(webp) * 2 // 3], 'corrupt WebP data'),
+                      (jpeg[:len(jpeg) // 2], 'corrupt JPEG data')):
+    for index in (0, 3):
+      batch = [good] * 4
+      batch[index] = bad
+      message = _error(served, *batch)
+      assert message.count('image_bytes[') == 1, message
+      assert f'image_bytes[{index}]: {reason}' in message, message
+
+
+def test_bmp_sizes_are_read_signed_like_the_file_means_them(run):
+  """Issue 23 case 13: a width of -5 is shown as -5 (not 4294967291) by
+  serve and the build; a negative height is a top-down BMP, read by both."""
+  served, config = _served(run, 'stretch')
+  data = _encode(Image.fromarray(helpers.photo('coffee')[:40, :60]), 'BMP')
+  wide = bytearray(data)
+  wide[18:22] = (-5).to_bytes(4, 'little', signed=True)
+  wanted = 'BMP header gives an invalid size -5x40 (corrupt or truncated file)'
+  assert _build_refusal(bytes(wide), '.bmp', config) == wanted
+  assert f'image_bytes[0]: {wanted}' in _error(served, bytes(wide))
+  top_down = bytearray(data)
+  top_down[22:26] = (-40).to_bytes(4, 'little', signed=True)
+  flipped, _ = _check(run, bytes(top_down), '.bmp')
+  upright, _ = _check(run, data, '.bmp')
+  # The same rows in the other order: upside down.
+  assert (np.abs(flipped - upright[::-1]).mean() * 3 <
+          np.abs(flipped - upright).mean()), 'not read top-down'

@@ -313,6 +313,7 @@ def test_beam_flags_still_pass_through(tmp_path):
   images = _folder(tmp_path / 'images', per_class=1)
   result, _ = _build_cli(f'--input_dir={images}',
                          f'--output_dir={tmp_path / "out"}', '--image_size=8',
+                         '--validation_fraction=0', '--test_fraction=0',
                          '--runner=FnApiRunner', '--direct_num_workers=1')
   assert result.returncode == 0, result.stderr[-3000:]
 

@@ -229,8 +229,27 @@ def flags_parser(*, known_only: bool):
       return flags.FLAGS(argv, known_only=known_only)
     except flags.Error as e:
       sys.exit(f'error: {e}')
+    except SystemExit as e:
+      # absl prints --help/--helpfull/--helpshort and exits 1; asking for
+      # help is not a failure.
+      if e.code == 1 and _asks_for_help(argv):
+        sys.exit(0)
+      raise
 
   return parse
+
+
+_HELP_FLAGS = ('-?', '-h', '--help', '--helpfull', '--helpshort', '--helpxml')
+
+
+def _asks_for_help(argv) -> bool:
+  """Whether argv holds one of absl's help flags (before a bare `--`)."""
+  for arg in argv[1:]:
+    if arg == '--':
+      return False
+    if arg.split('=', 1)[0] in _HELP_FLAGS:
+      return True
+  return False
 
 
 def quiet_logs() -> None:

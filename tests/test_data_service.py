@@ -68,14 +68,34 @@ def _image_hashes(ds) -> collections.Counter:
   return hashes
 
 
-def test_every_training_example_arrives_exactly_once(service):
+@pytest.fixture
+def distribute_calls(monkeypatch):
+  """The services tf.data.experimental.service.distribute was applied with
+  (the real one still runs): a pipeline that ignored its data_service would
+  give the same images, locally."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  real = tf.data.experimental.service.distribute
+  calls = []
+
+  def spy(*args, **kwargs):
+    calls.append(kwargs.get('service'))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(tf.data.experimental.service, 'distribute', spy)
+  return calls
+
+
+def test_every_training_example_arrives_exactly_once(service,
+                                                     distribute_calls):
   address, data = service
   local = _image_hashes(input_pipeline.make_dataset(
       str(data), 'train', batch_size=4, training=False))
   assert sum(local.values()) > 12 and len(local) == sum(local.values())
+  assert not distribute_calls
   served = _image_hashes(input_pipeline.make_dataset(
       str(data), 'train', batch_size=4, training=True, drop_remainder=False,
       data_service=address))
+  assert distribute_calls == [address]
   assert served == local
 
 
@@ -100,13 +120,17 @@ def test_sigterm_stops_a_server_cleanly():
   assert 'stopped' in stderr and 'Traceback' not in stderr
 
 
-def test_the_trainer_trains_through_the_service(service, tmp_path):
+def test_the_trainer_trains_through_the_service(service, tmp_path,
+                                               distribute_calls):
   from trainer import train_lib  # pylint: disable=g-import-not-at-top
   address, data = service
   metrics = train_lib.train_and_evaluate(train_lib.TrainConfig(
       data_dir=str(data), model_dir=str(tmp_path / 'run'), epochs=2,
       batch_size=4, early_stopping_patience=0, data_service=address))
   assert metrics['epochs_run'] == 2
+  # Training pipelines (not evaluation ones: they are built without it)
+  # went through the service.
+  assert distribute_calls and set(distribute_calls) == {address}
   assert (tmp_path / 'run' / 'export' / 'saved_model.pb').exists()
 
 
@@ -203,9 +227,10 @@ def test_no_worker_ends_the_trainer_with_one_line(tiny, tmp_path):
     assert f'localhost:{port}' in errors[0] and 'no worker' in errors[0]
     assert 'pipelines.data_service worker' in errors[0]
     # Ctrl-C while it waits (inside TensorFlow, where Python cannot raise
-    # KeyboardInterrupt) stops it within the SIGINT grace.
+    # KeyboardInterrupt) stops it within the SIGINT grace. The note comes
+    # after min(30 s, half the timeout).
     with _trainer(tmp_path, tiny, f'grpc://localhost:{port}',
-                  '--data_service_timeout=60') as (trainer, _, err):
+                  '--data_service_timeout=24') as (trainer, _, err):
       _wait_for(err, 'is a worker running?', trainer)
       trainer.send_signal(signal.SIGINT)
       seconds = _finish(trainer, timeout=60)

@@ -1,5 +1,6 @@
 """End-to-end builds with Beam's DirectRunner on fixtures written to tmp dirs."""
 
+import io
 import json
 import os
 import pathlib
@@ -108,7 +109,17 @@ def test_report_has_splits_stats_and_findings(messy_build):
   assert len(report['duplicates']) == 1
   assert report['warnings'] == [{'path': 'rocket/really_png.jpg',
                                  'warning': 'extension .jpg but content is PNG'}]
-  assert report['images_per_s'] > 0
+  # The statistics are those of the train images as stored (JPEG, so within
+  # a little of the pixels the build summed before encoding).
+  pixels = np.concatenate([
+      np.asarray(Image.open(io.BytesIO(r[schema.IMAGE])).convert('RGB'),
+                 np.float64).reshape(-1, 3) for r in _records(out, 'train')])
+  np.testing.assert_allclose(report['train_mean'], pixels.mean(0), atol=1.0)
+  np.testing.assert_allclose(report['train_std'], pixels.std(0), atol=1.0)
+  # Throughput is what was written over the time the run took.
+  assert 0 < report['elapsed_s'] < 600
+  assert report['images_per_s'] == pytest.approx(
+      report['counts']['written'] / report['elapsed_s'], rel=0.01, abs=0.1)
   spec = tfrecords_schema.read_dataset_spec(str(out))
   assert (spec.height, spec.width, spec.channels) == (64, 96, 3)
   assert spec.mean == tuple(report['train_mean'])

@@ -80,6 +80,7 @@ from pipelines.preprocessing import source_image
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import splits as splits_lib
 from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
 from tfrecords_schema import schema
 
 # Unit of parallel work: small enough that 2+ workers get even shares, large
@@ -695,41 +696,41 @@ def finalize(_, listed: tuple[int, int], *, config: BuildConfig,
         f'!= {num_seen} seen')
   by_kind = collections.defaultdict(list)
   for f in sorted(findings, key=lambda f: f['sha256']):
-    by_kind[f['kind']].append(f)
+    by_kind[f['kind']].append(report_lib.Finding(**f))
   times = list(times)
-  report = {
-      'toolkit': metadata_lib.TOOLKIT_MARKER,
-      'schema_version': schema.SCHEMA_VERSION,
-      'dataset_name': config.dataset_name,
-      'input_dir': config.input_dir,
-      'layout': config.layout,
-      'class_names': list(config.class_names),
-      'image': dataclasses.asdict(config.image),
-      'seed': config.seed,
-      'validation_fraction': config.validation_fraction,
-      'test_fraction': config.test_fraction,
-      'counts': counts,
-      'splits': {
-          name: {'total': s.num_examples, 'num_shards': len(s.shards),
-                 'num_bytes': s.num_bytes,
-                 'per_class': dict(zip(config.class_names, s.class_counts))}
+  report = report_lib.BuildReport(
+      dataset_name=config.dataset_name,
+      input_dir=config.input_dir,
+      layout=config.layout,
+      class_names=tuple(config.class_names),
+      image=dataclasses.asdict(config.image),
+      seed=config.seed,
+      validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction,
+      counts=counts,
+      splits={
+          name: report_lib.SplitSummary(
+              total=s.num_examples, num_shards=len(s.shards),
+              num_bytes=s.num_bytes,
+              per_class=dict(zip(config.class_names, s.class_counts)))
           for name, s in split_specs.items()},
-      'train_mean': mean,
-      'train_std': std,
-      'bytes_written': sum(s.num_bytes for s in split_specs.values()),
-      'duplicates': by_kind[splits_lib.DUPLICATE],
-      'conflicts': by_kind[splits_lib.LABEL_CONFLICT],
-      'leaks': by_kind[splits_lib.LEAK],
-      'warnings': sorted(warnings, key=lambda w: w['path']),
-      'classes_without_examples': splits_lib.classes_without_examples(
+      train_mean=mean,
+      train_std=std,
+      bytes_written=sum(s.num_bytes for s in split_specs.values()),
+      duplicates=tuple(by_kind[splits_lib.DUPLICATE]),
+      conflicts=tuple(by_kind[splits_lib.LABEL_CONFLICT]),
+      leaks=tuple(by_kind[splits_lib.LEAK]),
+      warnings=tuple(report_lib.FileWarning(**w) for w in sorted(
+          warnings, key=lambda w: w['path'])),
+      classes_without_examples=splits_lib.classes_without_examples(
           config.class_names, {name: s.class_counts
                                for name, s in split_specs.items()}),
       # First chunk start to last chunk end: the steady-state write time.
-      'write_stage_s': round(max((t[1] for t in times), default=0.0) -
-                             min((t[0] for t in times), default=0.0), 3),
-  }
-  _write_bytes(posixpath.join(tmp_dir, metadata_lib.REPORT_FILE),
-               json.dumps(report, indent=2).encode())
+      write_stage_s=round(max((t[1] for t in times), default=0.0) -
+                          min((t[0] for t in times), default=0.0), 3),
+  )
+  _write_bytes(posixpath.join(tmp_dir, report_lib.REPORT_FILE),
+               report.to_json().encode())
   _log(f'finalized: {written} written, {not_written} not written')
 
 

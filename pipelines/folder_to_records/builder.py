@@ -31,6 +31,7 @@ from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
 from tfrecords_schema import schema
 
 DEFAULT_IMAGE_SIZE = '150'
@@ -89,10 +90,6 @@ def _real(path: str) -> str:
   """
   return path if paths.is_remote(path) else os.path.realpath(path)
 
-
-# Only a build that wrote nothing leaves a report without metadata.json, and
-# it lists no duplicates or warnings: small. The cap bounds a fake one.
-_MAX_REPORT_BYTES = 1 << 28
 
 # The files a build writes into a dataset folder besides its shards: the
 # toolkit's own and those TFDS's write_metadata adds (dataset_info.json,
@@ -191,14 +188,14 @@ def _listed_shards(spec: Optional[dict]) -> frozenset:
   return frozenset(names)
 
 
-def _counted_shards(report: Optional[dict]) -> dict:
-  name, splits = (report or {}).get('dataset_name'), (report or {}).get(
-      'splits')
-  if not isinstance(name, str) or not isinstance(splits, dict):
+def _counted_shards(raw_report: Optional[dict]) -> dict:
+  """(dataset name, split) -> shard count, from a report of this toolkit
+  (empty when it does not read as a BuildReport)."""
+  report = report_lib.parse_build_report(raw_report)
+  if report is None or not report.dataset_name:
     return {}
-  return {(name, split): info['num_shards']
-          for split, info in splits.items()
-          if isinstance(info, dict) and isinstance(info.get('num_shards'), int)}
+  return {(report.dataset_name, split): info.num_shards
+          for split, info in report.splits.items()}
 
 
 def owned_entries(path: str) -> Optional[Owned]:
@@ -206,7 +203,8 @@ def owned_entries(path: str) -> Optional[Owned]:
   its build_report.json is this toolkit's (it is no build's output)."""
   spec = _toolkit_json(path, metadata_lib.METADATA_FILE,
                        metadata_lib.MAX_METADATA_BYTES)
-  report = _toolkit_json(path, metadata_lib.REPORT_FILE, _MAX_REPORT_BYTES)
+  report = _toolkit_json(path, report_lib.REPORT_FILE,
+                         report_lib.MAX_REPORT_BYTES)
   if spec is None and report is None:
     return None
   return Owned(_listed_shards(spec), _counted_shards(report))
@@ -929,8 +927,9 @@ def build(settings: Optional[BuildSettings] = None, *,
     samples: also write samples.png.
 
   Returns:
-    The build report (also in `output_dir/build_report.json`), with
-    `elapsed_s` and `images_per_s` of the Beam run added.
+    The build report as its JSON object (report_lib.BuildReport: what
+    `output_dir/build_report.json` holds, elapsed_s and images_per_s of the
+    Beam run included), with `output_dir` added.
   """
   # TensorFlow loads only in _run_and_commit, after the cheap checks, so
   # typos fail fast.
@@ -972,24 +971,24 @@ def build(settings: Optional[BuildSettings] = None, *,
           config, plan, progress=progress, replace=progress.had_dataset,
           beam_args=beam_args, samples=samples,
           allow_missing_eval_classes=settings.allow_missing_eval_classes)
-    report['output_dir'] = output_dir
+    report = dataclasses.replace(report, output_dir=output_dir)
     for line in lines:
       say(line)
     if not quiet:
       print(format_summary(report))
-  if not report['counts']['written']:
+  if not report.written:
     raise UserError(_nothing_written(report, output_dir))
-  if report.get('class_gap_error'):
-    raise UserError(report['class_gap_error'] + (
+  if report.class_gap_error:
+    raise UserError(report.class_gap_error + (
         ' (the earlier dataset in --output_dir was kept)'
-        if report.get('kept_earlier') else ''))
-  return report
+        if report.kept_earlier else ''))
+  return report.to_json_dict(in_file=False)
 
 
 def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
                     beam_args, samples: bool,
                     allow_missing_eval_classes: bool = False
-                    ) -> tuple[dict, list[str]]:
+                    ) -> tuple[report_lib.BuildReport, list[str]]:
   """Runs Beam into the temporary folder and commits it; the folder never
   outlives a failure. Returns the report and lines to show.
 
@@ -1008,27 +1007,28 @@ def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
       elapsed = beam_build.run_pipeline(
           config=config, plan=plan, tmp_dir=tmp_dir, beam_args=beam_args,
           exclude=(output_dir,))
-    report_path = posixpath.join(tmp_dir, metadata_lib.REPORT_FILE)
+    report_path = posixpath.join(tmp_dir, report_lib.REPORT_FILE)
     with tf.io.gfile.GFile(report_path) as f:
-      report = json.load(f)
-    report['elapsed_s'] = round(elapsed, 3)
-    report['images_per_s'] = round(report['counts']['written'] / elapsed, 1)
-    report['empty_classes'] = empty_classes(report, tmp_dir)
+      report = report_lib.BuildReport.from_json(f.read())
+    report = dataclasses.replace(
+        report, elapsed_s=round(elapsed, 3),
+        images_per_s=round(report.written / elapsed, 1))
+    report = dataclasses.replace(
+        report, empty_classes=tuple(empty_classes(report, tmp_dir)))
     gap = splits_lib.class_gap_error(
-        report['classes_without_examples'], input_dir=config.input_dir,
+        report.classes_without_examples, input_dir=config.input_dir,
         given_splits=config.layout == listing_lib.SPLIT_FOLDERS_LAYOUT,
         allow_missing_eval_classes=allow_missing_eval_classes,
         allow_flag=listing_lib.ALLOW_MISSING_EVAL_CLASSES_FLAG)
-    if gap and report['counts']['written']:
-      report['class_gap_error'] = gap
+    if gap and report.written:
+      report = dataclasses.replace(report, class_gap_error=gap)
     with tf.io.gfile.GFile(report_path, 'w') as f:
-      json.dump(report, f, indent=2)
-    if not report['counts']['written'] or gap:
+      f.write(report.to_json())
+    if not report.written or gap:
       tf.io.gfile.remove(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE))
       if replace and _is_dataset(output_dir):
         _remove_temp(progress)  # Keep the earlier, usable dataset.
-        report['kept_earlier'] = True
-        return report, []
+        return dataclasses.replace(report, kept_earlier=True), []
     elif samples:
       plots.write_dataset_samples(
           tmp_dir, posixpath.join(tmp_dir, plots.SAMPLES_FILE))
@@ -1057,17 +1057,16 @@ def _remove_temp(progress: _Progress) -> None:
     progress.tmp_left = True
 
 
-def _nothing_written(report: dict, output_dir: str) -> str:
+def _nothing_written(report: report_lib.BuildReport, output_dir: str) -> str:
   """The error for a build in which every file was rejected or ignored."""
-  counts = report['counts']
-  reasons = ', '.join(f'{n} {k}' for k, n in counts.items()
-                      if k not in ('seen', 'written') and n)
+  reasons = ', '.join(f'{n} {k}' for k, n in report.not_written.items()
+                      if n)
   rejected = posixpath.join(output_dir, metadata_lib.REJECTED_FILE)
   where = ('the earlier dataset in --output_dir was kept (build into a new '
            "folder to get each file's reason)" if _is_dataset(output_dir) else
            f'the reason for each file is in {rejected}')
-  return (f'no image of --input_dir={report["input_dir"]} could be written '
-          f'({counts["seen"]} files: {reasons}); {where}; fix or replace '
+  return (f'no image of --input_dir={report.input_dir} could be written '
+          f'({report.seen} files: {reasons}); {where}; fix or replace '
           'those files and rerun')
 
 def _rejected_per_class(tmp_dir: str, layout: str) -> dict:
@@ -1084,21 +1083,22 @@ def _rejected_per_class(tmp_dir: str, layout: str) -> dict:
   return counts
 
 
-def empty_classes(report: dict, tmp_dir: str) -> list[dict]:
+def empty_classes(report: report_lib.BuildReport,
+                  tmp_dir: str) -> list[report_lib.EmptyClass]:
   """The classes a model cannot learn: none of their images was written
   (all rejected, or an empty folder), or none is in train. One entry each
   for build_report.json's `empty_classes`: class, images written, in train,
   files rejected, and the warning the summary shows."""
-  splits = report['splits']
-  written = {c: sum(s['per_class'][c] for s in splits.values())
-             for c in report['class_names']}
-  train = splits['train']['per_class']
-  if all(train[c] for c in report['class_names']):
+  splits = report.splits
+  written = {c: sum(s.per_class[c] for s in splits.values())
+             for c in report.class_names}
+  train = splits['train'].per_class
+  if all(train[c] for c in report.class_names):
     return []
-  rejected = _rejected_per_class(tmp_dir, report['layout'])
-  split_folders = report['layout'] == listing_lib.SPLIT_FOLDERS_LAYOUT
+  rejected = _rejected_per_class(tmp_dir, report.layout)
+  split_folders = report.layout == listing_lib.SPLIT_FOLDERS_LAYOUT
   out = []
-  for name in report['class_names']:
+  for name in report.class_names:
     if train[name]:
       continue
     n = rejected.get(name, 0)
@@ -1114,8 +1114,9 @@ def empty_classes(report: dict, tmp_dir: str) -> list[dict]:
              'add images, or lower --validation_fraction/--test_fraction')
       warning = (f'no image in train ({written[name]} in validation/test): '
                  f'a model cannot learn it; {fix}')
-    out.append({'class': name, 'written': written[name], 'train': 0,
-                'rejected': n, 'warning': warning})
+    out.append(report_lib.EmptyClass(
+        class_name=name, written=written[name], train=0, rejected=n,
+        warning=warning))
   return out
 
 
@@ -1138,44 +1139,46 @@ def _class_rows(split: str, per_class: Mapping[str, int], width: int,
           [row(name, n) for name, n in ranked[-_SUMMARY_EDGE:]])
 
 
-def format_summary(report: dict) -> str:
+def format_summary(report: report_lib.BuildReport | Mapping) -> str:
   """The end-of-build table: per split/class counts, rejects, speed, bytes.
 
   Up to SUMMARY_MAX_CLASSES classes every class has a row; beyond, each
   split shows its smallest and largest classes, so 2,000 classes still fit
   a screen. Classes a model cannot learn are warned about (a few shown).
+  report: a BuildReport with output_dir, or its JSON object (build()'s
+  result).
   """
-  classes = report['class_names']
-  out = report['output_dir']
-  report_path = posixpath.join(out, metadata_lib.REPORT_FILE)
+  if not isinstance(report, report_lib.BuildReport):
+    report = report_lib.BuildReport.from_json_dict(report)
+  classes = report.class_names
+  out = report.output_dir
+  report_path = posixpath.join(out, report_lib.REPORT_FILE)
   width = max(12, *(len(c) for c in classes))
   lines = [f'{"split":<12}{"class":<{width}}  {"images":>8}']
-  for split, info in report['splits'].items():
-    if not info['total']:
+  for split, info in report.splits.items():
+    if not info.total:
       continue
-    lines.extend(_class_rows(split, info['per_class'], width, report_path))
-    lines.append(f'{split:<12}{"(all)":<{width}}  {info["total"]:>8}'
-                 f'   {info["num_shards"]} shard(s), '
-                 f'{info["num_bytes"] / 1e6:.1f} MB')
-  empty = report.get('empty_classes') or []
+    lines.extend(_class_rows(split, info.per_class, width, report_path))
+    lines.append(f'{split:<12}{"(all)":<{width}}  {info.total:>8}'
+                 f'   {info.num_shards} shard(s), '
+                 f'{info.num_bytes / 1e6:.1f} MB')
+  empty = report.empty_classes or ()
   for entry in empty[:_SUMMARY_EDGE * 2]:
-    lines.append(f'warning: class {_shown(entry["class"])!r}: '
-                 f'{entry["warning"]}')
+    lines.append(f'warning: class {_shown(entry.class_name)!r}: '
+                 f'{entry.warning}')
   if len(empty) > _SUMMARY_EDGE * 2:
     lines.append(f'warning: {len(empty) - _SUMMARY_EDGE * 2} more classes '
                  f'with no image in train: empty_classes in {report_path}')
-  counts = report['counts']
   lines.append('')
-  not_written = counts['seen'] - counts['written']
-  lines.append(f'seen {counts["seen"]}, written {counts["written"]}, '
+  not_written = report.seen - report.written
+  lines.append(f'seen {report.seen}, written {report.written}, '
                f'not written {not_written}' + (':' if not_written else ''))
-  for key, value in counts.items():
-    if key not in ('seen', 'written'):
-      lines.append(f'  {key:<36}{value:>8}')
-  lines.append(f'{report["images_per_s"]} images/s over '
-               f'{report["elapsed_s"]} s, {report["bytes_written"] / 1e6:.1f} '
+  for key, value in report.not_written.items():
+    lines.append(f'  {key:<36}{value:>8}')
+  lines.append(f'{report.images_per_s} images/s over '
+               f'{report.elapsed_s} s, {report.bytes_written / 1e6:.1f} '
                'MB written')
-  if counts['written']:
+  if report.written:
     lines.append(f'dataset: {out}  (report: {report_path}, '
                  f'rejected: {out}/{metadata_lib.REJECTED_FILE})')
     lines.append(f'pictures: {out}/{plots.SAMPLES_FILE} (stored images '

@@ -668,14 +668,8 @@ def finalize(_, listed: tuple[int, int], *, config: BuildConfig,
         shard_lengths=tuple(s.num_examples for s in mine),
         num_bytes=sum(s.num_bytes for s in mine),
         class_counts=tuple(int(n) for n in counts))
-  spec = metadata_lib.DatasetSpec(
-      name=config.dataset_name, class_names=config.class_names,
-      height=config.image.height, width=config.image.width,
-      channels=config.image.channels, image_format=config.image.image_format,
-      resize_mode=config.image.resize_mode, splits=split_specs,
-      mean=mean, std=std,
-      jpeg_quality=(config.image.jpeg_quality
-                    if config.image.image_format == 'jpeg' else None))
+  spec = metadata_lib.DatasetSpec.from_build(metadata_lib.BuiltDataset(
+      config=config, splits=split_specs, mean=mean, std=std))
   _write_bytes(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE),
                json.dumps(spec.to_json_dict(), indent=2).encode())
 

@@ -57,15 +57,20 @@ def test_a_field_added_to_the_report_is_written_and_read_back():
        ('splits_plus', dict[str, split],
         dataclasses.field(default_factory=dict))],
       bases=(report_lib.BuildReport,), frozen=True)
-  report = plus(dataset_name='ds', counts={'seen': 1, 'written': 1},
-                new_note='hello',
-                splits_plus={'train': split(total=1, median_bytes=7)})
+  report = dataclasses.replace(
+      plus.from_json_dict({'dataset_name': 'ds'}), new_note='hello',
+      splits_plus={'train': split(total=1, median_bytes=7)})
   raw = json.loads(report.to_json())
   assert raw['new_note'] == 'hello'
   assert raw['splits_plus'] == {'train': {'total': 1, 'num_shards': 0,
                                           'num_bytes': 0, 'per_class': {},
                                           'median_bytes': 7}}
   assert plus.from_json(report.to_json()) == report
+
+
+def test_a_value_the_build_must_give_cannot_be_left_out():
+  with pytest.raises(TypeError, match='dataset_name'):
+    report_lib.BuildReport(input_dir='x')  # pylint: disable=missing-kwoa
 
 
 def test_a_value_of_the_wrong_type_is_refused_naming_its_key():

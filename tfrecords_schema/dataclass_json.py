@@ -8,9 +8,9 @@ float, bool, Any, nested dataclasses, Optional[X], tuple[X, ...], list[X],
 dict[str, X] (Mapping[str, X]).
 
 Reading is strict on types (ValueError naming the key) and lenient on
-absence: a missing key takes the field's default, so a partial file (a
-test's, an older build's) still reads; a missing key without a default is
-an error.
+absence: a missing key takes the field's default (or its read_default, for
+a field the writer must always give), so a partial file (a test's, an
+older build's) still reads; a missing key without either is an error.
 """
 
 from __future__ import annotations
@@ -26,13 +26,19 @@ from typing import Any, Callable, Optional
 JSON_KEY = 'json_key'  # The key in the JSON object (default: the field name).
 OMIT_IF = 'omit_if'  # value -> True: the key is left out of the JSON.
 IN_FILE = 'in_file'  # False: never written by to_json_dict(in_file=True).
+# A value for a key missing from the JSON, for a field the writer must give
+# (no dataclass default): a callable returning it.
+READ_DEFAULT = 'read_default'
 
 
 def field(*, json_key: Optional[str] = None,
           omit_if: Optional[Callable[[Any], bool]] = None,
-          in_file: bool = True, **kwargs) -> Any:
+          in_file: bool = True,
+          read_default: Optional[Callable[[], Any]] = None, **kwargs) -> Any:
   """dataclasses.field(...) with this module's metadata."""
   metadata = dict(kwargs.pop('metadata', None) or {})
+  if read_default is not None:
+    metadata[READ_DEFAULT] = read_default
   if json_key is not None:
     metadata[JSON_KEY] = json_key
   if omit_if is not None:
@@ -131,6 +137,8 @@ def from_json_dict(cls: type, raw: Any, where: str = '') -> Any:
     at = f'{where}.{key}' if where else key
     if key in raw:
       values[f.name] = from_json_value(hints[f.name], raw[key], at)
+    elif READ_DEFAULT in f.metadata:
+      values[f.name] = f.metadata[READ_DEFAULT]()
     elif (f.default is dataclasses.MISSING and
           f.default_factory is dataclasses.MISSING):
       raise ValueError(f'{at} is missing')

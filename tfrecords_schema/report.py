@@ -67,7 +67,12 @@ class EmptyClass:
   warning: str = ''
 
 
-@dataclasses.dataclass(frozen=True)
+def _given(read_default) -> Any:
+  """A field the writer must give; read_default() when a file lacks it."""
+  return _field(read_default=read_default)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class BuildReport:
   """build_report.json. Fields are written in this order.
 
@@ -82,26 +87,28 @@ class BuildReport:
   """
   toolkit: str = metadata_lib.TOOLKIT_MARKER
   schema_version: int = schema.SCHEMA_VERSION
-  dataset_name: str = ''
-  input_dir: str = ''
-  layout: str = ''
-  class_names: tuple[str, ...] = ()
-  image: dict[str, Any] = dataclasses.field(default_factory=dict)
-  seed: int = 0
-  validation_fraction: float = 0.0
-  test_fraction: float = 0.0
-  counts: dict[str, int] = dataclasses.field(default_factory=dict)
-  splits: dict[str, SplitSummary] = dataclasses.field(default_factory=dict)
-  train_mean: Optional[tuple[float, ...]] = None
-  train_std: Optional[tuple[float, ...]] = None
-  bytes_written: int = 0
-  duplicates: tuple[Finding, ...] = ()
-  conflicts: tuple[Finding, ...] = ()
-  leaks: tuple[Finding, ...] = ()
-  warnings: tuple[FileWarning, ...] = ()
-  classes_without_examples: dict[str, list[str]] = dataclasses.field(
-      default_factory=dict)
-  write_stage_s: float = 0.0
+  # The build's Finalize gives each of these (no default: one it forgets
+  # fails every build); a reader takes the read default for a missing key.
+  dataset_name: str = _given(str)
+  input_dir: str = _given(str)
+  layout: str = _given(str)
+  class_names: tuple[str, ...] = _given(tuple)
+  image: dict[str, Any] = _given(dict)
+  seed: int = _given(int)
+  validation_fraction: float = _given(float)
+  test_fraction: float = _given(float)
+  counts: dict[str, int] = _given(dict)
+  splits: dict[str, SplitSummary] = _given(dict)
+  train_mean: Optional[tuple[float, ...]] = _given(lambda: None)
+  train_std: Optional[tuple[float, ...]] = _given(lambda: None)
+  bytes_written: int = _given(int)
+  duplicates: tuple[Finding, ...] = _given(tuple)
+  conflicts: tuple[Finding, ...] = _given(tuple)
+  leaks: tuple[Finding, ...] = _given(tuple)
+  warnings: tuple[FileWarning, ...] = _given(tuple)
+  classes_without_examples: dict[str, list[str]] = _given(dict)
+  write_stage_s: float = _given(float)
+  # Added by the launcher after the run.
   elapsed_s: Optional[float] = _field(**_omit_none)
   images_per_s: Optional[float] = _field(**_omit_none)
   empty_classes: Optional[tuple[EmptyClass, ...]] = _field(**_omit_none)

@@ -78,6 +78,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.common import paths
 from pipelines.preprocessing import source_image
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import splits as splits_lib
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
@@ -824,7 +825,8 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
   import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
   tf.io.gfile.makedirs(posixpath.join(tmp_dir, CHUNKS_DIR))
   start = time.perf_counter()  # After imports, as the benchmark's plain loop.
-  with beam.Pipeline(options=PipelineOptions(pipeline_args(beam_args))
+  with beam.Pipeline(options=PipelineOptions(
+      runner_options.pipeline_args(beam_args))
                      ) as pipeline:
     build_pipeline(pipeline, config=config, plan=plan, tmp_dir=tmp_dir,
                    exclude=exclude)
@@ -835,21 +837,3 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
         tmp_dir, spec,
         description=f'Images from {config.input_dir}, built by pipelines.build.')
   return time.perf_counter() - start
-
-
-def pipeline_args(beam_args: Sequence[str]) -> list[str]:
-  """The user's Beam flags plus our defaults (quiet workers, FnApiRunner)."""
-  beam_args = list(beam_args)
-  given = lambda *names: any(a.split('=')[0] in names for a in beam_args)
-  if not given('--default_sdk_harness_log_level'):
-    beam_args.append('--default_sdk_harness_log_level=WARNING')
-  if not given('--pipeline_type_check', '--no_pipeline_type_check'):
-    # Construction-time type inference over every transform is half the
-    # launcher's graph-building time (0.45 -> 0.21 s); this pipeline is
-    # fixed and tested, so the check finds nothing a user could fix.
-    beam_args.append('--no_pipeline_type_check')
-  if not given('--runner'):
-    # Beam's DirectRunner first tries Prism, which downloads a binary at run
-    # time (hangs or fails offline); the FnApiRunner is what it falls back to.
-    beam_args.insert(0, '--runner=FnApiRunner')
-  return beam_args

@@ -28,6 +28,7 @@ from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata as metadata_lib
@@ -686,13 +687,8 @@ class _DropDiskFailureLogs:
     return disk_failure(exc or RuntimeError(record.getMessage())) is None
 
 
-# The same for Beam's worker processes, which no filter here reaches: the
-# loggers that log a failing step before the runner re-raises it. Nothing is
-# lost: the error raised here quotes the worker's traceback. Given first, so
-# that the user's own overrides win.
-_QUIET_WORKER_FAILURES = '--sdk_harness_log_level_overrides=' + json.dumps({
-    'apache_beam.runners.common': 'CRITICAL',
-    'apache_beam.runners.worker.sdk_worker': 'CRITICAL'})
+# The same for Beam's worker processes, which no filter here reaches:
+# runner_options.run_args.
 
 
 @contextlib.contextmanager
@@ -712,10 +708,6 @@ def _quiet_disk_failure_logs(beam_args: Sequence[str]) -> Iterator[None]:
       handler.removeFilter(drop)
 
 
-_WORKER_LOG_OPTIONS = ('default_sdk_harness_log_level',
-                       'sdk_harness_log_level_overrides')
-
-
 @contextlib.contextmanager
 def _worker_log_levels(beam_args: Sequence[str]) -> Iterator[None]:
   """The FnApiRunner starts its worker processes
@@ -728,11 +720,12 @@ def _worker_log_levels(beam_args: Sequence[str]) -> Iterator[None]:
     return
   import tempfile  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  given = PipelineOptions(beam_build.pipeline_args(beam_args)).get_all_options(
-      drop_default=True)
+  given = PipelineOptions(runner_options.pipeline_args(
+      beam_args)).get_all_options(drop_default=True)
   fd, path = tempfile.mkstemp(prefix='build-worker-options-', suffix='.json')
   with os.fdopen(fd, 'w') as f:
-    json.dump({'options': {k: given[k] for k in _WORKER_LOG_OPTIONS
+    json.dump({'options': {k: given[k]
+                           for k in runner_options.WORKER_LOG_OPTIONS
                            if k in given}}, f)
   os.environ['PIPELINE_OPTIONS_FILE'] = path
   try:
@@ -1002,7 +995,7 @@ def _run_and_commit(config, plan, *, progress: _Progress, replace: bool,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tmp_dir, output_dir = progress.tmp_dir, progress.output_dir
   try:
-    beam_args = [_QUIET_WORKER_FAILURES, *beam_args]
+    beam_args = runner_options.run_args(beam_args)
     with _quiet_disk_failure_logs(beam_args):
       elapsed = beam_build.run_pipeline(
           config=config, plan=plan, tmp_dir=tmp_dir, beam_args=beam_args,
@@ -1200,7 +1193,7 @@ def graph_bytes(input_dir: str, tmp_dir: str) -> int:
                     output_dir=posixpath.join(tmp_dir, 'out')),
       input_dir=input_dir, listing=plan)
   pipeline = beam.Pipeline(options=PipelineOptions(
-      beam_build.pipeline_args([])))
+      runner_options.pipeline_args([])))
   try:
     beam_build.build_pipeline(pipeline, config=config, plan=plan,
                               tmp_dir=posixpath.join(tmp_dir, 'tmp'))

@@ -4,6 +4,8 @@ back by read_dataset_spec."""
 
 import dataclasses
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -51,3 +53,22 @@ def test_a_field_without_a_build_value_is_refused_loudly():
   with pytest.raises(TypeError, match=r"\['forgotten'\] have no value"):
     plus.from_build(metadata.BuiltDataset(config=None, splits={}, mean=None,
                                           std=None))
+
+
+def test_the_dataset_format_stands_alone():
+  """tfrecords_schema imports nothing of pipelines or trainer (nor
+  TensorFlow or Beam), in a fresh process."""
+  code = ('import sys, tfrecords_schema, tfrecords_schema.report; '
+          'print(sorted(m for m in sys.modules if m.split(".")[0] in '
+          '("pipelines", "trainer", "tensorflow", "apache_beam")))')
+  result = subprocess.run([sys.executable, '-c', code], check=True,
+                          capture_output=True, text=True,
+                          cwd=helpers.REPO_ROOT)
+  assert result.stdout.strip() == '[]', result.stdout
+
+
+def test_a_dataset_error_is_the_commands_user_error():
+  """The CLIs turn UserError into one line; DatasetError is one."""
+  from pipelines.common import errors  # pylint: disable=g-import-not-at-top
+  assert issubclass(tfrecords_schema.DatasetError, errors.UserError)
+  assert errors.UserError is tfrecords_schema.errors.UserError

@@ -20,9 +20,9 @@ import types
 import typing
 from typing import Any, Callable, Mapping, Optional
 
-from pipelines.common import paths
-from pipelines.common.errors import UserError
+from tfrecords_schema import files as paths
 from tfrecords_schema import schema
+from tfrecords_schema.errors import UserError
 
 METADATA_FILE = 'metadata.json'
 REPORT_FILE = 'build_report.json'
@@ -174,11 +174,7 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
   Looks at no more than `limit` entries per folder, two levels down: only
   to word an error message.
   """
-  try:
-    from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
-    extensions = set(source_image.EXTENSION_FORMATS)
-  except ImportError:
-    extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'}
+  extensions = paths.IMAGE_EXTENSION_FORMATS
 
   def entries(folder):
     try:

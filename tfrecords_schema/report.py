@@ -14,8 +14,8 @@ import json
 import posixpath
 from typing import Any, Mapping, Optional
 
-from pipelines.common import paths
 from tfrecords_schema import dataclass_json
+from tfrecords_schema import files as paths
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import schema
 

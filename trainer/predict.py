@@ -5,10 +5,10 @@ r"""Predicts the class of image files with a model trained by trainer.main.
 One line per file: path, predicted class, its probability (--json for JSON
 lines). A folder stands for the images in it and its sub-folders (sorted;
 hidden files and folders skipped; the image extensions the build reads).
-Files go through the build's own image path (pipelines.source_image:
-any size or format the build accepts, EXIF orientation, alpha, 16-bit), then
-the exported serving function, so a file is preprocessed exactly as it
-would be for training. Unreadable files get an error line; the exit status
+Files go through the build's own image path
+(pipelines.preprocessing.source_image: any size or format the build
+accepts, EXIF orientation, alpha, 16-bit), then the exported serving
+function, so a file is preprocessed exactly as it would be for training. Unreadable files get an error line; the exit status
 is non-zero when any file failed. Lines are printed as files are done, and
 a reader that stops early (`| head`) ends the run quietly (status 141, as
 a process killed by SIGPIPE).

@@ -72,3 +72,14 @@ def test_a_dataset_error_is_the_commands_user_error():
   from pipelines.common import errors  # pylint: disable=g-import-not-at-top
   assert issubclass(tfrecords_schema.DatasetError, errors.UserError)
   assert errors.UserError is tfrecords_schema.errors.UserError
+
+
+def test_predict_walks_folders_without_the_build():
+  """trainer.predict shares the build's walker (pipelines.common.walk), not
+  the build's listing."""
+  code = ('import sys, trainer.predict; print(sorted(m for m in sys.modules '
+          'if m.startswith("pipelines.folder_to_records")))')
+  result = subprocess.run([sys.executable, '-c', code], check=True,
+                          capture_output=True, text=True,
+                          cwd=helpers.REPO_ROOT)
+  assert result.stdout.strip().splitlines()[-1] == '[]', result.stdout

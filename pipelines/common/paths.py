@@ -5,6 +5,7 @@ after TensorFlow's start-up; remote ones go through `tf.io.gfile`.
 """
 
 import os
+import posixpath
 import shutil
 import stat
 import urllib.parse
@@ -24,6 +25,18 @@ from tfrecords_schema.files import remote as _remote
 
 _FILE_URL = 'file://'
 _LOCAL_HOSTS = ('', 'localhost')
+
+
+def is_within(path: str, parent: str, *,
+              backslash_separates: bool = False) -> bool:
+  """True when path is parent or below it, compared as normalized
+  '/'-separated text (pass real paths to see through links).
+  backslash_separates: a '\\' separates names too (the build's overlap check
+  of --input_dir and --output_dir)."""
+  if backslash_separates:
+    path, parent = path.replace('\\', '/'), parent.replace('\\', '/')
+  path, parent = posixpath.normpath(path), posixpath.normpath(parent)
+  return path == parent or path.startswith(parent.rstrip('/') + '/')
 
 
 def _file_url_path(url: str) -> str:

@@ -73,7 +73,6 @@ from apache_beam.io.filesystems import FileSystems  # pylint: disable=unused-imp
 from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import runner_options
-from pipelines.folder_to_records import splits as splits_lib
 from tfrecords_schema import metadata as metadata_lib
 # The graph's steps, one job per module, by the names the graph (and the
 # tests, benchmarks and builder) use. finalize is looked up here when the
@@ -144,8 +143,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   """
   seed = config.seed
   size = config.shard_size_bytes
-  ignored = [splits_lib.Dropped(i.relpath, i.outcome, i.reason)
-             for i in plan.ignored]
+  ignored = list(plan.ignored)
   listed = (
       # No Create reshuffle: _spread deals the folders out (one stage less).
       _spread(pipeline | 'Folders' >> beam.Create(

@@ -97,8 +97,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
   given = {'input_dir': settings.input_dir, 'output_dir': settings.output_dir}
   input_dir, output_dir = (output_folder.real_path(paths.expand(p))
                            for p in given.values())
-  if (output_folder.is_inside(output_dir, input_dir) or
-      output_folder.is_inside(input_dir, output_dir)):
+  if (paths.is_within(output_dir, input_dir, backslash_separates=True) or
+      paths.is_within(input_dir, output_dir, backslash_separates=True)):
     shown = ' and '.join(
         f'--{flag}={path}' + (f' (really {real})' if real != path else '')
         for (flag, path), real in zip(given.items(), (input_dir, output_dir)))

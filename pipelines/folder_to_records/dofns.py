@@ -17,6 +17,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.common import paths
+from pipelines.common import walk
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
@@ -111,11 +112,11 @@ class WriteChunk(beam.DoFn):
         try:
           digest, processed = self._convert(source, reads)
         except source_image.ImageRejected as e:
-          yield beam.pvalue.TaggedOutput(REJECTED, splits_lib.Dropped(
+          yield beam.pvalue.TaggedOutput(REJECTED, walk.Skipped(
               source.relpath, e.outcome, e.reason))
           continue
         except Exception as e:  # pylint: disable=broad-except
-          yield beam.pvalue.TaggedOutput(REJECTED, splits_lib.Dropped(
+          yield beam.pvalue.TaggedOutput(REJECTED, walk.Skipped(
               source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
@@ -164,15 +165,15 @@ class WriteChunk(beam.DoFn):
 
 class ListFolder(beam.DoFn):
   """FolderTask -> the relpath of each candidate; 'ignored' for the rest;
-  'counts': (candidates, ignored) of the task. A Dropped (what the launcher
+  'counts': (candidates, ignored) of the task. A Skipped (what the launcher
   ignored at the top level) passes through to 'ignored'."""
 
   def __init__(self, input_dir: str, exclude: Sequence[str]):
     self._input_dir = input_dir
     self._exclude = tuple(exclude)
 
-  def process(self, task: listing_lib.FolderTask | splits_lib.Dropped):
-    if isinstance(task, splits_lib.Dropped):
+  def process(self, task: listing_lib.FolderTask | walk.Skipped):
+    if isinstance(task, walk.Skipped):
       yield beam.pvalue.TaggedOutput(IGNORED, task)
       yield beam.pvalue.TaggedOutput(COUNTS, (0, 1))
       return
@@ -184,8 +185,7 @@ class ListFolder(beam.DoFn):
         yield item.relpath  # All the shuffle needs (see source_file).
       else:
         ignored += 1
-        yield beam.pvalue.TaggedOutput(IGNORED, splits_lib.Dropped(
-            item.relpath, item.outcome, item.reason))
+        yield beam.pvalue.TaggedOutput(IGNORED, item)
     yield beam.pvalue.TaggedOutput(COUNTS, (files, ignored))
 
 

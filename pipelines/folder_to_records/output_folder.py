@@ -23,16 +23,12 @@ from typing import Iterator, Mapping, Optional, Sequence
 from pipelines import plots
 from pipelines.common import paths
 from pipelines.common import run_files
+from pipelines.common import walk
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import chunk_format
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
 from tfrecords_schema import schema
-
-
-def is_inside(path: str, parent: str) -> bool:
-  path, parent = (posixpath.normpath(p.replace('\\', '/')) for p in (path, parent))
-  return path == parent or path.startswith(parent.rstrip('/') + '/')
 
 
 def real_path(path: str) -> str:
@@ -178,8 +174,7 @@ def _foreign(entries: Sequence[tuple[str, str]],
 
 
 def shown_name(name: str) -> str:
-  text = name.encode('utf-8', 'surrogateescape').decode('utf-8',
-                                                         'backslashreplace')
+  text = walk.escaped(name)
   return ''.join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 

@@ -4,7 +4,9 @@ r"""Builds sharded, resized TFRecords from a folder of labelled images.
       --image_size=150 --validation_fraction=0.2
 
 Flags this script does not know (--runner, --direct_num_workers,
---direct_running_mode, Dataflow/Flink/Spark options) are passed to Beam.
+--direct_running_mode, Dataflow/Flink/Spark options) are checked here and
+passed to Beam; the runner defaults a build adds to them (FnApiRunner, quiet
+workers) are in pipelines/folder_to_records/runner_options.py.
 """
 
 import dataclasses

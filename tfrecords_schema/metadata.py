@@ -13,13 +13,16 @@ A dataset directory written by `pipelines.build` contains
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import posixpath
-from typing import Mapping, Optional
+import types
+import typing
+from typing import Any, Callable, Mapping, Optional
 
-from pipelines.common import paths
-from pipelines.common.errors import UserError
+from tfrecords_schema import files as paths
 from tfrecords_schema import schema
+from tfrecords_schema.errors import UserError
 
 METADATA_FILE = 'metadata.json'
 REPORT_FILE = 'build_report.json'
@@ -32,6 +35,54 @@ SPLITS = ('train', 'validation', 'test')
 
 class DatasetError(UserError):
   """A data directory is missing, not ours, or of another schema version."""
+
+
+# The metadata key of a DatasetSpec field that holds how a build fills it.
+_FROM_BUILD = 'from_build'
+
+
+def _built(value_of: Callable[['BuiltDataset'], Any], **kwargs) -> Any:
+  """A DatasetSpec field, and its value in a finished build: value_of(b) of
+  the BuiltDataset b. Every field is one (DatasetSpec.from_build checks)."""
+  return dataclasses.field(metadata={_FROM_BUILD: value_of}, **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltDataset:
+  """What a finished build knows, for DatasetSpec.from_build.
+
+  config: the build's settings, as pipelines' BuildConfig (dataset_name,
+    class_names, layout, seed, fractions, image: the stored-image options
+    height, width, channels, resize_mode, image_format, jpeg_quality, ...).
+  splits: split name -> SplitSpec of the shards written.
+  mean, std: per-channel train statistics (0..255), None without train.
+  """
+  config: Any
+  splits: Mapping[str, 'SplitSpec']
+  mean: Optional[tuple[float, ...]]
+  std: Optional[tuple[float, ...]]
+
+
+def _jpeg_quality(b: BuiltDataset) -> Optional[int]:
+  image = b.config.image
+  return image.jpeg_quality if image.image_format == 'jpeg' else None
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict:
+  return typing.get_type_hints(cls)
+
+
+def _from_json(tp: Any, value: Any) -> Any:
+  """A JSON value as a field of type tp: lists become tuples where the
+  field is a tuple (Optional or not); other values are kept."""
+  args = [a for a in typing.get_args(tp) if a is not type(None)]
+  if typing.get_origin(tp) in (typing.Union, types.UnionType) and len(
+      args) == 1:
+    tp = args[0]
+  if typing.get_origin(tp) is tuple and value is not None:
+    return tuple(value)
+  return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,22 +106,35 @@ class DatasetSpec:
   `mean` / `std` are per-channel statistics of the train split on the 0..255
   scale (None when the train split is empty).
   """
-  name: str
-  class_names: tuple[str, ...]
-  height: int
-  width: int
-  channels: int
-  image_format: str
-  resize_mode: str
-  splits: Mapping[str, SplitSpec]
-  mean: Optional[tuple[float, ...]] = None
-  std: Optional[tuple[float, ...]] = None
-  jpeg_quality: Optional[int] = None
-  schema_version: int = schema.SCHEMA_VERSION
+  name: str = _built(lambda b: b.config.dataset_name)
+  class_names: tuple[str, ...] = _built(lambda b: tuple(b.config.class_names))
+  height: int = _built(lambda b: b.config.image.height)
+  width: int = _built(lambda b: b.config.image.width)
+  channels: int = _built(lambda b: b.config.image.channels)
+  image_format: str = _built(lambda b: b.config.image.image_format)
+  resize_mode: str = _built(lambda b: b.config.image.resize_mode)
+  splits: Mapping[str, SplitSpec] = _built(lambda b: b.splits)
+  mean: Optional[tuple[float, ...]] = _built(lambda b: b.mean, default=None)
+  std: Optional[tuple[float, ...]] = _built(lambda b: b.std, default=None)
+  jpeg_quality: Optional[int] = _built(_jpeg_quality, default=None)
+  schema_version: int = _built(lambda b: schema.SCHEMA_VERSION,
+                               default=schema.SCHEMA_VERSION)
 
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  @classmethod
+  def from_build(cls, built: BuiltDataset) -> 'DatasetSpec':
+    """The spec of a finished build: each field's value from its _built
+    function, so a new field is one line above."""
+    fields = dataclasses.fields(cls)
+    missing = [f.name for f in fields if _FROM_BUILD not in f.metadata]
+    if missing:
+      raise TypeError(
+          f'{cls.__name__} fields {missing} have no value from a build: '
+          'declare each with _built(lambda b: ...) (see BuiltDataset)')
+    return cls(**{f.name: f.metadata[_FROM_BUILD](built) for f in fields})
 
   def to_json_dict(self) -> dict:
     out = dataclasses.asdict(self)
@@ -82,16 +146,17 @@ class DatasetSpec:
   def from_json_dict(cls, d: Mapping) -> 'DatasetSpec':
     d = dict(d)
     d.pop('toolkit', None)
+    split_hints = _hints(SplitSpec)
     splits = {
-        k: SplitSpec(name=v['name'], shards=tuple(v['shards']),
-                     shard_lengths=tuple(v['shard_lengths']),
-                     num_bytes=int(v['num_bytes']),
-                     class_counts=tuple(v['class_counts']))
+        k: SplitSpec(**{f.name: _from_json(split_hints[f.name], v[f.name])
+                        for f in dataclasses.fields(SplitSpec)})
         for k, v in d.pop('splits').items()
     }
-    for key in ('class_names', 'mean', 'std'):
-      if d.get(key) is not None:
-        d[key] = tuple(d[key])
+    splits = {k: dataclasses.replace(v, num_bytes=int(v.num_bytes))
+              for k, v in splits.items()}
+    hints = _hints(cls)
+    d = {k: _from_json(hints[k], v) if k in hints else v
+         for k, v in d.items()}
     return cls(splits=splits, **d)
 
   def shard_paths(self, data_dir: str, split: str) -> list[str]:
@@ -109,11 +174,7 @@ def _holds_image_folders(data_dir: str, limit: int = 200) -> bool:
   Looks at no more than `limit` entries per folder, two levels down: only
   to word an error message.
   """
-  try:
-    from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
-    extensions = set(source_image.EXTENSION_FORMATS)
-  except ImportError:
-    extensions = {'.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp'}
+  extensions = paths.IMAGE_EXTENSION_FORMATS
 
   def entries(folder):
     try:

@@ -15,6 +15,7 @@ from pipelines.common import paths
 from pipelines.common import run_files
 from pipelines.common.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
 from trainer import config as config_lib
 
 _MAX_SMALL_JSON = 1 << 26
@@ -42,15 +43,12 @@ def check_data_dir_is_not_a_run(data_dir: str) -> None:
       f'dataset; pass the dataset it was trained on: --data_dir={trained_on}')
 
 
-def _is_within(path: str, parent: str) -> bool:
-  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
 def _photo_folder(data_dir: str) -> Optional[str]:
   """The --input_dir the dataset was built from (its build report)."""
-  report = _read_json(os.path.join(data_dir, metadata_lib.REPORT_FILE)) or {}
-  source = report.get('input_dir')
-  return os.path.realpath(source) if isinstance(source, str) and not (
+  report = report_lib.read_build_report(data_dir, ours_only=False,
+                                        max_bytes=_MAX_SMALL_JSON)
+  source = report.input_dir if report else ''
+  return os.path.realpath(source) if source and not (
       paths.is_remote(source)) else None
 
 
@@ -91,9 +89,9 @@ def check_model_dir_place(model_dir: str, data_dir: str) -> None:
   if around:
     places.setdefault(around, f'the dataset folder {around}')
   for place, what in places.items():
-    if _is_within(run, place):
+    if paths.is_within(run, place):
       relation = 'is' if run == place else 'is inside'
-    elif _is_within(place, run):
+    elif paths.is_within(place, run):
       relation = 'holds'
     else:
       continue

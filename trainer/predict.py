@@ -5,10 +5,10 @@ r"""Predicts the class of image files with a model trained by trainer.main.
 One line per file: path, predicted class, its probability (--json for JSON
 lines). A folder stands for the images in it and its sub-folders (sorted;
 hidden files and folders skipped; the image extensions the build reads).
-Files go through the build's own image path (pipelines.source_image:
-any size or format the build accepts, EXIF orientation, alpha, 16-bit), then
-the exported serving function, so a file is preprocessed exactly as it
-would be for training. Unreadable files get an error line; the exit status
+Files go through the build's own image path
+(pipelines.preprocessing.source_image: any size or format the build
+accepts, EXIF orientation, alpha, 16-bit), then the exported serving
+function, so a file is preprocessed exactly as it would be for training. Unreadable files get an error line; the exit status
 is non-zero when any file failed. Lines are printed as files are done, and
 a reader that stops early (`| head`) ends the run quietly (status 141, as
 a process killed by SIGPIPE).
@@ -32,8 +32,8 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
-from pipelines.folder_to_records import listing  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common import paths as paths_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.common import walk  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -98,7 +98,7 @@ def expand_paths(paths, *, note=None):
   """Command-line paths -> (path, error or None), folders expanded.
 
   A folder gives the image files in it and in its sub-folders, in sorted
-  order, with the build's walker and link policy (listing.walk_local): a
+  order, with the build's walker and link policy (pipelines.common.walk): a
   link to a folder is followed unless it leads into the folder, to one of
   its parents or to a folder already read (then it is skipped, with a
   note). Hidden files and folders and files without an image extension
@@ -115,16 +115,16 @@ def expand_paths(paths, *, note=None):
       yield path, None
       continue
     found, hidden, other = False, 0, []
-    for item in listing.walk_local(path):
-      if isinstance(item, listing.IgnoredFile):
+    for item in walk.walk_local(path):
+      if isinstance(item, walk.Skipped):
         where = os.path.join(path, item.relpath)
-        if item.outcome == listing.IGNORED_LINK:
+        if item.outcome == walk.IGNORED_LINK:
           note(f'skipped {where}: {item.reason}')
         else:
           yield where, item.reason
         continue
       parts = item.split('/')
-      if any(listing.is_hidden(part) for part in parts):
+      if any(walk.is_hidden(part) for part in parts):
         hidden += 1
       elif (os.path.splitext(parts[-1])[1].lower() not in
             source_image.EXTENSION_FORMATS):
@@ -133,9 +133,9 @@ def expand_paths(paths, *, note=None):
         found = True
         yield os.path.join(path, item), None
     if hidden or other:
-      names = ', '.join(listing.escaped(n) for n in other[:3]) + (
+      names = ', '.join(walk.escaped(n) for n in other[:3]) + (
           ', ...' if len(other) > 3 else '')
-      note(f'{listing.escaped(path)}: skipped ' + '; '.join(
+      note(f'{walk.escaped(path)}: skipped ' + '; '.join(
           ([f'{hidden} hidden file(s)'] if hidden else []) +
           ([f'{len(other)} file(s) without an image extension ({names})']
            if other else [])))
@@ -163,7 +163,7 @@ def predict_files(paths, served, config, *,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   results = []
   for path in paths:
-    shown = listing.escaped(path)
+    shown = walk.escaped(path)
     try:
       # The build's safe read: regular files only, size limit, header first
       # (a FIFO, /dev/zero or a huge file is refused, never read in full).
@@ -231,7 +231,7 @@ def main(argv):
     for path, error in expand_paths(paths, note=lambda line: print(
         f'[predict] {line}', file=sys.stderr, flush=True)):
       # One file at a time: each line is out as soon as it is known.
-      results = ([{'path': listing.escaped(path), 'error': error}] if error
+      results = ([{'path': walk.escaped(path), 'error': error}] if error
                  else predict_files([path], served, config,
                                     max_file_bytes=_MAX_FILE_BYTES.value))
       for result in results:

@@ -229,9 +229,8 @@ def _rebuild_hint(data_dir: str) -> str:
   """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
   source = 'IMAGES'
   try:
-    with tf.io.gfile.GFile(os.path.join(
-        data_dir, tfrecords_schema.metadata.REPORT_FILE)) as f:
-      recorded = json.load(f).get('input_dir')
+    report = tfrecords_schema.read_build_report(data_dir, ours_only=False)
+    recorded = report.input_dir if report else None
     if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
       source = recorded
   except Exception:  # pylint: disable=broad-except

@@ -1,12 +1,8 @@
 """The error type for user mistakes: shown as one line, never a traceback.
 
-Every command's entry point catches UserError (and only it, for user
-mistakes) and prints `error: <message>`. Errors that libraries raise for a
-user's input subclass it: tfrecords_schema.DatasetError (a folder that is no
-built dataset, or a damaged one), trainer.models.ModelError (a model that
-cannot be built for this dataset).
+`UserError` is defined in tfrecords_schema.errors (the dataset format
+stands alone and raises it too, as DatasetError); this is the name the
+commands and libraries import.
 """
 
-
-class UserError(ValueError):
-  """Bad input or flags. The message names the value received and the fix."""
+from tfrecords_schema.errors import UserError  # pylint: disable=unused-import

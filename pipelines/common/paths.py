@@ -5,31 +5,38 @@ after TensorFlow's start-up; remote ones go through `tf.io.gfile`.
 """
 
 import os
+import posixpath
 import shutil
 import stat
 import urllib.parse
 
 from pipelines.common.errors import UserError
-
-
-# What a local path can be instead of a regular file, as error text says it.
-_FILE_KINDS = ((stat.S_ISFIFO, 'a FIFO (named pipe)'),
-               (stat.S_ISCHR, 'a character device'),
-               (stat.S_ISBLK, 'a block device'),
-               (stat.S_ISSOCK, 'a socket'),
-               (stat.S_ISDIR, 'a folder'))
-
-
-class NotAFile(ValueError):
-  """A local path that is not a regular file; str(e) says what it is."""
-
-
-def is_remote(path: str) -> bool:
-  return '://' in path
+# Defined with the dataset format (which reads metadata.json with them and
+# imports nothing of pipelines); the same functions here.
+from tfrecords_schema.files import exists  # pylint: disable=unused-import
+from tfrecords_schema.files import is_remote  # pylint: disable=unused-import
+from tfrecords_schema.files import isdir  # pylint: disable=unused-import
+from tfrecords_schema.files import listdir  # pylint: disable=unused-import
+from tfrecords_schema.files import NotAFile  # pylint: disable=unused-import
+from tfrecords_schema.files import open_regular  # pylint: disable=unused-import
+from tfrecords_schema.files import read_text  # pylint: disable=unused-import
+from tfrecords_schema.files import remote as _remote
 
 
 _FILE_URL = 'file://'
 _LOCAL_HOSTS = ('', 'localhost')
+
+
+def is_within(path: str, parent: str, *,
+              backslash_separates: bool = False) -> bool:
+  """True when path is parent or below it, compared as normalized
+  '/'-separated text (pass real paths to see through links).
+  backslash_separates: a '\\' separates names too (the build's overlap check
+  of --input_dir and --output_dir)."""
+  if backslash_separates:
+    path, parent = path.replace('\\', '/'), parent.replace('\\', '/')
+  path, parent = posixpath.normpath(path), posixpath.normpath(parent)
+  return path == parent or path.startswith(parent.rstrip('/') + '/')
 
 
 def _file_url_path(url: str) -> str:
@@ -63,60 +70,6 @@ def expand(path: str) -> str:
   if is_remote(path):
     return path
   return os.path.expanduser(path)
-
-
-def _check_regular(info: os.stat_result) -> None:
-  for is_kind, kind in _FILE_KINDS:
-    if is_kind(info.st_mode):
-      raise NotAFile(kind)
-
-
-def open_regular(path: str):
-  """(unbuffered binary file, its fstat) of a local regular file, opened so
-  that nothing can block or be read by accident: devices are refused from
-  stat before any open; a FIFO swapped in after that is opened O_NONBLOCK
-  (no wait for a writer) and refused from fstat. NotAFile, or OSError when
-  the path cannot be opened. The file is blocking again once returned."""
-  _check_regular(os.stat(path))
-  fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-  f = os.fdopen(fd, 'rb', buffering=0)
-  try:
-    info = os.fstat(fd)
-    _check_regular(info)
-    os.set_blocking(fd, True)
-  except BaseException:
-    f.close()
-    raise
-  return f, info
-
-
-def _remote(path: str, call):
-  """call(tf.io.gfile); TensorFlow's errors (not found, denied) as OSError,
-  as the local calls raise them."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    return call(tf.io.gfile)
-  except tf.errors.OpError as e:
-    raise OSError(f'{path}: {e.message}') from None
-
-
-def exists(path: str) -> bool:
-  if is_remote(path):
-    return _remote(path, lambda gfile: gfile.exists(path))
-  return os.path.exists(path)
-
-
-def isdir(path: str) -> bool:
-  if is_remote(path):
-    return _remote(path, lambda gfile: gfile.isdir(path))
-  return os.path.isdir(path)
-
-
-def listdir(path: str) -> list[str]:
-  """Entry names of a folder (local: byte-safe, never a UnicodeDecodeError)."""
-  if is_remote(path):
-    return [e.rstrip('/') for e in _remote(path, lambda g: g.listdir(path))]
-  return os.listdir(path)
 
 
 # Kinds of folder entries, as list_entries names them.
@@ -153,27 +106,3 @@ def remove_tree(path: str) -> None:
     _remote(path, lambda gfile: gfile.rmtree(path))
   else:
     shutil.rmtree(path)
-
-
-def read_text(path: str, *, max_bytes: int) -> str:
-  """A small UTF-8 text file. ValueError (saying why, after "is") for a
-  local path that is not a regular file (a FIFO never blocks, a device is
-  never read), is over max_bytes, or is not UTF-8; OSError when it cannot
-  be opened (remote errors too)."""
-  if is_remote(path):
-    def read(gfile):
-      with gfile.GFile(path, 'r') as f:
-        return f.read()
-    return _remote(path, read)
-  try:
-    f, _ = open_regular(path)
-  except NotAFile as e:
-    raise ValueError(f'is not a regular file but {e}') from None
-  with f:
-    data = f.read(max_bytes + 1)
-  if len(data) > max_bytes:
-    raise ValueError(f'is over {max_bytes} bytes')
-  try:
-    return data.decode('utf-8')
-  except UnicodeDecodeError as e:
-    raise ValueError(f'is not UTF-8 text ({e})') from None

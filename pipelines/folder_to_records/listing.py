@@ -56,6 +56,7 @@ from typing import Iterator, Optional, Sequence, Union
 from pipelines.preprocessing import source_image
 from pipelines.common import paths
 from pipelines.common import run_files
+from pipelines.common import walk
 from pipelines.common.errors import UserError
 from tfrecords_schema import metadata as metadata_lib
 
@@ -82,11 +83,11 @@ _VARIATION_SELECTORS = re.compile(
 _MAX_NAMED = 5
 
 IGNORED_HIDDEN = 'ignored_hidden'
+IGNORED_LINK = walk.IGNORED_LINK  # Folder links the walk does not follow.
 IGNORED_NOT_IMAGE = 'ignored_not_image'
 IGNORED_STRAY = 'ignored_outside_class_folder'
-IGNORED_LINK = 'ignored_folder_link'
 BAD_NAME = 'rejected_bad_file_name'
-UNLISTABLE = 'rejected_unreadable_folder'
+UNLISTABLE = walk.UNLISTABLE  # Folders the walk cannot list.
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,27 +99,11 @@ class SourceFile:
 
 
 @dataclasses.dataclass(frozen=True)
-class IgnoredFile:
-  relpath: str
-  outcome: str
-  reason: str
-
-
-@dataclasses.dataclass(frozen=True)
 class Listing:
   layout: str
   class_names: tuple[str, ...]
   files: tuple[SourceFile, ...]
-  ignored: tuple[IgnoredFile, ...]
-
-
-def is_hidden(name: str) -> bool:
-  return name.startswith('.') or name == '__MACOSX'
-
-
-def escaped(name: str) -> str:
-  """A name as text: bytes that are not UTF-8 become \\xNN escapes."""
-  return os.fsencode(name).decode('utf-8', 'backslashreplace')
+  ignored: tuple[walk.Skipped, ...]
 
 
 def is_text(name: str) -> bool:
@@ -157,12 +142,12 @@ def shown(name: str) -> str:
         and not _VARIATION_SELECTORS.match(c)):
       return c
     return c.encode('unicode_escape').decode('ascii')
-  return "'" + ''.join(show(c) for c in escaped(name)) + "'"
+  return "'" + ''.join(show(c) for c in walk.escaped(name)) + "'"
 
 
 def _code_points(name: str) -> str:
   """A name as ASCII escapes ('cafe\\u0301'): tells look-alikes apart."""
-  return escaped(name).encode('ascii', 'backslashreplace').decode('ascii')
+  return walk.escaped(name).encode('ascii', 'backslashreplace').decode('ascii')
 
 
 def _char(c: str) -> str:
@@ -189,91 +174,6 @@ def name_problem(name: str) -> Optional[str]:
   if name != name.strip():
     return 'starts or ends with white space, which a label file cannot hold'
   return None
-
-
-def _is_within(path: str, parent: str) -> bool:
-  return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
-
-
-def _link_problem(path: str, relpath: str, *, input_real: str,
-                  exclude: Sequence[str], seen: set) -> Optional[IgnoredFile]:
-  """Why a link to a folder is not followed, or None (then it is read).
-
-  Followed only when it leads outside --input_dir to a folder this walk has
-  not read yet; never into the build's own output.
-  """
-  real = os.path.realpath(path)
-  if any(_is_within(real, os.path.realpath(e)) for e in exclude):
-    return IgnoredFile(
-        escaped(relpath), IGNORED_LINK,
-        f'link to {escaped(real)}, the --output_dir of this build: not '
-        'followed')
-  target = os.stat(path)
-  if ((target.st_dev, target.st_ino) in seen or
-      _is_within(real, input_real) or _is_within(input_real, real)):
-    return IgnoredFile(
-        escaped(relpath), IGNORED_LINK,
-        f'link to the folder {escaped(real)}, which is inside --input_dir, '
-        'one of its parents or already read: not followed (its images would '
-        'be read twice or loop)')
-  return None
-
-
-def _walk_local(root: str, rel_root: str, *, input_real: str,
-                exclude: Sequence[str] = ()) -> Iterator[Union[str, IgnoredFile]]:
-  """Files below a local folder, as '/'-separated paths relative to
-  --input_dir (rel_root is the folder's), plus unread folders and links.
-
-  A generator: a worker never holds more than one folder's entries.
-  os.scandir with str paths never fails on undecodable names (they come back
-  with surrogate escapes). Folders are tracked by (device, inode), so no
-  folder is read twice in one walk and no link can loop.
-  """
-  seen = set()
-  stack = [(root, rel_root)]
-  while stack:
-    path, rel = stack.pop()
-    try:
-      info = os.stat(path)
-      seen.add((info.st_dev, info.st_ino))
-      with os.scandir(path) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    except OSError as e:
-      yield IgnoredFile(escaped(rel or '.'), UNLISTABLE,
-                        f'cannot list this folder ({e.strerror})')
-      continue
-    subdirs = []
-    for entry in entries:
-      relpath = posixpath.join(rel, entry.name) if rel else entry.name
-      try:
-        is_dir = entry.is_dir()  # Follows links.
-      except OSError:
-        is_dir = False
-      if not is_dir:
-        yield relpath  # Broken links too: rejected when read.
-        continue
-      if entry.is_symlink():
-        try:
-          problem = _link_problem(entry.path, relpath, input_real=input_real,
-                                  exclude=exclude, seen=seen)
-        except OSError:
-          yield relpath
-          continue
-        if problem:
-          yield problem
-          continue
-        target = os.stat(entry.path)
-        seen.add((target.st_dev, target.st_ino))
-      subdirs.append((entry.path, relpath))
-    stack.extend(reversed(subdirs))
-
-
-def walk_local(folder: str) -> Iterator[Union[str, IgnoredFile]]:
-  """Every file below a local folder, as '/'-separated paths relative to
-  it, with the build's link policy (links that lead into the folder, to a
-  parent or to a folder already read come back as IgnoredFile, as do
-  folders that cannot be listed). For trainer.predict."""
-  return _walk_local(folder, '', input_real=os.path.realpath(folder))
 
 
 def _walk_remote(root: str, rel_root: str) -> Iterator[str]:
@@ -306,31 +206,31 @@ class InputPlan:
   layout: str
   class_names: tuple[str, ...]
   folders: tuple[FolderTask, ...]
-  ignored: tuple[IgnoredFile, ...]  # Stray or hidden files at the top.
+  ignored: tuple[walk.Skipped, ...]  # Stray or hidden files at the top.
 
 
 def _name_problem(relpath: str, *, hidden: bool = False
-                  ) -> Optional[IgnoredFile]:
+                  ) -> Optional[walk.Skipped]:
   """A file not read for its name: not UTF-8, or hidden (or in a hidden
   folder: `hidden`); None otherwise."""
   if not is_text(relpath):
-    return IgnoredFile(
-        escaped(relpath), BAD_NAME,
+    return walk.Skipped(
+        walk.escaped(relpath), BAD_NAME,
         'file name is not valid UTF-8 (shown with \\x escapes); rename it')
-  if hidden or any(is_hidden(p) for p in relpath.split('/')):
-    return IgnoredFile(relpath, IGNORED_HIDDEN, 'hidden file or folder')
+  if hidden or any(walk.is_hidden(p) for p in relpath.split('/')):
+    return walk.Skipped(relpath, IGNORED_HIDDEN, 'hidden file or folder')
   return None
 
 
 def _classify(relpath: str, task: FolderTask
-              ) -> Union[SourceFile, IgnoredFile]:
+              ) -> Union[SourceFile, walk.Skipped]:
   """One file of a folder task: a candidate image, or ignored with a reason."""
   problem = _name_problem(relpath, hidden=task.class_name is None)
   if problem:
     return problem
   extension = posixpath.splitext(relpath)[1]
   if extension.lower() not in source_image.EXTENSION_FORMATS:
-    return IgnoredFile(
+    return walk.Skipped(
         relpath, IGNORED_NOT_IMAGE,
         f'not an image file (extension {extension or "none"!r})')
   return SourceFile(relpath, task.class_name, task.given_split)
@@ -351,8 +251,8 @@ def source_file(relpath: str, layout: str) -> SourceFile:
 
 def list_folder(input_dir: str, task: FolderTask, *,
                 exclude: Sequence[str] = ()
-                ) -> Iterator[Union[SourceFile, IgnoredFile]]:
-  """Every file below one folder task, each a SourceFile or an IgnoredFile.
+                ) -> Iterator[Union[SourceFile, walk.Skipped]]:
+  """Every file below one folder task, each a SourceFile or an walk.Skipped.
 
   Runs in a Beam worker (no TensorFlow): local folders with the byte-safe
   walker and its link policy, remote ones through Beam's FileSystems.
@@ -361,11 +261,11 @@ def list_folder(input_dir: str, task: FolderTask, *,
   if paths.is_remote(input_dir):
     walked = _walk_remote(root, task.relpath)
   else:
-    walked = _walk_local(root, task.relpath,
+    walked = walk.walk_below(root, task.relpath,
                          input_real=os.path.realpath(input_dir),
                          exclude=exclude)
   for item in walked:
-    yield item if isinstance(item, IgnoredFile) else _classify(item, task)
+    yield item if isinstance(item, walk.Skipped) else _classify(item, task)
 
 
 def _top_entries(folder: str, rel: str, *, input_real: str,
@@ -380,12 +280,12 @@ def _top_entries(folder: str, rel: str, *, input_real: str,
       files.append(relpath)
       continue
     if not paths.is_remote(folder) and os.path.islink(path):
-      problem = _link_problem(path, relpath, input_real=input_real,
+      problem = walk.link_problem(path, relpath, input_real=input_real,
                               exclude=exclude, seen=set())
       if problem:
         ignored.append(problem)
         continue
-    (hidden if is_hidden(name) else visible).append(relpath)
+    (hidden if walk.is_hidden(name) else visible).append(relpath)
   return visible, hidden, files, ignored
 
 
@@ -400,7 +300,7 @@ def _refuse_training_runs(input_dir: str, relpaths: Sequence[str]) -> None:
     if not run_files.is_training_run(folder):
       continue
     what = (f'--input_dir={input_dir} is' if not relpath else
-            f'{escaped(folder)} in --input_dir={input_dir} is')
+            f'{walk.escaped(folder)} in --input_dir={input_dir} is')
     raise UserError(
         f'{what} a training run (a trainer.main --model_dir: '
         f'{run_files.CHECKPOINT_DIR}/, {run_files.EXPORT_DIR}/), not a folder '
@@ -473,7 +373,7 @@ def plan_input(input_dir: str, *, exclude: Sequence[str] = (),
         f'--input_dir={input_dir} has {found}; a classifier needs at least '
         'two: add one sub-folder of images per class')
   for relpath, where in strays:
-    ignored.append(_name_problem(relpath) or IgnoredFile(
+    ignored.append(_name_problem(relpath) or walk.Skipped(
         relpath, IGNORED_STRAY,
         f'not inside a class folder (stray file in {where})'))
   return InputPlan(layout, class_names, tuple(folders), tuple(ignored))

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 from typing import Iterable, Mapping, Optional, Sequence
 
+from pipelines.common import walk
 from tfrecords_schema.metadata import SPLITS
 
 DUPLICATE = 'duplicate'
@@ -37,14 +38,6 @@ class Kept:
   """A file chosen to be written into `split`."""
   split: str
   relpath: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Dropped:
-  """A file left out; `outcome` is a report key, `reason` says why."""
-  relpath: str
-  outcome: str
-  reason: str
 
 
 def _unit_hash(*parts: object) -> float:
@@ -72,7 +65,7 @@ def order_key(relpath: str, *, seed: int) -> float:
 def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
                        seed: int, validation_fraction: float,
                        test_fraction: float,
-                       ) -> tuple[list[Kept], list[Dropped], Optional[dict]]:
+                       ) -> tuple[list[Kept], list[walk.Skipped], Optional[dict]]:
   """Decides the fate of all files sharing the same bytes.
 
   * different classes -> a label conflict: all are dropped;
@@ -89,7 +82,7 @@ def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
   paths = [e.relpath for e in entries]
   classes = sorted({e.class_name for e in entries})
   if len(classes) > 1:
-    dropped = [Dropped(e.relpath, LABEL_CONFLICT,
+    dropped = [walk.Skipped(e.relpath, LABEL_CONFLICT,
                        f'label conflict: the same bytes are in classes '
                        f'{classes} ({", ".join(p for p in paths if p != e.relpath)})')
                for e in entries]
@@ -105,10 +98,10 @@ def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
   dropped = []
   for e in entries[1:]:
     if (e.given_split or split) == split:
-      dropped.append(Dropped(e.relpath, DUPLICATE,
+      dropped.append(walk.Skipped(e.relpath, DUPLICATE,
                              f'exact duplicate of {first.relpath} (written once)'))
     else:
-      dropped.append(Dropped(
+      dropped.append(walk.Skipped(
           e.relpath, LEAK,
           f'leak: same bytes as {first.relpath} in {split}; left out of '
           f'{e.given_split}'))

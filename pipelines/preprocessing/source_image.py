@@ -27,16 +27,14 @@ from PIL import ImageFile
 import simplejpeg
 
 from pipelines.common import paths
+from tfrecords_schema import files
 
 # Fail on truncated files instead of padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
-# Extension (lower case) -> the Pillow format it promises. MPO is what many
-# cameras write into .jpg files (JPEG with a second preview frame).
-EXTENSION_FORMATS = {
-    '.jpg': 'JPEG', '.jpeg': 'JPEG', '.jpe': 'JPEG', '.jfif': 'JPEG',
-    '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP',
-}
+# Extension (lower case) -> the Pillow format it promises (defined once,
+# with the dataset format).
+EXTENSION_FORMATS = files.IMAGE_EXTENSION_FORMATS
 ACCEPTED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
 RESIZE_MODES = ('stretch', 'crop', 'pad')
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold.

@@ -1,0 +1,21 @@
+"""The validated settings a build's Beam graph runs with."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from pipelines.preprocessing import source_image
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+  """Validated build settings (see `pipelines.build` for the flags)."""
+  input_dir: str
+  dataset_name: str
+  class_names: tuple[str, ...]
+  layout: str
+  image: source_image.ImageOptions
+  validation_fraction: float
+  test_fraction: float
+  seed: int
+  shard_size_bytes: int

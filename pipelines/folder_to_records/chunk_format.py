@@ -1,0 +1,81 @@
+"""Chunk files: the unit of parallel work and its on-disk format.
+
+A chunk is ~EXAMPLES_PER_CHUNK files in a seeded order that mixes classes
+(chunk_of); its records go to one chunk file per split, each with an index
+file (index_file: a summary line, then one IndexEntry per record).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import posixpath
+from typing import NamedTuple, Optional, Sequence
+
+from pipelines.folder_to_records import splits as splits_lib
+
+
+# Unit of parallel work: small enough that 2+ workers get even shares, large
+# enough that Beam's per-element cost is noise next to 64 image decodes.
+EXAMPLES_PER_CHUNK = 64
+CHUNKS_DIR = '_chunks'
+
+
+class IndexEntry(NamedTuple):
+  """One record of a chunk file, a JSON list per line of its index file.
+
+  JSON escapes every control and non-ASCII character, so a path holding a
+  line separator (U+2028, U+0085, ...) stays on its line.
+
+  offset, length: its bytes in the chunk file; pixel_sum, pixel_sumsq: exact
+  per-channel integer sums of the stored pixels and of their squares (the
+  train statistics), num_pixels their count; warning: for the report.
+  """
+  offset: int
+  length: int
+  label: int
+  pixel_sum: tuple[int, ...]
+  pixel_sumsq: tuple[int, ...]
+  num_pixels: int
+  warning: Optional[str]
+  relpath: str
+
+
+def index_file(entries: Sequence[IndexEntry]) -> bytes:
+  """The index file of a chunk file: a summary line, then one line per record.
+
+  The summary (a JSON object) totals the records: [label, count] of each
+  class present (sparse: a chunk of 64 holds at most 64 of 10,000 classes),
+  pixel sums as a PixelSums triple and the [relpath, warning] pairs in
+  record order. A shard that holds the whole chunk file, with no copy
+  dropped from it (nearly every chunk), reads only that line; the record
+  lines (JSON lists) serve the chunk files a shard boundary cuts and those
+  holding a dropped duplicate.
+  """
+  summary = {
+      'counts': sorted(collections.Counter(e.label for e in entries).items()),
+      'sums': [[sum(c) for c in zip(*(e.pixel_sum for e in entries))],
+               [sum(c) for c in zip(*(e.pixel_sumsq for e in entries))],
+               sum(e.num_pixels for e in entries)],
+      'warnings': [[e.relpath, e.warning] for e in entries if e.warning]}
+  return ('\n'.join([json.dumps(summary)] + [json.dumps(e) for e in entries])
+          + '\n').encode()
+
+
+def chunk_path(tmp_dir: str, index: int, split: str) -> str:
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.tfrecord')
+
+
+def index_path(tmp_dir: str, index: int, split: str) -> str:
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.index')
+
+
+def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
+  """The chunk of a file: its seeded order key cut into num_chunks ranges."""
+  return min(num_chunks - 1, int(splits_lib.order_key(
+      relpath, seed=seed) * num_chunks))
+
+
+def num_chunks(num_files: int) -> int:
+  """How many chunks the files are cut into: ~EXAMPLES_PER_CHUNK each."""
+  return max(1, -(-num_files // EXAMPLES_PER_CHUNK))

@@ -1,0 +1,318 @@
+"""The build's per-element steps (Beam DoFns and maps): list folders, write
+chunks, resolve duplicates, concatenate shards. See beam_build for the graph.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import concurrent.futures
+import hashlib
+import json
+import posixpath
+import time
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.common import paths
+from pipelines.common import walk
+from pipelines.folder_to_records import build_config
+from pipelines.folder_to_records import chunk_format
+from pipelines.folder_to_records import file_io
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import shard_math
+from pipelines.folder_to_records import splits as splits_lib
+from pipelines.folder_to_records import statistics
+from pipelines.preprocessing import source_image
+from tfrecords_schema import schema
+
+
+# Tagged outputs.
+REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES = (
+    'rejected', 'ignored', 'counts', 'findings', 'totals', 'sums', 'warnings',
+    'times')
+
+
+def record_split(source: listing_lib.SourceFile, sha256: str,
+                 config: build_config.BuildConfig) -> str:
+  """The split a file's record is written to: its split folder, or a hash
+  of its content."""
+  return source.given_split or splits_lib.assign_split(
+      sha256, seed=config.seed,
+      validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction)
+
+
+class WriteChunk(beam.DoFn):
+  """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
+  record, for the dedupe shuffle.
+
+  Writes a chunk file and its index file per split; 'totals': (split, chunk,
+  bytes written) for each chunk file. Files are written in (order_key, path)
+  order, whatever order the runner grouped them in. Files that cannot become
+  an example go to 'rejected' with a reason.
+  """
+
+  def __init__(self, config: build_config.BuildConfig, tmp_dir: str):
+    self._config = config
+    self._tmp_dir = tmp_dir
+    self._reader = None
+    self._labels = {name: i for i, name in enumerate(config.class_names)}
+
+  def setup(self):
+    if paths.is_remote(self._config.input_dir):  # Local: no thread.
+      self._reader = concurrent.futures.ThreadPoolExecutor(
+          file_io.READ_AHEAD, thread_name_prefix='read-ahead')
+
+  def teardown(self):
+    if self._reader:
+      self._reader.shutdown(wait=False, cancel_futures=True)
+
+  def _read(self, relpath: str) -> bytes:
+    return source_image.read_source(
+        posixpath.join(self._config.input_dir, relpath),
+        max_bytes=self._config.image.max_file_bytes)
+
+  def _convert(self, source: listing_lib.SourceFile, reads
+               ) -> tuple[bytes, source_image.ProcessedImage]:
+    """(sha256 digest of the file, its stored image) for the next read of
+    `reads`; raises ImageRejected, or the read's own error.
+
+    Takes the read itself, so that once the file is converted neither the
+    caller nor a read-ahead future holds its bytes.
+    """
+    data = next(reads).result()
+    processed = source_image.process(
+        data, extension=posixpath.splitext(source.relpath)[1],
+        options=self._config.image)
+    return hashlib.sha256(data).digest(), processed
+
+  def process(self, element):
+    index, relpaths = element
+    config = self._config
+    start_time = time.time()
+    if self._reader is None:  # Called outside Beam (tests, profiling).
+      self.setup()  # Makes reader threads for remote files only.
+    files = [listing_lib.source_file(p, config.layout) for p in sorted(
+        relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
+    relpaths = [f.relpath for f in files]
+    if self._reader is None:  # Local files.
+      reads = file_io.prefetched(self._read, lambda p: file_io.prefetch_local(
+          posixpath.join(config.input_dir, p),
+          max_bytes=config.image.max_file_bytes), relpaths,
+          depth=file_io.READ_AHEAD)
+    else:
+      reads = file_io.read_ahead(self._reader, self._read, relpaths,
+                                 depth=file_io.READ_AHEAD)
+    writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
+    try:
+      for source in files:
+        try:
+          digest, processed = self._convert(source, reads)
+        except source_image.ImageRejected as e:
+          yield beam.pvalue.TaggedOutput(REJECTED, walk.Skipped(
+              source.relpath, e.outcome, e.reason))
+          continue
+        except Exception as e:  # pylint: disable=broad-except
+          yield beam.pvalue.TaggedOutput(REJECTED, walk.Skipped(
+              source.relpath, source_image.UNREADABLE,
+              f'cannot read or decode ({type(e).__name__}: {e})'))
+          continue
+        sha = digest.hex()
+        split = record_split(source, sha, config)
+        label = self._labels[source.class_name]
+        # One image in flight (see "Memory" above): the stored image lives
+        # until its Example is made, the Example until it is framed, and the
+        # record until it is written, before the next file is read.
+        example = schema.encode_example(
+            image=processed.encoded, label=label, filename=source.relpath,
+            sha256=sha, original_height=processed.original_height,
+            original_width=processed.original_width)
+        entry = (label, [int(v) for v in processed.pixel_sum],
+                 [int(v) for v in processed.pixel_sumsq],
+                 processed.num_pixels, processed.warning, source.relpath)
+        del processed
+        if split not in writers:
+          writers[split] = FileSystems.create(
+              chunk_format.chunk_path(self._tmp_dir, index, split),
+              compression_type=file_io.RAW)
+          indexes[split] = []
+        record = schema.frame_record(example)
+        del example
+        writers[split].write(record)
+        length = len(record)
+        del record
+        indexes[split].append(
+            chunk_format.IndexEntry(offsets[split], length, *entry))
+        # The dedupe shuffle carries only this (the runner may hold it all).
+        yield digest, (source.relpath, index, offsets[split])
+        offsets[split] += length
+        written += 1
+    finally:
+      for writer in writers.values():
+        writer.close()
+    for split, entries in indexes.items():
+      file_io.write_bytes(chunk_format.index_path(self._tmp_dir, index, split),
+                          chunk_format.index_file(entries))
+    file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
+         'rejected')
+    for split, num_bytes in sorted(offsets.items()):
+      yield beam.pvalue.TaggedOutput(TOTALS, (split, index, num_bytes))
+    yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
+
+
+class ListFolder(beam.DoFn):
+  """FolderTask -> the relpath of each candidate; 'ignored' for the rest;
+  'counts': (candidates, ignored) of the task. A Skipped (what the launcher
+  ignored at the top level) passes through to 'ignored'."""
+
+  def __init__(self, input_dir: str, exclude: Sequence[str]):
+    self._input_dir = input_dir
+    self._exclude = tuple(exclude)
+
+  def process(self, task: listing_lib.FolderTask | walk.Skipped):
+    if isinstance(task, walk.Skipped):
+      yield beam.pvalue.TaggedOutput(IGNORED, task)
+      yield beam.pvalue.TaggedOutput(COUNTS, (0, 1))
+      return
+    files = ignored = 0
+    for item in listing_lib.list_folder(self._input_dir, task,
+                                        exclude=self._exclude):
+      if isinstance(item, listing_lib.SourceFile):
+        files += 1
+        yield item.relpath  # All the shuffle needs (see source_file).
+      else:
+        ignored += 1
+        yield beam.pvalue.TaggedOutput(IGNORED, item)
+    yield beam.pvalue.TaggedOutput(COUNTS, (files, ignored))
+
+
+def resolve_duplicates(element, *, config: build_config.BuildConfig):
+  """(sha256 digest, (relpath, chunk, offset) of each copy) -> the dropped
+  copies as (split, chunk, offset); 'rejected' and 'findings' for
+  duplicates, conflicts and leaks. A unique file (nearly all) gives nothing:
+  it stays where it was written."""
+  digest, refs = element
+  refs = {r[0]: r for r in refs}
+  if len(refs) == 1:
+    return
+  sha = digest.hex()
+  sources = {p: listing_lib.source_file(p, config.layout) for p in refs}
+  _, dropped, finding = splits_lib.resolve_same_bytes(
+      sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
+            for p, s in sources.items()],
+      seed=config.seed, validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction)
+  for d in dropped:
+    _, chunk, offset = refs[d.relpath]
+    yield record_split(sources[d.relpath], sha, config), chunk, offset
+    yield beam.pvalue.TaggedOutput(REJECTED, d)
+  if finding:
+    yield beam.pvalue.TaggedOutput(FINDINGS, finding)
+
+
+class ConcatShard(beam.DoFn):
+  """((split, shard), [None, (chunk, offset) of each copy dropped in it]) ->
+  ShardResult, with 'sums' (train pixel sums) and 'warnings' of its records.
+
+  Its records are those whose offset in the split lies in [shard *
+  shard_size, (shard + 1) * shard_size) (the last shard: to the end), read
+  chunk by chunk from the index files; kept ones are copied as byte ranges.
+  A chunk file wholly inside the shard with no copy dropped from it is taken
+  whole, from its index's summary line; only cut chunk files and those with
+  a dropped copy are read record by record. Nothing is written for a shard
+  whose records were all dropped.
+  """
+
+  def __init__(self, tmp_dir: str, config: build_config.BuildConfig):
+    self._tmp_dir = tmp_dir
+    self._config = config
+
+  def _chunks(self, split: str, shard: int, layout: dict):
+    """(chunk, whole) of each chunk file with bytes in the shard, in offset
+    order; whole: all its bytes are in the shard."""
+    size = self._config.shard_size_bytes
+    chunks = layout['chunks'][split]
+    shard_at = lambda offset: shard_math.shard_of(
+        offset, layout['num_shards'][split], size)
+    first = max(0, bisect.bisect_right(chunks.starts, shard * size) - 1)
+    for i in range(first, len(chunks.ids)):
+      start, last = chunks.starts[i], shard_at(
+          chunks.starts[i] + chunks.sizes[i] - 1)
+      if shard_at(start) > shard:
+        break
+      if last >= shard:
+        yield chunks.ids[i], shard_at(start) == last
+
+  def _records(self, split: str, shard: int, layout: dict, chunk: int,
+               lines: Sequence[bytes]):
+    """The IndexEntry of each record of the chunk file in the shard, from
+    its index's record lines."""
+    start = layout['chunks'][split].start_of(chunk)
+    for line in lines:
+      # Lines are in offset order and start '[offset,': only the lines
+      # in this shard's range are parsed (shards may be far smaller than a
+      # chunk file).
+      at = shard_math.shard_of(start + int(line[1:line.index(b',')]),
+                               layout['num_shards'][split],
+                               self._config.shard_size_bytes)
+      if at > shard:
+        break
+      if at == shard:
+        yield chunk_format.IndexEntry(*json.loads(line))
+
+  def process(self, element, layout):
+    (split, shard), values = element
+    dropped = {v for v in values if v is not None}
+    dropped_from = {chunk for chunk, _ in dropped}
+    filename = schema.shard_filename(self._config.dataset_name, split, shard,
+                                     layout['num_shards'][split])
+    counts = [0] * len(self._config.class_names)
+    sums, pieces, warnings = None, [], []
+
+    def add(chunk_sums, path, offset, length):
+      nonlocal sums
+      if split == 'train':
+        sums = statistics.PixelSums.add(sums, (tuple(chunk_sums[0]),
+                                               tuple(chunk_sums[1]),
+                                               chunk_sums[2]))
+      if pieces and pieces[-1][0] == path and sum(
+          pieces[-1][1:]) == offset:  # Neighbours: one byte range.
+        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
+      else:
+        pieces.append((path, offset, length))
+
+    for chunk, whole in self._chunks(split, shard, layout):
+      path = chunk_format.chunk_path(self._tmp_dir, chunk, split)
+      with FileSystems.open(
+          chunk_format.index_path(self._tmp_dir, chunk, split),
+          compression_type=file_io.RAW) as f:
+        summary = json.loads(f.readline())
+        if whole and chunk not in dropped_from:  # The summary says it all.
+          for label, n in summary['counts']:
+            counts[label] += n
+          warnings.extend(summary['warnings'])
+          add(summary['sums'], path, 0, layout['chunks'][split].size_of(chunk))
+          continue
+        lines = f.read().split(b'\n')[:-1]
+      for entry in self._records(split, shard, layout, chunk, lines):
+        if (chunk, entry.offset) in dropped:
+          continue
+        counts[entry.label] += 1
+        if entry.warning:
+          warnings.append((entry.relpath, entry.warning))
+        add((entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels), path,
+            entry.offset, entry.length)
+    for relpath, warning in warnings:
+      yield beam.pvalue.TaggedOutput(WARNINGS, {'path': relpath,
+                                                'warning': warning})
+    if not pieces:
+      return
+    num_bytes = file_io.copy_ranges(
+        pieces, posixpath.join(self._tmp_dir, filename))
+    if sums is not None:
+      yield beam.pvalue.TaggedOutput(SUMS, sums)
+    yield shard_math.ShardResult(split, shard, filename, num_bytes,
+                                 sum(counts), tuple(counts))

@@ -1,0 +1,204 @@
+"""Failures of a running build as one line: the disk's (full, read-only,
+denied...) and Ctrl-C/SIGTERM become BuildFailed, saying what was kept;
+Beam's own logs of such a failure are held back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+from typing import Iterator, Optional, Sequence
+
+from pipelines.common import cli
+from pipelines.common import paths
+from pipelines.common.errors import UserError
+from pipelines.folder_to_records import output_folder
+from pipelines.folder_to_records import runner_options
+
+
+class BuildFailed(UserError):
+  """The disk failed the build (full, read-only, denied...), or the user
+  stopped it: one line, with what was kept. exit_code: the exit status."""
+
+  def __init__(self, message: str, exit_code: int = 1):
+    super().__init__(message)
+    self.exit_code = exit_code
+
+
+# What the temporary folder beside --output_dir adds to its name at most.
+_LONGEST_SUFFIX = (f'.{output_folder.TEMP_SUFFIX}01234567'
+                   f'{output_folder.OLD_SUFFIX}')
+# Failures of the disk, not of the build: errno -> the fix ({parent}: the
+# folder --output_dir is in).
+_BESIDE = ('the build writes its lock file and temporary folder beside '
+           '--output_dir, in {parent}, and renames the finished dataset into '
+           'place at the end')
+DISK_FIXES = {
+    errno.ENOSPC: 'the disk is full (until the end a build needs room for '
+                  'the new dataset beside the earlier one): free space '
+                  'there, or choose an --output_dir on another disk',
+    errno.EDQUOT: 'your disk quota there is used up: free space, or choose '
+                  'an --output_dir on another disk',
+    errno.EROFS: 'it is on a read-only file system; ' + _BESIDE + ': choose '
+                 'an --output_dir on a writable disk',
+    errno.EACCES: _BESIDE + ', so {parent} must be writable: make it '
+                  'writable, or choose another --output_dir',
+    errno.ENAMETOOLONG: 'a name is too long for that file system (the '
+                        'temporary folder beside --output_dir adds up to '
+                        f'{len(_LONGEST_SUFFIX)} '
+                        'characters to its name): choose a shorter '
+                        '--output_dir or --dataset_name',
+    errno.EFBIG: 'a file is larger than that file system allows: pass a '
+                 'smaller --shard_size_mb',
+    errno.EIO: 'the disk reported an I/O error: check it, or build to '
+               'another disk',
+    errno.EMFILE: 'too many open files: raise the limit (ulimit -n 4096) '
+                  'and rerun',
+    errno.EXDEV: 'the finished dataset cannot be renamed into place: '
+                 '--output_dir is on another file system than {parent} (a '
+                 'mount point?); build into a folder inside it',
+}
+DISK_FIXES[errno.EPERM] = DISK_FIXES[errno.EACCES]
+DISK_FIXES[errno.ENFILE] = DISK_FIXES[errno.EMFILE]
+DISK_FIXES[errno.EBUSY] = DISK_FIXES[errno.EXDEV]
+# Beam quotes an error of a worker process as text only.
+_QUOTED_ERRNO = re.compile(r"\[Errno (\d+)\] ([^:\]'\n]+)(?:: '([^'\n]+)')?")
+
+
+def disk_error(progress: output_folder.Progress, code: int,
+               path: Optional[str], what: str) -> str:
+  """The line for a failure of the disk: where, what, the fix, and what
+  of --output_dir was kept."""
+  parent = output_folder.parent_and_name(progress.output_dir)[0]
+  if path and paths.is_within(path, progress.input_dir,
+                              backslash_separates=True):
+    fix = 'the build only reads --input_dir: make it readable'
+  else:
+    fix = DISK_FIXES[code].format(parent=parent)
+  where = path or (progress.tmp_dir if paths.exists(progress.tmp_dir) or
+                   progress.tmp_left else parent)
+  return f'{where}: {what}; {fix}; {progress.outcome()}'
+
+
+def _chain(exc: Optional[BaseException]) -> list[BaseException]:
+  """exc and the exceptions it was raised from or while handling."""
+  chain = []
+  while exc is not None and all(exc is not e for e in chain):
+    chain.append(exc)
+    exc = exc.__cause__ or exc.__context__
+  return chain
+
+
+def disk_failure(
+    exc: Optional[BaseException]) -> Optional[tuple[int, Optional[str], str]]:
+  """(errno, path or None, what happened) when exc, or an exception in its
+  chain, is a failure of the disk: an OSError, a TensorFlow file error (its
+  text), or Beam's error that quotes a worker's OSError. None otherwise."""
+  chain = _chain(exc)
+  for e in chain:
+    if isinstance(e, OSError) and e.errno in DISK_FIXES:
+      return e.errno, e.filename, e.strerror or os.strerror(e.errno)
+  for e in chain:
+    text = str(e)
+    quoted = _QUOTED_ERRNO.search(text)
+    if quoted and int(quoted[1]) in DISK_FIXES:
+      return int(quoted[1]), quoted[3], os.strerror(int(quoted[1]))
+    if type(e).__module__.startswith('tensorflow'):
+      for code in DISK_FIXES:  # TensorFlow's errors carry strerror's text.
+        if os.strerror(code) in text:
+          return code, None, os.strerror(code)
+  return None
+
+
+@contextlib.contextmanager
+def one_line_failures(progress: output_folder.Progress) -> Iterator[None]:
+  """Turns a failure of the disk and Ctrl-C/SIGTERM into a BuildFailed line
+  that says what was kept; other errors (bugs) go on with their traceback."""
+  try:
+    yield
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Beam re-raises a KeyboardInterrupt that hit a step as a RuntimeError.
+    interrupt = next((c for c in _chain(e)
+                      if isinstance(c, KeyboardInterrupt)), None)
+    if interrupt is not None:
+      raise _interrupted(interrupt, progress) from None
+    failure = disk_failure(e)
+    if failure is None:
+      raise
+    raise BuildFailed(disk_error(progress, *failure)) from None
+  except KeyboardInterrupt as e:
+    raise _interrupted(e, progress) from None
+
+
+def _interrupted(interrupt: KeyboardInterrupt,
+                 progress: output_folder.Progress) -> BuildFailed:
+  return BuildFailed(
+      f'interrupted ({cli.signal_name(interrupt)}); {progress.outcome()}',
+      exit_code=128 + cli.signal_number(interrupt))
+
+
+class _DropDiskFailureLogs:
+  """A logging filter: Beam logs a failing step with its traceback before
+  it raises; when the failure is the disk's (or Ctrl-C), the one-line error
+  says it all."""
+
+  def filter(self, record) -> bool:
+    if not record.name.startswith('apache_beam'):
+      return True
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, KeyboardInterrupt):
+      return False
+    return disk_failure(exc or RuntimeError(record.getMessage())) is None
+
+
+# The same for Beam's worker processes, which no filter here reaches:
+# runner_options.run_args.
+
+
+@contextlib.contextmanager
+def quiet_disk_failure_logs(beam_args: Sequence[str]) -> Iterator[None]:
+  """Beam's failure logs off while the pipeline runs, here and in the
+  worker processes of the FnApiRunner."""
+  import logging  # pylint: disable=g-import-not-at-top
+  handlers = list(logging.getLogger().handlers)
+  drop = _DropDiskFailureLogs()
+  for handler in handlers:
+    handler.addFilter(drop)
+  try:
+    with worker_log_levels(beam_args):
+      yield
+  finally:
+    for handler in handlers:
+      handler.removeFilter(drop)
+
+
+@contextlib.contextmanager
+def worker_log_levels(beam_args: Sequence[str]) -> Iterator[None]:
+  """The FnApiRunner starts its worker processes
+  (--direct_running_mode=multi_processing) with empty pipeline options, so
+  no log level given as a flag reaches them; a worker reads the file named
+  by PIPELINE_OPTIONS_FILE in its environment instead (Beam's
+  sdk_worker_main). Only the log levels go there."""
+  if 'PIPELINE_OPTIONS_FILE' in os.environ:
+    yield  # The user's own.
+    return
+  import tempfile  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  given = PipelineOptions(runner_options.pipeline_args(
+      beam_args)).get_all_options(drop_default=True)
+  fd, path = tempfile.mkstemp(prefix='build-worker-options-', suffix='.json')
+  with os.fdopen(fd, 'w') as f:
+    json.dump({'options': {k: given[k]
+                           for k in runner_options.WORKER_LOG_OPTIONS
+                           if k in given}}, f)
+  os.environ['PIPELINE_OPTIONS_FILE'] = path
+  try:
+    yield
+  finally:
+    del os.environ['PIPELINE_OPTIONS_FILE']
+    os.unlink(path)

@@ -1,0 +1,117 @@
+"""The build's file I/O: read-ahead of source files, plain writes, and the
+byte-range copies that concatenate chunk files into shards.
+
+Workers touch files only through Beam's FileSystems (local, gs://, s3://,
+hdfs:// with the matching Beam extras) and never import TensorFlow: a TF
+import costs seconds and ~500 MB per worker process.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import os
+import sys
+from typing import Sequence
+
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.common import paths
+
+
+# Source files read ahead of the one being decoded, so that a cold disk or
+# a bucket's round trips overlap decoding. Local files: the kernel is asked
+# to fetch them (posix_fadvise WILLNEED; no thread, no bytes held by us).
+# Remote ones (gs://, s3://): as many reader threads. A worker holds at most
+# READ_AHEAD + 1 source files (each under --max_file_bytes).
+READ_AHEAD = 3
+_COPY_BLOCK = 16 << 20
+
+
+# Workers touch files only through Beam's FileSystems (local, gs://, s3://,
+# hdfs:// with the matching Beam extras) and never import TensorFlow: a TF
+# import costs seconds and ~500 MB per worker process.
+RAW = CompressionTypes.UNCOMPRESSED
+
+
+def write_bytes(path: str, data: bytes) -> None:
+  with FileSystems.create(path, compression_type=RAW) as f:
+    f.write(data)
+
+
+def log(message: str) -> None:
+  print(f'[build] {message}', file=sys.stderr, flush=True)
+
+
+def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:
+  """Writes the byte ranges (path, offset, length) one after another to
+  out_path; returns the bytes written. (os.copy_file_range was measured for
+  local files: ~10% faster on this step's 0.15 s at 30,000 images, not worth
+  a second code path.)"""
+  num_bytes = 0
+  with FileSystems.create(out_path, compression_type=RAW) as out:
+    for path, offset, length in pieces:
+      with FileSystems.open(path, compression_type=RAW) as f:
+        f.seek(offset)
+        remaining = length
+        while remaining:
+          block = f.read(min(remaining, _COPY_BLOCK))
+          if not block:
+            raise IOError(f'{path} ended before byte {offset + length}')
+          out.write(block)
+          remaining -= len(block)
+          num_bytes += len(block)
+  return num_bytes
+
+
+def read_ahead(executor: concurrent.futures.Executor, read, items, *,
+               depth: int):
+  """Futures of read(item), in order, with at most `depth` submitted beyond
+  the one the caller waits on (a failed read raises from its .result())."""
+  pending = collections.deque()
+  for item in items:
+    pending.append(executor.submit(read, item))
+    if len(pending) > depth:
+      yield pending.popleft()
+  while pending:
+    yield pending.popleft()
+
+
+class _ReadWhenAsked:
+  """read(item) run by .result(), in the caller's thread (a Future's face)."""
+
+  def __init__(self, read, item):
+    self._read, self._item = read, item
+
+  def result(self):
+    return self._read(self._item)
+
+
+def prefetched(read, prefetch, items, *, depth: int):
+  """Like read_ahead, without threads: prefetch(item) is called `depth`
+  items before read(item) runs (in the caller's thread, from .result())."""
+  items = list(items)
+  for item in items[:depth]:
+    prefetch(item)
+  for i, item in enumerate(items):
+    if i + depth < len(items):
+      prefetch(items[i + depth])
+    yield _ReadWhenAsked(read, item)
+
+
+def prefetch_local(path: str, *, max_bytes: int) -> None:
+  """Asks the kernel to start reading a local regular file into its page
+  cache, and returns at once. Anything else is left alone for read_source to
+  report: a file over max_bytes (refused from its size, so a huge or sparse
+  file costs no I/O), devices (never opened), FIFOs (O_NONBLOCK: no hang)."""
+  try:
+    f, info = paths.open_regular(path)
+  except (OSError, paths.NotAFile):  # Missing, or no regular file.
+    return
+  with f:
+    if info.st_size <= max_bytes and hasattr(os, 'posix_fadvise'):  # macOS: no.
+      try:
+        os.posix_fadvise(f.fileno(), 0, info.st_size, os.POSIX_FADV_WILLNEED)
+      except OSError:  # Only a hint: read_source reads the file either way.
+        pass

@@ -1,0 +1,100 @@
+"""The build's last step: metadata.json, build_report.json, rejected.jsonl."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import posixpath
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.folder_to_records import build_config
+from pipelines.folder_to_records import file_io
+from pipelines.folder_to_records import splits as splits_lib
+from pipelines.folder_to_records import statistics
+from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
+
+
+def finalize(_, listed: tuple[int, int], *,
+             config: build_config.BuildConfig, tmp_dir: str, shards: list,
+             stats, findings, warnings, rejected, times) -> None:
+  """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
+
+  `rejected` is an iterable side input, written to rejected.jsonl as it is
+  read (never held); shards has one entry per shard file, findings and
+  warnings one per problem found. The launcher adds the TFDS files (which
+  need TensorFlow) after the run.
+  """
+  num_seen = sum(listed)  # (candidates, ignored) of the listing.
+  mean, std = statistics.mean_std(stats)
+  split_specs = {}
+  for split in metadata_lib.SPLITS:
+    mine = sorted((s for s in shards if s.split == split),
+                  key=lambda s: s.index)
+    counts = [sum(c) for c in zip(*(s.class_counts for s in mine))] or (
+        [0] * len(config.class_names))
+    split_specs[split] = metadata_lib.SplitSpec(
+        name=split, shards=tuple(s.filename for s in mine),
+        shard_lengths=tuple(s.num_examples for s in mine),
+        num_bytes=sum(s.num_bytes for s in mine),
+        class_counts=tuple(int(n) for n in counts))
+  spec = metadata_lib.DatasetSpec.from_build(metadata_lib.BuiltDataset(
+      config=config, splits=split_specs, mean=mean, std=std))
+  file_io.write_bytes(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE),
+                      json.dumps(spec.to_json_dict(), indent=2).encode())
+
+  outcomes = collections.Counter()
+  with FileSystems.create(posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE),
+                          compression_type=file_io.RAW) as f:
+    for d in rejected:  # Streamed: one line at a time.
+      outcomes[d.outcome] += 1
+      f.write((json.dumps({'path': d.relpath, 'reason': d.reason,
+                           'outcome': d.outcome}) + '\n').encode())
+  written = sum(s.num_examples for s in shards)
+  not_written = sum(outcomes.values())
+  counts = {'seen': num_seen, 'written': written,
+            **dict(sorted(outcomes.items()))}
+  if written + not_written != num_seen:
+    raise AssertionError(
+        f'bookkeeping bug: {written} written + {not_written} not written '
+        f'!= {num_seen} seen')
+  by_kind = collections.defaultdict(list)
+  for f in sorted(findings, key=lambda f: f['sha256']):
+    by_kind[f['kind']].append(report_lib.Finding(**f))
+  times = list(times)
+  report = report_lib.BuildReport(
+      dataset_name=config.dataset_name,
+      input_dir=config.input_dir,
+      layout=config.layout,
+      class_names=tuple(config.class_names),
+      image=dataclasses.asdict(config.image),
+      seed=config.seed,
+      validation_fraction=config.validation_fraction,
+      test_fraction=config.test_fraction,
+      counts=counts,
+      splits={
+          name: report_lib.SplitSummary(
+              total=s.num_examples, num_shards=len(s.shards),
+              num_bytes=s.num_bytes,
+              per_class=dict(zip(config.class_names, s.class_counts)))
+          for name, s in split_specs.items()},
+      train_mean=mean,
+      train_std=std,
+      bytes_written=sum(s.num_bytes for s in split_specs.values()),
+      duplicates=tuple(by_kind[splits_lib.DUPLICATE]),
+      conflicts=tuple(by_kind[splits_lib.LABEL_CONFLICT]),
+      leaks=tuple(by_kind[splits_lib.LEAK]),
+      warnings=tuple(report_lib.FileWarning(**w) for w in sorted(
+          warnings, key=lambda w: w['path'])),
+      classes_without_examples=splits_lib.classes_without_examples(
+          config.class_names, {name: s.class_counts
+                               for name, s in split_specs.items()}),
+      # First chunk start to last chunk end: the steady-state write time.
+      write_stage_s=round(max((t[1] for t in times), default=0.0) -
+                          min((t[0] for t in times), default=0.0), 3),
+  )
+  file_io.write_bytes(posixpath.join(tmp_dir, report_lib.REPORT_FILE),
+                      report.to_json().encode())
+  file_io.log(f'finalized: {written} written, {not_written} not written')

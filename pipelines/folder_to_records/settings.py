@@ -1,0 +1,113 @@
+"""The settings of a build: BuildSettings (the flags) and their checks.
+
+make_config validates every setting and returns the BuildConfig the Beam
+graph runs with; every mistake is a UserError naming the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import posixpath
+import re
+from typing import Optional
+
+from pipelines.common.cli import parse_image_size
+from pipelines.common.errors import UserError
+from pipelines.folder_to_records import build_config
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines.preprocessing import source_image
+from tfrecords_schema import schema
+
+
+DEFAULT_IMAGE_SIZE = '150'
+DEFAULT_SHARD_SIZE_MB = 64.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+  """Every setting of a build: the flags of pipelines.build, same names and
+  defaults (the flags are defined from these fields; a test checks it)."""
+  input_dir: str
+  output_dir: str
+  image_size: str = DEFAULT_IMAGE_SIZE
+  resize_mode: str = source_image.RESIZE_MODES[0]
+  image_format: str = schema.IMAGE_FORMATS[0]
+  jpeg_quality: int = source_image.DEFAULT_JPEG_QUALITY
+  channels: int = 3
+  validation_fraction: float = 0.2
+  test_fraction: float = 0.0
+  seed: int = 0
+  dataset_name: Optional[str] = None
+  shard_size_mb: float = DEFAULT_SHARD_SIZE_MB
+  max_image_pixels: int = source_image.DEFAULT_MAX_PIXELS
+  max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
+  overwrite: bool = False
+  allow_missing_eval_classes: bool = False
+_NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
+
+
+def default_dataset_name(input_dir: str) -> str:
+  """A TFDS-friendly name from the input folder: 'Horse-or-Human' -> 'horse_or_human'."""
+  base = posixpath.basename(input_dir.replace('\\', '/').rstrip('/'))
+  name = re.sub(r'[^a-z0-9]+', '_', base.lower()).strip('_')
+  if not name or not name[0].isalpha():
+    name = f'images_{name}' if name else 'images'
+  return name
+
+
+def check_range(flag: str, value: float, low: float, high: float,
+                 fix: str) -> None:
+  if not low <= value <= high:
+    raise UserError(f'--{flag}={value} is out of range; {fix}')
+
+
+def make_config(settings: BuildSettings, *, input_dir: str,
+                listing: listing_lib.InputPlan) -> build_config.BuildConfig:
+  """Validates every setting; raises UserError naming the value and the fix.
+
+  input_dir: the resolved --input_dir.
+  """
+  s = settings
+  image_size, resize_mode, image_format = (s.image_size, s.resize_mode,
+                                           s.image_format)
+  jpeg_quality, channels, seed = s.jpeg_quality, s.channels, s.seed
+  validation_fraction, test_fraction = s.validation_fraction, s.test_fraction
+  shard_size_mb, dataset_name = s.shard_size_mb, s.dataset_name
+  max_image_pixels, max_file_bytes = s.max_image_pixels, s.max_file_bytes
+  height, width = parse_image_size(image_size)
+  if resize_mode not in source_image.RESIZE_MODES:
+    raise UserError(f'--resize_mode={resize_mode} is not one of '
+                    f'{", ".join(source_image.RESIZE_MODES)}')
+  if image_format not in schema.IMAGE_FORMATS:
+    raise UserError(f'--image_format={image_format} is not one of '
+                    f'{", ".join(schema.IMAGE_FORMATS)}')
+  if channels not in (1, 3):
+    raise UserError(f'--channels={channels} is not 1 (grayscale) or 3 (RGB)')
+  check_range('jpeg_quality', jpeg_quality, 1, 100, f'pass 1..100 ({source_image.DEFAULT_JPEG_QUALITY} default)')
+  check_range('validation_fraction', validation_fraction, 0.0, 0.99,
+               'pass a fraction in [0, 1), e.g. 0.2')
+  check_range('test_fraction', test_fraction, 0.0, 0.99,
+               'pass a fraction in [0, 1), e.g. 0.1')
+  if validation_fraction + test_fraction >= 1.0:
+    raise UserError(
+        f'--validation_fraction={validation_fraction} + --test_fraction='
+        f'{test_fraction} leaves no training images; keep their sum below 1')
+  check_range('shard_size_mb', shard_size_mb, 0.001, 1 << 20,
+               'pass a positive size in MB, e.g. 64')
+  check_range('max_image_pixels', max_image_pixels, 1, 1 << 40,
+               f'pass a positive pixel count (default {source_image.DEFAULT_MAX_PIXELS})')
+  name = dataset_name or default_dataset_name(input_dir)
+  if not _NAME_RE.match(name):
+    raise UserError(f'--dataset_name={name} must be lower_snake_case '
+                    '(letters, digits, _; starting with a letter)')
+  return build_config.BuildConfig(
+      input_dir=input_dir, dataset_name=name,
+      class_names=listing.class_names, layout=listing.layout,
+      image=source_image.ImageOptions(
+          height=height, width=width, channels=channels,
+          resize_mode=resize_mode, image_format=image_format,
+          jpeg_quality=int(jpeg_quality), max_pixels=int(max_image_pixels),
+          max_file_bytes=int(max_file_bytes)),
+      validation_fraction=float(validation_fraction),
+      test_fraction=float(test_fraction), seed=int(seed),
+      shard_size_bytes=int(shard_size_mb * (1 << 20)))

@@ -1,0 +1,147 @@
+"""What a finished build tells its user: the end-of-build table, the classes
+a model cannot learn (build_report.json's empty_classes) and the error of a
+build that wrote nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Mapping
+
+from pipelines import plots
+from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import output_folder
+from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
+
+
+def nothing_written(report: report_lib.BuildReport, output_dir: str) -> str:
+  """The error for a build in which every file was rejected or ignored."""
+  reasons = ', '.join(f'{n} {k}' for k, n in report.not_written.items()
+                      if n)
+  rejected = posixpath.join(output_dir, metadata_lib.REJECTED_FILE)
+  where = ('the earlier dataset in --output_dir was kept (build into a new '
+           "folder to get each file's reason)"
+           if output_folder.is_dataset(output_dir) else
+           f'the reason for each file is in {rejected}')
+  return (f'no image of --input_dir={report.input_dir} could be written '
+          f'({report.seen} files: {reasons}); {where}; fix or replace '
+          'those files and rerun')
+
+def _rejected_per_class(tmp_dir: str, layout: str) -> dict:
+  """Class name -> lines of rejected.jsonl under its folder (streamed)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  depth = 1 if layout == listing_lib.SPLIT_FOLDERS_LAYOUT else 0
+  counts = {}
+  with tf.io.gfile.GFile(
+      posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE)) as f:
+    for line in f:
+      parts = json.loads(line)['path'].split('/')
+      if len(parts) > depth + 1:
+        counts[parts[depth]] = counts.get(parts[depth], 0) + 1
+  return counts
+
+
+def empty_classes(report: report_lib.BuildReport,
+                  tmp_dir: str) -> list[report_lib.EmptyClass]:
+  """The classes a model cannot learn: none of their images was written
+  (all rejected, or an empty folder), or none is in train. One entry each
+  for build_report.json's `empty_classes`: class, images written, in train,
+  files rejected, and the warning the summary shows."""
+  splits = report.splits
+  written = {c: sum(s.per_class[c] for s in splits.values())
+             for c in report.class_names}
+  train = splits['train'].per_class
+  if all(train[c] for c in report.class_names):
+    return []
+  rejected = _rejected_per_class(tmp_dir, report.layout)
+  split_folders = report.layout == listing_lib.SPLIT_FOLDERS_LAYOUT
+  out = []
+  for name in report.class_names:
+    if train[name]:
+      continue
+    n = rejected.get(name, 0)
+    if not written[name]:
+      why = ('its only file was rejected' if n == 1 else
+             f'all {n} of its files were rejected' if n else
+             f'its folder{"s hold" if split_folders else " holds"} no file')
+      warning = (f'no image written: {why}' + (
+          f' (reasons in {metadata_lib.REJECTED_FILE})' if n else '') +
+                 '; a model cannot learn it')
+    else:
+      fix = (f'add images to train/{name}/' if split_folders else
+             'add images, or lower --validation_fraction/--test_fraction')
+      warning = (f'no image in train ({written[name]} in validation/test): '
+                 f'a model cannot learn it; {fix}')
+    out.append(report_lib.EmptyClass(
+        class_name=name, written=written[name], train=0, rejected=n,
+        warning=warning))
+  return out
+
+
+# The summary shows every class up to this many; beyond, the smallest and
+# largest few of each split (build_report.json has them all).
+SUMMARY_MAX_CLASSES = 20
+_SUMMARY_EDGE = 3
+
+
+def _class_rows(split: str, per_class: Mapping[str, int], width: int,
+                report_path: str) -> list[str]:
+  row = lambda name, n: f'{split:<12}{name:<{width}}  {n:>8}'
+  if len(per_class) <= SUMMARY_MAX_CLASSES:
+    return [row(name, n) for name, n in per_class.items()]
+  ranked = sorted(per_class.items(), key=lambda item: (item[1], item[0]))
+  hidden = len(ranked) - 2 * _SUMMARY_EDGE
+  return ([row(name, n) for name, n in ranked[:_SUMMARY_EDGE]] +
+          [f'{split:<12}{f"({hidden} more)":<{width}}  {"":>8}   '
+           f'smallest above, largest below; every class: {report_path}'] +
+          [row(name, n) for name, n in ranked[-_SUMMARY_EDGE:]])
+
+
+def format_summary(report: report_lib.BuildReport | Mapping) -> str:
+  """The end-of-build table: per split/class counts, rejects, speed, bytes.
+
+  Up to SUMMARY_MAX_CLASSES classes every class has a row; beyond, each
+  split shows its smallest and largest classes, so 2,000 classes still fit
+  a screen. Classes a model cannot learn are warned about (a few shown).
+  report: a BuildReport with output_dir, or its JSON object (build()'s
+  result).
+  """
+  if not isinstance(report, report_lib.BuildReport):
+    report = report_lib.BuildReport.from_json_dict(report)
+  classes = report.class_names
+  out = report.output_dir
+  report_path = posixpath.join(out, report_lib.REPORT_FILE)
+  width = max(12, *(len(c) for c in classes))
+  lines = [f'{"split":<12}{"class":<{width}}  {"images":>8}']
+  for split, info in report.splits.items():
+    if not info.total:
+      continue
+    lines.extend(_class_rows(split, info.per_class, width, report_path))
+    lines.append(f'{split:<12}{"(all)":<{width}}  {info.total:>8}'
+                 f'   {info.num_shards} shard(s), '
+                 f'{info.num_bytes / 1e6:.1f} MB')
+  empty = report.empty_classes or ()
+  for entry in empty[:_SUMMARY_EDGE * 2]:
+    name = output_folder.shown_name(entry.class_name)
+    lines.append(f'warning: class {name!r}: '
+                 f'{entry.warning}')
+  if len(empty) > _SUMMARY_EDGE * 2:
+    lines.append(f'warning: {len(empty) - _SUMMARY_EDGE * 2} more classes '
+                 f'with no image in train: empty_classes in {report_path}')
+  lines.append('')
+  not_written = report.seen - report.written
+  lines.append(f'seen {report.seen}, written {report.written}, '
+               f'not written {not_written}' + (':' if not_written else ''))
+  for key, value in report.not_written.items():
+    lines.append(f'  {key:<36}{value:>8}')
+  lines.append(f'{report.images_per_s} images/s over '
+               f'{report.elapsed_s} s, {report.bytes_written / 1e6:.1f} '
+               'MB written')
+  if report.written:
+    lines.append(f'dataset: {out}  (report: {report_path}, '
+                 f'rejected: {out}/{metadata_lib.REJECTED_FILE})')
+    lines.append(f'pictures: {out}/{plots.SAMPLES_FILE} (stored images '
+                 'per class)')
+  return '\n'.join(lines)

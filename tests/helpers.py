@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import io
 import os
 import pathlib
@@ -394,3 +395,31 @@ def wait_for_port(port: int, process, timeout: float = 120) -> None:
       return
     time.sleep(0.2)
   raise TimeoutError(f'nothing listens on port {port}')
+
+
+RUN_CLI = """
+import json, runpy, sys
+sys.argv = {argv!r}
+try:
+  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)
+except SystemExit as e:
+  print(json.dumps([str(e.code), sorted(m for m in ('tensorflow', 'keras')
+                                        if m in sys.modules)]))
+"""
+
+
+def refusal(module: str, *args: str, env=None) -> tuple[str, list[str]]:
+  """(the error a command exits with, which of TF/Keras it had loaded).
+
+  For commands that must refuse before TensorFlow loads: the command runs
+  in a fresh process until it exits.
+  """
+  result = subprocess.run(
+      [sys.executable, '-c', RUN_CLI.format(argv=[module, *args],
+                                            module=module)],
+      cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+      check=True, env=env)
+  error, loaded = json.loads(result.stdout.strip().splitlines()[-1])
+  if error.isdigit():  # Printed its error line, then exited with a status.
+    (error,) = error_lines(result.stderr)
+  return error, loaded

@@ -39,36 +39,12 @@ def test_the_trainer_never_imports_beam():
       'trainer.train_lib, trainer.predict, trainer.export')
 
 
-_RUN_CLI = """
-import json, runpy, sys
-sys.argv = {argv!r}
-try:
-  runpy.run_module({module!r}, run_name='__main__', alter_sys=True)
-except SystemExit as e:
-  print(json.dumps([str(e.code), sorted(m for m in ('tensorflow', 'keras')
-                                        if m in sys.modules)]))
-"""
-
-
-def _refusal(module: str, *args: str) -> tuple[str, list[str]]:
-  """(the error a command exits with, which of TF/Keras it had loaded)."""
-  result = subprocess.run(
-      [sys.executable, '-c', _RUN_CLI.format(argv=[module, *args],
-                                             module=module)],
-      cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120,
-      check=True)
-  error, loaded = json.loads(result.stdout.strip().splitlines()[-1])
-  if error.isdigit():  # Printed its error line, then exited with a status.
-    (error,) = helpers.error_lines(result.stderr)
-  return error, loaded
-
-
 @pytest.mark.parametrize('module', ['trainer.main', 'trainer.predict',
                                     'pipelines.build', 'pipelines.data_service'])
 def test_help_exits_0_and_lists_every_setting_without_tensorflow(module):
   argv = [module, '--helpshort']
   result = subprocess.run(
-      [sys.executable, '-c', _RUN_CLI.format(argv=argv, module=module)],
+      [sys.executable, '-c', helpers.RUN_CLI.format(argv=argv, module=module)],
       cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=120,
       check=True)
   code, loaded = json.loads(result.stdout.strip().splitlines()[-1])
@@ -83,29 +59,29 @@ def test_help_exits_0_and_lists_every_setting_without_tensorflow(module):
 
 def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):
   # TensorFlow takes seconds to start; a typo should not wait for it.
-  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/nope',
+  error, loaded = helpers.refusal('pipelines.build', f'--input_dir={tmp_path}/nope',
                            f'--output_dir={tmp_path}/out')
   assert f'--input_dir={tmp_path}/nope does not exist' in error
   assert loaded == []
   (tmp_path / 'file').write_text('x')
-  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/in',
+  error, loaded = helpers.refusal('pipelines.build', f'--input_dir={tmp_path}/in',
                            f'--output_dir={tmp_path}/file')
   assert 'is a file' in error and loaded == []
   (tmp_path / 'theirs').mkdir()
   (tmp_path / 'theirs' / 'notes.txt').write_text('keep me')
-  error, loaded = _refusal('pipelines.build', f'--input_dir={tmp_path}/in',
+  error, loaded = helpers.refusal('pipelines.build', f'--input_dir={tmp_path}/in',
                            f'--output_dir={tmp_path}/theirs')
   assert 'never replaces' in error and loaded == []
   (tmp_path / 'photos' / 'cats').mkdir(parents=True)
   (tmp_path / 'photos' / 'cats' / 'a.jpg').write_bytes(b'')
-  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/photos',
+  error, loaded = helpers.refusal('trainer.main', f'--data_dir={tmp_path}/photos',
                            f'--model_dir={tmp_path}/run')
   assert 'is a folder of images' in error and loaded == []
-  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/photos',
+  error, loaded = helpers.refusal('trainer.main', f'--data_dir={tmp_path}/photos',
                            f'--model_dir={tmp_path}/run', '--model=resnet')
   assert '--model=resnet is not a model; choose one of' in error
   assert loaded == []
-  error, loaded = _refusal('trainer.main', f'--data_dir={tmp_path}/nope',
+  error, loaded = helpers.refusal('trainer.main', f'--data_dir={tmp_path}/nope',
                            f'--model_dir={tmp_path}/run')
   assert f'--data_dir={tmp_path}/nope does not exist' in error
   assert loaded == []
@@ -127,7 +103,7 @@ def test_a_metadata_file_that_is_not_small_text_is_one_line(tmp_path, kind):
       f.truncate(metadata.MAX_METADATA_BYTES + 1)  # Sparse: no disk used.
   else:
     path.write_bytes(b'\xff\xfe{}')
-  error, loaded = _refusal('trainer.main', f'--data_dir={data}',
+  error, loaded = helpers.refusal('trainer.main', f'--data_dir={data}',
                            f'--model_dir={tmp_path}/run')
   assert error.startswith(f'error: {path} is ') and 'rebuild' in error, error
   assert '\n' not in error and loaded == []

@@ -154,6 +154,27 @@ def cluster_task(tf_config: Optional[str]) -> ClusterTask:
                      has_chief=bool(trainers['chief']))
 
 
+def distribution_task(distribution: str,
+                      tf_config: Optional[str]) -> Optional[ClusterTask]:
+  """This process's ClusterTask for --distribution=multi_worker, else None.
+
+  UserError for a TF_CONFIG that does not parse, or one set while
+  --distribution is not multi_worker. No TensorFlow: the command line
+  answers before it loads.
+  """
+  if distribution != 'multi_worker':
+    if (tf_config or '').strip():
+      raise UserError(
+          f'TF_CONFIG is set but --distribution={distribution}: pass '
+          '--distribution=multi_worker to train on its cluster, or unset '
+          'TF_CONFIG to train in this process alone')
+    return None
+  try:
+    return cluster_task(tf_config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
+
+
 def single_unit(num_classes: int) -> bool:
   """Two classes train one sigmoid unit (binary cross-entropy); more, softmax."""
   return num_classes == 2

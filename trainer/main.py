@@ -136,6 +136,8 @@ def main(argv):
     config = config_from_flags()
     # Before TensorFlow loads (seconds): typos in these fail at once.
     config_lib.check_model_names(config.model, config.base_model)
+    config_lib.distribution_task(config.distribution,
+                                 os.environ.get('TF_CONFIG'))
     places.check_data_dir_is_not_a_run(config.data_dir)
     metadata_lib.read_dataset_spec(config.data_dir)
     places.check_model_dir_place(config.model_dir, config.data_dir)

@@ -367,17 +367,8 @@ def _reading(config: TrainConfig):
 
 def _cluster_task(config: TrainConfig):
   """This process's ClusterTask for --distribution=multi_worker, else None."""
-  if config.distribution != 'multi_worker':
-    if os.environ.get('TF_CONFIG', '').strip():
-      raise UserError(
-          f'TF_CONFIG is set but --distribution={config.distribution}: pass '
-          '--distribution=multi_worker to train on its cluster, or unset '
-          'TF_CONFIG to train in this process alone')
-    return None
-  try:
-    return config_lib.cluster_task(os.environ.get('TF_CONFIG'))
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  return config_lib.distribution_task(config.distribution,
+                                      os.environ.get('TF_CONFIG'))
 
 
 def _build_model(config: TrainConfig, model_input: ModelInput,

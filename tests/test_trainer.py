@@ -3,10 +3,6 @@
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 
 import keras
 import numpy as np
@@ -201,39 +197,6 @@ def test_export_matches_keras_model_on_the_same_bytes(binary_data, trained_run):
   p = model(tf.cast(images, tf.float32) / 255.0).numpy()[:, 0]
   np.testing.assert_allclose(out['probabilities'].numpy()[:, 1], p, atol=1e-5)
   assert config.class_names == ('cats', 'rockets')
-
-
-def _history_epochs(model_dir):
-  with open(os.path.join(model_dir, 'history.csv')) as f:
-    return [int(r['epoch']) for r in csv.DictReader(f)]
-
-
-def test_resume_after_a_kill_continues_at_the_right_epoch(binary_data, tmp_path):
-  model_dir = tmp_path / 'run'
-  epochs = 12  # Killed after epoch 3 at the earliest: room to resume.
-  args = [f'--data_dir={binary_data}', f'--model_dir={model_dir}',
-          f'--epochs={epochs}', '--batch_size=8', '--early_stopping_patience=0']
-  process = subprocess.Popen(
-      [sys.executable, '-m', 'trainer.main', *args], cwd=helpers.REPO_ROOT,
-      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  state = model_dir / 'checkpoint' / 'state.json'
-  deadline = time.time() + 120
-  while time.time() < deadline:
-    if state.exists() and json.loads(state.read_text())['epochs_done'] >= 3:
-      break
-    time.sleep(0.05)
-  process.send_signal(signal.SIGKILL)
-  process.wait()
-  saved = json.loads(state.read_text())
-  done = saved['epochs_done']
-  assert 3 <= done < epochs
-  assert [r['epoch'] for r in saved['rows']] == list(range(1, done + 1))
-  result = helpers.run_cli('trainer.main', *args)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert f'resuming after epoch {done}' in result.stderr
-  assert _history_epochs(model_dir) == list(range(1, epochs + 1))
-  assert f'Epoch {done + 1}/{epochs}' in result.stdout + result.stderr
-  assert f'Epoch {done}/{epochs}' not in result.stdout + result.stderr
 
 
 def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,

@@ -34,6 +34,11 @@ setuptools.setup(
         'demo': ['scikit-learn>=1.5,<2', 'scikit-image>=0.24,<1'],
         'test': [
             'pytest>=8,<10',
+            # Test files run in parallel processes (scripts/test.sh -n 3):
+            # most slow tests wait on the processes they start.
+            'pytest-xdist>=3.6,<4',
+            # The linter scripts/test.sh runs (configuration: ruff.toml).
+            'ruff>=0.6,<1',
             'scikit-learn>=1.5,<2',
             'scikit-image>=0.24,<1',
             # ImageDataGenerator, only as the input benchmark's baseline.

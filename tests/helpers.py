@@ -423,3 +423,34 @@ def refusal(module: str, *args: str, env=None) -> tuple[str, list[str]]:
   if error.isdigit():  # Printed its error line, then exited with a status.
     (error,) = error_lines(result.stderr)
   return error, loaded
+
+
+def run_main_in_process(module_name: str, *args: str
+                        ) -> subprocess.CompletedProcess:
+  """A command's `main` run in this process, as `run_cli` would see it.
+
+  For commands whose behaviour, not their start-up, is under test: the
+  TensorFlow this process has loaded already is reused (a fresh `python -m
+  trainer.predict` spends ~8 s starting). Flags are parsed as the command
+  parses them and reset afterwards; an exit message becomes stderr's last
+  line and status 1, as absl's app.run does.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from pipelines.common import cli  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module(module_name)
+  stdout, stderr = io.StringIO(), io.StringIO()
+  code = 0
+  with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+    try:
+      argv = cli.flags_parser(known_only=False)([module_name, *args])
+      module.main(argv)
+    except SystemExit as e:
+      code = e.code
+    finally:
+      flags.FLAGS.unparse_flags()
+  if isinstance(code, str):
+    print(code, file=stderr)
+    code = 1
+  return subprocess.CompletedProcess([module_name, *args], code or 0,
+                                     stdout.getvalue(), stderr.getvalue())

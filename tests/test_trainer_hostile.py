@@ -248,7 +248,7 @@ def _predict_folder(root: pathlib.Path) -> list[str]:
 
 def test_predict_expands_folders(env, tmp_path):
   expected = _predict_folder(tmp_path / 'pictures')
-  result = helpers.run_cli('trainer.predict', f'--model_dir={env.run}',
+  result = helpers.run_main_in_process('trainer.predict', f'--model_dir={env.run}',
                            str(tmp_path / 'pictures'))
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'Traceback' not in result.stderr
@@ -282,7 +282,7 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
   image = helpers.write(tmp_path / 'x.jpg',
                         helpers.jpeg_bytes(helpers.photo('rocket')))
   missing = tmp_path / 'no_such_run'
-  result = helpers.run_cli('trainer.predict', f'--model_dir={missing}',
+  result = helpers.run_main_in_process('trainer.predict', f'--model_dir={missing}',
                            str(image))
   _one_error(result, f'--model_dir={missing}', 'does not exist')
   broken = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
@@ -400,7 +400,7 @@ def test_predict_refuses_a_model_that_gives_nan(env, tmp_path):
   export_lib.export(model, str(run), config)
   image = helpers.write(tmp_path / 'cat.jpg',
                         helpers.jpeg_bytes(helpers.photo('chelsea')))
-  result = helpers.run_cli('trainer.predict', f'--model_dir={run}', '--json',
+  result = helpers.run_main_in_process('trainer.predict', f'--model_dir={run}', '--json',
                            str(image))
   assert result.returncode == 1, result.stderr[-3000:]
   (line,) = result.stdout.splitlines()
@@ -456,7 +456,7 @@ def test_predict_follows_folder_links_as_the_build_does(env, tmp_path):
   os.symlink(folder, folder / 'a' / 'loop')  # A parent: skipped, noted.
   os.symlink(outside, folder / 'a' / 'more')  # Read already: skipped.
   helpers.write(folder / 'notes.txt', b'x')
-  result = helpers.run_cli('trainer.predict', f'--model_dir={env.run}',
+  result = helpers.run_main_in_process('trainer.predict', f'--model_dir={env.run}',
                            str(folder))
   assert result.returncode == 0, result.stderr[-3000:]
   assert [l.split('\t')[0] for l in result.stdout.splitlines()] == [

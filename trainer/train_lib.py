@@ -32,6 +32,7 @@ import tfrecords_schema
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import export as export_lib
+from trainer import model_table
 from trainer import models
 from trainer import multi_worker
 from trainer import places
@@ -381,6 +382,14 @@ def _cluster_task(config: TrainConfig):
     raise UserError(str(e)) from None
 
 
+def run_model_input(config: TrainConfig, spec) -> ModelInput:
+  """What the run's model reads: --image_size (default the stored size),
+  normalized as --model's entry in trainer.model_table says."""
+  return ModelInput.from_spec(
+      spec, image_size=config.image_size,
+      normalize=model_table.normalization(config.model))
+
+
 def _build_model(config: TrainConfig, model_input: ModelInput,
                  num_classes: int):
   """The compiled model of this run (in the current strategy's scope)."""
@@ -486,9 +495,7 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
           f'{replicas} replicas of the cluster (it is the global batch, '
           'split evenly); pass e.g. --batch_size='
           f'{max(1, config.batch_size // replicas) * replicas}')
-    model_input = ModelInput.from_spec(
-        spec, image_size=config.image_size,
-        normalize=models.NORMALIZATION.get(config.model, 'rescale'))
+    model_input = run_model_input(config, spec)
     _check_model_dir(config.model_dir)
     places.check_model_dir_place(config.model_dir, config.data_dir)
     part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''

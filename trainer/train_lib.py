@@ -305,10 +305,13 @@ def _cache_files(config: TrainConfig, spec, size,
   return files
 
 
-def _make_dataset(config: TrainConfig, split: str, **kwargs):
-  """input_pipeline.make_dataset with its refusals as one-line UserErrors."""
+def _make_dataset(config: TrainConfig, split: str, model_input: ModelInput,
+                  spec, **options):
+  """input_pipeline.batches with its refusals as one-line UserErrors."""
   try:
-    return input_pipeline.make_dataset(config.data_dir, split, **kwargs)
+    return input_pipeline.batches(
+        config.data_dir, split, model_input,
+        input_pipeline.DatasetOptions(**options), spec=spec)
   except input_pipeline.MemoryCacheTooLarge as e:
     h, w, c = e.shape
     raise UserError(
@@ -548,8 +551,6 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
         f'{os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)}/ '
         'to start over') from None
 
-  common = dict(image_size=size, normalize=model_input.normalize,
-                label_mode=label_mode, spec=spec)
   train_count = spec.splits['train'].num_examples
   steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
@@ -559,12 +560,13 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
 
   def train_dataset(batch_size):
     return _make_dataset(
-        config, 'train', batch_size=batch_size, training=True,
-        augment=augment, seed=config.seed, repeat=True, cache=train_cache,
-        data_service=config.data_service, shard=shard, **common)
+        config, 'train', model_input, spec, batch_size=batch_size,
+        training=True, augment=augment, seed=config.seed, repeat=True,
+        cache=train_cache, data_service=config.data_service, shard=shard,
+        label_mode=label_mode)
   val_ds = _make_dataset(
-      config, 'validation', batch_size=config.batch_size, training=False,
-      cache=val_cache, **common)
+      config, 'validation', model_input, spec, batch_size=config.batch_size,
+      training=False, cache=val_cache, label_mode=label_mode)
 
   watch = contextlib.ExitStack()  # Closed once training ends.
   heartbeat = watch.enter_context(_service_watch(config, dog, resumable))
@@ -634,11 +636,12 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
     model = _build_model(config, model_input, num_classes)
     model.set_weights(weights)
   return _finish(config, spec, model, resumable, model_input=model_input,
-                 binary=binary, common=common, train_seconds=train_seconds)
+                 binary=binary, label_mode=label_mode,
+                 train_seconds=train_seconds)
 
 
-def _finish(config, spec, model, resumable, *, model_input, binary, common,
-            train_seconds) -> dict:
+def _finish(config, spec, model, resumable, *, model_input, binary,
+            label_mode, train_seconds) -> dict:
   """Evaluation, metrics.json, best model and serving export, then pictures.
 
   A run with no epoch that finished with finite numbers (a diverged one)
@@ -665,8 +668,8 @@ def _finish(config, spec, model, resumable, *, model_input, binary, common,
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
   eval_ds = _make_dataset(
-      config, eval_split, batch_size=config.batch_size, training=False,
-      **common)
+      config, eval_split, model_input, spec, batch_size=config.batch_size,
+      training=False, label_mode=label_mode)
   with _reading(config):
     labels, predictions = _predict_labels(model, eval_ds, binary)
   matrix = report.confusion_matrix(labels, predictions, spec.num_classes)

@@ -8,6 +8,7 @@ Everything that can refuse a run is checked before the first write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
@@ -15,7 +16,7 @@ import os
 import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -488,8 +489,50 @@ def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
 
 
 def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
-  """train_and_evaluate after the checks that need no TensorFlow runtime."""
-  augment = config.augment
+  """train_and_evaluate after the checks that need no TensorFlow runtime:
+  prepare (every refusal, before any write), fit, then the chief finishes."""
+  run = _prepare(config, spec, task, cluster)
+  train_seconds = _fit(config, run, dog)
+  if run.resumable.preempted:
+    raise Preempted(
+        f'preempted (SIGTERM{" on a worker" if task else ""}) after epoch '
+        f'{len(run.resumable.rows)} of {config.epochs}; its state is saved in '
+        f'{config.model_dir}: rerun the same command'
+        f'{" on every machine" if task else ""} to resume')
+  if not run.is_chief:
+    _say(f'worker done after epoch {len(run.resumable.rows)}; the chief '
+         f'writes the model and results to {config.model_dir}')
+    return {}
+  return _finish(config, run, train_seconds)
+
+
+@dataclasses.dataclass
+class _Run:
+  """A prepared run: what fit and finish work on."""
+  spec: Any
+  task: Any  # config.ClusterTask, or None.
+  cluster: Any  # multi_worker.Cluster, or None.
+  strategy: Any
+  model_input: ModelInput
+  resumable: callbacks_lib.ResumableTraining
+  done: int  # Epochs a saved run finished.
+  is_chief: bool
+  model: keras.Model
+  train_dataset: Callable[[int], tf.data.Dataset]  # Of the batch size.
+  val_ds: tf.data.Dataset
+
+  @property
+  def binary(self) -> bool:
+    return config_lib.single_unit(self.spec.num_classes)
+
+  @property
+  def label_mode(self) -> str:
+    return 'binary' if self.binary else 'int'
+
+
+def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
+  """Every check, the saved state, the model (restored) and the datasets;
+  nothing is written. In a cluster, every worker agrees to start first."""
   try:  # A worker's refusal stops every worker (agree_to_start).
     if cluster and config.batch_size % cluster.strategy.num_replicas_in_sync:
       replicas = cluster.strategy.num_replicas_in_sync
@@ -523,10 +566,8 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
         cluster, error=error, done=done, model_dir=config.model_dir,
         settings=dict(config.fingerprint(spec), epochs=config.epochs))
     strategy = cluster.strategy
-  size = model_input.size
   num_classes = spec.num_classes
-  binary = config_lib.single_unit(num_classes)
-  label_mode = 'binary' if binary else 'int'
+  label_mode = 'binary' if config_lib.single_unit(num_classes) else 'int'
 
   keras.utils.set_random_seed(config.seed)
   if config.mixed_precision:
@@ -551,8 +592,6 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
         f'{os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)}/ '
         'to start over') from None
 
-  train_count = spec.splits['train'].num_examples
-  steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.
   # A worker of a multi-worker run reads its own part (see multi_worker).
@@ -561,93 +600,96 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
   def train_dataset(batch_size):
     return _make_dataset(
         config, 'train', model_input, spec, batch_size=batch_size,
-        training=True, augment=augment, seed=config.seed, repeat=True,
-        cache=train_cache, data_service=config.data_service, shard=shard,
-        label_mode=label_mode)
+        training=True, augment=config.augment, seed=config.seed,
+        repeat=True, cache=train_cache, data_service=config.data_service,
+        shard=shard, label_mode=label_mode)
   val_ds = _make_dataset(
       config, 'validation', model_input, spec, batch_size=config.batch_size,
       training=False, cache=val_cache, label_mode=label_mode)
+  return _Run(spec=spec, task=task, cluster=cluster, strategy=strategy,
+              model_input=model_input, resumable=resumable, done=done,
+              is_chief=is_chief, model=model, train_dataset=train_dataset,
+              val_ds=val_ds)
 
-  watch = contextlib.ExitStack()  # Closed once training ends.
-  heartbeat = watch.enter_context(_service_watch(config, dog, resumable))
-  with _reading(config):  # A damaged train shard often shows here already.
-    # From a dataset of its own: iterating the training dataset would
-    # advance its seeded shuffle and augmentation generators.
-    sample_batch = next(iter(train_dataset(config.batch_size).take(1)))
 
-  if task:
-    loop = multi_worker.Loop(cluster, model, num_classes=num_classes,
-                             global_batch=config.batch_size,
-                             jit_compile=config.jit_compile)
+def _fit(config: TrainConfig, run: _Run, dog) -> float:
+  """Writes the run's first files (the chief), trains; seconds it took.
 
-  # Every check passed: from here on, the run writes (the chief only).
-  if is_chief:
-    os.makedirs(config.model_dir, exist_ok=True)
-    resumable.prepare()
-    _write_samples(sample_batch, config, spec, model_input,
-                   augmented=augment is not None)
-  _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
-       f'{num_classes} classes, {train_count} train / '
-       f'{spec.splits["validation"].num_examples} validation images, '
-       f'{model.count_params():,} parameters'
-       + (f'; resuming after epoch {done}' if done else ''))
-  start = time.perf_counter()
-  if task and done < config.epochs and not resumable.stopped_early:
-    replicas = strategy.num_replicas_in_sync
-    iterator = iter(strategy.distribute_datasets_from_function(
-        lambda context: train_dataset(config.batch_size // replicas)))
-    with _reading(config), _preemptible(resumable):
-      multi_worker.fit(
-          loop, iterator=iterator, val_ds=val_ds, resumable=resumable,
-          epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-          is_chief=is_chief, preempted=lambda: resumable.preempted,
-          tensorboard_dir=os.path.join(config.model_dir,
-                                       config_lib.TENSORBOARD_DIR))
-    _say(f'weights after epoch {len(resumable.rows)}: sha256 '
-         f'{multi_worker.weights_digest(model)} (the same on every worker)')
-    if is_chief and not resumable.preempted:
+  Trains up to --epochs unless the saved run already finished; SIGTERM
+  stops after the current batch (run.resumable.preempted).
+  """
+  spec, task, resumable, model = run.spec, run.task, run.resumable, run.model
+  size = run.model_input.size
+  num_classes = spec.num_classes
+  train_count = spec.splits['train'].num_examples
+  steps_per_epoch = max(1, train_count // config.batch_size)
+  with _service_watch(config, dog, resumable) as heartbeat:
+    with _reading(config):  # A damaged train shard often shows here already.
+      # From a dataset of its own: iterating the training dataset would
+      # advance its seeded shuffle and augmentation generators.
+      sample_batch = next(iter(run.train_dataset(config.batch_size).take(1)))
+
+    if task:
+      loop = multi_worker.Loop(run.cluster, model, num_classes=num_classes,
+                               global_batch=config.batch_size,
+                               jit_compile=config.jit_compile)
+
+    # Every check passed: from here on, the run writes (the chief only).
+    if run.is_chief:
+      os.makedirs(config.model_dir, exist_ok=True)
+      resumable.prepare()
+      _write_samples(sample_batch, config, spec, run.model_input,
+                     augmented=config.augment is not None)
+    _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
+         f'{num_classes} classes, {train_count} train / '
+         f'{spec.splits["validation"].num_examples} validation images, '
+         f'{model.count_params():,} parameters'
+         + (f'; resuming after epoch {run.done}' if run.done else ''))
+    start = time.perf_counter()
+    to_train = run.done < config.epochs and not resumable.stopped_early
+    if task and to_train:
+      replicas = run.strategy.num_replicas_in_sync
+      iterator = iter(run.strategy.distribute_datasets_from_function(
+          lambda context: run.train_dataset(config.batch_size // replicas)))
+      with _reading(config), _preemptible(resumable):
+        multi_worker.fit(
+            loop, iterator=iterator, val_ds=run.val_ds, resumable=resumable,
+            epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            is_chief=run.is_chief, preempted=lambda: resumable.preempted,
+            tensorboard_dir=os.path.join(config.model_dir,
+                                         config_lib.TENSORBOARD_DIR))
+      _say(f'weights after epoch {len(resumable.rows)}: sha256 '
+           f'{multi_worker.weights_digest(model)} (the same on every worker)')
+      if run.is_chief and not resumable.preempted:
+        resumable.on_train_end()
+    elif to_train:
+      with _reading(config), _preemptible(resumable):
+        model.fit(run.train_dataset(config.batch_size),
+                  steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                  validation_data=run.val_ds, verbose=2, shuffle=False,
+                  callbacks=[
+                      *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
+                      keras.callbacks.TensorBoard(os.path.join(
+                          config.model_dir, config_lib.TENSORBOARD_DIR))])
+    elif run.is_chief:
       resumable.on_train_end()
-  elif done < config.epochs and not resumable.stopped_early:
-    with _reading(config), _preemptible(resumable):
-      model.fit(train_dataset(config.batch_size), steps_per_epoch=steps_per_epoch,
-                epochs=config.epochs, validation_data=val_ds, verbose=2,
-                shuffle=False, callbacks=[
-                    *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
-                    keras.callbacks.TensorBoard(os.path.join(
-                        config.model_dir, config_lib.TENSORBOARD_DIR))])
-  elif is_chief:
-    resumable.on_train_end()
-  watch.close()
-  train_seconds = time.perf_counter() - start
-  if resumable.preempted:
-    raise Preempted(
-        f'preempted (SIGTERM{" on a worker" if task else ""}) after epoch '
-        f'{len(resumable.rows)} of {config.epochs}; its state is saved in '
-        f'{config.model_dir}: rerun the same command'
-        f'{" on every machine" if task else ""} to resume')
-  if not is_chief:
-    _say(f'worker done after epoch {len(resumable.rows)}; the chief writes '
-         f'the model and results to {config.model_dir}')
-    return {}
-  if task:
-    # Evaluation, saving and export on a plain copy: no collectives, and the
-    # files are those a single-process run writes.
-    weights = model.get_weights()
-    model = _build_model(config, model_input, num_classes)
-    model.set_weights(weights)
-  return _finish(config, spec, model, resumable, model_input=model_input,
-                 binary=binary, label_mode=label_mode,
-                 train_seconds=train_seconds)
+  return time.perf_counter() - start
 
 
-def _finish(config, spec, model, resumable, *, model_input, binary,
-            label_mode, train_seconds) -> dict:
+def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   """Evaluation, metrics.json, best model and serving export, then pictures.
 
   A run with no epoch that finished with finite numbers (a diverged one)
   is refused: nothing is saved or exported. Pictures come last and never
   stop the run: the model and its numbers are written whatever they cost.
   """
+  spec, resumable, model = run.spec, run.resumable, run.model
+  if run.task:
+    # Evaluation, saving and export on a plain copy: no collectives, and the
+    # files are those a single-process run writes.
+    weights = model.get_weights()
+    model = _build_model(config, run.model_input, spec.num_classes)
+    model.set_weights(weights)
   rows = resumable.rows
   if not rows:
     why = resumable.stop_reason or 'no epoch finished (see the logs above)'
@@ -668,10 +710,11 @@ def _finish(config, spec, model, resumable, *, model_input, binary,
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
   eval_ds = _make_dataset(
-      config, eval_split, model_input, spec, batch_size=config.batch_size,
-      training=False, label_mode=label_mode)
+      config, eval_split, run.model_input, spec,
+      batch_size=config.batch_size, training=False,
+      label_mode=run.label_mode)
   with _reading(config):
-    labels, predictions = _predict_labels(model, eval_ds, binary)
+    labels, predictions = _predict_labels(model, eval_ds, run.binary)
   matrix = report.confusion_matrix(labels, predictions, spec.num_classes)
   per_class = report.per_class_report(matrix, spec.class_names)
   metrics = {
@@ -700,7 +743,7 @@ def _finish(config, spec, model, resumable, *, model_input, binary,
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
   export_lib.export(model, config.model_dir, config_lib.ModelConfig(
       model=config.model, class_names=spec.class_names,
-      model_input=model_input))
+      model_input=run.model_input))
   _picture(config_lib.CURVES_FILE, lambda path: plots.plot_training_curves(
       rows, path), config)
   _picture(config_lib.CONFUSION_FILE, lambda path: plots.plot_confusion_matrix(

@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import os
-import re
 import sys
 import time
 from typing import Any, Callable
@@ -216,30 +215,15 @@ def _read_spec(data_dir: str):
   places.check_data_dir_is_not_a_run(data_dir)
   try:
     return tfrecords_schema.read_dataset_spec(data_dir)
-  except tfrecords_schema.DatasetError as e:
-    raise UserError(str(e)) from None
+  except tfrecords_schema.DatasetError:
+    raise  # A UserError already.
   except (ValueError, KeyError, TypeError, AttributeError, OSError,
           tf.errors.OpError) as e:
     detail = cli.one_line(e, 200)
     raise UserError(
         f'--data_dir={data_dir}: its {tfrecords_schema.metadata.METADATA_FILE} '
         f'cannot be read ({type(e).__name__}: {detail}); '
-        f'{_rebuild_hint(data_dir)}') from None
-
-
-def _rebuild_hint(data_dir: str) -> str:
-  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
-  source = 'IMAGES'
-  try:
-    with tf.io.gfile.GFile(os.path.join(
-        data_dir, tfrecords_schema.metadata.REPORT_FILE)) as f:
-      recorded = json.load(f).get('input_dir')
-    if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
-      source = recorded
-  except Exception:  # pylint: disable=broad-except
-    pass  # No usable build report: the generic command.
-  return (f'rebuild it: python -m pipelines.build --input_dir={source} '
-          f'--output_dir={data_dir} --overwrite')
+        f'{input_pipeline.rebuild_hint(data_dir)}') from None
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -308,67 +292,15 @@ def _cache_files(config: TrainConfig, spec, size,
 
 def _make_dataset(config: TrainConfig, split: str, model_input: ModelInput,
                   spec, **options):
-  """input_pipeline.batches with its refusals as one-line UserErrors."""
-  try:
-    return input_pipeline.batches(
-        config.data_dir, split, model_input,
-        input_pipeline.DatasetOptions(**options), spec=spec)
-  except input_pipeline.MemoryCacheTooLarge as e:
-    h, w, c = e.shape
-    raise UserError(
-        f'--cache=memory needs ~{e.need_bytes / 2**30:.1f} GiB for the '
-        f'{e.num_examples} {split} images at {h}x{w}x{c}, over half the '
-        f'{e.have_bytes / 2**30:.1f} GiB of memory available; pass '
-        '--cache=/path/to/file to cache on disk instead, or leave --cache '
-        'out') from None
-  except input_pipeline.DamagedShardError as e:
-    raise UserError(f'shard {e.path} of --data_dir={config.data_dir} is '
-                    f'damaged ({e.reason}); {_rebuild_hint(config.data_dir)}'
-                    ) from None
-  except tfrecords_schema.DatasetError as e:
-    raise UserError(f'{e} (--data_dir={config.data_dir})') from None
+  """input_pipeline.batches of --data_dir (its refusals are UserErrors that
+  speak in flags)."""
+  return input_pipeline.batches(
+      config.data_dir, split, model_input,
+      input_pipeline.DatasetOptions(**options), spec=spec)
 
 
-_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|'
-                       r'Error in user-defined function passed to .*? '
-                       r'transformation with iterator: \S+: ')
-
-
-def tf_message(error: Exception) -> str:
-  """The first line of a TensorFlow error, without graph/iterator names."""
-  text = str(getattr(error, 'message', None) or error)
-  text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
-                       else type(error).__name__)
-  return cli.one_line(text, 300)
-
-
-@contextlib.contextmanager
-def _reading(config: TrainConfig):
-  """Errors raised while the dataset is read become one-line UserErrors.
-
-  A damaged shard is padded by the input layer with a marker that names it
-  (see input_pipeline): parsing the marker is the error, and the shard in it
-  is what the message names.
-  """
-  try:
-    yield
-  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-    text = str(e)
-    damaged = input_pipeline.corrupt_shard_in(text)
-    hint = _rebuild_hint(config.data_dir)
-    if damaged:
-      path, expected = damaged
-      raise UserError(
-          f'shard {path} of --data_dir={config.data_dir} is damaged (a '
-          f'record is corrupt or cut short; the build wrote {expected}); '
-          f'{hint}') from None
-    if isinstance(e, tf.errors.DataLossError) or 'corrupted record' in text:
-      raise UserError(f'a shard of --data_dir={config.data_dir} is damaged '
-                      f'({tf_message(e)}); {hint}') from None
-    raise UserError(
-        f'reading --data_dir={config.data_dir} failed ({tf_message(e)}); if '
-        f'the dataset changed or was damaged since it was built, {hint}'
-    ) from None
+# The first line of a TensorFlow error (trainer.main prints it).
+tf_message = input_pipeline.tf_message
 
 
 def _cluster_task(config: TrainConfig):
@@ -582,8 +514,6 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
       model = _build_model(config, model_input, num_classes)
       resumable.set_model(model)
       resumable.restore_weights()  # Before any write: a misfit is refused.
-  except models.ModelError as e:
-    raise UserError(str(e)) from None
   except callbacks_lib.CheckpointMismatch as e:
     raise UserError(
         f'--model_dir={config.model_dir}: its checkpoint {e.path} does not '
@@ -624,7 +554,8 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
   train_count = spec.splits['train'].num_examples
   steps_per_epoch = max(1, train_count // config.batch_size)
   with _service_watch(config, dog, resumable) as heartbeat:
-    with _reading(config):  # A damaged train shard often shows here already.
+    # A damaged train shard often shows here already.
+    with input_pipeline.reading_errors(config.data_dir):
       # From a dataset of its own: iterating the training dataset would
       # advance its seeded shuffle and augmentation generators.
       sample_batch = next(iter(run.train_dataset(config.batch_size).take(1)))
@@ -651,7 +582,8 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
       replicas = run.strategy.num_replicas_in_sync
       iterator = iter(run.strategy.distribute_datasets_from_function(
           lambda context: run.train_dataset(config.batch_size // replicas)))
-      with _reading(config), _preemptible(resumable):
+      with input_pipeline.reading_errors(config.data_dir), _preemptible(
+          resumable):
         multi_worker.fit(
             loop, iterator=iterator, val_ds=run.val_ds, resumable=resumable,
             epochs=config.epochs, steps_per_epoch=steps_per_epoch,
@@ -663,7 +595,8 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
       if run.is_chief and not resumable.preempted:
         resumable.on_train_end()
     elif to_train:
-      with _reading(config), _preemptible(resumable):
+      with input_pipeline.reading_errors(config.data_dir), _preemptible(
+          resumable):
         model.fit(run.train_dataset(config.batch_size),
                   steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                   validation_data=run.val_ds, verbose=2, shuffle=False,
@@ -713,7 +646,7 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       config, eval_split, run.model_input, spec,
       batch_size=config.batch_size, training=False,
       label_mode=run.label_mode)
-  with _reading(config):
+  with input_pipeline.reading_errors(config.data_dir):
     labels, predictions = _predict_labels(model, eval_ds, run.binary)
   matrix = report.confusion_matrix(labels, predictions, spec.num_classes)
   per_class = report.per_class_report(matrix, spec.class_names)
@@ -731,7 +664,7 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       'per_class': per_class,
   }
   if eval_split == 'test':
-    with _reading(config):
+    with input_pipeline.reading_errors(config.data_dir):
       test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
     metrics['test_accuracy'] = float(test_accuracy)
     metrics['test_loss'] = float(test_loss)

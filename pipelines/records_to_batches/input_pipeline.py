@@ -40,7 +40,9 @@ once in pipelines.preprocessing.model_input, shared with the serving export.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import os
 import re
 import struct
@@ -49,6 +51,8 @@ from typing import Optional, Union
 
 import tensorflow as tf
 
+from pipelines.common import cli
+from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import augment as augment_lib
@@ -69,7 +73,27 @@ _MARKER_RE = re.compile(re.escape(CORRUPT_SHARD_MARKER) +
                         r'(.+?) \((\d+) records expected\)')
 
 
-class MemoryCacheTooLarge(ValueError):
+# Errors name the trainer's flags (--data_dir, --cache): they are the
+# lines `python -m trainer.main` prints, raised here with their final
+# wording so that no layer above rewords them.
+
+
+def rebuild_hint(data_dir: str) -> str:
+  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
+  source = 'IMAGES'
+  try:
+    with tf.io.gfile.GFile(os.path.join(
+        data_dir, tfrecords_schema.metadata.REPORT_FILE)) as f:
+      recorded = json.load(f).get('input_dir')
+    if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
+      source = recorded
+  except Exception:  # pylint: disable=broad-except
+    pass  # No usable build report: the generic command.
+  return (f'rebuild it: python -m pipelines.build --input_dir={source} '
+          f'--output_dir={data_dir} --overwrite')
+
+
+class MemoryCacheTooLarge(UserError):
   """cache='memory' would take more than CACHE_MEMORY_SHARE of the memory."""
 
   def __init__(self, message: str, *, split: str, need_bytes: int,
@@ -83,7 +107,10 @@ class MemoryCacheTooLarge(ValueError):
 
 
 class DamagedShardError(tfrecords_schema.DatasetError):
-  """A shard no longer holds the records the build wrote into it."""
+  """A shard no longer holds the records the build wrote into it.
+
+  The message names the shard, --data_dir and the rebuild command.
+  """
 
   def __init__(self, message: str, *, path: str, reason: str):
     super().__init__(message)
@@ -99,6 +126,49 @@ def corrupt_shard_in(message: str) -> Optional[tuple[str, int]]:
   """
   match = _MARKER_RE.search(message)
   return (match.group(1), int(match.group(2))) if match else None
+
+
+_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|'
+                       r'Error in user-defined function passed to .*? '
+                       r'transformation with iterator: \S+: ')
+
+
+def tf_message(error: Exception) -> str:
+  """The first line of a TensorFlow error, without graph/iterator names."""
+  text = str(getattr(error, 'message', None) or error)
+  text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
+                       else type(error).__name__)
+  return cli.one_line(text, 300)
+
+
+@contextlib.contextmanager
+def reading_errors(data_dir: str):
+  """Errors raised while a dataset of `data_dir` is iterated -> UserError.
+
+  Reading happens inside TensorFlow (fit, evaluate, next()), so its errors
+  surface there; wrap that iteration in this. A damaged shard is padded
+  with a marker that names it (see _shard_records): parsing the marker is
+  the error, and the shard in it is what the message names.
+  """
+  try:
+    yield
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    text = str(e)
+    damaged = corrupt_shard_in(text)
+    hint = rebuild_hint(data_dir)
+    if damaged:
+      path, expected = damaged
+      raise UserError(
+          f'shard {path} of --data_dir={data_dir} is damaged (a '
+          f'record is corrupt or cut short; the build wrote {expected}); '
+          f'{hint}') from None
+    if isinstance(e, tf.errors.DataLossError) or 'corrupted record' in text:
+      raise UserError(f'a shard of --data_dir={data_dir} is damaged '
+                      f'({tf_message(e)}); {hint}') from None
+    raise UserError(
+        f'reading --data_dir={data_dir} failed ({tf_message(e)}); if '
+        f'the dataset changed or was damaged since it was built, {hint}'
+    ) from None
 
 
 def _available_memory_bytes() -> int:
@@ -194,7 +264,8 @@ def _check_shard_sizes(data_dir, spec, split, paths) -> None:
   for path in paths:
     if not tf.io.gfile.exists(path):
       raise tfrecords_schema.DatasetError(
-          f'shard {path} is missing; rebuild {data_dir} with pipelines.build')
+          f'shard {path} is missing; rebuild {data_dir} with pipelines.build '
+          f'(--data_dir={data_dir})')
     found += tf.io.gfile.stat(path).length
   expected = spec.splits[split].num_bytes
   if found != expected:
@@ -206,11 +277,12 @@ def _check_shard_sizes(data_dir, spec, split, paths) -> None:
         reason = f'unreadable ({e})'
       if reason:
         raise DamagedShardError(
-            f'shard {path} is damaged ({reason}); rebuild {data_dir} with '
-            'pipelines.build', path=path, reason=reason)
+            f'shard {path} of --data_dir={data_dir} is damaged ({reason}); '
+            f'{rebuild_hint(data_dir)}', path=path, reason=reason)
     raise tfrecords_schema.DatasetError(
         f'the {split} shards of {data_dir} hold {found} bytes, the build '
-        f'wrote {expected}: they changed since; rebuild with pipelines.build')
+        f'wrote {expected}: they changed since; rebuild with pipelines.build '
+        f'(--data_dir={data_dir})')
 
 
 def _record_bytes(spec, split: str) -> int:
@@ -278,7 +350,8 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
     raise tfrecords_schema.DatasetError(
         f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
         f'fraction for it, or use one of '
-        f'{[s for s, v in spec.splits.items() if v.shards]}')
+        f'{[s for s, v in spec.splits.items() if v.shards]} '
+        f'(--data_dir={data_dir})')
   _check_shard_sizes(data_dir, spec, split, paths)
   shard_lengths = spec.splits[split].shard_lengths
   if shard is not None:
@@ -584,10 +657,11 @@ def _check_memory_cache(spec, split: str, size) -> None:
   have = _available_memory_bytes()
   if need > CACHE_MEMORY_SHARE * have:
     raise MemoryCacheTooLarge(
-        f'cache=memory needs ~{need / 2**30:.1f} GiB for '
-        f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
-        f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
-        'pass cache="/path/to/cache_file" or cache=None', split=split,
+        f'--cache=memory needs ~{need / 2**30:.1f} GiB for the '
+        f'{spec.splits[split].num_examples} {split} images at {size[0]}x'
+        f'{size[1]}x{spec.channels}, over half the {have / 2**30:.1f} GiB of '
+        'memory available; pass --cache=/path/to/file to cache on disk '
+        'instead, or leave --cache out', split=split,
         need_bytes=need, have_bytes=have,
         num_examples=spec.splits[split].num_examples,
         shape=(size[0], size[1], spec.channels))

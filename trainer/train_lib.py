@@ -382,15 +382,13 @@ def _preemptible(resumable):
 
 
 def _load_state(config: TrainConfig, resumable) -> int:
-  """Epochs a saved run in --model_dir finished; its refusals as UserErrors."""
+  """Epochs a saved run in --model_dir finished; its refusals as UserErrors
+  (other settings are named as flags here: the config knows them)."""
   try:
     return resumable.load_state()  # Only reads.
   except callbacks_lib.SettingsMismatch as e:
     raise UserError(config_lib.settings_message(config, e.differences)
                     ) from None
-  except ValueError as e:  # A damaged state.json.
-    raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
-        'a new model_dir', 'a new --model_dir')) from None
 
 
 def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
@@ -509,18 +507,10 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
   if not task:
     strategy = (_mirrored_strategy() if config.distribution == 'mirrored'
                 else tf.distribute.get_strategy())
-  try:
-    with strategy.scope():
-      model = _build_model(config, model_input, num_classes)
-      resumable.set_model(model)
-      resumable.restore_weights()  # Before any write: a misfit is refused.
-  except callbacks_lib.CheckpointMismatch as e:
-    raise UserError(
-        f'--model_dir={config.model_dir}: its checkpoint {e.path} does not '
-        f'match this model and dataset, or is damaged ({e.detail}); pass a '
-        'new --model_dir, or delete '
-        f'{os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)}/ '
-        'to start over') from None
+  with strategy.scope():
+    model = _build_model(config, model_input, num_classes)
+    resumable.set_model(model)
+    resumable.restore_weights()  # Before any write: a misfit is refused.
 
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.

@@ -2,6 +2,9 @@
 exercised, and each op's randomness is its own (seeded by its name)."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,6 +12,7 @@ import tensorflow as tf
 
 from pipelines.records_to_batches import augment
 from pipelines.records_to_batches import augment_config
+from tests import helpers
 
 # One setting per registered op that makes it do something visible.
 _EXAMPLES = {
@@ -124,3 +128,26 @@ def test_rgb_only_ops_leave_other_channel_counts_alone(channels):
     np.testing.assert_array_equal(out, images.numpy())
   else:
     assert np.abs(out - images.numpy()).mean() > 1
+
+
+def test_augmenting_inside_tf_data_logs_no_autograph_warning(tmp_path):
+  # AutoGraph converts what a dataset map calls; the registry's Python (the
+  # `active` lambdas) must stay out of it, or every run warns on stderr.
+  script = tmp_path / 'augment_in_map.py'
+  script.write_text(
+      'import tensorflow as tf\n'
+      'from pipelines.records_to_batches import augment, augment_config\n'
+      'CONFIG = augment_config.AugmentConfig(\n'
+      '    rotation_range=10, hue_delta=0.1, horizontal_flip=True)\n'
+      '\n'
+      'def augment_one(x):\n'
+      '  return augment.augment_batch(x, tf.constant([1, 2]), CONFIG)\n'
+      '\n'
+      'ds = tf.data.Dataset.from_tensors(tf.zeros([2, 8, 8, 3]))\n'
+      'print(next(iter(ds.map(augment_one))).shape)\n')
+  result = subprocess.run(
+      [sys.executable, str(script)], cwd=helpers.REPO_ROOT,
+      env=dict(os.environ, PYTHONPATH=str(helpers.REPO_ROOT)),
+      capture_output=True, text=True, timeout=300, check=True)
+  assert '(2, 8, 8, 3)' in result.stdout
+  assert 'AutoGraph could not' not in result.stderr, result.stderr[-2000:]

@@ -386,6 +386,14 @@ def _hue(images, seed, config, *, batch, low, high, unit):
       high - low)
 
 
+# Plain Python on the config, never converted by AutoGraph (augment_batch
+# runs inside tf.data maps): it cannot parse the `active` lambdas, and warns.
+@tf.autograph.experimental.do_not_convert
+def active_ops(config: AugmentConfig) -> list[Op]:
+  """The ops that do something under `config`, in registration order."""
+  return [op for op in OPS.values() if op.active(config)]
+
+
 def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig,
                   *, value_range: tuple[float, float] = (0.0, 255.0)
                   ) -> tf.Tensor:
@@ -408,7 +416,7 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig,
   shape = tf.shape(images)
   batch = shape[0]
   height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
-  active = [op for op in OPS.values() if op.active(config)]
+  active = active_ops(config)
   params = {}
   for op in active:
     if op.kind == GEOMETRY:

@@ -249,7 +249,7 @@ def _check_model_dir(model_dir: str) -> None:
 
 def _cache_files(config: TrainConfig, spec, size,
                  part: str = '') -> tuple[Any, Any]:
-  """(train, validation) `cache=` for make_dataset; checked before any write.
+  """(train, validation) DatasetOptions.cache; checked before any write.
 
   A file cache holds decoded, resized images: its files are named after
   the dataset's digest and the size (PREFIX.<key>.train.*), so a rebuilt

@@ -394,11 +394,6 @@ def decode_example(serialized: tf.Tensor, model_input: ModelInput
   return image, tf.cast(example[schema.LABEL], tf.int32)
 
 
-def to_uint8(images: tf.Tensor) -> tf.Tensor:
-  """float32 [..] pixels on the 0..255 scale -> uint8, rounded and clipped."""
-  return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-
-
 def encode_labels(labels: tf.Tensor, label_mode: str,
                   num_classes: int) -> tf.Tensor:
   """int32 [B] -> int32 [B] ('int'), float32 [B, K] ('categorical') or
@@ -615,9 +610,13 @@ def batches(data_dir: str, split: str, model_input: ModelInput,
     # Augmentation draws a fresh random seed per batch (a seeded stream
     # would be a second, unsplittable source).
     if augment is not None:
-      ds = ds.map(lambda images, labels: (to_uint8(augment_lib.augment_batch(
-          images, tf.random.uniform([2], maxval=2**62, dtype=tf.int64),
-          augment)), labels), num_parallel_calls=AUTOTUNE,
+
+      def augment_to_uint8(images, labels):
+        seed = tf.random.uniform([2], maxval=2**62, dtype=tf.int64)
+        return model_input_lib.round_to_uint8(
+            augment_lib.augment_batch(images, seed, augment)), labels
+
+      ds = ds.map(augment_to_uint8, num_parallel_calls=AUTOTUNE,
                   deterministic=False)
     ds = ds.prefetch(AUTOTUNE)  # The worker keeps making batches meanwhile.
     ds = ds.apply(tf.data.experimental.service.distribute(

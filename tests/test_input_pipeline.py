@@ -233,3 +233,27 @@ def test_corrupt_shard_records_can_be_skipped_and_are_counted(
   err = capfd.readouterr().err
   assert (f'corrupt shard "{shard}" has {total - len(images)} unreadable '
           'records of 6') in err
+
+
+def test_batches_takes_a_model_input_and_options_as_make_dataset_does(tiny):
+  model_input = input_pipeline.ModelInput.from_spec(
+      tiny.spec, image_size=(16, 20), normalize='[-1,1]')
+  options = input_pipeline.DatasetOptions(
+      batch_size=4, training=True, seed=3, augment=augment_config.COURSE)
+  images, labels = _all(input_pipeline.batches(tiny.path, 'train',
+                                               model_input, options))
+  again, again_labels = _all(input_pipeline.make_dataset(
+      tiny.path, 'train', image_size=(16, 20), normalize='[-1,1]',
+      batch_size=4, training=True, seed=3, augment=augment_config.COURSE))
+  np.testing.assert_array_equal(images, again)
+  np.testing.assert_array_equal(labels, again_labels)
+  assert images.shape[1:] == (16, 20, 3) and images.min() >= -1
+  with pytest.raises(ValueError, match='batch_size=0 must be >= 1'):
+    input_pipeline.DatasetOptions(batch_size=0, training=False)
+  with pytest.raises(ValueError, match="label_mode='onehot' is not one of"):
+    input_pipeline.DatasetOptions(batch_size=1, training=False,
+                                  label_mode='onehot')
+  with pytest.raises(TypeError, match="make_dataset.. got an unexpected "
+                     "keyword argument 'shufle_buffer'"):
+    input_pipeline.make_dataset(tiny.path, 'train', batch_size=1,
+                                training=True, shufle_buffer=8)

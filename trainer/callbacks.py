@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import keras
 
 from pipelines.common import cli
+from pipelines.common.errors import UserError
 from trainer import config as config_lib
 
 CHECKPOINT_DIR = config_lib.CHECKPOINT_DIR
@@ -51,10 +52,11 @@ class SettingsMismatch(ValueError):
     self.differences = differences
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(UserError):
   """The saved weights are missing, damaged, or do not fit the model.
 
-  path: the weights file; detail: what went wrong, in a few words.
+  path: the weights file; detail: what went wrong, in a few words. The
+  message is the trainer's (it names --model_dir).
   """
 
   def __init__(self, message: str, *, path: str, detail: str):
@@ -132,7 +134,8 @@ class ResumableTraining(keras.callbacks.Callback):
     """Restores state (not weights) from disk; returns epochs already done.
 
     Only reads: raises SettingsMismatch for a run with other settings and
-    ValueError for a damaged state file, before anything is written.
+    UserError (naming --model_dir) for a damaged state file, before
+    anything is written.
     Call `prepare()` afterwards (it also repairs history.csv).
     """
     path = self._path(STATE_FILE)
@@ -149,10 +152,10 @@ class ResumableTraining(keras.callbacks.Callback):
         wait, stopped_early = int(state['wait']), bool(state['stopped_early'])
         stop_reason = state.get('stop_reason')
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-      raise ValueError(
-          f'{path} is damaged ({type(e).__name__}: {e}); delete '
-          f'{self.checkpoint_dir} to start over, or use a new model_dir'
-      ) from None
+      raise UserError(
+          f'--model_dir={self.model_dir}: {path} is damaged '
+          f'({type(e).__name__}: {e}); delete {self.checkpoint_dir} to start '
+          'over, or use a new --model_dir') from None
     if differences:
       raise SettingsMismatch(
           f'{self.model_dir} holds a run with other settings ('
@@ -174,9 +177,7 @@ class ResumableTraining(keras.callbacks.Callback):
     unbuilt optimizer makes Keras skip them with a warning.
     """
     if not os.path.isfile(path):
-      raise CheckpointMismatch(
-          f'{path} is missing; delete {self.checkpoint_dir} to start over, '
-          'or use a new model_dir', path=path, detail='the file is missing')
+      raise self._mismatch(path, 'the file is missing')
     try:
       optimizer = getattr(self.model, 'optimizer', None)
       if optimizer is not None and not optimizer.built:
@@ -186,11 +187,14 @@ class ResumableTraining(keras.callbacks.Callback):
       # h5py, Keras and TF raise many types for a file of another model or a
       # damaged one; all mean the same to the run.
       detail = f'{type(e).__name__}: ' + cli.one_line(e, 200)
-      raise CheckpointMismatch(
-          f'{path} does not match this model and dataset, or is damaged '
-          f'({detail}); use a new model_dir, or delete '
-          f'{self.checkpoint_dir} to start over', path=path,
-          detail=detail) from None
+      raise self._mismatch(path, detail) from None
+
+  def _mismatch(self, path: str, detail: str) -> CheckpointMismatch:
+    return CheckpointMismatch(
+        f'--model_dir={self.model_dir}: its checkpoint {path} does not '
+        f'match this model and dataset, or is damaged ({detail}); pass a '
+        f'new --model_dir, or delete {self.checkpoint_dir}/ to start over',
+        path=path, detail=detail)
 
   def restore_weights(self) -> None:
     """After load_state: loads the last epoch's model + optimizer state.

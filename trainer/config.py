@@ -32,9 +32,10 @@ from pipelines.common import run_files
 from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.records_to_batches import augment_config
+from trainer import model_table
 
-MODELS = ('small_cnn', 'horses_humans', 'cats_dogs', 'transfer')
-BASE_MODELS = ('inception_v3', 'mobilenet_v2')
+MODELS = model_table.MODEL_NAMES  # One entry each in trainer.model_table.
+BASE_MODELS = model_table.BASE_MODEL_NAMES
 OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
 DISTRIBUTIONS = ('default', 'mirrored', 'multi_worker')
 MONITORS = ('val_loss', 'val_accuracy', 'loss', 'accuracy')

@@ -1,14 +1,16 @@
 """The course's CNNs and a transfer-learning model, sized from the dataset.
 
-Each builder takes the input shape (H, W, C) and class count and returns an
-uncompiled `keras.Model` whose head follows the class count:
+`build_model` takes the input shape (H, W, C) and class count and returns
+an uncompiled `keras.Model` whose head follows the class count:
 
   2 classes   Dense(1, sigmoid)   + binary cross-entropy (the course's choice)
   3+ classes  Dense(K) logits     + sparse categorical cross-entropy
 
-Inputs are already normalized by the input pipeline (`NORMALIZATION` says
-how for each model), so models hold no rescaling layer and the exported
-serving function applies the same normalization.
+Which models exist, and each one's builder, arguments, normalization and
+default dropout, is trainer.model_table (one entry per model). Inputs are
+already normalized by the input pipeline as the entry says, so models hold
+no rescaling layer and the exported serving function applies the same
+normalization.
 """
 
 from __future__ import annotations
@@ -20,15 +22,10 @@ import keras
 from keras import layers
 
 from trainer import config as config_lib
+from trainer import model_table
 
 MODELS = config_lib.MODELS
 BASE_MODELS = config_lib.BASE_MODELS
-# What the input pipeline does before the model: the course rescales to
-# [0, 1]; Inception/MobileNet bases were trained on [-1, 1].
-NORMALIZATION = {'small_cnn': 'rescale', 'horses_humans': 'rescale',
-                 'cats_dogs': 'rescale', 'transfer': '[-1,1]'}
-DEFAULT_DROPOUT = {'small_cnn': 0.0, 'horses_humans': 0.0, 'cats_dogs': 0.5,
-                   'transfer': 0.2}
 
 
 ModelError = config_lib.ModelError
@@ -64,9 +61,16 @@ def min_side(num_convs: int) -> int:
   return side
 
 
-def _conv_stack(inputs, filters, dense_units: int, num_classes: int,
-                dropout: float, name: str, *,
-                dropout_before_dense: bool = False) -> keras.Model:
+def conv_stack(inputs, num_classes: int, dropout: float, *, name: str,
+               filters: tuple[int, ...], dense_units: int,
+               dropout_before_dense: bool = False) -> keras.Model:
+  """3x3 valid Conv(f)+ReLU, 2x2 max pooling for each f, Flatten, Dense.
+
+  The course's CNNs (their filters in trainer.model_table). Dropout goes
+  before the head, or (dropout_before_dense) between the convolutions and
+  the dense layer. ModelError for inputs [B, H, W, C] too small to leave
+  one pixel after the last pooling.
+  """
   need = min_side(len(filters))
   height, width = inputs.shape[1], inputs.shape[2]
   if min(height, width) < need:
@@ -86,25 +90,7 @@ def _conv_stack(inputs, filters, dense_units: int, num_classes: int,
   return keras.Model(inputs, outputs, name=name)
 
 
-def small_cnn(inputs, num_classes, dropout):
-  """The Fashion-MNIST CNN: Conv32-Pool-Conv64-Pool-Dense128."""
-  return _conv_stack(inputs, (32, 64), 128, num_classes, dropout, 'small_cnn')
-
-
-def horses_humans(inputs, num_classes, dropout):
-  """Conv16-32-64-64-64, each with max pooling, Dense512 (300x300 in the course)."""
-  return _conv_stack(inputs, (16, 32, 64, 64, 64), 512, num_classes, dropout,
-                     'horses_humans')
-
-
-def cats_dogs(inputs, num_classes, dropout):
-  """Conv32-64-128-128 with pooling, Dropout, Dense512 (150x150 in the course)."""
-  # The course drops out between the convolutions and the dense layer.
-  return _conv_stack(inputs, (32, 64, 128, 128), 512, num_classes, dropout,
-                     'cats_dogs', dropout_before_dense=True)
-
-
-def transfer(inputs, num_classes, dropout, *, base_model: str,
+def transfer(inputs, num_classes, dropout, *, name: str, base_model: str,
              base_weights: Optional[str], base_cutoff_layer: Optional[str]):
   """A frozen Keras Applications base (truncated at a layer) + a new head.
 
@@ -125,8 +111,8 @@ def transfer(inputs, num_classes, dropout, *, base_model: str,
   if x.shape[-1] == 1:  # Grayscale data, RGB base: repeat the channel.
     x = layers.Concatenate(name='grey_to_rgb')([x, x, x])
   shape = tuple(x.shape[1:])
-  application = {'inception_v3': keras.applications.InceptionV3,
-                 'mobilenet_v2': keras.applications.MobileNetV2}[base_model]
+  application = getattr(keras.applications,
+                        model_table.get_base(base_model).application)
   try:
     base = application(include_top=False, weights=None, input_shape=shape)
   except ValueError as e:
@@ -143,30 +129,44 @@ def transfer(inputs, num_classes, dropout, *, base_model: str,
     except ValueError:
       raise ModelError(
           f'--base_cutoff_layer={base_cutoff_layer} is not a layer of '
-          f'{base_model}; e.g. mixed7 (inception_v3) or block_13_expand_relu '
-          '(mobilenet_v2)') from None
+          f'{base_model}; e.g. ' + ' or '.join(
+              f'{b.example_cutoff_layer} ({b.name})'
+              for b in model_table.BASE_MODELS)) from None
   base = keras.Model(base.input, features, name=f'{base_model}_base')
   base.trainable = False
   y = base(x, training=False)
   y = layers.Flatten()(y)
   y = layers.Dense(1024, activation='relu')(y)
-  return keras.Model(inputs, head(y, num_classes, dropout), name='transfer')
+  return keras.Model(inputs, head(y, num_classes, dropout), name=name)
+
+
+def builder(entry: model_table.Model):
+  """The function of this module that builds `entry`; LookupError naming
+  the entry when there is none (a table entry without its builder)."""
+  function = globals().get(entry.builder)
+  if not callable(function):
+    raise LookupError(
+        f'trainer.model_table entry {entry.name!r} names builder '
+        f'{entry.builder!r}, which trainer.models does not define: add '
+        f'`def {entry.builder}(inputs, num_classes, dropout, *, name, ...)` '
+        'to trainer/models.py')
+  return function
 
 
 def build_model(name: str, *, input_shape: tuple[int, int, int],
                 num_classes: int, dropout: Optional[float] = None,
-                base_model: str = 'inception_v3',
+                base_model: str = BASE_MODELS[0],
                 base_weights: Optional[str] = None,
                 base_cutoff_layer: Optional[str] = None) -> keras.Model:
   """Builds `name` for (H, W, C) inputs; ModelError when it cannot."""
   config_lib.check_model_names(name, base_model)
-  dropout = DEFAULT_DROPOUT[name] if dropout is None else dropout
+  entry = model_table.get(name)
+  dropout = entry.default_dropout if dropout is None else dropout
   if not 0 <= dropout < 1:
     raise ModelError(f'--dropout={dropout} must be in [0, 1)')
   inputs = keras.Input(input_shape, name='image')
-  if name == 'transfer':
-    return transfer(inputs, num_classes, dropout, base_model=base_model,
-                    base_weights=base_weights,
-                    base_cutoff_layer=base_cutoff_layer)
-  return {'small_cnn': small_cnn, 'horses_humans': horses_humans,
-          'cats_dogs': cats_dogs}[name](inputs, num_classes, dropout)
+  args = dict(entry.args)
+  if entry.uses_base_model:
+    args.update(base_model=base_model, base_weights=base_weights,
+                base_cutoff_layer=base_cutoff_layer)
+  return builder(entry)(inputs, num_classes, dropout, name=entry.name, **args)

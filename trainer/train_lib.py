@@ -8,14 +8,14 @@ Everything that can refuse a run is checked before the first write.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import json
 import os
-import re
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import numpy as np
@@ -32,6 +32,7 @@ import tfrecords_schema
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import export as export_lib
+from trainer import model_table
 from trainer import models
 from trainer import multi_worker
 from trainer import places
@@ -214,29 +215,15 @@ def _read_spec(data_dir: str):
   places.check_data_dir_is_not_a_run(data_dir)
   try:
     return tfrecords_schema.read_dataset_spec(data_dir)
-  except tfrecords_schema.DatasetError as e:
-    raise UserError(str(e)) from None
+  except tfrecords_schema.DatasetError:
+    raise  # A UserError already.
   except (ValueError, KeyError, TypeError, AttributeError, OSError,
           tf.errors.OpError) as e:
     detail = cli.one_line(e, 200)
     raise UserError(
         f'--data_dir={data_dir}: its {tfrecords_schema.metadata.METADATA_FILE} '
         f'cannot be read ({type(e).__name__}: {detail}); '
-        f'{_rebuild_hint(data_dir)}') from None
-
-
-def _rebuild_hint(data_dir: str) -> str:
-  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
-  source = 'IMAGES'
-  try:
-    report = tfrecords_schema.read_build_report(data_dir, ours_only=False)
-    recorded = report.input_dir if report else None
-    if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
-      source = recorded
-  except Exception:  # pylint: disable=broad-except
-    pass  # No usable build report: the generic command.
-  return (f'rebuild it: python -m pipelines.build --input_dir={source} '
-          f'--output_dir={data_dir} --overwrite')
+        f'{input_pipeline.rebuild_hint(data_dir)}') from None
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -262,7 +249,7 @@ def _check_model_dir(model_dir: str) -> None:
 
 def _cache_files(config: TrainConfig, spec, size,
                  part: str = '') -> tuple[Any, Any]:
-  """(train, validation) `cache=` for make_dataset; checked before any write.
+  """(train, validation) DatasetOptions.cache; checked before any write.
 
   A file cache holds decoded, resized images: its files are named after
   the dataset's digest and the size (PREFIX.<key>.train.*), so a rebuilt
@@ -303,72 +290,31 @@ def _cache_files(config: TrainConfig, spec, size,
   return files
 
 
-def _make_dataset(config: TrainConfig, split: str, **kwargs):
-  """input_pipeline.make_dataset with its refusals as one-line UserErrors."""
-  try:
-    return input_pipeline.make_dataset(config.data_dir, split, **kwargs)
-  except input_pipeline.MemoryCacheTooLarge as e:
-    h, w, c = e.shape
-    raise UserError(
-        f'--cache=memory needs ~{e.need_bytes / 2**30:.1f} GiB for the '
-        f'{e.num_examples} {split} images at {h}x{w}x{c}, over half the '
-        f'{e.have_bytes / 2**30:.1f} GiB of memory available; pass '
-        '--cache=/path/to/file to cache on disk instead, or leave --cache '
-        'out') from None
-  except input_pipeline.DamagedShardError as e:
-    raise UserError(f'shard {e.path} of --data_dir={config.data_dir} is '
-                    f'damaged ({e.reason}); {_rebuild_hint(config.data_dir)}'
-                    ) from None
-  except tfrecords_schema.DatasetError as e:
-    raise UserError(f'{e} (--data_dir={config.data_dir})') from None
+def _make_dataset(config: TrainConfig, split: str, model_input: ModelInput,
+                  spec, **options):
+  """input_pipeline.batches of --data_dir (its refusals are UserErrors that
+  speak in flags)."""
+  return input_pipeline.batches(
+      config.data_dir, split, model_input,
+      input_pipeline.DatasetOptions(**options), spec=spec)
 
 
-_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|'
-                       r'Error in user-defined function passed to .*? '
-                       r'transformation with iterator: \S+: ')
-
-
-def tf_message(error: Exception) -> str:
-  """The first line of a TensorFlow error, without graph/iterator names."""
-  text = str(getattr(error, 'message', None) or error)
-  text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
-                       else type(error).__name__)
-  return cli.one_line(text, 300)
-
-
-@contextlib.contextmanager
-def _reading(config: TrainConfig):
-  """Errors raised while the dataset is read become one-line UserErrors.
-
-  A damaged shard is padded by the input layer with a marker that names it
-  (see input_pipeline): parsing the marker is the error, and the shard in it
-  is what the message names.
-  """
-  try:
-    yield
-  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
-    text = str(e)
-    damaged = input_pipeline.corrupt_shard_in(text)
-    hint = _rebuild_hint(config.data_dir)
-    if damaged:
-      path, expected = damaged
-      raise UserError(
-          f'shard {path} of --data_dir={config.data_dir} is damaged (a '
-          f'record is corrupt or cut short; the build wrote {expected}); '
-          f'{hint}') from None
-    if isinstance(e, tf.errors.DataLossError) or 'corrupted record' in text:
-      raise UserError(f'a shard of --data_dir={config.data_dir} is damaged '
-                      f'({tf_message(e)}); {hint}') from None
-    raise UserError(
-        f'reading --data_dir={config.data_dir} failed ({tf_message(e)}); if '
-        f'the dataset changed or was damaged since it was built, {hint}'
-    ) from None
+# The first line of a TensorFlow error (trainer.main prints it).
+tf_message = input_pipeline.tf_message
 
 
 def _cluster_task(config: TrainConfig):
   """This process's ClusterTask for --distribution=multi_worker, else None."""
   return config_lib.distribution_task(config.distribution,
                                       os.environ.get('TF_CONFIG'))
+
+
+def run_model_input(config: TrainConfig, spec) -> ModelInput:
+  """What the run's model reads: --image_size (default the stored size),
+  normalized as --model's entry in trainer.model_table says."""
+  return ModelInput.from_spec(
+      spec, image_size=config.image_size,
+      normalize=model_table.normalization(config.model))
 
 
 def _build_model(config: TrainConfig, model_input: ModelInput,
@@ -427,15 +373,13 @@ def _preemptible(resumable):
 
 
 def _load_state(config: TrainConfig, resumable) -> int:
-  """Epochs a saved run in --model_dir finished; its refusals as UserErrors."""
+  """Epochs a saved run in --model_dir finished; its refusals as UserErrors
+  (other settings are named as flags here: the config knows them)."""
   try:
     return resumable.load_state()  # Only reads.
   except callbacks_lib.SettingsMismatch as e:
     raise UserError(config_lib.settings_message(config, e.differences)
                     ) from None
-  except ValueError as e:  # A damaged state.json.
-    raise UserError(f'--model_dir={config.model_dir}: ' + str(e).replace(
-        'a new model_dir', 'a new --model_dir')) from None
 
 
 def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
@@ -466,8 +410,50 @@ def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
 
 
 def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
-  """train_and_evaluate after the checks that need no TensorFlow runtime."""
-  augment = config.augment
+  """train_and_evaluate after the checks that need no TensorFlow runtime:
+  prepare (every refusal, before any write), fit, then the chief finishes."""
+  run = _prepare(config, spec, task, cluster)
+  train_seconds = _fit(config, run, dog)
+  if run.resumable.preempted:
+    raise Preempted(
+        f'preempted (SIGTERM{" on a worker" if task else ""}) after epoch '
+        f'{len(run.resumable.rows)} of {config.epochs}; its state is saved in '
+        f'{config.model_dir}: rerun the same command'
+        f'{" on every machine" if task else ""} to resume')
+  if not run.is_chief:
+    _say(f'worker done after epoch {len(run.resumable.rows)}; the chief '
+         f'writes the model and results to {config.model_dir}')
+    return {}
+  return _finish(config, run, train_seconds)
+
+
+@dataclasses.dataclass
+class _Run:
+  """A prepared run: what fit and finish work on."""
+  spec: Any
+  task: Any  # config.ClusterTask, or None.
+  cluster: Any  # multi_worker.Cluster, or None.
+  strategy: Any
+  model_input: ModelInput
+  resumable: callbacks_lib.ResumableTraining
+  done: int  # Epochs a saved run finished.
+  is_chief: bool
+  model: keras.Model
+  train_dataset: Callable[[int], tf.data.Dataset]  # Of the batch size.
+  val_ds: tf.data.Dataset
+
+  @property
+  def binary(self) -> bool:
+    return config_lib.single_unit(self.spec.num_classes)
+
+  @property
+  def label_mode(self) -> str:
+    return 'binary' if self.binary else 'int'
+
+
+def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
+  """Every check, the saved state, the model (restored) and the datasets;
+  nothing is written. In a cluster, every worker agrees to start first."""
   try:  # A worker's refusal stops every worker (agree_to_start).
     if cluster and config.batch_size % cluster.strategy.num_replicas_in_sync:
       replicas = cluster.strategy.num_replicas_in_sync
@@ -476,9 +462,7 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
           f'{replicas} replicas of the cluster (it is the global batch, '
           'split evenly); pass e.g. --batch_size='
           f'{max(1, config.batch_size // replicas) * replicas}')
-    model_input = ModelInput.from_spec(
-        spec, image_size=config.image_size,
-        normalize=models.NORMALIZATION.get(config.model, 'rescale'))
+    model_input = run_model_input(config, spec)
     _check_model_dir(config.model_dir)
     places.check_model_dir_place(config.model_dir, config.data_dir)
     part = f'.part{task.id_in_cluster}of{task.num_workers}' if task else ''
@@ -503,10 +487,8 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
         cluster, error=error, done=done, model_dir=config.model_dir,
         settings=dict(config.fingerprint(spec), epochs=config.epochs))
     strategy = cluster.strategy
-  size = model_input.size
   num_classes = spec.num_classes
-  binary = config_lib.single_unit(num_classes)
-  label_mode = 'binary' if binary else 'int'
+  label_mode = 'binary' if config_lib.single_unit(num_classes) else 'int'
 
   keras.utils.set_random_seed(config.seed)
   if config.mixed_precision:
@@ -516,25 +498,11 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
   if not task:
     strategy = (_mirrored_strategy() if config.distribution == 'mirrored'
                 else tf.distribute.get_strategy())
-  try:
-    with strategy.scope():
-      model = _build_model(config, model_input, num_classes)
-      resumable.set_model(model)
-      resumable.restore_weights()  # Before any write: a misfit is refused.
-  except models.ModelError as e:
-    raise UserError(str(e)) from None
-  except callbacks_lib.CheckpointMismatch as e:
-    raise UserError(
-        f'--model_dir={config.model_dir}: its checkpoint {e.path} does not '
-        f'match this model and dataset, or is damaged ({e.detail}); pass a '
-        'new --model_dir, or delete '
-        f'{os.path.join(config.model_dir, config_lib.CHECKPOINT_DIR)}/ '
-        'to start over') from None
+  with strategy.scope():
+    model = _build_model(config, model_input, num_classes)
+    resumable.set_model(model)
+    resumable.restore_weights()  # Before any write: a misfit is refused.
 
-  common = dict(image_size=size, normalize=model_input.normalize,
-                label_mode=label_mode, spec=spec)
-  train_count = spec.splits['train'].num_examples
-  steps_per_epoch = max(1, train_count // config.batch_size)
   # One iterator for the whole run (repeat + steps_per_epoch): no per-epoch
   # iterator turnover, and the shuffle buffer stays warm.
   # A worker of a multi-worker run reads its own part (see multi_worker).
@@ -542,92 +510,100 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
 
   def train_dataset(batch_size):
     return _make_dataset(
-        config, 'train', batch_size=batch_size, training=True,
-        augment=augment, seed=config.seed, repeat=True, cache=train_cache,
-        data_service=config.data_service, shard=shard, **common)
+        config, 'train', model_input, spec, batch_size=batch_size,
+        training=True, augment=config.augment, seed=config.seed,
+        repeat=True, cache=train_cache, data_service=config.data_service,
+        shard=shard, label_mode=label_mode)
   val_ds = _make_dataset(
-      config, 'validation', batch_size=config.batch_size, training=False,
-      cache=val_cache, **common)
+      config, 'validation', model_input, spec, batch_size=config.batch_size,
+      training=False, cache=val_cache, label_mode=label_mode)
+  return _Run(spec=spec, task=task, cluster=cluster, strategy=strategy,
+              model_input=model_input, resumable=resumable, done=done,
+              is_chief=is_chief, model=model, train_dataset=train_dataset,
+              val_ds=val_ds)
 
-  watch = contextlib.ExitStack()  # Closed once training ends.
-  heartbeat = watch.enter_context(_service_watch(config, dog, resumable))
-  with _reading(config):  # A damaged train shard often shows here already.
-    # From a dataset of its own: iterating the training dataset would
-    # advance its seeded shuffle and augmentation generators.
-    sample_batch = next(iter(train_dataset(config.batch_size).take(1)))
 
-  if task:
-    loop = multi_worker.Loop(cluster, model, num_classes=num_classes,
-                             global_batch=config.batch_size,
-                             jit_compile=config.jit_compile)
+def _fit(config: TrainConfig, run: _Run, dog) -> float:
+  """Writes the run's first files (the chief), trains; seconds it took.
 
-  # Every check passed: from here on, the run writes (the chief only).
-  if is_chief:
-    os.makedirs(config.model_dir, exist_ok=True)
-    resumable.prepare()
-    _write_samples(sample_batch, config, spec, model_input,
-                   augmented=augment is not None)
-  _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
-       f'{num_classes} classes, {train_count} train / '
-       f'{spec.splits["validation"].num_examples} validation images, '
-       f'{model.count_params():,} parameters'
-       + (f'; resuming after epoch {done}' if done else ''))
-  start = time.perf_counter()
-  if task and done < config.epochs and not resumable.stopped_early:
-    replicas = strategy.num_replicas_in_sync
-    iterator = iter(strategy.distribute_datasets_from_function(
-        lambda context: train_dataset(config.batch_size // replicas)))
-    with _reading(config), _preemptible(resumable):
-      multi_worker.fit(
-          loop, iterator=iterator, val_ds=val_ds, resumable=resumable,
-          epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-          is_chief=is_chief, preempted=lambda: resumable.preempted,
-          tensorboard_dir=os.path.join(config.model_dir,
-                                       config_lib.TENSORBOARD_DIR))
-    _say(f'weights after epoch {len(resumable.rows)}: sha256 '
-         f'{multi_worker.weights_digest(model)} (the same on every worker)')
-    if is_chief and not resumable.preempted:
+  Trains up to --epochs unless the saved run already finished; SIGTERM
+  stops after the current batch (run.resumable.preempted).
+  """
+  spec, task, resumable, model = run.spec, run.task, run.resumable, run.model
+  size = run.model_input.size
+  num_classes = spec.num_classes
+  train_count = spec.splits['train'].num_examples
+  steps_per_epoch = max(1, train_count // config.batch_size)
+  with _service_watch(config, dog, resumable) as heartbeat:
+    # A damaged train shard often shows here already.
+    with input_pipeline.reading_errors(config.data_dir):
+      # From a dataset of its own: iterating the training dataset would
+      # advance its seeded shuffle and augmentation generators.
+      sample_batch = next(iter(run.train_dataset(config.batch_size).take(1)))
+
+    if task:
+      loop = multi_worker.Loop(run.cluster, model, num_classes=num_classes,
+                               global_batch=config.batch_size,
+                               jit_compile=config.jit_compile)
+
+    # Every check passed: from here on, the run writes (the chief only).
+    if run.is_chief:
+      os.makedirs(config.model_dir, exist_ok=True)
+      resumable.prepare()
+      _write_samples(sample_batch, config, spec, run.model_input,
+                     augmented=config.augment is not None)
+    _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
+         f'{num_classes} classes, {train_count} train / '
+         f'{spec.splits["validation"].num_examples} validation images, '
+         f'{model.count_params():,} parameters'
+         + (f'; resuming after epoch {run.done}' if run.done else ''))
+    start = time.perf_counter()
+    to_train = run.done < config.epochs and not resumable.stopped_early
+    if task and to_train:
+      replicas = run.strategy.num_replicas_in_sync
+      iterator = iter(run.strategy.distribute_datasets_from_function(
+          lambda context: run.train_dataset(config.batch_size // replicas)))
+      with input_pipeline.reading_errors(config.data_dir), _preemptible(
+          resumable):
+        multi_worker.fit(
+            loop, iterator=iterator, val_ds=run.val_ds, resumable=resumable,
+            epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            is_chief=run.is_chief, preempted=lambda: resumable.preempted,
+            tensorboard_dir=os.path.join(config.model_dir,
+                                         config_lib.TENSORBOARD_DIR))
+      _say(f'weights after epoch {len(resumable.rows)}: sha256 '
+           f'{multi_worker.weights_digest(model)} (the same on every worker)')
+      if run.is_chief and not resumable.preempted:
+        resumable.on_train_end()
+    elif to_train:
+      with input_pipeline.reading_errors(config.data_dir), _preemptible(
+          resumable):
+        model.fit(run.train_dataset(config.batch_size),
+                  steps_per_epoch=steps_per_epoch, epochs=config.epochs,
+                  validation_data=run.val_ds, verbose=2, shuffle=False,
+                  callbacks=[
+                      *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
+                      keras.callbacks.TensorBoard(os.path.join(
+                          config.model_dir, config_lib.TENSORBOARD_DIR))])
+    elif run.is_chief:
       resumable.on_train_end()
-  elif done < config.epochs and not resumable.stopped_early:
-    with _reading(config), _preemptible(resumable):
-      model.fit(train_dataset(config.batch_size), steps_per_epoch=steps_per_epoch,
-                epochs=config.epochs, validation_data=val_ds, verbose=2,
-                shuffle=False, callbacks=[
-                    *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
-                    keras.callbacks.TensorBoard(os.path.join(
-                        config.model_dir, config_lib.TENSORBOARD_DIR))])
-  elif is_chief:
-    resumable.on_train_end()
-  watch.close()
-  train_seconds = time.perf_counter() - start
-  if resumable.preempted:
-    raise Preempted(
-        f'preempted (SIGTERM{" on a worker" if task else ""}) after epoch '
-        f'{len(resumable.rows)} of {config.epochs}; its state is saved in '
-        f'{config.model_dir}: rerun the same command'
-        f'{" on every machine" if task else ""} to resume')
-  if not is_chief:
-    _say(f'worker done after epoch {len(resumable.rows)}; the chief writes '
-         f'the model and results to {config.model_dir}')
-    return {}
-  if task:
-    # Evaluation, saving and export on a plain copy: no collectives, and the
-    # files are those a single-process run writes.
-    weights = model.get_weights()
-    model = _build_model(config, model_input, num_classes)
-    model.set_weights(weights)
-  return _finish(config, spec, model, resumable, model_input=model_input,
-                 binary=binary, common=common, train_seconds=train_seconds)
+  return time.perf_counter() - start
 
 
-def _finish(config, spec, model, resumable, *, model_input, binary, common,
-            train_seconds) -> dict:
+def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   """Evaluation, metrics.json, best model and serving export, then pictures.
 
   A run with no epoch that finished with finite numbers (a diverged one)
   is refused: nothing is saved or exported. Pictures come last and never
   stop the run: the model and its numbers are written whatever they cost.
   """
+  spec, resumable, model = run.spec, run.resumable, run.model
+  if run.task:
+    # Evaluation, saving and export on a plain copy: no collectives, and the
+    # files are those a single-process run writes.
+    weights = model.get_weights()
+    model = _build_model(config, run.model_input, spec.num_classes)
+    model.set_weights(weights)
   rows = resumable.rows
   if not rows:
     why = resumable.stop_reason or 'no epoch finished (see the logs above)'
@@ -648,10 +624,11 @@ def _finish(config, spec, model, resumable, *, model_input, binary, common,
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
   eval_ds = _make_dataset(
-      config, eval_split, batch_size=config.batch_size, training=False,
-      **common)
-  with _reading(config):
-    labels, predictions = _predict_labels(model, eval_ds, binary)
+      config, eval_split, run.model_input, spec,
+      batch_size=config.batch_size, training=False,
+      label_mode=run.label_mode)
+  with input_pipeline.reading_errors(config.data_dir):
+    labels, predictions = _predict_labels(model, eval_ds, run.binary)
   matrix = report.confusion_matrix(labels, predictions, spec.num_classes)
   per_class = report.per_class_report(matrix, spec.class_names)
   metrics = {
@@ -668,7 +645,7 @@ def _finish(config, spec, model, resumable, *, model_input, binary, common,
       'per_class': per_class,
   }
   if eval_split == 'test':
-    with _reading(config):
+    with input_pipeline.reading_errors(config.data_dir):
       test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
     metrics['test_accuracy'] = float(test_accuracy)
     metrics['test_loss'] = float(test_loss)
@@ -680,7 +657,7 @@ def _finish(config, spec, model, resumable, *, model_input, binary, common,
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
   export_lib.export(model, config.model_dir, config_lib.ModelConfig(
       model=config.model, class_names=spec.class_names,
-      model_input=model_input))
+      model_input=run.model_input))
   _picture(config_lib.CURVES_FILE, lambda path: plots.plot_training_curves(
       rows, path), config)
   _picture(config_lib.CONFUSION_FILE, lambda path: plots.plot_confusion_matrix(

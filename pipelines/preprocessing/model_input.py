@@ -4,7 +4,7 @@
     model_input = ModelInput.from_spec(spec, image_size=(96, 96))
     image = model_input.decode(example['image'])     # uint8 [sh, sw, C]
     image = model_input.read_resize(image)           # uint8 [h, w, C]
-    x = model_input.normalize(image)                 # float32 [h, w, C]
+    x = model_input.to_model(image)                  # float32 [h, w, C]
     pixels = model_input.to_pixels(x)                # float32 in [0, 1]
 
 The reader (make_dataset), evaluation, the sample pictures, the serving
@@ -161,6 +161,8 @@ class ModelInput:
 
 
 def round_to_uint8(values):
-  """float pixels -> uint8, rounded and clipped to 0..255."""
+  """float pixels on the 0..255 scale [...] -> uint8 [...], rounded and
+  clipped (the read-time resize, the serving export's resize, augmented
+  batches sent by a tf.data service)."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return tf.cast(tf.clip_by_value(tf.round(values), 0.0, 255.0), tf.uint8)

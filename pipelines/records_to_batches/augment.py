@@ -17,6 +17,11 @@ Extras: `crop_range` (random crop of a window whose sides are a sampled
 fraction of the image, resized back) and colour jitter (`brightness_delta`,
 `contrast_range`, `saturation_range`, `hue_delta`).
 
+Each op is registered once, by name, in `OPS` (the fields it reads, its
+kind, its function) and draws from its own seed, the batch seed with the
+op's name folded in: a new op is one AugmentConfig field and one
+registered function, and changes no other op's random draws.
+
 When any geometric option is on (rotation, shift, shear, zoom, crop), all
 of them and the flips are folded into one 3x3 matrix per image, and the
 whole batch is warped by one XLA-compiled bilinear sampler (`warp`): no
@@ -29,7 +34,10 @@ reproduces them exactly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Callable, Optional
+import zlib
 
 import keras
 import tensorflow as tf
@@ -156,14 +164,245 @@ def warp(images: tf.Tensor, transforms: tf.Tensor, *, fill_mode: str,
                            tf.cast(cval, tf.float32))
 
 
+# The ops, by name. Each reads its own AugmentConfig fields (every field is
+# read by exactly one op: tests/test_augment_ops.py checks it) and draws its
+# randomness from its own seed, folded from the batch seed and the op's
+# name (`op_seed`), so adding, removing or reordering an op never changes
+# the draws of the others.
+#
+# Kinds, applied in this order:
+#   geometry  sets per-image sampling parameters (the keyword arguments of
+#             `transform_matrices`); all of them end up in one matrix
+#   resample  the single op that applies them: one `warp` of the batch, or
+#             exact index reversals when only flips (`exact` ops) are on
+#   colour    float32 [B, H, W, C] -> same, on the whole batch
+# Within a kind, ops run in registration order (crop scales the zoom and
+# moves the shift drawn before it; colour ops as ImageDataGenerator, then
+# the jitter).
+GEOMETRY, RESAMPLE, COLOUR = 'geometry', 'resample', 'colour'
+
+
+@dataclasses.dataclass(frozen=True)
+class Op:
+  """One augmentation op of the registry (see OPS).
+
+  fn, by kind:
+    geometry: fn(params, seed, config, *, batch, height, width) -> params,
+      params a dict of [B] tensors named as transform_matrices' arguments
+      (absent: the identity);
+    resample: fn(images, params, config, *, exact, batch, low, unit) ->
+      float32 images;
+    colour: fn(images, seed, config, *, batch, low, high, unit) -> images.
+  """
+  name: str
+  fields: tuple[str, ...]  # The AugmentConfig fields it reads.
+  kind: str
+  fn: Callable
+  active: Callable[[AugmentConfig], bool]  # Does it do anything?
+  exact: bool = False  # geometry: an index reversal, no interpolation.
+  clips: bool = False  # colour: results are clipped to the value range.
+  rgb_only: bool = False  # colour: skipped on other channel counts.
+
+  @property
+  def geometric(self) -> bool:
+    return self.kind in (GEOMETRY, RESAMPLE)
+
+
+OPS: dict[str, Op] = {}
+
+
+def register(name: str, fields: tuple[str, ...], kind: str, *,
+             active: Optional[Callable[[AugmentConfig], bool]] = None,
+             exact: bool = False, clips: bool = False,
+             rgb_only: bool = False):
+  """Decorator: registers `fn` as op `name` (active: any field set)."""
+  def add(fn):
+    if name in OPS:
+      raise ValueError(f'augmentation op {name!r} is registered twice')
+    OPS[name] = Op(name, tuple(fields), kind, fn,
+                   active or (lambda c: any(getattr(c, f) for f in fields)),
+                   exact=exact, clips=clips, rgb_only=rgb_only)
+    return fn
+  return add
+
+
+def op_seed(seed: tf.Tensor, name: str) -> tf.Tensor:
+  """int64 [2]: op `name`'s seed, from the batch seed and the name only."""
+  number = zlib.crc32(name.encode()) & 0x7FFFFFFF  # Stable across runs.
+  return tf.random.experimental.stateless_fold_in(
+      tf.cast(seed, tf.int64), tf.constant(number, tf.int64))
+
+
+def _draws(seed: tf.Tensor, count: int) -> list[tf.Tensor]:
+  """`count` independent seeds from one op's seed."""
+  return list(tf.unstack(tf.random.experimental.stateless_split(seed, count)))
+
+
+@register('horizontal_flip', ('horizontal_flip',), GEOMETRY, exact=True)
+def _horizontal_flip(params, seed, config, *, batch, height, width):
+  del config, height, width
+  return dict(params, flip_x=_uniform(seed, batch, 0, 1) < 0.5)
+
+
+@register('vertical_flip', ('vertical_flip',), GEOMETRY, exact=True)
+def _vertical_flip(params, seed, config, *, batch, height, width):
+  del config, height, width
+  return dict(params, flip_y=_uniform(seed, batch, 0, 1) < 0.5)
+
+
+@register('zoom', ('zoom_range',), GEOMETRY,
+          active=lambda c: c.zoom_bounds != (1.0, 1.0))
+def _zoom(params, seed, config, *, batch, height, width):
+  """Sampling scale per axis in ImageDataGenerator's [1 - z, 1 + z]."""
+  del height, width
+  sx, sy = _draws(seed, 2)
+  low, high = config.zoom_bounds
+  return dict(params, zoom_x=_uniform(sx, batch, low, high),
+              zoom_y=_uniform(sy, batch, low, high))
+
+
+@register('shift', ('width_shift_range', 'height_shift_range'), GEOMETRY)
+def _shift(params, seed, config, *, batch, height, width):
+  sx, sy = _draws(seed, 2)
+  return dict(
+      params,
+      shift_x=_uniform(sx, batch, -1, 1) * _shift_bound(
+          config.width_shift_range, width),
+      shift_y=_uniform(sy, batch, -1, 1) * _shift_bound(
+          config.height_shift_range, height))
+
+
+@register('crop', ('crop_range',), GEOMETRY)
+def _crop(params, seed, config, *, batch, height, width):
+  """A window of sides f*W x f*H at a random place, resized back: sample at
+  scale f around a centre moved by up to (1 - f) / 2 of the side."""
+  sf, sx, sy = _draws(seed, 3)
+  frac = _uniform(sf, batch, *config.crop_range)
+  one, zero = tf.ones([batch]), tf.zeros([batch])
+  return dict(
+      params, zoom_x=params.get('zoom_x', one) * frac,
+      zoom_y=params.get('zoom_y', one) * frac,
+      shift_x=params.get('shift_x', zero) + _uniform(
+          sx, batch, -0.5, 0.5) * (1 - frac) * width,
+      shift_y=params.get('shift_y', zero) + _uniform(
+          sy, batch, -0.5, 0.5) * (1 - frac) * height)
+
+
+@register('rotation', ('rotation_range',), GEOMETRY)
+def _rotation(params, seed, config, *, batch, height, width):
+  del height, width
+  r = config.rotation_range
+  return dict(params, rotation_deg=_uniform(seed, batch, -r, r))
+
+
+@register('shear', ('shear_range',), GEOMETRY)
+def _shear(params, seed, config, *, batch, height, width):
+  del height, width
+  s = config.shear_range
+  return dict(params, shear_deg=_uniform(seed, batch, -s, s))
+
+
+_IDENTITY = dict(rotation_deg=0.0, shift_x=0.0, shift_y=0.0, shear_deg=0.0,
+                 zoom_x=1.0, zoom_y=1.0, flip_x=False, flip_y=False)
+
+
+@register('fill', ('fill_mode', 'cval'), RESAMPLE, active=lambda c: True)
+def _resample(images, params, config, *, exact, batch, low, unit):
+  """All geometry in one warp (filled per fill_mode/cval); flips alone are
+  exact index reversals, no interpolation."""
+  shape = tf.shape(images)
+  if not exact:
+    full = {key: params.get(key, tf.fill([batch], value))
+            for key, value in _IDENTITY.items()}
+    transforms = transform_matrices(height=shape[1], width=shape[2], **full)
+    return warp(images, transforms, fill_mode=config.fill_mode,
+                cval=low + config.cval * unit)
+  images = tf.cast(images, tf.float32)
+  for key, axis in (('flip_x', 2), ('flip_y', 1)):
+    if key in params:
+      images = tf.where(params[key][:, None, None, None],
+                        tf.reverse(images, axis=[axis]), images)
+  return images
+
+
+def _per_image(v):
+  return v[:, None, None, None]
+
+
+@register('brightness', ('brightness_range',), COLOUR, clips=True)
+def _brightness(images, seed, config, *, batch, low, high, unit):
+  """A factor per image, as ImageDataGenerator's brightness_range."""
+  del high, unit
+  factor = _uniform(seed, batch, *config.brightness_range)
+  return low + (images - low) * _per_image(factor)
+
+
+@register('channel_shift', ('channel_shift_range',), COLOUR)
+def _channel_shift(images, seed, config, *, batch, low, high, unit):
+  """An intensity added to every channel, clipped to the image's own range."""
+  del low, high
+  shift = _uniform(seed, batch, -1, 1) * config.channel_shift_range * unit
+  lo = tf.reduce_min(images, axis=[1, 2], keepdims=True)
+  hi = tf.reduce_max(images, axis=[1, 2], keepdims=True)
+  return tf.clip_by_value(images + _per_image(shift), lo, hi)
+
+
+@register('brightness_delta', ('brightness_delta',), COLOUR, clips=True)
+def _brightness_delta(images, seed, config, *, batch, low, high, unit):
+  """An offset per image, up to brightness_delta of the 0..255 range."""
+  del low, high
+  delta = _uniform(seed, batch, -1, 1) * config.brightness_delta * 255 * unit
+  return images + _per_image(delta)
+
+
+@register('contrast', ('contrast_range',), COLOUR, clips=True)
+def _contrast(images, seed, config, *, batch, low, high, unit):
+  """The spread about each image's mean, scaled by a factor per image."""
+  del low, high, unit
+  factor = _uniform(seed, batch, *config.contrast_range)
+  mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
+  return mean + (images - mean) * _per_image(factor)
+
+
+@register('saturation', ('saturation_range',), COLOUR, clips=True,
+          rgb_only=True)
+def _saturation(images, seed, config, *, batch, low, high, unit):
+  """Colours moved away from (> 1) or towards (< 1) their luma."""
+  del low, high, unit
+  factor = _uniform(seed, batch, *config.saturation_range)
+  grey = tf.reduce_sum(images * [0.299, 0.587, 0.114], axis=-1, keepdims=True)
+  return grey + (images - grey) * _per_image(factor)
+
+
+@register('hue', ('hue_delta',), COLOUR, clips=True, rgb_only=True)
+def _hue(images, seed, config, *, batch, low, high, unit):
+  """Hue rotated by up to hue_delta turns per image."""
+  del unit
+  delta = _uniform(seed, batch, -config.hue_delta, config.hue_delta)
+  hsv = tf.image.rgb_to_hsv(tf.clip_by_value((images - low) / (high - low),
+                                             0.0, 1.0))
+  hue = tf.math.floormod(hsv[..., :1] + _per_image(delta), 1.0)
+  return low + tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)) * (
+      high - low)
+
+
+# Plain Python on the config, never converted by AutoGraph (augment_batch
+# runs inside tf.data maps): it cannot parse the `active` lambdas, and warns.
+@tf.autograph.experimental.do_not_convert
+def active_ops(config: AugmentConfig) -> list[Op]:
+  """The ops that do something under `config`, in registration order."""
+  return [op for op in OPS.values() if op.active(config)]
+
+
 def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig,
                   *, value_range: tuple[float, float] = (0.0, 255.0)
                   ) -> tf.Tensor:
-  """Randomly augments a batch.
+  """Randomly augments a batch: the active OPS, by kind and in order.
 
   Args:
     images: [B, H, W, C] (uint8 or float) with values in `value_range`.
-    seed: int32/int64 [2], the stateless seed of this batch.
+    seed: int32/int64 [2], the stateless seed of this batch (each op folds
+      its name into it: `op_seed`).
     config: what to do.
     value_range: the scale of `images`; intensities (cval, channel shift,
       brightness delta) are given on the 0..255 scale and rescaled to it.
@@ -175,88 +414,27 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, config: AugmentConfig,
   low, high = value_range
   unit = (high - low) / 255.0
   shape = tf.shape(images)
-  batch, height, width = shape[0], shape[1], shape[2]
-  seeds = tf.random.experimental.stateless_split(tf.cast(seed, tf.int64), 17)
-  fw, fh = tf.cast(width, tf.float32), tf.cast(height, tf.float32)
-
-  flip_x = (_uniform(seeds[0], batch, 0, 1) < 0.5) if config.horizontal_flip \
-      else tf.zeros([batch], tf.bool)
-  flip_y = (_uniform(seeds[1], batch, 0, 1) < 0.5) if config.vertical_flip \
-      else tf.zeros([batch], tf.bool)
-  if config.has_geometry:
-    r, s = config.rotation_range, config.shear_range
-    wb = _shift_bound(config.width_shift_range, fw)
-    hb = _shift_bound(config.height_shift_range, fh)
-    zlo, zhi = config.zoom_bounds
-    zoom_x = _uniform(seeds[2], batch, zlo, zhi)
-    zoom_y = _uniform(seeds[3], batch, zlo, zhi)
-    shift_x = _uniform(seeds[4], batch, -1, 1) * wb
-    shift_y = _uniform(seeds[5], batch, -1, 1) * hb
-    if config.crop_range:
-      # A window of sides f*W x f*H at a random place, resized back: sample
-      # at scale f around a centre moved by up to (1 - f) / 2 of the side.
-      frac = _uniform(seeds[6], batch, *config.crop_range)
-      zoom_x, zoom_y = zoom_x * frac, zoom_y * frac
-      shift_x += _uniform(seeds[7], batch, -0.5, 0.5) * (1 - frac) * fw
-      shift_y += _uniform(seeds[8], batch, -0.5, 0.5) * (1 - frac) * fh
-    transforms = transform_matrices(
-        height=height, width=width,
-        rotation_deg=_uniform(seeds[9], batch, -r, r) if r else tf.zeros([batch]),
-        shift_x=shift_x, shift_y=shift_y,
-        shear_deg=_uniform(seeds[10], batch, -s, s) if s else tf.zeros([batch]),
-        zoom_x=zoom_x, zoom_y=zoom_y, flip_x=flip_x, flip_y=flip_y)
-    images = warp(images, transforms, fill_mode=config.fill_mode,
-                  cval=low + config.cval * unit)
-  else:
-    images = tf.cast(images, tf.float32)
-    # Flips alone are exact index reversals; no interpolation needed.
-    if config.horizontal_flip:
-      images = tf.where(flip_x[:, None, None, None],
-                        tf.reverse(images, axis=[2]), images)
-    if config.vertical_flip:
-      images = tf.where(flip_y[:, None, None, None],
-                        tf.reverse(images, axis=[1]), images)
-  return _colour(images, seeds[11:], config, batch=batch, low=low, high=high,
-                 unit=unit)
-
-
-def _colour(images, seeds, config: AugmentConfig, *, batch, low, high, unit):
-  """Intensity ops on float32 [B, H, W, C]; results clipped to [low, high]."""
-  per_image = lambda v: v[:, None, None, None]  # pylint: disable=unnecessary-lambda-assignment
-  changed = False
-  if config.brightness_range:
-    factor = _uniform(seeds[0], batch, *config.brightness_range)
-    images = low + (images - low) * per_image(factor)
-    changed = True
-  if config.channel_shift_range:
-    shift = _uniform(seeds[1], batch, -1, 1) * config.channel_shift_range * unit
-    lo = tf.reduce_min(images, axis=[1, 2], keepdims=True)
-    hi = tf.reduce_max(images, axis=[1, 2], keepdims=True)
-    images = tf.clip_by_value(images + per_image(shift), lo, hi)
-  if config.brightness_delta:
-    delta = _uniform(seeds[2], batch, -1, 1) * config.brightness_delta * 255 * unit
-    images = images + per_image(delta)
-    changed = True
-  if config.contrast_range:
-    factor = _uniform(seeds[3], batch, *config.contrast_range)
-    mean = tf.reduce_mean(images, axis=[1, 2], keepdims=True)
-    images = mean + (images - mean) * per_image(factor)
-    changed = True
+  batch = shape[0]
+  height, width = tf.cast(shape[1], tf.float32), tf.cast(shape[2], tf.float32)
+  active = active_ops(config)
+  params = {}
+  for op in active:
+    if op.kind == GEOMETRY:
+      params = op.fn(params, op_seed(seed, op.name), config, batch=batch,
+                     height=height, width=width)
+  exact = all(op.exact for op in active if op.kind == GEOMETRY)
+  for op in active:
+    if op.kind == RESAMPLE:
+      images = op.fn(images, params, config, exact=exact, batch=batch,
+                     low=low, unit=unit)
+  clip = False
   rgb = images.shape[-1] == 3
-  if config.saturation_range and rgb:
-    factor = _uniform(seeds[4], batch, *config.saturation_range)
-    grey = tf.reduce_sum(images * [0.299, 0.587, 0.114], axis=-1, keepdims=True)
-    images = grey + (images - grey) * per_image(factor)
-    changed = True
-  if config.hue_delta and rgb:
-    delta = _uniform(seeds[5], batch, -config.hue_delta, config.hue_delta)
-    hsv = tf.image.rgb_to_hsv(tf.clip_by_value((images - low) / (high - low),
-                                               0.0, 1.0))
-    hue = tf.math.floormod(hsv[..., :1] + per_image(delta), 1.0)
-    images = low + tf.image.hsv_to_rgb(tf.concat([hue, hsv[..., 1:]], -1)) * (
-        high - low)
-    changed = True
-  return tf.clip_by_value(images, low, high) if changed else images
+  for op in active:
+    if op.kind == COLOUR and (rgb or not op.rgb_only):
+      images = op.fn(images, op_seed(seed, op.name), config, batch=batch,
+                     low=low, high=high, unit=unit)
+      clip = clip or op.clips
+  return tf.clip_by_value(images, low, high) if clip else images
 
 
 @keras.saving.register_keras_serializable(package='image_folder_tfrecords')

@@ -61,7 +61,11 @@ def _is_pair(value) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class AugmentConfig:
-  """Random augmentation settings (ImageDataGenerator names + extras)."""
+  """Random augmentation settings (ImageDataGenerator names + extras).
+
+  Each field is read by exactly one op registered in augment.OPS (a test
+  checks it): a new field needs its op there.
+  """
   rotation_range: float = 0.0
   width_shift_range: float = 0.0
   height_shift_range: float = 0.0
@@ -118,12 +122,6 @@ class AugmentConfig:
     if isinstance(self.zoom_range, (int, float)):
       return 1.0 - self.zoom_range, 1.0 + self.zoom_range
     return float(self.zoom_range[0]), float(self.zoom_range[1])
-
-  @property
-  def has_geometry(self) -> bool:
-    return bool(self.rotation_range or self.width_shift_range or
-                self.height_shift_range or self.shear_range or
-                self.zoom_bounds != (1.0, 1.0) or self.crop_range)
 
   @property
   def is_identity(self) -> bool:

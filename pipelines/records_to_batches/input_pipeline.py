@@ -26,6 +26,11 @@ Order of operations, and why:
 Training is non-deterministic in order (faster) unless a seed is given;
 evaluation (`training=False`) never shuffles or augments.
 
+`batches(data_dir, split, model_input, DatasetOptions(...))` is the
+pipeline: what the model reads (size, normalization) is a ModelInput, how
+the split is read (batch size, shuffling, augmentation, cache, ...) a
+DatasetOptions; `make_dataset(...)` above is its keyword form.
+
 The parts, each usable alone (Model Garden style): `read_records` (shards ->
 serialized records), `decode_example` (deterministic: record -> uint8 image,
 label), `train_parse` (random: augment, then eval_parse) and `eval_parse`
@@ -35,6 +40,8 @@ once in pipelines.preprocessing.model_input, shared with the serving export.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import re
 import struct
@@ -43,6 +50,8 @@ from typing import Optional, Union
 
 import tensorflow as tf
 
+from pipelines.common import cli
+from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import augment as augment_lib
@@ -63,7 +72,26 @@ _MARKER_RE = re.compile(re.escape(CORRUPT_SHARD_MARKER) +
                         r'(.+?) \((\d+) records expected\)')
 
 
-class MemoryCacheTooLarge(ValueError):
+# Errors name the trainer's flags (--data_dir, --cache): they are the
+# lines `python -m trainer.main` prints, raised here with their final
+# wording so that no layer above rewords them.
+
+
+def rebuild_hint(data_dir: str) -> str:
+  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
+  source = 'IMAGES'
+  try:
+    report = tfrecords_schema.read_build_report(data_dir, ours_only=False)
+    recorded = report.input_dir if report else None
+    if isinstance(recorded, str) and tf.io.gfile.isdir(recorded):
+      source = recorded
+  except Exception:  # pylint: disable=broad-except
+    pass  # No usable build report: the generic command.
+  return (f'rebuild it: python -m pipelines.build --input_dir={source} '
+          f'--output_dir={data_dir} --overwrite')
+
+
+class MemoryCacheTooLarge(UserError):
   """cache='memory' would take more than CACHE_MEMORY_SHARE of the memory."""
 
   def __init__(self, message: str, *, split: str, need_bytes: int,
@@ -77,7 +105,10 @@ class MemoryCacheTooLarge(ValueError):
 
 
 class DamagedShardError(tfrecords_schema.DatasetError):
-  """A shard no longer holds the records the build wrote into it."""
+  """A shard no longer holds the records the build wrote into it.
+
+  The message names the shard, --data_dir and the rebuild command.
+  """
 
   def __init__(self, message: str, *, path: str, reason: str):
     super().__init__(message)
@@ -93,6 +124,49 @@ def corrupt_shard_in(message: str) -> Optional[tuple[str, int]]:
   """
   match = _MARKER_RE.search(message)
   return (match.group(1), int(match.group(2))) if match else None
+
+
+_TF_NOISE = re.compile(r'\{\{function_node [^}]*\}\}\s*|'
+                       r'Error in user-defined function passed to .*? '
+                       r'transformation with iterator: \S+: ')
+
+
+def tf_message(error: Exception) -> str:
+  """The first line of a TensorFlow error, without graph/iterator names."""
+  text = str(getattr(error, 'message', None) or error)
+  text = _TF_NOISE.sub('', text.strip().splitlines()[0] if text.strip()
+                       else type(error).__name__)
+  return cli.one_line(text, 300)
+
+
+@contextlib.contextmanager
+def reading_errors(data_dir: str):
+  """Errors raised while a dataset of `data_dir` is iterated -> UserError.
+
+  Reading happens inside TensorFlow (fit, evaluate, next()), so its errors
+  surface there; wrap that iteration in this. A damaged shard is padded
+  with a marker that names it (see _shard_records): parsing the marker is
+  the error, and the shard in it is what the message names.
+  """
+  try:
+    yield
+  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+    text = str(e)
+    damaged = corrupt_shard_in(text)
+    hint = rebuild_hint(data_dir)
+    if damaged:
+      path, expected = damaged
+      raise UserError(
+          f'shard {path} of --data_dir={data_dir} is damaged (a '
+          f'record is corrupt or cut short; the build wrote {expected}); '
+          f'{hint}') from None
+    if isinstance(e, tf.errors.DataLossError) or 'corrupted record' in text:
+      raise UserError(f'a shard of --data_dir={data_dir} is damaged '
+                      f'({tf_message(e)}); {hint}') from None
+    raise UserError(
+        f'reading --data_dir={data_dir} failed ({tf_message(e)}); if '
+        f'the dataset changed or was damaged since it was built, {hint}'
+    ) from None
 
 
 def _available_memory_bytes() -> int:
@@ -188,7 +262,8 @@ def _check_shard_sizes(data_dir, spec, split, paths) -> None:
   for path in paths:
     if not tf.io.gfile.exists(path):
       raise tfrecords_schema.DatasetError(
-          f'shard {path} is missing; rebuild {data_dir} with pipelines.build')
+          f'shard {path} is missing; rebuild {data_dir} with pipelines.build '
+          f'(--data_dir={data_dir})')
     found += tf.io.gfile.stat(path).length
   expected = spec.splits[split].num_bytes
   if found != expected:
@@ -200,11 +275,12 @@ def _check_shard_sizes(data_dir, spec, split, paths) -> None:
         reason = f'unreadable ({e})'
       if reason:
         raise DamagedShardError(
-            f'shard {path} is damaged ({reason}); rebuild {data_dir} with '
-            'pipelines.build', path=path, reason=reason)
+            f'shard {path} of --data_dir={data_dir} is damaged ({reason}); '
+            f'{rebuild_hint(data_dir)}', path=path, reason=reason)
     raise tfrecords_schema.DatasetError(
         f'the {split} shards of {data_dir} hold {found} bytes, the build '
-        f'wrote {expected}: they changed since; rebuild with pipelines.build')
+        f'wrote {expected}: they changed since; rebuild with pipelines.build '
+        f'(--data_dir={data_dir})')
 
 
 def _record_bytes(spec, split: str) -> int:
@@ -272,7 +348,8 @@ def read_records(data_dir: str, spec, split: str, *, training: bool,
     raise tfrecords_schema.DatasetError(
         f'split {split!r} of {data_dir} is empty; rebuild with a non-zero '
         f'fraction for it, or use one of '
-        f'{[s for s, v in spec.splits.items() if v.shards]}')
+        f'{[s for s, v in spec.splits.items() if v.shards]} '
+        f'(--data_dir={data_dir})')
   _check_shard_sizes(data_dir, spec, split, paths)
   shard_lengths = spec.splits[split].shard_lengths
   if shard is not None:
@@ -315,11 +392,6 @@ def decode_example(serialized: tf.Tensor, model_input: ModelInput
   return image, tf.cast(example[schema.LABEL], tf.int32)
 
 
-def to_uint8(images: tf.Tensor) -> tf.Tensor:
-  """float32 [..] pixels on the 0..255 scale -> uint8, rounded and clipped."""
-  return tf.cast(tf.clip_by_value(tf.round(images), 0.0, 255.0), tf.uint8)
-
-
 def encode_labels(labels: tf.Tensor, label_mode: str,
                   num_classes: int) -> tf.Tensor:
   """int32 [B] -> int32 [B] ('int'), float32 [B, K] ('categorical') or
@@ -357,33 +429,15 @@ def train_parse(images: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor, *,
                     label_mode=label_mode, num_classes=num_classes)
 
 
-def make_dataset(data_dir: str, split: str, *, batch_size: int,
-                 training: bool,
-                 image_size: Union[None, int, tuple[int, int]] = None,
-                 augment: Optional[augment_config.AugmentConfig] = None,
-                 normalize: str = model_input_lib.DEFAULT_NORMALIZATION,
-                 cache: Union[None, bool, str] = None,
-                 shuffle_buffer: Optional[int] = None,
-                 seed: Optional[int] = None, repeat: bool = False,
-                 drop_remainder: Optional[bool] = None,
-                 label_mode: str = 'int', skip_bad_records: bool = False,
-                 spec: Optional[tfrecords_schema.DatasetSpec] = None,
-                 data_service: Optional[str] = None,
-                 shard: Optional[tuple[int, int]] = None,
-                 ) -> tf.data.Dataset:
-  """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
+@dataclasses.dataclass(frozen=True)
+class DatasetOptions:
+  """How `batches` reads a split (what the model reads is a ModelInput).
 
-  Args:
-    data_dir: the --output_dir of `pipelines.build`.
-    split: 'train', 'validation' or 'test'.
+  Attributes:
     batch_size: images per batch.
     training: shuffle (and augment, if asked); False never does either.
-    image_size: N or (height, width) to resize to at read time; default the
-      stored size.
     augment: an AugmentConfig (`augment_config.COURSE` is the course's
       ImageDataGenerator set), applied only when training; None for none.
-    normalize: 'rescale' ([0, 1]), 'standardize' (train mean/std from the
-      metadata), '[-1,1]' or 'none' (0..255 floats).
     cache: None, True / 'memory', or a file path prefix; caches decoded
       uint8 images (before any randomness). An in-memory cache larger than
       half the available memory is refused with an error.
@@ -397,7 +451,6 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       'binary' (float32 [B, 1], two classes only), as `class_mode`.
     skip_bad_records: skip records of damaged shards and print how many per
       shard, instead of raising an error naming the shard.
-    spec: the dataset's DatasetSpec if already read (a run reads it once).
     data_service: 'grpc://HOST:PORT' of a tf.data service dispatcher
       (`python -m pipelines.data_service`): a training pipeline then runs on
       its workers (read, decode, shuffle, batch, augment, normalize) in
@@ -414,67 +467,139 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
       shard file when the files share out with near-equal record counts,
       else by record (see `file_parts`). Shuffle and augmentation seeds
       then differ per index.
+  """
+  batch_size: int
+  training: bool
+  augment: Optional[augment_config.AugmentConfig] = None
+  cache: Union[None, bool, str] = None
+  shuffle_buffer: Optional[int] = None
+  seed: Optional[int] = None
+  repeat: bool = False
+  drop_remainder: Optional[bool] = None
+  label_mode: str = 'int'
+  skip_bad_records: bool = False
+  data_service: Optional[str] = None
+  shard: Optional[tuple[int, int]] = None
+
+  def __post_init__(self):
+    if self.batch_size < 1:
+      raise ValueError(f'batch_size={self.batch_size} must be >= 1')
+    if self.augment is not None and not isinstance(
+        self.augment, augment_config.AugmentConfig):
+      raise TypeError(
+          f'augment={self.augment!r}: pass an AugmentConfig (e.g. '
+          'augment_config.COURSE, or augment_config.parse('
+          '"rotation_range=40")) or None')
+    if self.label_mode not in LABEL_MODES:
+      raise ValueError(f'label_mode={self.label_mode!r} is not one of '
+                       f'{LABEL_MODES}')
+
+
+def make_dataset(data_dir: str, split: str, *,
+                 image_size: Union[None, int, tuple[int, int]] = None,
+                 normalize: str = model_input_lib.DEFAULT_NORMALIZATION,
+                 spec: Optional[tfrecords_schema.DatasetSpec] = None,
+                 **options) -> tf.data.Dataset:
+  """Batches of (images float32 [B, H, W, C], labels) from a built dataset.
+
+  The keyword form of `batches`:
+
+    make_dataset('data/photos', 'train', batch_size=32, training=True,
+                 augment=augment_config.COURSE, seed=0)
+
+  Args:
+    data_dir: the --output_dir of `pipelines.build`.
+    split: 'train', 'validation' or 'test'.
+    image_size: N or (height, width) to resize to at read time; default the
+      stored size.
+    normalize: 'rescale' ([0, 1]), 'standardize' (train mean/std from the
+      metadata), '[-1,1]' or 'none' (0..255 floats).
+    spec: the dataset's DatasetSpec if already read.
+    **options: the fields of DatasetOptions (batch_size and training are
+      required).
 
   Returns:
     A `tf.data.Dataset` of `(images, labels)`.
   """
+  known = {f.name for f in dataclasses.fields(DatasetOptions)}
+  for key in options:
+    if key not in known:  # As Python says it for a keyword it lacks.
+      raise TypeError(
+          f'make_dataset() got an unexpected keyword argument {key!r}')
+  options = DatasetOptions(**options)
   if spec is None:
     spec = tfrecords_schema.read_dataset_spec(data_dir)
-  if batch_size < 1:
-    raise ValueError(f'batch_size={batch_size} must be >= 1')
-  if augment is not None and not isinstance(augment,
-                                            augment_config.AugmentConfig):
-    raise TypeError(
-        f'augment={augment!r}: pass an AugmentConfig (e.g. '
-        'augment_config.COURSE, or augment_config.parse("rotation_range=40"))'
-        ' or None')
-  if label_mode not in LABEL_MODES:
-    raise ValueError(f'label_mode={label_mode!r} is not one of {LABEL_MODES}')
-  if label_mode == 'binary' and spec.num_classes != 2:
-    raise ValueError(f"label_mode='binary' needs 2 classes; {data_dir} has "
-                     f'{spec.num_classes}: use "int" or "categorical"')
   model_input = ModelInput.from_spec(spec, image_size=image_size,
                                      normalize=normalize)
+  return batches(data_dir, split, model_input, options, spec=spec)
+
+
+def batches(data_dir: str, split: str, model_input: ModelInput,
+            options: DatasetOptions, *,
+            spec: Optional[tfrecords_schema.DatasetSpec] = None
+            ) -> tf.data.Dataset:
+  """Batches of `model_input`'s inputs and labels from a built dataset.
+
+  Args:
+    data_dir: the --output_dir of `pipelines.build`.
+    split: 'train', 'validation' or 'test'.
+    model_input: what the model reads (size, normalization), e.g.
+      ModelInput.from_spec(spec, image_size=96).
+    options: batching, shuffling, augmentation, caching (DatasetOptions).
+    spec: the dataset's DatasetSpec if already read (a run reads it once).
+
+  Returns:
+    A `tf.data.Dataset` of (images float32 [B, h, w, C] as
+    `model_input.to_model` makes them, labels as options.label_mode).
+  """
+  if spec is None:
+    spec = tfrecords_schema.read_dataset_spec(data_dir)
+  o = options
+  if o.label_mode == 'binary' and spec.num_classes != 2:
+    raise ValueError(f"label_mode='binary' needs 2 classes; {data_dir} has "
+                     f'{spec.num_classes}: use "int" or "categorical"')
   size = model_input.size
-  augment = augment if training and augment and not augment.is_identity else None
-  if cache in (True, 'memory'):
+  training, seed = o.training, o.seed
+  augment = o.augment if training and o.augment and (
+      not o.augment.is_identity) else None
+  if o.cache in (True, 'memory'):
     _check_memory_cache(spec, split, size)
-  distributed = bool(data_service) and training
+  distributed = bool(o.data_service) and training
   deterministic = (seed is not None or not training) and not distributed
   records = read_records(data_dir, spec, split, training=training, seed=seed,
-                         skip_bad_records=skip_bad_records,
+                         skip_bad_records=o.skip_bad_records,
                          deterministic=deterministic,
-                         splittable=distributed, shard=shard)
-  if shard is not None and seed is not None:
-    seed = seed + 7919 * shard[1]  # Other shuffles and augmentations.
+                         splittable=distributed, shard=o.shard)
+  if o.shard is not None and seed is not None:
+    seed = seed + 7919 * o.shard[1]  # Other shuffles and augmentations.
 
-  caching = cache in (True, 'memory') or (isinstance(cache, str) and cache)
+  caching = o.cache in (True, 'memory') or (isinstance(o.cache, str) and
+                                            o.cache)
   if training and not caching:
     # Without a cache, shuffle the encoded records: the same randomness as
     # shuffling images, ~7x less memory per buffered example, and the
     # decode map right after it stays parallel.
     records = records.shuffle(
-        _shuffle_buffer(spec, split, shuffle_buffer,
+        _shuffle_buffer(spec, split, o.shuffle_buffer,
                         bytes_per_example=_record_bytes(spec, split)),
         seed=seed, reshuffle_each_iteration=True)
   ds = records.map(lambda r: decode_example(r, model_input),
                    num_parallel_calls=AUTOTUNE, deterministic=deterministic)
   if caching:
-    ds = ds.cache() if cache in (True, 'memory') else ds.cache(cache)
+    ds = ds.cache() if o.cache in (True, 'memory') else ds.cache(o.cache)
     if training:  # After the cache: decoded images, nothing random before.
       ds = ds.shuffle(_shuffle_buffer(
-          spec, split, shuffle_buffer,
+          spec, split, o.shuffle_buffer,
           bytes_per_example=size[0] * size[1] * spec.channels),
                       seed=seed, reshuffle_each_iteration=True)
-  if repeat:
+  if o.repeat:
     ds = ds.repeat()
-  if drop_remainder is None:
-    drop_remainder = training
+  drop_remainder = training if o.drop_remainder is None else o.drop_remainder
   # A plain batch right after the decode map lets tf.data fuse the two
   # (MapAndBatch); a parallel batch would block that fusion (-10%).
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.batch(o.batch_size, drop_remainder=drop_remainder)
 
-  parse = dict(model_input=model_input, label_mode=label_mode,
+  parse = dict(model_input=model_input, label_mode=o.label_mode,
                num_classes=spec.num_classes)
   if distributed:
     # On the service workers: decode, shuffle, batch, augment; batches cross
@@ -483,14 +608,18 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
     # Augmentation draws a fresh random seed per batch (a seeded stream
     # would be a second, unsplittable source).
     if augment is not None:
-      ds = ds.map(lambda images, labels: (to_uint8(augment_lib.augment_batch(
-          images, tf.random.uniform([2], maxval=2**62, dtype=tf.int64),
-          augment)), labels), num_parallel_calls=AUTOTUNE,
+
+      def augment_to_uint8(images, labels):
+        seed = tf.random.uniform([2], maxval=2**62, dtype=tf.int64)
+        return model_input_lib.round_to_uint8(
+            augment_lib.augment_batch(images, seed, augment)), labels
+
+      ds = ds.map(augment_to_uint8, num_parallel_calls=AUTOTUNE,
                   deterministic=False)
     ds = ds.prefetch(AUTOTUNE)  # The worker keeps making batches meanwhile.
     ds = ds.apply(tf.data.experimental.service.distribute(
         processing_mode=tf.data.experimental.service.ShardingPolicy.DYNAMIC,
-        service=data_service))
+        service=o.data_service))
     ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
                 num_parallel_calls=AUTOTUNE, deterministic=False)
   elif augment is not None:
@@ -503,19 +632,20 @@ def make_dataset(data_dir: str, split: str, *, batch_size: int,
   else:
     ds = ds.map(lambda images, labels: eval_parse(images, labels, **parse),
                 num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-  if not distributed and not repeat and not skip_bad_records and (
-      shard is None):
+  if not distributed and not o.repeat and not o.skip_bad_records and (
+      o.shard is None):
     # The exact batch count is known from the metadata: declaring it lets
     # Keras size epochs (no "ran out of data" warnings) and makes any
     # shortfall an error instead of a shorter epoch.
     count = spec.splits[split].num_examples
-    batches = count // batch_size if drop_remainder else -(-count // batch_size)
-    ds = ds.apply(tf.data.experimental.assert_cardinality(batches))
+    num_batches = (count // o.batch_size if drop_remainder
+                else -(-count // o.batch_size))
+    ds = ds.apply(tf.data.experimental.assert_cardinality(num_batches))
   ds = ds.prefetch(AUTOTUNE)
-  options = tf.data.Options()
-  options.deterministic = deterministic
-  options.autotune.enabled = True
-  return ds.with_options(options)
+  tf_options = tf.data.Options()
+  tf_options.deterministic = deterministic
+  tf_options.autotune.enabled = True
+  return ds.with_options(tf_options)
 
 
 def _check_memory_cache(spec, split: str, size) -> None:
@@ -524,10 +654,11 @@ def _check_memory_cache(spec, split: str, size) -> None:
   have = _available_memory_bytes()
   if need > CACHE_MEMORY_SHARE * have:
     raise MemoryCacheTooLarge(
-        f'cache=memory needs ~{need / 2**30:.1f} GiB for '
-        f'{spec.splits[split].num_examples} images of {size[0]}x{size[1]}x'
-        f'{spec.channels}, over half the {have / 2**30:.1f} GiB available; '
-        'pass cache="/path/to/cache_file" or cache=None', split=split,
+        f'--cache=memory needs ~{need / 2**30:.1f} GiB for the '
+        f'{spec.splits[split].num_examples} {split} images at {size[0]}x'
+        f'{size[1]}x{spec.channels}, over half the {have / 2**30:.1f} GiB of '
+        'memory available; pass --cache=/path/to/file to cache on disk '
+        'instead, or leave --cache out', split=split,
         need_bytes=need, have_bytes=have,
         num_examples=spec.splits[split].num_examples,
         shape=(size[0], size[1], spec.channels))

@@ -30,7 +30,7 @@ def _import_beam_quietly():
   level = root.level
   root.setLevel(std_logging.ERROR)
   try:
-    import apache_beam  # pylint: disable=g-import-not-at-top,unused-import
+    import apache_beam  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   finally:
     root.setLevel(level)
 

@@ -150,7 +150,6 @@ def _grid_cells(path, count):
 
 def test_samples_png_shows_stored_train_images_of_every_class(messy_build):
   _, out, report, _, _ = messy_build
-  spec = tfrecords_schema.read_dataset_spec(str(out))
   by_class = {}
   for record in _records(out, 'train'):
     by_class.setdefault(int(record[schema.LABEL]), []).append(

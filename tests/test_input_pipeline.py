@@ -4,7 +4,6 @@ The dataset is written directly (tests.helpers.write_tiny_dataset), not
 built: these tests are about reading, and need no Beam run.
 """
 
-import collections
 
 import numpy as np
 import pytest

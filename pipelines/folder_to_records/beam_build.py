@@ -68,7 +68,7 @@ import time
 from typing import Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems  # pylint: disable=unused-import
+from apache_beam.io.filesystems import FileSystems  # noqa: F401  # pylint: disable=unused-import
 
 from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
@@ -204,7 +204,7 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
   """Runs the build into tmp_dir, adds the TFDS metadata; returns seconds."""
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tensorflow_datasets  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   tf.io.gfile.makedirs(posixpath.join(tmp_dir, CHUNKS_DIR))
   start = time.perf_counter()  # After imports, as the benchmark's plain loop.
   with beam.Pipeline(options=PipelineOptions(

@@ -43,7 +43,7 @@ import keras
 import tensorflow as tf
 
 from pipelines.records_to_batches.augment_config import AugmentConfig
-from pipelines.records_to_batches.augment_config import COURSE_AUGMENTATION  # pylint: disable=unused-import
+from pipelines.records_to_batches.augment_config import COURSE_AUGMENTATION  # noqa: F401  # pylint: disable=unused-import
 from pipelines.records_to_batches.augment_config import FILL_MODES
 from pipelines.records_to_batches.augment_config import resolve
 

@@ -112,9 +112,13 @@ def test_flipped_byte_in_a_shard_names_the_shard(env, tmp_path):
   content = bytearray(shard.read_bytes())
   content[len(content) // 2] ^= 0xFF  # Same size: only the CRC can tell.
   shard.write_bytes(bytes(content))
-  result = helpers.run_cli('trainer.main',
-                           *_train_args(data, tmp_path / 'run'))
-  _one_error(result, str(shard), 'damaged', 'pipelines.build', '--overwrite')
+  # In process: the command prints this UserError as its one line (the
+  # truncated shard above checks the command line itself).
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(data, tmp_path / 'run'))
+  _one_line(raised.value, str(shard), 'damaged', 'pipelines.build',
+            '--overwrite')
+  assert not (tmp_path / 'run').exists()
 
 
 # --model_dir and --cache: refused up front, nothing created.
@@ -133,9 +137,11 @@ def test_model_dir_that_is_a_file(env, tmp_path):
 
 def test_cache_in_a_missing_folder(env, tmp_path):
   cache = tmp_path / 'missing' / 'dir' / 'cache'
-  result = helpers.run_cli('trainer.main', *_train_args(
-      env.data, tmp_path / 'run', f'--cache={cache}'))
-  _one_error(result, f'--cache={cache}', str(cache.parent), 'does not exist')
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, tmp_path / 'run',
+                                         cache=str(cache)))
+  _one_line(raised.value, f'--cache={cache}', str(cache.parent),
+            'does not exist')
   assert not (tmp_path / 'run').exists()
   assert not (tmp_path / 'missing').exists()
 
@@ -168,19 +174,19 @@ def test_other_settings_name_only_the_differing_flags(env):
   assert _snapshot(env.run) == before  # train_samples.png included.
 
 
-def test_dataset_rebuilt_in_place_is_refused(env, tmp_path):
+def test_dataset_rebuilt_in_place_is_refused(env, tmp_path, capsys):
   data, run = _copy_data(env, tmp_path), tmp_path / 'run'
   train_lib.train_and_evaluate(_config(data, run))
   builder.build(input_dir=str(env.photos), output_dir=str(data),
                 image_size='32', validation_fraction=0.25, test_fraction=0.2,
                 seed=1, quiet=True, samples=False, overwrite=True)
   before = _snapshot(run)
-  result = helpers.run_cli('trainer.main', *_train_args(data, run),
-                           '--epochs=2')
-  _one_error(result, f'--data_dir={data}', 'another dataset', '28x28x3',
-             '32x32x3', '--model_dir')
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(data, run, epochs=2))
+  _one_line(raised.value, f'--data_dir={data}', 'another dataset', '28x28x3',
+            '32x32x3', '--model_dir')
   assert _snapshot(run) == before
-  assert 'resuming' not in result.stderr
+  assert 'resuming' not in capsys.readouterr().err
 
 
 def test_checkpoint_of_another_model_is_refused(env, tmp_path):
@@ -188,10 +194,10 @@ def test_checkpoint_of_another_model_is_refused(env, tmp_path):
   other = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
   other.save_weights(str(run / 'checkpoint' / 'last.weights.h5'))
   before = _snapshot(run)
-  result = helpers.run_cli('trainer.main', *_train_args(env.data, run),
-                           '--epochs=2')
-  _one_error(result, f'--model_dir={run}', 'does not match',
-             'checkpoint/last.weights.h5', 'new --model_dir')
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, run, epochs=2))
+  _one_line(raised.value, f'--model_dir={run}', 'does not match',
+            'checkpoint/last.weights.h5', 'new --model_dir')
   assert _snapshot(run) == before
 
 

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Fresh-machine test run: creates .venv, installs the project with its test
-# extras from setup.py, runs the whole pytest suite. Extra args go to pytest.
+# extras from setup.py, lints (ruff.toml), runs the whole pytest suite with
+# its files spread over 3 processes (most slow tests wait on the processes
+# they start; a file's tests stay together so its fixtures are made once).
+# Extra args go to pytest, e.g. `bash scripts/test.sh -n 0 -k predict`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
@@ -9,4 +12,5 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
 .venv/bin/python -m pip install --quiet -e ".[test]"
-exec .venv/bin/python -m pytest -q tests "$@"
+.venv/bin/ruff check --quiet .
+exec .venv/bin/python -m pytest -q -n 3 --dist loadfile tests "$@"

@@ -40,7 +40,8 @@ per chunk, bundle or shard: its source file (at most --max_file_bytes; a
 remote input adds READ_AHEAD files read ahead), its decoded pixels (at most
 --max_image_pixels, JPEGs decoded at a reduced scale when the stored size
 allows) and a few copies of its stored bytes (--image_size x channels for
-raw; ~4 today, tested in tests/test_build_memory.py). The chunk writers
+raw; ~4 today, tested in
+tests/pipelines/folder_to_records/test_build_memory.py). The chunk writers
 write each record before the next file is read; no step's elements carry
 image bytes (only paths, hashes and per-chunk totals cross the shuffles);
 shards are copied in file_io._COPY_BLOCK pieces. So a worker's peak is its

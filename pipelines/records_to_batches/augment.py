@@ -165,8 +165,9 @@ def warp(images: tf.Tensor, transforms: tf.Tensor, *, fill_mode: str,
 
 
 # The ops, by name. Each reads its own AugmentConfig fields (every field is
-# read by exactly one op: tests/test_augment_ops.py checks it) and draws its
-# randomness from its own seed, folded from the batch seed and the op's
+# read by exactly one op, which
+# tests/pipelines/records_to_batches/test_augment_ops.py checks) and draws
+# its randomness from its own seed, folded from the batch seed and the op's
 # name (`op_seed`), so adding, removing or reordering an op never changes
 # the draws of the others.
 #

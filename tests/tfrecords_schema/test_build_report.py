@@ -14,7 +14,7 @@ from tests import helpers
 from tfrecords_schema import report as report_lib
 from trainer import places
 
-_ROOT = pathlib.Path(__file__).resolve().parent.parent
+_ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope='module')

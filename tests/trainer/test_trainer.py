@@ -214,15 +214,20 @@ def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
   lines = result.stdout.strip().splitlines()
   assert lines[1].startswith(f'{bad}\terror: not a readable image')
   # Each line is the model's answer for that file: the exported model's
-  # top class and probability on the same bytes (its own TF decoder).
+  # probabilities on the same bytes (its own TF decoder and resize, within
+  # the 0.02 the serving parity tests allow), the top class when it leads
+  # by more than that.
   served, config = predict.load(model_dir)
   for line, path in ((lines[0], big), (lines[2], misnamed)):
     probabilities = served.serve(tf.constant([path.read_bytes()]))[
         'probabilities'].numpy()[0]
     shown_path, cls, probability = line.split('\t')
     assert shown_path == str(path)
-    assert cls == config.class_names[int(np.argmax(probabilities))]
-    assert float(probability) == pytest.approx(probabilities.max(), abs=2e-3)
+    assert float(probability) == pytest.approx(
+        probabilities[config.class_names.index(cls)], abs=0.02)
+    first, second = np.sort(probabilities)[::-1][:2]
+    if first - second > 0.04:
+      assert cls == config.class_names[int(np.argmax(probabilities))]
   result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
                            '--json', str(big))
   assert result.returncode == 0

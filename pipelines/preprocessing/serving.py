@@ -30,8 +30,8 @@ do to a file before the model sees it:
   to 8 bits       alpha (RGBA, LA, palette or tRNS transparency, GIF
                   transparency) composited onto white exactly like
                   Pillow's alpha_composite; RGB -> L with ITU-R 601-2 luma
-  stored size     resized to the dataset's stored size with its resize mode
-                  (stretch / crop / pad, Pillow's geometry), and for a JPEG
+  stored size     resized to the dataset's stored size with the TensorFlow
+                  half of its resize mode (resize_modes), and for a JPEG
                   dataset re-encoded at its quality as the build stores it
   read size       the same tf.image.resize the input pipeline applies when
                   the trainer's --image_size differs from the stored size
@@ -54,9 +54,8 @@ import functools
 import numpy as np
 import tensorflow as tf
 
-from pipelines.preprocessing import source_image
+from pipelines.preprocessing import resize_modes
 from pipelines.preprocessing.model_input import ModelInput
-from pipelines.preprocessing.model_input import round_to_uint8
 # How many JPEG segments / PNG, WebP chunks / GIF blocks are walked looking
 # for metadata and structure before giving up (then: no EXIF orientation,
 # and nothing past that point checked).
@@ -371,46 +370,6 @@ def _orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
   index = tf.where(tf.logical_and(orientation >= 2, orientation <= 8),
                    orientation - 1, _i64(0))
   return tf.switch_case(tf.cast(index, tf.int32), branches)
-
-
-def _resize_stored(image: tf.Tensor, height: int, width: int,
-                   mode: str) -> tf.Tensor:
-  """uint8 -> uint8 [height, width, C] with source_image.resize's geometry.
-
-  Pillow's BILINEAR is a triangle filter widened when shrinking, which is
-  what ScaleAndTranslate('triangle', antialias) computes; crop resamples the
-  same floating-point box as Pillow (no rounding to whole pixels, so a 1x20000
-  image still has a crop), pad uses its rounding and black border.
-  """
-  shape = tf.cast(tf.shape(image)[:2], tf.float64)
-  src_h, src_w = shape[0], shape[1]
-  if mode == 'stretch':
-    return round_to_uint8(tf.image.resize(image, [height, width],
-                                        antialias=True))
-  if mode == 'crop':
-    scale = tf.minimum(src_w / width, src_h / height)  # Source px per output.
-    left = (src_w - width * scale) / 2
-    top = (src_h - height * scale) / 2
-    out = tf.raw_ops.ScaleAndTranslate(
-        images=image[None], size=tf.constant([height, width]),
-        scale=tf.cast(tf.stack([1 / scale, 1 / scale]), tf.float32),
-        translation=tf.cast(tf.stack([-top / scale, -left / scale]),
-                            tf.float32),
-        kernel_type='triangle', antialias=True)
-    return round_to_uint8(out[0])
-  if mode == 'pad':
-    scale = tf.maximum(src_w / width, src_h / height)
-    # Python's round() (half to even) is tf.round's.
-    new_w = tf.cast(tf.clip_by_value(tf.round(src_w / scale), 1, width),
-                    tf.int32)
-    new_h = tf.cast(tf.clip_by_value(tf.round(src_h / scale), 1, height),
-                    tf.int32)
-    resized = round_to_uint8(tf.image.resize(image, tf.stack([new_h, new_w]),
-                                           antialias=True))
-    return tf.image.pad_to_bounding_box(resized, (height - new_h) // 2,
-                                        (width - new_w) // 2, height, width)
-  raise ValueError(f'resize mode {mode!r} is not one of '
-                   f'{source_image.RESIZE_MODES}')
 
 
 # ------------------------------------------------------------------- CRC-32
@@ -1561,8 +1520,8 @@ def preprocess_image(data, index, model_input: ModelInput) -> tf.Tensor:
   image.set_shape([None, None, channels])
 
   def to_stored():
-    resized = _resize_stored(image, stored[0], stored[1],
-                             model_input.resize_mode)
+    resized = resize_modes.get(model_input.resize_mode).tensorflow(
+        image, height=stored[0], width=stored[1])
     if model_input.image_format == 'jpeg':
       # What the build writes: the resized image as a JPEG at its quality.
       options = model_input.source_options()

@@ -27,6 +27,7 @@ from PIL import ImageFile
 import simplejpeg
 
 from pipelines.common import paths
+from pipelines.preprocessing import resize_modes
 
 # Fail on truncated files instead of padding them with grey.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
@@ -38,7 +39,8 @@ EXTENSION_FORMATS = {
     '.png': 'PNG', '.bmp': 'BMP', '.gif': 'GIF', '.webp': 'WEBP',
 }
 ACCEPTED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
-RESIZE_MODES = ('stretch', 'crop', 'pad')
+# The --resize_mode choices, the first being the default (see resize_modes).
+RESIZE_MODES = resize_modes.names()
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold.
 # Larger files are refused before they are read. An 89-megapixel RGB BMP (the
 # largest image the pixel limit lets through) is 268 MB.
@@ -51,7 +53,6 @@ _HEADER_BYTES = 4096
 # past its header.
 _SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
 DEFAULT_BACKGROUND = (255, 255, 255)  # Alpha is composited onto white.
-_RESAMPLE = Image.Resampling.BILINEAR  # Antialiased when shrinking in Pillow.
 _ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap W and H.
 _EXIF_ORIENTATION_TAG = 0x0112
 
@@ -386,30 +387,15 @@ def resize(image: Image.Image, *, height: int, width: int,
            mode: str) -> Image.Image:
   """Resizes to exactly (height, width) like Keras' loader options.
 
-  stretch: ignore the aspect ratio. crop: centre-crop the largest region of
-  the target aspect ratio, then resize (Keras' crop_to_aspect_ratio). pad:
-  fit inside and pad the rest with black (Keras' pad_to_aspect_ratio).
+  `mode` is one of RESIZE_MODES (resize_modes holds each one's Pillow and
+  TensorFlow versions): stretch ignores the aspect ratio; crop centre-crops
+  the largest region of the target aspect ratio, then resizes (Keras'
+  crop_to_aspect_ratio); pad fits inside and pads the rest with black
+  (Keras' pad_to_aspect_ratio). An image already at the size is returned.
   """
-  src_w, src_h = image.size
-  if (src_w, src_h) == (width, height):
+  if image.size == (width, height):
     return image
-  if mode == 'stretch':
-    return image.resize((width, height), _RESAMPLE)
-  if mode == 'crop':
-    scale = min(src_w / width, src_h / height)
-    crop_w, crop_h = width * scale, height * scale
-    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-    return image.resize((width, height), _RESAMPLE,
-                        box=(left, top, left + crop_w, top + crop_h))
-  if mode == 'pad':
-    scale = max(src_w / width, src_h / height)
-    new_w = min(width, max(1, round(src_w / scale)))
-    new_h = min(height, max(1, round(src_h / scale)))
-    canvas = Image.new(image.mode, (width, height), 0)
-    canvas.paste(image.resize((new_w, new_h), _RESAMPLE),
-                 ((width - new_w) // 2, (height - new_h) // 2))
-    return canvas
-  raise ValueError(f'resize mode {mode!r} is not one of {RESIZE_MODES}')
+  return resize_modes.get(mode).pillow(image, height=height, width=width)
 
 
 def encode(image: Image.Image, *, image_format: str,

@@ -5,8 +5,8 @@ serving export must do the same in TensorFlow ops (serving), since a
 SavedModel cannot call Pillow. So a mode is one `ResizeMode` holding both
 implementations side by side, and both callers dispatch through `get`:
 
-  pillow(image, height=, width=)      PIL.Image -> PIL.Image (height, width)
-  tensorflow(image, height=, width=)  uint8 [h, w, C] -> uint8 [height, width, C]
+  pillow(image, height=, width=)      PIL.Image -> PIL.Image of that size
+  tensorflow(image, height=, width=)  uint8 [h, w, C] -> [height, width, C]
 
 A mode without both halves cannot be registered (the dataclass needs both,
 and `__post_init__` refuses a missing one), so forgetting the TensorFlow half

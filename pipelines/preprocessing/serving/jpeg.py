@@ -93,7 +93,7 @@ def _splice_many(data, positions, lengths, inserts) -> tf.Tensor:
 # and compare digests, one full-size image at a time. Not covered: scan data
 # damaged so that a segment other than the only one of a sequential file
 # ends early (extraneous bytes: a progressive scan, a restart interval), and
-# a "bad Huffman code"; see tests/test_serving_strict.py for the rates.
+# a "bad Huffman code"; see _known_gap in tests/test_export_hostile.py.
 
 # Starts with 1 bits where libjpeg fills with 0 bits, then mixes both, so
 # that even the last few missing bits decode to other pixels (0 of 1,440

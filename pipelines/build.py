@@ -42,6 +42,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-posit
 
 from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.preprocessing import resize_modes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -56,8 +57,7 @@ flags.DEFINE_string(
     'image_size', _D['image_size'], 'Stored size: N for NxN, or HEIGHT,WIDTH.')
 flags.DEFINE_enum(
     'resize_mode', _D['resize_mode'], source_image.RESIZE_MODES,
-    'stretch: ignore aspect ratio; crop: centre-crop to the aspect ratio; '
-    'pad: pad with black to the aspect ratio (Keras semantics).')
+    resize_modes.describe())
 flags.DEFINE_enum(
     'image_format', _D['image_format'], schema.IMAGE_FORMATS,
     'Stored encoding: jpeg (small), png (lossless), raw uint8 (fastest to read).')

@@ -4,7 +4,7 @@
 then the launcher adds its timing and class checks) and every reader reads
 (the builder's summary and output-folder checks, the trainer's placement
 checks and rebuild hints). A field added here is written and read back with
-no other change (tests/test_build_report.py checks it).
+no other change (tests/tfrecords_schema/test_build_report.py checks it).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 This module is the single source of truth shared by the Beam writer
 (`pipelines.folder_to_records.beam_build`) and the tf.data reader (`pipelines.records_to_batches.input_pipeline`).
-A round-trip test (`tests/test_schema.py`) guards it, and a second test loads
+A round-trip test (`tests/tfrecords_schema/test_schema.py`) guards it, and a second test loads
 the records through `tfds.builder_from_directory` so the TFDS view of the same
 bytes (`tfds_features`) cannot drift from this one.
 
@@ -68,7 +68,7 @@ def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
   TensorFlow import (seconds of start-up per worker), with the feature map's
   entries in sorted key order. Protobuf's own map order follows the
   process' hash seed, so two workers could write different bytes for one
-  example. `tests/test_schema.py` checks TensorFlow parses these bytes into
+  example. `tests/tfrecords_schema/test_schema.py` checks TensorFlow parses these bytes into
   the same Example it would build itself.
   """
   features = {

@@ -27,6 +27,8 @@ from PIL import ImageFile
 import simplejpeg
 
 from pipelines.common import paths
+from pipelines.preprocessing import image_formats
+from pipelines.preprocessing import resize_modes
 from tfrecords_schema import files
 
 # Fail on truncated files instead of padding them with grey.
@@ -36,7 +38,8 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 # with the dataset format).
 EXTENSION_FORMATS = files.IMAGE_EXTENSION_FORMATS
 ACCEPTED_FORMATS = ('JPEG', 'MPO', 'PNG', 'BMP', 'GIF', 'WEBP')
-RESIZE_MODES = ('stretch', 'crop', 'pad')
+# The --resize_mode choices, the first being the default (see resize_modes).
+RESIZE_MODES = resize_modes.names()
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb threshold.
 # Larger files are refused before they are read. An 89-megapixel RGB BMP (the
 # largest image the pixel limit lets through) is 268 MB.
@@ -45,13 +48,7 @@ DEFAULT_JPEG_QUALITY = 95
 # Enough to identify any format Pillow knows (and the one the content claims)
 # without reading a whole file.
 _HEADER_BYTES = 4096
-# The signatures of the formats the build reads: anything else is not read
-# past its header.
-_SIGNATURES = (b'\xff\xd8\xff', b'\x89PNG\r\n\x1a\n', b'GIF87a', b'GIF89a', b'BM')
 DEFAULT_BACKGROUND = (255, 255, 255)  # Alpha is composited onto white.
-_RESAMPLE = Image.Resampling.BILINEAR  # Antialiased when shrinking in Pillow.
-_ROTATING_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap W and H.
-_EXIF_ORIENTATION_TAG = 0x0112
 
 # Outcome keys for files that are not written (see the build report).
 EMPTY = 'rejected_empty'
@@ -99,11 +96,6 @@ class ProcessedImage:
   warning: Optional[str] = None
 
 
-def _has_image_signature(header: bytes) -> bool:
-  return header.startswith(_SIGNATURES) or (
-      header[:4] == b'RIFF' and header[8:12] == b'WEBP')
-
-
 def _reject_header(header: bytes, extension: str) -> None:
   """Raises the reason why a header that is no accepted image is rejected."""
   if not header:
@@ -131,7 +123,9 @@ def _read_bounded(f, size_hint: Optional[int], *, extension: str,
         TOO_LARGE, f'file is {size_hint} bytes, over the limit '
         f'--max_file_bytes={max_bytes}')
   header = f.read(_HEADER_BYTES)
-  if not _has_image_signature(header):
+  # Only the formats the build reads (image_formats.SIGNATURES) are read
+  # past their header.
+  if image_formats.sniff(header) is None:
     _reject_header(header, extension)
   chunks, size = [header], len(header)
   while len(chunks[-1]):
@@ -248,18 +242,11 @@ def open_checked(data: bytes, *, extension: str,
 def oriented_size(image: Image.Image) -> tuple[int, int]:
   """(height, width) of a still-lazy image after its EXIF orientation."""
   width, height = image.size
-  if _orientation(image) in _ROTATING_ORIENTATIONS:
+  orientation = image_formats.ORIENTATIONS.get(_orientation(image))
+  if orientation is not None and orientation.swap_axes:
     return width, height
   return height, width
 
-
-# EXIF orientation -> the transposition that undoes it (PIL.ImageOps'
-# exif_transpose table).
-_ORIENTATION_TRANSPOSE = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90}
 # libjpeg colour spaces simplejpeg converts to 8-bit output itself.
 _JPEG_TARGETS = {'Gray': 'GRAY', 'YCbCr': 'RGB', 'RGB': 'RGB'}
 
@@ -268,9 +255,18 @@ def _orientation(image: Image.Image) -> Optional[int]:
   try:
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')  # "Corrupt EXIF data": no orientation.
-      return image.getexif().get(_EXIF_ORIENTATION_TAG)
+      return image.getexif().get(image_formats.EXIF_ORIENTATION_TAG)
   except Exception:  # pylint: disable=broad-except
     return None  # A broken EXIF block does not make the image bad.
+
+
+def _upright(pixels: Image.Image, source: Image.Image) -> Image.Image:
+  """pixels with the EXIF orientation of source (often the same image)
+  undone, like PIL.ImageOps.exif_transpose."""
+  orientation = image_formats.ORIENTATIONS.get(_orientation(source))
+  if orientation is None:
+    return pixels
+  return pixels.transpose(orientation.pillow)
 
 
 def _decode_jpeg_strict(data: bytes, image: Image.Image, *,
@@ -299,8 +295,7 @@ def _decode_jpeg_strict(data: bytes, image: Image.Image, *,
   except ValueError as e:
     raise ImageRejected(CORRUPT, f'corrupt JPEG data ({e})') from None
   decoded = Image.fromarray(pixels[..., 0] if target == 'GRAY' else pixels)
-  transpose = _ORIENTATION_TRANSPOSE.get(_orientation(image))
-  return decoded.transpose(transpose) if transpose is not None else decoded
+  return _upright(decoded, image)
 
 
 def _load_strict(image: Image.Image) -> None:
@@ -340,8 +335,7 @@ def load_pixels(image: Image.Image, *, min_side: int,
     # both sides >= min_side so the final resize still only shrinks.
     image.draft(None, (min_side, min_side))
   _load_strict(image)
-  transpose = _ORIENTATION_TRANSPOSE.get(_orientation(image))
-  return image.transpose(transpose) if transpose is not None else image
+  return _upright(image, image)
 
 
 def to_8bit(image: Image.Image, *, channels: int,
@@ -384,30 +378,15 @@ def resize(image: Image.Image, *, height: int, width: int,
            mode: str) -> Image.Image:
   """Resizes to exactly (height, width) like Keras' loader options.
 
-  stretch: ignore the aspect ratio. crop: centre-crop the largest region of
-  the target aspect ratio, then resize (Keras' crop_to_aspect_ratio). pad:
-  fit inside and pad the rest with black (Keras' pad_to_aspect_ratio).
+  `mode` is one of RESIZE_MODES (resize_modes holds each one's Pillow and
+  TensorFlow versions): stretch ignores the aspect ratio; crop centre-crops
+  the largest region of the target aspect ratio, then resizes (Keras'
+  crop_to_aspect_ratio); pad fits inside and pads the rest with black
+  (Keras' pad_to_aspect_ratio). An image already at the size is returned.
   """
-  src_w, src_h = image.size
-  if (src_w, src_h) == (width, height):
+  if image.size == (width, height):
     return image
-  if mode == 'stretch':
-    return image.resize((width, height), _RESAMPLE)
-  if mode == 'crop':
-    scale = min(src_w / width, src_h / height)
-    crop_w, crop_h = width * scale, height * scale
-    left, top = (src_w - crop_w) / 2, (src_h - crop_h) / 2
-    return image.resize((width, height), _RESAMPLE,
-                        box=(left, top, left + crop_w, top + crop_h))
-  if mode == 'pad':
-    scale = max(src_w / width, src_h / height)
-    new_w = min(width, max(1, round(src_w / scale)))
-    new_h = min(height, max(1, round(src_h / scale)))
-    canvas = Image.new(image.mode, (width, height), 0)
-    canvas.paste(image.resize((new_w, new_h), _RESAMPLE),
-                 ((width - new_w) // 2, (height - new_h) // 2))
-    return canvas
-  raise ValueError(f'resize mode {mode!r} is not one of {RESIZE_MODES}')
+  return resize_modes.get(mode).pillow(image, height=height, width=width)
 
 
 def encode(image: Image.Image, *, image_format: str,

@@ -24,6 +24,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.folder_to_records import builder
+from pipelines.preprocessing import resize_modes
 from pipelines.preprocessing import source_image
 from pipelines.preprocessing import serving
 from pipelines.records_to_batches import input_pipeline
@@ -43,9 +44,9 @@ PHOTOS = ('chelsea', 'coffee', 'rocket', 'astronaut')
 def run(tmp_path_factory):
   """One model (3 classes of real photos), exported once per resize mode.
 
-  The model is trained on the stretch build; crop/pad exports of the same
-  model differ only in the serving config, which is what serve and predict
-  both follow.
+  The model is trained on the stretch build; the other modes' exports of
+  the same model differ only in the serving config, which is what serve and
+  predict both follow.
   """
   root = tmp_path_factory.mktemp('serve')
   helpers.make_photo_folder(root / 'images', per_class=8)
@@ -240,7 +241,7 @@ def _test_set():
   return files
 
 
-@pytest.mark.parametrize('mode', ['stretch', 'crop', 'pad'])
+@pytest.mark.parametrize('mode', resize_modes.names())
 def test_serve_agrees_with_the_model_on_the_training_pipeline(run, mode):
   """Issue 8's acceptance: one preprocessing definition, no train/serve skew.
 
@@ -264,7 +265,7 @@ def test_serve_agrees_with_the_model_on_the_training_pipeline(run, mode):
     np.testing.assert_allclose(got, want, atol=TOLERANCE)
 
 
-@pytest.mark.parametrize('mode', ['stretch', 'crop', 'pad'])
+@pytest.mark.parametrize('mode', resize_modes.names())
 def test_each_resize_mode_agrees_with_predict_on_real_photos(run, mode):
   for i, name in enumerate(PHOTOS):
     array = helpers.photo(name)

@@ -183,12 +183,13 @@ def _run(config, dog) -> None:
   except OSError as e:  # A disk or path problem no check foresaw.
     sys.exit(f'error: {_os_error(e)}')
   except Exception as e:  # pylint: disable=broad-except
+    from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
     from trainer import train_lib  # pylint: disable=g-import-not-at-top
     if isinstance(e, train_lib.Preempted):
       print(f'[train] {e}', file=sys.stderr, flush=True)
       sys.exit(PREEMPTED_STATUS)
     if isinstance(e, train_lib.tf.errors.OpError):  # Raised inside TF.
-      sys.exit(f'error: {cli.one_line(train_lib.tf_message(e))}; check '
+      sys.exit(f'error: {input_pipeline.tf_message(e)}; check '
                '--model_dir, --data_dir and --cache')
     raise
 

@@ -299,10 +299,6 @@ def _make_dataset(config: TrainConfig, split: str, model_input: ModelInput,
       input_pipeline.DatasetOptions(**options), spec=spec)
 
 
-# The first line of a TensorFlow error (trainer.main prints it).
-tf_message = input_pipeline.tf_message
-
-
 def _cluster_task(config: TrainConfig):
   """This process's ClusterTask for --distribution=multi_worker, else None."""
   return config_lib.distribution_task(config.distribution,

@@ -2,9 +2,25 @@
 
 import os
 import shutil
+import signal
 import tempfile
 
 import pytest
+
+
+def pytest_configure(config):
+  """Lets the processes the tests start hear Ctrl-C (SIGINT).
+
+  A shell starts a command run in the background (`pytest ... &` in a
+  script) with SIGINT ignored, and an ignored signal stays ignored in every
+  process it starts: the tests that send SIGINT to a build or a trainer
+  then wait for a process that never hears it. A handler here is reset to
+  the default in each child, which Python then turns into
+  KeyboardInterrupt as usual.
+  """
+  del config
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope='session', autouse=True)

@@ -21,6 +21,7 @@ if __name__ == '__main__':
   # drown the progress lines (Beam's workers inherit this stderr). A failure
   # the build explains in one line, and Ctrl-C, hide Beam's tracebacks.
   cli.filter_noise(own_lines=('error:', '[build]'))
+  cli.skip_unused_imports()
 
 
 def _import_beam_quietly():

@@ -26,6 +26,7 @@ from pipelines.common import cli
 
 if __name__ == '__main__':
   cli.filter_noise()
+  cli.skip_unused_imports()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -55,6 +56,38 @@ def test_help_exits_0_and_lists_every_setting_without_tensorflow(module):
     for field in dataclasses.fields(config.TrainConfig):
       assert (f'--{field.name}:' in result.stdout or
               f'--[no]{field.name}:' in result.stdout), field.name
+
+
+def test_predict_answers_a_mistyped_model_dir_before_tensorflow_loads(
+    tmp_path):
+  """And once TensorFlow loads (here: a config without an export), a
+  command's process has not loaded scikit-learn (cli.skip_unused_imports)."""
+  error, loaded = helpers.refusal(
+      'trainer.predict', f'--model_dir={tmp_path}/nope', 'x.png')
+  assert f'--model_dir={tmp_path}/nope does not exist' in error
+  assert loaded == []
+  from pipelines.preprocessing import model_input  # pylint: disable=g-import-not-at-top
+  from trainer import config  # pylint: disable=g-import-not-at-top
+  helpers.write(tmp_path / 'run' / config.MODEL_CONFIG_FILE, json.dumps(
+      config.ModelConfig('small_cnn', ('a', 'b'), model_input.ModelInput(
+          8, 8, 3, 'png', 8, 8)).to_json_dict()).encode())
+  error, loaded = helpers.refusal(
+      'trainer.predict', f'--model_dir={tmp_path}/run', 'x.png')
+  assert f'{tmp_path}/run/{config.EXPORT_DIR}' in error
+  assert loaded == ['keras', 'tensorflow']  # Not sklearn, though installed.
+
+
+def test_every_command_skips_unused_imports_before_tensorflow():
+  # The process check above runs predict; the other commands' first lines
+  # (before TensorFlow can load) are read here.
+  for module in ('trainer.main', 'trainer.predict', 'pipelines.build',
+                 'pipelines.data_service'):
+    source = (pathlib.Path(helpers.REPO_ROOT) /
+              (module.replace('.', '/') + '.py')).read_text()
+    head = source.split("if __name__ == '__main__':", 1)
+    assert len(head) == 2 and 'tensorflow' not in head[0].split(
+        '"""', 2)[-1], module
+    assert 'cli.skip_unused_imports()' in head[1].split('\n\n', 1)[0], module
 
 
 def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):
@@ -145,6 +178,7 @@ def test_every_build_setting_is_a_flag_with_the_same_default():
 
 _FLAGS_TO_CONFIG = r"""
 import json
+import pathlib
 from absl import flags
 from trainer import main
 flags.FLAGS(['main', '--data_dir=d', '--model_dir=m', '--image_size=24,40',

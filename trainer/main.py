@@ -18,6 +18,7 @@ from pipelines.common import cli  # pylint: disable=g-import-not-at-top,wrong-im
 if __name__ == '__main__':
   # Before TensorFlow loads: its start-up chatter would bury a one-line error.
   cli.filter_noise()
+  cli.skip_unused_imports()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

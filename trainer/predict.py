@@ -27,6 +27,7 @@ from pipelines.common import cli  # pylint: disable=g-import-not-at-top,wrong-im
 if __name__ == '__main__':
   # Before TensorFlow loads: its start-up chatter would bury a one-line error.
   cli.filter_noise()
+  cli.skip_unused_imports()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -54,7 +55,6 @@ def load(model_dir: str):
   Raises UserError (one line: the folder or file, and what to do) for a
   missing or unfinished model_dir, or an unreadable config or export.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   rerun = ('rerun the `python -m trainer.main` command of that run to write '
            'it again')
   if not os.path.isdir(model_dir):
@@ -83,6 +83,8 @@ def load(model_dir: str):
   except ValueError as e:
     raise UserError(f'{config_path} {e}; {rerun}') from None
   export_path = os.path.join(model_dir, config_lib.EXPORT_DIR)
+  # Only now: a mistyped --model_dir is answered before TensorFlow starts.
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:
     served = tf.saved_model.load(export_path)
   except (OSError, ValueError, tf.errors.OpError) as e:

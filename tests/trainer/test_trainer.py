@@ -229,8 +229,9 @@ def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
     first, second = np.sort(probabilities)[::-1][:2]
     if first - second > 0.04:
       assert cls == config.class_names[int(np.argmax(probabilities))]
-  result = helpers.run_cli('trainer.predict', f'--model_dir={model_dir}',
-                           '--json', str(big))
+  result = helpers.run_main_in_process('trainer.predict',
+                                      f'--model_dir={model_dir}', '--json',
+                                      str(big))
   assert result.returncode == 0
   assert set(json.loads(result.stdout)) == {'path', 'class', 'probability'}
 

@@ -29,6 +29,7 @@ def make_serving_fn(model: keras.Model, config: config_lib.ModelConfig):
   class_names = tf.constant(list(config.class_names))
 
   def serve(encoded):
+    encoded = serving.known_formats(encoded)
     # One image at a time: a request holds at most one full-size decode.
     images = tf.map_fn(
         lambda i: serving.preprocess_image(encoded[i], i, model_input),

@@ -114,6 +114,32 @@ def _sniff(data) -> tf.Tensor:
   return kind
 
 
+def _unknown_format(index, size) -> tf.Tensor:
+  """The refusal of bytes of no accepted format (string [])."""
+  return tf.strings.join([
+      'image_bytes[', tf.strings.as_string(index), ']: not a JPEG, PNG, GIF, '
+      'BMP or WebP image (', tf.strings.as_string(size), ' bytes): send the '
+      'bytes of an image file'])
+
+
+def known_formats(encoded) -> tf.Tensor:
+  """string [N] -> the same, once every element is of an accepted format.
+
+  Checked for the whole request before any image is read: a reader that
+  runs on bytes of no format (op scheduling inside the serving map may
+  start one) would fail first, with a message that names no input. Raises
+  InvalidArgumentError naming the first such `image_bytes[i]`.
+  """
+  unknown = tf.map_fn(_sniff, encoded, fn_output_signature=tf.int64) < 0
+  first = tf.argmax(tf.cast(tf.concat([unknown, [True]], 0), tf.int32),
+                    output_type=tf.int64)
+  size = tf.strings.length(tf.gather(tf.concat([encoded, ['']], 0), first))
+  ok = tf.debugging.Assert(tf.logical_not(tf.reduce_any(unknown)),
+                           [_unknown_format(first, size)])
+  with tf.control_dependencies([ok]):
+    return tf.identity(encoded)
+
+
 def preprocess_image(data, index, model_input: ModelInput) -> tf.Tensor:
   """One encoded source image (string []) -> uint8 [height, width, C].
 
@@ -129,9 +155,7 @@ def preprocess_image(data, index, model_input: ModelInput) -> tf.Tensor:
                             ']: '])
   kind = _sniff(data)
   size = tf.strings.length(data)
-  known = tf.debugging.Assert(kind >= 0, [tf.strings.join([
-      prefix, 'not a JPEG, PNG, GIF, BMP or WebP image (',
-      tf.strings.as_string(size), ' bytes): send the bytes of an image file'])])
+  known = tf.debugging.Assert(kind >= 0, [_unknown_format(index, size)])
   with tf.control_dependencies([known]):
     src = source.Source(tf.identity(data), prefix, model_input)
     # Bytes of no known format go to a branch that reads nothing: the

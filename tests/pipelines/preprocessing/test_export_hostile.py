@@ -221,6 +221,11 @@ def test_garbage_is_refused_with_a_clear_error(run):
     assert message.count('image_bytes[1]: ') == 1, message
   assert 'not a JPEG, PNG, GIF, BMP or WebP image (20 bytes)' in _error(
       served, b'not a picture at all')
+  # The whole request is checked before any image is read (a reader started
+  # on such bytes could fail first, naming no input): the first one named.
+  with pytest.raises(tf.errors.InvalidArgumentError,
+                     match=r'image_bytes\[1\]: not a JPEG.* \(0 bytes\)'):
+    serving.known_formats(tf.constant([good, b'', b'junk']))
 
 
 def _test_set():

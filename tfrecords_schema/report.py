@@ -95,8 +95,9 @@ class BuildReport:
   class_names: tuple[str, ...] = _given(tuple)
   image: dict[str, Any] = _given(dict)
   seed: int = _given(int)
-  validation_fraction: float = _given(float)
-  test_fraction: float = _given(float)
+  # None (null) when --input_dir was split already: they had no effect.
+  validation_fraction: Optional[float] = _given(float)
+  test_fraction: Optional[float] = _given(float)
   counts: dict[str, int] = _given(dict)
   splits: dict[str, SplitSummary] = _given(dict)
   train_mean: Optional[tuple[float, ...]] = _given(lambda: None)

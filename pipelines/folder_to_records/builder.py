@@ -124,6 +124,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
           allow_missing_eval_classes=settings.allow_missing_eval_classes)
       config = settings_lib.make_config(settings, input_dir=input_dir,
                                         listing=plan)
+      for line in settings_lib.moot_settings(settings, plan.layout):
+        say(line)
       say(f'{len(plan.class_names)} classes ({plan.layout} layout), '
           f'{len(plan.folders)} folders to list; writing '
           f'{config.image.height}x{config.image.width}x'

@@ -11,6 +11,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import file_io
+from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
 from tfrecords_schema import metadata as metadata_lib
@@ -64,6 +65,7 @@ def finalize(_, listed: tuple[int, int], *,
   for f in sorted(findings, key=lambda f: f['sha256']):
     by_kind[f['kind']].append(report_lib.Finding(**f))
   times = list(times)
+  presplit = config.layout == listing_lib.SPLIT_FOLDERS_LAYOUT
   report = report_lib.BuildReport(
       dataset_name=config.dataset_name,
       input_dir=config.input_dir,
@@ -71,8 +73,9 @@ def finalize(_, listed: tuple[int, int], *,
       class_names=tuple(config.class_names),
       image=dataclasses.asdict(config.image),
       seed=config.seed,
-      validation_fraction=config.validation_fraction,
-      test_fraction=config.test_fraction,
+      # None where the folders are the splits: the fractions did nothing.
+      validation_fraction=None if presplit else config.validation_fraction,
+      test_fraction=None if presplit else config.test_fraction,
       counts=counts,
       splits={
           name: report_lib.SplitSummary(

@@ -111,3 +111,25 @@ def make_config(settings: BuildSettings, *, input_dir: str,
       validation_fraction=float(validation_fraction),
       test_fraction=float(test_fraction), seed=int(seed),
       shard_size_bytes=int(shard_size_mb * (1 << 20)))
+
+
+# Settings a pre-split --input_dir (train/, validation/, test/) makes moot.
+_SPLIT_BY_HASH = ('validation_fraction', 'test_fraction')
+
+
+def moot_settings(s: BuildSettings, layout: str) -> list[str]:
+  """Lines naming each setting given a value that has no effect here.
+
+  In the split-folders layout the folders are the splits, so the split
+  fractions change nothing (the report then records them as null); one
+  left at its default is not named.
+  """
+  if layout != listing_lib.SPLIT_FOLDERS_LAYOUT:
+    return []
+  defaults = BuildSettings(input_dir='', output_dir='')
+  return [f'--{name}={getattr(s, name):g} has no effect: --input_dir is '
+          'split already (its train/, validation/ and test/ folders are the '
+          'splits); drop the flag, or put the class folders directly in '
+          '--input_dir to split by hash'
+          for name in _SPLIT_BY_HASH
+          if getattr(s, name) != getattr(defaults, name)]

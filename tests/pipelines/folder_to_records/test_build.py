@@ -186,7 +186,7 @@ def test_output_loads_with_tfds_builder_from_directory(messy_build):
   assert image.shape == (64, 96, 3) and label.dtype == tf.int64
 
 
-def test_split_folders_keep_splits_and_report_leaks(tmp_path):
+def test_split_folders_keep_splits_and_report_leaks(tmp_path, capsys):
   images = tmp_path / 'horse-or-human'
   helpers.photo_folder(images, layout='splits',
                        classes={'horses': 'chelsea', 'humans': 'astronaut'},
@@ -197,7 +197,14 @@ def test_split_folders_keep_splits_and_report_leaks(tmp_path):
   out = tmp_path / 'out'
   report = builder.build(input_dir=str(images), output_dir=str(out),
                          image_size='32', image_format='png', channels=1,
-                         quiet=True)
+                         validation_fraction=0.3, samples=False)
+  # The folders are the splits: a fraction given is said to do nothing,
+  # and the report records none.
+  err = capsys.readouterr().err
+  assert ('[build] --validation_fraction=0.3 has no effect: --input_dir is '
+          'split already') in err and '--test_fraction' not in err
+  saved = json.loads((out / 'build_report.json').read_text())
+  assert saved['validation_fraction'] is None is saved['test_fraction']
   assert report['dataset_name'] == 'horse_or_human'
   assert report['layout'] == 'split_folders'
   assert report['splits']['train']['per_class'] == {'horses': 4, 'humans': 4}

@@ -80,6 +80,37 @@ def empty_classes(report: report_lib.BuildReport,
   return out
 
 
+def thin_evaluation_classes(report: report_lib.BuildReport
+                            ) -> list[tuple[str, str, int, float]]:
+  """(class, split, images, expected) for each class with no image, or at
+  most half its share, in an evaluation split of the hash split.
+
+  Each file's split comes from its own hash, so a small class's share of
+  validation or test varies (36 files a class at 0.2 gave 5 to 11): at
+  half its share or less, that split's accuracy for the class rests on too
+  few images. Not for split folders (the user chose those splits), nor for
+  classes with no train image (empty_classes names them), nor where the
+  share is under one image.
+  """
+  if report.layout == listing_lib.SPLIT_FOLDERS_LAYOUT:
+    return []
+  written = {c: sum(s.per_class.get(c, 0) for s in report.splits.values())
+             for c in report.class_names}
+  out = []
+  for split, fraction in (('validation', report.validation_fraction),
+                          ('test', report.test_fraction)):
+    if not fraction or split not in report.splits:
+      continue
+    per_class = report.splits[split].per_class
+    for name in report.class_names:
+      expected = fraction * written[name]
+      got = per_class.get(name, 0)
+      if (expected >= 1 and got <= expected / 2 and
+          report.splits['train'].per_class.get(name, 0)):
+        out.append((name, split, got, expected))
+  return out
+
+
 # The summary shows every class up to this many; beyond, the smallest and
 # largest few of each split (build_report.json has them all).
 SUMMARY_MAX_CLASSES = 20
@@ -130,6 +161,19 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
   if len(empty) > _SUMMARY_EDGE * 2:
     lines.append(f'warning: {len(empty) - _SUMMARY_EDGE * 2} more classes '
                  f'with no image in train: empty_classes in {report_path}')
+  thin = thin_evaluation_classes(report)
+  for name, split, got, expected in thin[:_SUMMARY_EDGE * 2]:
+    fraction = getattr(report, f'{split}_fraction')
+    lines.append(
+        f'warning: class {output_folder.shown_name(name)!r}: {got} '
+        f'image{"" if got == 1 else "s"} in {split}, {expected:.1f} expected '
+        f'(--{split}_fraction={fraction:g}); its {split} accuracy rests on '
+        f'too few images: add images to the class (each file\'s split comes '
+        'from its own hash, so a small class\'s share varies)')
+  if len(thin) > _SUMMARY_EDGE * 2:
+    lines.append(f'warning: {len(thin) - _SUMMARY_EDGE * 2} more classes '
+                 'with too few validation/test images (per-class counts in '
+                 f'{report_path})')
   lines.append('')
   not_written = report.seen - report.written
   lines.append(f'seen {report.seen}, written {report.written}, '

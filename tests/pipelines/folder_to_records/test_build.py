@@ -1,5 +1,6 @@
 """End-to-end builds with Beam's DirectRunner on fixtures written to tmp dirs."""
 
+import hashlib
 import io
 import json
 import os
@@ -17,6 +18,7 @@ import tensorflow as tf
 
 from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import splits
 from pipelines.common.errors import UserError
 from tests import helpers
 import tfrecords_schema
@@ -366,3 +368,35 @@ def test_commit_by_copy_puts_metadata_last_and_replaces_old(tmp_path,
       ['a-train.tfrecord-00000-of-00001', 'metadata.json', 'zz.json'])
   assert (out / 'metadata.json').read_text() == 'metadata.json'
   assert not tmp.exists()
+
+
+def test_a_class_thin_in_validation_is_named_with_the_fix(tmp_path, capsys):
+  """The hash split gives each file its split by itself: a small class can
+  get few validation images. At half its share or less it is named."""
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, classes={'big': 'chelsea'}, per_class=20,
+                       size=24)
+  helpers.photo_folder(images, classes={'small': 'rocket'}, per_class=4,
+                       size=24)
+  hashes = [hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted((images / 'small').iterdir())]
+
+  def small_in_validation(seed):
+    return sum(splits.assign_split(h, seed=seed, validation_fraction=0.5,
+                                   test_fraction=0.0) == 'validation'
+               for h in hashes)
+
+  seeds = {n: next(s for s in range(200) if small_in_validation(s) == n)
+           for n in (1, 2)}
+  for got, seed in seeds.items():
+    report = builder.build(input_dir=str(images),
+                           output_dir=str(tmp_path / f'out{seed}'),
+                           image_size='8', validation_fraction=0.5, seed=seed,
+                           samples=False)
+    assert report['splits']['validation']['per_class']['small'] == got
+    out = capsys.readouterr().out  # The summary.
+    named = ("warning: class 'small': 1 image in validation, 2.0 expected "
+             '(--validation_fraction=0.5)')
+    assert (named in out) == (got == 1), out  # 2 of 2 expected: not named.
+    assert "class 'big'" not in out
+    assert ('add images to the class' in out) == (got == 1)  # The fix.

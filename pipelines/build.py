@@ -20,7 +20,10 @@ if __name__ == '__main__':
   # Before TensorFlow and Beam's workers start: their start-up chatter would
   # drown the progress lines (Beam's workers inherit this stderr). A failure
   # the build explains in one line, and Ctrl-C, hide Beam's tracebacks.
-  cli.filter_noise(own_lines=('error:', '[build]'))
+  import os  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import progress  # pylint: disable=g-import-not-at-top
+  cli.filter_noise(own_lines=('error:', '[build]'),
+                   progress=progress.ChunkProgress(terminal=os.isatty(2)))
   cli.skip_unused_imports()
 
 

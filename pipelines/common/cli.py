@@ -82,8 +82,12 @@ class _Forwarder:
   """
 
   def __init__(self, write_fd: int, wakeup_fd: Optional[int],
-               own: tuple[bytes, ...]):
+               own: tuple[bytes, ...], progress=None):
     self._write_fd, self._wakeup_fd, self._own = write_fd, wakeup_fd, own
+    # Optional: turns some lines into one progress display; consume(line)
+    # -> None (not its line) or the bytes to write; end_line() -> the bytes
+    # that end a shown progress line before any other.
+    self._progress = progress
     self._interrupted = False
     self._held = None  # Lines held since a traceback, or None.
 
@@ -100,6 +104,8 @@ class _Forwarder:
           self._line(line + b'\n')
       if not data:
         self._write(self._held or [])
+        if self._progress is not None:
+          os.write(self._write_fd, self._progress.end_line())
         return
 
   def _line(self, line: bytes) -> None:
@@ -111,6 +117,11 @@ class _Forwarder:
     mine = line.startswith(self._own)
     if self._interrupted and not mine:
       return
+    if self._progress is not None:
+      shown = self._progress.consume(line)
+      if shown is not None:
+        os.write(self._write_fd, shown)
+        return
     if mine and line.startswith(_ERROR):
       self._held = None  # The one-line error says it all.
     elif self._held is not None and not mine:
@@ -122,6 +133,8 @@ class _Forwarder:
     self._write([line])
 
   def _write(self, lines: list[bytes]) -> None:
+    if lines and self._progress is not None:
+      lines = [self._progress.end_line(), *lines]
     for line in lines:
       os.write(self._write_fd, line)
 
@@ -135,7 +148,7 @@ def unfiltered_stderr() -> int:
   return _UNFILTERED_STDERR
 
 
-def filter_noise(*, own_lines: Sequence[str] = ()) -> None:
+def filter_noise(*, own_lines: Sequence[str] = (), progress=None) -> None:
   """Drops known start-up chatter from this process's (and children's) stderr.
 
   TensorFlow's C++ runtime prints CUDA-driver lines before its log level is
@@ -152,7 +165,8 @@ def filter_noise(*, own_lines: Sequence[str] = ()) -> None:
   command's own lines are shown: Ctrl-C reaches Beam's worker processes
   too, whose tracebacks, and those of the threads that watched them, say
   nothing to a user. See _Forwarder. Call it from the main thread: it takes
-  signal.set_wakeup_fd.
+  signal.set_wakeup_fd. progress: an object that turns some lines into one
+  progress display (e.g. folder_to_records.progress.ChunkProgress).
   """
   if any(a.startswith(('--verbosity', '-v')) for a in sys.argv[1:]):
     return
@@ -171,7 +185,7 @@ def filter_noise(*, own_lines: Sequence[str] = ()) -> None:
     os.set_blocking(signal_fd, False)
     signal.set_wakeup_fd(signal_fd, warn_on_full_buffer=False)
   forwarder = _Forwarder(original, wakeup_fd,
-                         tuple(p.encode() for p in own_lines))
+                         tuple(p.encode() for p in own_lines), progress)
   thread = threading.Thread(target=forwarder.run, args=(read_fd,),
                             daemon=True)
   thread.start()

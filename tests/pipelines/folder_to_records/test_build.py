@@ -246,7 +246,7 @@ def test_byte_identical_shards_with_one_or_two_worker_processes(tmp_path):
         '--image_size=48', '--shard_size_mb=0.05', *extra,
         env={'PYTHONHASHSEED': str(len(name) * 11)})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert 'chunk' in result.stderr  # Progress lines.
+    assert 'files read: ' in result.stderr  # The progress line.
     assert 'images/s' in result.stdout  # Summary table.
     shards[name] = {p.name: p.read_bytes() for p in sorted(out.glob('*.tfrecord-*'))}
   assert len(shards['one']) > 2  # Several shards per split were written.
@@ -325,7 +325,7 @@ def test_killed_run_leaves_nothing_that_looks_like_a_dataset(tmp_path,
       cwd=helpers.REPO_ROOT, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 120
   for line in process.stderr:
-    if 'chunk' in line or time.time() > deadline:
+    if 'files read' in line or time.time() > deadline:
       break
   process.send_signal(signal.SIGKILL)
   process.wait()

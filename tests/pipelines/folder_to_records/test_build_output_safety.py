@@ -62,6 +62,7 @@ import time
 from pipelines import plots
 from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import progress
 from tests import helpers
 import tfrecords_schema
 from tfrecords_schema import metadata
@@ -377,11 +378,12 @@ def test_a_full_disk_is_one_line_and_keeps_the_dataset(built, tmp_path,
   assert _snapshot(out) == before and _beside(out) == []
 
 
-def _forwarded(*chunks: bytes) -> bytes:
+def _forwarded(*chunks: bytes, progress=None) -> bytes:
   """What cli's stderr forwarder of the build writes for these chunks."""
   read_fd, write_fd = os.pipe()
   out_read, out_write = os.pipe()
-  forwarder = cli._Forwarder(out_write, None, (b'error:', b'[build]'))  # pylint: disable=protected-access
+  forwarder = cli._Forwarder(out_write, None, (b'error:', b'[build]'),  # pylint: disable=protected-access
+                             progress)
   for chunk in chunks:
     os.write(write_fd, chunk)
   os.close(write_fd)
@@ -404,6 +406,37 @@ def test_tracebacks_wait_for_the_one_line_error_or_the_end():
                     b'RuntimeError: bug') == (
                         b'[build] a\n[build] b\n' + trace +
                         b'RuntimeError: bug\n')
+
+
+def test_the_workers_chunk_lines_become_one_progress_display():
+  lines = [b'[build] 2 classes\n', b'[build] chunk 3: 50 written, 2 rejected\n',
+           b'[build] chunk 1: 40 written, 0 rejected\n', b'INFO:chatter\n',
+           b'[build] chunk 2: 8 written, 0 rejected\n',
+           b'[build] finalized: 98 written, 2 not written\n']
+  times = iter([2.0, 5.0, 12.0])  # At each chunk line.
+  clock = lambda: next(times)
+  # A log or a pipe: the totals at most every EVERY_S seconds.
+  assert progress.EVERY_S == 10
+  assert _forwarded(*lines, progress=progress.ChunkProgress(
+      terminal=False, clock=clock)) == (
+          b'[build] 2 classes\n'
+          b'[build] 52 files read: 50 written, 2 rejected\n'
+          b'[build] 100 files read: 98 written, 2 rejected (5 files/s)\n'
+          b'[build] finalized: 98 written, 2 not written\n')
+  # A terminal: one line rewritten in place, ended before any other line.
+  times = iter([2.0, 5.0, 12.0])
+  shown = _forwarded(*lines, progress=progress.ChunkProgress(
+      terminal=True, clock=clock))
+  assert shown == (
+      b'[build] 2 classes\n'
+      b'\r[build] 52 files read: 50 written, 2 rejected\x1b[K'
+      b'\r[build] 92 files read: 90 written, 2 rejected (13 files/s)\x1b[K'
+      b'\r[build] 100 files read: 98 written, 2 rejected (5 files/s)\x1b[K\n'
+      b'[build] finalized: 98 written, 2 not written\n')
+  # Ended at the end too, with nothing after it.
+  times = iter([1.0])
+  assert _forwarded(lines[1], progress=progress.ChunkProgress(
+      terminal=True, clock=clock)).endswith(b'\x1b[K\n')
 
 
 def test_a_read_only_parent_is_named_before_anything_is_written(

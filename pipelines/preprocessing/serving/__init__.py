@@ -68,6 +68,7 @@ from __future__ import annotations
 import functools
 
 import tensorflow as tf
+from tensorflow.python.ops import cond_v2  # pylint: disable=g-direct-tensorflow-import
 
 from pipelines.preprocessing import image_formats
 from pipelines.preprocessing import resize_modes
@@ -158,15 +159,17 @@ def preprocess_image(data, index, model_input: ModelInput) -> tf.Tensor:
   known = tf.debugging.Assert(kind >= 0, [_unknown_format(index, size)])
   with tf.control_dependencies([known]):
     src = source.Source(tf.identity(data), prefix, model_input)
-    # Bytes of no known format go to a branch that reads nothing: the
-    # control dependency alone did not always keep a reader (lowered into
-    # the serving map's loop) from failing first on them with a message
-    # that names no input.
+    # Bytes of no known format go to a branch that reads nothing, and the
+    # dispatch stays a Case op that runs only the branch it picks. Lowered
+    # to Switch/Merge inside the serving map's loop (TensorFlow's default),
+    # a reader of another format was seen, under load, to run on an input
+    # and fail first ("Reduction axis 0 is empty"), with a message naming
+    # no input, despite the control dependency.
     unknown = lambda: (tf.zeros([1, 1, channels], tf.uint8), i64(1))
-    image, orientation = tf.switch_case(
+    image, orientation = cond_v2.indexed_case(
         tf.cast(tf.where(kind >= 0, kind, i64(len(_READERS))), tf.int32),
         [functools.partial(read, src) for read in _READERS.values()]
-        + [unknown])
+        + [unknown], name='format', lower_using_switch_merge=False)
   image = exif.orient(image, orientation)
   image.set_shape([None, None, channels])
 

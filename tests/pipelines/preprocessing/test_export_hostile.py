@@ -25,6 +25,7 @@ import pytest
 import tensorflow as tf
 
 from pipelines.folder_to_records import builder
+from pipelines.preprocessing import image_formats
 from pipelines.preprocessing import resize_modes
 from pipelines.preprocessing import source_image
 from pipelines.preprocessing import serving
@@ -226,6 +227,14 @@ def test_garbage_is_refused_with_a_clear_error(run):
   with pytest.raises(tf.errors.InvalidArgumentError,
                      match=r'image_bytes\[1\]: not a JPEG.* \(0 bytes\)'):
     serving.known_formats(tf.constant([good, b'', b'junk']))
+  # And the format dispatch is a Case op that runs only the reader it picks
+  # (not lowered to Switch/Merge, where another reader was seen to run).
+  graph = _served(run, 'crop')[0].serve.get_concrete_function().graph
+  dispatch = [n for f in graph.as_graph_def().library.function
+              for n in f.node_def if n.op in ('Case', 'StatelessCase') and
+              len(n.attr['branches'].list.func) == len(image_formats.FORMATS) + 1]
+  assert dispatch and not any(
+      n.attr['_lower_using_switch_merge'].b for n in dispatch)
 
 
 def _test_set():

@@ -23,29 +23,6 @@ def pytest_configure(config):
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-# The files that take longest (CPU per file: BUILD_NOTES.md, "Test suite"),
-# longest first. pytest-xdist (--dist loadfile) hands out files in
-# collection order; started last, one of these would leave a process
-# running it alone at the end while the others have nothing left to do.
-_LONGEST_FIRST = (
-    'trainer/test_trainer_hostile.py',
-    'trainer/test_trainer.py',
-    'trainer/test_multi_worker.py',
-    'pipelines/preprocessing/test_export_hostile.py',
-    'pipelines/test_data_service.py',
-)
-
-
-def pytest_collection_modifyitems(config, items):
-  """Runs the longest files first (stable: the rest keep their order)."""
-  del config
-  def rank(item):
-    path = item.nodeid.split('::', 1)[0].removeprefix('tests/')
-    return (_LONGEST_FIRST.index(path) if path in _LONGEST_FIRST
-            else len(_LONGEST_FIRST))
-  items.sort(key=rank)
-
-
 @pytest.fixture(scope='session', autouse=True)
 def _session_tmpdir(tmp_path_factory):
   """Points TMPDIR, here and in every subprocess, at a folder of this session.

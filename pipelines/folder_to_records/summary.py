@@ -43,6 +43,12 @@ def _rejected_per_class(tmp_dir: str, layout: str) -> dict:
   return counts
 
 
+def _written_per_class(report: report_lib.BuildReport) -> dict[str, int]:
+  """Class -> images written, over all splits."""
+  return {c: sum(s.per_class.get(c, 0) for s in report.splits.values())
+          for c in report.class_names}
+
+
 def empty_classes(report: report_lib.BuildReport,
                   tmp_dir: str) -> list[report_lib.EmptyClass]:
   """The classes a model cannot learn: none of their images was written
@@ -50,8 +56,7 @@ def empty_classes(report: report_lib.BuildReport,
   for build_report.json's `empty_classes`: class, images written, in train,
   files rejected, and the warning the summary shows."""
   splits = report.splits
-  written = {c: sum(s.per_class[c] for s in splits.values())
-             for c in report.class_names}
+  written = _written_per_class(report)
   train = splits['train'].per_class
   if all(train[c] for c in report.class_names):
     return []
@@ -94,8 +99,7 @@ def thin_evaluation_classes(report: report_lib.BuildReport
   """
   if report.layout == listing_lib.SPLIT_FOLDERS_LAYOUT:
     return []
-  written = {c: sum(s.per_class.get(c, 0) for s in report.splits.values())
-             for c in report.class_names}
+  written = _written_per_class(report)
   out = []
   for split, fraction in (('validation', report.validation_fraction),
                           ('test', report.test_fraction)):

@@ -126,10 +126,11 @@ def _unknown_format(index, size) -> tf.Tensor:
 def known_formats(encoded) -> tf.Tensor:
   """string [N] -> the same, once every element is of an accepted format.
 
-  Checked for the whole request before any image is read: a reader that
-  runs on bytes of no format (op scheduling inside the serving map may
-  start one) would fail first, with a message that names no input. Raises
-  InvalidArgumentError naming the first such `image_bytes[i]`.
+  Checked for the whole request before any image is read, so a request
+  with such bytes is refused without decoding the images before them
+  (preprocess_image checks each image again, for callers of it alone; the
+  32-byte header sniff is cheap). Raises InvalidArgumentError naming the
+  first such `image_bytes[i]`.
   """
   unknown = tf.map_fn(_sniff, encoded, fn_output_signature=tf.int64) < 0
   first = tf.argmax(tf.cast(tf.concat([unknown, [True]], 0), tf.int32),

@@ -55,6 +55,26 @@ def check_model_names(model: str, base_model: str) -> None:
     raise ModelError(f'--base_model={base_model} is not one of '
                      f'{", ".join(BASE_MODELS)}')
 
+def check_image_side(model: str, need: int, height: int, width: int) -> None:
+  """ModelError when height x width images are too small for --model (which
+  needs sides of at least `need`)."""
+  if min(height, width) < need:
+    raise ModelError(
+        f'--model={model} needs images of at least {need}x{need}, this '
+        f'dataset has {height}x{width}: rebuild with a larger --image_size '
+        'or pass --image_size')
+
+
+def check_image_size(model: str, base_model: str,
+                     size: tuple[int, int]) -> None:
+  """ModelError when --model (on --base_model) cannot take size=(height,
+  width) images; no Keras needed, so the trainer checks before TensorFlow
+  loads (the model's builder checks again)."""
+  check_image_side(f'{model} --base_model={base_model}'
+                   if model_table.get(model).uses_base_model else model,
+                   model_table.min_side(model, base_model), *size)
+
+
 # Files and folders of a run (--model_dir).
 BEST_MODEL_FILE = 'best.keras'
 EXPORT_DIR = run_files.EXPORT_DIR

@@ -140,7 +140,9 @@ def main(argv):
     config_lib.distribution_task(config.distribution,
                                  os.environ.get('TF_CONFIG'))
     places.check_data_dir_is_not_a_run(config.data_dir)
-    metadata_lib.read_dataset_spec(config.data_dir)
+    spec = metadata_lib.read_dataset_spec(config.data_dir)
+    config_lib.check_image_size(config.model, config.base_model,
+                                config.image_size or (spec.height, spec.width))
     places.check_model_dir_place(config.model_dir, config.data_dir)
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')

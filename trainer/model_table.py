@@ -105,3 +105,22 @@ def normalization(name: str) -> str:
 def get_base(name: str) -> BaseModel:
   """The entry of --base_model=name; KeyError if there is none."""
   return _BASE_BY_NAME[name]
+
+
+def conv_stack_min_side(num_convs: int) -> int:
+  """Smallest input side a stack of 3x3 valid conv + 2x2 pool leaves >= 1."""
+  side = 1
+  for _ in range(num_convs):
+    side = side * 2 + 2
+  return side
+
+
+def min_side(name: str, base_model: str) -> int:
+  """Smallest image side --model=name (on --base_model) can take; 1 for a
+  builder with no minimum."""
+  entry = get(name)
+  if entry.uses_base_model:
+    return get_base(base_model).min_side
+  if 'filters' in entry.args:
+    return conv_stack_min_side(len(entry.args['filters']))
+  return 1

@@ -53,14 +53,6 @@ def loss(num_classes: int, reduction: Optional[str] = 'sum_over_batch_size'
                                                     reduction=reduction)
 
 
-def min_side(num_convs: int) -> int:
-  """Smallest input side a stack of 3x3 valid conv + 2x2 pool leaves >= 1."""
-  side = 1
-  for _ in range(num_convs):
-    side = side * 2 + 2
-  return side
-
-
 def conv_stack(inputs, num_classes: int, dropout: float, *, name: str,
                filters: tuple[int, ...], dense_units: int,
                dropout_before_dense: bool = False) -> keras.Model:
@@ -71,13 +63,8 @@ def conv_stack(inputs, num_classes: int, dropout: float, *, name: str,
   the dense layer. ModelError for inputs [B, H, W, C] too small to leave
   one pixel after the last pooling.
   """
-  need = min_side(len(filters))
-  height, width = inputs.shape[1], inputs.shape[2]
-  if min(height, width) < need:
-    raise ModelError(
-        f'--model={name} needs images of at least {need}x{need}, this '
-        f'dataset has {height}x{width}: rebuild with a larger --image_size '
-        'or pass --image_size')
+  need = model_table.conv_stack_min_side(len(filters))
+  config_lib.check_image_side(name, need, inputs.shape[1], inputs.shape[2])
   x = inputs
   for f in filters:
     x = layers.Conv2D(f, 3, activation='relu')(x)

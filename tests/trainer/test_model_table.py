@@ -50,6 +50,9 @@ def test_every_entry_builds_trains_a_step_with_its_dropout(name, base):
   entry = model_table.get(name)
   models.builder(entry)  # A missing builder: LookupError naming the entry.
   side = _smallest_side(entry, base)
+  # The check trainer.main makes before TensorFlow loads agrees.
+  assert side == model_table.min_side(name, base or
+                                      model_table.BASE_MODEL_NAMES[0])
   model = _build(entry, base, side)
   assert model.name == name
   want = [entry.default_dropout] if entry.default_dropout else []
@@ -113,3 +116,14 @@ def test_the_table_and_config_import_no_tensorflow(module):
                           capture_output=True, text=True, timeout=300,
                           check=True)
   assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_size_check_before_tensorflow_agrees_with_the_builders():
+  # trainer.main refuses too-small images before TensorFlow loads, from the
+  # table; each builder refuses the same sizes, with the same sentence.
+  for entry in model_table.MODELS:
+    for base in model_table.BASE_MODELS:
+      need = model_table.min_side(entry.name, base.name)
+      config_lib.check_image_size(entry.name, base.name, (need, need + 5))
+      with pytest.raises(config_lib.ModelError, match=f'at least {need}x'):
+        config_lib.check_image_size(entry.name, base.name, (need + 5, need - 1))

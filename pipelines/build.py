@@ -93,6 +93,12 @@ flags.DEFINE_boolean(
     'Split-folder layout: accept a class that has a train/<class>/ folder but '
     'none (or no image) in validation/ or test/ (no metrics for it there). A '
     'class with no train image is always refused.')
+flags.DEFINE_integer(
+    'near_duplicate_distance', _D['near_duplicate_distance'],
+    'Images whose perceptual hashes differ in at most this many of 64 bits '
+    'are near-duplicates (resized, re-encoded, lightly cropped or '
+    'brightened copies): one in validation/test of a train image is left '
+    'out; others are reported (near_duplicates.jsonl). 0: no search.')
 FLAGS = flags.FLAGS
 
 

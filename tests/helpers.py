@@ -50,12 +50,26 @@ def save(path: pathlib.Path, image: Image.Image, **kwargs) -> pathlib.Path:
   return path
 
 
+def _oriented(crop: np.ndarray, i: int) -> np.ndarray:
+  """Crop i as is, mirrored, upside down or turned 180 degrees (i % 4).
+
+  Crops of one photo a few pixels apart are near-duplicates (the build
+  finds them, --near_duplicate_distance); in four orientations their
+  perceptual hashes lie far apart (>= 16 of 64 bits for 12 crops of any
+  CLASS_PHOTOS photo), so fixtures plant no near-duplicate by accident.
+  """
+  turn = i % 4
+  return np.ascontiguousarray(
+      crop[::-1 if turn in (2, 3) else 1, ::-1 if turn in (1, 3) else 1])
+
+
 def variants(array: np.ndarray, count: int):
-  """`count` distinct real-photo crops (distinct bytes, same content kind)."""
+  """`count` distinct real-photo crops (distinct bytes, same content kind,
+  no two near-duplicates for count <= 12)."""
   h, w = array.shape[:2]
   for i in range(count):
     top, left = (i * 7) % (h // 4), (i * 13) % (w // 4)
-    yield array[top:top + h * 3 // 4, left:left + w * 3 // 4]
+    yield _oriented(array[top:top + h * 3 // 4, left:left + w * 3 // 4], i)
 
 
 # Photos for class k (cycled): colour photos first, then grey ones.
@@ -87,7 +101,8 @@ def _class_sources(photos: dict) -> dict:
 
 def distinct_crops(array: np.ndarray, count: int,
                    size: tuple[int, int] | None = None):
-  """`count` crops of a photo, pairwise distinct in content.
+  """`count` crops of a photo, pairwise distinct in content (no two
+  near-duplicates for count <= 12: see _oriented).
 
   The first ones are `variants`; a crop offset already used is replaced by
   the next unused one, so large counts never repeat. `size` (width,
@@ -106,7 +121,7 @@ def distinct_crops(array: np.ndarray, count: int,
       offset = divmod(j, cols)
     used.add(offset)
     top, left = offset
-    crop = array[top:top + h * 3 // 4, left:left + w * 3 // 4]
+    crop = _oriented(array[top:top + h * 3 // 4, left:left + w * 3 // 4], i)
     if size is not None:
       crop = np.asarray(Image.fromarray(crop).resize(
           size, Image.Resampling.BILINEAR))
@@ -287,6 +302,19 @@ def write_tiny_dataset(root, *, classes=('cat', 'coffee', 'rocket'),
   metadata.write_dataset_metadata(str(root), spec,
                                   description='tests.helpers tiny dataset')
   return TinyDataset(str(root), spec, examples)
+
+
+def written_filenames(out: pathlib.Path) -> set:
+  """The source relpath of every record in a built dataset's shards."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tfrecords_schema  # pylint: disable=g-import-not-at-top
+  from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  names = set()
+  for split in spec.splits:
+    for record in tf.data.TFRecordDataset(spec.shard_paths(str(out), split)):
+      names.add(schema.parse_examples(record)[schema.FILENAME].numpy().decode())
+  return names
 
 
 def decode_with_pillow(encoded: bytes, spec) -> np.ndarray:

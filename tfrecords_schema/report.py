@@ -67,6 +67,34 @@ class EmptyClass:
   warning: str = ''
 
 
+@dataclasses.dataclass(frozen=True)
+class CappedGroup:
+  """A band group of the near-duplicate search too large to compare whole
+  (e.g. many blank images): only `compared` of its `members` were."""
+  band: int = 0
+  members: int = 0
+  compared: int = 0
+  example: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
+class NearDuplicates:
+  """What the near-duplicate search found (near_duplicates.jsonl lists each
+  pair). distance: --near_duplicate_distance (0: no search). leaks: pairs
+  with one file in train and one in validation or test; left_out: the
+  evaluation files left out for them (each in rejected.jsonl, outcome
+  near_duplicate_leak); within_split, across_evaluation_splits: pairs
+  reported only; label_conflicts: pairs (of any kind) across classes."""
+  distance: int = 0
+  pairs: int = 0
+  leaks: int = 0
+  left_out: int = 0
+  within_split: int = 0
+  across_evaluation_splits: int = 0
+  label_conflicts: int = 0
+  capped_groups: tuple[CappedGroup, ...] = ()
+
+
 def _given(read_default) -> Any:
   """A field the writer must give; read_default() when a file lacks it."""
   return _field(read_default=read_default)
@@ -106,6 +134,7 @@ class BuildReport:
   duplicates: tuple[Finding, ...] = _given(tuple)
   conflicts: tuple[Finding, ...] = _given(tuple)
   leaks: tuple[Finding, ...] = _given(tuple)
+  near_duplicates: NearDuplicates = _given(NearDuplicates)
   warnings: tuple[FileWarning, ...] = _given(tuple)
   classes_without_examples: dict[str, list[str]] = _given(dict)
   write_stage_s: float = _given(float)

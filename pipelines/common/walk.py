@@ -27,10 +27,14 @@ UNLISTABLE = 'rejected_unreadable_folder'
 class Skipped:
   """A file left out of a build: `outcome` is a report key (the counts of
   build_report.json, rejected.jsonl), `reason` says why. What the listing
-  ignores, what a worker rejects and the copies dedupe drops alike."""
+  ignores, what a worker rejects and the copies dedupe drops alike. A
+  near-duplicate left out also names the file it is `near` and their hash
+  `distance`."""
   relpath: str
   outcome: str
   reason: str
+  near: Optional[str] = None
+  distance: Optional[int] = None
 
 
 def is_hidden(name: str) -> bool:

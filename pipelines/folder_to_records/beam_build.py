@@ -73,6 +73,7 @@ from apache_beam.io.filesystems import FileSystems  # noqa: F401  # pylint: disa
 
 from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import runner_options
 from tfrecords_schema import metadata as metadata_lib
 # The graph's steps, one job per module, by the names the graph (and the
@@ -92,6 +93,7 @@ from pipelines.folder_to_records.dofns import ConcatShard
 from pipelines.folder_to_records.dofns import COUNTS
 from pipelines.folder_to_records.dofns import FINDINGS
 from pipelines.folder_to_records.dofns import IGNORED
+from pipelines.folder_to_records.dofns import KEPT
 from pipelines.folder_to_records.dofns import ListFolder
 from pipelines.folder_to_records.dofns import record_split
 from pipelines.folder_to_records.dofns import REJECTED
@@ -172,11 +174,20 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
       written.records
       | 'GroupBySha' >> beam.GroupByKey()
       | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
-                                 ).with_outputs(REJECTED, FINDINGS,
+                                 ).with_outputs(REJECTED, FINDINGS, KEPT,
                                                 main='dropped'))
+  drops, rejected = [deduped.dropped], [listed[IGNORED], written[REJECTED],
+                                        deduped[REJECTED]]
+  near_lines = near_capped = pipeline | 'NoNearSearch' >> beam.Create([])
+  if config.near_duplicate_distance:
+    near_drops, near_rejected, near_lines, near_capped = near_duplicates.find(
+        deduped[KEPT], distance=config.near_duplicate_distance,
+        layout=config.layout)
+    drops.append(near_drops)
+    rejected.append(near_rejected)
   shards = (
       (layouts | 'ShardKeys' >> beam.FlatMap(shard_keys),
-       deduped.dropped | 'ShardOfDrop' >> beam.Map(
+       tuple(drops) | 'AllDrops' >> beam.Flatten() | 'ShardOfDrop' >> beam.Map(
            shard_of_drop, layout, shard_size_bytes=size))
       | 'AllShardKeys' >> beam.Flatten()
       | 'GroupShards' >> beam.GroupByKey()
@@ -184,8 +195,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                                      ).with_outputs(SUMS, WARNINGS,
                                                     main='shards'))
   stats = _combine(shards[SUMS], 'PixelSums', PixelSums())
-  rejected = ((listed[IGNORED], written[REJECTED], deduped[REJECTED])
-              | 'AllRejected' >> beam.Flatten())
+  rejected = tuple(rejected) | 'AllRejected' >> beam.Flatten()
   _ = (
       pipeline
       | 'Once' >> beam.Create([None])
@@ -196,6 +206,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           findings=beam.pvalue.AsIter(deduped[FINDINGS]),
           warnings=beam.pvalue.AsIter(shards[WARNINGS]),
           rejected=beam.pvalue.AsIter(rejected),
+          near_pairs=beam.pvalue.AsIter(near_lines),
+          near_capped=beam.pvalue.AsIter(near_capped),
           times=beam.pvalue.AsIter(written[TIMES])))
 
 

@@ -19,3 +19,4 @@ class BuildConfig:
   test_fraction: float
   seed: int
   shard_size_bytes: int
+  near_duplicate_distance: int = 0  # 0: no near-duplicate search.

@@ -22,6 +22,7 @@ from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import shard_math
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
@@ -30,9 +31,9 @@ from tfrecords_schema import schema
 
 
 # Tagged outputs.
-REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES = (
+REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES, KEPT = (
     'rejected', 'ignored', 'counts', 'findings', 'totals', 'sums', 'warnings',
-    'times')
+    'times', 'kept')
 
 
 def record_split(source: listing_lib.SourceFile, sha256: str,
@@ -133,6 +134,7 @@ class WriteChunk(beam.DoFn):
         entry = (label, [int(v) for v in processed.pixel_sum],
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
+        phash = processed.phash
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(
@@ -147,7 +149,7 @@ class WriteChunk(beam.DoFn):
         indexes[split].append(
             chunk_format.IndexEntry(offsets[split], length, *entry))
         # The dedupe shuffle carries only this (the runner may hold it all).
-        yield digest, (source.relpath, index, offsets[split])
+        yield digest, (source.relpath, index, offsets[split], phash)
         offsets[split] += length
         written += 1
     finally:
@@ -190,25 +192,37 @@ class ListFolder(beam.DoFn):
 
 
 def resolve_duplicates(element, *, config: build_config.BuildConfig):
-  """(sha256 digest, (relpath, chunk, offset) of each copy) -> the dropped
-  copies as (split, chunk, offset); 'rejected' and 'findings' for
-  duplicates, conflicts and leaks. A unique file (nearly all) gives nothing:
-  it stays where it was written."""
+  """(sha256 digest, (relpath, chunk, offset, phash) of each copy) -> the
+  dropped copies as (split, chunk, offset); 'rejected' and 'findings' for
+  duplicates, conflicts and leaks. A unique file (nearly all) is not
+  dropped: it stays where it was written. With a near-duplicate search on,
+  'kept': the near_duplicates.Ref of the copy kept (one per content)."""
   digest, refs = element
   refs = {r[0]: r for r in refs}
-  if len(refs) == 1:
-    return
   sha = digest.hex()
+  search = config.near_duplicate_distance > 0
+  if len(refs) == 1:
+    if search:
+      ((relpath, chunk, offset, phash),) = refs.values()
+      split = record_split(listing_lib.source_file(relpath, config.layout),
+                           sha, config)
+      yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
+          phash, relpath, split, chunk, offset))
+    return
   sources = {p: listing_lib.source_file(p, config.layout) for p in refs}
-  _, dropped, finding = splits_lib.resolve_same_bytes(
+  kept, dropped, finding = splits_lib.resolve_same_bytes(
       sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
             for p, s in sources.items()],
       seed=config.seed, validation_fraction=config.validation_fraction,
       test_fraction=config.test_fraction)
   for d in dropped:
-    _, chunk, offset = refs[d.relpath]
+    _, chunk, offset, _ = refs[d.relpath]
     yield record_split(sources[d.relpath], sha, config), chunk, offset
     yield beam.pvalue.TaggedOutput(REJECTED, d)
+  for k in kept if search else ():
+    _, chunk, offset, phash = refs[k.relpath]
+    yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
+        phash, k.relpath, k.split, chunk, offset))
   if finding:
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 

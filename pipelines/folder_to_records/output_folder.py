@@ -50,7 +50,8 @@ def real_path(path: str) -> str:
 TFDS_FILES = ('dataset_info.json', 'features.json',
               f'{schema.LABEL}.labels.txt')
 BUILD_FILES = frozenset((metadata_lib.METADATA_FILE, metadata_lib.REPORT_FILE,
-                         metadata_lib.REJECTED_FILE, plots.SAMPLES_FILE,
+                         metadata_lib.REJECTED_FILE,
+                         metadata_lib.NEAR_DUPLICATES_FILE, plots.SAMPLES_FILE,
                          *TFDS_FILES))
 # Folders a trainer keeps in its --model_dir (trainer.config; a test checks
 # the names): only to word the refusal of a training run.

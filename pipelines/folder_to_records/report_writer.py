@@ -12,6 +12,7 @@ from apache_beam.io.filesystems import FileSystems
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
 from tfrecords_schema import metadata as metadata_lib
@@ -20,7 +21,8 @@ from tfrecords_schema import report as report_lib
 
 def finalize(_, listed: tuple[int, int], *,
              config: build_config.BuildConfig, tmp_dir: str, shards: list,
-             stats, findings, warnings, rejected, times) -> None:
+             stats, findings, warnings, rejected, times, near_pairs=(),
+             near_capped=()) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
   `rejected` is an iterable side input, written to rejected.jsonl as it is
@@ -51,8 +53,12 @@ def finalize(_, listed: tuple[int, int], *,
                           compression_type=file_io.RAW) as f:
     for d in rejected:  # Streamed: one line at a time.
       outcomes[d.outcome] += 1
-      f.write((json.dumps({'path': d.relpath, 'reason': d.reason,
-                           'outcome': d.outcome}) + '\n').encode())
+      line = {'path': d.relpath, 'reason': d.reason, 'outcome': d.outcome}
+      if d.near is not None:
+        line.update(near=d.near, distance=d.distance)
+      f.write((json.dumps(line) + '\n').encode())
+  near = _write_near_pairs(tmp_dir, near_pairs, near_capped, config=config,
+                           left_out=outcomes[near_duplicates.NEAR_LEAK])
   written = sum(s.num_examples for s in shards)
   not_written = sum(outcomes.values())
   counts = {'seen': num_seen, 'written': written,
@@ -89,6 +95,7 @@ def finalize(_, listed: tuple[int, int], *,
       duplicates=tuple(by_kind[splits_lib.DUPLICATE]),
       conflicts=tuple(by_kind[splits_lib.LABEL_CONFLICT]),
       leaks=tuple(by_kind[splits_lib.LEAK]),
+      near_duplicates=near,
       warnings=tuple(report_lib.FileWarning(**w) for w in sorted(
           warnings, key=lambda w: w['path'])),
       classes_without_examples=splits_lib.classes_without_examples(
@@ -101,3 +108,27 @@ def finalize(_, listed: tuple[int, int], *,
   file_io.write_bytes(posixpath.join(tmp_dir, report_lib.REPORT_FILE),
                       report.to_json().encode())
   file_io.log(f'finalized: {written} written, {not_written} not written')
+
+
+def _write_near_pairs(tmp_dir: str, pairs, capped, *,
+                      config: build_config.BuildConfig, left_out: int
+                      ) -> report_lib.NearDuplicates:
+  """Streams near_duplicates.jsonl (one pair a line, as the search found
+  them) and returns the report's counts."""
+  kinds = collections.Counter()
+  conflicts = 0
+  with FileSystems.create(
+      posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
+      compression_type=file_io.RAW) as f:
+    for pair in pairs:
+      kinds[pair['kind']] += 1
+      conflicts += pair['label_conflict']
+      f.write((json.dumps(pair) + '\n').encode())
+  return report_lib.NearDuplicates(
+      distance=config.near_duplicate_distance, pairs=sum(kinds.values()),
+      leaks=kinds[near_duplicates.LEAK], left_out=left_out,
+      within_split=kinds[near_duplicates.WITHIN_SPLIT],
+      across_evaluation_splits=kinds[near_duplicates.ACROSS_EVALUATION],
+      label_conflicts=conflicts,
+      capped_groups=tuple(report_lib.CappedGroup(**c) for c in sorted(
+          capped, key=lambda c: (c['band'], c['example']))))

@@ -15,6 +15,7 @@ from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import listing as listing_lib
+from pipelines.folder_to_records import near_duplicates
 from pipelines.preprocessing import source_image
 from tfrecords_schema import schema
 
@@ -43,6 +44,7 @@ class BuildSettings:
   max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
   overwrite: bool = False
   allow_missing_eval_classes: bool = False
+  near_duplicate_distance: int = near_duplicates.DEFAULT_DISTANCE
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 
@@ -96,6 +98,10 @@ def make_config(settings: BuildSettings, *, input_dir: str,
                'pass a positive size in MB, e.g. 64')
   check_range('max_image_pixels', max_image_pixels, 1, 1 << 40,
                f'pass a positive pixel count (default {source_image.DEFAULT_MAX_PIXELS})')
+  check_range('near_duplicate_distance', s.near_duplicate_distance, 0,
+              near_duplicates.MAX_DISTANCE,
+              f'pass 0 (no search) to {near_duplicates.MAX_DISTANCE} bits '
+              f'(default {near_duplicates.DEFAULT_DISTANCE})')
   name = dataset_name or default_dataset_name(input_dir)
   if not _NAME_RE.match(name):
     raise UserError(f'--dataset_name={name} must be lower_snake_case '
@@ -110,7 +116,8 @@ def make_config(settings: BuildSettings, *, input_dir: str,
           max_file_bytes=int(max_file_bytes)),
       validation_fraction=float(validation_fraction),
       test_fraction=float(test_fraction), seed=int(seed),
-      shard_size_bytes=int(shard_size_mb * (1 << 20)))
+      shard_size_bytes=int(shard_size_mb * (1 << 20)),
+      near_duplicate_distance=int(s.near_duplicate_distance))
 
 
 # Settings a pre-split --input_dir (train/, validation/, test/) makes moot.

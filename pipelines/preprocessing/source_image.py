@@ -28,6 +28,7 @@ import simplejpeg
 
 from pipelines.common import paths
 from pipelines.preprocessing import image_formats
+from pipelines.preprocessing import perceptual_hash
 from pipelines.preprocessing import resize_modes
 from tfrecords_schema import files
 
@@ -94,6 +95,8 @@ class ProcessedImage:
   pixel_sumsq: np.ndarray
   num_pixels: int
   warning: Optional[str] = None
+  # 64-bit perceptual hash of the decoded image (before resizing).
+  phash: int = 0
 
 
 def _reject_header(header: bytes, extension: str) -> None:
@@ -434,6 +437,7 @@ def process(data: bytes, *, extension: str,
                       data=data)
   image = to_8bit(image, channels=options.channels,
                   background=options.background)
+  phash = perceptual_hash.phash(image)
   image = resize(image, height=options.height, width=options.width,
                  mode=options.resize_mode)
   pixel_sum, pixel_sumsq, num_pixels = channel_sums(image)
@@ -446,4 +450,5 @@ def process(data: bytes, *, extension: str,
       pixel_sumsq=pixel_sumsq,
       num_pixels=num_pixels,
       warning=warning,
+      phash=phash,
   )

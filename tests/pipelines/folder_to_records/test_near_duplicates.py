@@ -1,0 +1,208 @@
+"""Near-duplicates: found by band groups exactly as by all pairs, and the
+build's rules on real photos (evaluation copies of train images left out,
+the rest reported, counts that reconcile)."""
+
+import io
+import itertools
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL import ImageEnhance
+
+from pipelines.common.errors import UserError
+from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import near_duplicates as nd
+from tests import helpers
+from tfrecords_schema import metadata
+
+LEFT_OUT = nd.NEAR_LEAK
+
+
+def _search(refs, distance, cap=nd.MAX_GROUP):
+  """The band search run in plain Python: pairs {(path, path): d}, capped."""
+  masks = nd.band_masks(distance)
+  groups = {}
+  for ref in refs:
+    for key, value in nd.band_keys(ref, masks=masks):
+      groups.setdefault(key, []).append(value)
+  pairs, capped = {}, []
+  for key in sorted(groups):
+    for out in nd.group_pairs((key, groups[key]), distance=distance,
+                              masks=masks, cap=cap):
+      if isinstance(out, tuple):
+        a, b, d = out
+        pair = tuple(sorted((a.relpath, b.relpath)))
+        assert pair not in pairs, f'{pair} came out twice'
+        pairs[pair] = d
+      else:
+        capped.append(out.value)
+  return pairs, capped
+
+
+def _brute_force(refs, distance):
+  return {tuple(sorted((a.relpath, b.relpath))): (a.phash ^ b.phash).bit_count()
+          for a, b in itertools.combinations(refs, 2)
+          if (a.phash ^ b.phash).bit_count() <= distance}
+
+
+@pytest.mark.parametrize('distance', [1, 4, 8, 13])
+def test_band_groups_find_exactly_the_pairs_all_pairs_would(distance):
+  masks = nd.band_masks(distance)
+  assert len(masks) == distance + 1
+  assert sum(masks) == (1 << nd.HASH_BITS) - 1  # Disjoint, every bit.
+  rng = np.random.default_rng(distance)
+  refs = []
+  for i in range(300):  # Clusters of hashes a few random bits apart.
+    base = int(rng.integers(0, 1 << 63)) * 2 + int(rng.integers(0, 2))
+    for j in range(3):
+      flips = rng.choice(64, size=int(rng.integers(0, distance + 4)),
+                         replace=False)
+      h = base ^ sum(1 << int(b) for b in flips) if j else base
+      refs.append(nd.Ref(h, f'c{i}/{j}.jpg', 'train', 0, len(refs)))
+  pairs, capped = _search(refs, distance)
+  assert pairs == _brute_force(refs, distance) and not capped
+  assert len(pairs) > 100
+
+
+def test_a_huge_group_is_capped_and_reported():
+  # 50 blank images share one hash: compared among the first 8 by path.
+  refs = [nd.Ref(0, f'blank/{i:02d}.png', 'train', 0, i) for i in range(50)]
+  pairs, capped = _search(refs, 4, cap=8)
+  assert len(pairs) == 8 * 7 // 2
+  assert all(int(p[1][6:8]) < 8 for p in pairs)
+  assert capped[0] == {'band': 0, 'members': 50, 'compared': 8,
+                       'example': 'blank/00.png'}
+
+
+def _jpeg(image: Image.Image, quality: int = 90) -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, format='JPEG', quality=quality)
+  return buffer.getvalue()
+
+
+def _photo(name: str, box=None) -> Image.Image:
+  image = Image.fromarray(helpers.photo(name))
+  return image.crop(box) if box else image
+
+
+def _cropped(image: Image.Image, fraction: float) -> Image.Image:
+  w, h = image.size
+  dx, dy = int(w * fraction), int(h * fraction)
+  return image.crop((dx, dy, w - dx, h - dy))
+
+
+@pytest.fixture(scope='module')
+def planted(tmp_path_factory):
+  """A pre-split folder of real photos with planted near-duplicates; the
+  build's outputs."""
+  root = tmp_path_factory.mktemp('near')
+  images = root / 'images'
+  astronaut = _photo('astronaut')
+  files = {
+      # A resized, re-encoded copy of a train photo in validation: a leak.
+      'train/cat/chelsea.jpg': _jpeg(_photo('chelsea')),
+      'validation/cat/chelsea_small.jpg': _jpeg(
+          _photo('chelsea').resize((226, 150)), 60),
+      # A brightened, lightly cropped copy in test: a leak too.
+      'train/cup/coffee.png': _photo('coffee'),
+      'test/cup/coffee_edit.jpg': _jpeg(ImageEnhance.Brightness(
+          _cropped(_photo('coffee'), 0.03)).enhance(1.2), 80),
+      # Two copies inside train: reported only.
+      'train/cup/rocket.jpg': _jpeg(_photo('rocket')),
+      'train/cup/rocket_again.jpg': _jpeg(_photo('rocket'), 50),
+      # Across classes: a possible label conflict, reported.
+      'train/cat/astronaut.jpg': _jpeg(astronaut),
+      'train/cup/astronaut_copy.jpg': _jpeg(astronaut.resize((400, 400)), 70),
+      # Validation against test: reported, nothing removed.
+      'validation/cup/camera.png': _photo('camera'),
+      'test/cup/camera_small.jpg': _jpeg(_photo('camera').resize((300, 300))),
+      # Different photos and different parts of one photo: no pair.
+      'validation/cat/astronaut_face.png': astronaut.crop((150, 0, 406, 256)),
+      'test/cat/astronaut_hand.png': astronaut.crop((0, 256, 256, 512)),
+      'validation/cat/hubble.png': _photo('hubble_deep_field'),
+      'test/cat/immuno.png': _photo('immunohistochemistry'),
+  }
+  for relpath, content in files.items():
+    if isinstance(content, Image.Image):
+      helpers.save(images / relpath, content)
+    else:
+      helpers.write(images / relpath, content)
+  reports = {}
+  for distance in (nd.DEFAULT_DISTANCE, 0):
+    reports[distance] = builder.build(
+        input_dir=str(images), output_dir=str(root / f'd{distance}'),
+        image_size='32', quiet=True, samples=False,
+        near_duplicate_distance=distance)
+  return root, reports
+
+
+def _lines(path: pathlib.Path) -> list:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_planted_pairs_are_found_and_no_other(planted):
+  root, _ = planted
+  pairs = {tuple(p['paths'][::1] if p['paths'][0] < p['paths'][1]
+                 else p['paths'][::-1]): p
+           for p in _lines(root / 'd8' / metadata.NEAR_DUPLICATES_FILE)}
+  kinds = {k: v['kind'] for k, v in pairs.items()}
+  assert kinds == {
+      ('train/cat/chelsea.jpg', 'validation/cat/chelsea_small.jpg'): nd.LEAK,
+      ('test/cup/coffee_edit.jpg', 'train/cup/coffee.png'): nd.LEAK,
+      ('train/cup/rocket.jpg', 'train/cup/rocket_again.jpg'): nd.WITHIN_SPLIT,
+      ('train/cat/astronaut.jpg', 'train/cup/astronaut_copy.jpg'):
+          nd.WITHIN_SPLIT,
+      ('test/cup/camera_small.jpg', 'validation/cup/camera.png'):
+          nd.ACROSS_EVALUATION,
+  }
+  conflicts = [k for k, v in pairs.items() if v['label_conflict']]
+  assert conflicts == [('train/cat/astronaut.jpg',
+                        'train/cup/astronaut_copy.jpg')]
+  assert all(0 <= p['distance'] <= nd.DEFAULT_DISTANCE
+             for p in pairs.values())
+
+
+def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
+  root, reports = planted
+  report = reports[nd.DEFAULT_DISTANCE]
+  rejected = {r['path']: r for r in _lines(root / 'd8' /
+                                           metadata.REJECTED_FILE)}
+  assert set(rejected) == {'validation/cat/chelsea_small.jpg',
+                           'test/cup/coffee_edit.jpg'}
+  line = rejected['validation/cat/chelsea_small.jpg']
+  assert line['outcome'] == LEFT_OUT and line['near'] == 'train/cat/chelsea.jpg'
+  assert str(line['distance']) in line['reason']
+  counts = report['counts']
+  assert counts == {'seen': 14, 'written': 12, LEFT_OUT: 2}
+  assert report['splits']['validation']['total'] == 3
+  assert report['splits']['test']['total'] == 3
+  assert report['near_duplicates'] == {
+      'distance': nd.DEFAULT_DISTANCE, 'pairs': 5, 'leaks': 2, 'left_out': 2,
+      'within_split': 2, 'across_evaluation_splits': 1, 'label_conflicts': 1,
+      'capped_groups': []}
+  # The shards hold neither, and the report on disk says the same.
+  names = helpers.written_filenames(root / 'd8')
+  assert len(names) == 12 and not names & set(rejected)
+  on_disk = json.loads((root / 'd8' / metadata.REPORT_FILE).read_text())
+  assert on_disk['near_duplicates'] == report['near_duplicates']
+
+
+def test_distance_0_searches_nothing(planted):
+  root, reports = planted
+  assert reports[0]['counts'] == {'seen': 14, 'written': 14}
+  assert reports[0]['near_duplicates']['distance'] == 0
+  assert (root / 'd0' / metadata.NEAR_DUPLICATES_FILE).read_text() == ''
+
+
+@pytest.mark.parametrize('value', [-1, nd.MAX_DISTANCE + 1])
+def test_a_distance_out_of_range_is_one_line(tmp_path, value):
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=1)
+  with pytest.raises(UserError) as raised:
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  near_duplicate_distance=value, quiet=True)
+  assert f'--near_duplicate_distance={value}' in str(raised.value)
+  assert not (tmp_path / 'out').exists()

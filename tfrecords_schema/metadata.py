@@ -29,6 +29,8 @@ REPORT_FILE = 'build_report.json'
 REJECTED_FILE = 'rejected.jsonl'
 # Every near-duplicate pair the build found, one JSON object a line.
 NEAR_DUPLICATES_FILE = 'near_duplicates.jsonl'
+# One line per decoded file: its split, hashes and quality measures.
+IMAGES_FILE = 'images.jsonl'
 TOOLKIT_MARKER = 'image-folder-tfrecords'
 # metadata.json holds one entry per shard and per class: far below this.
 MAX_METADATA_BYTES = 64 << 20

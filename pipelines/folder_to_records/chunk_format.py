@@ -70,6 +70,25 @@ def index_path(tmp_dir: str, index: int, split: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.index')
 
 
+_IMAGES_SUFFIX = '.images.jsonl'
+
+
+def images_path(tmp_dir: str, index: int) -> str:
+  """The chunk's lines of images.jsonl (one per decoded file)."""
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}{_IMAGES_SUFFIX}')
+
+
+def images_pattern(tmp_dir: str) -> str:
+  """A glob of every chunk's images lines (names sort in chunk order)."""
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'*{_IMAGES_SUFFIX}')
+
+
+def image_line(relpath: str, split: str, sha256: str, phash: int) -> str:
+  """A file's line of images.jsonl: what the build measured of it."""
+  return json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
+                     'phash': f'{phash:016x}'})
+
+
 def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
   """The chunk of a file: its seeded order key cut into num_chunks ranges."""
   return min(num_chunks - 1, int(splits_lib.order_key(

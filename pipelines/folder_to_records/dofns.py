@@ -108,6 +108,7 @@ class WriteChunk(beam.DoFn):
       reads = file_io.read_ahead(self._reader, self._read, relpaths,
                                  depth=file_io.READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
+    image_lines = []
     try:
       for source in files:
         try:
@@ -135,6 +136,8 @@ class WriteChunk(beam.DoFn):
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
         phash = processed.phash
+        image_lines.append(chunk_format.image_line(source.relpath, split, sha,
+                                                   phash))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(
@@ -158,6 +161,9 @@ class WriteChunk(beam.DoFn):
     for split, entries in indexes.items():
       file_io.write_bytes(chunk_format.index_path(self._tmp_dir, index, split),
                           chunk_format.index_file(entries))
+    if image_lines:
+      file_io.write_bytes(chunk_format.images_path(self._tmp_dir, index),
+                          ''.join(f'{line}\n' for line in image_lines).encode())
     file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):

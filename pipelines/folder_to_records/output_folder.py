@@ -51,7 +51,8 @@ TFDS_FILES = ('dataset_info.json', 'features.json',
               f'{schema.LABEL}.labels.txt')
 BUILD_FILES = frozenset((metadata_lib.METADATA_FILE, metadata_lib.REPORT_FILE,
                          metadata_lib.REJECTED_FILE,
-                         metadata_lib.NEAR_DUPLICATES_FILE, plots.SAMPLES_FILE,
+                         metadata_lib.NEAR_DUPLICATES_FILE,
+                         metadata_lib.IMAGES_FILE, plots.SAMPLES_FILE,
                          *TFDS_FILES))
 # Folders a trainer keeps in its --model_dir (trainer.config; a test checks
 # the names): only to word the refusal of a training run.

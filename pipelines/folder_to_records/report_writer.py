@@ -10,6 +10,7 @@ import posixpath
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.folder_to_records import build_config
+from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
@@ -57,6 +58,7 @@ def finalize(_, listed: tuple[int, int], *,
       if d.near is not None:
         line.update(near=d.near, distance=d.distance)
       f.write((json.dumps(line) + '\n').encode())
+  _join_image_lines(tmp_dir)
   near = _write_near_pairs(tmp_dir, near_pairs, near_capped, config=config,
                            left_out=outcomes[near_duplicates.NEAR_LEAK])
   written = sum(s.num_examples for s in shards)
@@ -132,3 +134,15 @@ def _write_near_pairs(tmp_dir: str, pairs, capped, *,
       label_conflicts=conflicts,
       capped_groups=tuple(report_lib.CappedGroup(**c) for c in sorted(
           capped, key=lambda c: (c['band'], c['example']))))
+
+
+def _join_image_lines(tmp_dir: str) -> None:
+  """images.jsonl: the chunks' lines, chunk after chunk (deterministic)."""
+  found = sorted(m.path for m in FileSystems.match(
+      [chunk_format.images_pattern(tmp_dir)])[0].metadata_list)
+  with FileSystems.create(posixpath.join(tmp_dir, metadata_lib.IMAGES_FILE),
+                          compression_type=file_io.RAW) as out:
+    for path in found:
+      with FileSystems.open(path, compression_type=file_io.RAW) as f:
+        while block := f.read(1 << 20):
+          out.write(block)

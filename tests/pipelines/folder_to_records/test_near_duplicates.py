@@ -206,3 +206,15 @@ def test_a_distance_out_of_range_is_one_line(tmp_path, value):
                   near_duplicate_distance=value, quiet=True)
   assert f'--near_duplicate_distance={value}' in str(raised.value)
   assert not (tmp_path / 'out').exists()
+
+
+def test_images_jsonl_holds_every_file_and_its_hash(planted):
+  root, _ = planted
+  lines = {line['path']: line for line in _lines(root / 'd8' /
+                                                 metadata.IMAGES_FILE)}
+  assert len(lines) == 14
+  for path, line in lines.items():
+    assert line['split'] == path.split('/')[0] and len(line['phash']) == 16
+  for pair in _lines(root / 'd8' / metadata.NEAR_DUPLICATES_FILE):
+    a, b = (int(lines[p]['phash'], 16) for p in pair['paths'])
+    assert (a ^ b).bit_count() == pair['distance']

@@ -11,7 +11,7 @@ is WORKING_SIDE, with a box (area-average) filter:
   * JPEG DCT scaling is itself close to an area average, and box shrinks
     compose, so an image decoded at full, 1/2 or 1/4 scale (>= WORKING_SIDE)
     yields nearly the same working copy and sharpness (within 15% on the
-    photos of benchmarks/results/quality_flags.md, most within 3%). 256
+    photos of benchmarks/results/quality_flags.md, most within 3.5%). 256
     would see finer blur but would have to enlarge a 1/4-scale decode of a
     512 px photo, and enlarging invents blur; 96 or 112 separate blurred
     from ordinary images less well.

@@ -45,6 +45,7 @@ from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-positio
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.preprocessing import resize_modes  # pylint: disable=g-import-not-at-top,wrong-import-position
 from pipelines.common.errors import UserError  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -99,6 +100,9 @@ flags.DEFINE_integer(
     'are near-duplicates (resized, re-encoded, lightly cropped or '
     'brightened copies): one in validation/test of a train image is left '
     'out; others are reported (near_duplicates.jsonl). 0: no search.')
+flags.DEFINE_string(
+    'quality_thresholds', _D['quality_thresholds'],
+    image_quality.flag_help())
 FLAGS = flags.FLAGS
 
 

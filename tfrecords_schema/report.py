@@ -135,6 +135,8 @@ class BuildReport:
   conflicts: tuple[Finding, ...] = _given(tuple)
   leaks: tuple[Finding, ...] = _given(tuple)
   near_duplicates: NearDuplicates = _given(NearDuplicates)
+  quality_flags: dict[str, int] = _given(dict)
+  quality_thresholds: dict[str, Optional[float]] = _given(dict)
   warnings: tuple[FileWarning, ...] = _given(tuple)
   classes_without_examples: dict[str, list[str]] = _given(dict)
   write_stage_s: float = _given(float)

@@ -92,6 +92,7 @@ from pipelines.folder_to_records.chunk_format import num_chunks
 from pipelines.folder_to_records.dofns import ConcatShard
 from pipelines.folder_to_records.dofns import COUNTS
 from pipelines.folder_to_records.dofns import FINDINGS
+from pipelines.folder_to_records.dofns import FLAGGED
 from pipelines.folder_to_records.dofns import IGNORED
 from pipelines.folder_to_records.dofns import KEPT
 from pipelines.folder_to_records.dofns import ListFolder
@@ -164,7 +165,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           lambda p, c: (chunk_of(p, num_chunks(c[0]), seed=seed), p), counts)
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
-          REJECTED, TOTALS, TIMES, main='records'))
+          REJECTED, TOTALS, TIMES, FLAGGED, main='records'))
   layouts = (_combine(written[TOTALS], 'AllTotals',
                       beam.combiners.ToListCombineFn())
              | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
@@ -208,7 +209,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           rejected=beam.pvalue.AsIter(rejected),
           near_pairs=beam.pvalue.AsIter(near_lines),
           near_capped=beam.pvalue.AsIter(near_capped),
-          times=beam.pvalue.AsIter(written[TIMES])))
+          times=beam.pvalue.AsIter(written[TIMES]),
+          flagged=beam.pvalue.AsIter(written[FLAGGED])))
 
 
 def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,

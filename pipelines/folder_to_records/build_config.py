@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import source_image
 
 
@@ -20,3 +21,4 @@ class BuildConfig:
   seed: int
   shard_size_bytes: int
   near_duplicate_distance: int = 0  # 0: no near-duplicate search.
+  quality: image_quality.Thresholds = image_quality.Thresholds()

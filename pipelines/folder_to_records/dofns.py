@@ -26,14 +26,15 @@ from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import shard_math
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
+from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import source_image
 from tfrecords_schema import schema
 
 
 # Tagged outputs.
-REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES, KEPT = (
-    'rejected', 'ignored', 'counts', 'findings', 'totals', 'sums', 'warnings',
-    'times', 'kept')
+(REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES, KEPT,
+ FLAGGED) = ('rejected', 'ignored', 'counts', 'findings', 'totals', 'sums',
+            'warnings', 'times', 'kept', 'flagged')
 
 
 def record_split(source: listing_lib.SourceFile, sha256: str,
@@ -108,7 +109,7 @@ class WriteChunk(beam.DoFn):
       reads = file_io.read_ahead(self._reader, self._read, relpaths,
                                  depth=file_io.READ_AHEAD)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
-    image_lines = []
+    image_lines, flag_counts = [], collections.Counter()
     try:
       for source in files:
         try:
@@ -136,8 +137,11 @@ class WriteChunk(beam.DoFn):
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
         phash = processed.phash
-        image_lines.append(chunk_format.image_line(source.relpath, split, sha,
-                                                   phash))
+        flags = image_quality.flags(processed.quality, config.quality)
+        flag_counts.update(flags)
+        image_lines.append(chunk_format.image_line(
+            source.relpath, split, sha, phash, flags,
+            processed.quality.as_dict()))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(
@@ -168,6 +172,8 @@ class WriteChunk(beam.DoFn):
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
       yield beam.pvalue.TaggedOutput(TOTALS, (split, index, num_bytes))
+    if flag_counts:
+      yield beam.pvalue.TaggedOutput(FLAGGED, dict(flag_counts))
     yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
 
 

@@ -23,7 +23,7 @@ from tfrecords_schema import report as report_lib
 def finalize(_, listed: tuple[int, int], *,
              config: build_config.BuildConfig, tmp_dir: str, shards: list,
              stats, findings, warnings, rejected, times, near_pairs=(),
-             near_capped=()) -> None:
+             near_capped=(), flagged=()) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
   `rejected` is an iterable side input, written to rejected.jsonl as it is
@@ -98,6 +98,10 @@ def finalize(_, listed: tuple[int, int], *,
       conflicts=tuple(by_kind[splits_lib.LABEL_CONFLICT]),
       leaks=tuple(by_kind[splits_lib.LEAK]),
       near_duplicates=near,
+      quality_flags=dict(sorted(sum(
+          (collections.Counter(c) for c in flagged), collections.Counter()
+      ).items())),
+      quality_thresholds=dataclasses.asdict(config.quality),
       warnings=tuple(report_lib.FileWarning(**w) for w in sorted(
           warnings, key=lambda w: w['path'])),
       classes_without_examples=splits_lib.classes_without_examples(

@@ -16,6 +16,7 @@ from pipelines.common.errors import UserError
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
+from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import source_image
 from tfrecords_schema import schema
 
@@ -45,6 +46,7 @@ class BuildSettings:
   overwrite: bool = False
   allow_missing_eval_classes: bool = False
   near_duplicate_distance: int = near_duplicates.DEFAULT_DISTANCE
+  quality_thresholds: str = ''  # image_quality.parse: '' = the defaults.
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 
@@ -102,6 +104,11 @@ def make_config(settings: BuildSettings, *, input_dir: str,
               near_duplicates.MAX_DISTANCE,
               f'pass 0 (no search) to {near_duplicates.MAX_DISTANCE} bits '
               f'(default {near_duplicates.DEFAULT_DISTANCE})')
+  try:
+    quality = image_quality.parse(s.quality_thresholds)
+  except ValueError as e:
+    raise UserError(f'--quality_thresholds={s.quality_thresholds}: {e}'
+                    ) from None
   name = dataset_name or default_dataset_name(input_dir)
   if not _NAME_RE.match(name):
     raise UserError(f'--dataset_name={name} must be lower_snake_case '
@@ -117,7 +124,8 @@ def make_config(settings: BuildSettings, *, input_dir: str,
       validation_fraction=float(validation_fraction),
       test_fraction=float(test_fraction), seed=int(seed),
       shard_size_bytes=int(shard_size_mb * (1 << 20)),
-      near_duplicate_distance=int(s.near_duplicate_distance))
+      near_duplicate_distance=int(s.near_duplicate_distance),
+      quality=quality)
 
 
 # Settings a pre-split --input_dir (train/, validation/, test/) makes moot.

@@ -134,6 +134,32 @@ def _class_rows(split: str, per_class: Mapping[str, int], width: int,
           [row(name, n) for name, n in ranked[-_SUMMARY_EDGE:]])
 
 
+def _found_lines(report: report_lib.BuildReport) -> list[str]:
+  """What the build found and reported without removing: near-duplicates
+  and image-quality flags (a line each, only when there are some)."""
+  out = report.output_dir
+  lines = []
+  near = report.near_duplicates
+  if near.pairs or near.capped_groups:
+    parts = [f'{n} {what}' for n, what in (
+        (near.left_out, 'left out of validation/test (copies of train '
+         'images)'),
+        (near.within_split, 'pairs within a split'),
+        (near.across_evaluation_splits, 'validation/test pairs'),
+        (near.label_conflicts, 'pairs across classes (check their labels)'),
+        (len(near.capped_groups), 'groups too large to compare whole'))
+             if n]
+    lines.append(f'near-duplicates (perceptual hash within {near.distance} '
+                 f'bits): {", ".join(parts)}; every pair: '
+                 f'{out}/{metadata_lib.NEAR_DUPLICATES_FILE}')
+  if report.quality_flags:
+    counts = ', '.join(f'{flag} {n}' for flag, n in report.quality_flags.items())
+    lines.append(f'quality flags (reported, not removed; tune with '
+                 f'--quality_thresholds): {counts}; per file: '
+                 f'{out}/{metadata_lib.IMAGES_FILE}')
+  return lines
+
+
 def format_summary(report: report_lib.BuildReport | Mapping) -> str:
   """The end-of-build table: per split/class counts, rejects, speed, bytes.
 
@@ -184,6 +210,7 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
                f'not written {not_written}' + (':' if not_written else ''))
   for key, value in report.not_written.items():
     lines.append(f'  {key:<36}{value:>8}')
+  lines.extend(_found_lines(report))
   lines.append(f'{report.images_per_s} images/s over '
                f'{report.elapsed_s} s, {report.bytes_written / 1e6:.1f} '
                'MB written')

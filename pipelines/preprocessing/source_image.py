@@ -28,6 +28,7 @@ import simplejpeg
 
 from pipelines.common import paths
 from pipelines.preprocessing import image_formats
+from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import perceptual_hash
 from pipelines.preprocessing import resize_modes
 from tfrecords_schema import files
@@ -97,6 +98,8 @@ class ProcessedImage:
   warning: Optional[str] = None
   # 64-bit perceptual hash of the decoded image (before resizing).
   phash: int = 0
+  # Quality measures of the decoded image (image_quality.Measures).
+  quality: Optional[image_quality.Measures] = None
 
 
 def _reject_header(header: bytes, extension: str) -> None:
@@ -438,6 +441,9 @@ def process(data: bytes, *, extension: str,
   image = to_8bit(image, channels=options.channels,
                   background=options.background)
   phash = perceptual_hash.phash(image)
+  quality = image_quality.measure(
+      image, original_size=(original_height, original_width),
+      channels=options.channels)
   image = resize(image, height=options.height, width=options.width,
                  mode=options.resize_mode)
   pixel_sum, pixel_sumsq, num_pixels = channel_sums(image)
@@ -451,4 +457,5 @@ def process(data: bytes, *, extension: str,
       num_pixels=num_pixels,
       warning=warning,
       phash=phash,
+      quality=quality,
   )

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from PIL import ImageEnhance
+from PIL import ImageFilter
 
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import builder
@@ -88,6 +89,14 @@ def _photo(name: str, box=None) -> Image.Image:
   return image.crop(box) if box else image
 
 
+def _sample(name: str) -> Image.Image:
+  """scikit-learn's sample photo `name` (china or flower)."""
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  sample = load_sample_images()
+  return Image.fromarray(sample.images[[pathlib.Path(f).stem for f in
+                                        sample.filenames].index(name)])
+
+
 def _cropped(image: Image.Image, fraction: float) -> Image.Image:
   w, h = image.size
   dx, dy = int(w * fraction), int(h * fraction)
@@ -124,6 +133,15 @@ def planted(tmp_path_factory):
       'test/cat/astronaut_hand.png': astronaut.crop((0, 256, 256, 512)),
       'validation/cat/hubble.png': _photo('hubble_deep_field'),
       'test/cat/immuno.png': _photo('immunohistochemistry'),
+      # Quality flags, each planted once (PNG: decoded at full size).
+      'train/cup/china_blurred.png': _sample('china').filter(
+          ImageFilter.GaussianBlur(4)),
+      'train/cat/flower_dark.png': Image.fromarray(
+          (np.asarray(_sample('flower')) * 0.15).astype(np.uint8)),
+      'train/cup/flat.png': Image.fromarray((np.full(
+          (64, 64, 3), (120, 130, 140)) + np.random.default_rng(0).integers(
+              0, 2, (64, 64, 3))).astype(np.uint8)),
+      'train/cat/retina_tiny.png': _photo('retina', (700, 700, 724, 724)),
   }
   for relpath, content in files.items():
     if isinstance(content, Image.Image):
@@ -176,7 +194,7 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
   assert line['outcome'] == LEFT_OUT and line['near'] == 'train/cat/chelsea.jpg'
   assert str(line['distance']) in line['reason']
   counts = report['counts']
-  assert counts == {'seen': 14, 'written': 12, LEFT_OUT: 2}
+  assert counts == {'seen': 18, 'written': 16, LEFT_OUT: 2}
   assert report['splits']['validation']['total'] == 3
   assert report['splits']['test']['total'] == 3
   assert report['near_duplicates'] == {
@@ -185,14 +203,14 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
       'capped_groups': []}
   # The shards hold neither, and the report on disk says the same.
   names = helpers.written_filenames(root / 'd8')
-  assert len(names) == 12 and not names & set(rejected)
+  assert len(names) == 16 and not names & set(rejected)
   on_disk = json.loads((root / 'd8' / metadata.REPORT_FILE).read_text())
   assert on_disk['near_duplicates'] == report['near_duplicates']
 
 
 def test_distance_0_searches_nothing(planted):
   root, reports = planted
-  assert reports[0]['counts'] == {'seen': 14, 'written': 14}
+  assert reports[0]['counts'] == {'seen': 18, 'written': 18}
   assert reports[0]['near_duplicates']['distance'] == 0
   assert (root / 'd0' / metadata.NEAR_DUPLICATES_FILE).read_text() == ''
 
@@ -212,9 +230,40 @@ def test_images_jsonl_holds_every_file_and_its_hash(planted):
   root, _ = planted
   lines = {line['path']: line for line in _lines(root / 'd8' /
                                                  metadata.IMAGES_FILE)}
-  assert len(lines) == 14
+  assert len(lines) == 18
   for path, line in lines.items():
     assert line['split'] == path.split('/')[0] and len(line['phash']) == 16
   for pair in _lines(root / 'd8' / metadata.NEAR_DUPLICATES_FILE):
     a, b = (int(lines[p]['phash'], 16) for p in pair['paths'])
     assert (a ^ b).bit_count() == pair['distance']
+
+
+def test_quality_flags_are_reported_per_file_and_counted(planted):
+  root, reports = planted
+  flagged = {line['path']: line['flags'] for line in _lines(
+      root / 'd8' / metadata.IMAGES_FILE) if line['flags']}
+  assert flagged == {
+      'train/cup/china_blurred.png': ['blurry'],
+      'train/cat/flower_dark.png': ['dark'],
+      'train/cup/flat.png': ['low_information'],
+      'train/cat/retina_tiny.png': ['tiny'],
+      # A grey photo in a colour dataset, and its copy.
+      'validation/cup/camera.png': ['grayscale'],
+      'test/cup/camera_small.jpg': ['grayscale'],
+  }
+  report = reports[nd.DEFAULT_DISTANCE]
+  assert report['quality_flags'] == {'blurry': 1, 'dark': 1, 'grayscale': 2,
+                                     'low_information': 1, 'tiny': 1}
+  summary = builder.format_summary(report)
+  assert 'quality flags (reported, not removed' in summary
+  assert 'grayscale 2' in summary and '2 left out of validation/test' in summary
+
+
+def test_bad_quality_thresholds_are_one_line(tmp_path):
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=1)
+  with pytest.raises(UserError) as raised:
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  quality_thresholds='blury=0.1', quiet=True)
+  assert '--quality_thresholds=blury=0.1' in str(raised.value)
+  assert 'blurry' in str(raised.value) and '\n' not in str(raised.value)

@@ -100,6 +100,12 @@ flags.DEFINE_integer(
     'are near-duplicates (resized, re-encoded, lightly cropped or '
     'brightened copies): one in validation/test of a train image is left '
     'out; others are reported (near_duplicates.jsonl). 0: no search.')
+flags.DEFINE_boolean(
+    'stratified', _D['stratified'],
+    'Class-folder layout: each class gets exactly round(n x fraction) '
+    'validation/test images (for small folders). The default split hashes '
+    'each file alone, so adding files never moves one; with --stratified '
+    'adding files can move earlier ones between splits.')
 flags.DEFINE_string(
     'quality_thresholds', _D['quality_thresholds'],
     image_quality.flag_help())

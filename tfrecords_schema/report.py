@@ -126,6 +126,8 @@ class BuildReport:
   # None (null) when --input_dir was split already: they had no effect.
   validation_fraction: Optional[float] = _given(float)
   test_fraction: Optional[float] = _given(float)
+  # --stratified: exact per-class shares instead of the per-file hash.
+  stratified: bool = _given(bool)
   counts: dict[str, int] = _given(dict)
   splits: dict[str, SplitSummary] = _given(dict)
   train_mean: Optional[tuple[float, ...]] = _given(lambda: None)

@@ -74,6 +74,7 @@ from apache_beam.io.filesystems import FileSystems  # noqa: F401  # pylint: disa
 from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
+from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import runner_options
 from tfrecords_schema import metadata as metadata_lib
 # The graph's steps, one job per module, by the names the graph (and the
@@ -95,6 +96,7 @@ from pipelines.folder_to_records.dofns import FINDINGS
 from pipelines.folder_to_records.dofns import FLAGGED
 from pipelines.folder_to_records.dofns import IGNORED
 from pipelines.folder_to_records.dofns import KEPT
+from pipelines.folder_to_records.dofns import listed_path
 from pipelines.folder_to_records.dofns import ListFolder
 from pipelines.folder_to_records.dofns import record_split
 from pipelines.folder_to_records.dofns import REJECTED
@@ -159,10 +161,21 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   counts = beam.pvalue.AsSingleton(
       _combine(listed[COUNTS], 'Counts',
                beam.combiners.TupleCombineFn(sum, sum)), default_value=(0, 0))
+  files = listed.files
+  if config.stratified:  # (relpath, split): each class's files ranked.
+    files = (files
+             | 'ByClass' >> beam.Map(lambda p: (p.split('/', 1)[0], p))
+             | 'GroupClasses' >> beam.GroupByKey()
+             | 'Stratify' >> beam.FlatMap(
+                 lambda kv: splits_lib.stratify(
+                     kv[1], seed=seed,
+                     validation_fraction=config.validation_fraction,
+                     test_fraction=config.test_fraction)))
   written = (
-      listed.files
+      files
       | 'Chunk' >> beam.Map(
-          lambda p, c: (chunk_of(p, num_chunks(c[0]), seed=seed), p), counts)
+          lambda p, c: (chunk_of(listed_path(p), num_chunks(c[0]), seed=seed),
+                        p), counts)
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
           REJECTED, TOTALS, TIMES, FLAGGED, main='records'))

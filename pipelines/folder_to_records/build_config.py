@@ -22,3 +22,5 @@ class BuildConfig:
   shard_size_bytes: int
   near_duplicate_distance: int = 0  # 0: no near-duplicate search.
   quality: image_quality.Thresholds = image_quality.Thresholds()
+  # Exact per-class split shares (splits.stratify) instead of the hash.
+  stratified: bool = False

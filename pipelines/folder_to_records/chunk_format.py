@@ -70,7 +70,7 @@ def index_path(tmp_dir: str, index: int, split: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.index')
 
 
-_IMAGES_SUFFIX = '.images.jsonl'
+_IMAGES_SUFFIX = '-images.jsonl'
 
 
 def images_path(tmp_dir: str, index: int) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import bisect
 import collections
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import posixpath
@@ -35,6 +36,22 @@ from tfrecords_schema import schema
 (REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES, KEPT,
  FLAGGED) = ('rejected', 'ignored', 'counts', 'findings', 'totals', 'sums',
             'warnings', 'times', 'kept', 'flagged')
+
+
+def listed_path(element) -> str:
+  """The relpath of a listed file: the element itself, or its first item
+  when the split came with it ((relpath, split), --stratified)."""
+  return element if isinstance(element, str) else element[0]
+
+
+def listed_source(element, layout: str) -> listing_lib.SourceFile:
+  """The SourceFile of a listed file; a split that came with it
+  (--stratified) is its given split, as a split folder's would be."""
+  if isinstance(element, str):
+    return listing_lib.source_file(element, layout)
+  relpath, split = element
+  return dataclasses.replace(listing_lib.source_file(relpath, layout),
+                             given_split=split)
 
 
 def record_split(source: listing_lib.SourceFile, sha256: str,
@@ -97,8 +114,9 @@ class WriteChunk(beam.DoFn):
     start_time = time.time()
     if self._reader is None:  # Called outside Beam (tests, profiling).
       self.setup()  # Makes reader threads for remote files only.
-    files = [listing_lib.source_file(p, config.layout) for p in sorted(
-        relpaths, key=lambda p: (splits_lib.order_key(p, seed=config.seed), p))]
+    files = [listed_source(p, config.layout) for p in sorted(
+        relpaths, key=lambda p: (splits_lib.order_key(
+            listed_path(p), seed=config.seed), listed_path(p)))]
     relpaths = [f.relpath for f in files]
     if self._reader is None:  # Local files.
       reads = file_io.prefetched(self._read, lambda p: file_io.prefetch_local(
@@ -156,7 +174,8 @@ class WriteChunk(beam.DoFn):
         indexes[split].append(
             chunk_format.IndexEntry(offsets[split], length, *entry))
         # The dedupe shuffle carries only this (the runner may hold it all).
-        yield digest, (source.relpath, index, offsets[split], phash)
+        yield digest, (source.relpath, index, offsets[split], phash,
+                       source.given_split)
         offsets[split] += length
         written += 1
     finally:
@@ -215,24 +234,25 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
   search = config.near_duplicate_distance > 0
   if len(refs) == 1:
     if search:
-      ((relpath, chunk, offset, phash),) = refs.values()
-      split = record_split(listing_lib.source_file(relpath, config.layout),
+      ((relpath, chunk, offset, phash, given),) = refs.values()
+      split = record_split(listed_source((relpath, given), config.layout),
                            sha, config)
       yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
           phash, relpath, split, chunk, offset))
     return
-  sources = {p: listing_lib.source_file(p, config.layout) for p in refs}
+  sources = {p: listed_source((p, r[4]), config.layout)
+             for p, r in refs.items()}
   kept, dropped, finding = splits_lib.resolve_same_bytes(
       sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
             for p, s in sources.items()],
       seed=config.seed, validation_fraction=config.validation_fraction,
       test_fraction=config.test_fraction)
   for d in dropped:
-    _, chunk, offset, _ = refs[d.relpath]
+    _, chunk, offset, _, _ = refs[d.relpath]
     yield record_split(sources[d.relpath], sha, config), chunk, offset
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   for k in kept if search else ():
-    _, chunk, offset, phash = refs[k.relpath]
+    _, chunk, offset, phash, _ = refs[k.relpath]
     yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
         phash, k.relpath, k.split, chunk, offset))
   if finding:

@@ -83,11 +83,16 @@ def _parse_shard(name: str) -> Optional[tuple[str, str, int]]:
 
 
 def _is_chunk_file(name: str) -> bool:
-  """A file of beam_build's CHUNKS_DIR (chunk records or their index)."""
+  """A file of beam_build's CHUNKS_DIR (chunk records, their index, the
+  chunk's images lines)."""
   m = _CHUNK_RE.fullmatch(name)
-  return bool(m) and m['split'] in metadata_lib.SPLITS and name in {
-      posixpath.basename(make('', int(m['index']), m['split']))
-      for make in (chunk_format.chunk_path, chunk_format.index_path)}
+  if not m:
+    return False
+  index = int(m['index'])
+  return name == posixpath.basename(chunk_format.images_path('', index)) or (
+      m['split'] in metadata_lib.SPLITS and name in {
+          posixpath.basename(make('', index, m['split']))
+          for make in (chunk_format.chunk_path, chunk_format.index_path)})
 
 
 def _toolkit_json(path: str, name: str, max_bytes: int) -> Optional[dict]:

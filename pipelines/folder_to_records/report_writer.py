@@ -84,6 +84,7 @@ def finalize(_, listed: tuple[int, int], *,
       # None where the folders are the splits: the fractions did nothing.
       validation_fraction=None if presplit else config.validation_fraction,
       test_fraction=None if presplit else config.test_fraction,
+      stratified=config.stratified,
       counts=counts,
       splits={
           name: report_lib.SplitSummary(

@@ -47,6 +47,7 @@ class BuildSettings:
   allow_missing_eval_classes: bool = False
   near_duplicate_distance: int = near_duplicates.DEFAULT_DISTANCE
   quality_thresholds: str = ''  # image_quality.parse: '' = the defaults.
+  stratified: bool = False
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 
@@ -125,11 +126,18 @@ def make_config(settings: BuildSettings, *, input_dir: str,
       test_fraction=float(test_fraction), seed=int(seed),
       shard_size_bytes=int(shard_size_mb * (1 << 20)),
       near_duplicate_distance=int(s.near_duplicate_distance),
-      quality=quality)
+      quality=quality,
+      stratified=bool(s.stratified) and
+      listing.layout != listing_lib.SPLIT_FOLDERS_LAYOUT)
 
 
 # Settings a pre-split --input_dir (train/, validation/, test/) makes moot.
-_SPLIT_BY_HASH = ('validation_fraction', 'test_fraction')
+_SPLIT_BY_HASH = ('validation_fraction', 'test_fraction', 'stratified')
+
+
+def _shown(value) -> str:
+  """A flag value as typed: true/false, or a number without trailing zeros."""
+  return str(value).lower() if isinstance(value, bool) else f'{value:g}'
 
 
 def moot_settings(s: BuildSettings, layout: str) -> list[str]:
@@ -142,7 +150,7 @@ def moot_settings(s: BuildSettings, layout: str) -> list[str]:
   if layout != listing_lib.SPLIT_FOLDERS_LAYOUT:
     return []
   defaults = BuildSettings(input_dir='', output_dir='')
-  return [f'--{name}={getattr(s, name):g} has no effect: --input_dir is '
+  return [f'--{name}={_shown(getattr(s, name))} has no effect: --input_dir is '
           'split already (its train/, validation/ and test/ folders are the '
           'splits); drop the flag, or put the class folders directly in '
           '--input_dir to split by hash'

@@ -62,6 +62,27 @@ def order_key(relpath: str, *, seed: int) -> float:
   return _unit_hash('order', seed, relpath)
 
 
+def stratify(relpaths: Iterable[str], *, seed: int,
+             validation_fraction: float, test_fraction: float
+             ) -> list[tuple[str, str]]:
+  """(relpath, split) for one class's files, with exact shares (--stratified).
+
+  round(n * test_fraction) files go to test and round(n *
+  validation_fraction) to validation, the first in a seeded order of their
+  paths; at least one stays in train. What it gives up against
+  assign_split: adding files to a class can move earlier files between
+  splits (each file's split depends on the others).
+  """
+  ordered = sorted(relpaths, key=lambda p: (_unit_hash('stratify', seed, p), p))
+  n = len(ordered)
+  num_test = min(round(n * test_fraction), max(n - 1, 0))
+  num_validation = min(round(n * validation_fraction), n - num_test - 1)
+  num_validation = max(num_validation, 0)
+  splits = (['test'] * num_test + ['validation'] * num_validation +
+            ['train'] * (n - num_test - num_validation))
+  return list(zip(ordered, splits))
+
+
 def resolve_same_bytes(sha256: str, entries: Iterable[FileEntry], *,
                        seed: int, validation_fraction: float,
                        test_fraction: float,

@@ -198,7 +198,8 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
         f'warning: class {output_folder.shown_name(name)!r}: {got} '
         f'image{"" if got == 1 else "s"} in {split}, {expected:.1f} expected '
         f'(--{split}_fraction={fraction:g}); its {split} accuracy rests on '
-        f'too few images: add images to the class (each file\'s split comes '
+        f'too few images: add images to the class, or rebuild with '
+        '--stratified for exact per-class shares (each file\'s split comes '
         'from its own hash, so a small class\'s share varies)')
   if len(thin) > _SUMMARY_EDGE * 2:
     lines.append(f'warning: {len(thin) - _SUMMARY_EDGE * 2} more classes '

@@ -199,12 +199,14 @@ def test_split_folders_keep_splits_and_report_leaks(tmp_path, capsys):
   out = tmp_path / 'out'
   report = builder.build(input_dir=str(images), output_dir=str(out),
                          image_size='32', image_format='png', channels=1,
-                         validation_fraction=0.3, samples=False)
+                         validation_fraction=0.3, samples=False,
+                         stratified=True)
   # The folders are the splits: a fraction given is said to do nothing,
   # and the report records none.
   err = capsys.readouterr().err
   assert ('[build] --validation_fraction=0.3 has no effect: --input_dir is '
           'split already') in err and '--test_fraction' not in err
+  assert '[build] --stratified=true has no effect' in err
   saved = json.loads((out / 'build_report.json').read_text())
   assert saved['validation_fraction'] is None is saved['test_fraction']
   assert report['dataset_name'] == 'horse_or_human'
@@ -400,3 +402,9 @@ def test_a_class_thin_in_validation_is_named_with_the_fix(tmp_path, capsys):
     assert (named in out) == (got == 1), out  # 2 of 2 expected: not named.
     assert "class 'big'" not in out
     assert ('add images to the class' in out) == (got == 1)  # The fix.
+  # --stratified: exact shares per class, whatever the seed.
+  report = builder.build(input_dir=str(images), output_dir=str(tmp_path / 's'),
+                         image_size='8', validation_fraction=0.5,
+                         seed=seeds[1], samples=False, stratified=True)
+  assert report['splits']['validation']['per_class'] == {'big': 10, 'small': 2}
+  assert report['stratified'] and 'warning' not in capsys.readouterr().out

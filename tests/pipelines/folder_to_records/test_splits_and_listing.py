@@ -34,6 +34,23 @@ def _entry(path, cls, split=None, sha='s'):
   return splits.FileEntry(path, cls, split, sha)
 
 
+@pytest.mark.parametrize('n', [1, 2, 3, 7, 36, 101])
+def test_stratify_gives_exact_shares_in_any_input_order(n):
+  paths = [f'c/{i:03d}.jpg' for i in range(n)]
+  kwargs = dict(seed=5, validation_fraction=0.2, test_fraction=0.1)
+  assigned = dict(splits.stratify(paths, **kwargs))
+  assert dict(splits.stratify(paths[::-1], **kwargs)) == assigned
+  counts = {s: list(assigned.values()).count(s)
+            for s in ('train', 'validation', 'test')}
+  want_test = min(round(n * 0.1), n - 1)
+  assert counts['test'] == want_test
+  assert counts['validation'] == max(0, min(round(n * 0.2), n - want_test - 1))
+  assert counts['train'] >= 1
+  # Another seed picks other files.
+  if n >= 36:
+    assert dict(splits.stratify(paths, **{**kwargs, 'seed': 6})) != assigned
+
+
 def test_duplicates_in_a_class_are_written_once():
   kept, dropped, finding = splits.resolve_same_bytes(
       's', [_entry('a/2.jpg', 'a'), _entry('a/1.jpg', 'a')], seed=0,

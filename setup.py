@@ -43,6 +43,8 @@ setuptools.setup(
             'scikit-image>=0.24,<1',
             # ImageDataGenerator, only as the input benchmark's baseline.
             'tf-keras>=2.21,<2.22',
+            # Test-only: the reference the hand-coded pHash is checked against.
+            'imagehash>=4.3,<5',
         ],
         'cuda': ['tensorflow[and-cuda]>=2.21,<2.22'],
     },

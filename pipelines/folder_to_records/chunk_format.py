@@ -83,12 +83,14 @@ def images_pattern(tmp_dir: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'*{_IMAGES_SUFFIX}')
 
 
-def image_line(relpath: str, split: str, sha256: str, phash: int,
-               flags: Sequence[str], quality: dict) -> str:
+def image_line(relpath: str, split: str, sha256: str,
+               phashes: tuple[int, int], flags: Sequence[str],
+               quality: dict) -> str:
   """A file's line of images.jsonl: what the build measured of it."""
+  whole, centre = phashes
   return json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
-                     'phash': f'{phash:016x}', 'flags': list(flags),
-                     'quality': quality})
+                     'phash': f'{whole:016x}', 'phash_centre': f'{centre:016x}',
+                     'flags': list(flags), 'quality': quality})
 
 
 def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:

@@ -154,11 +154,11 @@ class WriteChunk(beam.DoFn):
         entry = (label, [int(v) for v in processed.pixel_sum],
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
-        phash = processed.phash
+        phashes = processed.phashes
         flags = image_quality.flags(processed.quality, config.quality)
         flag_counts.update(flags)
         image_lines.append(chunk_format.image_line(
-            source.relpath, split, sha, phash, flags,
+            source.relpath, split, sha, phashes, flags,
             processed.quality.as_dict()))
         del processed
         if split not in writers:
@@ -174,7 +174,7 @@ class WriteChunk(beam.DoFn):
         indexes[split].append(
             chunk_format.IndexEntry(offsets[split], length, *entry))
         # The dedupe shuffle carries only this (the runner may hold it all).
-        yield digest, (source.relpath, index, offsets[split], phash,
+        yield digest, (source.relpath, index, offsets[split], phashes,
                        source.given_split)
         offsets[split] += length
         written += 1
@@ -234,11 +234,11 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
   search = config.near_duplicate_distance > 0
   if len(refs) == 1:
     if search:
-      ((relpath, chunk, offset, phash, given),) = refs.values()
+      ((relpath, chunk, offset, phashes, given),) = refs.values()
       split = record_split(listed_source((relpath, given), config.layout),
                            sha, config)
       yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
-          phash, relpath, split, chunk, offset))
+          phashes, relpath, split, chunk, offset))
     return
   sources = {p: listed_source((p, r[4]), config.layout)
              for p, r in refs.items()}
@@ -252,9 +252,9 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
     yield record_split(sources[d.relpath], sha, config), chunk, offset
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   for k in kept if search else ():
-    _, chunk, offset, phash, _ = refs[k.relpath]
+    _, chunk, offset, phashes, _ = refs[k.relpath]
     yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
-        phash, k.relpath, k.split, chunk, offset))
+        phashes, k.relpath, k.split, chunk, offset))
   if finding:
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 

@@ -1,13 +1,18 @@
 """Near-duplicate pairs across the whole build, without comparing all pairs.
 
-Each written image has a 64-bit perceptual hash (pipelines.preprocessing.
-perceptual_hash: resized, re-encoded, lightly cropped or brightened copies
-of a photo land within a few bits of it). Two hashes within `distance` bits
-differ in at most `distance` places, so when the 64 bits are cut into
-`distance + 1` bands, some band of the two is identical (pigeonhole): keying
-every image by each of its bands and comparing only inside a key's group
-finds every pair within the distance. A pair sharing several bands is
-emitted only by the group of the first one, so each pair comes out once.
+Each written image has two 64-bit perceptual hashes (pipelines.preprocessing.
+perceptual_hash.build_hashes): of the whole image and of its centre.
+Resized, re-encoded or brightened copies of a photo land within a few bits
+of its whole hash, and copies cropped a few % a side near its centre hash,
+so two images are near when near_distance (the least of whole-whole and
+whole-centre either way) is at most `distance`. Two hashes within
+`distance` bits differ in at most `distance` places, so when the 64 bits
+are cut into `distance + 1` bands, some band of the two is identical
+(pigeonhole): keying every hash by each of its bands and comparing only
+inside a key's group finds every pair within the distance. A hash pair
+sharing several bands is emitted only by the group of the first one; the
+same two images found through two hash pairs are merged by a grouping on
+the pair (best_pair), so each pair comes out once, at its least distance.
 
 Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
@@ -58,12 +63,25 @@ def _tagged(tag: str, value):
 
 
 class Ref(NamedTuple):
-  """A written record, as the near-duplicate search carries it."""
-  phash: int
+  """A written record, as the near-duplicate search carries it. phashes:
+  (whole, centre) from perceptual_hash.build_hashes."""
+  phashes: tuple[int, int]
   relpath: str
   split: str
   chunk: int
   offset: int
+
+
+WHOLE, CENTRE = 0, 1  # Which of a Ref's hashes.
+
+
+def near_distance(a: tuple[int, int], b: tuple[int, int]) -> int:
+  """Distance of two images' (whole, centre) hashes: a copy cropped a few %
+  a side is near the other's centre, so the least of whole-whole and
+  whole-centre either way (centre-centre adds nothing but false pairs)."""
+  return min((a[WHOLE] ^ b[WHOLE]).bit_count(),
+             (a[WHOLE] ^ b[CENTRE]).bit_count(),
+             (a[CENTRE] ^ b[WHOLE]).bit_count())
 
 
 def band_masks(distance: int) -> tuple[int, ...]:
@@ -79,65 +97,82 @@ def band_masks(distance: int) -> tuple[int, ...]:
 
 
 def band_keys(ref: Ref, *, masks: tuple[int, ...]
-              ) -> Iterator[tuple[tuple[int, int], Ref]]:
-  """((band, band bits), ref) for each band of ref's hash."""
-  for band, mask in enumerate(masks):
-    yield (band, ref.phash & mask), ref
+              ) -> Iterator[tuple[tuple[int, int], tuple[int, Ref]]]:
+  """((band, band bits), (which hash, ref)) for each band of each of ref's
+  two hashes."""
+  for which, h in enumerate(ref.phashes):
+    for band, mask in enumerate(masks):
+      yield (band, h & mask), (which, ref)
 
 
-def _smallest(refs: Iterable[Ref], cap: int) -> tuple[list[Ref], int]:
-  """(the `cap` refs first by path, sorted; how many there were in all),
-  holding at most cap refs at a time."""
-  heap, total = [], 0  # Max-heap by path (negated via a wrapper).
-  for ref in refs:
+def _smallest(members: Iterable[tuple[int, Ref]], cap: int
+              ) -> tuple[list[tuple[int, Ref]], int]:
+  """(the `cap` members first by (path, which), sorted; how many there were
+  in all), holding at most cap of them at a time."""
+  heap, total = [], 0  # A max-heap by (path, which): negated keys.
+  for which, ref in members:
     total += 1
-    item = (_Desc(ref.relpath), ref)
+    item = (_Desc((ref.relpath, which)), which, ref)
     if len(heap) < cap:
       heapq.heappush(heap, item)
-    elif item[0] > heap[0][0]:  # Earlier path than the latest kept.
+    elif item[0] > heap[0][0]:  # Earlier than the latest kept.
       heapq.heapreplace(heap, item)
-  return sorted((ref for _, ref in heap), key=lambda r: r.relpath), total
+  kept = sorted(((which, ref) for _, which, ref in heap),
+                key=lambda m: (m[1].relpath, m[0]))
+  return kept, total
 
 
 @dataclasses.dataclass(frozen=True, order=False)
 class _Desc:
-  """A string that sorts in reverse (a max-heap from heapq's min-heap)."""
-  text: str
+  """A key that sorts in reverse (a max-heap from heapq's min-heap)."""
+  key: tuple
 
   def __lt__(self, other):
-    return self.text > other.text
+    return self.key > other.key
 
   def __gt__(self, other):
-    return self.text < other.text
+    return self.key < other.key
 
 
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
-                cap: int = MAX_GROUP
-                ) -> Iterator[tuple[Ref, Ref, int]]:
-  """((band, bits), refs) -> (a, b, d) for each pair within `distance`
-  whose first shared band is this one; 'near_capped' for a group over cap.
-  """
-  (band, _), refs = element
-  members, total = _smallest(refs, cap)
+                cap: int = MAX_GROUP):
+  """((band, bits), members) -> ((path a, path b), (d, a, b)) for each pair
+  of two images' hashes within `distance` (not centre with centre) whose
+  first shared band is this one; 'near_capped' for a group over cap. The
+  same two images can come out of several hash pairs: best_pair keeps the
+  closest."""
+  (band, _), members = element
+  members, total = _smallest(members, cap)
   if total > cap:
-    yield _tagged(CAPPED, {
-        'band': band, 'members': total, 'compared': cap,
-        'example': members[0].relpath})
+    yield _tagged(CAPPED, {'band': band, 'members': total, 'compared': cap,
+                           'example': members[0][1].relpath})
   if len(members) < 2:
     return
-  hashes = np.array([m.phash for m in members], dtype=np.uint64)
+  which = np.array([w for w, _ in members])
+  hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
   earlier = [np.uint64(m) for m in masks[:band]]
+  columns = np.arange(len(members))
   for top in range(0, len(members), _ROWS):
     rows = hashes[top:top + _ROWS, None] ^ hashes[None, :]
+    row_ids = top + np.arange(rows.shape[0])
     near = np.bitwise_count(rows) <= distance
-    # Upper triangle only: each pair once.
-    near &= np.arange(len(members))[None, :] > (
-        top + np.arange(rows.shape[0]))[:, None]
+    near &= columns[None, :] > row_ids[:, None]  # Each pair once.
+    near &= (which[None, :] == WHOLE) | (which[row_ids, None] == WHOLE)
     for i, j in zip(*np.nonzero(near)):
+      a, b = members[top + i][1], members[j][1]
       x = rows[i, j]
-      if any(not x & m for m in earlier):  # An earlier band's group has it.
-        continue
-      yield members[top + i], members[j], int(np.bitwise_count(x))
+      if a.relpath == b.relpath or any(not x & m for m in earlier):
+        continue  # One image; or an earlier band's group has this pair.
+      if b.relpath < a.relpath:
+        a, b = b, a
+      yield (a.relpath, b.relpath), (int(np.bitwise_count(x)), a, b)
+
+
+def best_pair(element) -> tuple[Ref, Ref, int]:
+  """((path a, path b), [(d, a, b), ...]) -> (a, b, the least d)."""
+  _, found = element
+  d, a, b = min(found, key=lambda f: f[0])
+  return a, b, d
 
 
 def classify(pair: tuple[Ref, Ref, int], *, layout: str):
@@ -185,8 +220,11 @@ def find(refs, *, distance: int, layout: str):
       | 'NearPairs' >> beam.FlatMap(group_pairs, distance=distance,
                                     masks=masks).with_outputs(
                                         CAPPED, main='pairs'))
-  lines = pairs.pairs | 'NearRules' >> beam.FlatMap(
-      classify, layout=layout).with_outputs(LEAK, main='lines')
+  lines = (pairs.pairs
+           | 'NearPairGroups' >> beam.GroupByKey()
+           | 'NearBest' >> beam.Map(best_pair)
+           | 'NearRules' >> beam.FlatMap(
+      classify, layout=layout).with_outputs(LEAK, main='lines'))
   left_out = (lines[LEAK]
               | 'NearLeaks' >> beam.GroupByKey()
               | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(

@@ -182,6 +182,12 @@ class Measures:
     return dataclasses.asdict(self)
 
 
+def working_copy(image: Image.Image) -> Image.Image:
+  """The 'L' copy every measure (and the build's perceptual hashes) read:
+  `image` in grey, box-shrunk so its longer side is at most WORKING_SIDE."""
+  return _shrunk(image.convert('L') if image.mode != 'L' else image)
+
+
 def _shrunk(luma: Image.Image) -> Image.Image:
   """`luma` box-shrunk so its longer side is WORKING_SIDE (never enlarged).
 
@@ -234,13 +240,18 @@ def _luma_stats(luma: Image.Image) -> tuple[float, float, float]:
   return low / 255, high / 255, math.sqrt(spread) / n / 255
 
 
+# The colour measure reads block averages about this many pixels on the
+# longer side (a mean: the scale hardly matters, and small is fast).
+_COLOUR_SIDE = 32
+
+
 def _colour(rgb: Image.Image) -> float:
   """Mean absolute difference (0..1) of the most different channel pair.
 
-  Read from whole-block averages about WORKING_SIDE on the longer side (a
-  fast Image.reduce; the exact scale does not matter for a mean).
+  Read from whole-block averages about _COLOUR_SIDE on the longer side (a
+  fast Image.reduce; the exact scale hardly matters for a mean).
   """
-  factor = max(1, max(rgb.size) // WORKING_SIDE)
+  factor = max(1, max(rgb.size) // _COLOUR_SIDE)
   pixels = np.asarray(rgb.reduce(factor) if factor > 1 else rgb,
                       dtype=np.int16)
   n = pixels.shape[0] * pixels.shape[1]
@@ -251,7 +262,7 @@ def _colour(rgb: Image.Image) -> float:
 
 
 def measure(image: Image.Image, *, original_size: tuple[int, int],
-            channels: int) -> Measures:
+            channels: int, luma: Optional[Image.Image] = None) -> Measures:
   """Measures one decoded image.
 
   Args:
@@ -260,6 +271,7 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
     original_size: (height, width) of the source before any scaling.
     channels: the dataset's channel count, 1 or 3; colour is measured (and
       the grayscale flag possible) only for 3.
+    luma: working_copy(image), when the caller made it already.
 
   Returns:
     Measures, rounded.
@@ -274,7 +286,8 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
   if min(height, width) < 1:
     raise ValueError(f'original_size={original_size!r} must be positive '
                      '(height, width)')
-  luma = _shrunk(image.convert('L') if image.mode != 'L' else image)
+  if luma is None:
+    luma = working_copy(image)
   low, high, std = _luma_stats(luma)
   colour = _colour(image) if channels == 3 else None
   return Measures(

@@ -102,6 +102,52 @@ def phash(image: Image.Image) -> int:
   return int(np.bitwise_or.reduce(bits << _SHIFTS))
 
 
+# The 8 lowest rows of the unnormalized 32-point DCT-II: float64 [8, 32].
+_LOW_ROWS = 2.0 * np.cos(np.pi * np.arange(HASH_SIZE)[:, None] * (
+    2 * np.arange(_IMAGE_SIZE)[None, :] + 1) / (2 * _IMAGE_SIZE))
+
+
+def _hash_of(pixels: np.ndarray) -> int:
+  """pHash bits of a float64 [32, 32] grey array (see phash), fast.
+
+  Two matrix products; the coefficients are rounded to 6 decimals (they are
+  sums of 8-bit levels times cosines, thousands for a photo), so those that
+  are zero in exact arithmetic (flat or mirror-symmetric images) are 0 on
+  every machine instead of round-off whose sign would decide bits. The
+  median is the mean of the 32nd and 33rd smallest, as np.median's.
+  """
+  coefficients = np.round(_LOW_ROWS @ pixels @ _LOW_ROWS.T, 6).ravel()
+  middle = np.partition(coefficients, (31, 32))[31:33]
+  bits = (coefficients > (middle[0] + middle[1]) / 2).astype(np.uint64)
+  return int(np.bitwise_or.reduce(bits << _SHIFTS))
+
+
+# The share of each side the second hash of build_hashes leaves out: a copy
+# cropped by a few % a side is near the original's centre, not its whole
+# (benchmarks/results/near_duplicates.md).
+CENTRE_CROP = 0.035
+
+
+def build_hashes(luma: Image.Image) -> tuple[int, int]:
+  """(hash of the whole image, hash of its centre) as the build stores them.
+
+  luma: the 'L' working copy the quality measures use (image_quality.
+  working_copy: box-shrunk to at most 128 px a side), shrunk again to 32x32
+  with a box filter (~10x cheaper than phash's LANCZOS from the decoded
+  image; within a few bits of it). The centre leaves out CENTRE_CROP of
+  each side. Two images are near when either hash of one is near the whole
+  hash of the other (near_duplicates).
+  """
+  width, height = luma.size
+  dx, dy = round(width * CENTRE_CROP), round(height * CENTRE_CROP)
+  size = (_IMAGE_SIZE, _IMAGE_SIZE)
+  whole = luma.resize(size, Image.Resampling.BOX)
+  centre = luma.resize(size, Image.Resampling.BOX,
+                       box=(dx, dy, width - dx, height - dy))
+  return tuple(_hash_of(np.asarray(i, dtype=np.float64))
+               for i in (whole, centre))
+
+
 def distance(a: int, b: int) -> int:
   """Hamming distance of two hashes: the number of bits that differ.
 

@@ -96,8 +96,9 @@ class ProcessedImage:
   pixel_sumsq: np.ndarray
   num_pixels: int
   warning: Optional[str] = None
-  # 64-bit perceptual hash of the decoded image (before resizing).
-  phash: int = 0
+  # 64-bit perceptual hashes of the decoded image before resizing: whole
+  # and centre (perceptual_hash.build_hashes).
+  phashes: tuple[int, int] = (0, 0)
   # Quality measures of the decoded image (image_quality.Measures).
   quality: Optional[image_quality.Measures] = None
 
@@ -440,10 +441,12 @@ def process(data: bytes, *, extension: str,
                       data=data)
   image = to_8bit(image, channels=options.channels,
                   background=options.background)
-  phash = perceptual_hash.phash(image)
+  luma = image_quality.working_copy(image)
+  phashes = perceptual_hash.build_hashes(luma)
   quality = image_quality.measure(
       image, original_size=(original_height, original_width),
-      channels=options.channels)
+      channels=options.channels, luma=luma)
+  del luma
   image = resize(image, height=options.height, width=options.width,
                  mode=options.resize_mode)
   pixel_sum, pixel_sumsq, num_pixels = channel_sums(image)
@@ -456,6 +459,6 @@ def process(data: bytes, *, extension: str,
       pixel_sumsq=pixel_sumsq,
       num_pixels=num_pixels,
       warning=warning,
-      phash=phash,
+      phashes=phashes,
       quality=quality,
   )

@@ -2,6 +2,7 @@
 build's rules on real photos (evaluation copies of train images left out,
 the rest reported, counts that reconcile)."""
 
+import collections
 import io
 import itertools
 import json
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 from PIL import ImageEnhance
 from PIL import ImageFilter
+from skimage import data as skimage_data
 
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import builder
@@ -23,30 +25,41 @@ LEFT_OUT = nd.NEAR_LEAK
 
 
 def _search(refs, distance, cap=nd.MAX_GROUP):
-  """The band search run in plain Python: pairs {(path, path): d}, capped."""
+  """The band search run in plain Python: ({(path, path): d}, capped)."""
   masks = nd.band_masks(distance)
   groups = {}
   for ref in refs:
     for key, value in nd.band_keys(ref, masks=masks):
       groups.setdefault(key, []).append(value)
-  pairs, capped = {}, []
+  found, capped, emitted = {}, [], collections.Counter()
   for key in sorted(groups):
     for out in nd.group_pairs((key, groups[key]), distance=distance,
                               masks=masks, cap=cap):
       if isinstance(out, tuple):
-        a, b, d = out
-        pair = tuple(sorted((a.relpath, b.relpath)))
-        assert pair not in pairs, f'{pair} came out twice'
-        pairs[pair] = d
+        pair, value = out
+        found.setdefault(pair, []).append(value)
+        emitted[pair, value[0]] += 1
       else:
         capped.append(out.value)
-  return pairs, capped
+  # Each pair of hashes comes out of one band group only: the same two
+  # images at most once per pair of their hashes (whole/centre: 3).
+  assert max(emitted.values(), default=0) <= 3, emitted.most_common(1)
+  return {pair: nd.best_pair((pair, values))[2]
+          for pair, values in found.items()}, capped
 
 
 def _brute_force(refs, distance):
-  return {tuple(sorted((a.relpath, b.relpath))): (a.phash ^ b.phash).bit_count()
-          for a, b in itertools.combinations(refs, 2)
-          if (a.phash ^ b.phash).bit_count() <= distance}
+  pairs = {}
+  for a, b in itertools.combinations(refs, 2):
+    d = nd.near_distance(a.phashes, b.phashes)
+    if d <= distance:
+      pairs[tuple(sorted((a.relpath, b.relpath)))] = d
+  return pairs
+
+
+def _flipped(rng, h: int, most: int) -> int:
+  flips = rng.choice(64, size=int(rng.integers(0, most + 1)), replace=False)
+  return h ^ sum(1 << int(b) for b in flips)
 
 
 @pytest.mark.parametrize('distance', [1, 4, 8, 13])
@@ -56,25 +69,32 @@ def test_band_groups_find_exactly_the_pairs_all_pairs_would(distance):
   assert sum(masks) == (1 << nd.HASH_BITS) - 1  # Disjoint, every bit.
   rng = np.random.default_rng(distance)
   refs = []
-  for i in range(300):  # Clusters of hashes a few random bits apart.
-    base = int(rng.integers(0, 1 << 63)) * 2 + int(rng.integers(0, 2))
+  for i in range(300):  # Clusters: copies near the whole or the centre.
+    whole, centre = (int(rng.integers(0, 1 << 63)) * 2 + 1 for _ in range(2))
     for j in range(3):
-      flips = rng.choice(64, size=int(rng.integers(0, distance + 4)),
-                         replace=False)
-      h = base ^ sum(1 << int(b) for b in flips) if j else base
-      refs.append(nd.Ref(h, f'c{i}/{j}.jpg', 'train', 0, len(refs)))
+      if j == 0:
+        hashes = (whole, centre)
+      elif j == 1:  # A resized copy: whole near whole.
+        hashes = (_flipped(rng, whole, distance + 3),
+                  _flipped(rng, centre, 20))
+      else:  # A cropped copy: its whole near the original's centre.
+        hashes = (_flipped(rng, centre, distance + 3),
+                  int(rng.integers(0, 1 << 63)))
+      refs.append(nd.Ref(hashes, f'c{i}/{j}.jpg', 'train', 0, len(refs)))
   pairs, capped = _search(refs, distance)
   assert pairs == _brute_force(refs, distance) and not capped
   assert len(pairs) > 100
 
 
 def test_a_huge_group_is_capped_and_reported():
-  # 50 blank images share one hash: compared among the first 8 by path.
-  refs = [nd.Ref(0, f'blank/{i:02d}.png', 'train', 0, i) for i in range(50)]
+  # 50 blank images share one hash: compared among the first 8 hashes
+  # (4 images' whole and centre) by path.
+  refs = [nd.Ref((0, 0), f'blank/{i:02d}.png', 'train', 0, i)
+          for i in range(50)]
   pairs, capped = _search(refs, 4, cap=8)
-  assert len(pairs) == 8 * 7 // 2
-  assert all(int(p[1][6:8]) < 8 for p in pairs)
-  assert capped[0] == {'band': 0, 'members': 50, 'compared': 8,
+  assert set(pairs) == set(itertools.combinations(
+      [f'blank/{i:02d}.png' for i in range(4)], 2))
+  assert capped[0] == {'band': 0, 'members': 100, 'compared': 8,
                        'example': 'blank/00.png'}
 
 
@@ -131,7 +151,8 @@ def planted(tmp_path_factory):
       # Different photos and different parts of one photo: no pair.
       'validation/cat/astronaut_face.png': astronaut.crop((150, 0, 406, 256)),
       'test/cat/astronaut_hand.png': astronaut.crop((0, 256, 256, 512)),
-      'validation/cat/hubble.png': _photo('hubble_deep_field'),
+      'validation/cat/motorcycle.png': Image.fromarray(
+          skimage_data.stereo_motorcycle()[0]),
       'test/cat/immuno.png': _photo('immunohistochemistry'),
       # Quality flags, each planted once (PNG: decoded at full size).
       'train/cup/china_blurred.png': _sample('china').filter(
@@ -232,10 +253,12 @@ def test_images_jsonl_holds_every_file_and_its_hash(planted):
                                                  metadata.IMAGES_FILE)}
   assert len(lines) == 18
   for path, line in lines.items():
-    assert line['split'] == path.split('/')[0] and len(line['phash']) == 16
+    assert line['split'] == path.split('/')[0]
+    assert len(line['phash']) == len(line['phash_centre']) == 16
   for pair in _lines(root / 'd8' / metadata.NEAR_DUPLICATES_FILE):
-    a, b = (int(lines[p]['phash'], 16) for p in pair['paths'])
-    assert (a ^ b).bit_count() == pair['distance']
+    a, b = ((int(lines[p]['phash'], 16), int(lines[p]['phash_centre'], 16))
+            for p in pair['paths'])
+    assert nd.near_distance(a, b) == pair['distance']
 
 
 def test_quality_flags_are_reported_per_file_and_counted(planted):

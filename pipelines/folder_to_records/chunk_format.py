@@ -84,12 +84,13 @@ def images_pattern(tmp_dir: str) -> str:
 
 
 def image_line(relpath: str, split: str, sha256: str,
-               phashes: tuple[int, int], flags: Sequence[str],
-               quality: dict) -> str:
-  """A file's line of images.jsonl: what the build measured of it."""
-  whole, centre = phashes
+               phashes: Optional[tuple[int, int]], flags: Sequence[str],
+               quality: Optional[dict]) -> str:
+  """A file's line of images.jsonl: what the build measured of it (hashes
+  and quality null when it measured nothing: see ImageOptions.measure)."""
+  whole, centre = (f'{h:016x}' for h in phashes) if phashes else (None, None)
   return json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
-                     'phash': f'{whole:016x}', 'phash_centre': f'{centre:016x}',
+                     'phash': whole, 'phash_centre': centre,
                      'flags': list(flags), 'quality': quality})
 
 

@@ -155,11 +155,12 @@ class WriteChunk(beam.DoFn):
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
         phashes = processed.phashes
-        flags = image_quality.flags(processed.quality, config.quality)
+        flags = (image_quality.flags(processed.quality, config.quality)
+                 if processed.quality else ())
         flag_counts.update(flags)
         image_lines.append(chunk_format.image_line(
             source.relpath, split, sha, phashes, flags,
-            processed.quality.as_dict()))
+            processed.quality and processed.quality.as_dict()))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(

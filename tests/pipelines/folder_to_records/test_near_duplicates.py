@@ -174,7 +174,8 @@ def planted(tmp_path_factory):
     reports[distance] = builder.build(
         input_dir=str(images), output_dir=str(root / f'd{distance}'),
         image_size='32', quiet=True, samples=False,
-        near_duplicate_distance=distance)
+        near_duplicate_distance=distance,
+        quality_thresholds='' if distance else 'off')
   return root, reports
 
 
@@ -229,11 +230,15 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
   assert on_disk['near_duplicates'] == report['near_duplicates']
 
 
-def test_distance_0_searches_nothing(planted):
+def test_distance_0_and_no_flags_measure_nothing(planted):
   root, reports = planted
   assert reports[0]['counts'] == {'seen': 18, 'written': 18}
   assert reports[0]['near_duplicates']['distance'] == 0
+  assert reports[0]['quality_flags'] == {}
+  assert set(reports[0]['quality_thresholds'].values()) == {None}
   assert (root / 'd0' / metadata.NEAR_DUPLICATES_FILE).read_text() == ''
+  for line in _lines(root / 'd0' / metadata.IMAGES_FILE):
+    assert line['phash'] is line['quality'] is None and line['flags'] == []
 
 
 @pytest.mark.parametrize('value', [-1, nd.MAX_DISTANCE + 1])

@@ -6,6 +6,8 @@ A dataset directory written by `pipelines.build` contains
   dataset_info.json, features.json         TFDS metadata (builder_from_directory)
   metadata.json                            `DatasetSpec` below, via TFDS MetadataDict
   build_report.json, rejected.jsonl        what the build did with every input file
+  near_duplicates.jsonl                    every near-duplicate pair found
+  report.html                              all of it as one page, with thumbnails
 
 `metadata.json` is what this toolkit reads; the TFDS files are for TFDS users.
 """
@@ -29,7 +31,9 @@ REPORT_FILE = 'build_report.json'
 REJECTED_FILE = 'rejected.jsonl'
 # Every near-duplicate pair the build found, one JSON object a line.
 NEAR_DUPLICATES_FILE = 'near_duplicates.jsonl'
-# One line per decoded file: its split, hashes and quality measures.
+# The page to read after a build (pipelines.folder_to_records.report_page).
+REPORT_PAGE_FILE = 'report.html'
+# One line per decoded file: its split, hashes, quality measures and flags.
 IMAGES_FILE = 'images.jsonl'
 TOOLKIT_MARKER = 'image-folder-tfrecords'
 # metadata.json holds one entry per shard and per class: far below this.

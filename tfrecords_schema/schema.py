@@ -19,6 +19,7 @@ One example (a serialized `tf.train.Example`):
 from __future__ import annotations
 
 import struct
+from typing import Any, Iterator, Optional
 
 SCHEMA_VERSION = 1
 
@@ -100,6 +101,103 @@ def frame_record(data: bytes) -> bytes:
   length = struct.pack('<Q', len(data))
   return b''.join((length, struct.pack('<I', _masked_crc32c(length)), data,
                    struct.pack('<I', _masked_crc32c(data))))
+
+
+def read_records(f, *, max_record_bytes: int
+                 ) -> Iterator[Optional[bytes]]:
+  """The records of an open binary TFRecord file, without TensorFlow.
+
+  The inverse of frame_record, for readers that only look (the build's
+  report page): checksums are not checked. A record over max_record_bytes
+  yields None and is skipped with a seek (never read); a file cut short
+  ends the records.
+  """
+  while True:
+    header = f.read(12)
+    if len(header) < 12:
+      return
+    (length,) = struct.unpack('<Q', header[:8])
+    if length > max_record_bytes:
+      f.seek(length + 4, 1)
+      yield None
+      continue
+    data = f.read(length + 4)
+    if len(data) < length + 4:
+      return
+    yield data[:length]
+
+
+def _varint_at(data: memoryview, pos: int) -> tuple[int, int]:
+  """(value, position after it) of the protobuf varint at pos."""
+  value = shift = 0
+  while True:
+    if pos >= len(data) or shift > 63:
+      raise ValueError('a protobuf varint runs past its message')
+    byte = data[pos]
+    value |= (byte & 0x7F) << shift
+    pos, shift = pos + 1, shift + 7
+    if byte < 0x80:
+      return value, pos
+
+
+def _wire_fields(data: memoryview) -> Iterator[tuple[int, int, Any]]:
+  """(field number, wire type, value) of each field of a protobuf message:
+  an int for varints, a memoryview for length-delimited fields; fixed-width
+  fields are skipped. ValueError for a damaged message."""
+  pos = 0
+  while pos < len(data):
+    key, pos = _varint_at(data, pos)
+    number, wire_type = key >> 3, key & 7
+    if wire_type == 0:
+      value, pos = _varint_at(data, pos)
+      yield number, wire_type, value
+    elif wire_type == 2:
+      length, pos = _varint_at(data, pos)
+      if pos + length > len(data):
+        raise ValueError('a protobuf field runs past its message')
+      yield number, wire_type, data[pos:pos + length]
+      pos += length
+    elif wire_type in (1, 5):
+      pos += 8 if wire_type == 1 else 4
+    else:
+      raise ValueError(f'protobuf wire type {wire_type} is not in an Example')
+
+
+def _signed(value: int) -> int:
+  return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _first_value(feature: memoryview) -> Optional[bytes | int]:
+  """The first value of a Feature's bytes_list (1) or int64_list (3, packed
+  or not); None for a float_list or an empty list."""
+  for kind, _, values in _wire_fields(feature):
+    for number, wire_type, value in _wire_fields(values):
+      if number != 1:
+        continue
+      if kind == 1:
+        return bytes(value)
+      if kind == 3:
+        return _signed(value if wire_type == 0 else _varint_at(value, 0)[0])
+  return None
+
+
+def decode_example(data: bytes) -> dict[str, bytes | int]:
+  """A serialized tf.train.Example as {key: first value} without
+  TensorFlow: bytes for bytes features, int for int64 ones (the inverse of
+  encode_example; Examples written by TensorFlow read the same). ValueError
+  for a damaged record."""
+  out = {}
+  for number, _, features in _wire_fields(memoryview(data)):
+    if number != 1:
+      continue
+    for entry_number, _, entry in _wire_fields(features):
+      if entry_number != 1:
+        continue
+      fields = {n: v for n, _, v in _wire_fields(entry)}
+      key, feature = fields.get(1), fields.get(2)
+      if key is not None and feature is not None:
+        out[bytes(key).decode('utf-8')] = _first_value(feature)
+  return out
 
 
 def feature_spec() -> dict:

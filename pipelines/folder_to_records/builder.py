@@ -12,6 +12,7 @@ private ones tests use, are importable from here too.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import posixpath
 import shutil
@@ -19,6 +20,7 @@ import sys
 from typing import Optional, Sequence
 
 from pipelines import plots
+from pipelines.common import cli
 from pipelines.common import paths
 from pipelines.common.cli import parse_image_size
 from pipelines.common.errors import UserError
@@ -26,6 +28,7 @@ from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import failures
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import output_folder
+from pipelines.folder_to_records import report_page
 from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import settings as settings_lib
 from pipelines.folder_to_records import splits as splits_lib
@@ -68,7 +71,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
   """Builds a dataset directory from a labelled image folder.
 
   `samples` also writes `samples.png`, a grid of stored train images per
-  class, to check labels and resizing at a glance (not counted in the
+  class, to check labels and resizing at a glance, and `report.html`, the
+  page to read after a build (report_page; neither is counted in the
   timing).
 
   Refusals (UserError) come before anything is written. A failure of the
@@ -80,7 +84,7 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
     settings: a BuildSettings, or its fields as keywords (kwargs).
     beam_args: Beam pipeline options (--runner=..., ...).
     quiet: no progress lines.
-    samples: also write samples.png.
+    samples: also write samples.png and report.html.
 
   Returns:
     The build report as its JSON object (report_lib.BuildReport: what
@@ -196,6 +200,7 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
     elif samples:
       plots.write_dataset_samples(
           tmp_dir, posixpath.join(tmp_dir, plots.SAMPLES_FILE))
+      draw_report_page(tmp_dir, config.input_dir)
     lines = output_folder.commit(tmp_dir, output_dir, replace=replace,
                                  progress=progress)
   except BaseException:
@@ -203,6 +208,22 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
       output_folder.remove_temp(progress)
     raise
   return report, lines
+
+
+def draw_report_page(dataset_dir: str, input_dir: str) -> None:
+  """Writes report.html into dataset_dir; a failure is one warning line
+  (and no page), never the end of a build whose dataset is written."""
+  page = posixpath.join(dataset_dir, metadata_lib.REPORT_PAGE_FILE)
+  try:
+    report_page.write_report_page(dataset_dir, input_dir, page)
+  except Exception as e:  # pylint: disable=broad-except
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with contextlib.suppress(Exception):  # A page cut short by the failure.
+      if tf.io.gfile.exists(page):
+        tf.io.gfile.remove(page)
+    print(f'[build] warning: {metadata_lib.REPORT_PAGE_FILE} could not be '
+          f'drawn ({type(e).__name__}: {cli.one_line(e, 200)}); the dataset '
+          'is written', file=sys.stderr, flush=True)
 
 
 def graph_bytes(input_dir: str, tmp_dir: str) -> int:

@@ -220,4 +220,7 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
                  f'rejected: {out}/{metadata_lib.REJECTED_FILE})')
     lines.append(f'pictures: {out}/{plots.SAMPLES_FILE} (stored images '
                  'per class)')
+    lines.append(f'report: {out}/{metadata_lib.REPORT_PAGE_FILE} (open in a '
+                 'browser: classes, rejected files, duplicates, '
+                 'near-duplicates)')
   return '\n'.join(lines)

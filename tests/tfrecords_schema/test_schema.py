@@ -1,5 +1,6 @@
 """The record format: encode -> shards -> parse/decode round trip, metadata."""
 
+import io
 import json
 import os
 import subprocess
@@ -133,12 +134,15 @@ def test_encoding_parses_to_the_example_tensorflow_builds(
   # TensorFlow's parser reads ours as it reads protobuf's serialization.
   parsed = schema.parse_examples(tf.constant(
       [ours, reference.SerializeToString()]))
-  for key, value in {schema.IMAGE: image, schema.LABEL: label,
-                     schema.FILENAME: filename.encode(),
-                     schema.SHA256: ('ef' * 32).encode(),
-                     schema.ORIGINAL_HEIGHT: height,
-                     schema.ORIGINAL_WIDTH: 7}.items():
+  values = {schema.IMAGE: image, schema.LABEL: label,
+            schema.FILENAME: filename.encode(),
+            schema.SHA256: ('ef' * 32).encode(),
+            schema.ORIGINAL_HEIGHT: height, schema.ORIGINAL_WIDTH: 7}
+  for key, value in values.items():
     assert parsed[key].numpy().tolist() == [value, value], key
+  # The reader without TensorFlow (the report page's) reads both the same.
+  assert schema.decode_example(ours) == values
+  assert schema.decode_example(reference.SerializeToString()) == values
 
 
 def test_framed_records_equal_tfrecordwriter_output(tmp_path):
@@ -152,3 +156,14 @@ def test_framed_records_equal_tfrecordwriter_output(tmp_path):
   (tmp_path / 'joined').write_bytes(ours + ours)
   read = [r.numpy() for r in tf.data.TFRecordDataset(str(tmp_path / 'joined'))]
   assert read == records + records
+  # The reader without TensorFlow: the same records; one over its limit is
+  # skipped (None), a file cut short ends the records.
+  with open(tmp_path / 'joined', 'rb') as f:
+    assert list(schema.read_records(f, max_record_bytes=1 << 20)) == (
+        records + records)
+  with open(tmp_path / 'joined', 'rb') as f:
+    assert list(schema.read_records(f, max_record_bytes=10)) == [
+        b'', b'x', None] * 2
+  with io.BytesIO(ours[:-1]) as f:
+    assert list(schema.read_records(f, max_record_bytes=1 << 20)) == [
+        b'', b'x']

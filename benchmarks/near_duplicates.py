@@ -327,15 +327,20 @@ def evaluate(hash_fn: Hash, images: list[tuple[str, Image.Image]]) -> dict:
 
 
 def _count_stereo_as_copy(result: dict, images) -> None:
-  """Takes the stereo views out of the negatives (see --stereo_is_copy)."""
+  """Takes pairs of the two stereo views, and of the same region of both,
+  out of the negatives (see --stereo_is_copy)."""
+  scene = lambda name: name.replace('_left', '_').replace('_right', '_')
   names = [n for n, _ in images]
-  views = [names.index(n) for n in ('motorcycle_left', 'motorcycle_right')]
+  views = [k for k, n in enumerate(names) if n.startswith('motorcycle_')]
   i, j = result['pairs']
-  stereo = np.isin(i, views) & np.isin(j, views)
+  stereo = np.array([a in views and b in views and
+                     scene(names[a]) == scene(names[b]) for a, b in zip(i, j)],
+                    dtype=bool)
   result['negative'] = np.where(stereo, np.inf, result['negative'])
   for a in views:
     for b in views:
-      result['cross'][a, :, b] = np.inf
+      if a != b and scene(names[a]) == scene(names[b]):
+        result['cross'][a, :, b] = np.inf
 
 
 def recommended(result: dict, max_distance: int) -> int:

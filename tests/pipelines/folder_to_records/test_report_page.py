@@ -252,7 +252,8 @@ def _worst_case_folder(root: pathlib.Path, rejected_lines: int):
   report = report_lib.BuildReport(
       dataset_name='worst', input_dir=str(images), layout='classes',
       class_names=tuple(classes), image={'height': 32, 'width': 32},
-      seed=0, validation_fraction=0.2, test_fraction=0.1,
+      seed=0, validation_fraction=0.2, test_fraction=0.1, stratified=False,
+      quality_flags={}, quality_thresholds={},
       counts={'seen': rejected_lines + rows, 'written': rows,
               'rejected_corrupt': rejected_lines},
       splits={s: report_lib.SplitSummary(

@@ -192,13 +192,14 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                                                 main='dropped'))
   drops, rejected = [deduped.dropped], [listed[IGNORED], written[REJECTED],
                                         deduped[REJECTED]]
-  near_lines = near_capped = pipeline | 'NoNearSearch' >> beam.Create([])
   if config.near_duplicate_distance:
     near_drops, near_rejected, near_lines, near_capped = near_duplicates.find(
         deduped[KEPT], distance=config.near_duplicate_distance,
         layout=config.layout)
     drops.append(near_drops)
     rejected.append(near_rejected)
+  else:
+    near_lines = near_capped = pipeline | 'NoNearSearch' >> beam.Create([])
   shards = (
       (layouts | 'ShardKeys' >> beam.FlatMap(shard_keys),
        tuple(drops) | 'AllDrops' >> beam.Flatten() | 'ShardOfDrop' >> beam.Map(

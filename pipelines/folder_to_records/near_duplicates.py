@@ -11,8 +11,9 @@ are cut into `distance + 1` bands, some band of the two is identical
 (pigeonhole): keying every hash by each of its bands and comparing only
 inside a key's group finds every pair within the distance. A hash pair
 sharing several bands is emitted only by the group of the first one; the
-same two images found through two hash pairs are merged by a grouping on
-the pair (best_pair), so each pair comes out once, at its least distance.
+same two images near through several hash pairs come out only for the
+first hash pair at their least distance (_COMBOS), so each pair comes out
+once, at its least distance, with no further grouping.
 
 Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
@@ -134,13 +135,34 @@ class _Desc:
     return self.key < other.key
 
 
+# The hash pairs near_distance compares, in the order that picks the one a
+# pair is emitted for: (which hash of a, which of b).
+_COMBOS = ((WHOLE, WHOLE), (WHOLE, CENTRE), (CENTRE, WHOLE))
+
+
+def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
+                  masks: tuple[int, ...], distance: int) -> int:
+  """The pair's distance if this group (band, hash pair) is the one to emit
+  it, else -1: the first combo in _COMBOS at the least distance, at the
+  first band those two hashes share. a.relpath < b.relpath: the order
+  decides which combo is first, so both members of a group agree."""
+  best = near_distance(a.phashes, b.phashes)
+  for wa, wb in _COMBOS:
+    x = a.phashes[wa] ^ b.phashes[wb]
+    if x.bit_count() == best:
+      if (wa, wb) != (which_a, which_b):
+        return -1
+      first = next(k for k, m in enumerate(masks) if not x & m)
+      return best if first == band and best <= distance else -1
+  return -1
+
+
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
                 cap: int = MAX_GROUP):
-  """((band, bits), members) -> ((path a, path b), (d, a, b)) for each pair
-  of two images' hashes within `distance` (not centre with centre) whose
-  first shared band is this one; 'near_capped' for a group over cap. The
-  same two images can come out of several hash pairs: best_pair keeps the
-  closest."""
+  """((band, bits), members) -> (a, b, d) for each pair of images within
+  `distance` (near_distance) that this group is the one to emit: each pair
+  comes out of exactly one group, so no further grouping is needed.
+  'near_capped' for a group over cap."""
   (band, _), members = element
   members, total = _smallest(members, cap)
   if total > cap:
@@ -150,29 +172,22 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
     return
   which = np.array([w for w, _ in members])
   hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
-  earlier = [np.uint64(m) for m in masks[:band]]
   columns = np.arange(len(members))
   for top in range(0, len(members), _ROWS):
     rows = hashes[top:top + _ROWS, None] ^ hashes[None, :]
     row_ids = top + np.arange(rows.shape[0])
     near = np.bitwise_count(rows) <= distance
-    near &= columns[None, :] > row_ids[:, None]  # Each pair once.
+    near &= columns[None, :] > row_ids[:, None]  # Each member pair once.
     near &= (which[None, :] == WHOLE) | (which[row_ids, None] == WHOLE)
     for i, j in zip(*np.nonzero(near)):
-      a, b = members[top + i][1], members[j][1]
-      x = rows[i, j]
-      if a.relpath == b.relpath or any(not x & m for m in earlier):
-        continue  # One image; or an earlier band's group has this pair.
-      if b.relpath < a.relpath:
-        a, b = b, a
-      yield (a.relpath, b.relpath), (int(np.bitwise_count(x)), a, b)
-
-
-def best_pair(element) -> tuple[Ref, Ref, int]:
-  """((path a, path b), [(d, a, b), ...]) -> (a, b, the least d)."""
-  _, found = element
-  d, a, b = min(found, key=lambda f: f[0])
-  return a, b, d
+      (wa, a), (wb, b) = members[top + i], members[j]
+      if a.relpath == b.relpath:
+        continue
+      if b.relpath < a.relpath:  # The pair's one order (see _emitted_here).
+        (wa, a), (wb, b) = (wb, b), (wa, a)
+      d = _emitted_here(a, b, wa, wb, band, masks, distance)
+      if d >= 0:
+        yield a, b, d
 
 
 def classify(pair: tuple[Ref, Ref, int], *, layout: str):
@@ -221,8 +236,6 @@ def find(refs, *, distance: int, layout: str):
                                     masks=masks).with_outputs(
                                         CAPPED, main='pairs'))
   lines = (pairs.pairs
-           | 'NearPairGroups' >> beam.GroupByKey()
-           | 'NearBest' >> beam.Map(best_pair)
            | 'NearRules' >> beam.FlatMap(
       classify, layout=layout).with_outputs(LEAK, main='lines'))
   left_out = (lines[LEAK]

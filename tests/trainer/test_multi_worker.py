@@ -75,7 +75,7 @@ def _digests(stderr):
 
 # Room for a SIGTERM after epoch 2, a kill 2 epochs after the resume, and a
 # rerun to the end.
-_EPOCHS = 12
+_EPOCHS = 9
 
 
 def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):

@@ -2,7 +2,6 @@
 build's rules on real photos (evaluation copies of train images left out,
 the rest reported, counts that reconcile)."""
 
-import collections
 import io
 import itertools
 import json
@@ -31,21 +30,18 @@ def _search(refs, distance, cap=nd.MAX_GROUP):
   for ref in refs:
     for key, value in nd.band_keys(ref, masks=masks):
       groups.setdefault(key, []).append(value)
-  found, capped, emitted = {}, [], collections.Counter()
+  pairs, capped = {}, []
   for key in sorted(groups):
     for out in nd.group_pairs((key, groups[key]), distance=distance,
                               masks=masks, cap=cap):
       if isinstance(out, tuple):
-        pair, value = out
-        found.setdefault(pair, []).append(value)
-        emitted[pair, value[0]] += 1
+        a, b, d = out
+        assert a.relpath < b.relpath
+        assert (a.relpath, b.relpath) not in pairs, f'{a.relpath, b.relpath} twice'
+        pairs[a.relpath, b.relpath] = d
       else:
         capped.append(out.value)
-  # Each pair of hashes comes out of one band group only: the same two
-  # images at most once per pair of their hashes (whole/centre: 3).
-  assert max(emitted.values(), default=0) <= 3, emitted.most_common(1)
-  return {pair: nd.best_pair((pair, values))[2]
-          for pair, values in found.items()}, capped
+  return pairs, capped
 
 
 def _brute_force(refs, distance):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fresh-machine test run: creates .venv, installs the project with its test
 # extras from setup.py, lints (ruff.toml), runs the whole pytest suite with
-# its files spread over 3 processes (most slow tests wait on the processes
+# its files spread over 4 processes (most slow tests wait on the processes
 # they start; a file's tests stay together so its fixtures are made once).
 # Extra args go to pytest, e.g. `bash scripts/test.sh -n 0 -k predict`.
 set -euo pipefail
@@ -27,4 +27,4 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
       "page's browser test will skip" >&2
 fi
 .venv/bin/ruff check --quiet .
-exec .venv/bin/python -m pytest -q -n 3 --dist loadfile tests "$@"
+exec .venv/bin/python -m pytest -q -n 4 --dist loadfile tests "$@"

@@ -141,13 +141,16 @@ def _found_lines(report: report_lib.BuildReport) -> list[str]:
   lines = []
   near = report.near_duplicates
   if near.pairs or near.capped_groups:
-    parts = [f'{n} {what}' for n, what in (
-        (near.left_out, 'left out of validation/test (copies of train '
-         'images)'),
-        (near.within_split, 'pairs within a split'),
-        (near.across_evaluation_splits, 'validation/test pairs'),
-        (near.label_conflicts, 'pairs across classes (check their labels)'),
-        (len(near.capped_groups), 'groups too large to compare whole'))
+    parts = [f'{n} {what if n == 1 else plural}' for n, what, plural in (
+        (near.left_out, 'left out of validation/test (a copy of a train '
+         'image)', 'left out of validation/test (copies of train images)'),
+        (near.within_split, 'pair within a split', 'pairs within a split'),
+        (near.across_evaluation_splits, 'validation/test pair',
+         'validation/test pairs'),
+        (near.label_conflicts, 'pair across classes (check the labels)',
+         'pairs across classes (check their labels)'),
+        (len(near.capped_groups), 'group too large to compare whole',
+         'groups too large to compare whole'))
              if n]
     lines.append(f'near-duplicates (perceptual hash within {near.distance} '
                  f'bits): {", ".join(parts)}; every pair: '

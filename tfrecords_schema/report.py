@@ -70,10 +70,13 @@ class EmptyClass:
 @dataclasses.dataclass(frozen=True)
 class CappedGroup:
   """A band group of the near-duplicate search too large to compare whole
-  (e.g. many blank images): only `compared` of its `members` were."""
+  (e.g. many blank images): only `compared` of its `members` were, and
+  `pairs_not_examined` candidate pairs past the per-group limit were
+  counted but not examined (so not reported)."""
   band: int = 0
   members: int = 0
   compared: int = 0
+  pairs_not_examined: int = 0
   example: str = ''
 
 

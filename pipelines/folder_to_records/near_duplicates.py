@@ -47,6 +47,10 @@ DEFAULT_DISTANCE = 8
 MAX_DISTANCE = 24
 # Most references one band group compares (see "Scale" above).
 MAX_GROUP = 4096
+# Most pairs one band group examines: 4,096 near-identical images (blank
+# frames) would otherwise make 8 million pair lines. The rest are counted in
+# the group's capped report.
+MAX_GROUP_PAIRS = 20_000
 _ROWS = 256  # Rows of a group's distance matrix computed at once.
 
 NEAR_LEAK = 'near_duplicate_leak'  # Outcome of a left-out evaluation copy.
@@ -158,28 +162,44 @@ def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
 
 
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
-                cap: int = MAX_GROUP):
+                cap: int = MAX_GROUP, max_pairs: int = MAX_GROUP_PAIRS):
   """((band, bits), members) -> (a, b, d) for each pair of images within
   `distance` (near_distance) that this group is the one to emit: each pair
   comes out of exactly one group, so no further grouping is needed.
-  'near_capped' for a group over cap."""
+  'near_capped' for a group over cap members, or with more than max_pairs
+  candidate pairs (those past it are counted, not examined)."""
   (band, _), members = element
   members, total = _smallest(members, cap)
-  if total > cap:
-    yield _tagged(CAPPED, {'band': band, 'members': total, 'compared': cap,
+  skipped = yield from _examined_pairs(members, band=band, distance=distance,
+                                       masks=masks, max_pairs=max_pairs)
+  if total > cap or skipped:
+    yield _tagged(CAPPED, {'band': band, 'members': total,
+                           'compared': min(total, cap),
+                           'pairs_not_examined': skipped,
                            'example': members[0][1].relpath})
+
+
+def _examined_pairs(members, *, band: int, distance: int,
+                    masks: tuple[int, ...], max_pairs: int):
+  """Yields group_pairs' pairs of `members`; returns how many candidate
+  pairs past max_pairs were counted but not examined."""
   if len(members) < 2:
-    return
+    return 0
   which = np.array([w for w, _ in members])
   hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
   columns = np.arange(len(members))
+  examined, skipped = 0, 0
   for top in range(0, len(members), _ROWS):
     rows = hashes[top:top + _ROWS, None] ^ hashes[None, :]
     row_ids = top + np.arange(rows.shape[0])
     near = np.bitwise_count(rows) <= distance
     near &= columns[None, :] > row_ids[:, None]  # Each member pair once.
     near &= (which[None, :] == WHOLE) | (which[row_ids, None] == WHOLE)
-    for i, j in zip(*np.nonzero(near)):
+    candidates = np.nonzero(near)
+    room = max(0, max_pairs - examined)
+    skipped += max(0, len(candidates[0]) - room)
+    examined += min(room, len(candidates[0]))
+    for i, j in zip(candidates[0][:room], candidates[1][:room]):
       (wa, a), (wb, b) = members[top + i], members[j]
       if a.relpath == b.relpath:
         continue
@@ -188,6 +208,7 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
       d = _emitted_here(a, b, wa, wb, band, masks, distance)
       if d >= 0:
         yield a, b, d
+  return skipped
 
 
 def classify(pair: tuple[Ref, Ref, int], *, layout: str):

@@ -665,12 +665,15 @@ def _capped_and_warnings(report: report_lib.BuildReport) -> str:
           '</h3>')
   if capped:
     body += ('<p>Groups of images sharing one hash band too large to compare '
-             f'whole (over {near_lib.MAX_GROUP:,}, e.g. many blank images): '
-             'only the first were compared.</p>' + _table(
-                 ('band', 'members', 'compared', 'example'),
+             f'whole (over {near_lib.MAX_GROUP:,} hashes, or over '
+             f'{near_lib.MAX_GROUP_PAIRS:,} candidate pairs, e.g. many blank '
+             'images): only the first were compared.</p>' + _table(
+                 ('band', 'members', 'compared', 'pairs not examined',
+                  'example'),
                  [(_e(c.band), _e(c.members), _e(c.compared),
-                   _path(c.example)) for c in capped[:MAX_TABLE_ROWS]],
-                 numeric=(0, 1, 2)) +
+                   _e(c.pairs_not_examined), _path(c.example))
+                  for c in capped[:MAX_TABLE_ROWS]],
+                 numeric=(0, 1, 2, 3)) +
              _more(len(capped) - MAX_TABLE_ROWS, f'{where}: near_duplicates'))
   file_warnings = report.warnings
   body += f'<h3>Warnings about written images: {len(file_warnings):,}</h3>'

@@ -91,7 +91,25 @@ def test_a_huge_group_is_capped_and_reported():
   assert set(pairs) == set(itertools.combinations(
       [f'blank/{i:02d}.png' for i in range(4)], 2))
   assert capped[0] == {'band': 0, 'members': 100, 'compared': 8,
-                       'example': 'blank/00.png'}
+                       'pairs_not_examined': 0, 'example': 'blank/00.png'}
+
+
+def test_a_group_with_too_many_pairs_examines_a_bounded_number():
+  # 50 near-identical frames: their 100 hashes make 100 * 99 / 2 candidate
+  # pairs in one group, less the centre-centre ones (never compared); only
+  # max_pairs are examined, the rest counted.
+  refs = [nd.Ref((0, 0), f'blank/{i:02d}.png', 'train', 0, i)
+          for i in range(50)]
+  masks = nd.band_masks(4)
+  members = [value for ref in refs
+             for key, value in nd.band_keys(ref, masks=masks) if key == (0, 0)]
+  out = list(nd.group_pairs(((0, 0), members), distance=4, masks=masks,
+                            max_pairs=30))
+  pairs = [o for o in out if isinstance(o, tuple)]
+  (capped,) = [o.value for o in out if not isinstance(o, tuple)]
+  assert 0 < len(pairs) <= 30
+  assert capped['pairs_not_examined'] == 100 * 99 // 2 - 50 * 49 // 2 - 30
+  assert capped['members'] == capped['compared'] == 100
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:

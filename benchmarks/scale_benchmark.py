@@ -43,6 +43,11 @@ _CODE_DIRS = flags.DEFINE_list(
     'code_dirs', ['.'], "Checkouts whose builds to run ('.': this one).")
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Runs of each build, interleaved.')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
+_BUILD_ARGS = flags.DEFINE_list(
+    'build_args', [],
+    'Flags appended to every build command, e.g. '
+    '--build_args=--near_duplicate_distance=0,--quality_thresholds=off; '
+    'graph bytes are measured with them too.')
 
 NUM_CLASSES = 100
 SIDE = 32
@@ -72,7 +77,8 @@ def _run_build(folder: pathlib.Path, out: pathlib.Path, code_dir: str) -> dict:
   run = common.run_measured(
       [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
        f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',
-       '--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+       '--direct_num_workers=2', '--direct_running_mode=multi_processing',
+       *_BUILD_ARGS.value],
       cwd=code_dir)
   if run['returncode']:
     sys.exit(run['stderr'][-3000:])
@@ -86,7 +92,19 @@ def _run_build(folder: pathlib.Path, out: pathlib.Path, code_dir: str) -> dict:
           'images_per_s': report['images_per_s'],
           'steady': report['counts']['written'] / max(
               report['write_stage_s'], 1e-9),
-          'wall_s': run['wall_s']}
+          'wall_s': run['wall_s'],
+          'near_duplicates': report.get('near_duplicates'),
+          'counts': report.get('counts'),
+          'quality_flags': report.get('quality_flags')}
+
+
+def _settings_fields() -> dict:
+  """--build_args as BuildSettings fields (ints where they parse)."""
+  fields = {}
+  for arg in _BUILD_ARGS.value:
+    key, _, value = arg.lstrip('-').partition('=')
+    fields[key] = int(value) if value.lstrip('-').isdigit() else value
+  return fields
 
 
 def main(argv):
@@ -101,7 +119,7 @@ def main(argv):
   for n in (int(x) for x in _NUM_IMAGES.value):
     folder = make_png_folder(work / f'png_{n}', n)
     from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-    graph = builder.graph_bytes(str(folder), str(work))
+    graph = builder.graph_bytes(str(folder), str(work), **_settings_fields())
     runs = {d: [] for d in code_dirs}
     for _ in range(_REPEATS.value):
       for code_dir in code_dirs:

@@ -43,13 +43,29 @@ _CODE_DIRS = flags.DEFINE_list(
     'code_dirs', ['.'], "Checkouts whose builds to run ('.': this one).")
 _REPEATS = flags.DEFINE_integer('repeats', 1, 'Runs of each build, interleaved.')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
+_DISTINCT = flags.DEFINE_boolean(
+    'distinct_hashes', False,
+    'Every image its own random pixels (no class base image): perceptual '
+    'hashes spread out, so the near-duplicate search finds ~no pair. The '
+    'default folder (class base + small noise) makes every image of a class '
+    'a near pair of every other (~46 per image at 10k, 460 at 100k).')
+_BUILD_ARGS = flags.DEFINE_list(
+    'build_args', [],
+    'Flags appended to every build command, e.g. '
+    '--build_args=--near_duplicate_distance=0,--quality_thresholds=off; '
+    'graph bytes are measured with them too.')
 
 NUM_CLASSES = 100
 SIDE = 32
 
 
-def make_png_folder(root: pathlib.Path, num_images: int) -> pathlib.Path:
-  """num_images distinct 32x32 RGB PNGs in 100 class folders (kept)."""
+def make_png_folder(root: pathlib.Path, num_images: int, *,
+                    distinct_hashes: bool = False) -> pathlib.Path:
+  """num_images distinct 32x32 RGB PNGs in 100 class folders (kept).
+
+  distinct_hashes: each image uniform random pixels instead of its class's
+  base image plus noise (whose images are all near-duplicates).
+  """
   marker = root / f'.complete-{num_images}'
   if marker.exists():
     return root
@@ -57,8 +73,11 @@ def make_png_folder(root: pathlib.Path, num_images: int) -> pathlib.Path:
   base = rng.integers(0, 256, size=(NUM_CLASSES, SIDE, SIDE, 3))
   for i in range(num_images):
     c = i % NUM_CLASSES
-    noise = rng.integers(-24, 25, size=(SIDE, SIDE, 3))
-    pixels = np.clip(base[c] + noise, 0, 255).astype(np.uint8)
+    if distinct_hashes:
+      pixels = rng.integers(0, 256, size=(SIDE, SIDE, 3)).astype(np.uint8)
+    else:
+      noise = rng.integers(-24, 25, size=(SIDE, SIDE, 3))
+      pixels = np.clip(base[c] + noise, 0, 255).astype(np.uint8)
     path = root / f'class_{c:03d}' / f'{i:07d}.png'
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(pixels).save(path, format='PNG', compress_level=1)
@@ -72,7 +91,8 @@ def _run_build(folder: pathlib.Path, out: pathlib.Path, code_dir: str) -> dict:
   run = common.run_measured(
       [sys.executable, '-m', 'pipelines.build', f'--input_dir={folder}',
        f'--output_dir={out}', f'--image_size={SIDE}', '--image_format=png',
-       '--direct_num_workers=2', '--direct_running_mode=multi_processing'],
+       '--direct_num_workers=2', '--direct_running_mode=multi_processing',
+       *_BUILD_ARGS.value],
       cwd=code_dir)
   if run['returncode']:
     sys.exit(run['stderr'][-3000:])
@@ -86,7 +106,19 @@ def _run_build(folder: pathlib.Path, out: pathlib.Path, code_dir: str) -> dict:
           'images_per_s': report['images_per_s'],
           'steady': report['counts']['written'] / max(
               report['write_stage_s'], 1e-9),
-          'wall_s': run['wall_s']}
+          'wall_s': run['wall_s'],
+          'near_duplicates': report.get('near_duplicates'),
+          'counts': report.get('counts'),
+          'quality_flags': report.get('quality_flags')}
+
+
+def _settings_fields() -> dict:
+  """--build_args as BuildSettings fields (ints where they parse)."""
+  fields = {}
+  for arg in _BUILD_ARGS.value:
+    key, _, value = arg.lstrip('-').partition('=')
+    fields[key] = int(value) if value.lstrip('-').isdigit() else value
+  return fields
 
 
 def main(argv):
@@ -99,9 +131,11 @@ def main(argv):
              'worker peak MB', 'images/s', 'steady images/s', 'wall s']
   rows, results = [], []
   for n in (int(x) for x in _NUM_IMAGES.value):
-    folder = make_png_folder(work / f'png_{n}', n)
+    folder = make_png_folder(
+        work / (f'png_distinct_{n}' if _DISTINCT.value else f'png_{n}'), n,
+        distinct_hashes=_DISTINCT.value)
     from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top
-    graph = builder.graph_bytes(str(folder), str(work))
+    graph = builder.graph_bytes(str(folder), str(work), **_settings_fields())
     runs = {d: [] for d in code_dirs}
     for _ in range(_REPEATS.value):
       for code_dir in code_dirs:

@@ -226,18 +226,20 @@ def draw_report_page(dataset_dir: str, input_dir: str) -> None:
           'is written', file=sys.stderr, flush=True)
 
 
-def graph_bytes(input_dir: str, tmp_dir: str) -> int:
+def graph_bytes(input_dir: str, tmp_dir: str, **settings_fields) -> int:
   """Bytes of the serialized pipeline a build of input_dir submits (not run).
 
   For the graph-size test and the scale benchmark: it must not grow with
-  the number of files.
+  the number of files. settings_fields: other BuildSettings fields (e.g.
+  near_duplicate_distance=0).
   """
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   plan = listing_lib.plan_input(input_dir)
   config = settings_lib.make_config(
       settings_lib.BuildSettings(input_dir=input_dir,
-                                 output_dir=posixpath.join(tmp_dir, 'out')),
+                                 output_dir=posixpath.join(tmp_dir, 'out'),
+                                 **settings_fields),
       input_dir=input_dir, listing=plan)
   pipeline = beam.Pipeline(options=PipelineOptions(
       runner_options.pipeline_args([])))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import struct
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -101,21 +102,44 @@ def band_masks(distance: int) -> tuple[int, ...]:
   return tuple(masks)
 
 
+# A band element's value: which hash, both hashes, chunk, offset, split,
+# then the path's bytes. Each image sends 2 x (distance + 1) of them through
+# the band shuffle, and a local runner holds a shuffle in memory as Python
+# objects: one bytes object (~100 B) instead of a tuple of a Ref (~600 B).
+_PACKED = struct.Struct('>BQQIQB')
+_SPLITS = ('train', 'validation', 'test')
+
+
+def pack(which: int, ref: Ref) -> bytes:
+  """(which hash, ref) as one bytes object (see _PACKED)."""
+  return _PACKED.pack(which, *ref.phashes, ref.chunk, ref.offset,
+                      _SPLITS.index(ref.split)) + ref.relpath.encode(
+                          'utf-8', 'surrogateescape')
+
+
+def unpack(data: bytes) -> tuple[int, Ref]:
+  """pack's (which hash, ref) back."""
+  which, whole, centre, chunk, offset, split = _PACKED.unpack_from(data)
+  relpath = data[_PACKED.size:].decode('utf-8', 'surrogateescape')
+  return which, Ref((whole, centre), relpath, _SPLITS[split], chunk, offset)
+
+
 def band_keys(ref: Ref, *, masks: tuple[int, ...]
-              ) -> Iterator[tuple[tuple[int, int], tuple[int, Ref]]]:
-  """((band, band bits), (which hash, ref)) for each band of each of ref's
-  two hashes."""
+              ) -> Iterator[tuple[int, bytes]]:
+  """(band key, pack(which hash, ref)) for each band of each of ref's two
+  hashes; the key is band << 64 | the hash's bits in the band (one int)."""
   for which, h in enumerate(ref.phashes):
+    value = pack(which, ref)
     for band, mask in enumerate(masks):
-      yield (band, h & mask), (which, ref)
+      yield band << HASH_BITS | (h & mask), value
 
 
-def _smallest(members: Iterable[tuple[int, Ref]], cap: int
+def _smallest(members: Iterable[bytes], cap: int
               ) -> tuple[list[tuple[int, Ref]], int]:
-  """(the `cap` members first by (path, which), sorted; how many there were
-  in all), holding at most cap of them at a time."""
+  """(the `cap` members (pack's bytes) first by (path, which), unpacked and
+  sorted; how many there were in all), holding at most cap at a time."""
   heap, total = [], 0  # A max-heap by (path, which): negated keys.
-  for which, ref in members:
+  for which, ref in map(unpack, members):
     total += 1
     item = (_Desc((ref.relpath, which)), which, ref)
     if len(heap) < cap:
@@ -168,7 +192,8 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
   comes out of exactly one group, so no further grouping is needed.
   'near_capped' for a group over cap members, or with more than max_pairs
   candidate pairs (those past it are counted, not examined)."""
-  (band, _), members = element
+  key, members = element
+  band = key >> HASH_BITS
   members, total = _smallest(members, cap)
   skipped = yield from _examined_pairs(members, band=band, distance=distance,
                                        masks=masks, max_pairs=max_pairs)

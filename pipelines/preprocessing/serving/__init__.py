@@ -74,6 +74,7 @@ from pipelines.preprocessing import image_formats
 from pipelines.preprocessing import resize_modes
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.preprocessing.serving import bmp
+from pipelines.preprocessing.serving import byte_reads
 from pipelines.preprocessing.serving import exif
 from pipelines.preprocessing.serving import gif
 from pipelines.preprocessing.serving import jpeg
@@ -133,8 +134,7 @@ def known_formats(encoded) -> tf.Tensor:
   first such `image_bytes[i]`.
   """
   unknown = tf.map_fn(_sniff, encoded, fn_output_signature=tf.int64) < 0
-  first = tf.argmax(tf.cast(tf.concat([unknown, [True]], 0), tf.int32),
-                    output_type=tf.int64)
+  first = byte_reads.first_true(unknown)
   size = tf.strings.length(tf.gather(tf.concat([encoded, ['']], 0), first))
   ok = tf.debugging.Assert(tf.logical_not(tf.reduce_any(unknown)),
                            [_unknown_format(first, size)])

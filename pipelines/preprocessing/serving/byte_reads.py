@@ -101,3 +101,17 @@ def walk(cond, body, state, shape_invariants=None):
 
 def i64(value) -> tf.Tensor:
   return tf.constant(value, tf.int64)
+
+
+def first_true(mask) -> tf.Tensor:
+  """Index of the first True of a bool [n] (n when none; int64 []).
+
+  Total: an empty mask gives 0 instead of ArgMax's "Reduction axis 0 is
+  empty". A reader must not fail on bytes it was not meant for: after a
+  SavedModel is restored, TensorFlow's graph optimizer was seen (under
+  load) to run ops of a format reader the dispatch did not pick, and such
+  a failure would hide the request's real error behind one naming no
+  input.
+  """
+  return tf.argmax(tf.cast(tf.concat([mask, [True]], 0), tf.int32),
+                   output_type=tf.int64)

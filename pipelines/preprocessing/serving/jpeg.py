@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from pipelines.preprocessing.serving.byte_reads import Bytes
 from pipelines.preprocessing.serving.byte_reads import byte_string
+from pipelines.preprocessing.serving.byte_reads import first_true
 from pipelines.preprocessing.serving.byte_reads import i64
 from pipelines.preprocessing.serving.byte_reads import substr
 from pipelines.preprocessing.serving.byte_reads import walk
@@ -208,7 +209,8 @@ class _JpegMarkers:
         codes, 0xD0 + tf.range(last - first, dtype=tf.int64) % 8))
     in_scan = tf.reduce_any(tf.equal(ids[:, None], selectors[None, :]), 1)
     hmax, vmax = tf.reduce_max(hs), tf.reduce_max(vs)
-    one = tf.argmax(tf.cast(in_scan, tf.int32), output_type=tf.int64)
+    # ArgMax's answer (0 when none), total on an empty mask.
+    one = first_true(in_scan) % tf.maximum(tf.size(in_scan, tf.int64), 1)
     mcus = tf.where(
         tf.equal(count, 1),
         _ceil_div(width * tf.gather(hs, one), 8 * hmax) *

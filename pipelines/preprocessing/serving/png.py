@@ -7,6 +7,7 @@ import tensorflow as tf
 
 from pipelines.preprocessing.serving.byte_reads import Bytes
 from pipelines.preprocessing.serving.byte_reads import byte_string
+from pipelines.preprocessing.serving.byte_reads import first_true
 from pipelines.preprocessing.serving.byte_reads import fourcc
 from pipelines.preprocessing.serving.byte_reads import i64
 from pipelines.preprocessing.serving.byte_reads import substr
@@ -131,7 +132,7 @@ class _PngLayout:
     limit = tf.where(first >= 0, first, r.n)
     crcs = crc32(r.b[:limit], starts + 4, starts + 8 + lengths)
     bad = tf.not_equal(crcs, r.uint(starts + 8 + lengths, 4, False))
-    index = tf.argmax(tf.cast(bad, tf.int32), output_type=tf.int64)
+    index = first_true(bad)
     any_bad = tf.reduce_any(bad)
     self.problem = tf.where(problem > 0, problem, tf.where(
         any_bad, i64(3), i64(0)))

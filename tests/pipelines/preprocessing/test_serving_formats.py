@@ -24,3 +24,13 @@ def test_signatures_name_every_format_once_in_order():
   assert image_formats.sniff(b'RIFF\0\0\0\0WAVE') is None
   assert image_formats.sniff(b'GIF87a') == 'GIF'
   assert image_formats.sniff(b'') is None
+
+
+def test_first_true_is_total_on_an_empty_mask():
+  # The readers' "first such" index: ArgMax failed on an empty mask ("Reduction
+  # axis 0 is empty"), which, when a reader the dispatch did not pick ran on
+  # a request's bytes, hid the real error behind one naming no input.
+  from pipelines.preprocessing.serving import byte_reads  # pylint: disable=g-import-not-at-top
+  first = lambda bits: int(byte_reads.first_true(tf.constant(bits, tf.bool)))
+  assert first([]) == 0 and first([False, False]) == 2
+  assert first([False, True, True]) == 1

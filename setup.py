@@ -17,7 +17,8 @@ setuptools.setup(
         'tensorflow>=2.21,<2.22',
         'apache-beam>=2.77,<3',
         'tensorflow-datasets>=4.9.10,<5',
-        'numpy>=1.26,<3',
+        # numpy 2: np.bitwise_count (the near-duplicate search's popcount).
+        'numpy>=2.0,<3',
         'absl-py>=2.1,<3',
         'Pillow>=10.4,<13',
         # Strict JPEG decoding: libjpeg only warns about truncated or lying

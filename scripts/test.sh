@@ -22,8 +22,8 @@ fi
 # stops the run; the test then skips and says why.
 if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null \
     && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-  (export DEBIAN_FRONTEND=noninteractive; timeout 600 apt-get update -qq \
-    && timeout 600 apt-get install -y -qq chromium) </dev/null >/dev/null 2>&1 \
+  (export DEBIAN_FRONTEND=noninteractive; timeout 300 apt-get update -qq \
+    && timeout 300 apt-get install -y -qq chromium) </dev/null >/dev/null 2>&1 \
     || echo "scripts/test.sh: chromium could not be installed; the report" \
       "page's browser test will skip" >&2
 fi

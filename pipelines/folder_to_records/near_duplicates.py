@@ -17,9 +17,14 @@ once, at its least distance, with no further grouping.
 
 Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
-blank images with the same hash) is compared only among its MAX_GROUP first
-members by path and reported as capped, so no worker ever holds more than
-MAX_GROUP references, whatever the file count.
+near-identical frames) is compared only among MAX_GROUP members (first by a
+hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
+candidate pairs of a group are examined; both are reported as capped, so
+no worker holds or writes more, whatever the file count. Limits: a pair
+whose first shared band falls in a capped group is not reported (even if a
+later band's group holds both); with spread hashes, groups reach the cap
+near N = 2^band_bits * MAX_GROUP (~260k images at the default distance).
+Flat images (a flat whole or centre) take no part: see MIN_BITS_SET.
 
 Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
   * one in train, the other in validation or test: a leak; the evaluation
@@ -34,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 import struct
+import zlib
 from typing import Iterable, Iterator, NamedTuple
 
 import numpy as np
@@ -45,7 +51,10 @@ HASH_BITS = 64
 # Default --near_duplicate_distance (see BUILD_NOTES "Near-duplicates" for
 # the precision/recall table it was chosen from); 0 turns the search off.
 DEFAULT_DISTANCE = 8
-MAX_DISTANCE = 24
+# Past ~16 the bands are 3-4 bits: groups hold N/8-N/16 hashes, reach
+# MAX_GROUP at a few thousand images and the search compares only part of
+# them (and the false pairs of the calibration grow: BUILD_NOTES).
+MAX_DISTANCE = 16
 # Most references one band group compares (see "Scale" above).
 MAX_GROUP = 4096
 # Most pairs one band group examines: 4,096 near-identical images (blank
@@ -79,15 +88,30 @@ class Ref(NamedTuple):
 
 
 WHOLE, CENTRE = 0, 1  # Which of a Ref's hashes.
+# The hash pairs near_distance compares, in the order that picks the one a
+# pair is emitted for: (which hash of a, which of b).
+_COMBOS = ((WHOLE, WHOLE), (WHOLE, CENTRE), (CENTRE, WHOLE))
+# A pHash sets the 32 of its 64 bits above their median; a flat image (or a
+# flat centre) sets 0 or 1, so every flat image would be "near" every other
+# (a white test image left out for an unrelated black train one). Hashes
+# with fewer bits set than this take no part in the search; such images
+# are what the low_information quality flag reports.
+MIN_BITS_SET = 16
+NEVER = HASH_BITS + 1  # The distance of two images with no usable hash pair.
+
+
+def usable(h: int) -> bool:
+  """Whether hash h takes part in the search (see MIN_BITS_SET)."""
+  return h.bit_count() >= MIN_BITS_SET
 
 
 def near_distance(a: tuple[int, int], b: tuple[int, int]) -> int:
   """Distance of two images' (whole, centre) hashes: a copy cropped a few %
   a side is near the other's centre, so the least of whole-whole and
-  whole-centre either way (centre-centre adds nothing but false pairs)."""
-  return min((a[WHOLE] ^ b[WHOLE]).bit_count(),
-             (a[WHOLE] ^ b[CENTRE]).bit_count(),
-             (a[CENTRE] ^ b[WHOLE]).bit_count())
+  whole-centre either way (centre-centre adds nothing but false pairs),
+  over the usable hashes; NEVER when no pair of them is."""
+  return min(((a[i] ^ b[j]).bit_count() for i, j in _COMBOS
+              if usable(a[i]) and usable(b[j])), default=NEVER)
 
 
 def band_masks(distance: int) -> tuple[int, ...]:
@@ -129,6 +153,8 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
   """(band key, pack(which hash, ref)) for each band of each of ref's two
   hashes; the key is band << 64 | the hash's bits in the band (one int)."""
   for which, h in enumerate(ref.phashes):
+    if not usable(h):
+      continue
     value = pack(which, ref)
     for band, mask in enumerate(masks):
       yield band << HASH_BITS | (h & mask), value
@@ -136,19 +162,26 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
 
 def _smallest(members: Iterable[bytes], cap: int
               ) -> tuple[list[tuple[int, Ref]], int]:
-  """(the `cap` members (pack's bytes) first by (path, which), unpacked and
-  sorted; how many there were in all), holding at most cap at a time."""
-  heap, total = [], 0  # A max-heap by (path, which): negated keys.
+  """(the `cap` members (pack's bytes) first by _rank, unpacked and sorted;
+  how many there were in all), holding at most cap at a time."""
+  heap, total = [], 0  # A max-heap by _rank: negated keys.
   for which, ref in map(unpack, members):
     total += 1
-    item = (_Desc((ref.relpath, which)), which, ref)
+    item = (_Desc(_rank(ref, which)), which, ref)
     if len(heap) < cap:
       heapq.heappush(heap, item)
     elif item[0] > heap[0][0]:  # Earlier than the latest kept.
       heapq.heapreplace(heap, item)
   kept = sorted(((which, ref) for _, which, ref in heap),
-                key=lambda m: (m[1].relpath, m[0]))
+                key=lambda m: _rank(m[1], m[0]))
   return kept, total
+
+
+def _rank(ref: Ref, which: int) -> tuple:
+  """A capped group keeps the members first by this: a hash of the path
+  (so no class or folder name is favoured), then the path."""
+  return (zlib.crc32(ref.relpath.encode('utf-8', 'surrogateescape')),
+          ref.relpath, which)
 
 
 @dataclasses.dataclass(frozen=True, order=False)
@@ -163,11 +196,6 @@ class _Desc:
     return self.key < other.key
 
 
-# The hash pairs near_distance compares, in the order that picks the one a
-# pair is emitted for: (which hash of a, which of b).
-_COMBOS = ((WHOLE, WHOLE), (WHOLE, CENTRE), (CENTRE, WHOLE))
-
-
 def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
                   masks: tuple[int, ...], distance: int) -> int:
   """The pair's distance if this group (band, hash pair) is the one to emit
@@ -176,6 +204,8 @@ def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
   decides which combo is first, so both members of a group agree."""
   best = near_distance(a.phashes, b.phashes)
   for wa, wb in _COMBOS:
+    if not (usable(a.phashes[wa]) and usable(b.phashes[wb])):
+      continue
     x = a.phashes[wa] ^ b.phashes[wb]
     if x.bit_count() == best:
       if (wa, wb) != (which_a, which_b):

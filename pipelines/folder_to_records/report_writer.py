@@ -138,7 +138,7 @@ def _write_near_pairs(tmp_dir: str, pairs, capped, *,
       across_evaluation_splits=kinds[near_duplicates.ACROSS_EVALUATION],
       label_conflicts=conflicts,
       capped_groups=tuple(report_lib.CappedGroup(**c) for c in sorted(
-          capped, key=lambda c: (c['band'], c['example']))))
+          capped, key=lambda c: tuple(c[k] for k in sorted(c)))))
 
 
 def _join_image_lines(tmp_dir: str) -> None:

@@ -90,23 +90,29 @@ def test_a_band_element_packs_its_reference_losslessly():
     assert isinstance(data, bytes) and nd.unpack(data) == (which, ref)
 
 
+# A hash with 32 bits set, as every pHash of a non-flat image has.
+_SAME = ((1 << 32) - 1) << 32
+
+
 def test_a_huge_group_is_capped_and_reported():
-  # 50 blank images share one hash: compared among the first 8 hashes
-  # (4 images' whole and centre) by path.
-  refs = [nd.Ref((0, 0), f'blank/{i:02d}.png', 'train', 0, i)
+  # 50 near-identical frames share one hash: compared among 8 of their 100
+  # hashes (4 images' whole and centre), chosen by a hash of the path.
+  refs = [nd.Ref((_SAME, _SAME), f'frames/{i:02d}.png', 'train', 0, i)
           for i in range(50)]
   pairs, capped = _search(refs, 4, cap=8)
+  kept = sorted(refs, key=lambda r: nd._rank(r, nd.WHOLE))[:4]
   assert set(pairs) == set(itertools.combinations(
-      [f'blank/{i:02d}.png' for i in range(4)], 2))
+      sorted(r.relpath for r in kept), 2))
   assert capped[0] == {'band': 0, 'members': 100, 'compared': 8,
-                       'pairs_not_examined': 0, 'example': 'blank/00.png'}
+                       'pairs_not_examined': 0,
+                       'example': kept[0].relpath}
 
 
 def test_a_group_with_too_many_pairs_examines_a_bounded_number():
   # 50 near-identical frames: their 100 hashes make 100 * 99 / 2 candidate
   # pairs in one group, less the centre-centre ones (never compared); only
   # max_pairs are examined, the rest counted.
-  refs = [nd.Ref((0, 0), f'blank/{i:02d}.png', 'train', 0, i)
+  refs = [nd.Ref((_SAME, _SAME), f'frames/{i:02d}.png', 'train', 0, i)
           for i in range(50)]
   masks = nd.band_masks(4)
   members = [value for ref in refs
@@ -118,6 +124,22 @@ def test_a_group_with_too_many_pairs_examines_a_bounded_number():
   assert 0 < len(pairs) <= 30
   assert capped['pairs_not_examined'] == 100 * 99 // 2 - 50 * 49 // 2 - 30
   assert capped['members'] == capped['compared'] == 100
+
+
+def test_flat_images_are_never_near_anything():
+  # A flat image's pHash sets 0 or 1 bit (white, black, any single colour):
+  # they would all be "near" each other. A flat centre takes no part either.
+  photo = (0x5A5A5A5A5A5A5A5A, 0x3C3C3C3C3C3C3C3C)
+  refs = [nd.Ref((1 << 63, 1 << 63), 'cat/white.png', 'test', 0, 0),
+          nd.Ref((0, 0), 'dog/black.png', 'train', 0, 1),
+          nd.Ref((photo[0], 1 << 63), 'dog/photo_flat_centre.png', 'train',
+                 0, 2),
+          nd.Ref((photo[0] ^ 0b111, photo[1]), 'cat/photo_copy.png', 'test',
+                 0, 3)]
+  assert not nd.usable(1 << 63) and nd.usable(photo[0])
+  pairs, _ = _search(refs, 8)
+  assert pairs == {('cat/photo_copy.png', 'dog/photo_flat_centre.png'): 3}
+  assert nd.near_distance(refs[0].phashes, refs[1].phashes) == nd.NEVER
 
 
 def _jpeg(image: Image.Image, quality: int = 90) -> bytes:

@@ -36,7 +36,6 @@ Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import struct
 import zlib
@@ -163,17 +162,17 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
 def _smallest(members: Iterable[bytes], cap: int
               ) -> tuple[list[tuple[int, Ref]], int]:
   """(the `cap` members (pack's bytes) first by _rank, unpacked and sorted;
-  how many there were in all), holding at most cap at a time."""
-  heap, total = [], 0  # A max-heap by _rank: negated keys.
-  for which, ref in map(unpack, members):
-    total += 1
-    item = (_Desc(_rank(ref, which)), which, ref)
-    if len(heap) < cap:
-      heapq.heappush(heap, item)
-    elif item[0] > heap[0][0]:  # Earlier than the latest kept.
-      heapq.heapreplace(heap, item)
-  kept = sorted(((which, ref) for _, which, ref in heap),
-                key=lambda m: _rank(m[1], m[0]))
+  how many there were in all). heapq.nsmallest holds at most cap of them
+  at a time."""
+  total = 0
+
+  def counted():
+    nonlocal total
+    for member in members:
+      total += 1
+      yield unpack(member)
+
+  kept = heapq.nsmallest(cap, counted(), key=lambda m: _rank(m[1], m[0]))
   return kept, total
 
 
@@ -182,18 +181,6 @@ def _rank(ref: Ref, which: int) -> tuple:
   (so no class or folder name is favoured), then the path."""
   return (zlib.crc32(ref.relpath.encode('utf-8', 'surrogateescape')),
           ref.relpath, which)
-
-
-@dataclasses.dataclass(frozen=True, order=False)
-class _Desc:
-  """A key that sorts in reverse (a max-heap from heapq's min-heap)."""
-  key: tuple
-
-  def __lt__(self, other):
-    return self.key > other.key
-
-  def __gt__(self, other):
-    return self.key < other.key
 
 
 def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,

@@ -233,21 +233,20 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
   refs = {r[0]: r for r in refs}
   sha = digest.hex()
   search = config.near_duplicate_distance > 0
-  if len(refs) == 1:
-    if search:
-      ((relpath, chunk, offset, phashes, given),) = refs.values()
-      split = record_split(listed_source((relpath, given), config.layout),
-                           sha, config)
-      yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
-          phashes, relpath, split, chunk, offset))
-    return
+  if len(refs) == 1 and not search:
+    return  # Kept where it was written; nothing to say of it.
   sources = {p: listed_source((p, r[4]), config.layout)
              for p, r in refs.items()}
-  kept, dropped, finding = splits_lib.resolve_same_bytes(
-      sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
-            for p, s in sources.items()],
-      seed=config.seed, validation_fraction=config.validation_fraction,
-      test_fraction=config.test_fraction)
+  if len(refs) == 1:  # Kept, and the search needs its reference.
+    ((relpath, source),) = sources.items()
+    kept, dropped, finding = [splits_lib.Kept(
+        record_split(source, sha, config), relpath)], [], None
+  else:
+    kept, dropped, finding = splits_lib.resolve_same_bytes(
+        sha, [splits_lib.FileEntry(p, s.class_name, s.given_split, sha)
+              for p, s in sources.items()],
+        seed=config.seed, validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction)
   for d in dropped:
     _, chunk, offset, _, _ = refs[d.relpath]
     yield record_split(sources[d.relpath], sha, config), chunk, offset

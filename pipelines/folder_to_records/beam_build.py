@@ -164,7 +164,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   files = listed.files
   if config.stratified:  # (relpath, split): each class's files ranked.
     files = (files
-             | 'ByClass' >> beam.Map(lambda p: (p.split('/', 1)[0], p))
+             | 'ByClass' >> beam.Map(lambda p: (listing_lib.source_file(
+                 p, config.layout).class_name, p))
              | 'GroupClasses' >> beam.GroupByKey()
              | 'Stratify' >> beam.FlatMap(
                  lambda kv: splits_lib.stratify(

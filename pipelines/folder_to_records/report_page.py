@@ -22,7 +22,7 @@ Sections, in page order:
 Every section is capped: JSONL files are streamed (the lines past a cap are
 counted, not parsed) and a line says how many were not shown and where they
 are. Source files are read for thumbnails only up to MAX_SOURCE_BYTES and
-MAX_SOURCE_PIXELS (devices and FIFOs never: files.open_regular); anything
+MAX_SOURCE_PIXELS (devices and FIFOs never: source_image.read_source, the build's own read); anything
 Pillow cannot decode has no thumbnail. Every text from a file goes through
 html.escape, cut to MAX_SHOWN_CHARS.
 
@@ -66,6 +66,7 @@ from PIL import ImageOps
 from pipelines import plots
 from pipelines.folder_to_records import near_duplicates as near_lib
 from pipelines.folder_to_records import summary as summary_lib
+from pipelines.preprocessing import source_image
 from tfrecords_schema import files
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
@@ -175,30 +176,6 @@ def stream_jsonl(path: str, cap: int) -> Optional[Capped]:
   return Capped(shown, total)
 
 
-def _read_capped(path: str, cap: int) -> Optional[bytes]:
-  """A file's bytes, or None when it holds more than `cap` (at most cap + 1
-  bytes are read). Local paths must be regular files (NotAFile)."""
-  if files.is_remote(path):
-    def read(gfile):
-      with gfile.GFile(path, 'rb') as f:
-        return f.read(cap + 1)
-    data = files.remote(path, read)
-  else:
-    f, info = files.open_regular(path)
-    with f:
-      if info.st_size > cap:
-        return None
-      chunks, size = [], 0
-      while size <= cap:
-        chunk = f.read(cap + 1 - size)
-        if not chunk:
-          break
-        chunks.append(chunk)
-        size += len(chunk)
-      data = b''.join(chunks)
-  return data if len(data) <= cap else None
-
-
 # --- Thumbnails -----------------------------------------------------------
 
 
@@ -239,9 +216,9 @@ def source_thumbnail(path: str) -> Optional[Thumbnail]:
   """A thumbnail of a source image file, or None: over MAX_SOURCE_BYTES or
   MAX_SOURCE_PIXELS, not a regular file, or anything Pillow cannot do."""
   try:
-    data = _read_capped(path, MAX_SOURCE_BYTES)
-    if data is None:
-      return None
+    # The build's own safe read: regular files only, at most
+    # MAX_SOURCE_BYTES, an image signature first (ImageRejected otherwise).
+    data = source_image.read_source(path, max_bytes=MAX_SOURCE_BYTES)
     with warnings.catch_warnings():
       warnings.simplefilter('error', Image.DecompressionBombWarning)
       with Image.open(io.BytesIO(data)) as image:

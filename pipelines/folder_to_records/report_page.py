@@ -22,8 +22,8 @@ Sections, in page order:
 Every section is capped: JSONL files are streamed (the lines past a cap are
 counted, not parsed) and a line says how many were not shown and where they
 are. Source files are read for thumbnails only up to MAX_SOURCE_BYTES and
-MAX_SOURCE_PIXELS (devices and FIFOs never: source_image.read_source, the build's own read); anything
-Pillow cannot decode has no thumbnail. Every text from a file goes through
+MAX_SOURCE_PIXELS (devices and FIFOs never: source_image.read_source, the
+build's own read); anything Pillow cannot decode has no thumbnail. Every text from a file goes through
 html.escape, cut to MAX_SHOWN_CHARS.
 
 Worst-case size, whatever the file count (a million files included), for

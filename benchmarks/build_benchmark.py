@@ -76,7 +76,9 @@ def plain_loop(input_dir: str, output_dir: str, *, part: int = 0,
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
-  options = source_image.ImageOptions(height=IMAGE_SIZE, width=IMAGE_SIZE)
+  # The build's per-image work with its defaults (hashes and measures on).
+  options = source_image.ImageOptions(height=IMAGE_SIZE, width=IMAGE_SIZE,
+                                      measure=True)
   root = pathlib.Path(input_dir)
   classes = sorted(p.name for p in root.iterdir() if p.is_dir())
   files = sorted(root.rglob('*.jpg'))[part::parts]

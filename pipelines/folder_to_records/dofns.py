@@ -233,8 +233,10 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
   refs = {r[0]: r for r in refs}
   sha = digest.hex()
   search = config.near_duplicate_distance > 0
+  # A unique file with no search: kept where it was written, nothing to
+  # say. (Beam warns of a `return` followed by anything on its line.)
   if len(refs) == 1 and not search:
-    return  # Kept where it was written; nothing to say of it.
+    return
   sources = {p: listed_source((p, r[4]), config.layout)
              for p, r in refs.items()}
   if len(refs) == 1:  # Kept, and the search needs its reference.

@@ -46,6 +46,9 @@ setuptools.setup(
             'tf-keras>=2.21,<2.22',
             # Test-only: the reference the hand-coded pHash is checked against.
             'imagehash>=4.3,<5',
+            # Test-only: the reference trainer.mistakes' suspect-label rule
+            # is checked against.
+            'cleanlab>=2.7,<3',
         ],
         'cuda': ['tensorflow[and-cuda]>=2.21,<2.22'],
     },

@@ -4,6 +4,9 @@
   train_samples.png         a training batch as the model receives it
   training_curves.png       accuracy and loss per epoch
   confusion_matrix.png      true vs predicted class on the evaluation split
+  mistakes.png              evaluation images with the model's class, wrong
+                            ones first (trainer.mistakes)
+  suspect_labels.png        images whose label the model contradicts
 
 matplotlib draws to files only (Agg): no display is needed on servers.
 """
@@ -51,6 +54,33 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
       ax.set_title(class_names[int(labels[i])], fontsize=9)
   fig.suptitle(title)
   fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],
+                            right: Sequence[bool], path: str, *,
+                            title: str) -> None:
+  """Images (float [N, H, W, C] in [0, 1]) captioned, in a grid of up to 6
+  columns; a right caption is green and marked with a tick, a wrong one red
+  with a cross (so the marks survive a grey print)."""
+  n = len(images)
+  cols = max(1, min(6, n))
+  rows = max(1, -(-n // cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.9 * rows),
+                           squeeze=False)
+  for i, ax in enumerate(axes.ravel()):
+    ax.axis('off')
+    if i < n:
+      image = np.clip(images[i], 0.0, 1.0)
+      ax.imshow(image[..., 0] if image.shape[-1] == 1 else image,
+                cmap='gray' if image.shape[-1] == 1 else None, vmin=0, vmax=1)
+      mark = '\u2713' if right[i] else '\u2717'
+      ax.set_title(f'{mark} {captions[i]}', fontsize=8,
+                   color='#1a7f37' if right[i] else '#cf222e')
+  fig.suptitle(title)
+  # Room for the title above the first row's captions (0.45 in).
+  fig.tight_layout(rect=(0, 0, 1, 1 - 0.45 / (2.9 * rows)))
   fig.savefig(path, dpi=100)
   plt.close(fig)
 

@@ -15,6 +15,11 @@ A run's folder (--model_dir):
   train_samples.png          a training batch as the model receives it
   confusion_matrix.png       on test (or validation), with
   classification_report.txt  per-class precision/recall/F1
+  predictions.csv            every validation/test image: file, given and
+                             predicted class, each class's probability
+  mistakes.png               those images, wrong ones first (trainer.mistakes)
+  suspect_labels.json, .png  images whose label the model contradicts
+  model_summary.txt          the model's layers (model.summary())
   tensorboard/               TensorBoard logs
   checkpoint/                resume state (see trainer.callbacks)
 """
@@ -85,6 +90,7 @@ CURVES_FILE = 'training_curves.png'
 TRAIN_SAMPLES_FILE = 'train_samples.png'
 CONFUSION_FILE = 'confusion_matrix.png'
 CLASS_REPORT_FILE = 'classification_report.txt'
+MODEL_SUMMARY_FILE = 'model_summary.txt'
 TENSORBOARD_DIR = run_files.TENSORBOARD_DIR
 CHECKPOINT_DIR = run_files.CHECKPOINT_DIR
 STATE_FILE = run_files.STATE_FILE

@@ -32,6 +32,7 @@ import tfrecords_schema
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import export as export_lib
+from trainer import mistakes
 from trainer import model_table
 from trainer import models
 from trainer import multi_worker
@@ -184,17 +185,6 @@ def _optimizer(name: str, learning_rate: float):
           'sgd': keras.optimizers.SGD}[name](learning_rate=learning_rate)
 
 
-def _predict_labels(model, ds, binary: bool) -> tuple[np.ndarray, np.ndarray]:
-  labels, predictions = [], []
-  for images, batch_labels in ds:
-    outputs = model(images, training=False).numpy()
-    predictions.append((outputs[:, 0] >= 0.5).astype(np.int64) if binary
-                       else outputs.argmax(axis=1))
-    labels.append(np.asarray(batch_labels).reshape(len(outputs)).astype(
-        np.int64))
-  return np.concatenate(labels), np.concatenate(predictions)
-
-
 def _write_samples(batch, config: TrainConfig, spec, model_input: ModelInput,
                    *, augmented: bool) -> None:
   """train_samples.png: one training batch as the model receives it."""
@@ -204,6 +194,15 @@ def _write_samples(batch, config: TrainConfig, spec, model_input: ModelInput,
       model_input.to_pixels(images), labels, spec.class_names, path,
       title='Training batch as the model sees it' +
       (' (augmented)' if augmented else '')), config)
+
+
+def _write_model_summary(model, model_dir: str) -> None:
+  """model_summary.txt: model.summary(), as Keras prints it."""
+  lines = []
+  model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+  with open(os.path.join(model_dir, config_lib.MODEL_SUMMARY_FILE), 'w',
+            encoding='utf-8') as f:
+    f.write('\n'.join(lines) + '\n')
 
 
 def _read_spec(data_dir: str):
@@ -546,6 +545,7 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
     if run.is_chief:
       os.makedirs(config.model_dir, exist_ok=True)
       resumable.prepare()
+      _write_model_summary(model, config.model_dir)
       _write_samples(sample_batch, config, spec, run.model_input,
                      augmented=config.augment is not None)
     _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
@@ -623,9 +623,10 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       config, eval_split, run.model_input, spec,
       batch_size=config.batch_size, training=False,
       label_mode=run.label_mode)
-  with input_pipeline.reading_errors(config.data_dir):
-    labels, predictions = _predict_labels(model, eval_ds, run.binary)
-  matrix = report.confusion_matrix(labels, predictions, spec.num_classes)
+  evaluated = _evaluate_by_file(config, run, model)
+  scored = evaluated.of_split(eval_split)
+  matrix = report.confusion_matrix(scored.labels, scored.predicted,
+                                   spec.num_classes)
   per_class = report.per_class_report(matrix, spec.class_names)
   metrics = {
       'val_accuracy': best.get('val_accuracy'),
@@ -640,6 +641,9 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       'evaluated_split': eval_split,
       'per_class': per_class,
   }
+  suspects = mistakes.suspect_report(evaluated, spec.class_names,
+                                     splits=_evaluation_splits(spec))
+  metrics['suspect_labels'] = suspects['suspects']
   if eval_split == 'test':
     with input_pipeline.reading_errors(config.data_dir):
       test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
@@ -651,6 +655,12 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   with open(os.path.join(config.model_dir, config_lib.CLASS_REPORT_FILE),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
+  mistakes.write_predictions(
+      os.path.join(config.model_dir, mistakes.PREDICTIONS_FILE), evaluated,
+      spec.class_names)
+  with open(os.path.join(config.model_dir, mistakes.SUSPECTS_FILE), 'w',
+            encoding='utf-8') as f:
+    json.dump(suspects, f, indent=2, allow_nan=False, ensure_ascii=False)
   export_lib.export(model, config.model_dir, config_lib.ModelConfig(
       model=config.model, class_names=spec.class_names,
       model_input=run.model_input))
@@ -659,8 +669,89 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   _picture(config_lib.CONFUSION_FILE, lambda path: plots.plot_confusion_matrix(
       matrix, spec.class_names, path,
       title=f'Confusion matrix ({eval_split} split)'), config)
+  _picture(mistakes.MISTAKES_FILE, lambda path: _gallery(
+      config, run, evaluated, mistakes.gallery_order(
+          evaluated.labels, evaluated.probs), path, suspects=False), config)
+  if suspects['suspects']:
+    order = np.array([evaluated.files.index(e['file'])
+                      for e in suspects['files'][:mistakes.GALLERY_SIZE]])
+    _picture(mistakes.SUSPECTS_PICTURE, lambda path: _gallery(
+        config, run, evaluated, order, path, suspects=True), config)
   _summary(config, metrics, eval_split)
   return metrics
+
+
+def _evaluation_splits(spec) -> list[str]:
+  """The splits reported by file: validation, and test when it has images."""
+  return [s for s in ('validation', 'test')
+          if spec.splits.get(s) and spec.splits[s].num_examples]
+
+
+def _evaluate_by_file(config: TrainConfig, run: _Run, model
+                      ) -> mistakes.Evaluated:
+  """The model's class probabilities for every image of the evaluation
+  splits, with its file and given label (one pass over each split)."""
+  files, splits, labels, probs = [], [], [], []
+  for split in _evaluation_splits(run.spec):
+    ds = input_pipeline.labelled_files(
+        config.data_dir, split, run.model_input,
+        batch_size=config.batch_size, spec=run.spec)
+    with input_pipeline.reading_errors(config.data_dir):
+      for images, batch_labels, batch_files in ds:
+        outputs = model(images, training=False).numpy()
+        probs.append(mistakes.probabilities(
+            outputs, num_classes=run.spec.num_classes))
+        labels.append(batch_labels.numpy().astype(np.int64))
+        files.extend(f.decode('utf-8', 'surrogateescape')
+                     for f in batch_files.numpy())
+        splits.extend([split] * len(outputs))
+  k = run.spec.num_classes
+  return mistakes.Evaluated(
+      files=files, splits=splits,
+      labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+      probs=np.concatenate(probs) if probs else np.zeros((0, k)))
+
+
+def _gallery(config: TrainConfig, run: _Run, evaluated: mistakes.Evaluated,
+             order, path: str, *, suspects: bool) -> None:
+  """mistakes.png (order: mistakes.gallery_order) or suspect_labels.png
+  (order: the suspects, least self-confident first), at most
+  mistakes.GALLERY_SIZE images, read back from their records."""
+  shown = [int(i) for i in order[:mistakes.GALLERY_SIZE]]
+  if not shown:
+    return
+  names = run.spec.class_names
+  guess = evaluated.predicted
+  start = {}  # First row of each split in `evaluated`.
+  for i, split in enumerate(evaluated.splits):
+    start.setdefault(split, i)
+  images = {}
+  for split, first in start.items():
+    rows = [i for i in shown if evaluated.splits[i] == split]
+    found = input_pipeline.pictures(config.data_dir, split, run.model_input,
+                                    [i - first for i in rows], spec=run.spec)
+    images.update({first + j: image for j, image in found.items()})
+  captions, right = [], []
+  for i in shown:
+    given, other = int(evaluated.labels[i]), int(guess[i])
+    name = evaluated.files[i]  # As in predictions.csv, shortened.
+    name = name if len(name) <= 30 else name[:13] + '...' + name[-14:]
+    if suspects:
+      captions.append(f'labelled {names[given]}\nmodel: {names[other]} '
+                      f'{evaluated.probs[i, other]:.0%}\n{name}')
+      right.append(False)
+    else:
+      captions.append(f'{names[other]} {evaluated.probs[i, other]:.0%}\n'
+                      f'(given {names[given]})\n{name}')
+      right.append(given == other)
+  pixels = np.stack([images[i] for i in shown]).astype(np.float32) / 255.0
+  wrong = int(np.sum(guess != evaluated.labels))
+  title = (f'{len(shown)} images whose label the model contradicts '
+           f'(confident learning), least sure of their label first'
+           if suspects else
+           f'{wrong} of {len(guess)} evaluation images wrong; wrong first, '
+           'most confident first')
+  plots.plot_prediction_gallery(pixels, captions, right, path, title=title)
 
 
 def _picture(name: str, draw, config: TrainConfig) -> None:
@@ -690,4 +781,11 @@ def _summary(config, metrics: dict, eval_split: str) -> None:
   lines.append(f'pictures: {d}/{c.CURVES_FILE}, {d}/{c.CONFUSION_FILE} '
                f'({eval_split}), {d}/{c.TRAIN_SAMPLES_FILE}; metrics: '
                f'{d}/{c.METRICS_FILE}')
+  m = mistakes
+  lines.append(f'mistakes by file: {d}/{m.MISTAKES_FILE}, every prediction: '
+               f'{d}/{m.PREDICTIONS_FILE}')
+  count = metrics['suspect_labels']
+  lines.append(f'{count} image(s) whose label the model contradicts: '
+               f'{d}/{m.SUSPECTS_FILE}'
+               + (f', {d}/{m.SUSPECTS_PICTURE}' if count else ''))
   print('\n'.join(lines))

@@ -648,6 +648,54 @@ def batches(data_dir: str, split: str, model_input: ModelInput,
   return ds.with_options(tf_options)
 
 
+def labelled_files(data_dir: str, split: str, model_input: ModelInput, *,
+                   batch_size: int,
+                   spec: Optional[tfrecords_schema.DatasetSpec] = None
+                   ) -> tf.data.Dataset:
+  """A whole split in record order, with each image's file: what the trainer
+  reports by file (predictions.csv).
+
+  Returns batches of (images float32 [B, h, w, C] as model_input.to_model
+  makes them, labels int32 [B], filenames string [B]: paths relative to the
+  build's --input_dir). Deterministic: the same order as `pictures` numbers
+  the records.
+  """
+  if spec is None:
+    spec = tfrecords_schema.read_dataset_spec(data_dir)
+
+  def decode(serialized):
+    example = schema.parse_examples(serialized)
+    image = model_input.read_resize(model_input.decode(example[schema.IMAGE]))
+    return (image, tf.cast(example[schema.LABEL], tf.int32),
+            example[schema.FILENAME])
+
+  ds = read_records(data_dir, spec, split, training=False)
+  ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
+  ds = ds.batch(batch_size).map(
+      lambda images, labels, files: (model_input.to_model(images), labels,
+                                     files),
+      num_parallel_calls=AUTOTUNE, deterministic=True)
+  return ds.prefetch(AUTOTUNE)
+
+
+def pictures(data_dir: str, split: str, model_input: ModelInput,
+             indices, *, spec: Optional[tfrecords_schema.DatasetSpec] = None
+             ) -> dict:
+  """{record index: uint8 [h, w, C]} for the given indices of a split (in
+  `labelled_files`' order); only those records are decoded."""
+  wanted = sorted({int(i) for i in indices})
+  if not wanted:
+    return {}
+  if spec is None:
+    spec = tfrecords_schema.read_dataset_spec(data_dir)
+  keep = tf.constant(wanted, dtype=tf.int64)
+  ds = read_records(data_dir, spec, split, training=False).enumerate()
+  ds = ds.filter(lambda i, _: tf.reduce_any(tf.equal(keep, i)))
+  ds = ds.map(lambda i, r: (i, model_input.read_resize(model_input.decode(
+      schema.parse_examples(r)[schema.IMAGE]))))
+  return {int(i): image.numpy() for i, image in ds.take(len(wanted))}
+
+
 def _check_memory_cache(spec, split: str, size) -> None:
   """MemoryCacheTooLarge if cache='memory' would take too much memory."""
   need = _estimate_bytes(spec, split, size)

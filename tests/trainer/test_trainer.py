@@ -171,8 +171,11 @@ def test_train_and_evaluate_writes_every_output(trained):
   model_dir, metrics = trained
   for name in ('best.keras', 'history.csv', 'metrics.json', 'model_config.json',
                'training_curves.png', 'confusion_matrix.png', 'train_samples.png',
-               'classification_report.txt', 'export/saved_model.pb'):
+               'classification_report.txt', 'export/saved_model.pb',
+               'model_summary.txt', 'mistakes.png', 'predictions.csv',
+               'suspect_labels.json'):
     assert os.path.exists(os.path.join(model_dir, name)), name
+  assert 'small_cnn' in open(os.path.join(model_dir, 'model_summary.txt')).read()
   assert os.listdir(os.path.join(model_dir, 'tensorboard'))
   saved = json.load(open(os.path.join(model_dir, 'metrics.json')))
   for key in ('val_accuracy', 'val_loss', 'best_epoch', 'epochs_run',
@@ -183,6 +186,35 @@ def test_train_and_evaluate_writes_every_output(trained):
   model = keras.models.load_model(os.path.join(model_dir, 'best.keras'))
   assert model.output_shape == (None, 1)  # Binary head.
   assert model.loss.__class__.__name__ == 'BinaryCrossentropy'
+
+
+def test_predictions_csv_lists_every_evaluation_record_by_file(
+    binary_data, trained):
+  model_dir, metrics = trained
+  spec = tfrecords_schema.read_dataset_spec(binary_data)
+  expected = []  # (file, split, label) of every record, in record order.
+  for split in ('validation', 'test'):
+    for record in tf.data.TFRecordDataset(spec.shard_paths(binary_data, split)):
+      example = schema.parse_examples(record)
+      expected.append((example[schema.FILENAME].numpy().decode(), split,
+                       spec.class_names[int(example[schema.LABEL])]))
+  with open(os.path.join(model_dir, 'predictions.csv'), newline='') as f:
+    rows = list(csv.DictReader(f))
+  assert [(r['file'], r['split'], r['given']) for r in rows] == expected
+  for row in rows:
+    p = [float(row[name]) for name in spec.class_names]
+    assert sum(p) == pytest.approx(1, abs=1e-5)
+    assert row['predicted'] == spec.class_names[int(p[1] >= 0.5)]
+    assert row['correct'] == str(row['predicted'] == row['given']).lower()
+  # The test accuracy of metrics.json is the CSV's, file by file.
+  test_rows = [r for r in rows if r['split'] == 'test']
+  assert metrics['test_accuracy'] == pytest.approx(
+      np.mean([r['correct'] == 'true' for r in test_rows]), abs=1e-6)
+  suspects = json.load(open(os.path.join(model_dir, 'suspect_labels.json')))
+  assert suspects['evaluated'] == len(rows)
+  assert metrics['suspect_labels'] == suspects['suspects']
+  assert {e['file'] for e in suspects['files']} <= {
+      r['file'] for r in rows if r['correct'] == 'false'}
 
 
 def test_export_matches_keras_model_on_the_same_bytes(binary_data, trained_run):
@@ -274,9 +306,19 @@ def test_parse_augment_flag():
     augment_config.parse('rotation')
 
 
-def test_end_to_end_on_real_handwritten_digits(tmp_path):
-  """Slower: scikit-learn's digits -> build -> train -> >= 0.9 held out."""
+def test_end_to_end_on_real_handwritten_digits_finds_planted_label_errors(
+    tmp_path):
+  """Slower: scikit-learn's digits, 40 of them moved into the wrong class
+  folder -> build -> train -> >= 0.9 on the clean held-out images, and
+  suspect_labels.json lists most planted files that were held out."""
   sample_data.export_digits(str(tmp_path / 'digits'))
+  rng = np.random.default_rng(0)
+  files = sorted((tmp_path / 'digits').rglob('*.png'))
+  planted = set()
+  for i in rng.choice(len(files), size=40, replace=False):
+    wrong = str((int(files[i].parent.name) + rng.integers(1, 10)) % 10)
+    files[i].rename(tmp_path / 'digits' / wrong / files[i].name)
+    planted.add(f'{wrong}/{files[i].name}')
   builder.build(input_dir=str(tmp_path / 'digits'),
                 output_dir=str(tmp_path / 'data'), image_size='32', channels=1,
                 image_format='png', validation_fraction=0.2, test_fraction=0.1,
@@ -285,8 +327,16 @@ def test_end_to_end_on_real_handwritten_digits(tmp_path):
       data_dir=str(tmp_path / 'data'), model_dir=str(tmp_path / 'run'),
       epochs=6, early_stopping_patience=0))
   assert metrics['class_names'] == [str(d) for d in range(10)]
-  assert metrics['val_accuracy'] >= 0.9
-  assert metrics['test_accuracy'] >= 0.9
+  with open(tmp_path / 'run' / 'predictions.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  clean = [r['correct'] == 'true' for r in rows if r['file'] not in planted]
+  assert np.mean(clean) >= 0.9
+  held_out = planted & {r['file'] for r in rows}
+  suspects = {e['file'] for e in json.loads(
+      (tmp_path / 'run' / 'suspect_labels.json').read_text())['files']}
+  assert len(held_out) >= 5
+  assert len(suspects & held_out) >= 0.7 * len(held_out)  # Most found.
+  assert len(suspects - held_out) <= len(held_out) // 2  # Few clean ones.
 
 
 def test_flagfile_mixed_precision_mirrored_and_read_time_resize(binary_data,

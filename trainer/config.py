@@ -44,6 +44,7 @@ BASE_MODELS = model_table.BASE_MODEL_NAMES
 OPTIMIZERS = ('rmsprop', 'adam', 'sgd')
 DISTRIBUTIONS = ('default', 'mirrored', 'multi_worker')
 MONITORS = ('val_loss', 'val_accuracy', 'loss', 'accuracy')
+CLASS_WEIGHTS = ('none', 'balanced')
 
 
 class ModelError(UserError):
@@ -71,13 +72,57 @@ def check_image_side(model: str, need: int, height: int, width: int) -> None:
 
 
 def check_image_size(model: str, base_model: str,
-                     size: tuple[int, int]) -> None:
-  """ModelError when --model (on --base_model) cannot take size=(height,
-  width) images; no Keras needed, so the trainer checks before TensorFlow
-  loads (the model's builder checks again)."""
-  check_image_side(f'{model} --base_model={base_model}'
-                   if model_table.get(model).uses_base_model else model,
-                   model_table.min_side(model, base_model), *size)
+                     size: tuple[int, int],
+                     conv_filters: Optional[tuple[int, ...]] = None) -> None:
+  """ModelError when --model (on --base_model, with --conv_filters) cannot
+  take size=(height, width) images; no Keras needed, so the trainer checks
+  before TensorFlow loads (the model's builder checks again)."""
+  name = model
+  if model_table.get(model).uses_base_model:
+    name = f'{model} --base_model={base_model}'
+  elif conv_filters:
+    name = f'{model} --conv_filters={",".join(map(str, conv_filters))}'
+  check_image_side(name, model_table.min_side(model, base_model, conv_filters),
+                   *size)
+
+
+def check_class_weight(class_weight: str) -> None:
+  """UserError for a --class_weight that is not one of CLASS_WEIGHTS."""
+  if class_weight not in CLASS_WEIGHTS:
+    raise UserError(f'--class_weight={class_weight} is not one of '
+                    f'{", ".join(CLASS_WEIGHTS)}')
+
+
+def architecture_args(model: str, *, conv_filters, dense_units) -> dict:
+  """--model's builder arguments with --conv_filters / --dense_units;
+  ModelError naming the flag when they do not apply or are not positive."""
+  try:
+    return model_table.architecture_args(model, conv_filters=conv_filters,
+                                         dense_units=dense_units)
+  except ValueError as e:
+    raise ModelError(str(e)) from None
+
+
+def parse_int_list(flag: str, text: Optional[str]
+                   ) -> Optional[tuple[int, ...]]:
+  """'16,32,64' -> (16, 32, 64); None or '' -> None; UserError naming
+  the flag otherwise."""
+  if text is None or not str(text).strip():
+    return None
+  try:
+    return tuple(int(part) for part in str(text).split(','))
+  except ValueError:
+    raise UserError(f'--{flag}={text}: expected comma-separated positive '
+                    'integers, e.g. --conv_filters=16,32,64') from None
+
+
+def balanced_class_weights(class_counts) -> dict[int, float]:
+  """--class_weight=balanced: class -> n / (K * n_k) from the train
+  split's per-class counts (scikit-learn's 'balanced'; 1 for every class of
+  a balanced dataset). A class with no image gets 1 (it cannot occur)."""
+  counts = [int(c) for c in class_counts]
+  total, k = sum(counts), len(counts)
+  return {i: (total / (k * c) if c else 1.0) for i, c in enumerate(counts)}
 
 
 # Files and folders of a run (--model_dir).
@@ -230,6 +275,9 @@ class TrainConfig:
   base_model: str = BASE_MODELS[0]
   base_weights: Optional[str] = None
   base_cutoff_layer: Optional[str] = None
+  conv_filters: Optional[tuple[int, ...]] = None
+  dense_units: Optional[int] = None
+  class_weight: str = CLASS_WEIGHTS[0]
   cache: Optional[str] = None
   data_service: Optional[str] = None
   data_service_timeout: float = 300
@@ -259,6 +307,8 @@ class TrainConfig:
     out['augment'] = augment_config.to_text(self.augment)
     size = self.image_size or (spec and (spec.height, spec.width))
     out['image_size'] = list(size) if size else None
+    if self.conv_filters is not None:  # As JSON gives it back.
+      out['conv_filters'] = list(self.conv_filters)
     if spec is not None:
       out['dataset'] = dataset_summary(spec)
     return out

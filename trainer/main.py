@@ -76,6 +76,19 @@ flags.DEFINE_string(
     'base_cutoff_layer', _D('base_cutoff_layer'),
     '--model=transfer: use the base up to this layer (e.g. mixed7).')
 flags.DEFINE_string(
+    'conv_filters', _D('conv_filters'),
+    'Course CNNs: filters of each 3x3 conv + 2x2 pool block, e.g. 16,32,64 '
+    "(default: the model's own, see README).")
+flags.DEFINE_integer(
+    'dense_units', _D('dense_units'),
+    "Units of the dense layer before the head (default: the model's own: "
+    '128 dense and small_cnn, 512 horses_humans and cats_dogs, 1024 '
+    'transfer).')
+flags.DEFINE_string(
+    'class_weight', _D('class_weight'),
+    f'One of {", ".join(config_lib.CLASS_WEIGHTS)}; balanced weighs each '
+    "class's loss by n / (classes x its train images).")
+flags.DEFINE_string(
     'cache', _D('cache'), "'memory', or a file path prefix in an existing "
     'folder to cache decoded images on disk (files PREFIX.<dataset key>.'
     '<split>.*: a rebuilt dataset or another --image_size gets new ones).')
@@ -109,6 +122,8 @@ def config_from_flags() -> config_lib.TrainConfig:
     raise UserError(f'--augment={values["augment"]}: {e}') from None
   if values['image_size']:
     values['image_size'] = cli.parse_image_size(values['image_size'])
+  values['conv_filters'] = config_lib.parse_int_list(
+      'conv_filters', values['conv_filters'])
   for flag in ('data_dir', 'model_dir', 'cache', 'base_weights'):
     if values[flag]:  # ~, file:// as the user means them.
       values[flag] = paths.expand(values[flag])
@@ -137,12 +152,17 @@ def main(argv):
     config = config_from_flags()
     # Before TensorFlow loads (seconds): typos in these fail at once.
     config_lib.check_model_names(config.model, config.base_model)
+    config_lib.architecture_args(config.model,
+                                 conv_filters=config.conv_filters,
+                                 dense_units=config.dense_units)
+    config_lib.check_class_weight(config.class_weight)
     config_lib.distribution_task(config.distribution,
                                  os.environ.get('TF_CONFIG'))
     places.check_data_dir_is_not_a_run(config.data_dir)
     spec = metadata_lib.read_dataset_spec(config.data_dir)
     config_lib.check_image_size(config.model, config.base_model,
-                                config.image_size or (spec.height, spec.width))
+                                config.image_size or (spec.height, spec.width),
+                                config.conv_filters)
     places.check_model_dir_place(config.model_dir, config.data_dir)
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')

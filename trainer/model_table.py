@@ -19,7 +19,7 @@ with `uses_base_model`.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional, Sequence
 
 from pipelines.preprocessing import model_input as model_input_lib
 
@@ -54,12 +54,16 @@ class BaseModel:
   min_side: int  # Smallest input side Keras accepts for it.
 
 
-# The course rescales its CNNs' inputs to [0, 1]; the Inception/MobileNet
+# The first entry is the --model default. The course rescales its CNNs'
+# inputs to [0, 1]; the Inception/MobileNet
 # bases were trained on [-1, 1].
 MODELS = (
     Model('small_cnn', 'conv_stack', 'rescale', 0.0,
           'The Fashion-MNIST CNN: Conv32-Pool-Conv64-Pool-Dense128',
           args=dict(filters=(32, 64), dense_units=128)),
+    Model('dense', 'dense', 'rescale', 0.0,
+          "The Fashion-MNIST notes' dense model: Flatten-Dense128-head",
+          args=dict(dense_units=128)),
     Model('horses_humans', 'conv_stack', 'rescale', 0.0,
           'Conv16-32-64-64-64, each with max pooling, Dense512 (300x300 in '
           'the course)',
@@ -72,7 +76,8 @@ MODELS = (
                     dropout_before_dense=True)),
     Model('transfer', 'transfer', '[-1,1]', 0.2,
           'A frozen --base_model (truncated at --base_cutoff_layer), '
-          'Dense1024, head', uses_base_model=True),
+          'Dense1024, head', args=dict(dense_units=1024),
+          uses_base_model=True),
 )
 
 BASE_MODELS = (
@@ -115,12 +120,37 @@ def conv_stack_min_side(num_convs: int) -> int:
   return side
 
 
-def min_side(name: str, base_model: str) -> int:
-  """Smallest image side --model=name (on --base_model) can take; 1 for a
-  builder with no minimum."""
+def min_side(name: str, base_model: str,
+             conv_filters: Optional[Sequence[int]] = None) -> int:
+  """Smallest image side --model=name (on --base_model, with
+  --conv_filters when given) can take; 1 for a builder with no minimum."""
   entry = get(name)
   if entry.uses_base_model:
     return get_base(base_model).min_side
   if 'filters' in entry.args:
-    return conv_stack_min_side(len(entry.args['filters']))
+    return conv_stack_min_side(len(conv_filters or entry.args['filters']))
   return 1
+
+
+def architecture_args(name: str, *, conv_filters: Optional[Sequence[int]],
+                      dense_units: Optional[int]) -> dict:
+  """The builder arguments of --model=name with --conv_filters and
+  --dense_units applied (None: the entry's own); ValueError naming the
+  flag when the model has no such part or a value is not positive."""
+  entry = get(name)
+  args = dict(entry.args)
+  for flag, key, value in (('conv_filters', 'filters', conv_filters),
+                           ('dense_units', 'dense_units', dense_units)):
+    if value is None:
+      continue
+    having = [m.name for m in MODELS if key in m.args]
+    if key not in args:
+      raise ValueError(f'--{flag} does not apply to --model={name}; it '
+                       f'changes {", ".join(having)}')
+    values = list(value) if key == 'filters' else [value]
+    if not values or any(isinstance(v, bool) or not isinstance(v, int)
+                         or v < 1 for v in values):
+      raise ValueError(f'--{flag}={value!r}: expected positive integers, '
+                       f'e.g. {"16,32,64" if key == "filters" else "512"}')
+    args[key] = tuple(values) if key == 'filters' else value
+  return args

@@ -77,8 +77,18 @@ def conv_stack(inputs, num_classes: int, dropout: float, *, name: str,
   return keras.Model(inputs, outputs, name=name)
 
 
+def dense(inputs, num_classes: int, dropout: float, *, name: str,
+          dense_units: int) -> keras.Model:
+  """Flatten, Dense(dense_units)+ReLU, head: the Fashion-MNIST notes'
+  first model (128 units there); any input size."""
+  x = layers.Flatten()(inputs)
+  x = layers.Dense(dense_units, activation='relu')(x)
+  return keras.Model(inputs, head(x, num_classes, dropout), name=name)
+
+
 def transfer(inputs, num_classes, dropout, *, name: str, base_model: str,
-             base_weights: Optional[str], base_cutoff_layer: Optional[str]):
+             base_weights: Optional[str], base_cutoff_layer: Optional[str],
+             dense_units: int = 1024):
   """A frozen Keras Applications base (truncated at a layer) + a new head.
 
   Pretrained weights cannot be downloaded at run time: `base_weights` must be
@@ -123,7 +133,7 @@ def transfer(inputs, num_classes, dropout, *, name: str, base_model: str,
   base.trainable = False
   y = base(x, training=False)
   y = layers.Flatten()(y)
-  y = layers.Dense(1024, activation='relu')(y)
+  y = layers.Dense(dense_units, activation='relu')(y)
   return keras.Model(inputs, head(y, num_classes, dropout), name=name)
 
 
@@ -144,15 +154,22 @@ def build_model(name: str, *, input_shape: tuple[int, int, int],
                 num_classes: int, dropout: Optional[float] = None,
                 base_model: str = BASE_MODELS[0],
                 base_weights: Optional[str] = None,
-                base_cutoff_layer: Optional[str] = None) -> keras.Model:
-  """Builds `name` for (H, W, C) inputs; ModelError when it cannot."""
+                base_cutoff_layer: Optional[str] = None,
+                conv_filters: Optional[tuple[int, ...]] = None,
+                dense_units: Optional[int] = None) -> keras.Model:
+  """Builds `name` for (H, W, C) inputs; ModelError when it cannot.
+
+  conv_filters, dense_units: --conv_filters / --dense_units (None: the
+  model's own, trainer.model_table).
+  """
   config_lib.check_model_names(name, base_model)
   entry = model_table.get(name)
   dropout = entry.default_dropout if dropout is None else dropout
   if not 0 <= dropout < 1:
     raise ModelError(f'--dropout={dropout} must be in [0, 1)')
   inputs = keras.Input(input_shape, name='image')
-  args = dict(entry.args)
+  args = config_lib.architecture_args(name, conv_filters=conv_filters,
+                                      dense_units=dense_units)
   if entry.uses_base_model:
     args.update(base_model=base_model, base_weights=base_weights,
                 base_cutoff_layer=base_cutoff_layer)

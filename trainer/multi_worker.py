@@ -134,16 +134,22 @@ class Loop:
       softmax logits (labels int32 [B]), as `models.head`.
     global_batch: images per step over all replicas.
     jit_compile: compile the per-replica forward/backward pass with XLA.
+    class_weight: class -> weight of its examples' loss (--class_weight).
   """
 
   def __init__(self, cluster: 'Cluster', model, *, num_classes: int,
-               global_batch: int, jit_compile: bool = False):
+               global_batch: int, jit_compile: bool = False,
+               class_weight: Optional[dict] = None):
     self.cluster = cluster
     self.strategy = cluster.strategy
     self.model = model
     self.binary = config_lib.single_unit(num_classes)
     self.global_batch = global_batch
     self._loss = models.loss(num_classes, reduction=None)
+    # --class_weight: each example's loss times its class's weight, as
+    # Keras' fit(class_weight=...) does.
+    self._class_weight = None if class_weight is None else tf.constant(
+        [class_weight.get(k, 1.0) for k in range(num_classes)], tf.float32)
     self._grads = tf.function(self._forward_backward, jit_compile=jit_compile)
     self.train_step = tf.function(self._train_step)
     self._eval_batch = tf.function(self._eval)
@@ -153,6 +159,10 @@ class Loop:
     with tf.GradientTape() as tape:
       outputs = tf.cast(model(images, training=True), tf.float32)
       per_example = self._loss(labels, outputs)
+      if self._class_weight is not None:
+        classes = (tf.cast(tf.round(labels[:, 0]), tf.int32) if self.binary
+                   else tf.cast(labels, tf.int32))
+        per_example *= tf.gather(self._class_weight, classes)
       loss = tf.nn.compute_average_loss(per_example,
                                         global_batch_size=self.global_batch)
       if model.losses:

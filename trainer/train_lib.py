@@ -64,6 +64,9 @@ def _validate(config: TrainConfig, spec) -> None:
   if config.target_accuracy is not None and not 0 < config.target_accuracy <= 1:
     raise UserError(f'--target_accuracy={config.target_accuracy} must be in '
                     '(0, 1]')
+  config_lib.check_class_weight(config.class_weight)
+  config_lib.architecture_args(config.model, conv_filters=config.conv_filters,
+                               dense_units=config.dense_units)
   monitor = config.early_stopping_monitor
   if monitor not in config_lib.MONITORS:
     raise UserError(f'--early_stopping_monitor={monitor} is not one of '
@@ -319,12 +322,43 @@ def _build_model(config: TrainConfig, model_input: ModelInput,
       config.model, input_shape=model_input.shape,
       num_classes=num_classes, dropout=config.dropout,
       base_model=config.base_model, base_weights=config.base_weights,
-      base_cutoff_layer=config.base_cutoff_layer)
+      base_cutoff_layer=config.base_cutoff_layer,
+      conv_filters=config.conv_filters, dense_units=config.dense_units)
   model.compile(
       optimizer=_optimizer(config.optimizer, config.learning_rate),
       loss=models.loss(num_classes), metrics=['accuracy'],
       jit_compile=config.jit_compile)
   return model
+
+
+def _epoch_notes(config: TrainConfig, spec, steps: int) -> list[str]:
+  """What an epoch is when the batch size does not divide the training
+  images, and the --class_weight weights: said, not left to be guessed."""
+  lines = []
+  count = spec.splits['train'].num_examples
+  rest = count - steps * config.batch_size
+  if rest:
+    lines.append(
+        f'an epoch is {steps} full batches of {config.batch_size} = '
+        f'{steps * config.batch_size} of the {count} training images; the '
+        f'shuffled stream runs on across epochs, so the other {rest} begin '
+        'the next epoch (no image is left out for good)')
+  weights = _class_weight(config, spec)
+  if weights:
+    shown = ', '.join(f'{name} {weights[i]:.3g}' for i, name in
+                      enumerate(spec.class_names[:10]))
+    more = (f', ... ({spec.num_classes} classes)' if spec.num_classes > 10
+            else '')
+    lines.append(f'--class_weight=balanced: loss weights {shown}{more}')
+  return lines
+
+
+def _class_weight(config: TrainConfig, spec):
+  """Keras' class_weight for --class_weight (None for none), from the
+  per-class train counts the build stored (nothing is read again)."""
+  if config.class_weight != 'balanced':
+    return None
+  return config_lib.balanced_class_weights(spec.splits['train'].class_counts)
 
 
 def _mirrored_strategy():
@@ -404,10 +438,55 @@ def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
     raise multi_worker.peer_lost(e) from None
 
 
+class _AlreadyFinished(Exception):
+  """The run in --model_dir has nothing left to train and every result
+  written; the message says so, `metrics` is its metrics.json."""
+
+  def __init__(self, message: str, metrics: dict):
+    super().__init__(message)
+    self.metrics = metrics
+
+
+def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
+  """_AlreadyFinished when the saved run has trained all it will (--epochs
+  reached, or stopped early) and wrote its results (metrics.json, written
+  last, for these epochs; the export; predictions.csv): a rerun of a finished
+  command then ends at once instead of evaluating and exporting again."""
+  if not done or (done < config.epochs and not resumable.stopped_early):
+    return
+  d = config.model_dir
+  try:
+    with open(os.path.join(d, config_lib.METRICS_FILE)) as f:
+      metrics = json.load(f)
+  except (OSError, ValueError):
+    return  # Not finished writing: the run finishes again.
+  if not isinstance(metrics, dict) or metrics.get('epochs_run') != done or not (
+      os.path.isfile(os.path.join(d, config_lib.EXPORT_DIR, 'saved_model.pb'))
+      and os.path.isfile(os.path.join(d, mistakes.PREDICTIONS_FILE))
+      and 'evaluated_split' in metrics):
+    return
+  if resumable.stopped_early:
+    why = (f'it stopped early after epoch {done} '
+           f'({resumable.stop_reason or "early stopping"})')
+    more = 'pass a new --model_dir to train again'
+  else:
+    why = f'it finished --epochs={done}'
+    more = (f'pass --epochs above {done} to train on, or a new --model_dir '
+            'to start over')
+  raise _AlreadyFinished(
+      f'nothing left to train in --model_dir={d}: {why}, and its model, '
+      f'export and results are written; {more}', metrics)
+
+
 def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
   """train_and_evaluate after the checks that need no TensorFlow runtime:
   prepare (every refusal, before any write), fit, then the chief finishes."""
-  run = _prepare(config, spec, task, cluster)
+  try:
+    run = _prepare(config, spec, task, cluster)
+  except _AlreadyFinished as finished:
+    _say(str(finished))
+    _summary(config, finished.metrics, finished.metrics['evaluated_split'])
+    return finished.metrics
   train_seconds = _fit(config, run, dog)
   if run.resumable.preempted:
     raise Preempted(
@@ -471,6 +550,8 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
         fingerprint=config.fingerprint(spec), same=config_lib.same_setting,
         write=is_chief)
     done = _load_state(config, resumable)
+    if not cluster:
+      _check_not_finished(config, resumable, done)
     error = None
   except UserError as e:
     if not cluster:
@@ -539,7 +620,8 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
     if task:
       loop = multi_worker.Loop(run.cluster, model, num_classes=num_classes,
                                global_batch=config.batch_size,
-                               jit_compile=config.jit_compile)
+                               jit_compile=config.jit_compile,
+                               class_weight=_class_weight(config, spec))
 
     # Every check passed: from here on, the run writes (the chief only).
     if run.is_chief:
@@ -548,11 +630,13 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
       _write_model_summary(model, config.model_dir)
       _write_samples(sample_batch, config, spec, run.model_input,
                      augmented=config.augment is not None)
-    _say(f'{config.model} on {size[0]}x{size[1]}x{spec.channels}, '
+    _say(f'{config.model} on {cli.image_shape(*size, spec.channels)}, '
          f'{num_classes} classes, {train_count} train / '
          f'{spec.splits["validation"].num_examples} validation images, '
          f'{model.count_params():,} parameters'
          + (f'; resuming after epoch {run.done}' if run.done else ''))
+    for line in _epoch_notes(config, spec, steps_per_epoch):
+      _say(line)
     start = time.perf_counter()
     to_train = run.done < config.epochs and not resumable.stopped_early
     if task and to_train:
@@ -577,6 +661,7 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
         model.fit(run.train_dataset(config.batch_size),
                   steps_per_epoch=steps_per_epoch, epochs=config.epochs,
                   validation_data=run.val_ds, verbose=2, shuffle=False,
+                  class_weight=_class_weight(config, spec),
                   callbacks=[
                       *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
                       keras.callbacks.TensorBoard(os.path.join(
@@ -641,6 +726,10 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       'evaluated_split': eval_split,
       'per_class': per_class,
   }
+  weights = _class_weight(config, spec)
+  if weights:
+    metrics['class_weights'] = {name: round(weights[i], 6)
+                                for i, name in enumerate(spec.class_names)}
   suspects = mistakes.suspect_report(evaluated, spec.class_names,
                                      splits=_evaluation_splits(spec))
   metrics['suspect_labels'] = suspects['suspects']
@@ -649,9 +738,6 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
     metrics['test_accuracy'] = float(test_accuracy)
     metrics['test_loss'] = float(test_loss)
-  with open(os.path.join(config.model_dir, config_lib.METRICS_FILE),
-            'w') as f:
-    json.dump(report.json_ready(metrics), f, indent=2, allow_nan=False)
   with open(os.path.join(config.model_dir, config_lib.CLASS_REPORT_FILE),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
@@ -677,6 +763,11 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
                       for e in suspects['files'][:mistakes.GALLERY_SIZE]])
     _picture(mistakes.SUSPECTS_PICTURE, lambda path: _gallery(
         config, run, evaluated, order, path, suspects=True), config)
+  # Last: a rerun takes metrics.json for these epochs to mean that every
+  # result is written (_check_not_finished).
+  with open(os.path.join(config.model_dir, config_lib.METRICS_FILE),
+            'w') as f:
+    json.dump(report.json_ready(metrics), f, indent=2, allow_nan=False)
   _summary(config, metrics, eval_split)
   return metrics
 
@@ -784,7 +875,7 @@ def _summary(config, metrics: dict, eval_split: str) -> None:
   m = mistakes
   lines.append(f'mistakes by file: {d}/{m.MISTAKES_FILE}, every prediction: '
                f'{d}/{m.PREDICTIONS_FILE}')
-  count = metrics['suspect_labels']
+  count = metrics.get('suspect_labels', 0)
   lines.append(f'{count} image(s) whose label the model contradicts: '
                f'{d}/{m.SUSPECTS_FILE}'
                + (f', {d}/{m.SUSPECTS_PICTURE}' if count else ''))

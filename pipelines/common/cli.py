@@ -291,6 +291,14 @@ def quiet_logs() -> None:
     logging.set_verbosity(logging.WARNING)
 
 
+def image_shape(height: int, width: int, channels: int) -> str:
+  """An image shape people cannot misread: '128 high x 192 wide x 3
+  channels' (--image_size is HEIGHT,WIDTH; a bare 128x192x3 reads as
+  width first to many)."""
+  return (f'{height} high x {width} wide x {channels} '
+          f'channel{"s" if channels != 1 else ""}')
+
+
 def parse_image_size(text: str, flag: str = 'image_size') -> tuple[int, int]:
   """'150' -> (150, 150); '300,200' or '300x200' -> (height=300, width=200)."""
   parts = [p.strip() for p in re.split(r'[,x]', str(text).strip())]

@@ -132,8 +132,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
         say(line)
       say(f'{len(plan.class_names)} classes ({plan.layout} layout), '
           f'{len(plan.folders)} folders to list; writing '
-          f'{config.image.height}x{config.image.width}x'
-          f'{config.image.channels} {config.image.image_format}')
+          f'{cli.image_shape(config.image.height, config.image.width, config.image.channels)} '
+          f'{config.image.image_format}')
       report, lines = _run_and_commit(
           config, plan, progress=progress, replace=progress.had_dataset,
           beam_args=beam_args, samples=samples,

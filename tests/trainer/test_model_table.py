@@ -28,10 +28,10 @@ def _smallest_side(entry, base) -> int:
   if base is not None:
     return model_table.get_base(base).min_side
   try:
-    models.build_model(entry.name, input_shape=(8, 8, 3), num_classes=2)
+    models.build_model(entry.name, input_shape=(1, 1, 3), num_classes=2)
   except models.ModelError as e:
     return int(re.search(r'at least (\d+)x', str(e)).group(1))
-  return 8
+  return 1
 
 
 def _build(entry, base, side, **kwargs):
@@ -127,3 +127,69 @@ def test_the_size_check_before_tensorflow_agrees_with_the_builders():
       config_lib.check_image_size(entry.name, base.name, (need, need + 5))
       with pytest.raises(config_lib.ModelError, match=f'at least {need}x'):
         config_lib.check_image_size(entry.name, base.name, (need + 5, need - 1))
+
+
+def _conv_filters(model) -> list[int]:
+  return [l.filters for l in model.layers
+          if isinstance(l, keras.layers.Conv2D)]
+
+
+def _dense_units(model) -> list[int]:
+  return [l.units for l in model.layers if isinstance(l, keras.layers.Dense)]
+
+
+def test_conv_filters_and_dense_units_change_the_course_models():
+  small = model_table.get('small_cnn')
+  default = _build(small, None, 32)
+  assert _conv_filters(default) == [32, 64] and _dense_units(default) == [
+      128, 3]
+  changed = _build(small, None, 32, conv_filters=(8, 16, 24), dense_units=20)
+  assert _conv_filters(changed) == [8, 16, 24]
+  assert _dense_units(changed) == [20, 3]
+  # Three blocks need larger images than two: both checks agree.
+  need = model_table.min_side('small_cnn', 'inception_v3', (8, 16, 24))
+  assert need == model_table.conv_stack_min_side(3) > model_table.min_side(
+      'small_cnn', 'inception_v3')
+  with pytest.raises(config_lib.ModelError, match=f'at least {need}x'):
+    _build(small, None, need - 1, conv_filters=(8, 16, 24))
+  with pytest.raises(config_lib.ModelError, match='--conv_filters=8,16,24'):
+    config_lib.check_image_size('small_cnn', 'inception_v3',
+                                (need - 1, need), (8, 16, 24))
+  # The notes' dense model: Flatten, Dense128, head; --dense_units too.
+  dense = _build(model_table.get('dense'), None, 28)
+  assert _dense_units(dense) == [128, 3] and not _conv_filters(dense)
+  assert _dense_units(_build(model_table.get('dense'), None, 28,
+                             dense_units=512)) == [512, 3]
+
+
+@pytest.mark.parametrize('model, kwargs, message', [
+    ('dense', dict(conv_filters=(16,)), '--conv_filters does not apply to '
+     '--model=dense; it changes small_cnn, horses_humans, cats_dogs'),
+    ('small_cnn', dict(conv_filters=(16, 32.5)), 'expected positive'),
+    ('transfer', dict(conv_filters=(16,)), 'does not apply to --model=transfer'),
+    ('small_cnn', dict(conv_filters=(16, 0)), '--conv_filters=(16, 0): expected '
+     'positive integers'),
+    ('small_cnn', dict(conv_filters=()), 'expected positive integers'),
+    ('cats_dogs', dict(dense_units=-5), '--dense_units=-5: expected positive'),
+])
+def test_architecture_flags_are_refused_where_they_do_not_fit(model, kwargs,
+                                                              message):
+  kwargs = {'conv_filters': None, 'dense_units': None, **kwargs}
+  with pytest.raises(config_lib.ModelError, match=re.escape(message)):
+    config_lib.architecture_args(model, **kwargs)
+
+
+def test_conv_filters_flag_text_parses_or_names_the_flag():
+  assert config_lib.parse_int_list('conv_filters', '16, 32,64') == (16, 32, 64)
+  assert config_lib.parse_int_list('conv_filters', '') is None
+  with pytest.raises(config_lib.UserError, match='--conv_filters=16;32'):
+    config_lib.parse_int_list('conv_filters', '16;32')
+
+
+def test_balanced_class_weights_follow_the_train_counts():
+  assert config_lib.balanced_class_weights([10, 10]) == {0: 1.0, 1: 1.0}
+  weights = config_lib.balanced_class_weights([90, 10, 20])
+  assert weights == pytest.approx({0: 120 / 270, 1: 120 / 30, 2: 120 / 60})
+  # Weighted, every class contributes the same total: n / K.
+  assert [w * c for w, c in zip(weights.values(), [90, 10, 20])] == (
+      pytest.approx([40, 40, 40]))

@@ -347,6 +347,7 @@ def test_flagfile_mixed_precision_mirrored_and_read_time_resize(binary_data,
       f'--data_dir={binary_data}', f'--model_dir={model_dir}', '--epochs=1',
       '--batch_size=8', '--mixed_precision', '--distribution=mirrored',
       '--image_size=40', '--augment=rotation_range=10,zoom_range=0.9:1.1',
+      '--class_weight=balanced', '--conv_filters=8,16', '--dense_units=24',
       '--verbosity=0']))  # INFO logs: the strategy names itself.
   result = helpers.run_cli('trainer.main', f'--flagfile={flagfile}')
   assert result.returncode == 0, result.stderr[-2000:]
@@ -357,11 +358,20 @@ def test_flagfile_mixed_precision_mirrored_and_read_time_resize(binary_data,
   assert settings['distribution'] == 'mirrored'
   assert settings['image_size'] == [40, 40] and settings['batch_size'] == 8
   assert settings['augment'] == 'rotation_range=10,zoom_range=0.9:1.1'
+  assert settings['class_weight'] == 'balanced'
+  assert settings['conv_filters'] == [8, 16] and settings['dense_units'] == 24
   assert state['epochs_done'] == 1
+  # The shape says which side is which; the weights are said (12 and 12
+  # training images: both 1).
+  assert '40 high x 40 wide x 3 channels' in result.stderr
+  assert '--class_weight=balanced: loss weights cats 1, rockets 1' in (
+      result.stderr)
   # The model was built and trained under a MirroredStrategy.
   assert 'Using MirroredStrategy with devices' in result.stderr
   # Mixed precision: 16-bit compute (bfloat16 on CPU), float32 variables.
   model = keras.models.load_model(model_dir / 'best.keras')
+  assert [l.filters for l in model.layers
+          if isinstance(l, keras.layers.Conv2D)] == [8, 16]
   head = model.get_layer('probability')
   hidden = [l for l in model.layers if l.weights and l is not head]
   assert len(hidden) >= 3 and all(

@@ -473,18 +473,28 @@ def test_a_fresh_run_survives_a_failing_picture_reruns_and_refuses_a_rebuild(
   capsys.readouterr()
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    metrics = train_lib.train_and_evaluate(_config('data', 'run'))
+    metrics = train_lib.train_and_evaluate(_config('data', 'run', epochs=2))
   messages = [str(w.message) for w in caught]
   assert not [m for m in messages if 'Skipping variable loading' in m], messages
   assert 'resuming after epoch 1' in capsys.readouterr().err
-  assert metrics['epochs_run'] == 1
+  assert metrics['epochs_run'] == 2
+  # The finished run, rerun: nothing is trained, evaluated or written again.
+  before = _snapshot(run)
+  again = train_lib.train_and_evaluate(_config('data', 'run', epochs=2))
+  out = capsys.readouterr()
+  assert again == metrics
+  assert 'nothing left to train in --model_dir=run: it finished --epochs=2' in (
+      out.err)
+  assert 'Epoch' not in out.out and 'resuming' not in out.err
+  assert 'validation accuracy' in out.out  # The summary, from metrics.json.
+  assert _snapshot(run) == before
 
   builder.build(input_dir=str(env.photos), output_dir=str(data),
                 image_size='32', validation_fraction=0.25, test_fraction=0.2,
                 seed=1, quiet=True, samples=False, overwrite=True)
   before = _snapshot(run)
   with pytest.raises(UserError) as raised:
-    train_lib.train_and_evaluate(_config(data, run, epochs=2))
+    train_lib.train_and_evaluate(_config(data, run, epochs=3))
   _one_line(raised.value, f'--data_dir={data}', 'another dataset', '28x28x3',
             '32x32x3', '--model_dir')
   assert _snapshot(run) == before

@@ -49,6 +49,9 @@ setuptools.setup(
             # Test-only: the reference trainer.mistakes' suspect-label rule
             # is checked against.
             'cleanlab>=2.7,<3',
+            # TFDS' store_as_tfds_dataset (the tests prepare a TFDS dataset
+            # offline with it) imports it; TFDS does not declare it.
+            'importlib_resources>=6,<8',
         ],
         'cuda': ['tensorflow[and-cuda]>=2.21,<2.22'],
     },

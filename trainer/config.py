@@ -255,7 +255,7 @@ def single_unit(num_classes: int) -> bool:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Everything a run depends on (flags of trainer.main, same names)."""
-  data_dir: str
+  data_dir: Optional[str]  # None with --tfds: where the import goes.
   model_dir: str
   model: str = MODELS[0]
   epochs: int = 15
@@ -278,6 +278,8 @@ class TrainConfig:
   conv_filters: Optional[tuple[int, ...]] = None
   dense_units: Optional[int] = None
   class_weight: str = CLASS_WEIGHTS[0]
+  tfds: Optional[str] = None
+  tfds_data_dir: Optional[str] = None
   cache: Optional[str] = None
   data_service: Optional[str] = None
   data_service_timeout: float = 300
@@ -296,6 +298,7 @@ class TrainConfig:
     out.pop('epochs')
     out.pop('model_dir')
     out.pop('data_service')  # Where batches are made, not what the run is.
+    out.pop('tfds_data_dir')  # Where TFDS keeps files; `dataset` says what.
     out.pop('multi_worker_timeout')
     out.pop('data_service_timeout')
     out['data_dir'] = normalized_path(self.data_dir)
@@ -446,6 +449,20 @@ class ModelConfig:
                  model_input=model_input_lib.ModelInput(**values))
     except TypeError as e:
       raise ValueError(str(e)) from None
+
+
+def with_tfds_data(config: TrainConfig) -> TrainConfig:
+  """config with data_dir the --tfds dataset in this toolkit's format
+  (imported now unless an earlier run did); config itself without --tfds.
+  UserError (one line) for a dataset TFDS does not know, cannot prepare, or
+  that is not image classification."""
+  if not config.tfds:
+    return config
+  from pipelines import tfds_import  # pylint: disable=g-import-not-at-top
+  data_dir = tfds_import.import_dataset(
+      config.tfds, tfds_data_dir=config.tfds_data_dir,
+      output_dir=config.data_dir or None, image_size=config.image_size)
+  return dataclasses.replace(config, data_dir=data_dir)
 
 
 def default(name: str):

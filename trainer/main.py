@@ -89,6 +89,15 @@ flags.DEFINE_string(
     f'One of {", ".join(config_lib.CLASS_WEIGHTS)}; balanced weighs each '
     "class's loss by n / (classes x its train images).")
 flags.DEFINE_string(
+    'tfds', _D('tfds'),
+    'Train on a TFDS image classification dataset instead of --data_dir: '
+    'NAME[:VERSION], e.g. fashion_mnist (its train/test splits; validation '
+    'carved from train when it has none). Imported once into --data_dir '
+    '(default <tfds_data_dir>/image_toolkit/NAME/VERSION).')
+flags.DEFINE_string(
+    'tfds_data_dir', _D('tfds_data_dir'),
+    "--tfds: TFDS' data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")
+flags.DEFINE_string(
     'cache', _D('cache'), "'memory', or a file path prefix in an existing "
     'folder to cache decoded images on disk (files PREFIX.<dataset key>.'
     '<split>.*: a rebuilt dataset or another --image_size gets new ones).')
@@ -124,7 +133,8 @@ def config_from_flags() -> config_lib.TrainConfig:
     values['image_size'] = cli.parse_image_size(values['image_size'])
   values['conv_filters'] = config_lib.parse_int_list(
       'conv_filters', values['conv_filters'])
-  for flag in ('data_dir', 'model_dir', 'cache', 'base_weights'):
+  for flag in ('data_dir', 'model_dir', 'cache', 'base_weights',
+               'tfds_data_dir'):
     if values[flag]:  # ~, file:// as the user means them.
       values[flag] = paths.expand(values[flag])
   return config_lib.TrainConfig(**values)
@@ -145,9 +155,9 @@ def main(argv):
   if len(argv) > 1:
     sys.exit(f'error: unexpected arguments {argv[1:]}; flags look like --name=value')
   cli.quiet_logs()
-  if not FLAGS.data_dir or not FLAGS.model_dir:
-    sys.exit('error: --data_dir and --model_dir are required, e.g. '
-             '--data_dir=data/photos --model_dir=runs/photos')
+  if not (FLAGS.data_dir or FLAGS.tfds) or not FLAGS.model_dir:
+    sys.exit('error: --model_dir and --data_dir (or --tfds) are required, '
+             'e.g. --data_dir=data/photos --model_dir=runs/photos')
   try:
     config = config_from_flags()
     # Before TensorFlow loads (seconds): typos in these fail at once.
@@ -156,6 +166,7 @@ def main(argv):
                                  conv_filters=config.conv_filters,
                                  dense_units=config.dense_units)
     config_lib.check_class_weight(config.class_weight)
+    config = config_lib.with_tfds_data(config)  # TensorFlow loads for it.
     config_lib.distribution_task(config.distribution,
                                  os.environ.get('TF_CONFIG'))
     places.check_data_dir_is_not_a_run(config.data_dir)

@@ -423,6 +423,7 @@ def train_and_evaluate(config: TrainConfig, *, dog=None) -> dict:
   --distribution=multi_worker by ending the process. Without one (a library
   call), --data_service waits as long as TensorFlow does.
   """
+  config = config_lib.with_tfds_data(config)
   spec = _read_spec(config.data_dir)  # Once per run.
   _validate(config, spec)
   task = _cluster_task(config)

@@ -23,8 +23,8 @@ import tfrecords_schema
 from tfrecords_schema import schema
 
 
-@pytest.mark.parametrize('name,size', [('small_cnn', 28), ('cats_dogs', 48),
-                                       ('horses_humans', 96)])
+@pytest.mark.parametrize('name,size', [('small_cnn', 28), ('dense', 28),
+                                       ('cats_dogs', 48), ('horses_humans', 96)])
 def test_each_model_builds_and_trains_a_step_on_grey_images(name, size):
   # 3 channels and 3 classes of every entry: tests/trainer/test_model_table.py.
   channels = 1

@@ -1,0 +1,148 @@
+"""trainer.main --tfds: a TFDS image classification dataset trains through
+the same input layer, export and predict as a built folder.
+
+Nothing can be downloaded here, so the tests prepare TFDS datasets offline
+with TFDS' own `store_as_tfds_dataset`: real handwritten digits (scikit-
+learn), 28x28 grey, stored under the registered name `fashion_mnist`, which
+`tfds.builder('fashion_mnist', data_dir=...)` then reads as prepared.
+"""
+
+import csv
+import io
+import json
+
+import numpy as np
+from PIL import Image
+import pytest
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from pipelines import tfds_import
+from pipelines.common.errors import UserError
+from tests import helpers
+from trainer import config as config_lib
+from trainer import predict
+import tfrecords_schema
+
+TRAIN, TEST = 400, 100
+# Fashion-MNIST's classes (from TFDS' code, which wins over stored names):
+# the digits 0-9 stand in for them. 'T-shirt/top' has a '/'.
+NAMES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal',
+         'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
+
+
+def _digits_28():
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  digits = datasets.load_digits()
+  images = np.stack([np.asarray(Image.fromarray(
+      np.round(i * 255 / 16).astype(np.uint8)).resize(
+          (28, 28), Image.Resampling.BILINEAR)) for i in digits.images])
+  return images[..., None], digits.target.astype(np.int64)
+
+
+@pytest.fixture(scope='module')
+def tfds_dir(tmp_path_factory):
+  root = tmp_path_factory.mktemp('tfds')
+  images, labels = _digits_28()
+  features = tfds.features.FeaturesDict({
+      'image': tfds.features.Image(shape=(28, 28, 1)),
+      'label': tfds.features.ClassLabel(names=NAMES)})
+  part = lambda a, b: tf.data.Dataset.from_tensor_slices(
+      {'image': images[a:b], 'label': labels[a:b]})
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='fashion_mnist', version='3.0.1', features=features,
+      split_datasets={'train': part(0, TRAIN),
+                      'test': part(TRAIN, TRAIN + TEST)},
+      data_dir=str(root))
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='no_images_here', version='1.0.0',
+      features=tfds.features.FeaturesDict({
+          'text': tfds.features.Text(),
+          'label': tfds.features.ClassLabel(num_classes=2)}),
+      split_datasets={'train': tf.data.Dataset.from_tensor_slices(
+          {'text': ['a', 'b'], 'label': [0, 1]})}, data_dir=str(root))
+  return root
+
+
+def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path):
+  run = tmp_path / 'run'
+  args = ('--tfds=fashion_mnist', f'--tfds_data_dir={tfds_dir}',
+          f'--model_dir={run}', '--model=dense', '--epochs=3',
+          '--batch_size=32', '--early_stopping_patience=0')
+  result = helpers.run_cli('trainer.main', *args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert '[tfds] fashion_mnist 3.0.1:' in result.stderr
+  data = tfds_dir / 'image_toolkit' / 'fashion_mnist' / '3.0.1'
+  spec = tfrecords_schema.read_dataset_spec(str(data))
+  assert (spec.height, spec.width, spec.channels) == (28, 28, 1)
+  assert spec.class_names == tuple(NAMES)
+  counts = {s: spec.splits[s].num_examples for s in spec.splits}
+  # Validation carved from TFDS train (it has none), TFDS test kept.
+  assert counts['train'] + counts['validation'] == TRAIN
+  assert 0.1 * TRAIN < counts['validation'] < 0.3 * TRAIN
+  assert counts['test'] == TEST
+  metrics = json.loads((run / 'metrics.json').read_text())
+  assert metrics['evaluated_split'] == 'test'
+  assert metrics['test_accuracy'] > 0.5  # Ten classes: chance is 0.1.
+  with open(run / 'predictions.csv', newline='') as f:
+    rows = list(csv.DictReader(f))
+  files = {r['split']: set() for r in rows}
+  for r in rows:
+    files[r['split']].add(r['file'])
+  # Each file names its TFDS split and index: tfds.load(split='test[7:8]').
+  assert files['test'] == {f'test[{i}]' for i in range(TEST)}
+  assert all(f.startswith('train[') for f in files['validation'])
+  summary = (run / 'model_summary.txt').read_text()
+  assert 'Flatten' in summary and '(None, 128)' in summary
+  assert 'Conv2D' not in summary
+  # The export takes an uploaded picture's bytes: test[7] as a PNG, read
+  # with the split syntax its file name gives.
+  example = next(iter(tfds.as_numpy(tfds.load(
+      'fashion_mnist', split='test[7:8]', data_dir=str(tfds_dir)))))
+  buffer = io.BytesIO()
+  Image.fromarray(example['image'][..., 0]).save(buffer, format='PNG')
+  served, model_config = predict.load(str(run))
+  out = served.serve(tf.constant([buffer.getvalue()]))
+  probabilities = out['probabilities'].numpy()[0]
+  test_row = next(r for r in rows if r['file'] == f'test[7]')
+  np.testing.assert_allclose(
+      probabilities, [float(test_row[n]) for n in spec.class_names],
+      atol=1e-4)
+  assert model_config.class_names[int(out['class_index'][0])] == (
+      test_row['predicted'])
+  assert test_row['given'] == NAMES[example['label']]
+  # The same command again: the import is reused, nothing is trained.
+  again = helpers.run_cli('trainer.main', *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert '[tfds]' not in again.stderr
+  assert 'nothing left to train' in again.stderr
+
+
+@pytest.mark.parametrize('name, message', [
+    ('no_images_here', '--tfds=no_images_here is not an image classification '
+     'dataset: training needs an Image feature and a ClassLabel feature at '
+     'its top level; it has label (ClassLabel), text (Text)'),
+    ('Fashion MNIST', "--tfds='Fashion MNIST' is not a TFDS dataset name"),
+    ('surely_not_a_dataset', '--tfds=surely_not_a_dataset: TFDS has no such '
+     'dataset'),
+])
+def test_a_tfds_dataset_that_cannot_train_is_one_line(tfds_dir, tmp_path,
+                                                     name, message):
+  config = config_lib.TrainConfig(data_dir=None, model_dir=str(tmp_path),
+                                  tfds=name, tfds_data_dir=str(tfds_dir))
+  with pytest.raises(UserError) as raised:
+    config_lib.with_tfds_data(config)
+  assert message in str(raised.value)
+  assert '\n' not in str(raised.value)
+
+
+def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
+                                                           tmp_path):
+  mine = tmp_path / 'mine'
+  mine.mkdir()
+  (mine / 'notes.txt').write_text('keep me')
+  with pytest.raises(UserError, match='is not a TFDS import'):
+    tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(tfds_dir),
+                               output_dir=str(mine))
+  assert (mine / 'notes.txt').read_text() == 'keep me'
+  assert [p.name for p in tmp_path.iterdir()] == ['mine']  # No leftovers.

@@ -163,6 +163,7 @@ def predict_files(paths, served, config, *,
   as \\xNN escapes (as the build reports them), so every line prints.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from trainer import export as export_lib  # pylint: disable=g-import-not-at-top
   results = []
   for path in paths:
     shown = walk.escaped(path)
@@ -177,8 +178,10 @@ def predict_files(paths, served, config, *,
     try:
       out = served.serve(tf.constant([encoded]))
     except tf.errors.OpError as e:  # The export refused it: say why.
-      reason = cli.one_line(e.message, 300)
-      results.append({'path': shown, 'error': f'the model refused it ({reason})'})
+      # One file per request: its index in the request says nothing.
+      reason = export_lib.error_reason(e).removeprefix('image_bytes[0]: ')
+      results.append({'path': shown,
+                      'error': f'the model refused it ({reason[:300]})'})
       continue
     probabilities = out['probabilities'][0].numpy()
     if not np.isfinite(probabilities).all():

@@ -16,6 +16,7 @@ from pipelines import sample_data
 from pipelines.common.errors import UserError
 from tests import helpers
 from trainer import callbacks as callbacks_lib
+from trainer import export as export_lib
 from trainer import models
 from trainer import predict
 from trainer import train_lib
@@ -234,6 +235,22 @@ def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
                                       str(big))
   assert result.returncode == 0
   assert set(json.loads(result.stdout)) == {'path', 'class', 'probability'}
+
+
+def test_export_error_reason_is_the_refusal_without_graph_noise(trained_run):
+  # What README's "Serving the export" shows: a refused input fails the
+  # whole request; error_reason is the line that says which and why.
+  served, _ = predict.load(trained_run)
+  good_bytes = helpers.jpeg_bytes(helpers.photo('chelsea'))
+  for refused, reason in (
+      (b'not a picture', 'image_bytes[1]: not a JPEG, PNG, GIF, BMP or WebP '
+       'image (13 bytes): send the bytes of an image file'),
+      (good_bytes[:300], 'image_bytes[1]: corrupt JPEG header (libjpeg '
+       'cannot read it)')):
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+      served.serve(tf.constant([good_bytes, refused]))
+    assert raised.value.message.startswith('Graph execution error')
+    assert export_lib.error_reason(raised.value) == reason
 
 
 @pytest.mark.parametrize('args,message', [

@@ -6,12 +6,17 @@ index and its name. Each file goes through pipelines.preprocessing.serving
 (the build's conversion in TF ops, then the read-time resize) and the
 model's normalization (ModelInput.to_model): what training gave the model
 for that file. model_config.json (config.ModelConfig) says what it expects.
+
+Input `serve` refuses fails the whole request with an InvalidArgumentError
+whose message starts with TensorFlow's "Graph execution error:" and node
+names; error_reason(e) is the reason, `image_bytes[i]: ...`.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import keras
 import tensorflow as tf
@@ -21,6 +26,36 @@ from trainer import config as config_lib
 
 EXPORT_DIR = config_lib.EXPORT_DIR
 MODEL_CONFIG = config_lib.MODEL_CONFIG_FILE
+
+# A refusal of pipelines.preprocessing.serving: tf.debugging.Assert's
+# message with its one string, up to where TensorFlow's node names start.
+_ASSERTION = re.compile(
+    r'assertion failed: \[(.*?)\](?=\s*(?:\[\[|\[Op:|$))', re.DOTALL)
+# Lines of a TensorFlow error that are about the graph, not the input.
+_GRAPH_NOISE = re.compile(
+    r'(Graph execution error|Detected at node|<stack traces|\[\[|'
+    r'The error could be|File "|Traceback|\^)')
+
+
+def error_reason(error) -> str:
+  """Why `serve` refused a request: one line, what a user should see first.
+
+  error: the tf.errors.OpError that `serve` raised (or its message). For
+  the refusals of pipelines.preprocessing.serving (every bad input it
+  knows), the reason as it wrote it, e.g. `image_bytes[1]: not a JPEG, PNG,
+  GIF, BMP or WebP image (13 bytes): send the bytes of an image file`, i
+  being the first refused input's index in the request. For any other
+  error, its first line that is not about the graph (node names, stack
+  traces).
+  """
+  text = str(getattr(error, 'message', None) or error)
+  match = _ASSERTION.search(text)
+  if match:
+    return ' '.join(match.group(1).split())
+  lines = [re.sub(r'\s*(\[\[.*|\[Op:[^\]]*\])$', '', line).strip()
+           for line in text.splitlines()]
+  useful = [line for line in lines if line and not _GRAPH_NOISE.match(line)]
+  return ' '.join((useful or [type(error).__name__])[0].split())
 
 
 def make_serving_fn(model: keras.Model, config: config_lib.ModelConfig):

@@ -2,18 +2,29 @@ r"""Predicts the class of image files with a model trained by trainer.main.
 
   python -m trainer.predict --model_dir=runs/photos my_cat.jpg holiday.png
 
-One line per file: path, predicted class, its probability (--json for JSON
-lines). A folder stands for the images in it and its sub-folders (sorted;
+One line per file: path, predicted class, its probability, tab-separated.
+--top_k=N appends the next most probable classes to the line, as more
+class, probability pairs (most probable first; N over the class count
+gives every class). --json prints JSON lines instead ({"path", "class",
+"probability"}, and "top_k": [{"class", "probability"}, ...] when N > 1);
+--csv prints CSV (Python's csv module, so any class name survives): a
+header `path,class,probability,<every class name>,error`, then a row per
+file with every class's probability (4 decimals), or, for a file that
+failed, the reason in `error` and the probabilities left empty.
+
+A folder stands for the images in it and its sub-folders (sorted;
 hidden files and folders skipped; the image extensions the build reads).
 Files go through the build's own image path
 (pipelines.preprocessing.source_image: any size or format the build
 accepts, EXIF orientation, alpha, 16-bit), then the exported serving
-function, so a file is preprocessed exactly as it would be for training. Unreadable files get an error line; the exit status
-is non-zero when any file failed. Lines are printed as files are done, and
-a reader that stops early (`| head`) ends the run quietly (status 141, as
-a process killed by SIGPIPE).
+function, so a file is preprocessed exactly as it would be for training.
+Unreadable files get an error line (an error row with --csv); the exit
+status is non-zero when any file failed. Lines are printed as files are
+done, and a reader that stops early (`| head`) ends the run quietly
+(status 141, as a process killed by SIGPIPE).
 """
 
+import csv
 import json
 import os
 import sys
@@ -40,6 +51,12 @@ from trainer import config as config_lib  # pylint: disable=g-import-not-at-top,
 
 _MODEL_DIR = flags.DEFINE_string('model_dir', None, 'The --model_dir of trainer.main.')
 _JSON = flags.DEFINE_boolean('json', False, 'Print JSON lines.')
+_CSV = flags.DEFINE_boolean(
+    'csv', False, 'Print CSV: a header, then a row per file with every '
+    "class's probability (and an error column).")
+_TOP_K = flags.DEFINE_integer(
+    'top_k', 1, 'How many of the most probable classes to print per file '
+    '(most probable first; more than the class count gives every class).')
 _MAX_FILE_BYTES = flags.DEFINE_integer(
     'max_file_bytes', source_image.DEFAULT_MAX_FILE_BYTES,
     'Larger files are rejected without being read (as in the build).')
@@ -155,14 +172,19 @@ def preprocess(data: bytes, extension: str,
 
 
 def predict_files(paths, served, config, *,
-                  max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES
-                  ) -> list[dict]:
+                  max_file_bytes: int = source_image.DEFAULT_MAX_FILE_BYTES,
+                  top_k: int = 1, every_class: bool = False) -> list[dict]:
   """One result dict per path: class/probability, or an error.
 
   'path' is the path as text: bytes of a name that are not UTF-8 are shown
   as \\xNN escapes (as the build reports them), so every line prints.
+  top_k > 1 adds 'top_k': that many {'class', 'probability'}, most probable
+  first (the first is 'class'; at most every class). every_class adds
+  'probabilities': every class's, in config.class_names order. A failed
+  file has 'error' (the reason) instead of all of these.
   """
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from trainer import export as export_lib  # pylint: disable=g-import-not-at-top
   results = []
   for path in paths:
     shown = walk.escaped(path)
@@ -177,8 +199,10 @@ def predict_files(paths, served, config, *,
     try:
       out = served.serve(tf.constant([encoded]))
     except tf.errors.OpError as e:  # The export refused it: say why.
-      reason = cli.one_line(e.message, 300)
-      results.append({'path': shown, 'error': f'the model refused it ({reason})'})
+      # One file per request: its index in the request says nothing.
+      reason = export_lib.error_reason(e).removeprefix('image_bytes[0]: ')
+      results.append({'path': shown,
+                      'error': f'the model refused it ({reason[:300]})'})
       continue
     probabilities = out['probabilities'][0].numpy()
     if not np.isfinite(probabilities).all():
@@ -188,9 +212,25 @@ def predict_files(paths, served, config, *,
           'a lower --learning_rate)')})
       continue
     index = int(out['class_index'][0])
-    results.append({'path': shown, 'class': config.class_names[index],
-                    'probability': round(float(probabilities[index]), 4)})
+    result = {'path': shown, 'class': config.class_names[index],
+              'probability': round(float(probabilities[index]), 4)}
+    if top_k > 1:
+      result['top_k'] = [
+          {'class': config.class_names[i],
+           'probability': round(float(probabilities[i]), 4)}
+          for i in _most_probable(probabilities, index)[:top_k]]
+    if every_class:
+      result['probabilities'] = [float(p) for p in probabilities]
+    results.append(result)
   return results
+
+
+def _most_probable(probabilities: np.ndarray, first: int) -> list[int]:
+  """Class indices by falling probability (ties: by index), `first` (the
+  export's class_index) first whatever argmax's tie-breaking."""
+  order = np.argsort(-probabilities, kind='stable').tolist()
+  order.remove(first)
+  return [first] + order
 
 
 def _print(result: dict, as_json: bool) -> None:
@@ -199,8 +239,39 @@ def _print(result: dict, as_json: bool) -> None:
   elif 'error' in result:
     print(f'{result["path"]}\terror: {result["error"]}', flush=True)
   else:
-    print(f'{result["path"]}\t{result["class"]}\t{result["probability"]:.4f}',
+    ranked = result.get('top_k') or [result]
+    print('\t'.join([result['path']] + [
+        f'{entry["class"]}\t{entry["probability"]:.4f}' for entry in ranked]),
           flush=True)
+
+
+class _CsvOut:
+  """--csv: the header, then one row per result, each flushed when done.
+
+  Columns: path, class, probability, one per class name (every class's
+  probability, in the model's class order), error (the reason a file
+  failed; its probabilities stay empty). The csv module quotes what needs
+  it (a class name with a comma or quote); lines end in \\n, as the other
+  formats' do.
+  """
+
+  def __init__(self, class_names):
+    self._classes = len(class_names)
+    self._writer = csv.writer(sys.stdout, lineterminator='\n')
+    self._write(['path', 'class', 'probability', *class_names, 'error'])
+
+  def _write(self, row) -> None:
+    self._writer.writerow(row)
+    sys.stdout.flush()
+
+  def write(self, result: dict) -> None:
+    if 'error' in result:
+      self._write([result['path'], '', '', *[''] * self._classes,
+                   result['error']])
+    else:
+      self._write([result['path'], result['class'],
+                   f'{result["probability"]:.4f}',
+                   *[f'{p:.4f}' for p in result['probabilities']], ''])
 
 
 def _stdout_closed() -> None:
@@ -217,29 +288,44 @@ def main(argv):
   paths = argv[1:]
   if not _MODEL_DIR.value or not paths:
     sys.exit('error: usage: python -m trainer.predict --model_dir=DIR '
-             'IMAGE|FOLDER [IMAGE|FOLDER ...]')
+             '[--top_k=N] [--json | --csv] IMAGE|FOLDER [IMAGE|FOLDER ...]')
   if _MAX_FILE_BYTES.value < 1:
     sys.exit(f'error: --max_file_bytes={_MAX_FILE_BYTES.value} is out of '
              'range; pass a positive size in bytes, e.g. '
              f'{source_image.DEFAULT_MAX_FILE_BYTES} (256 MiB)')
+  if _TOP_K.value < 1:
+    sys.exit(f'error: --top_k={_TOP_K.value} is out of range; pass how many '
+             'classes to print per file, 1 or more (e.g. --top_k=3)')
+  if _CSV.value and _JSON.value:
+    sys.exit('error: --csv and --json both given; pass one of them (one '
+             'output format)')
+  if _CSV.value and _TOP_K.value != 1:
+    sys.exit(f'error: --top_k={_TOP_K.value} with --csv: the CSV has every '
+             "class's probability already; drop --top_k")
   try:
     served, config = load(paths_lib.expand(_MODEL_DIR.value))
   except UserError as e:
     sys.exit(f'error: {cli.one_line(e)}')
   except KeyboardInterrupt:
     sys.exit('error: interrupted (Ctrl-C)')
+  top_k = min(_TOP_K.value, len(config.class_names))
   failed = done = 0
   try:
+    if _CSV.value:
+      write = _CsvOut(config.class_names).write
+    else:
+      write = lambda result: _print(result, _JSON.value)
     for path, error in expand_paths(paths, note=lambda line: print(
         f'[predict] {line}', file=sys.stderr, flush=True)):
       # One file at a time: each line is out as soon as it is known.
       results = ([{'path': walk.escaped(path), 'error': error}] if error
                  else predict_files([path], served, config,
-                                    max_file_bytes=_MAX_FILE_BYTES.value))
+                                    max_file_bytes=_MAX_FILE_BYTES.value,
+                                    top_k=top_k, every_class=_CSV.value))
       for result in results:
         done += 1
         failed += 'error' in result
-        _print(result, _JSON.value)
+        write(result)
   except BrokenPipeError:
     _stdout_closed()
   except KeyboardInterrupt:

@@ -1,6 +1,8 @@
 """Trainer: models, heads, early stopping, resume, outputs, export, predict."""
 
+import contextlib
 import csv
+import io
 import json
 import os
 
@@ -16,6 +18,7 @@ from pipelines import sample_data
 from pipelines.common.errors import UserError
 from tests import helpers
 from trainer import callbacks as callbacks_lib
+from trainer import export as export_lib
 from trainer import models
 from trainer import predict
 from trainer import train_lib
@@ -266,6 +269,80 @@ def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
                                       str(big))
   assert result.returncode == 0
   assert set(json.loads(result.stdout)) == {'path', 'class', 'probability'}
+
+
+def test_predict_top_k_and_csv(trained_run, tmp_path):
+  model_dir = trained_run
+  cat = helpers.write(tmp_path / 'cat.jpg',
+                      helpers.jpeg_bytes(helpers.photo('chelsea')))
+  bad = tmp_path / 'notes.jpg'
+  bad.write_text('not a picture')
+  # Over the class count (2): every class, most probable first.
+  result = helpers.run_main_in_process('trainer.predict',
+                                      f'--model_dir={model_dir}', '--top_k=5',
+                                      str(cat))
+  assert result.returncode == 0, result.stderr[-2000:]
+  path, *pairs = result.stdout.strip().split('\t')
+  classes, probabilities = pairs[0::2], [float(p) for p in pairs[1::2]]
+  assert path == str(cat) and sorted(classes) == ['cats', 'rockets']
+  assert probabilities == sorted(probabilities, reverse=True)
+  assert sum(probabilities) == pytest.approx(1, abs=2e-4)
+  result = helpers.run_main_in_process('trainer.predict',
+                                      f'--model_dir={model_dir}', '--json',
+                                      '--top_k=2', str(cat))
+  entry = json.loads(result.stdout)
+  assert entry['top_k'] == [
+      {'class': c, 'probability': p} for c, p in zip(classes, probabilities)]
+  assert (entry['class'], entry['probability']) == (classes[0],
+                                                    probabilities[0])
+  # CSV: every class's probability; a failed file's row has the reason.
+  result = helpers.run_main_in_process('trainer.predict',
+                                      f'--model_dir={model_dir}', '--csv',
+                                      str(cat), str(bad))
+  assert result.returncode == 1
+  header, good, failed = csv.reader(io.StringIO(result.stdout))
+  assert header == ['path', 'class', 'probability', 'cats', 'rockets',
+                    'error']
+  assert good[:3] == [str(cat), classes[0], f'{probabilities[0]:.4f}']
+  assert [float(p) for p in good[3:5]] == [
+      probabilities[classes.index(c)] for c in ('cats', 'rockets')]
+  assert sum(float(p) for p in good[3:5]) == pytest.approx(1, abs=2e-4)
+  assert good[5] == ''
+  assert failed[:5] == [str(bad), '', '', '', '']
+  assert failed[5].startswith('not a readable image')
+  # Class names that need quoting survive (the csv module quotes them).
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    predict._CsvOut(['a, "b"', 'c']).write(  # pylint: disable=protected-access
+        {'path': 'x,y.jpg', 'class': 'c', 'probability': 0.75,
+         'probabilities': [0.25, 0.75]})
+  assert list(csv.reader(io.StringIO(out.getvalue()))) == [
+      ['path', 'class', 'probability', 'a, "b"', 'c', 'error'],
+      ['x,y.jpg', 'c', '0.7500', '0.2500', '0.7500', '']]
+  for flags, message in ((['--top_k=0'], '--top_k=0 is out of range'),
+                         (['--csv', '--json'], '--csv and --json'),
+                         (['--csv', '--top_k=2'], 'drop --top_k')):
+    result = helpers.run_main_in_process(
+        'trainer.predict', f'--model_dir={model_dir}', *flags, str(cat))
+    assert result.returncode == 1 and result.stdout == ''
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith('error: ') and message in line, line
+
+
+def test_export_error_reason_is_the_refusal_without_graph_noise(trained_run):
+  # What README's "Serving the export" shows: a refused input fails the
+  # whole request; error_reason is the line that says which and why.
+  served, _ = predict.load(trained_run)
+  good_bytes = helpers.jpeg_bytes(helpers.photo('chelsea'))
+  for refused, reason in (
+      (b'not a picture', 'image_bytes[1]: not a JPEG, PNG, GIF, BMP or WebP '
+       'image (13 bytes): send the bytes of an image file'),
+      (good_bytes[:300], 'image_bytes[1]: corrupt JPEG header (libjpeg '
+       'cannot read it)')):
+    with pytest.raises(tf.errors.InvalidArgumentError) as raised:
+      served.serve(tf.constant([good_bytes, refused]))
+    assert raised.value.message.startswith('Graph execution error')
+    assert export_lib.error_reason(raised.value) == reason
 
 
 @pytest.mark.parametrize('args,message', [

@@ -59,7 +59,14 @@ class Bytes:
 
 
 def substr(data, pos, length) -> tf.Tensor:
-  return tf.strings.substr(data, tf.cast(pos, tf.int64),
+  """tf.strings.substr with pos clipped to [0, the data's length]: total.
+
+  A start past the end gives b'' instead of an error that quotes the raw
+  bytes (and, on a truncated file, races the check that names the input).
+  """
+  size = tf.cast(tf.strings.length(data), tf.int64)
+  return tf.strings.substr(data, tf.clip_by_value(tf.cast(pos, tf.int64), 0,
+                                                  size),
                            tf.cast(length, tf.int64))
 
 

@@ -201,7 +201,11 @@ class _JpegMarkers:
     ss, se, approx = r.u8(after), r.u8(after + 1), r.u8(after + 2)
     ah, al = approx // 16, approx % 16
     start = pos + 2 + length
-    end = tf.gather(self.closing, _first_at_or_after(self.closing, start))
+    # The data's end when the scan header runs past it (a cut file): a
+    # gather out of range would race the check that names the input.
+    end = tf.gather(self.closing, tf.minimum(
+        _first_at_or_after(self.closing, start),
+        tf.size(self.closing, tf.int64) - 1))
     first = _first_at_or_after(self.candidates, start)
     last = _first_at_or_after(self.candidates, end)
     codes = self.codes[first:last]  # All RSTn: RST0..RST7 in turn.
@@ -290,6 +294,10 @@ class _JpegMarkers:
                                     tf.TensorShape([None, 2]))
     (_, _, problem, frame, _, jfif, adobe, _, self.scans,
      self.tables) = walk(cond, body, state, invariants)
+    # The first scan's row, -1s where there is none (a file cut short before
+    # SOS): ops outside a tf.cond run whatever the checks say, and a failing
+    # slice could race the check that names the input (and win).
+    self.first_scan = tf.concat([self.scans, tf.fill([1, 4], i64(-1))], 0)[0]
     components = tf.reduce_sum(tf.cast(frame[4] >= 0, tf.int64))
     # libjpeg's default_decompress_parms: the Adobe transform gives the
     # colour space of 3 (unless JFIF) and 4 component files.
@@ -328,7 +336,7 @@ class _JpegMarkers:
     self.one_scan = tf.logical_and(self.frame[1], tf.logical_and(
         tf.equal(tf.shape(self.scans)[0], 1), tf.logical_and(
             tf.size(marks) > 0,
-            tf.equal(self.scans[0, 2], self.components))))
+            tf.equal(self.first_scan[2], self.components))))
 
   def _complete_tables(self):
     """table_edits: each DHT segment with its Huffman tables completed.
@@ -447,11 +455,11 @@ class _JpegMarkers:
     """(MCU height, width in pixels, MCUs a restart interval) of the scan
     of a one-scan file: its segments cover consecutive MCUs, row by row."""
     _, _, width, height, _, hs, vs, _ = self.frame
-    single = tf.equal(self.scans[0, 2], 1)  # A one-component file.
+    single = tf.equal(self.first_scan[2], 1)  # A one-component file.
     mcu_h = tf.where(single, i64(8), 8 * tf.reduce_max(vs))
     mcu_w = tf.where(single, i64(8), 8 * tf.reduce_max(hs))
     count = _ceil_div(width, mcu_w) * _ceil_div(height, mcu_h)
-    restart = self.scans[0, 3]
+    restart = self.first_scan[3]
     return mcu_h, mcu_w, tf.where(restart > 0, restart, tf.maximum(count, 1))
 
 

@@ -220,6 +220,8 @@ def test_garbage_is_refused_with_a_clear_error(run):
               b'RIFF\0\0\0\0WEBPJUNK' + b'\0' * 30, b'GIF89a\1\0\1\0'):
     message = _error(served, good, bad)
     assert message.count('image_bytes[1]: ') == 1, message
+    # The reason, without TensorFlow's "Graph execution error" and nodes.
+    assert export_lib.error_reason(message).startswith('image_bytes[1]: ')
   assert 'not a JPEG, PNG, GIF, BMP or WebP image (20 bytes)' in _error(
       served, b'not a picture at all')
   # The whole request is checked before any image is read (a reader started

@@ -104,7 +104,7 @@ def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path):
   served, model_config = predict.load(str(run))
   out = served.serve(tf.constant([buffer.getvalue()]))
   probabilities = out['probabilities'].numpy()[0]
-  test_row = next(r for r in rows if r['file'] == f'test[7]')
+  test_row = next(r for r in rows if r['file'] == 'test[7]')
   np.testing.assert_allclose(
       probabilities, [float(test_row[n]) for n in spec.class_names],
       atol=1e-4)

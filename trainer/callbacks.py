@@ -121,6 +121,9 @@ class ResumableTraining(keras.callbacks.Callback):
     self.stop_reason: Optional[str] = None
     self.diverged = False  # The last epoch run had non-finite numbers.
     self.resumed_from = 0
+    # Epochs finished before fine-tuning began (--fine_tune_from); None
+    # until the first fine-tuning epoch is recorded.
+    self.fine_tune_start: Optional[int] = None
 
   def _path(self, name: str) -> str:
     return os.path.join(self.checkpoint_dir, name)
@@ -151,6 +154,7 @@ class ResumableTraining(keras.callbacks.Callback):
         best, best_epoch = state['best'], state['best_epoch']
         wait, stopped_early = int(state['wait']), bool(state['stopped_early'])
         stop_reason = state.get('stop_reason')
+        fine_tune_start = state.get('fine_tune_start')
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
       raise UserError(
           f'--model_dir={self.model_dir}: {path} is damaged '
@@ -167,6 +171,7 @@ class ResumableTraining(keras.callbacks.Callback):
     self.best, self.best_epoch = best, best_epoch
     self.wait, self.stopped_early = wait, stopped_early
     self.stop_reason = stop_reason
+    self.fine_tune_start = fine_tune_start
     self.resumed_from = len(self.rows)
     return self.resumed_from
 
@@ -282,7 +287,8 @@ class ResumableTraining(keras.callbacks.Callback):
         'fingerprint': self.fingerprint, 'epochs_done': epochs_done,
         'rows': self.rows, 'best': self.best, 'best_epoch': self.best_epoch,
         'wait': self.wait, 'stopped_early': self.stopped_early,
-        'stop_reason': self.stop_reason}, indent=1, allow_nan=False))
+        'stop_reason': self.stop_reason,
+        'fine_tune_start': self.fine_tune_start}, indent=1, allow_nan=False))
     self.write_history()
 
   def write_history(self) -> None:
@@ -293,6 +299,17 @@ class ResumableTraining(keras.callbacks.Callback):
       writer.writeheader()
       writer.writerows(self.rows)
     os.replace(tmp, os.path.join(self.model_dir, HISTORY_FILE))
+
+  def start_fine_tuning(self) -> None:
+    """Fine-tuning begins after the epochs recorded so far: early stopping
+    and the best epoch start afresh (the final model is the best fine-tuned
+    epoch: its checkpoint holds the fine-tuning optimizer's state, which a
+    frozen-base epoch's does not); the next fit continues from here without
+    reloading weights."""
+    self.fine_tune_start = len(self.rows)
+    self.stopped_early, self.stop_reason, self.wait = False, None, 0
+    self.best = self.best_epoch = None
+    self.resumed_from, self._restored = len(self.rows), True
 
   def on_train_end(self, logs=None):
     if self.preempted:

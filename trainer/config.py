@@ -86,6 +86,33 @@ def check_image_size(model: str, base_model: str,
                    *size)
 
 
+def check_fine_tuning(config: 'TrainConfig') -> None:
+  """UserError for fine-tuning flags that do not fit together (no Keras:
+  the trainer checks before TensorFlow loads; the layer name is checked
+  when the model is built)."""
+  if config.fine_tune_from is None:
+    if config.fine_tune_epochs:
+      raise UserError(f'--fine_tune_epochs={config.fine_tune_epochs} needs '
+                      '--fine_tune_from=LAYER (the first base layer to '
+                      'train, e.g. mixed7 for inception_v3)')
+    return
+  if not model_table.get(config.model).uses_base_model:
+    raise UserError(f'--fine_tune_from={config.fine_tune_from}: --model='
+                    f'{config.model} has no pretrained base; fine-tuning is '
+                    'for --model=transfer')
+  if config.fine_tune_epochs < 1:
+    raise UserError(f'--fine_tune_from={config.fine_tune_from} needs '
+                    '--fine_tune_epochs >= 1 (epochs after the --epochs of '
+                    f'the frozen base; now {config.fine_tune_epochs})')
+  if not config.fine_tune_learning_rate > 0:
+    raise UserError(f'--fine_tune_learning_rate='
+                    f'{config.fine_tune_learning_rate} must be > 0')
+  if config.distribution == 'multi_worker':
+    raise UserError('--fine_tune_from with --distribution=multi_worker is not '
+                    'supported; fine-tune in one process (or with '
+                    '--distribution=mirrored)')
+
+
 def check_class_weight(class_weight: str) -> None:
   """UserError for a --class_weight that is not one of CLASS_WEIGHTS."""
   if class_weight not in CLASS_WEIGHTS:
@@ -278,6 +305,9 @@ class TrainConfig:
   conv_filters: Optional[tuple[int, ...]] = None
   dense_units: Optional[int] = None
   class_weight: str = CLASS_WEIGHTS[0]
+  fine_tune_from: Optional[str] = None
+  fine_tune_epochs: int = 0
+  fine_tune_learning_rate: float = 1e-5
   tfds: Optional[str] = None
   tfds_data_dir: Optional[str] = None
   cache: Optional[str] = None
@@ -296,6 +326,7 @@ class TrainConfig:
     """
     out = dataclasses.asdict(self)
     out.pop('epochs')
+    out.pop('fine_tune_epochs')  # May grow too.
     out.pop('model_dir')
     out.pop('data_service')  # Where batches are made, not what the run is.
     out.pop('tfds_data_dir')  # Where TFDS keeps files; `dataset` says what.

@@ -89,6 +89,17 @@ flags.DEFINE_string(
     f'One of {", ".join(config_lib.CLASS_WEIGHTS)}; balanced weighs each '
     "class's loss by n / (classes x its train images).")
 flags.DEFINE_string(
+    'fine_tune_from', _D('fine_tune_from'),
+    '--model=transfer: after the --epochs with the base frozen, train the '
+    'base from this layer on (e.g. mixed7) for --fine_tune_epochs more.')
+flags.DEFINE_integer(
+    'fine_tune_epochs', _D('fine_tune_epochs'),
+    '--fine_tune_from: epochs of fine-tuning (early stopping applies anew).')
+flags.DEFINE_float(
+    'fine_tune_learning_rate', _D('fine_tune_learning_rate'),
+    '--fine_tune_from: learning rate while fine-tuning (small: the base is '
+    'pretrained).')
+flags.DEFINE_string(
     'tfds', _D('tfds'),
     'Train on a TFDS image classification dataset instead of --data_dir: '
     'NAME[:VERSION], e.g. fashion_mnist (its train/test splits; validation '
@@ -166,6 +177,7 @@ def main(argv):
                                  conv_filters=config.conv_filters,
                                  dense_units=config.dense_units)
     config_lib.check_class_weight(config.class_weight)
+    config_lib.check_fine_tuning(config)
     config = config_lib.with_tfds_data(config)  # TensorFlow loads for it.
     config_lib.distribution_task(config.distribution,
                                  os.environ.get('TF_CONFIG'))

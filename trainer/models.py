@@ -137,6 +137,38 @@ def transfer(inputs, num_classes, dropout, *, name: str, base_model: str,
   return keras.Model(inputs, head(y, num_classes, dropout), name=name)
 
 
+def unfreeze_from(model: keras.Model, layer: str) -> int:
+  """Makes the --model=transfer base trainable from `layer` (by name) to
+  its end; the layers before it stay frozen (its BatchNormalization layers
+  keep inference statistics: the base is called with training=False).
+  Returns how many weights are now trainable; ModelError naming the layer
+  when the base has none of that name."""
+  base, first = fine_tune_layers(model, layer)
+  base.trainable = True
+  for frozen in base.layers[:first]:
+    frozen.trainable = False
+  return len(model.trainable_weights)
+
+
+def fine_tune_layers(model: keras.Model, layer: str):
+  """(the transfer model's base, index of `layer` in it); ModelError naming
+  the layer when the base has none of that name. Changes nothing."""
+  bases = [l for l in model.layers if l.name.endswith('_base')]
+  if not bases:
+    raise ModelError(f'--fine_tune_from={layer}: --model={model.name} has no '
+                     'base to fine-tune (use --model=transfer)')
+  base = bases[0]
+  names = [l.name for l in base.layers]
+  if layer not in names:
+    examples = ', '.join(f'{b.example_cutoff_layer} ({b.name})'
+                         for b in model_table.BASE_MODELS)
+    raise ModelError(
+        f'--fine_tune_from={layer} is not a layer of the base {base.name} '
+        f'({len(names)} layers, from {names[1]} to {names[-1]}); e.g. '
+        f'{examples}')
+  return base, names.index(layer)
+
+
 def builder(entry: model_table.Model):
   """The function of this module that builds `entry`; LookupError naming
   the entry when there is none (a table entry without its builder)."""

@@ -65,6 +65,7 @@ def _validate(config: TrainConfig, spec) -> None:
     raise UserError(f'--target_accuracy={config.target_accuracy} must be in '
                     '(0, 1]')
   config_lib.check_class_weight(config.class_weight)
+  config_lib.check_fine_tuning(config)
   config_lib.architecture_args(config.model, conv_filters=config.conv_filters,
                                dense_units=config.dense_units)
   monitor = config.early_stopping_monitor
@@ -324,11 +325,26 @@ def _build_model(config: TrainConfig, model_input: ModelInput,
       base_model=config.base_model, base_weights=config.base_weights,
       base_cutoff_layer=config.base_cutoff_layer,
       conv_filters=config.conv_filters, dense_units=config.dense_units)
+  if config.fine_tune_from:  # Before any write: a wrong name is refused.
+    models.fine_tune_layers(model, config.fine_tune_from)
+  _compile(model, config, config.learning_rate, num_classes)
+  return model
+
+
+def _compile(model, config: TrainConfig, learning_rate: float,
+             num_classes: int) -> None:
   model.compile(
-      optimizer=_optimizer(config.optimizer, config.learning_rate),
+      optimizer=_optimizer(config.optimizer, learning_rate),
       loss=models.loss(num_classes), metrics=['accuracy'],
       jit_compile=config.jit_compile)
-  return model
+
+
+def _start_fine_tuning(config: TrainConfig, model, num_classes: int) -> int:
+  """The base trainable from --fine_tune_from, recompiled with
+  --fine_tune_learning_rate (a fresh optimizer); trainable weight count."""
+  count = models.unfreeze_from(model, config.fine_tune_from)
+  _compile(model, config, config.fine_tune_learning_rate, num_classes)
+  return count
 
 
 def _epoch_notes(config: TrainConfig, spec, steps: int) -> list[str]:
@@ -453,7 +469,14 @@ def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
   reached, or stopped early) and wrote its results (metrics.json, written
   last, for these epochs; the export; predictions.csv): a rerun of a finished
   command then ends at once instead of evaluating and exporting again."""
-  if not done or (done < config.epochs and not resumable.stopped_early):
+  if not done:
+    return
+  if config.fine_tune_from:
+    start = resumable.fine_tune_start
+    if start is None or (done < start + config.fine_tune_epochs
+                         and not resumable.stopped_early):
+      return
+  elif done < config.epochs and not resumable.stopped_early:
     return
   d = config.model_dir
   try:
@@ -470,6 +493,11 @@ def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
     why = (f'it stopped early after epoch {done} '
            f'({resumable.stop_reason or "early stopping"})')
     more = 'pass a new --model_dir to train again'
+  elif config.fine_tune_from:
+    why = (f'it finished --epochs={config.epochs} and --fine_tune_epochs='
+           f'{config.fine_tune_epochs}')
+    more = ('pass a larger --fine_tune_epochs to fine-tune on, or a new '
+            '--model_dir to start over')
   else:
     why = f'it finished --epochs={done}'
     more = (f'pass --epochs above {done} to train on, or a new --model_dir '
@@ -577,6 +605,10 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
                 else tf.distribute.get_strategy())
   with strategy.scope():
     model = _build_model(config, model_input, num_classes)
+    if resumable.fine_tune_start is not None and done > (
+        resumable.fine_tune_start):
+      # The saved optimizer state is that of the fine-tuning phase.
+      _start_fine_tuning(config, model, num_classes)
     resumable.set_model(model)
     resumable.restore_weights()  # Before any write: a misfit is refused.
 
@@ -656,20 +688,56 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
            f'{multi_worker.weights_digest(model)} (the same on every worker)')
       if run.is_chief and not resumable.preempted:
         resumable.on_train_end()
-    elif to_train:
-      with input_pipeline.reading_errors(config.data_dir), _preemptible(
-          resumable):
-        model.fit(run.train_dataset(config.batch_size),
-                  steps_per_epoch=steps_per_epoch, epochs=config.epochs,
-                  validation_data=run.val_ds, verbose=2, shuffle=False,
-                  class_weight=_class_weight(config, spec),
-                  callbacks=[
-                      *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
-                      keras.callbacks.TensorBoard(os.path.join(
-                          config.model_dir, config_lib.TENSORBOARD_DIR))])
+    elif not task:
+      _fit_phases(config, run, steps_per_epoch, heartbeat, to_train)
     elif run.is_chief:
       resumable.on_train_end()
   return time.perf_counter() - start
+
+
+def _fit_phases(config: TrainConfig, run: _Run, steps_per_epoch: int,
+                heartbeat, to_train: bool) -> None:
+  """Keras fit in one process: up to --epochs with a frozen base, then
+  (--fine_tune_from) up to --fine_tune_epochs more with the base trainable
+  from that layer, each phase resumable; the model ends with its best
+  weights (of the fine-tuning phase when there is one)."""
+  resumable, model = run.resumable, run.model
+
+  def fit(end: int) -> None:
+    with input_pipeline.reading_errors(config.data_dir), _preemptible(
+        resumable):
+      model.fit(run.train_dataset(config.batch_size),
+                steps_per_epoch=steps_per_epoch, epochs=end,
+                initial_epoch=len(resumable.rows),
+                validation_data=run.val_ds, verbose=2, shuffle=False,
+                class_weight=_class_weight(config, run.spec),
+                callbacks=[
+                    *heartbeat, resumable, keras.callbacks.TerminateOnNaN(),
+                    keras.callbacks.TensorBoard(os.path.join(
+                        config.model_dir, config_lib.TENSORBOARD_DIR))])
+
+  def stopped() -> bool:
+    return resumable.preempted or resumable.diverged or not resumable.rows
+
+  if resumable.fine_tune_start is None:
+    if to_train:
+      fit(config.epochs)  # Ends with the best frozen-base weights.
+    else:
+      resumable.on_train_end()
+    if not config.fine_tune_from or stopped():
+      return
+    count = _start_fine_tuning(config, model, run.spec.num_classes)
+    resumable.start_fine_tuning()
+    start = resumable.fine_tune_start
+    _say(f'fine-tuning from {config.fine_tune_from}: epochs {start + 1}-'
+         f'{start + config.fine_tune_epochs}, {count} trainable weights, '
+         f'learning rate {config.fine_tune_learning_rate:g}')
+  end = resumable.fine_tune_start + config.fine_tune_epochs
+  if len(resumable.rows) < end and not resumable.stopped_early and not (
+      stopped()):
+    fit(end)
+  elif not resumable.preempted:
+    resumable.on_train_end()
 
 
 def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
@@ -727,6 +795,8 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
       'evaluated_split': eval_split,
       'per_class': per_class,
   }
+  if resumable.fine_tune_start is not None:
+    metrics['fine_tune_start'] = resumable.fine_tune_start
   weights = _class_weight(config, spec)
   if weights:
     metrics['class_weights'] = {name: round(weights[i], 6)

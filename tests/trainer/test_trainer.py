@@ -2,6 +2,7 @@
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -87,6 +88,45 @@ def test_transfer_reads_the_course_legacy_h5_and_cuts_inception_at_mixed7(
       base_cutoff_layer='mixed7')
   assert inception.get_layer('inception_v3_base').output.shape == (
       None, 7, 7, 768)  # As in the course's cats-vs-dogs transfer notebook.
+
+
+def test_transfer_fine_tunes_from_a_layer_and_resumes_there(binary_data,
+                                                           tmp_path, capsys):
+  """The course's fine-tuning: the base frozen for --epochs, then trainable
+  from --fine_tune_from for --fine_tune_epochs more; a longer rerun resumes
+  inside the fine-tuning phase (its optimizer state), a rerun of a finished
+  one trains nothing."""
+  run = tmp_path / 'run'
+  config = train_lib.TrainConfig(
+      data_dir=binary_data, model_dir=str(run), model='transfer',
+      base_model='mobilenet_v2', base_weights='none', epochs=1,
+      base_cutoff_layer='block_2_add',  # A small base: a fast test.
+      fine_tune_from='block_2_expand', fine_tune_epochs=1,
+      fine_tune_learning_rate=1e-4, batch_size=8, early_stopping_patience=0)
+  metrics = train_lib.train_and_evaluate(config)
+  err = capsys.readouterr().err
+  assert 'fine-tuning from block_2_expand: epochs 2-2' in err
+  assert metrics['epochs_run'] == 2 and metrics['fine_tune_start'] == 1
+  state = json.loads((run / 'checkpoint' / 'state.json').read_text())
+  assert state['fine_tune_start'] == 1 and state['best_epoch'] == 2
+  model = keras.models.load_model(run / 'best.keras')
+  base = model.get_layer('mobilenet_v2_base')
+  trainable = {l.name: l.trainable for l in base.layers}
+  assert trainable['block_2_expand'] and trainable['block_2_add']
+  assert not trainable['Conv1'] and not trainable['block_1_project']
+  # Two more fine-tuning epochs: resumed in the fine-tuning phase.
+  config = dataclasses.replace(config, fine_tune_epochs=3)
+  metrics = train_lib.train_and_evaluate(config)
+  err = capsys.readouterr().err
+  assert 'resuming after epoch 2' in err and 'fine-tuning from' not in err
+  assert metrics['epochs_run'] == 4 and metrics['fine_tune_start'] == 1
+  train_lib.train_and_evaluate(config)
+  assert 'nothing left to train' in capsys.readouterr().err
+  with pytest.raises(UserError, match='--fine_tune_from=block_99 is not a '
+                     'layer of the base mobilenet_v2_base'):
+    train_lib.train_and_evaluate(dataclasses.replace(
+        config, model_dir=str(tmp_path / 'other'), fine_tune_from='block_99'))
+  assert not (tmp_path / 'other').exists()
 
 
 @pytest.mark.parametrize('kwargs,message', [

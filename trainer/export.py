@@ -92,12 +92,21 @@ def export(model: keras.Model, model_dir: str,
   build's decompression-bomb limit) from their header.
   """
   path = os.path.join(model_dir, EXPORT_DIR)
-  archive = keras.export.ExportArchive()
-  archive.track(model)
-  archive.add_endpoint(
-      name='serve', fn=make_serving_fn(model, config),
+  # A plain tf.Module rather than keras.export.ExportArchive: the archive
+  # traces the serving function twice (once to list the variables it uses,
+  # once more inside tf.saved_model.save), and that function (every image
+  # format's reader) takes seconds to trace; saved this way it is traced
+  # once, inside the save (6.3 -> 4.3 s for a small model, the same bytes
+  # served: BUILD_NOTES). The module tracks the model, so every variable the
+  # function reads is saved; `serve` is both an attribute and the two
+  # signatures (`serve`, `serving_default`), as the archive wrote them.
+  module = tf.Module()
+  module.model = model
+  module.serve = tf.function(
+      make_serving_fn(model, config), autograph=False,
       input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
-  archive.write_out(path, verbose=False)
+  tf.saved_model.save(module, path, signatures={
+      'serve': module.serve, 'serving_default': module.serve})
   with open(os.path.join(model_dir, MODEL_CONFIG), 'w') as f:
     json.dump(config.to_json_dict(), f, indent=2)
   return path

@@ -60,10 +60,9 @@ def probabilities(outputs: np.ndarray, *, num_classes: int) -> np.ndarray:
 
 
 def predicted(probs: np.ndarray) -> np.ndarray:
-  """int64 [N]: the predicted class of each row of probs [N, K]; with two
-  classes class 1 from probability 0.5 up (the serving export's rule)."""
-  if probs.shape[1] == 2:
-    return (probs[:, 1] >= 0.5).astype(np.int64)
+  """int64 [N]: the predicted class of each row of probs [N, K], the first
+  most probable (the serving export's argmax: with two classes, class 1
+  above probability 0.5)."""
   return probs.argmax(axis=1).astype(np.int64)
 
 

@@ -43,8 +43,8 @@ def test_two_class_probabilities_come_from_the_sigmoid_unit():
   probs = mistakes.probabilities(np.array([[0.9], [0.5], [0.2]]),
                                  num_classes=2)
   np.testing.assert_allclose(probs, [[0.1, 0.9], [0.5, 0.5], [0.8, 0.2]])
-  # 0.5 is class 1, as the serving export says.
-  assert mistakes.predicted(probs).tolist() == [1, 1, 0]
+  # A tie is the first class, as the serving export's argmax.
+  assert mistakes.predicted(probs).tolist() == [1, 0, 0]
 
 
 def test_gallery_puts_confident_mistakes_first_then_close_calls():

@@ -22,6 +22,7 @@ from pipelines.common.errors import UserError
 from tests import helpers
 from trainer import config as config_lib
 from trainer import predict
+from trainer import train_lib
 import tfrecords_schema
 
 TRAIN, TEST = 400, 100
@@ -64,7 +65,8 @@ def tfds_dir(tmp_path_factory):
   return root
 
 
-def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path):
+def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path,
+                                                           capsys):
   run = tmp_path / 'run'
   args = ('--tfds=fashion_mnist', f'--tfds_data_dir={tfds_dir}',
           f'--model_dir={run}', '--model=dense', '--epochs=3',
@@ -111,11 +113,16 @@ def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path):
   assert model_config.class_names[int(out['class_index'][0])] == (
       test_row['predicted'])
   assert test_row['given'] == NAMES[example['label']]
-  # The same command again: the import is reused, nothing is trained.
-  again = helpers.run_cli('trainer.main', *args)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert '[tfds]' not in again.stderr
-  assert 'nothing left to train' in again.stderr
+  # The same run again (in this process): the import is reused, nothing is
+  # trained.
+  capsys.readouterr()
+  again = train_lib.train_and_evaluate(config_lib.TrainConfig(
+      data_dir=None, model_dir=str(run), tfds='fashion_mnist',
+      tfds_data_dir=str(tfds_dir), model='dense', epochs=3, batch_size=32,
+      early_stopping_patience=0))
+  assert again == metrics
+  err = capsys.readouterr().err
+  assert '[tfds]' not in err and 'nothing left to train' in err
 
 
 @pytest.mark.parametrize('name, message', [

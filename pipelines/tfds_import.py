@@ -220,8 +220,11 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
         'pipelines.tfds_import.')
     with open(os.path.join(tmp, SOURCE_FILE), 'w') as f:
       json.dump(dataclasses.asdict(source), f, indent=2)
+    if _already_imported(output_dir, source):
+      return output_dir  # A concurrent run imported it meanwhile: keep it.
+    _refuse_other_folder(output_dir)
     if os.path.isdir(output_dir):
-      shutil.rmtree(output_dir)  # An earlier import (checked above).
+      shutil.rmtree(output_dir)  # An earlier import with other settings.
     os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
     os.rename(tmp, output_dir)
   finally:

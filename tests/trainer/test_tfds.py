@@ -68,12 +68,14 @@ def tfds_dir(tmp_path_factory):
 def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path,
                                                            capsys):
   run = tmp_path / 'run'
-  args = ('--tfds=fashion_mnist', f'--tfds_data_dir={tfds_dir}',
-          f'--model_dir={run}', '--model=dense', '--epochs=3',
-          '--batch_size=32', '--early_stopping_patience=0')
-  result = helpers.run_cli('trainer.main', *args)
-  assert result.returncode == 0, result.stderr[-3000:]
-  assert '[tfds] fashion_mnist 3.0.1:' in result.stderr
+  # In this process (TensorFlow is loaded once per test file); the command
+  # line's --tfds is tested below, up to where it needs TensorFlow.
+  config = config_lib.TrainConfig(
+      data_dir=None, model_dir=str(run), tfds='fashion_mnist',
+      tfds_data_dir=str(tfds_dir), model='dense', epochs=3, batch_size=32,
+      early_stopping_patience=0)
+  metrics = train_lib.train_and_evaluate(config)
+  assert '[tfds] fashion_mnist 3.0.1:' in capsys.readouterr().err
   data = tfds_dir / 'image_toolkit' / 'fashion_mnist' / '3.0.1'
   spec = tfrecords_schema.read_dataset_spec(str(data))
   assert (spec.height, spec.width, spec.channels) == (28, 28, 1)
@@ -83,7 +85,7 @@ def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path,
   assert counts['train'] + counts['validation'] == TRAIN
   assert 0.1 * TRAIN < counts['validation'] < 0.3 * TRAIN
   assert counts['test'] == TEST
-  metrics = json.loads((run / 'metrics.json').read_text())
+  assert json.loads((run / 'metrics.json').read_text()) == metrics
   assert metrics['evaluated_split'] == 'test'
   assert metrics['test_accuracy'] > 0.5  # Ten classes: chance is 0.1.
   with open(run / 'predictions.csv', newline='') as f:
@@ -116,11 +118,7 @@ def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path,
   # The same run again (in this process): the import is reused, nothing is
   # trained.
   capsys.readouterr()
-  again = train_lib.train_and_evaluate(config_lib.TrainConfig(
-      data_dir=None, model_dir=str(run), tfds='fashion_mnist',
-      tfds_data_dir=str(tfds_dir), model='dense', epochs=3, batch_size=32,
-      early_stopping_patience=0))
-  assert again == metrics
+  assert train_lib.train_and_evaluate(config) == metrics
   err = capsys.readouterr().err
   assert '[tfds]' not in err and 'nothing left to train' in err
 
@@ -141,6 +139,17 @@ def test_a_tfds_dataset_that_cannot_train_is_one_line(tfds_dir, tmp_path,
     config_lib.with_tfds_data(config)
   assert message in str(raised.value)
   assert '\n' not in str(raised.value)
+
+
+def test_the_command_takes_tfds_instead_of_data_dir(tfds_dir, tmp_path):
+  # Its checks answer before TensorFlow loads: --tfds stands for --data_dir.
+  error, loaded = helpers.refusal(
+      'trainer.main', '--tfds=Fashion MNIST', f'--model_dir={tmp_path}/run')
+  assert error.startswith("error: --tfds='Fashion MNIST' is not a TFDS "
+                          'dataset name'), error
+  assert loaded == []
+  error, _ = helpers.refusal('trainer.main', f'--model_dir={tmp_path}/run')
+  assert '--data_dir (or --tfds) are required' in error
 
 
 def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,

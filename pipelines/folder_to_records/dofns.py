@@ -155,6 +155,11 @@ class WriteChunk(beam.DoFn):
                  [int(v) for v in processed.pixel_sumsq],
                  processed.num_pixels, processed.warning, source.relpath)
         phashes = processed.phashes
+        if phashes and not near_duplicates.searched(
+            processed.original_height, processed.original_width):
+          phashes_for_search = None
+        else:
+          phashes_for_search = phashes
         flags = (image_quality.flags(processed.quality, config.quality)
                  if processed.quality else ())
         flag_counts.update(flags)
@@ -175,7 +180,8 @@ class WriteChunk(beam.DoFn):
         indexes[split].append(
             chunk_format.IndexEntry(offsets[split], length, *entry))
         # The dedupe shuffle carries only this (the runner may hold it all).
-        yield digest, (source.relpath, index, offsets[split], phashes,
+        yield digest, (source.relpath, index, offsets[split],
+                       phashes_for_search,
                        source.given_split)
         offsets[split] += length
         written += 1
@@ -255,6 +261,8 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   for k in kept if search else ():
     _, chunk, offset, phashes, _ = refs[k.relpath]
+    if phashes is None:
+      continue  # A tiny source: not searched (near_duplicates.searched).
     yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
         phashes, k.relpath, k.split, chunk, offset))
   if finding:

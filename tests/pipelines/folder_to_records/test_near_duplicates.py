@@ -207,6 +207,13 @@ def planted(tmp_path_factory):
           (64, 64, 3), (120, 130, 140)) + np.random.default_rng(0).integers(
               0, 2, (64, 64, 3))).astype(np.uint8)),
       'train/cat/retina_tiny.png': _photo('retina', (700, 700, 724, 724)),
+      # A thumbnail and its re-encoded copy in another class and split (2
+      # bits apart): tiny sources are not searched (near_duplicates.
+      # MIN_SOURCE_SIDE), so no pair and nothing left out; not even with
+      # the full-size chelsea (the rule's cost, README).
+      'train/cat/chelsea_tiny.png': _photo('chelsea').resize((24, 16)),
+      'validation/cup/chelsea_tiny_copy.jpg': _jpeg(
+          _photo('chelsea').resize((24, 16)), 70),
   }
   for relpath, content in files.items():
     if isinstance(content, Image.Image):
@@ -260,8 +267,8 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
   assert line['outcome'] == LEFT_OUT and line['near'] == 'train/cat/chelsea.jpg'
   assert str(line['distance']) in line['reason']
   counts = report['counts']
-  assert counts == {'seen': 18, 'written': 16, LEFT_OUT: 2}
-  assert report['splits']['validation']['total'] == 3
+  assert counts == {'seen': 20, 'written': 18, LEFT_OUT: 2}
+  assert report['splits']['validation']['total'] == 4
   assert report['splits']['test']['total'] == 3
   assert report['near_duplicates'] == {
       'distance': nd.DEFAULT_DISTANCE, 'pairs': 5, 'leaks': 2, 'left_out': 2,
@@ -269,14 +276,14 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
       'capped_groups': []}
   # The shards hold neither, and the report on disk says the same.
   names = helpers.written_filenames(root / 'd8')
-  assert len(names) == 16 and not names & set(rejected)
+  assert len(names) == 18 and not names & set(rejected)
   on_disk = json.loads((root / 'd8' / metadata.REPORT_FILE).read_text())
   assert on_disk['near_duplicates'] == report['near_duplicates']
 
 
 def test_distance_0_and_no_flags_measure_nothing(planted):
   root, reports = planted
-  assert reports[0]['counts'] == {'seen': 18, 'written': 18}
+  assert reports[0]['counts'] == {'seen': 20, 'written': 20}
   assert reports[0]['near_duplicates']['distance'] == 0
   assert reports[0]['quality_flags'] == {}
   assert set(reports[0]['quality_thresholds'].values()) == {None}
@@ -300,7 +307,7 @@ def test_images_jsonl_holds_every_file_and_its_hash(planted):
   root, _ = planted
   lines = {line['path']: line for line in _lines(root / 'd8' /
                                                  metadata.IMAGES_FILE)}
-  assert len(lines) == 18
+  assert len(lines) == 20
   for path, line in lines.items():
     assert line['split'] == path.split('/')[0]
     assert len(line['phash']) == len(line['phash_centre']) == 16
@@ -319,13 +326,15 @@ def test_quality_flags_are_reported_per_file_and_counted(planted):
       'train/cat/flower_dark.png': ['dark'],
       'train/cup/flat.png': ['low_information'],
       'train/cat/retina_tiny.png': ['tiny'],
+      'train/cat/chelsea_tiny.png': ['tiny'],
+      'validation/cup/chelsea_tiny_copy.jpg': ['tiny'],
       # A grey photo in a colour dataset, and its copy.
       'validation/cup/camera.png': ['grayscale'],
       'test/cup/camera_small.jpg': ['grayscale'],
   }
   report = reports[nd.DEFAULT_DISTANCE]
   assert report['quality_flags'] == {'blurry': 1, 'dark': 1, 'grayscale': 2,
-                                     'low_information': 1, 'tiny': 1}
+                                     'low_information': 1, 'tiny': 3}
   summary = builder.format_summary(report)
   assert 'quality flags (reported, not removed' in summary
   assert 'grayscale 2' in summary and '2 left out of validation/test' in summary

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -71,12 +71,14 @@ class Evaluated:
   """Every evaluated image, in record order, one split after the other.
 
   files: [N] paths relative to the build's --input_dir; splits: [N] split
-  names; labels: int [N] given classes; probs: float [N, K].
+  names; labels: int [N] given classes; probs: float [N, K]; losses: float
+  [N], the training loss of each image (None when not known).
   """
   files: list[str]
   splits: list[str]
   labels: np.ndarray
   probs: np.ndarray
+  losses: Optional[np.ndarray] = None
 
   @property
   def predicted(self) -> np.ndarray:
@@ -91,7 +93,8 @@ class Evaluated:
     keep = np.array([s == split for s in self.splits], dtype=bool)
     return Evaluated([f for f, k in zip(self.files, keep) if k],
                      [split] * int(keep.sum()), self.labels[keep],
-                     self.probs[keep])
+                     self.probs[keep],
+                     None if self.losses is None else self.losses[keep])
 
 
 def write_predictions(path: str, evaluated: Evaluated,

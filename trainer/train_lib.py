@@ -549,10 +549,6 @@ class _Run:
   def binary(self) -> bool:
     return config_lib.single_unit(self.spec.num_classes)
 
-  @property
-  def label_mode(self) -> str:
-    return 'binary' if self.binary else 'int'
-
 
 def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
   """Every check, the saved state, the model (restored) and the datasets;
@@ -773,10 +769,6 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   model.save(model_path)
   eval_split = 'test' if spec.splits.get('test') and spec.splits[
       'test'].num_examples else 'validation'
-  eval_ds = _make_dataset(
-      config, eval_split, run.model_input, spec,
-      batch_size=config.batch_size, training=False,
-      label_mode=run.label_mode)
   evaluated = _evaluate_by_file(config, run, model)
   scored = evaluated.of_split(eval_split)
   matrix = report.confusion_matrix(scored.labels, scored.predicted,
@@ -805,10 +797,11 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
                                      splits=_evaluation_splits(spec))
   metrics['suspect_labels'] = suspects['suspects']
   if eval_split == 'test':
-    with input_pipeline.reading_errors(config.data_dir):
-      test_loss, test_accuracy = model.evaluate(eval_ds, verbose=0)
-    metrics['test_accuracy'] = float(test_accuracy)
-    metrics['test_loss'] = float(test_loss)
+    # From the same pass as predictions.csv (Keras' loss per image, and
+    # the argmax the export uses): no second pass over the test split.
+    metrics['test_accuracy'] = float(np.mean(scored.predicted ==
+                                             scored.labels))
+    metrics['test_loss'] = float(np.mean(scored.losses))
   with open(os.path.join(config.model_dir, config_lib.CLASS_REPORT_FILE),
             'w') as f:
     f.write(f'{eval_split} split\n{report.format_report(per_class)}\n')
@@ -853,14 +846,19 @@ def _evaluate_by_file(config: TrainConfig, run: _Run, model
                       ) -> mistakes.Evaluated:
   """The model's class probabilities for every image of the evaluation
   splits, with its file and given label (one pass over each split)."""
-  files, splits, labels, probs = [], [], [], []
+  files, splits, labels, probs, losses = [], [], [], [], []
+  loss = models.loss(run.spec.num_classes, reduction=None)
   for split in _evaluation_splits(run.spec):
     ds = input_pipeline.labelled_files(
         config.data_dir, split, run.model_input,
         batch_size=config.batch_size, spec=run.spec)
     with input_pipeline.reading_errors(config.data_dir):
       for images, batch_labels, batch_files in ds:
-        outputs = model(images, training=False).numpy()
+        outputs = tf.cast(model(images, training=False), tf.float32)
+        targets = (tf.cast(batch_labels[:, None], tf.float32) if run.binary
+                   else batch_labels)
+        losses.append(loss(targets, outputs).numpy())
+        outputs = outputs.numpy()
         probs.append(mistakes.probabilities(
             outputs, num_classes=run.spec.num_classes))
         labels.append(batch_labels.numpy().astype(np.int64))
@@ -871,7 +869,8 @@ def _evaluate_by_file(config: TrainConfig, run: _Run, model
   return mistakes.Evaluated(
       files=files, splits=splits,
       labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
-      probs=np.concatenate(probs) if probs else np.zeros((0, k)))
+      probs=np.concatenate(probs) if probs else np.zeros((0, k)),
+      losses=np.concatenate(losses) if losses else np.zeros(0))
 
 
 def _gallery(config: TrainConfig, run: _Run, evaluated: mistakes.Evaluated,

@@ -41,7 +41,16 @@ def write_bytes(path: str, data: bytes) -> None:
 
 
 def log(message: str) -> None:
-  print(f'[build] {message}', file=sys.stderr, flush=True)
+  """One stderr line, in one write: worker processes share the stream, and
+  print()'s separate write of the line end let two workers' lines run
+  together (`... 0 rejected[build] chunk 25: ...`), which the progress
+  display then could not read. A pipe write this short is atomic."""
+  line = f'[build] {message}\n'.encode('utf-8', 'backslashreplace')
+  try:
+    sys.stderr.flush()
+    os.write(sys.stderr.fileno(), line)
+  except (AttributeError, OSError, ValueError):  # No real file (a test).
+    print(line.decode('utf-8').rstrip('\n'), file=sys.stderr, flush=True)
 
 
 def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:

@@ -191,6 +191,9 @@ def main(argv):
     sys.exit(f'error: {cli.one_line(e)}')
   except OSError as e:
     sys.exit(f'error: {_os_error(e)}')
+  except KeyboardInterrupt:  # E.g. during a --tfds import (seconds).
+    sys.exit('error: interrupted (Ctrl-C) before training started; nothing '
+             'was written (a --tfds import starts over next time)')
   dog = watchdog.Watchdog(_stop_lines(config), stderr=cli.unfiltered_stderr())
   try:
     _run(config, dog)

@@ -10,7 +10,7 @@ cache, pictures, export and predict are exactly those of a folder build:
 
   TFDS train       train, minus a validation share when the dataset has no
                    validation split: each image's split comes from the hash
-                   of its bytes (splits.assign_split, as the build does), so
+                   of its pixels (splits.assign_split, as the build does), so
                    it is stable across runs and machines
   TFDS validation  validation
   TFDS test        test
@@ -20,14 +20,17 @@ cache, pictures, export and predict are exactly those of a folder build:
   record filename  `train[123]`: the TFDS split and index, so
                    `tfds.load(NAME, split='train[123:124]')` gives the image
 
-The folder (by default `<tfds_data_dir>/image_toolkit/<name>/<version>`) is
-written under a temporary name and renamed when complete; a later run with
-the same dataset and settings reuses it (tfds_source.json says what it was
-made from).
+The folder (by default `<tfds_data_dir>/image_toolkit/<name>/<version>`,
+`<version>-HxW` when resized on import) is written under a temporary name
+and renamed when complete; a later run with the same dataset and settings
+reuses it (tfds_source.json says what it was made from), and an existing
+folder is never replaced. The split hash is of the pixels TFDS gives.
+Examples without a class label (-1) are left out, and said.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import io
@@ -85,6 +88,11 @@ class Source:
   validation_fraction: float
   seed: int
   size: Optional[tuple[int, int]]  # Resize of varying-size images.
+
+
+def channels_of(shape) -> int:
+  """Channels of an Image feature's shape (h, w, c); 3 when unknown."""
+  return shape[-1] or 3
 
 
 def _check_name(name: str) -> None:
@@ -192,8 +200,15 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
   source = Source(name=base_name, version=version, image=image_key,
                   label=label_key, validation_fraction=validation_fraction,
                   seed=seed, size=size)
-  output_dir = output_dir or os.path.join(data_dir, FOLDER, base_name,
-                                          version)
+  if channels_of(shape) not in (1, 3):
+    raise UserError(f'--tfds={name}: its images have {shape[-1]} channels; '
+                    'training here takes 1 (grey) or 3 (RGB): this dataset '
+                    'cannot be trained with this toolkit')
+  # A folder per size for datasets resized on import: runs at another
+  # --image_size never replace each other's data.
+  default = os.path.join(data_dir, FOLDER, base_name, version + (
+      f'-{size[0]}x{size[1]}' if size else ''))
+  output_dir = os.path.normpath(output_dir or default)
   if _already_imported(output_dir, source):
     return output_dir
   _prepare(builder, name, data_dir, download)
@@ -223,9 +238,9 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
     if _already_imported(output_dir, source):
       return output_dir  # A concurrent run imported it meanwhile: keep it.
     _refuse_other_folder(output_dir)
-    if os.path.isdir(output_dir):
-      shutil.rmtree(output_dir)  # An earlier import with other settings.
     os.makedirs(os.path.dirname(os.path.abspath(output_dir)), exist_ok=True)
+    if os.path.isdir(output_dir):
+      os.rmdir(output_dir)  # Empty (checked): nothing is ever replaced.
     os.rename(tmp, output_dir)
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -245,15 +260,24 @@ def _already_imported(output_dir: str, source: Source) -> bool:
 
 
 def _refuse_other_folder(output_dir: str) -> None:
-  """An existing output folder is replaced only if it is an earlier import."""
-  if os.path.lexists(output_dir) and not (
-      os.path.isdir(output_dir) and not os.path.islink(output_dir) and (
-          not os.listdir(output_dir) or
-          os.path.isfile(os.path.join(output_dir, SOURCE_FILE)))):
-    raise UserError(
-        f'--data_dir={output_dir} exists and is not a TFDS import of this '
-        'toolkit (no tfds_source.json); pass another --data_dir (or leave it '
-        'out) for the imported dataset')
+  """The import goes only into a missing or empty folder: an existing one
+  (another dataset's import, the same dataset at another size, anything of
+  the user's) is never replaced; a run may be training on it."""
+  if not os.path.lexists(output_dir) or (
+      os.path.isdir(output_dir) and not os.path.islink(output_dir)
+      and not os.listdir(output_dir)):
+    return
+  what = 'is not a TFDS import of this toolkit'
+  try:
+    with open(os.path.join(output_dir, SOURCE_FILE)) as f:
+      saved = json.load(f)
+    what = (f'holds the import of {saved["name"]} {saved["version"]} with '
+            f'other settings (size {saved.get("size")})')
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  raise UserError(
+      f'--data_dir={output_dir} exists and {what}; nothing there is '
+      'replaced: pass another --data_dir (or leave it out) for this import')
 
 
 class _ShardWriter:
@@ -298,10 +322,8 @@ def _write(builder, source: Source, folder: str, shape, *, dataset_name: str,
            tfds_splits: list[str]) -> metadata.DatasetSpec:
   """Every example of tfds_splits as records in `folder`; the spec."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  channels = shape[-1] or 3
-  if channels not in (1, 3):
-    raise UserError(f'--tfds={source.name}: images with {channels} channels '
-                    'are not supported (1 or 3)')
+  channels = channels_of(shape)
+  unlabelled = collections.Counter()
   height, width = source.size or shape[:2]
   writers = {s: _ShardWriter(folder, dataset_name, s)
              for s in metadata.SPLITS}
@@ -313,7 +335,19 @@ def _write(builder, source: Source, folder: str, shape, *, dataset_name: str,
   for tfds_split in tfds_splits:
     ds = builder.as_dataset(split=tfds_split, shuffle_files=False)
     for index, example in enumerate(tfds.as_numpy(ds)):
+      label = int(example[source.label])
+      if not 0 <= label < len(class_names):
+        unlabelled[tfds_split] += 1  # E.g. -1: a test split without labels.
+        continue
       array = np.asarray(example[source.image])
+      if array.dtype != np.uint8:
+        raise UserError(f'--tfds={source.name}: its images are '
+                        f'{array.dtype}, not 8-bit; training here reads '
+                        '8-bit images')
+      # The split and the record's sha256 come from the pixels TFDS gives
+      # (not from Pillow's PNG bytes, which another zlib may change).
+      pixels_hash = hashlib.sha256(
+          str(array.shape).encode() + array.tobytes()).hexdigest()
       image = Image.fromarray(array[..., 0] if channels == 1 else array,
                               'L' if channels == 1 else 'RGB')
       original = image.size
@@ -323,13 +357,12 @@ def _write(builder, source: Source, folder: str, shape, *, dataset_name: str,
       buffer = io.BytesIO()
       image.save(buffer, format='PNG')
       encoded = buffer.getvalue()
-      sha256 = hashlib.sha256(encoded).hexdigest()
+      sha256 = pixels_hash
       split = tfds_split
       if tfds_split == 'train' and not has_validation:
         split = splits_lib.assign_split(
             sha256, seed=source.seed,
             validation_fraction=source.validation_fraction, test_fraction=0.0)
-      label = int(example[source.label])
       writers[split].add(schema.frame_record(schema.encode_example(
           image=encoded, label=label, filename=f'{tfds_split}[{index}]',
           sha256=sha256, original_height=original[1],
@@ -343,6 +376,9 @@ def _write(builder, source: Source, folder: str, shape, *, dataset_name: str,
       if time.monotonic() - last >= _PROGRESS_S:
         last = time.monotonic()
         _say(f'{source.name} {tfds_split}: {index + 1:,} images imported')
+  for tfds_split, count in sorted(unlabelled.items()):
+    _say(f'{source.name} {tfds_split}: {count:,} examples without a class '
+         'label (e.g. -1) left out')
   split_specs = {}
   for split, writer in writers.items():
     shards = writer.finish()

@@ -302,13 +302,11 @@ class ResumableTraining(keras.callbacks.Callback):
 
   def start_fine_tuning(self) -> None:
     """Fine-tuning begins after the epochs recorded so far: early stopping
-    and the best epoch start afresh (the final model is the best fine-tuned
-    epoch: its checkpoint holds the fine-tuning optimizer's state, which a
-    frozen-base epoch's does not); the next fit continues from here without
-    reloading weights."""
+    starts afresh (its patience counts fine-tuning epochs); the best epoch
+    is kept, so the final model is the best of both phases; the next fit
+    continues from here without reloading weights."""
     self.fine_tune_start = len(self.rows)
     self.stopped_early, self.stop_reason, self.wait = False, None, 0
-    self.best = self.best_epoch = None
     self.resumed_from, self._restored = len(self.rows), True
 
   def on_train_end(self, logs=None):

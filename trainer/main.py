@@ -104,7 +104,7 @@ flags.DEFINE_string(
     'Train on a TFDS image classification dataset instead of --data_dir: '
     'NAME[:VERSION], e.g. fashion_mnist (its train/test splits; validation '
     'carved from train when it has none). Imported once into --data_dir '
-    '(default <tfds_data_dir>/image_toolkit/NAME/VERSION).')
+    '(default <tfds_data_dir>/image_toolkit/NAME/VERSION; never replaced).')
 flags.DEFINE_string(
     'tfds_data_dir', _D('tfds_data_dir'),
     "--tfds: TFDS' data dir (default $TFDS_DATA_DIR or ~/tensorflow_datasets).")

@@ -150,7 +150,8 @@ def architecture_args(name: str, *, conv_filters: Optional[Sequence[int]],
     values = list(value) if key == 'filters' else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, int)
                          or v < 1 for v in values):
-      raise ValueError(f'--{flag}={value!r}: expected positive integers, '
+      shown = ','.join(map(str, values))
+      raise ValueError(f'--{flag}={shown}: expected positive integers, '
                        f'e.g. {"16,32,64" if key == "filters" else "512"}')
     args[key] = tuple(values) if key == 'filters' else value
   return args

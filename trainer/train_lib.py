@@ -471,7 +471,7 @@ def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
   command then ends at once instead of evaluating and exporting again."""
   if not done:
     return
-  if config.fine_tune_from:
+  if config.fine_tune_from and not _diverged(resumable):
     start = resumable.fine_tune_start
     if start is None or (done < start + config.fine_tune_epochs
                          and not resumable.stopped_early):
@@ -494,10 +494,11 @@ def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
            f'({resumable.stop_reason or "early stopping"})')
     more = 'pass a new --model_dir to train again'
   elif config.fine_tune_from:
-    why = (f'it finished --epochs={config.epochs} and --fine_tune_epochs='
-           f'{config.fine_tune_epochs}')
-    more = ('pass a larger --fine_tune_epochs to fine-tune on, or a new '
-            '--model_dir to start over')
+    why = (f'it trained {resumable.fine_tune_start} epoch(s) with the base '
+           f'frozen and --fine_tune_epochs={config.fine_tune_epochs}')
+    more = ('pass a larger --fine_tune_epochs to fine-tune on (--epochs no '
+            'longer applies once fine-tuning began), or a new --model_dir to '
+            'start over')
   else:
     why = f'it finished --epochs={done}'
     more = (f'pass --epochs above {done} to train on, or a new --model_dir '
@@ -691,6 +692,12 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
   return time.perf_counter() - start
 
 
+def _diverged(resumable) -> bool:
+  """Training diverged, in this process or in the saved run."""
+  return resumable.diverged or (resumable.stop_reason or '').startswith(
+      'training diverged')
+
+
 def _fit_phases(config: TrainConfig, run: _Run, steps_per_epoch: int,
                 heartbeat, to_train: bool) -> None:
   """Keras fit in one process: up to --epochs with a frozen base, then
@@ -713,7 +720,7 @@ def _fit_phases(config: TrainConfig, run: _Run, steps_per_epoch: int,
                         config.model_dir, config_lib.TENSORBOARD_DIR))])
 
   def stopped() -> bool:
-    return resumable.preempted or resumable.diverged or not resumable.rows
+    return resumable.preempted or _diverged(resumable) or not resumable.rows
 
   if resumable.fine_tune_start is None:
     if to_train:
@@ -822,6 +829,9 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   _picture(mistakes.MISTAKES_FILE, lambda path: _gallery(
       config, run, evaluated, mistakes.gallery_order(
           evaluated.labels, evaluated.probs), path, suspects=False), config)
+  stale = os.path.join(config.model_dir, mistakes.SUSPECTS_PICTURE)
+  if not suspects['suspects'] and os.path.exists(stale):
+    os.remove(stale)  # An earlier finish's picture would contradict the JSON.
   if suspects['suspects']:
     order = np.array([evaluated.files.index(e['file'])
                       for e in suspects['files'][:mistakes.GALLERY_SIZE]])

@@ -167,7 +167,7 @@ def test_conv_filters_and_dense_units_change_the_course_models():
      '--model=dense; it changes small_cnn, horses_humans, cats_dogs'),
     ('small_cnn', dict(conv_filters=(16, 32.5)), 'expected positive'),
     ('transfer', dict(conv_filters=(16,)), 'does not apply to --model=transfer'),
-    ('small_cnn', dict(conv_filters=(16, 0)), '--conv_filters=(16, 0): expected '
+    ('small_cnn', dict(conv_filters=(16, 0)), '--conv_filters=16,0: expected '
      'positive integers'),
     ('small_cnn', dict(conv_filters=()), 'expected positive integers'),
     ('cats_dogs', dict(dense_units=-5), '--dense_units=-5: expected positive'),

@@ -62,6 +62,18 @@ def tfds_dir(tmp_path_factory):
           'label': tfds.features.ClassLabel(num_classes=2)}),
       split_datasets={'train': tf.data.Dataset.from_tensor_slices(
           {'text': ['a', 'b'], 'label': [0, 1]})}, data_dir=str(root))
+  # A test split without labels (-1), as some TFDS datasets have.
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name='unlabelled_test', version='1.0.0',
+      features=tfds.features.FeaturesDict({
+          'image': tfds.features.Image(shape=(28, 28, 1)),
+          'label': tfds.features.ClassLabel(names=['a', 'b'])}),
+      split_datasets={
+          'train': tf.data.Dataset.from_tensor_slices(
+              {'image': images[:20], 'label': labels[:20] % 2}),
+          'test': tf.data.Dataset.from_tensor_slices(
+              {'image': images[20:26], 'label': np.full(6, -1)})},
+      data_dir=str(root))
   return root
 
 
@@ -153,7 +165,7 @@ def test_the_command_takes_tfds_instead_of_data_dir(tfds_dir, tmp_path):
 
 
 def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
-                                                           tmp_path):
+                                                           tmp_path, capsys):
   mine = tmp_path / 'mine'
   mine.mkdir()
   (mine / 'notes.txt').write_text('keep me')
@@ -162,3 +174,28 @@ def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
                                output_dir=str(mine))
   assert (mine / 'notes.txt').read_text() == 'keep me'
   assert [p.name for p in tmp_path.iterdir()] == ['mine']  # No leftovers.
+  # A trailing slash names the same folder; its import is then reused.
+  out = tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(
+      tfds_dir), output_dir=f'{tmp_path}/imported/')
+  assert out == str(tmp_path / 'imported')
+  assert tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(
+      tfds_dir), output_dir=out) == out
+  # Another import (other settings, or another dataset) is not replaced.
+  before = sorted(p.stat().st_mtime_ns for p in (tmp_path / 'imported').iterdir())
+  for name, fraction in (('fashion_mnist', 0.5), ('unlabelled_test', 0.2)):
+    with pytest.raises(UserError, match='holds the import of fashion_mnist'):
+      tfds_import.import_dataset(name, tfds_data_dir=str(tfds_dir),
+                                 output_dir=out, validation_fraction=fraction)
+  assert sorted(p.stat().st_mtime_ns for p in (
+      tmp_path / 'imported').iterdir()) == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['imported', 'mine']
+  # Examples without a label are left out, and said.
+  capsys.readouterr()
+  spec = tfrecords_schema.read_dataset_spec(tfds_import.import_dataset(
+      'unlabelled_test', tfds_data_dir=str(tfds_dir),
+      output_dir=str(tmp_path / 'unlabelled')))
+  assert spec.splits['test'].num_examples == 0
+  assert sum(spec.splits['train'].class_counts) + sum(
+      spec.splits['validation'].class_counts) == 20
+  assert ('unlabelled_test test: 6 examples without a class label' in
+          capsys.readouterr().err)

@@ -108,7 +108,8 @@ def test_transfer_fine_tunes_from_a_layer_and_resumes_there(binary_data,
   assert 'fine-tuning from block_2_expand: epochs 2-2' in err
   assert metrics['epochs_run'] == 2 and metrics['fine_tune_start'] == 1
   state = json.loads((run / 'checkpoint' / 'state.json').read_text())
-  assert state['fine_tune_start'] == 1 and state['best_epoch'] == 2
+  # The best epoch of both phases is kept (and restored at the end).
+  assert state['fine_tune_start'] == 1 and state['best_epoch'] in (1, 2)
   # The same command again: nothing is trained or written.
   assert train_lib.train_and_evaluate(config) == metrics
   assert 'nothing left to train' in capsys.readouterr().err

@@ -168,10 +168,10 @@ def suspects(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def suspect_report(evaluated: Evaluated, class_names: Sequence[str],
-                   *, splits: Sequence[str]) -> dict:
+                   *, splits: Sequence[str], found: np.ndarray) -> dict:
   """suspect_labels.json: the rule, the counts and one entry per suspect
-  (file, split, given class, the model's class and both probabilities)."""
-  found = suspects(evaluated.labels, evaluated.probs)
+  (file, split, given class, the model's class and both probabilities).
+  found: suspects(evaluated.labels, evaluated.probs)."""
   guess = evaluated.predicted
   entries = []
   for i in found:

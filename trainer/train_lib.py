@@ -800,8 +800,10 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   if weights:
     metrics['class_weights'] = {name: round(weights[i], 6)
                                 for i, name in enumerate(spec.class_names)}
+  suspect_rows = mistakes.suspects(evaluated.labels, evaluated.probs)
   suspects = mistakes.suspect_report(evaluated, spec.class_names,
-                                     splits=_evaluation_splits(spec))
+                                     splits=_evaluation_splits(spec),
+                                     found=suspect_rows)
   metrics['suspect_labels'] = suspects['suspects']
   if eval_split == 'test':
     # From the same pass as predictions.csv (Keras' loss per image, and
@@ -833,10 +835,8 @@ def _finish(config: TrainConfig, run: _Run, train_seconds: float) -> dict:
   if not suspects['suspects'] and os.path.exists(stale):
     os.remove(stale)  # An earlier finish's picture would contradict the JSON.
   if suspects['suspects']:
-    order = np.array([evaluated.files.index(e['file'])
-                      for e in suspects['files'][:mistakes.GALLERY_SIZE]])
     _picture(mistakes.SUSPECTS_PICTURE, lambda path: _gallery(
-        config, run, evaluated, order, path, suspects=True), config)
+        config, run, evaluated, suspect_rows, path, suspects=True), config)
   # Last: a rerun takes metrics.json for these epochs to mean that every
   # result is written (_check_not_finished).
   with open(os.path.join(config.model_dir, config_lib.METRICS_FILE),

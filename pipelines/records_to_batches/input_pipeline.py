@@ -388,8 +388,14 @@ def decode_example(serialized: tf.Tensor, model_input: ModelInput
   random, so a cache may follow.
   """
   example = schema.parse_examples(serialized)
-  image = model_input.read_resize(model_input.decode(example[schema.IMAGE]))
-  return image, tf.cast(example[schema.LABEL], tf.int32)
+  return _image(example, model_input), tf.cast(example[schema.LABEL],
+                                               tf.int32)
+
+
+def _image(example: dict, model_input: ModelInput) -> tf.Tensor:
+  """A parsed record's image, decoded and read-time resized: uint8
+  [h, w, C] (what every reader of records starts from)."""
+  return model_input.read_resize(model_input.decode(example[schema.IMAGE]))
 
 
 def encode_labels(labels: tf.Tensor, label_mode: str,
@@ -665,9 +671,8 @@ def labelled_files(data_dir: str, split: str, model_input: ModelInput, *,
 
   def decode(serialized):
     example = schema.parse_examples(serialized)
-    image = model_input.read_resize(model_input.decode(example[schema.IMAGE]))
-    return (image, tf.cast(example[schema.LABEL], tf.int32),
-            example[schema.FILENAME])
+    return (_image(example, model_input),
+            tf.cast(example[schema.LABEL], tf.int32), example[schema.FILENAME])
 
   ds = read_records(data_dir, spec, split, training=False)
   ds = ds.map(decode, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -691,8 +696,7 @@ def pictures(data_dir: str, split: str, model_input: ModelInput,
   keep = tf.constant(wanted, dtype=tf.int64)
   ds = read_records(data_dir, spec, split, training=False).enumerate()
   ds = ds.filter(lambda i, _: tf.reduce_any(tf.equal(keep, i)))
-  ds = ds.map(lambda i, r: (i, model_input.read_resize(model_input.decode(
-      schema.parse_examples(r)[schema.IMAGE]))))
+  ds = ds.map(lambda i, r: (i, _image(schema.parse_examples(r), model_input)))
   return {int(i): image.numpy() for i, image in ds.take(len(wanted))}
 
 

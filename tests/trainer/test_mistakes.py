@@ -82,7 +82,9 @@ def test_suspect_report_names_files_and_thresholds():
                     [0.2, 0.8], [0.3, 0.7]])
   evaluated = mistakes.Evaluated([f'f{i}' for i in range(6)], ['test'] * 6,
                                  labels, probs)
-  report = mistakes.suspect_report(evaluated, ('a', 'b'), splits=['test'])
+  report = mistakes.suspect_report(
+      evaluated, ('a', 'b'), splits=['test'],
+      found=mistakes.suspects(labels, probs))
   assert report['suspects'] == 1 and report['evaluated'] == 6
   assert report['files'] == [{
       'file': 'f2', 'split': 'test', 'given': 'a', 'model_says': 'b',
@@ -90,4 +92,6 @@ def test_suspect_report_names_files_and_thresholds():
   assert report['thresholds'] == {'a': pytest.approx(0.5833333),
                                   'b': pytest.approx(0.8)}
   empty = mistakes.Evaluated([], [], np.zeros(0, np.int64), np.zeros((0, 2)))
-  assert mistakes.suspect_report(empty, ('a', 'b'), splits=[])['suspects'] == 0
+  assert mistakes.suspect_report(
+      empty, ('a', 'b'), splits=[],
+      found=mistakes.suspects(empty.labels, empty.probs))['suspects'] == 0

@@ -107,6 +107,22 @@ flags.DEFINE_boolean(
     'each file alone, so adding files never moves one; with --stratified '
     'adding files can move earlier ones between splits.')
 flags.DEFINE_string(
+    'reuse_from', _D['reuse_from'],
+    'An earlier build of this folder with the same image flags: files '
+    'unchanged since (same path, size and modification time) take their '
+    'records from it instead of being decoded again. The result is the '
+    'bytes a full build gives.')
+flags.DEFINE_boolean(
+    'update', _D['update'],
+    'Update the dataset in --output_dir from --input_dir (as --reuse_from='
+    '--output_dir); it is replaced at the end, and kept as it was if the '
+    'update fails or is interrupted.')
+flags.DEFINE_boolean(
+    'verify_reuse', _D['verify_reuse'],
+    'With --reuse_from/--update: read and hash every file instead of '
+    'trusting size and modification time (for files changed by tools that '
+    'restore times).')
+flags.DEFINE_string(
     'quality_thresholds', _D['quality_thresholds'],
     image_quality.flag_help())
 FLAGS = flags.FLAGS

@@ -145,7 +145,14 @@ class BuildReport:
   warnings: tuple[FileWarning, ...] = _given(tuple)
   classes_without_examples: dict[str, list[str]] = _given(dict)
   write_stage_s: float = _given(float)
+  # The library versions that decide stored bytes, and the version of what
+  # an incremental build reads (pipelines/folder_to_records/reuse.py).
+  software: dict[str, str] = _given(dict)
+  # An incremental build's counts (reused, built, damaged, gone, from):
+  # like the timings, how this dataset was made, not what it holds.
+  reuse: Optional[dict[str, Any]] = _field(**_omit_none)
   # Added by the launcher after the run.
+  started_at: Optional[float] = _field(**_omit_none)
   elapsed_s: Optional[float] = _field(**_omit_none)
   images_per_s: Optional[float] = _field(**_omit_none)
   empty_classes: Optional[tuple[EmptyClass, ...]] = _field(**_omit_none)

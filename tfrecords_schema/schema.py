@@ -103,6 +103,19 @@ def frame_record(data: bytes) -> bytes:
                    struct.pack('<I', _masked_crc32c(data))))
 
 
+def unframe_record(framed: bytes) -> bytes:
+  """frame_record's data back; ValueError when the frame's length or
+  either checksum is wrong (a damaged record)."""
+  if len(framed) < 16:
+    raise ValueError('a TFRecord frame is at least 16 bytes')
+  length, data = framed[:8], framed[12:-4]
+  if (struct.unpack('<Q', length)[0] != len(data) or
+      struct.unpack('<I', framed[8:12])[0] != _masked_crc32c(length) or
+      struct.unpack('<I', framed[-4:])[0] != _masked_crc32c(data)):
+    raise ValueError('a TFRecord frame\'s length or checksum is wrong')
+  return data
+
+
 def read_records(f, *, max_record_bytes: int
                  ) -> Iterator[Optional[bytes]]:
   """The records of an open binary TFRecord file, without TensorFlow.

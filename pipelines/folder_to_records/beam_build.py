@@ -74,6 +74,7 @@ from apache_beam.io.filesystems import FileSystems  # noqa: F401  # pylint: disa
 from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
+from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import runner_options
 from tfrecords_schema import metadata as metadata_lib
@@ -101,6 +102,7 @@ from pipelines.folder_to_records.dofns import ListFolder
 from pipelines.folder_to_records.dofns import record_split
 from pipelines.folder_to_records.dofns import REJECTED
 from pipelines.folder_to_records.dofns import resolve_duplicates
+from pipelines.folder_to_records.dofns import REUSED
 from pipelines.folder_to_records.dofns import SUMS
 from pipelines.folder_to_records.dofns import TIMES
 from pipelines.folder_to_records.dofns import TOTALS
@@ -172,14 +174,19 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                      kv[1], seed=seed,
                      validation_fraction=config.validation_fraction,
                      test_fraction=config.test_fraction)))
+  chunked = files | 'Chunk' >> beam.Map(
+      lambda p, c: (chunk_of(listed_path(p), num_chunks(c[0]), seed=seed),
+                    p), counts)
+  if config.reuse:  # The earlier records go to the chunks of their paths.
+    chunked = (chunked, pipeline | 'Earlier' >> beam.Create([None])
+               | 'EarlierRecords' >> beam.FlatMap(
+                   reuse.old_records, counts, source=config.reuse, seed=seed)
+               ) | 'WithEarlier' >> beam.Flatten()
   written = (
-      files
-      | 'Chunk' >> beam.Map(
-          lambda p, c: (chunk_of(listed_path(p), num_chunks(c[0]), seed=seed),
-                        p), counts)
+      chunked
       | 'GroupChunks' >> beam.GroupByKey()
       | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
-          REJECTED, TOTALS, TIMES, FLAGGED, main='records'))
+          REJECTED, TOTALS, TIMES, FLAGGED, REUSED, main='records'))
   layouts = (_combine(written[TOTALS], 'AllTotals',
                       beam.combiners.ToListCombineFn())
              | 'ShardLayout' >> beam.Map(shard_layout, shard_size_bytes=size))
@@ -225,6 +232,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           near_pairs=beam.pvalue.AsIter(near_lines),
           near_capped=beam.pvalue.AsIter(near_capped),
           times=beam.pvalue.AsIter(written[TIMES]),
+          reused=beam.pvalue.AsIter(written[REUSED]),
           flagged=beam.pvalue.AsIter(written[FLAGGED])))
 
 

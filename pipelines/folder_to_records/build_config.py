@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Optional
 
 from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import source_image
@@ -24,3 +25,5 @@ class BuildConfig:
   quality: image_quality.Thresholds = image_quality.Thresholds()
   # Exact per-class split shares (splits.stratify) instead of the hash.
   stratified: bool = False
+  # An earlier build whose records unchanged files take (reuse.Source).
+  reuse: Optional[Any] = None

@@ -17,6 +17,7 @@ import dataclasses
 import posixpath
 import shutil
 import sys
+import time
 from typing import Optional, Sequence
 
 from pipelines import plots
@@ -29,6 +30,7 @@ from pipelines.folder_to_records import failures
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import output_folder
 from pipelines.folder_to_records import report_page
+from pipelines.folder_to_records import reuse as reuse_lib
 from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import settings as settings_lib
 from pipelines.folder_to_records import splits as splits_lib
@@ -97,7 +99,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
     settings = settings_lib.BuildSettings(**kwargs)
   elif kwargs:
     settings = dataclasses.replace(settings, **kwargs)
-  overwrite = settings.overwrite
+  started_at = time.time()  # Before any file is looked at (reuse.RACY_S).
+  overwrite = settings.overwrite or settings.update
   given = {'input_dir': settings.input_dir, 'output_dir': settings.output_dir}
   input_dir, output_dir = (output_folder.real_path(paths.expand(p))
                            for p in given.values())
@@ -112,6 +115,7 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
   settings_lib.check_range(
       'max_file_bytes', settings.max_file_bytes, 1, 1 << 50,
       'pass a positive size in bytes, e.g. 268435456 (256 MiB)')
+  reuse_dir = _reuse_dir(settings, output_dir)
   output_folder.check_output_dir(output_dir, overwrite=overwrite)
   say = (lambda m: None) if quiet else (
       lambda m: print(f'[build] {m}', file=sys.stderr, flush=True))
@@ -128,6 +132,13 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
           allow_missing_eval_classes=settings.allow_missing_eval_classes)
       config = settings_lib.make_config(settings, input_dir=input_dir,
                                         listing=plan)
+      if reuse_dir:
+        if settings.update and not output_folder.is_dataset(output_dir):
+          raise UserError(_no_dataset_to_update(output_dir))
+        config = dataclasses.replace(config, reuse=reuse_lib.open_source(
+            reuse_dir, image=dataclasses.asdict(config.image),
+            flag='--update: --output_dir' if settings.update
+            else '--reuse_from', verify=settings.verify_reuse))
       for line in settings_lib.moot_settings(settings, plan.layout):
         say(line)
       say(f'{len(plan.class_names)} classes ({plan.layout} layout), '
@@ -136,7 +147,7 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
           f'{config.image.image_format}')
       report, lines = _run_and_commit(
           config, plan, progress=progress, replace=progress.had_dataset,
-          beam_args=beam_args, samples=samples,
+          beam_args=beam_args, samples=samples, started_at=started_at,
           allow_missing_eval_classes=settings.allow_missing_eval_classes)
     report = dataclasses.replace(report, output_dir=output_dir)
     for line in lines:
@@ -154,6 +165,7 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
 
 def _run_and_commit(config, plan, *, progress: output_folder.Progress,
                     replace: bool, beam_args, samples: bool,
+                    started_at: float = 0.0,
                     allow_missing_eval_classes: bool = False
                     ) -> tuple[report_lib.BuildReport, list[str]]:
   """Runs Beam into the temporary folder and commits it; the folder never
@@ -179,7 +191,8 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
       report = report_lib.BuildReport.from_json(f.read())
     report = dataclasses.replace(
         report, elapsed_s=round(elapsed, 3),
-        images_per_s=round(report.written / elapsed, 1))
+        images_per_s=round(report.written / elapsed, 1),
+        started_at=round(started_at, 3))
     report = dataclasses.replace(
         report, empty_classes=tuple(summary.empty_classes(report, tmp_dir)))
     gap = splits_lib.class_gap_error(
@@ -208,6 +221,31 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
       output_folder.remove_temp(progress)
     raise
   return report, lines
+
+
+def _reuse_dir(settings: settings_lib.BuildSettings, output_dir: str
+               ) -> Optional[str]:
+  """The earlier build an incremental build reads (None for a full
+  build); UserError for flags that do not go together."""
+  if settings.update and settings.reuse_from:
+    raise UserError('--update reads the dataset in --output_dir; drop '
+                    '--reuse_from (or drop --update to build into a new '
+                    '--output_dir from --reuse_from)')
+  if settings.update:
+    if not output_folder.is_dataset(output_dir):
+      raise UserError(_no_dataset_to_update(output_dir))
+    return output_dir
+  if settings.reuse_from:
+    return output_folder.real_path(paths.expand(settings.reuse_from))
+  if settings.verify_reuse:
+    raise UserError('--verify_reuse checks the records an incremental build '
+                    'takes; pass it with --reuse_from=DATASET or --update')
+  return None
+
+
+def _no_dataset_to_update(output_dir: str) -> str:
+  return (f'--update: --output_dir={output_dir} holds no dataset to update; '
+          'build it once without --update')
 
 
 def draw_report_page(dataset_dir: str, input_dir: str) -> None:

@@ -24,6 +24,7 @@ from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
+from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import shard_math
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
@@ -34,8 +35,8 @@ from tfrecords_schema import schema
 
 # Tagged outputs.
 (REJECTED, IGNORED, COUNTS, FINDINGS, TOTALS, SUMS, WARNINGS, TIMES, KEPT,
- FLAGGED) = ('rejected', 'ignored', 'counts', 'findings', 'totals', 'sums',
-            'warnings', 'times', 'kept', 'flagged')
+ FLAGGED, REUSED) = ('rejected', 'ignored', 'counts', 'findings', 'totals',
+                    'sums', 'warnings', 'times', 'kept', 'flagged', 'reused')
 
 
 def listed_path(element) -> str:
@@ -71,7 +72,10 @@ class WriteChunk(beam.DoFn):
   Writes a chunk file and its index file per split; 'totals': (split, chunk,
   bytes written) for each chunk file. Files are written in (order_key, path)
   order, whatever order the runner grouped them in. Files that cannot become
-  an example go to 'rejected' with a reason.
+  an example go to 'rejected' with a reason. In an incremental build the
+  chunk's group also holds the earlier build's records of its paths
+  (reuse.Old): an unchanged file's record is taken from there instead of
+  being built (reuse.py); 'reused': (taken, built, damaged, gone) counts.
   """
 
   def __init__(self, config: build_config.BuildConfig, tmp_dir: str):
@@ -94,44 +98,90 @@ class WriteChunk(beam.DoFn):
         posixpath.join(self._config.input_dir, relpath),
         max_bytes=self._config.image.max_file_bytes)
 
-  def _convert(self, source: listing_lib.SourceFile, reads
-               ) -> tuple[bytes, source_image.ProcessedImage]:
-    """(sha256 digest of the file, its stored image) for the next read of
-    `reads`; raises ImageRejected, or the read's own error.
+  def _reads(self, relpaths: Sequence[str]):
+    """A read (a future-like with .result()) of each of relpaths, in order,
+    read ahead."""
+    config = self._config
+    if self._reader is None:  # Local files.
+      return file_io.prefetched(self._read, lambda p: file_io.prefetch_local(
+          posixpath.join(config.input_dir, p),
+          max_bytes=config.image.max_file_bytes), relpaths,
+          depth=file_io.READ_AHEAD)
+    return file_io.read_ahead(self._reader, self._read, relpaths,
+                              depth=file_io.READ_AHEAD)
 
-    Takes the read itself, so that once the file is converted neither the
-    caller nor a read-ahead future holds its bytes.
-    """
-    data = next(reads).result()
-    processed = source_image.process(
+  def _convert(self, source: listing_lib.SourceFile, data: bytes
+               ) -> source_image.ProcessedImage:
+    """A file's stored image; raises ImageRejected, or Pillow's error."""
+    return source_image.process(
         data, extension=posixpath.splitext(source.relpath)[1],
         options=self._config.image)
-    return hashlib.sha256(data).digest(), processed
+
+  def _plan(self, files, olds: dict):
+    """Which files are read: (to read, {relpath: (file stat, old line, Old)
+    of each file whose earlier record may be taken}). A file taken without
+    reading (reuse.unchanged) is not read at all."""
+    candidates, to_read = {}, []
+    source = self._config.reuse
+    for f in files:
+      old = olds.pop(f.relpath, None)
+      try:
+        file_stat = reuse.stat(posixpath.join(self._config.input_dir,
+                                              f.relpath))
+      except OSError:
+        file_stat = None  # Read below, which says why.
+      line = json.loads(old.line) if old is not None else None
+      candidates[f.relpath] = (file_stat, line, old)
+      if line is None or file_stat is None or not reuse.unchanged(
+          line, file_stat, source):
+        to_read.append(f.relpath)
+    return to_read, candidates
 
   def process(self, element):
-    index, relpaths = element
+    index, items = element
     config = self._config
     start_time = time.time()
     if self._reader is None:  # Called outside Beam (tests, profiling).
       self.setup()  # Makes reader threads for remote files only.
+    olds, listed = {}, []
+    for item in items:
+      if isinstance(item, reuse.Old):
+        olds[item.relpath] = item
+      else:
+        listed.append(item)
     files = [listed_source(p, config.layout) for p in sorted(
-        relpaths, key=lambda p: (splits_lib.order_key(
+        listed, key=lambda p: (splits_lib.order_key(
             listed_path(p), seed=config.seed), listed_path(p)))]
-    relpaths = [f.relpath for f in files]
-    if self._reader is None:  # Local files.
-      reads = file_io.prefetched(self._read, lambda p: file_io.prefetch_local(
-          posixpath.join(config.input_dir, p),
-          max_bytes=config.image.max_file_bytes), relpaths,
-          depth=file_io.READ_AHEAD)
-    else:
-      reads = file_io.read_ahead(self._reader, self._read, relpaths,
-                                 depth=file_io.READ_AHEAD)
+    to_read, candidates = self._plan(files, olds)
+    reads, to_read = self._reads(to_read), set(to_read)
+    records = reuse.Records(config.reuse) if config.reuse else None
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     image_lines, flag_counts = [], collections.Counter()
+    taken = damaged = 0
     try:
       for source in files:
+        file_stat, line, old = candidates[source.relpath]
+        data = None
         try:
-          digest, processed = self._convert(source, reads)
+          if source.relpath in to_read:
+            data = next(reads).result()
+          reused = None
+          if line is not None:
+            sha = (hashlib.sha256(data).hexdigest() if data is not None
+                   else line['sha256'])
+            if sha == line['sha256']:
+              reused = records.read(old, line)
+              damaged += reused is None
+          if reused is not None:
+            processed = reuse.processed(line, reused[1])
+            digest = bytes.fromhex(sha)
+          else:
+            if data is None:  # A damaged record of a file not read.
+              data = self._read(source.relpath)
+            processed = self._convert(source, data)
+            digest = hashlib.sha256(data).digest()
+          if file_stat is None:  # Remote, or gone since: as read.
+            file_stat = (len(data), None)
         except source_image.ImageRejected as e:
           yield beam.pvalue.TaggedOutput(REJECTED, walk.Skipped(
               source.relpath, e.outcome, e.reason))
@@ -141,19 +191,28 @@ class WriteChunk(beam.DoFn):
               source.relpath, source_image.UNREADABLE,
               f'cannot read or decode ({type(e).__name__}: {e})'))
           continue
+        del data
         sha = digest.hex()
         split = record_split(source, sha, config)
         label = self._labels[source.class_name]
         # One image in flight (see "Memory" above): the stored image lives
         # until its Example is made, the Example until it is framed, and the
         # record until it is written, before the next file is read.
-        example = schema.encode_example(
-            image=processed.encoded, label=label, filename=source.relpath,
-            sha256=sha, original_height=processed.original_height,
-            original_width=processed.original_width)
-        entry = (label, [int(v) for v in processed.pixel_sum],
-                 [int(v) for v in processed.pixel_sumsq],
-                 processed.num_pixels, processed.warning, source.relpath)
+        if reused is not None and reused[1][schema.LABEL] == label:
+          record = reused[0]  # The bytes a full build writes: same fields.
+          taken += 1
+        else:
+          taken += reused is not None
+          record = schema.frame_record(schema.encode_example(
+              image=processed.encoded, label=label, filename=source.relpath,
+              sha256=sha, original_height=processed.original_height,
+              original_width=processed.original_width))
+        del reused
+        entry = chunk_format.IndexEntry(
+            offsets[split], len(record), label,
+            [int(v) for v in processed.pixel_sum],
+            [int(v) for v in processed.pixel_sumsq],
+            processed.num_pixels, processed.warning, source.relpath)
         phashes = processed.phashes
         if phashes and not near_duplicates.searched(
             processed.original_height, processed.original_width):
@@ -165,29 +224,28 @@ class WriteChunk(beam.DoFn):
         flag_counts.update(flags)
         image_lines.append(chunk_format.image_line(
             source.relpath, split, sha, phashes, flags,
-            processed.quality and processed.quality.as_dict()))
+            processed.quality and processed.quality.as_dict(),
+            file_stat=file_stat, entry=entry))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(
               chunk_format.chunk_path(self._tmp_dir, index, split),
               compression_type=file_io.RAW)
           indexes[split] = []
-        record = schema.frame_record(example)
-        del example
         writers[split].write(record)
-        length = len(record)
         del record
-        indexes[split].append(
-            chunk_format.IndexEntry(offsets[split], length, *entry))
+        indexes[split].append(entry)
         # The dedupe shuffle carries only this (the runner may hold it all).
         yield digest, (source.relpath, index, offsets[split],
                        phashes_for_search,
                        source.given_split)
-        offsets[split] += length
+        offsets[split] += entry.length
         written += 1
     finally:
       for writer in writers.values():
         writer.close()
+      if records:
+        records.close()
     for split, entries in indexes.items():
       file_io.write_bytes(chunk_format.index_path(self._tmp_dir, index, split),
                           chunk_format.index_file(entries))
@@ -200,6 +258,9 @@ class WriteChunk(beam.DoFn):
       yield beam.pvalue.TaggedOutput(TOTALS, (split, index, num_bytes))
     if flag_counts:
       yield beam.pvalue.TaggedOutput(FLAGGED, dict(flag_counts))
+    if config.reuse:
+      yield beam.pvalue.TaggedOutput(REUSED, (
+          taken, written - taken, damaged, len(olds)))
     yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
 
 

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import heapq
+import json
 import os
+import posixpath
 import sys
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -38,6 +41,49 @@ RAW = CompressionTypes.UNCOMPRESSED
 def write_bytes(path: str, data: bytes) -> None:
   with FileSystems.create(path, compression_type=RAW) as f:
     f.write(data)
+
+
+# Lines write_sorted_lines holds at once; more are sorted in runs on disk.
+SORT_RUN_LINES = 200_000
+
+
+def write_sorted_lines(path: str, lines: Iterable[tuple[str, str]], *,
+                       run_dir: str) -> None:
+  """Writes `lines` ((sort key, line) pairs; a line holds no line break:
+  JSON)
+  to path, one line each, in (key, line) order, whatever order they came
+  in: a runner hands a side input's elements in no fixed order, and a
+  report must be the same bytes from every run. At most SORT_RUN_LINES are
+  held; past that, sorted runs go to run_dir and are merged."""
+  runs, held = [], []
+
+  def spill():
+    held.sort()
+    run = posixpath.join(run_dir, f'sort-{len(runs):04d}-{posixpath.basename(path)}')
+    write_bytes(run, ''.join(f'{json.dumps(k)}\t{line}\n'
+                             for k, line in held).encode())
+    runs.append(run)
+    held.clear()
+
+  for item in lines:
+    held.append(item)
+    if len(held) >= SORT_RUN_LINES:
+      spill()
+  held.sort()
+  readers = [_run_lines(run) for run in runs]
+  with FileSystems.create(path, compression_type=RAW) as out:
+    for _, line in heapq.merge(iter(held), *readers):
+      out.write(f'{line}\n'.encode())
+  for run in runs:
+    FileSystems.delete([run])
+
+
+def _run_lines(run: str):
+  """The (key, line) pairs of a sorted run file, read as they are merged."""
+  with FileSystems.open(run, compression_type=RAW) as f:
+    for raw in f:
+      key, line = raw.decode().rstrip('\n').split('\t', 1)
+      yield json.loads(key), line
 
 
 def log(message: str) -> None:

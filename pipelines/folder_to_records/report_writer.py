@@ -6,6 +6,7 @@ import collections
 import dataclasses
 import json
 import posixpath
+from typing import Optional
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -14,6 +15,7 @@ from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
+from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
 from tfrecords_schema import metadata as metadata_lib
@@ -23,7 +25,7 @@ from tfrecords_schema import report as report_lib
 def finalize(_, listed: tuple[int, int], *,
              config: build_config.BuildConfig, tmp_dir: str, shards: list,
              stats, findings, warnings, rejected, times, near_pairs=(),
-             near_capped=(), flagged=()) -> None:
+             near_capped=(), flagged=(), reused=()) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
   `rejected` is an iterable side input, written to rejected.jsonl as it is
@@ -50,14 +52,19 @@ def finalize(_, listed: tuple[int, int], *,
                       json.dumps(spec.to_json_dict(), indent=2).encode())
 
   outcomes = collections.Counter()
-  with FileSystems.create(posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE),
-                          compression_type=file_io.RAW) as f:
-    for d in rejected:  # Streamed: one line at a time.
+  run_dir = posixpath.join(tmp_dir, chunk_format.CHUNKS_DIR)
+
+  def rejected_lines():
+    for d in rejected:  # Streamed; sorted in bounded runs.
       outcomes[d.outcome] += 1
       line = {'path': d.relpath, 'reason': d.reason, 'outcome': d.outcome}
       if d.near is not None:
         line.update(near=d.near, distance=d.distance)
-      f.write((json.dumps(line) + '\n').encode())
+      yield d.relpath, json.dumps(line)
+
+  file_io.write_sorted_lines(
+      posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE), rejected_lines(),
+      run_dir=run_dir)
   _join_image_lines(tmp_dir)
   near = _write_near_pairs(tmp_dir, near_pairs, near_capped, config=config,
                            left_out=outcomes[near_duplicates.NEAR_LEAK])
@@ -111,10 +118,23 @@ def finalize(_, listed: tuple[int, int], *,
       # First chunk start to last chunk end: the steady-state write time.
       write_stage_s=round(max((t[1] for t in times), default=0.0) -
                           min((t[0] for t in times), default=0.0), 3),
+      software=reuse.software(),
+      reuse=_reuse_counts(config, reused),
   )
   file_io.write_bytes(posixpath.join(tmp_dir, report_lib.REPORT_FILE),
                       report.to_json().encode())
   file_io.log(f'finalized: {written} written, {not_written} not written')
+
+
+def _reuse_counts(config: build_config.BuildConfig, reused) -> Optional[dict]:
+  """How an incremental build made its records (None for a full build):
+  taken from the earlier build, built, damaged earlier records (built
+  instead), and earlier records whose file is gone."""
+  if not config.reuse:
+    return None
+  totals = [sum(c) for c in zip(*reused)] or [0] * 4
+  return {'from': config.reuse.dataset_dir, 'verified': config.reuse.verify,
+          **dict(zip(('reused', 'built', 'damaged', 'gone'), totals))}
 
 
 def _write_near_pairs(tmp_dir: str, pairs, capped, *,
@@ -124,13 +144,18 @@ def _write_near_pairs(tmp_dir: str, pairs, capped, *,
   them) and returns the report's counts."""
   kinds = collections.Counter()
   conflicts = 0
-  with FileSystems.create(
-      posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
-      compression_type=file_io.RAW) as f:
+
+  def pair_lines():  # Closest first, then by path.
+    nonlocal conflicts
     for pair in pairs:
       kinds[pair['kind']] += 1
       conflicts += pair['label_conflict']
-      f.write((json.dumps(pair) + '\n').encode())
+      yield (f'{pair["distance"]:03d} {json.dumps(pair["paths"])}',
+             json.dumps(pair))
+
+  file_io.write_sorted_lines(
+      posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
+      pair_lines(), run_dir=posixpath.join(tmp_dir, chunk_format.CHUNKS_DIR))
   return report_lib.NearDuplicates(
       distance=config.near_duplicate_distance, pairs=sum(kinds.values()),
       leaks=kinds[near_duplicates.LEAK], left_out=left_out,

@@ -48,6 +48,9 @@ class BuildSettings:
   near_duplicate_distance: int = near_duplicates.DEFAULT_DISTANCE
   quality_thresholds: str = ''  # image_quality.parse: '' = the defaults.
   stratified: bool = False
+  reuse_from: Optional[str] = None  # An earlier build (reuse.py).
+  update: bool = False  # --output_dir is the earlier build, replaced.
+  verify_reuse: bool = False  # Hash every file before taking its record.
 _NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
 
 

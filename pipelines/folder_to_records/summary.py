@@ -218,6 +218,14 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
   lines.append(f'{report.images_per_s} images/s over '
                f'{report.elapsed_s} s, {report.bytes_written / 1e6:.1f} '
                'MB written')
+  if report.reuse:
+    r = report.reuse
+    lines.append(
+        f'incremental: {r["reused"]:,} records taken from {r["from"]}, '
+        f'{r["built"]:,} built (new or changed files, copies it left out'
+        + (f', {r["damaged"]:,} whose earlier record was damaged'
+           if r['damaged'] else '') + f'), {r["gone"]:,} earlier files gone'
+        + (' (every file hashed: --verify_reuse)' if r['verified'] else ''))
   if report.written:
     lines.append(f'dataset: {out}  (report: {report_path}, '
                  f'rejected: {out}/{metadata_lib.REJECTED_FILE})')

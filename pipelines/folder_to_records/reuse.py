@@ -1,0 +1,294 @@
+"""Incremental builds: records of unchanged files taken from an earlier build.
+
+  python -m pipelines.build --input_dir=photos --output_dir=data/v2 \
+      --reuse_from=data/v1            # or --update: --output_dir is the source
+
+A build's output is a pure function of the folder and the flags, so a file
+whose bytes did not change has the same stored image, hashes and measures as
+in the earlier build; only its label (class indices move when a class
+folder is added or removed), its split (the fractions) and its place in the
+shards may differ, and those are re-derived here exactly as a full build
+derives them. The result is byte-identical to a full build of the folder.
+
+"Unchanged" (README, "Incremental builds"): same path, same size and same
+modification time (nanoseconds) as the earlier build listed in its
+images.jsonl, and that time older than the earlier build's start minus
+RACY_S (a file written in the same instant as the earlier build read it
+might have changed after). Such a file is not even read. Any other file
+that had a record is read and hashed: same sha256, its record is reused
+(a touched file); otherwise it is built. --verify_reuse hashes every file.
+
+Where the records are: images.jsonl lists every decoded file in shard
+order (chunk order, and in a chunk the order records were written), with
+its record's length; a split's shards hold its lines minus the copies the
+build dropped (rejected.jsonl names them), shard_lengths (metadata.json)
+cut them into shards. `old_records` walks it once, in one worker, and
+sends each record's place to the new build's chunk that will write it
+(keyed like the listed files: chunk_of(path)), so no step holds the old
+dataset's file list. A record is checked before it is reused (frame
+checksums, its path and sha256); a damaged one is built from its file
+instead and counted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+import re
+from typing import NamedTuple, Optional
+
+from pipelines.common import paths
+from pipelines.common.errors import UserError
+from pipelines.folder_to_records import chunk_format
+from pipelines.folder_to_records import file_io
+from tfrecords_schema import metadata as metadata_lib
+from tfrecords_schema import report as report_lib
+from tfrecords_schema import schema
+
+# Bumped when images.jsonl or the record stops meaning what reuse expects.
+FORMAT = 1
+# A file modified within this many seconds before the earlier build began
+# is hashed even when its size and time match (the "racy" window: file
+# systems with coarse timestamps, a write during the listing).
+RACY_S = 2.0
+
+# ImageOptions field -> the flag that sets it, for the refusal line.
+_FLAGS = {'height': '--image_size', 'width': '--image_size',
+          'channels': '--channels', 'resize_mode': '--resize_mode',
+          'image_format': '--image_format', 'jpeg_quality': '--jpeg_quality',
+          'max_pixels': '--max_image_pixels',
+          'max_file_bytes': '--max_file_bytes',
+          'background': 'the background colour',
+          'measure': '--near_duplicate_distance/--quality_thresholds '
+                     '(hashes and measures on or off)'}
+
+
+def software() -> dict:
+  """The libraries whose versions decide a stored image's bytes."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import PIL  # pylint: disable=g-import-not-at-top
+  from PIL import features  # pylint: disable=g-import-not-at-top
+  return {'pillow': PIL.__version__, 'numpy': np.__version__,
+          'libjpeg': str(features.version('jpg')),
+          'zlib': str(features.version('zlib')), 'format': str(FORMAT)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """An earlier build whose records may be reused (checked by `open_source`).
+
+  shards: every shard file name, train then validation then test (an Old's
+  `shard` indexes it); started_at: when that build began (unix seconds).
+  """
+  dataset_dir: str
+  shards: tuple[str, ...]
+  started_at: float
+  verify: bool = False
+
+  def shard_path(self, index: int) -> str:
+    return posixpath.join(self.dataset_dir, self.shards[index])
+
+
+class Old(NamedTuple):
+  """A record of the earlier build, as the chunk shuffle carries it: its
+  path, its images.jsonl line (bytes), and where its framed record is."""
+  relpath: str
+  line: bytes
+  shard: int
+  offset: int
+
+
+def _refuse(flag_value: str, why: str, fix: str) -> UserError:
+  return UserError(f'{flag_value} {why}; {fix}')
+
+
+def open_source(dataset_dir: str, *, image: dict, flag: str,
+                verify: bool) -> Source:
+  """The earlier build at dataset_dir, or UserError (one line) when it
+  cannot give this build's bytes: not a dataset, another format version,
+  other stored-image settings (named), other library versions.
+
+  image: this build's ImageOptions as a dict.
+  """
+  shown = f'{flag}={dataset_dir}'
+  full = 'build without it (a full build)'
+  if not paths.isdir(dataset_dir):
+    raise _refuse(shown, 'is not a folder', f'pass a dataset folder, or {full}')
+  try:
+    spec = metadata_lib.read_dataset_spec(dataset_dir)
+  except UserError:
+    spec = None
+  report = report_lib.read_build_report(dataset_dir)
+  if spec is None or report is None or not paths.exists(
+      posixpath.join(dataset_dir, metadata_lib.IMAGES_FILE)):
+    raise _refuse(shown, 'is not a dataset written by pipelines.build (no '
+                  f'{metadata_lib.METADATA_FILE}, {report_lib.REPORT_FILE} '
+                  f'and {metadata_lib.IMAGES_FILE})',
+                  f'pass the --output_dir of an earlier build, or {full}')
+  if report.software.get('format') != str(FORMAT):
+    raise _refuse(shown, 'was written by an older version of pipelines.build '
+                  '(its images.jsonl lacks what reuse needs)', full + ' once')
+  differ = sorted({_FLAGS.get(k, k) for k in set(image) | set(report.image)
+                   if _normal(image.get(k)) != _normal(report.image.get(k))})
+  if differ:
+    raise _refuse(shown, f'was built with other {", ".join(differ)} '
+                  '(its stored images differ from what these flags give)',
+                  f'pass the same flags as that build, or {full}')
+  mine = software()
+  libs = sorted(k for k in mine if mine[k] != report.software.get(k))
+  if libs:
+    was = ', '.join(f'{k} {report.software.get(k)} -> {mine[k]}' for k in libs)
+    raise _refuse(shown, f'was built with other library versions ({was}); '
+                  'their stored images may differ by a few bits', full)
+  shards = tuple(name for split in metadata_lib.SPLITS
+                 if split in spec.splits for name in spec.splits[split].shards)
+  return Source(dataset_dir=dataset_dir, shards=shards,
+                started_at=float(report.started_at or 0.0), verify=verify)
+
+
+def _normal(value):
+  """JSON and dataclass forms of a value compare equal ([1, 2] = (1, 2))."""
+  return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
+  """One pass over the earlier build's images.jsonl: (new chunk, Old) for
+  each record in its shards (copies it dropped have none and are built
+  again). counts: the new listing's (candidates, ignored)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  spec = metadata_lib.read_dataset_spec(source.dataset_dir)
+  num_chunks = chunk_format.num_chunks(counts[0])
+  dropped = set()
+  with FileSystems.open(posixpath.join(
+      source.dataset_dir, metadata_lib.REJECTED_FILE),
+                        compression_type=file_io.RAW) as f:
+    for raw in f:
+      dropped.add(json.loads(raw)['path'])
+  first, place = 0, {}  # split -> [shard index in source.shards, left, offset]
+  for split in metadata_lib.SPLITS:
+    if split in spec.splits:
+      lengths = list(spec.splits[split].shard_lengths)
+      place[split] = [first, lengths, 0]
+      first += len(lengths)
+  with FileSystems.open(posixpath.join(
+      source.dataset_dir, metadata_lib.IMAGES_FILE),
+                        compression_type=file_io.RAW) as f:
+    for raw in f:
+      line = json.loads(raw)
+      if line['path'] in dropped or line['split'] not in place:
+        continue
+      at = place[line['split']]
+      while at[1] and at[1][0] == 0:  # The shard is full: the next one.
+        at[0], at[2] = at[0] + 1, 0
+        at[1].pop(0)
+      if not at[1]:
+        break  # More lines than records: a damaged manifest; build them.
+      yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
+             Old(line['path'], raw.rstrip(b'\n'), at[0], at[2]))
+      at[1][0] -= 1
+      at[2] += line['record_bytes']
+
+
+def stat(path: str) -> Optional[tuple[int, Optional[int]]]:
+  """(size in bytes, modification time in ns) of a local source file (a
+  link: its target's); None for gs://, s3://, ...: a round trip per file
+  would slow every build, so remote files are always read and hashed."""
+  if paths.is_remote(path):
+    return None
+  info = os.stat(path)
+  return info.st_size, info.st_mtime_ns
+
+
+def unchanged(line: dict, size_mtime: tuple[int, int], source: Source) -> bool:
+  """Whether a file may be taken as its earlier record without reading it
+  (module docstring: same size and time, not in the racy window)."""
+  return (not source.verify and size_mtime[1] is not None
+          and line.get('file_bytes') == size_mtime[0]
+          and line.get('mtime_ns') == size_mtime[1]
+          and size_mtime[1] < (source.started_at - RACY_S) * 1e9)
+
+
+def processed(line: dict, example: dict):
+  """An earlier record as the ProcessedImage building its file would give:
+  the stored bytes and source size from the record, the rest from its
+  images.jsonl line."""
+  from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
+  from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
+  phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
+             ) if line['phash'] else None
+  return source_image.ProcessedImage(
+      encoded=example[schema.IMAGE],
+      original_height=example[schema.ORIGINAL_HEIGHT],
+      original_width=example[schema.ORIGINAL_WIDTH],
+      pixel_sum=line['pixel_sum'], pixel_sumsq=line['pixel_sumsq'],
+      num_pixels=line['num_pixels'], warning=line['warning'], phashes=phashes,
+      quality=image_quality.Measures(**line['quality']) if line['quality']
+      else None)
+
+
+class Records:
+  """Reads earlier records from the source's shards (one worker's open
+  files, closed by close())."""
+
+  def __init__(self, source: Source):
+    self._source = source
+    self._open = {}
+
+  def read(self, old: Old, line: dict) -> Optional[tuple[bytes, dict]]:
+    """(framed record, its decoded Example) when the record at old's place
+    is sound and is line's file; None when it is damaged."""
+    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+    try:
+      if old.shard not in self._open:
+        self._open[old.shard] = FileSystems.open(
+            self._source.shard_path(old.shard),
+            compression_type=file_io.RAW)
+      f = self._open[old.shard]
+      f.seek(old.offset)
+      framed = f.read(line['record_bytes'])
+      data = schema.unframe_record(framed)
+      example = schema.decode_example(data)
+    except (OSError, ValueError, IndexError):
+      return None
+    if (example.get(schema.FILENAME) != line['path'].encode(
+        'utf-8', 'surrogateescape') or
+        example.get(schema.SHA256) != line['sha256'].encode('ascii')):
+      return None
+    return framed, example
+
+  def close(self) -> None:
+    for f in self._open.values():
+      f.close()
+    self._open.clear()
+
+
+# What differs between two builds of one folder: how long they took and
+# how they were made (build_report.json keys; report.html's elapsed row).
+MAKING_KEYS = ('elapsed_s', 'images_per_s', 'write_stage_s', 'started_at',
+               'reuse')
+_ELAPSED_ROW = re.compile(rb'<dt>elapsed</dt><dd>.*?</dd>')
+
+
+def differences(a: str, b: str) -> list[str]:
+  """The files of two local dataset folders whose bytes differ, the
+  timings and the reuse counts aside (MAKING_KEYS); [] when an update and a
+  full build of one folder agree, as they must."""
+  names = sorted(set(os.listdir(a)) | set(os.listdir(b)))
+  differ = []
+  for name in names:
+    pa, pb = os.path.join(a, name), os.path.join(b, name)
+    if not (os.path.isfile(pa) and os.path.isfile(pb)):
+      differ.append(name)
+      continue
+    with open(pa, 'rb') as fa, open(pb, 'rb') as fb:
+      da, db = fa.read(), fb.read()
+    if name == report_lib.REPORT_FILE:
+      da, db = (json.dumps({k: v for k, v in json.loads(d).items()
+                            if k not in MAKING_KEYS}) for d in (da, db))
+    elif name == metadata_lib.REPORT_PAGE_FILE:
+      da, db = (_ELAPSED_ROW.sub(b'', d) for d in (da, db))
+    if da != db:
+      differ.append(name)
+  return differ

@@ -1,0 +1,229 @@
+"""Incremental builds (--reuse_from, --update): byte-identical to a full build
+of the same folder, whatever changed, and refused where they cannot be."""
+
+import json
+import os
+import pathlib
+import shutil
+import time
+
+import pytest
+from PIL import Image
+
+from pipelines.common.errors import UserError
+from pipelines.folder_to_records import beam_build
+from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import reuse
+from tests import helpers
+from tfrecords_schema import metadata
+
+# Small shards: records of one split spread over several shard files, so a
+# record's place is found across shard boundaries.
+FLAGS = dict(image_size='32', shard_size_mb=0.02, quiet=True)
+
+
+def _build(images, out, **kwargs):
+  return builder.build(input_dir=str(images), output_dir=str(out),
+                       **{**FLAGS, **kwargs})
+
+
+def _same_as_full(images, out, tmp_path, name='full', **kwargs):
+  """Asserts `out` holds what a full build of `images` writes."""
+  full = tmp_path / name
+  _build(images, full, **kwargs)
+  assert reuse.differences(str(out), str(full)) == []
+
+
+def _folder(root: pathlib.Path) -> pathlib.Path:
+  """30 photos, written an hour ago: older than the racy window."""
+  helpers.photo_folder(root, per_class=10, formats=('jpg', 'png'))
+  hour_ago = time.time() - 3600
+  for path in root.rglob('*.*'):
+    os.utime(path, (hour_ago, hour_ago))
+  return root
+
+
+def _save_copy(src: pathlib.Path, dst: pathlib.Path, scale: float) -> None:
+  image = Image.open(src).convert('RGB')
+  image.resize((int(image.width * scale), int(image.height * scale))).save(
+      dst, quality=80)
+
+
+@pytest.fixture(scope='module')
+def built(tmp_path_factory):
+  """(images, a full build of them) that tests copy, never change."""
+  root = tmp_path_factory.mktemp('built')
+  images = _folder(root / 'images')
+  _build(images, root / 'v1')
+  return images, root / 'v1'
+
+
+def test_an_update_is_the_full_build_after_every_kind_of_change(tmp_path):
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  cat = sorted((images / 'cat').iterdir())
+  # Added, deleted, changed in place (another size), touched (same bytes,
+  # a new time), renamed, moved to another class, a near copy and an exact
+  # copy (another class: a label conflict) of kept files.
+  helpers.photo_folder(images, classes={'cat': 'astronaut'}, per_class=3,
+                       name='new_{i}')
+  cat[0].unlink()
+  _save_copy(cat[1], cat[1], 0.8)
+  os.utime(cat[2])
+  cat[3].rename(images / 'cat' / 'renamed.jpg')
+  cat[4].rename(images / 'coffee' / cat[4].name)
+  _save_copy(cat[5], images / 'rocket' / 'near_copy.jpg', 0.7)
+  shutil.copy(cat[6], images / 'rocket' / f'exact_copy{cat[6].suffix}')
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+  r = report['reuse']
+  # 30 files before; 1 deleted, 1 changed, 2 renamed or moved: 26 unchanged
+  # (the touched file hashed and found unchanged) are taken.
+  # Built: 3 new, the changed, renamed and moved ones, the two copies.
+  assert (r['reused'], r['built'], r['gone'], r['damaged']) == (
+      26, 8, 3, 0), r
+
+  # A class added before the others (every class index moves) and one
+  # removed, updated in place.
+  helpers.photo_folder(images, classes={'aardvark': 'immunohistochemistry'},
+                       per_class=4, name='a_{i}')
+  shutil.rmtree(images / 'rocket')
+  report = _build(images, tmp_path / 'v2', update=True)
+  _same_as_full(images, tmp_path / 'v2', tmp_path, name='full2')
+  assert report['reuse']['reused'] >= 20
+  spec = metadata.read_dataset_spec(str(tmp_path / 'v2'))
+  assert spec.class_names == ('aardvark', 'cat', 'coffee')
+
+
+def test_split_folders_with_a_new_exact_leak(tmp_path):
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, layout='splits', per_class=4)
+  _build(images, tmp_path / 'v1', validation_fraction=0.3)
+  train = sorted((images / 'train' / 'cat').iterdir())
+  shutil.copy(train[0], images / 'validation' / 'cat' / 'copy_of_train.jpg')
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert report['counts'].get('leak') == 1
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+
+def _hidden_change(target: pathlib.Path) -> None:
+  """New bytes of the same size, and the old time put back (as `touch -r`
+  or a restore would)."""
+  info = target.stat()
+  flipped = Image.open(target).convert('RGB').transpose(
+      Image.Transpose.FLIP_LEFT_RIGHT)
+  helpers.save(target, flipped)
+  data = target.read_bytes()[:info.st_size].ljust(info.st_size, b'\0')
+  target.write_bytes(data)
+  os.utime(target, ns=(info.st_atime_ns, info.st_mtime_ns))
+
+
+def test_size_and_time_kept_hides_a_change_unless_verified(tmp_path):
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  _hidden_change(sorted((images / 'coffee').glob('*.png'))[0])
+  _build(images, tmp_path / 'trusted', reuse_from=str(tmp_path / 'v1'))
+  _build(images, tmp_path / 'full')
+  assert reuse.differences(str(tmp_path / 'trusted'), str(tmp_path / 'full'))
+  report = _build(images, tmp_path / 'verified',
+                  reuse_from=str(tmp_path / 'v1'), verify_reuse=True)
+  assert reuse.differences(str(tmp_path / 'verified'),
+                           str(tmp_path / 'full')) == []
+  assert report['reuse']['verified'] and report['reuse']['reused'] == 29
+
+
+def test_a_damaged_earlier_shard_is_built_from_its_files(tmp_path, capsys):
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  shard = sorted((tmp_path / 'v1').glob('*-train.tfrecord-*'))[1]
+  data = bytearray(shard.read_bytes())
+  data[len(data) // 2] ^= 0xFF
+  shard.write_bytes(bytes(data))
+  report = builder.build(input_dir=str(images), output_dir=str(tmp_path / 'v2'),
+                         reuse_from=str(tmp_path / 'v1'), image_size='32',
+                         shard_size_mb=0.02)
+  assert report['reuse']['damaged'] == 1
+  assert 'earlier record was damaged' in capsys.readouterr().out
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+
+def test_a_file_in_the_racy_window_is_read(tmp_path):
+  """A file whose time is within RACY_S of the earlier build's start may
+  have changed in the same clock tick: it is read and hashed, so even a
+  change that kept its size and time is seen."""
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  _hidden_change(sorted((images / 'coffee').glob('*.png'))[0])
+  report_path = tmp_path / 'v1' / 'build_report.json'
+  raw = json.loads(report_path.read_text())
+  raw['started_at'] = time.time() - 3600 + reuse.RACY_S / 2
+  report_path.write_text(json.dumps(raw))
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert report['reuse']['reused'] == 29
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+
+@pytest.mark.parametrize('change,message', [
+    (dict(image_size='40'), 'was built with other --image_size'),
+    (dict(image_format='png'), '--image_format'),
+    (dict(jpeg_quality=80), 'other --jpeg_quality'),
+    ('old_format', 'older version of pipelines.build'),
+    ('libraries', 'other library versions (pillow 1.0'),
+    ('not_dataset', 'is not a dataset written by pipelines.build'),
+    ('missing', 'is not a folder'),
+])
+def test_refusals_are_one_line_before_anything_is_written(built, tmp_path,
+                                                         change, message):
+  images, v1 = built
+  old = tmp_path / 'v1'
+  shutil.copytree(v1, old)
+  kwargs = change if isinstance(change, dict) else {}
+  raw = json.loads((old / 'build_report.json').read_text())
+  if change == 'old_format':
+    del raw['software']
+  if change == 'libraries':
+    raw['software']['pillow'] = '1.0'
+  (old / 'build_report.json').write_text(json.dumps(raw))
+  source = old
+  if change == 'not_dataset':
+    source = images
+  if change == 'missing':
+    source = tmp_path / 'nope'
+  with pytest.raises(UserError, match=message.replace('(', r'\(')):
+    _build(images, tmp_path / 'v2', reuse_from=str(source), **kwargs)
+  assert not (tmp_path / 'v2').exists()
+
+
+def test_update_flags(built, tmp_path):
+  images, v1 = built
+  with pytest.raises(UserError, match='holds no dataset to update'):
+    _build(images, tmp_path / 'v1', update=True)
+  shutil.copytree(v1, tmp_path / 'v1')
+  with pytest.raises(UserError, match='drop --reuse_from'):
+    _build(images, tmp_path / 'v1', update=True, reuse_from=str(images))
+  with pytest.raises(UserError, match='--verify_reuse'):
+    _build(images, tmp_path / 'v2', verify_reuse=True)
+  error, loaded = helpers.refusal(  # One line, before TensorFlow loads.
+      'pipelines.build', f'--input_dir={images}',
+      f'--output_dir={tmp_path / "v2"}', f'--reuse_from={tmp_path / "v1"}',
+      '--image_size=64')
+  assert 'was built with other --image_size' in error, error
+  assert not loaded, loaded
+
+
+def test_a_failed_update_leaves_the_dataset_as_it_was(tmp_path, monkeypatch):
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  before = {p.name: p.read_bytes() for p in (tmp_path / 'v1').iterdir()}
+  helpers.photo_folder(images, classes={'cat': 'astronaut'}, per_class=2,
+                       name='new_{i}')
+
+  def fail(*args, **kwargs):
+    raise OSError(28, 'No space left on device')
+
+  monkeypatch.setattr(beam_build, 'finalize', fail)
+  with pytest.raises(builder.BuildFailed):
+    _build(images, tmp_path / 'v1', update=True)
+  after = {p.name: p.read_bytes() for p in (tmp_path / 'v1').iterdir()}
+  assert after == before
+  assert {p.name for p in tmp_path.iterdir()} == {'images', 'v1'}

@@ -278,7 +278,7 @@ def _worst_case_folder(root: pathlib.Path, rejected_lines: int):
       classes_without_examples={s: classes for s in metadata.SPLITS},
       empty_classes=tuple(report_lib.EmptyClass(class_name=c, warning=long)
                           for c in classes),
-      write_stage_s=1.0, elapsed_s=2.0, images_per_s=1.0)
+      write_stage_s=1.0, elapsed_s=2.0, images_per_s=1.0, software={})
   (dataset / metadata.REPORT_FILE).write_text(report.to_json())
   (dataset / metadata.METADATA_FILE).write_text(
       json.dumps(spec.to_json_dict()))

@@ -203,7 +203,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   if config.near_duplicate_distance:
     near_drops, near_rejected, near_lines, near_capped = near_duplicates.find(
         deduped[KEPT], distance=config.near_duplicate_distance,
-        layout=config.layout)
+        layout=config.layout, run_dir=posixpath.join(tmp_dir, CHUNKS_DIR))
     drops.append(near_drops)
     rejected.append(near_rejected)
   else:
@@ -229,7 +229,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
           findings=beam.pvalue.AsIter(deduped[FINDINGS]),
           warnings=beam.pvalue.AsIter(shards[WARNINGS]),
           rejected=beam.pvalue.AsIter(rejected),
-          near_pairs=beam.pvalue.AsIter(near_lines),
+          near_runs=beam.pvalue.AsList(near_lines),
           near_capped=beam.pvalue.AsIter(near_capped),
           times=beam.pvalue.AsIter(written[TIMES]),
           reused=beam.pvalue.AsIter(written[REUSED]),

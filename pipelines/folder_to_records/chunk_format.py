@@ -19,6 +19,8 @@ from pipelines.folder_to_records import splits as splits_lib
 # enough that Beam's per-element cost is noise next to 64 image decodes.
 EXAMPLES_PER_CHUNK = 64
 CHUNKS_DIR = '_chunks'
+# The sorted runs file_io.write_run leaves in the chunk folder.
+RUN_FILE_RE = r'(sort|pairs)-[0-9a-f]{32}\.jsonl'
 
 
 class IndexEntry(NamedTuple):

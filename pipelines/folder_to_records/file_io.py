@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import heapq
-import json
 import os
 import posixpath
 import sys
@@ -43,47 +42,53 @@ def write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
-# Lines write_sorted_lines holds at once; more are sorted in runs on disk.
+# Lines a sorted run holds; more are cut into several runs, merged at the end.
 SORT_RUN_LINES = 200_000
 
 
-def write_sorted_lines(path: str, lines: Iterable[tuple[str, str]], *,
-                       run_dir: str) -> None:
-  """Writes `lines` ((sort key, line) pairs; a line holds no line break:
-  JSON)
-  to path, one line each, in (key, line) order, whatever order they came
-  in: a runner hands a side input's elements in no fixed order, and a
-  report must be the same bytes from every run. At most SORT_RUN_LINES are
-  held; past that, sorted runs go to run_dir and are merged."""
-  runs, held = [], []
+def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
+  """Sorts lines (JSON: no line breaks) into a new run file; returns its
+  path."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  lines.sort()
+  path = posixpath.join(run_dir, f'{prefix}-{uuid.uuid4().hex}.jsonl')
+  write_bytes(path, ''.join(f'{line}\n' for line in lines).encode())
+  return path
 
-  def spill():
-    held.sort()
-    run = posixpath.join(run_dir, f'sort-{len(runs):04d}-{posixpath.basename(path)}')
-    write_bytes(run, ''.join(f'{json.dumps(k)}\t{line}\n'
-                             for k, line in held).encode())
-    runs.append(run)
-    held.clear()
 
-  for item in lines:
-    held.append(item)
-    if len(held) >= SORT_RUN_LINES:
-      spill()
-  held.sort()
-  readers = [_run_lines(run) for run in runs]
+def merge_runs(path: str, runs: Sequence[str], held: Sequence[str] = ()
+               ) -> None:
+  """Writes the lines of sorted run files (and of the sorted list held)
+  to path in order: every run read as it is merged, none held whole."""
   with FileSystems.create(path, compression_type=RAW) as out:
-    for _, line in heapq.merge(iter(held), *readers):
+    for line in heapq.merge(iter(held), *(_run_lines(r) for r in runs)):
       out.write(f'{line}\n'.encode())
+
+
+def write_sorted_lines(path: str, lines: Iterable[str], *,
+                       run_dir: str) -> None:
+  """Writes `lines` (JSON: no line breaks) to path in sorted order,
+  whatever order they came in: a runner hands a side input's elements in
+  no fixed order, and a report must be the same bytes from every run. At
+  most SORT_RUN_LINES are held; past that, sorted runs go to run_dir and
+  are merged."""
+  runs, held = [], []
+  for line in lines:
+    held.append(line)
+    if len(held) >= SORT_RUN_LINES:
+      runs.append(write_run(run_dir, 'sort', held))
+      held = []
+  held.sort()
+  merge_runs(path, runs, held)
   for run in runs:
     FileSystems.delete([run])
 
 
 def _run_lines(run: str):
-  """The (key, line) pairs of a sorted run file, read as they are merged."""
+  """The lines of a run file, read as they are merged."""
   with FileSystems.open(run, compression_type=RAW) as f:
     for raw in f:
-      key, line = raw.decode().rstrip('\n').split('\t', 1)
-      yield json.loads(key), line
+      yield raw.decode().rstrip('\n')
 
 
 def log(message: str) -> None:

@@ -202,7 +202,9 @@ def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
   """The pair's distance if this group (band, hash pair) is the one to emit
   it, else -1: the first combo in _COMBOS at the least distance, at the
   first band those two hashes share. a.relpath < b.relpath: the order
-  decides which combo is first, so both members of a group agree."""
+  decides which combo is first, so both members of a group agree. (The
+  rule, one pair at a time: _emitted vectorizes it, and a test holds the
+  two to each other.)"""
   best = near_distance(a.phashes, b.phashes)
   for wa, wb in _COMBOS:
     if not (usable(a.phashes[wa]) and usable(b.phashes[wb])):
@@ -214,6 +216,41 @@ def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
       first = next(k for k, m in enumerate(masks) if not x & m)
       return best if first == band and best <= distance else -1
   return -1
+
+
+def _emitted(hashes: np.ndarray, which: np.ndarray, order: np.ndarray,
+             a: np.ndarray, b: np.ndarray, *, band: int, masks: np.ndarray,
+             distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                      np.ndarray]:
+  """_emitted_here over candidate pairs at once.
+
+  hashes: uint64 [M, 2] (whole, centre) of a group's M members; which: [M]
+  the member's hash in this group; order: [M] the rank of its path (equal
+  for the two hashes of one image); a, b: [N] member indices of the
+  candidates. Returns (a, b, distance) of the pairs this group emits, each
+  in path order, and their positions among the candidates.
+  """
+  keep = order[a] != order[b]  # An image's two hashes: not a pair.
+  swap = order[b] < order[a]
+  a, b = np.where(swap, b, a), np.where(swap, a, b)
+  usable_ = np.bitwise_count(hashes) >= MIN_BITS_SET  # [M, 2]
+  xors, dists = [], []
+  for wa, wb in _COMBOS:
+    x = hashes[a, wa] ^ hashes[b, wb]
+    xors.append(x)
+    dists.append(np.where(usable_[a, wa] & usable_[b, wb],
+                          np.bitwise_count(x).astype(np.int64), NEVER))
+  dists = np.stack(dists)  # [3, N]
+  combo = dists.argmin(axis=0)  # The first combo at the least distance.
+  best = dists[combo, np.arange(len(a))]
+  combos = np.array(_COMBOS)
+  keep &= (combos[combo, 0] == which[a]) & (combos[combo, 1] == which[b])
+  keep &= best <= distance
+  x = np.stack(xors)[combo, np.arange(len(a))]
+  shared = (x[None, :] & masks[:, None]) == 0  # [bands, N]
+  keep &= shared.argmax(axis=0) == band  # The first band they share.
+  at = np.nonzero(keep)[0]
+  return a[at], b[at], best[at], at
 
 
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
@@ -242,7 +279,11 @@ def _examined_pairs(members, *, band: int, distance: int,
   if len(members) < 2:
     return 0
   which = np.array([w for w, _ in members])
-  hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
+  both = np.array([ref.phashes for _, ref in members], dtype=np.uint64)
+  hashes = both[np.arange(len(members)), which]
+  paths = [ref.relpath for _, ref in members]
+  order = np.unique(np.array(paths, dtype=object), return_inverse=True)[1]
+  mask_array = np.array(masks, dtype=np.uint64)
   columns = np.arange(len(members))
   examined, skipped = 0, 0
   for top in range(0, len(members), _ROWS):
@@ -255,15 +296,11 @@ def _examined_pairs(members, *, band: int, distance: int,
     room = max(0, max_pairs - examined)
     skipped += max(0, len(candidates[0]) - room)
     examined += min(room, len(candidates[0]))
-    for i, j in zip(candidates[0][:room], candidates[1][:room]):
-      (wa, a), (wb, b) = members[top + i], members[j]
-      if a.relpath == b.relpath:
-        continue
-      if b.relpath < a.relpath:  # The pair's one order (see _emitted_here).
-        (wa, a), (wb, b) = (wb, b), (wa, a)
-      d = _emitted_here(a, b, wa, wb, band, masks, distance)
-      if d >= 0:
-        yield a, b, d
+    a, b, d, _ = _emitted(both, which, order, top + candidates[0][:room],
+                          candidates[1][:room], band=band, masks=mask_array,
+                          distance=distance)
+    for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
+      yield members[i][1], members[j][1], dist
   return skipped
 
 
@@ -281,7 +318,8 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str):
                                           (d, train.relpath, held_out)))
   else:
     kind = WITHIN_SPLIT if a.split == b.split else ACROSS_EVALUATION
-  yield {'kind': kind, 'distance': d, 'paths': [a.relpath, b.relpath],
+  # Paths first: the file's lines are sorted as text, so by path.
+  yield {'paths': [a.relpath, b.relpath], 'distance': d, 'kind': kind,
          'splits': splits, 'classes': classes,
          'label_conflict': classes[0] != classes[1]}
 
@@ -300,9 +338,56 @@ def leave_out(element):
       near=train, distance=d))
 
 
-def find(refs, *, distance: int, layout: str):
+class PairRun(NamedTuple):
+  """A sorted run file of pair lines and what its lines count."""
+  path: str
+  kinds: dict
+  label_conflicts: int
+
+
+def _pair_runs(run_dir: str):
+  """A DoFn: pair lines (classify's dicts) -> PairRun of each sorted run
+  file it wrote (one per bundle, or per SORT_RUN_LINES lines). Only the
+  run of a bundle that succeeded is named downstream, so a retried bundle
+  adds no line twice. The launcher merges the runs."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+
+  class WriteRuns(beam.DoFn):
+    """See _pair_runs."""
+
+    def start_bundle(self):
+      self._lines, self._kinds, self._conflicts = [], collections.Counter(), 0
+
+    def _flush(self) -> PairRun:
+      run = PairRun(file_io.write_run(run_dir, 'pairs', self._lines),
+                    dict(self._kinds), self._conflicts)
+      self.start_bundle()
+      return run
+
+    def process(self, pair):
+      self._lines.append(json.dumps(pair))
+      self._kinds[pair['kind']] += 1
+      self._conflicts += pair['label_conflict']
+      if len(self._lines) >= file_io.SORT_RUN_LINES:
+        yield self._flush()
+
+    def finish_bundle(self):
+      if self._lines:
+        yield windowed_value.WindowedValue(
+            self._flush(), window.GlobalWindow().max_timestamp(),
+            [window.GlobalWindow()])
+
+  return WriteRuns()
+
+
+def find(refs, *, distance: int, layout: str, run_dir: str):
   """The search as Beam steps: refs (one Ref per written record) ->
-  (drops, rejected, pair lines, capped groups)."""
+  (drops, rejected, PairRuns of the pair lines, capped groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
   pairs = (
@@ -319,4 +404,5 @@ def find(refs, *, distance: int, layout: str):
               | 'NearLeaks' >> beam.GroupByKey()
               | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(
                   'rejected', main='drops'))
-  return left_out.drops, left_out.rejected, lines.lines, pairs[CAPPED]
+  runs = lines.lines | 'NearLines' >> beam.ParDo(_pair_runs(run_dir))
+  return left_out.drops, left_out.rejected, runs, pairs[CAPPED]

@@ -85,6 +85,8 @@ def _parse_shard(name: str) -> Optional[tuple[str, str, int]]:
 def _is_chunk_file(name: str) -> bool:
   """A file of beam_build's CHUNKS_DIR (chunk records, their index, the
   chunk's images lines)."""
+  if re.fullmatch(chunk_format.RUN_FILE_RE, name):
+    return True
   m = _CHUNK_RE.fullmatch(name)
   if not m:
     return False

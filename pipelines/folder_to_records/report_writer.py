@@ -24,7 +24,7 @@ from tfrecords_schema import report as report_lib
 
 def finalize(_, listed: tuple[int, int], *,
              config: build_config.BuildConfig, tmp_dir: str, shards: list,
-             stats, findings, warnings, rejected, times, near_pairs=(),
+             stats, findings, warnings, rejected, times, near_runs=(),
              near_capped=(), flagged=(), reused=()) -> None:
   """Writes metadata.json, build_report.json and rejected.jsonl (plain JSON).
 
@@ -60,13 +60,13 @@ def finalize(_, listed: tuple[int, int], *,
       line = {'path': d.relpath, 'reason': d.reason, 'outcome': d.outcome}
       if d.near is not None:
         line.update(near=d.near, distance=d.distance)
-      yield d.relpath, json.dumps(line)
+      yield json.dumps(line)
 
   file_io.write_sorted_lines(
       posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE), rejected_lines(),
       run_dir=run_dir)
   _join_image_lines(tmp_dir)
-  near = _write_near_pairs(tmp_dir, near_pairs, near_capped, config=config,
+  near = _write_near_pairs(tmp_dir, near_runs, near_capped, config=config,
                            left_out=outcomes[near_duplicates.NEAR_LEAK])
   written = sum(s.num_examples for s in shards)
   not_written = sum(outcomes.values())
@@ -137,25 +137,20 @@ def _reuse_counts(config: build_config.BuildConfig, reused) -> Optional[dict]:
           **dict(zip(('reused', 'built', 'damaged', 'gone'), totals))}
 
 
-def _write_near_pairs(tmp_dir: str, pairs, capped, *,
+def _write_near_pairs(tmp_dir: str, runs, capped, *,
                       config: build_config.BuildConfig, left_out: int
                       ) -> report_lib.NearDuplicates:
-  """Streams near_duplicates.jsonl (one pair a line, as the search found
-  them) and returns the report's counts."""
+  """near_duplicates.jsonl (one pair a line, in line order) from the
+  search's sorted runs (near_duplicates.PairRuns), and the report's
+  counts."""
   kinds = collections.Counter()
   conflicts = 0
-
-  def pair_lines():  # Closest first, then by path.
-    nonlocal conflicts
-    for pair in pairs:
-      kinds[pair['kind']] += 1
-      conflicts += pair['label_conflict']
-      yield (f'{pair["distance"]:03d} {json.dumps(pair["paths"])}',
-             json.dumps(pair))
-
-  file_io.write_sorted_lines(
+  for run in runs:
+    kinds.update(run.kinds)
+    conflicts += run.label_conflicts
+  file_io.merge_runs(
       posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
-      pair_lines(), run_dir=posixpath.join(tmp_dir, chunk_format.CHUNKS_DIR))
+      sorted(run.path for run in runs))
   return report_lib.NearDuplicates(
       distance=config.near_duplicate_distance, pairs=sum(kinds.values()),
       leaks=kinds[near_duplicates.LEAK], left_out=left_out,

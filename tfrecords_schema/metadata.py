@@ -7,6 +7,8 @@ A dataset directory written by `pipelines.build` contains
   metadata.json                            `DatasetSpec` below, via TFDS MetadataDict
   build_report.json, rejected.jsonl        what the build did with every input file
   near_duplicates.jsonl                    every near-duplicate pair found
+  images.jsonl                             every decoded file: hashes, measures
+  left_out-{split}.tfrecord                records of the copies left out
   report.html                              all of it as one page, with thumbnails
 
 `metadata.json` is what this toolkit reads; the TFDS files are for TFDS users.
@@ -35,6 +37,11 @@ NEAR_DUPLICATES_FILE = 'near_duplicates.jsonl'
 REPORT_PAGE_FILE = 'report.html'
 # One line per decoded file: its split, hashes, quality measures and flags.
 IMAGES_FILE = 'images.jsonl'
+# The records of the copies a build left out of a split (duplicates and
+# leaks), in the shards' format and order: an incremental build takes them
+# instead of decoding those files again. Never read for training.
+LEFT_OUT_FILES = {split: f'left_out-{split}.tfrecord'
+                  for split in ('train', 'validation', 'test')}
 TOOLKIT_MARKER = 'image-folder-tfrecords'
 # metadata.json holds one entry per shard and per class: far below this.
 MAX_METADATA_BYTES = 64 << 20

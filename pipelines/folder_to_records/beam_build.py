@@ -108,6 +108,7 @@ from pipelines.folder_to_records.dofns import TIMES
 from pipelines.folder_to_records.dofns import TOTALS
 from pipelines.folder_to_records.dofns import WARNINGS
 from pipelines.folder_to_records.dofns import WriteChunk
+from pipelines.folder_to_records.dofns import write_left_out
 from pipelines.folder_to_records.file_io import copy_ranges
 from pipelines.folder_to_records.file_io import prefetch_local
 from pipelines.folder_to_records.file_io import prefetched
@@ -117,7 +118,7 @@ from pipelines.folder_to_records.report_writer import finalize
 from pipelines.folder_to_records.shard_math import shard_keys
 from pipelines.folder_to_records.shard_math import shard_layout
 from pipelines.folder_to_records.shard_math import shard_of
-from pipelines.folder_to_records.shard_math import shard_of_drop
+from pipelines.folder_to_records.shard_math import shards_of_drop
 from pipelines.folder_to_records.shard_math import ShardResult
 from pipelines.folder_to_records.shard_math import SplitChunks
 from pipelines.folder_to_records.statistics import mean_std
@@ -208,10 +209,15 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
     rejected.append(near_rejected)
   else:
     near_lines = near_capped = pipeline | 'NoNearSearch' >> beam.Create([])
+  all_drops = tuple(drops) | 'AllDrops' >> beam.Flatten()
+  _ = (all_drops
+       | 'LeftOutBySplit' >> beam.Map(lambda d: (d[0], (d[1], d[2])))
+       | 'GroupLeftOut' >> beam.GroupByKey()
+       | 'WriteLeftOut' >> beam.Map(write_left_out, tmp_dir=tmp_dir))
   shards = (
       (layouts | 'ShardKeys' >> beam.FlatMap(shard_keys),
-       tuple(drops) | 'AllDrops' >> beam.Flatten() | 'ShardOfDrop' >> beam.Map(
-           shard_of_drop, layout, shard_size_bytes=size))
+       all_drops | 'ShardOfDrop' >> beam.FlatMap(
+           shards_of_drop, layout, shard_size_bytes=size))
       | 'AllShardKeys' >> beam.Flatten()
       | 'GroupShards' >> beam.GroupByKey()
       | 'ConcatShards' >> beam.ParDo(ConcatShard(tmp_dir, config), layout

@@ -30,6 +30,7 @@ from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
 from pipelines.preprocessing import image_quality
 from pipelines.preprocessing import source_image
+from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import schema
 
 
@@ -317,8 +318,8 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
         seed=config.seed, validation_fraction=config.validation_fraction,
         test_fraction=config.test_fraction)
   for d in dropped:
-    _, chunk, offset, _, _ = refs[d.relpath]
-    yield record_split(sources[d.relpath], sha, config), chunk, offset
+    yield record_split(sources[d.relpath], sha, config), refs[d.relpath][1], (
+        d.relpath)
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   for k in kept if search else ():
     _, chunk, offset, phashes, _ = refs[k.relpath]
@@ -330,8 +331,31 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
+def write_left_out(element, *, tmp_dir: str) -> None:
+  """(split, [(chunk, relpath) of each copy left out of it]) -> its
+  left_out file: those records, copied from the chunk files in chunk and
+  offset order (the order of their images.jsonl lines). Memory: the copies
+  left out of one split (problems, not images)."""
+  split, drops = element
+  by_chunk = collections.defaultdict(set)
+  for chunk, relpath in drops:
+    by_chunk[chunk].add(relpath)
+  pieces = []
+  for chunk in sorted(by_chunk):
+    with FileSystems.open(chunk_format.index_path(tmp_dir, chunk, split),
+                          compression_type=file_io.RAW) as f:
+      lines = f.read().split(b'\n')[1:-1]  # After the summary line.
+    path = chunk_format.chunk_path(tmp_dir, chunk, split)
+    for line in lines:
+      entry = chunk_format.IndexEntry(*json.loads(line))
+      if entry.relpath in by_chunk[chunk]:
+        pieces.append((path, entry.offset, entry.length))
+  file_io.copy_ranges(pieces, posixpath.join(
+      tmp_dir, metadata_lib.LEFT_OUT_FILES[split]))
+
+
 class ConcatShard(beam.DoFn):
-  """((split, shard), [None, (chunk, offset) of each copy dropped in it]) ->
+  """((split, shard), [None, (chunk, relpath) of each copy dropped in it]) ->
   ShardResult, with 'sums' (train pixel sums) and 'warnings' of its records.
 
   Its records are those whose offset in the split lies in [shard *
@@ -415,7 +439,7 @@ class ConcatShard(beam.DoFn):
           continue
         lines = f.read().split(b'\n')[:-1]
       for entry in self._records(split, shard, layout, chunk, lines):
-        if (chunk, entry.offset) in dropped:
+        if (chunk, entry.relpath) in dropped:
           continue
         counts[entry.label] += 1
         if entry.warning:

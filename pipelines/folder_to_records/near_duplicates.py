@@ -326,11 +326,11 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str):
 
 def leave_out(element):
   """(evaluation relpath, [(d, train relpath, Ref), ...]) -> its drop
-  (split, chunk, offset), and its 'rejected' line naming the nearest train
+  (split, chunk, relpath), and its 'rejected' line naming the nearest train
   copy."""
   relpath, partners = element
   d, train, ref = min(partners, key=lambda p: (p[0], p[1]))
-  yield ref.split, ref.chunk, ref.offset
+  yield ref.split, ref.chunk, relpath
   yield _tagged('rejected', walk.Skipped(
       relpath, NEAR_LEAK,
       f'near-duplicate of {train} (train; perceptual hash distance {d}): '

@@ -53,7 +53,8 @@ BUILD_FILES = frozenset((metadata_lib.METADATA_FILE, metadata_lib.REPORT_FILE,
                          metadata_lib.REJECTED_FILE,
                          metadata_lib.NEAR_DUPLICATES_FILE,
                          metadata_lib.IMAGES_FILE, plots.SAMPLES_FILE,
-                         metadata_lib.REPORT_PAGE_FILE, *TFDS_FILES))
+                         metadata_lib.REPORT_PAGE_FILE, *TFDS_FILES,
+                         *metadata_lib.LEFT_OUT_FILES.values()))
 # Folders a trainer keeps in its --model_dir (trainer.config; a test checks
 # the names): only to word the refusal of a training run.
 TRAINING_RUN_FOLDERS = (run_files.CHECKPOINT_DIR, run_files.EXPORT_DIR)

@@ -21,8 +21,9 @@ that had a record is read and hashed: same sha256, its record is reused
 Where the records are: images.jsonl lists every decoded file in shard
 order (chunk order, and in a chunk the order records were written), with
 its record's length; a split's shards hold its lines minus the copies the
-build dropped (rejected.jsonl names them), shard_lengths (metadata.json)
-cut them into shards. `old_records` walks it once, in one worker, and
+build left out (rejected.jsonl names them), shard_lengths (metadata.json)
+cut them into shards, and the copies left out are in the same order in
+the split's left_out file. `old_records` walks it once, in one worker, and
 sends each record's place to the new build's chunk that will write it
 (keyed like the listed files: chunk_of(path)), so no step holds the old
 dataset's file list. A record is checked before it is reused (frame
@@ -79,8 +80,9 @@ def software() -> dict:
 class Source:
   """An earlier build whose records may be reused (checked by `open_source`).
 
-  shards: every shard file name, train then validation then test (an Old's
-  `shard` indexes it); started_at: when that build began (unix seconds).
+  shards: every shard file name, train then validation then test, then its
+  left_out files (an Old's `shard` indexes it); started_at: when that build
+  began (unix seconds).
   """
   dataset_dir: str
   shards: tuple[str, ...]
@@ -144,7 +146,11 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
                   'their stored images may differ by a few bits', full)
   shards = tuple(name for split in metadata_lib.SPLITS
                  if split in spec.splits for name in spec.splits[split].shards)
-  return Source(dataset_dir=dataset_dir, shards=shards,
+  left_out = tuple(metadata_lib.LEFT_OUT_FILES[split]
+                   for split in metadata_lib.SPLITS if paths.exists(
+                       posixpath.join(dataset_dir,
+                                      metadata_lib.LEFT_OUT_FILES[split])))
+  return Source(dataset_dir=dataset_dir, shards=shards + left_out,
                 started_at=float(report.started_at or 0.0), verify=verify)
 
 
@@ -155,8 +161,8 @@ def _normal(value):
 
 def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   """One pass over the earlier build's images.jsonl: (new chunk, Old) for
-  each record in its shards (copies it dropped have none and are built
-  again). counts: the new listing's (candidates, ignored)."""
+  each record in its shards, and for each copy it left out (in its split's
+  left_out file). counts: the new listing's (candidates, ignored)."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   spec = metadata_lib.read_dataset_spec(source.dataset_dir)
   num_chunks = chunk_format.num_chunks(counts[0])
@@ -172,19 +178,31 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
       lengths = list(spec.splits[split].shard_lengths)
       place[split] = [first, lengths, 0]
       first += len(lengths)
+  left_out = {}  # split -> [its left_out file's index in source.shards, offset]
+  for index, name in enumerate(source.shards[first:], first):
+    left_out[name[len('left_out-'):-len('.tfrecord')]] = [index, 0]
   with FileSystems.open(posixpath.join(
       source.dataset_dir, metadata_lib.IMAGES_FILE),
                         compression_type=file_io.RAW) as f:
     for raw in f:
       line = json.loads(raw)
-      if line['path'] in dropped or line['split'] not in place:
+      split = line['split']
+      if line['path'] in dropped:  # In its split's left_out file.
+        at = left_out.get(split)
+        if at is None:
+          continue
+        yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
+               Old(line['path'], raw.rstrip(b'\n'), at[0], at[1]))
+        at[1] += line['record_bytes']
         continue
-      at = place[line['split']]
+      at = place.get(split)
+      if at is None:
+        continue
       while at[1] and at[1][0] == 0:  # The shard is full: the next one.
         at[0], at[2] = at[0] + 1, 0
         at[1].pop(0)
       if not at[1]:
-        break  # More lines than records: a damaged manifest; build them.
+        continue  # More lines than records: a damaged manifest; built.
       yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
              Old(line['path'], raw.rstrip(b'\n'), at[0], at[2]))
       at[1][0] -= 1

@@ -72,11 +72,16 @@ def shard_of(offset: int, num_shards: int, shard_size_bytes: int) -> int:
   return min(offset // shard_size_bytes, num_shards - 1)
 
 
-def shard_of_drop(drop, layout: dict, *, shard_size_bytes: int):
-  """(split, chunk, offset) of a dropped copy -> ((split, shard), (chunk,
-  offset)): the shard whose byte range holds its record."""
-  split, chunk, offset = drop
-  start = layout['chunks'][split].start_of(chunk)
-  shard = shard_of(start + offset, layout['num_shards'][split],
-                   shard_size_bytes)
-  return (split, shard), (chunk, offset)
+def shards_of_drop(drop, layout: dict, *, shard_size_bytes: int):
+  """(split, chunk, relpath) of a dropped copy -> ((split, shard), (chunk,
+  relpath)) for each shard whose byte range holds part of its chunk file
+  (one, or the few a shard boundary cuts it into): the shard that holds
+  its record finds it there by path."""
+  split, chunk, relpath = drop
+  chunks = layout['chunks'][split]
+  start, size = chunks.start_of(chunk), chunks.size_of(chunk)
+  num_shards = layout['num_shards'][split]
+  first = shard_of(start, num_shards, shard_size_bytes)
+  last = shard_of(start + max(size, 1) - 1, num_shards, shard_size_bytes)
+  for shard in range(first, last + 1):
+    yield (split, shard), (chunk, relpath)

@@ -222,7 +222,7 @@ def format_summary(report: report_lib.BuildReport | Mapping) -> str:
     r = report.reuse
     lines.append(
         f'incremental: {r["reused"]:,} records taken from {r["from"]}, '
-        f'{r["built"]:,} built (new or changed files, copies it left out'
+        f'{r["built"]:,} built (new or changed files'
         + (f', {r["damaged"]:,} whose earlier record was damaged'
            if r['damaged'] else '') + f'), {r["gone"]:,} earlier files gone'
         + (' (every file hashed: --verify_reuse)' if r['verified'] else ''))

@@ -16,6 +16,7 @@ from pipelines.folder_to_records import builder
 from pipelines.folder_to_records import reuse
 from tests import helpers
 from tfrecords_schema import metadata
+from tfrecords_schema import schema
 
 # Small shards: records of one split spread over several shard files, so a
 # record's place is found across shard boundaries.
@@ -41,6 +42,20 @@ def _folder(root: pathlib.Path) -> pathlib.Path:
   for path in root.rglob('*.*'):
     os.utime(path, (hour_ago, hour_ago))
   return root
+
+
+def _lines(path: pathlib.Path) -> list[dict]:
+  return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _left_out_paths(dataset: pathlib.Path) -> set:
+  """The file names in a dataset's left_out records."""
+  names = set()
+  for path in dataset.glob('left_out-*.tfrecord'):
+    with open(path, 'rb') as f:
+      for data in schema.read_records(f, max_record_bytes=1 << 30):
+        names.add(schema.decode_example(data)[schema.FILENAME].decode())
+  return names
 
 
 def _save_copy(src: pathlib.Path, dst: pathlib.Path, scale: float) -> None:
@@ -82,6 +97,14 @@ def test_an_update_is_the_full_build_after_every_kind_of_change(tmp_path):
   # Built: 3 new, the changed, renamed and moved ones, the two copies.
   assert (r['reused'], r['built'], r['gone'], r['damaged']) == (
       26, 8, 3, 0), r
+  # The copies it left out are kept, in the shards' format, for the next
+  # update (and for a person to look at).
+  left_out = _left_out_paths(tmp_path / 'v2')
+  assert left_out == {line['path'] for line in _lines(
+      tmp_path / 'v2' / metadata.REJECTED_FILE)
+                      if line['outcome'] in ('label_conflict',
+                                             'near_duplicate_leak')}
+  assert 'rocket/exact_copy' + cat[6].suffix in left_out
 
   # A class added before the others (every class index moves) and one
   # removed, updated in place.
@@ -90,7 +113,9 @@ def test_an_update_is_the_full_build_after_every_kind_of_change(tmp_path):
   shutil.rmtree(images / 'rocket')
   report = _build(images, tmp_path / 'v2', update=True)
   _same_as_full(images, tmp_path / 'v2', tmp_path, name='full2')
-  assert report['reuse']['reused'] >= 20
+  # Only the new class is built: the copies left out last time too are
+  # taken from the left_out files.
+  assert report['reuse']['built'] == 4, report['reuse']
   spec = metadata.read_dataset_spec(str(tmp_path / 'v2'))
   assert spec.class_names == ('aardvark', 'cat', 'coffee')
 

@@ -348,3 +348,49 @@ def test_bad_quality_thresholds_are_one_line(tmp_path):
                   quality_thresholds='blury=0.1', quiet=True)
   assert '--quality_thresholds=blury=0.1' in str(raised.value)
   assert 'blurry' in str(raised.value) and '\n' not in str(raised.value)
+
+
+def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
+  """_examined_pairs (numpy over a group's candidates) emits exactly the
+  pairs _emitted_here picks one pair at a time, on hashes built to share
+  bands (same bases, a few bits flipped; some paths repeat)."""
+  rng = np.random.default_rng(0)
+  bases = [int(b) for b in rng.integers(0, 2**63, size=6)]
+
+  def flip(h, k):
+    for bit in rng.integers(0, 64, size=k):
+      h ^= 1 << int(bit)
+    return h
+
+  refs = [nd.Ref((flip(bases[i % 6], int(rng.integers(0, 10))),
+                  flip(bases[i % 6], int(rng.integers(0, 12)))),
+                 f'p{int(rng.integers(0, 250)):04d}', 'train', 0, i)
+          for i in range(300)]
+  for distance in (4, 8, 12):
+    masks = nd.band_masks(distance)
+    groups = {}
+    for ref in refs:
+      for key, value in nd.band_keys(ref, masks=masks):
+        groups.setdefault(key, []).append(value)
+    emitted = 0
+    for key, packed in groups.items():
+      band = key >> nd.HASH_BITS
+      members = sorted((nd.unpack(m) for m in packed),
+                       key=lambda m: nd._rank(m[1], m[0]))
+      got = sorted((a.relpath, a.offset, b.relpath, b.offset, d)
+                   for a, b, d in nd._examined_pairs(
+                       members, band=band, distance=distance, masks=masks,
+                       max_pairs=10**9))
+      want = []
+      for (wa, a), (wb, b) in itertools.combinations(members, 2):
+        if ((a.phashes[wa] ^ b.phashes[wb]).bit_count() > distance or
+            nd.WHOLE not in (wa, wb) or a.relpath == b.relpath):
+          continue
+        if b.relpath < a.relpath:
+          (wa, a), (wb, b) = (wb, b), (wa, a)
+        d = nd._emitted_here(a, b, wa, wb, band, masks, distance)
+        if d >= 0:
+          want.append((a.relpath, a.offset, b.relpath, b.offset, d))
+      assert got == sorted(want), key
+      emitted += len(got)
+    assert emitted > 1000  # The hashes do share bands.

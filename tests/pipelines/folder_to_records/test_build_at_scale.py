@@ -176,7 +176,7 @@ def test_copies_across_many_chunks_and_shards_are_resolved_exactly(tmp_path):
 
 
 def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
-  """A train chunk file of framed records and its index; their offsets."""
+  """A train chunk file of framed records and its index; their paths."""
   offsets, data, entries = [], b'', []
   for i, payload in enumerate(payloads):
     record = schema.frame_record(payload)
@@ -188,7 +188,7 @@ def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
   pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
   pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_bytes(
       beam_build.index_file(entries))
-  return offsets
+  return [e.relpath for e in entries]
 
 
 def test_concat_shard_copies_only_its_kept_records(tmp_path):
@@ -245,7 +245,7 @@ def test_concat_shard_takes_whole_chunks_from_their_summary(tmp_path):
       ([], *everything),
       # A drop that matches no record sends both chunks down the record by
       # record path: it must give exactly what the summaries gave.
-      ([(0, 999), (1, 999)], *everything),
+      ([(0, 'c0/nope.png'), (1, 'c1/nope.png')], *everything),
       ([(1, second[1])], [b'a', b'b', b'c', b'd'], (3, 1),
        ((3, 0, 0), (5, 0, 0), 4))]:
     results = list(concat.process((('train', 0), [None, *dropped]), layout))

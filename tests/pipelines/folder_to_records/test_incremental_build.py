@@ -178,10 +178,11 @@ def test_a_file_in_the_racy_window_is_read(tmp_path):
   change that kept its size and time is seen."""
   images = _folder(tmp_path / 'images')
   _build(images, tmp_path / 'v1')
-  _hidden_change(sorted((images / 'coffee').glob('*.png'))[0])
+  target = sorted((images / 'coffee').glob('*.png'))[0]
+  _hidden_change(target)
   report_path = tmp_path / 'v1' / 'build_report.json'
   raw = json.loads(report_path.read_text())
-  raw['started_at'] = time.time() - 3600 + reuse.RACY_S / 2
+  raw['started_at'] = target.stat().st_mtime + reuse.RACY_S / 2
   report_path.write_text(json.dumps(raw))
   report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
   assert report['reuse']['reused'] == 29

@@ -61,6 +61,11 @@ def _int64_feature(value: int) -> list[bytes]:
   return _field(0x1A, *_field(0x0A, _varint(value)))
 
 
+def _entry(key: str, feature: list[bytes]) -> list[bytes]:
+  """One entry of the Example's feature map, as pieces."""
+  return _field(0x0A, *_field(0x0A, key.encode()), *_field(0x12, *feature))
+
+
 def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
                    original_height: int, original_width: int) -> bytes:
   """Serializes one `tf.train.Example`, byte-identical in every process.
@@ -80,15 +85,26 @@ def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
       ORIGINAL_HEIGHT: _int64_feature(original_height),
       ORIGINAL_WIDTH: _int64_feature(original_width),
   }
-  entries = [piece for key in sorted(features) for piece in _field(
-      0x0A, *_field(0x0A, key.encode()), *_field(0x12, *features[key]))]
+  entries = [piece for key in sorted(features)
+             for piece in _entry(key, features[key])]
   # Example.features = Features{feature: map}; the one copy of the image.
   return b''.join(_field(0x0A, *entries))
 
 
+def holds(data: bytes, *, label: int, filename: str, sha256: str) -> bool:
+  """Whether a serialized Example (encode_example's) has these values:
+  each feature's whole map entry (key and value) is in its bytes. For a
+  record whose checksums hold, a cheap exact check: a sha256 entry is 82
+  bytes that no image's bytes hold by chance."""
+  return all(b''.join(_entry(key, feature)) in data for key, feature in (
+      (SHA256, _bytes_feature(sha256.encode('ascii'))),
+      (FILENAME, _bytes_feature(filename.encode('utf-8'))),
+      (LABEL, _int64_feature(label))))
+
+
 def _masked_crc32c(data: bytes) -> int:
-  import google_crc32c  # pylint: disable=g-import-not-at-top
-  crc = google_crc32c.value(data)
+  from google_crc32c import value  # pylint: disable=g-import-not-at-top
+  crc = value(data)
   return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
 
 

@@ -88,19 +88,21 @@ def images_pattern(tmp_dir: str) -> str:
 def image_line(relpath: str, split: str, sha256: str,
                phashes: Optional[tuple[int, int]], flags: Sequence[str],
                quality: Optional[dict], *, file_stat: tuple[int, int],
-               entry: IndexEntry) -> str:
+               entry: IndexEntry, original_size: tuple[int, int]) -> str:
   """A file's line of images.jsonl: what the build measured of it (hashes
   and quality null when it measured nothing: see ImageOptions.measure),
   plus what an incremental build needs to take its record instead of
   building it (pipelines/folder_to_records/reuse.py): the source file's
   size and modification time (file_stat), and of its record the length
-  (framed), pixel sums and warning (entry)."""
+  (framed), pixel sums and warning (entry), and the source's size after
+  EXIF orientation (height, width)."""
   whole, centre = (f'{h:016x}' for h in phashes) if phashes else (None, None)
   return json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
                      'phash': whole, 'phash_centre': centre,
                      'flags': list(flags), 'quality': quality,
                      'file_bytes': file_stat[0], 'mtime_ns': file_stat[1],
                      'record_bytes': entry.length,
+                     'original_size': list(original_size),
                      'pixel_sum': list(entry.pixel_sum),
                      'pixel_sumsq': list(entry.pixel_sumsq),
                      'num_pixels': entry.num_pixels,

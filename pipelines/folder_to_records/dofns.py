@@ -162,19 +162,19 @@ class WriteChunk(beam.DoFn):
     try:
       for source in files:
         file_stat, line, old = candidates[source.relpath]
-        data = None
+        label = self._labels[source.class_name]
+        data = reused = None
         try:
           if source.relpath in to_read:
             data = next(reads).result()
-          reused = None
           if line is not None:
             sha = (hashlib.sha256(data).hexdigest() if data is not None
                    else line['sha256'])
             if sha == line['sha256']:
-              reused = records.read(old, line)
+              reused = records.read(old, line, label)
               damaged += reused is None
           if reused is not None:
-            processed = reuse.processed(line, reused[1])
+            processed = reuse.processed(line)
             digest = bytes.fromhex(sha)
           else:
             if data is None:  # A damaged record of a file not read.
@@ -195,20 +195,17 @@ class WriteChunk(beam.DoFn):
         del data
         sha = digest.hex()
         split = record_split(source, sha, config)
-        label = self._labels[source.class_name]
         # One image in flight (see "Memory" above): the stored image lives
         # until its Example is made, the Example until it is framed, and the
         # record until it is written, before the next file is read.
-        if reused is not None and reused[1][schema.LABEL] == label:
-          record = reused[0]  # The bytes a full build writes: same fields.
+        if reused is not None:
+          record, reused = reused, None  # The bytes a full build writes.
           taken += 1
         else:
-          taken += reused is not None
           record = schema.frame_record(schema.encode_example(
               image=processed.encoded, label=label, filename=source.relpath,
               sha256=sha, original_height=processed.original_height,
               original_width=processed.original_width))
-        del reused
         entry = chunk_format.IndexEntry(
             offsets[split], len(record), label,
             [int(v) for v in processed.pixel_sum],
@@ -226,7 +223,9 @@ class WriteChunk(beam.DoFn):
         image_lines.append(chunk_format.image_line(
             source.relpath, split, sha, phashes, flags,
             processed.quality and processed.quality.as_dict(),
-            file_stat=file_stat, entry=entry))
+            file_stat=file_stat, entry=entry,
+            original_size=(processed.original_height,
+                           processed.original_width)))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(

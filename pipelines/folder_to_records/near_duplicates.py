@@ -306,7 +306,8 @@ def _examined_pairs(members, *, band: int, distance: int,
 
 def classify(pair: tuple[Ref, Ref, int], *, layout: str):
   """(a, b, d) -> its report line (dict); and, for a leak, 'leak':
-  (the evaluation copy's relpath, (d, train relpath, eval Ref))."""
+  (the evaluation copy's relpath, (d, train relpath, eval Ref)). (The
+  rule; the build writes the same lines through _Lines.)"""
   a, b, d = pair
   classes = [listing_lib.source_file(r.relpath, layout).class_name
              for r in (a, b)]
@@ -322,6 +323,42 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str):
   yield {'paths': [a.relpath, b.relpath], 'distance': d, 'kind': kind,
          'splits': splits, 'classes': classes,
          'label_conflict': classes[0] != classes[1]}
+
+
+def _kind(a: Ref, b: Ref) -> str:
+  if (a.split == 'train') != (b.split == 'train'):
+    return LEAK
+  return WITHIN_SPLIT if a.split == b.split else ACROSS_EVALUATION
+
+
+class _Lines:
+  """classify's lines as text (json.dumps of its dict, the same bytes),
+  with each path's JSON and class made once per group, not per pair."""
+
+  def __init__(self, layout: str):
+    import json  # pylint: disable=g-import-not-at-top
+    self._dumps = json.dumps
+    self._layout = layout
+    self._seen = {}
+
+  def _of(self, relpath: str) -> tuple[str, str]:
+    if relpath not in self._seen:
+      cls = listing_lib.source_file(relpath, self._layout).class_name
+      self._seen[relpath] = (self._dumps(relpath), cls, self._dumps(cls))
+    return self._seen[relpath]
+
+  def line(self, a: Ref, b: Ref, d: int, kind: str) -> tuple[str, bool]:
+    """(the pair's line, whether it is a label conflict)."""
+    pa, ca, ja = self._of(a.relpath)
+    pb, cb, jb = self._of(b.relpath)
+    conflict = ca != cb
+    return (f'{{"paths": [{pa}, {pb}], "distance": {d}, "kind": "{kind}", '
+            f'"splits": ["{a.split}", "{b.split}"], "classes": [{ja}, {jb}], '
+            f'"label_conflict": {"true" if conflict else "false"}}}',
+            conflict)
+
+  def clear(self) -> None:
+    self._seen.clear()
 
 
 def leave_out(element):
@@ -345,20 +382,26 @@ class PairRun(NamedTuple):
   label_conflicts: int
 
 
-def _pair_runs(run_dir: str):
-  """A DoFn: pair lines (classify's dicts) -> PairRun of each sorted run
-  file it wrote (one per bundle, or per SORT_RUN_LINES lines). Only the
-  run of a bundle that succeeded is named downstream, so a retried bundle
-  adds no line twice. The launcher merges the runs."""
+def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
+                   run_dir: str):
+  """A DoFn: a band group -> its pairs (group_pairs) as lines in sorted run
+  files (PairRun, one per bundle or per SORT_RUN_LINES lines), 'leak': the
+  nearest train copy of each evaluation copy in the group, 'near_capped'.
+  No element per pair crosses a step: at 30,000 photo-like images there
+  are 1.5M pairs. Only the run of a bundle that succeeded is named
+  downstream, so a retried bundle adds no line twice; the launcher merges
+  the runs."""
   import collections  # pylint: disable=g-import-not-at-top
-  import json  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
   from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
-  class WriteRuns(beam.DoFn):
-    """See _pair_runs."""
+  class PairsToRuns(beam.DoFn):
+    """See _pairs_to_runs."""
+
+    def setup(self):
+      self._text = _Lines(layout)
 
     def start_bundle(self):
       self._lines, self._kinds, self._conflicts = [], collections.Counter(), 0
@@ -369,12 +412,28 @@ def _pair_runs(run_dir: str):
       self.start_bundle()
       return run
 
-    def process(self, pair):
-      self._lines.append(json.dumps(pair))
-      self._kinds[pair['kind']] += 1
-      self._conflicts += pair['label_conflict']
-      if len(self._lines) >= file_io.SORT_RUN_LINES:
-        yield self._flush()
+    def process(self, element):
+      nearest = {}  # Evaluation relpath -> (d, train relpath, its Ref).
+      for out in group_pairs(element, distance=distance, masks=masks):
+        if not isinstance(out, tuple):
+          yield out  # A capped group's report.
+          continue
+        a, b, d = out
+        kind = _kind(a, b)
+        line, conflict = self._text.line(a, b, d, kind)
+        self._lines.append(line)
+        self._kinds[kind] += 1
+        self._conflicts += conflict
+        if kind == LEAK:
+          train, held_out = (a, b) if a.split == 'train' else (b, a)
+          best = nearest.get(held_out.relpath)
+          if best is None or (d, train.relpath) < best[:2]:
+            nearest[held_out.relpath] = (d, train.relpath, held_out)
+        if len(self._lines) >= file_io.SORT_RUN_LINES:
+          yield self._flush()
+      for relpath, partner in nearest.items():
+        yield _tagged(LEAK, (relpath, partner))
+      self._text.clear()
 
     def finish_bundle(self):
       if self._lines:
@@ -382,7 +441,7 @@ def _pair_runs(run_dir: str):
             self._flush(), window.GlobalWindow().max_timestamp(),
             [window.GlobalWindow()])
 
-  return WriteRuns()
+  return PairsToRuns()
 
 
 def find(refs, *, distance: int, layout: str, run_dir: str):
@@ -394,15 +453,11 @@ def find(refs, *, distance: int, layout: str, run_dir: str):
       refs
       | 'NearBands' >> beam.FlatMap(band_keys, masks=masks)
       | 'NearGroups' >> beam.GroupByKey()
-      | 'NearPairs' >> beam.FlatMap(group_pairs, distance=distance,
-                                    masks=masks).with_outputs(
-                                        CAPPED, main='pairs'))
-  lines = (pairs.pairs
-           | 'NearRules' >> beam.FlatMap(
-      classify, layout=layout).with_outputs(LEAK, main='lines'))
-  left_out = (lines[LEAK]
+      | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
+          distance=distance, masks=masks, layout=layout, run_dir=run_dir)
+                                  ).with_outputs(CAPPED, LEAK, main='runs'))
+  left_out = (pairs[LEAK]
               | 'NearLeaks' >> beam.GroupByKey()
               | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(
                   'rejected', main='drops'))
-  runs = lines.lines | 'NearLines' >> beam.ParDo(_pair_runs(run_dir))
-  return left_out.drops, left_out.rejected, runs, pairs[CAPPED]
+  return left_out.drops, left_out.rejected, pairs.runs, pairs[CAPPED]

@@ -228,18 +228,16 @@ def unchanged(line: dict, size_mtime: tuple[int, int], source: Source) -> bool:
           and size_mtime[1] < (source.started_at - RACY_S) * 1e9)
 
 
-def processed(line: dict, example: dict):
-  """An earlier record as the ProcessedImage building its file would give:
-  the stored bytes and source size from the record, the rest from its
-  images.jsonl line."""
+def processed(line: dict):
+  """An earlier record's file as the ProcessedImage building it would give,
+  from its images.jsonl line (no stored bytes: the record is taken whole)."""
   from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
   from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
   phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
              ) if line['phash'] else None
+  height, width = line['original_size']
   return source_image.ProcessedImage(
-      encoded=example[schema.IMAGE],
-      original_height=example[schema.ORIGINAL_HEIGHT],
-      original_width=example[schema.ORIGINAL_WIDTH],
+      encoded=b'', original_height=height, original_width=width,
       pixel_sum=line['pixel_sum'], pixel_sumsq=line['pixel_sumsq'],
       num_pixels=line['num_pixels'], warning=line['warning'], phashes=phashes,
       quality=image_quality.Measures(**line['quality']) if line['quality']
@@ -254,9 +252,10 @@ class Records:
     self._source = source
     self._open = {}
 
-  def read(self, old: Old, line: dict) -> Optional[tuple[bytes, dict]]:
-    """(framed record, its decoded Example) when the record at old's place
-    is sound and is line's file; None when it is damaged."""
+  def read(self, old: Old, line: dict, label: int) -> Optional[bytes]:
+    """The framed record a full build writes for line's file with `label`:
+    the earlier one as it is, or re-labelled (its class index moved); None
+    when the record at old's place is damaged or is not that file's."""
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     try:
       if old.shard not in self._open:
@@ -267,14 +266,21 @@ class Records:
       f.seek(old.offset)
       framed = f.read(line['record_bytes'])
       data = schema.unframe_record(framed)
+      if schema.holds(data, label=label, filename=line['path'],
+                      sha256=line['sha256']):
+        return framed
       example = schema.decode_example(data)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, KeyError):
       return None
     if (example.get(schema.FILENAME) != line['path'].encode(
         'utf-8', 'surrogateescape') or
         example.get(schema.SHA256) != line['sha256'].encode('ascii')):
       return None
-    return framed, example
+    return schema.frame_record(schema.encode_example(
+        image=example[schema.IMAGE], label=label, filename=line['path'],
+        sha256=line['sha256'],
+        original_height=example[schema.ORIGINAL_HEIGHT],
+        original_width=example[schema.ORIGINAL_WIDTH]))
 
   def close(self) -> None:
     for f in self._open.values():

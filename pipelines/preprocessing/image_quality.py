@@ -178,8 +178,9 @@ class Measures:
   colour: Optional[float]
 
   def as_dict(self) -> dict:
-    """Field name -> value (for the JSON report)."""
-    return dataclasses.asdict(self)
+    """Field name -> value (for the JSON report; dataclasses.asdict, which
+    deep-copies, took 7 µs an image)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 def working_copy(image: Image.Image) -> Image.Image:

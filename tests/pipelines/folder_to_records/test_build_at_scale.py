@@ -24,6 +24,7 @@ from PIL import Image
 import tensorflow as tf
 
 from pipelines.folder_to_records import beam_build
+from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import builder
 from tests import helpers
 import tfrecords_schema
@@ -93,19 +94,37 @@ def test_portable_runner_with_an_external_worker_pool_writes_the_same_shards(
                     f'--service_port={pool_port}') as pool:
     helpers.wait_for_port(job_port, jobs)
     helpers.wait_for_port(pool_port, pool)
+    runner = ('--runner=PortableRunner', f'--job_endpoint=localhost:{job_port}',
+              '--environment_type=EXTERNAL',
+              f'--environment_config=localhost:{pool_port}')
     portable = helpers.run_cli(
         'pipelines.build', *common, f'--output_dir={tmp_path / "portable"}',
-        '--runner=PortableRunner', f'--job_endpoint=localhost:{job_port}',
-        '--environment_type=EXTERNAL',
-        f'--environment_config=localhost:{pool_port}', timeout=600)
-  assert portable.returncode == 0, portable.stderr[-3000:]
-  assert 'Traceback' not in portable.stderr
-  expected = _shards(tmp_path / 'default')
-  assert len(expected) > 3  # Several shards per split.
-  assert _shards(tmp_path / 'portable') == expected
-  for name in ('metadata.json', 'rejected.jsonl'):
-    assert ((tmp_path / 'portable' / name).read_bytes() ==
-            (tmp_path / 'default' / name).read_bytes()), name
+        *runner, timeout=600)
+    assert portable.returncode == 0, portable.stderr[-3000:]
+    assert 'Traceback' not in portable.stderr
+    expected = _shards(tmp_path / 'default')
+    assert len(expected) > 3  # Several shards per split.
+    assert _shards(tmp_path / 'portable') == expected
+    # Every file, the reports included, timings aside.
+    assert reuse.differences(str(tmp_path / 'portable'),
+                             str(tmp_path / 'default')) == []
+    # An update on this runner: the full build's bytes (here from two
+    # local worker processes).
+    helpers.photo_folder(images, classes={'cat': 'astronaut'}, per_class=4,
+                         name='new_{i}')
+    (images / 'coffee' / sorted(os.listdir(images / 'coffee'))[0]).unlink()
+    update = helpers.run_cli(
+        'pipelines.build', *common, f'--output_dir={tmp_path / "portable"}',
+        '--update', *runner, timeout=600)
+    assert update.returncode == 0, update.stderr[-3000:]
+  assert 'incremental: 89 records taken' in update.stdout, update.stdout
+  full = helpers.run_cli('pipelines.build', *common,
+                         f'--output_dir={tmp_path / "full"}',
+                         '--direct_num_workers=2',
+                         '--direct_running_mode=multi_processing')
+  assert full.returncode == 0, full.stderr[-3000:]
+  assert reuse.differences(str(tmp_path / 'portable'),
+                           str(tmp_path / 'full')) == []
 
 
 def _stored(out: pathlib.Path, split: str) -> list[tuple[str, int, np.ndarray]]:

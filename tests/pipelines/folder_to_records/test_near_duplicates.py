@@ -394,3 +394,20 @@ def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
       assert got == sorted(want), key
       emitted += len(got)
     assert emitted > 1000  # The hashes do share bands.
+
+
+@pytest.mark.parametrize('layout,a_path,b_path', [
+    ('class_folders', 'cat/a "quoted".jpg', 'dog/b\u00e9\u2028.jpg'),
+    ('split_folders', 'train/cat/x.jpg', 'validation/cat/x.jpg'),
+])
+def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
+  """The build writes each pair's line as text (_Lines); it is exactly
+  json.dumps of classify's dict."""
+  for splits in (('train', 'validation'), ('test', 'test'),
+                 ('validation', 'test')):
+    a = nd.Ref((1, 2), a_path, splits[0], 0, 0)
+    b = nd.Ref((1, 2), b_path, splits[1], 0, 0)
+    *_, want = nd.classify((a, b, 7), layout=layout)
+    line, conflict = nd._Lines(layout).line(a, b, 7, nd._kind(a, b))
+    assert line == json.dumps(want)
+    assert conflict == want['label_conflict']

@@ -118,12 +118,14 @@ class WriteChunk(beam.DoFn):
         data, extension=posixpath.splitext(source.relpath)[1],
         options=self._config.image)
 
-  def _plan(self, files, olds: dict):
+  def _plan(self, files, olds: dict, records):
     """Which files are read: (to read, {relpath: (file stat, old line, Old)
     of each file whose earlier record may be taken}). A file taken without
     reading (reuse.unchanged) is not read at all."""
     candidates, to_read = {}, []
     source = self._config.reuse
+    lines = records.lines([olds[f.relpath] for f in files
+                           if f.relpath in olds]) if records else {}
     for f in files:
       old = olds.pop(f.relpath, None)
       try:
@@ -131,7 +133,7 @@ class WriteChunk(beam.DoFn):
                                               f.relpath))
       except OSError:
         file_stat = None  # Read below, which says why.
-      line = json.loads(old.line) if old is not None else None
+      line = lines.get(f.relpath)
       candidates[f.relpath] = (file_stat, line, old)
       if line is None or file_stat is None or not reuse.unchanged(
           line, file_stat, source):
@@ -153,9 +155,9 @@ class WriteChunk(beam.DoFn):
     files = [listed_source(p, config.layout) for p in sorted(
         listed, key=lambda p: (splits_lib.order_key(
             listed_path(p), seed=config.seed), listed_path(p)))]
-    to_read, candidates = self._plan(files, olds)
-    reads, to_read = self._reads(to_read), set(to_read)
     records = reuse.Records(config.reuse) if config.reuse else None
+    to_read, candidates = self._plan(files, olds, records)
+    reads, to_read = self._reads(to_read), set(to_read)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
     image_lines, flag_counts = [], collections.Counter()
     taken = damaged = 0

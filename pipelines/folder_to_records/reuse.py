@@ -55,6 +55,9 @@ FORMAT = 1
 # systems with coarse timestamps, a write during the listing).
 RACY_S = 2.0
 
+# images.jsonl lines closer than this are read in one piece.
+_GAP = 64 << 10
+
 # ImageOptions field -> the flag that sets it, for the refusal line.
 _FLAGS = {'height': '--image_size', 'width': '--image_size',
           'channels': '--channels', 'resize_mode': '--resize_mode',
@@ -94,10 +97,13 @@ class Source:
 
 
 class Old(NamedTuple):
-  """A record of the earlier build, as the chunk shuffle carries it: its
-  path, its images.jsonl line (bytes), and where its framed record is."""
+  """A record of the earlier build, as the chunk shuffle carries it (~100
+  bytes: the local runner holds the shuffle in memory): its path, where its
+  images.jsonl line is (line_at, line_bytes) and where its framed record
+  is."""
   relpath: str
-  line: bytes
+  line_at: int
+  line_bytes: int
   shard: int
   offset: int
 
@@ -184,7 +190,9 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   with FileSystems.open(posixpath.join(
       source.dataset_dir, metadata_lib.IMAGES_FILE),
                         compression_type=file_io.RAW) as f:
+    line_at = 0
     for raw in f:
+      at_line, line_at = line_at, line_at + len(raw)
       line = json.loads(raw)
       split = line['split']
       if line['path'] in dropped:  # In its split's left_out file.
@@ -192,7 +200,7 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
         if at is None:
           continue
         yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
-               Old(line['path'], raw.rstrip(b'\n'), at[0], at[1]))
+               Old(line['path'], at_line, len(raw), at[0], at[1]))
         at[1] += line['record_bytes']
         continue
       at = place.get(split)
@@ -204,7 +212,7 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
       if not at[1]:
         continue  # More lines than records: a damaged manifest; built.
       yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
-             Old(line['path'], raw.rstrip(b'\n'), at[0], at[2]))
+             Old(line['path'], at_line, len(raw), at[0], at[2]))
       at[1][0] -= 1
       at[2] += line['record_bytes']
 
@@ -251,6 +259,41 @@ class Records:
   def __init__(self, source: Source):
     self._source = source
     self._open = {}
+
+  def lines(self, olds) -> dict:
+    """relpath -> its parsed images.jsonl line, for the Olds of one chunk.
+    A chunk's paths are neighbours in the earlier build's order too (when
+    its --seed was the same), so lines less than _GAP apart are read in one
+    piece. A line that is not its Old's (a damaged or replaced file) is
+    left out: its file is built."""
+    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+    found = {}
+    olds = sorted(olds, key=lambda o: o.line_at)
+    try:
+      with FileSystems.open(posixpath.join(self._source.dataset_dir,
+                                           metadata_lib.IMAGES_FILE),
+                            compression_type=file_io.RAW) as f:
+        i = 0
+        while i < len(olds):
+          j = i + 1
+          while j < len(olds) and olds[j].line_at - (
+              olds[j - 1].line_at + olds[j - 1].line_bytes) < _GAP:
+            j += 1
+          start = olds[i].line_at
+          f.seek(start)
+          block = f.read(olds[j - 1].line_at + olds[j - 1].line_bytes - start)
+          for o in olds[i:j]:
+            try:
+              line = json.loads(block[o.line_at - start:
+                                      o.line_at - start + o.line_bytes])
+            except ValueError:
+              continue
+            if isinstance(line, dict) and line.get('path') == o.relpath:
+              found[o.relpath] = line
+          i = j
+    except OSError:
+      pass  # All built.
+    return found
 
   def read(self, old: Old, line: dict, label: int) -> Optional[bytes]:
     """The framed record a full build writes for line's file with `label`:

@@ -253,3 +253,13 @@ def test_a_failed_update_leaves_the_dataset_as_it_was(tmp_path, monkeypatch):
   after = {p.name: p.read_bytes() for p in (tmp_path / 'v1').iterdir()}
   assert after == before
   assert {p.name for p in tmp_path.iterdir()} == {'images', 'v1'}
+
+
+def test_other_seed_and_fractions_still_take_every_record(built, tmp_path):
+  """--seed and the fractions move files between chunks, shards and
+  splits, not their stored bytes: every record is still taken."""
+  images, v1 = built
+  flags = dict(seed=7, validation_fraction=0.3, test_fraction=0.2)
+  report = _build(images, tmp_path / 'v2', reuse_from=str(v1), **flags)
+  assert (report['reuse']['reused'], report['reuse']['built']) == (30, 0)
+  _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)

@@ -174,9 +174,10 @@ class WriteChunk(beam.DoFn):
                    else line['sha256'])
             if sha == line['sha256']:
               reused = records.read(old, line, label)
-              damaged += reused is None
+              processed = reuse.processed(line) if reused else None
+              if processed is None:
+                damaged, reused = damaged + 1, None
           if reused is not None:
-            processed = reuse.processed(line)
             digest = bytes.fromhex(sha)
           else:
             if data is None:  # A damaged record of a file not read.

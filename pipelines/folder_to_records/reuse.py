@@ -55,6 +55,11 @@ FORMAT = 1
 # systems with coarse timestamps, a write during the listing).
 RACY_S = 2.0
 
+# What a line must hold for its record to be taken (chunk_format.image_line).
+_LINE_KEYS = frozenset((
+    'path', 'split', 'sha256', 'phash', 'phash_centre', 'quality',
+    'file_bytes', 'mtime_ns', 'record_bytes', 'original_size', 'pixel_sum',
+    'pixel_sumsq', 'num_pixels', 'warning'))
 # images.jsonl lines closer than this are read in one piece.
 _GAP = 64 << 10
 
@@ -177,7 +182,10 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
       source.dataset_dir, metadata_lib.REJECTED_FILE),
                         compression_type=file_io.RAW) as f:
     for raw in f:
-      dropped.add(json.loads(raw)['path'])
+      try:
+        dropped.add(json.loads(raw)['path'])
+      except (ValueError, TypeError, KeyError):
+        return  # Which records were left out is unknown: all built.
   first, place = 0, {}  # split -> [shard index in source.shards, left, offset]
   for split in metadata_lib.SPLITS:
     if split in spec.splits:
@@ -193,15 +201,19 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
     line_at = 0
     for raw in f:
       at_line, line_at = line_at, line_at + len(raw)
-      line = json.loads(raw)
-      split = line['split']
-      if line['path'] in dropped:  # In its split's left_out file.
+      try:
+        line = json.loads(raw)
+        split, relpath, length = (line['split'], line['path'],
+                                  int(line['record_bytes']))
+      except (ValueError, TypeError, KeyError):
+        break  # A damaged line: where later records are is unknown; built.
+      if relpath in dropped:  # In its split's left_out file.
         at = left_out.get(split)
         if at is None:
           continue
-        yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
-               Old(line['path'], at_line, len(raw), at[0], at[1]))
-        at[1] += line['record_bytes']
+        yield (chunk_format.chunk_of(relpath, num_chunks, seed=seed),
+               Old(relpath, at_line, len(raw), at[0], at[1]))
+        at[1] += length
         continue
       at = place.get(split)
       if at is None:
@@ -211,10 +223,10 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
         at[1].pop(0)
       if not at[1]:
         continue  # More lines than records: a damaged manifest; built.
-      yield (chunk_format.chunk_of(line['path'], num_chunks, seed=seed),
-             Old(line['path'], at_line, len(raw), at[0], at[2]))
+      yield (chunk_format.chunk_of(relpath, num_chunks, seed=seed),
+             Old(relpath, at_line, len(raw), at[0], at[2]))
       at[1][0] -= 1
-      at[2] += line['record_bytes']
+      at[2] += length
 
 
 def stat(path: str) -> Optional[tuple[int, Optional[int]]]:
@@ -238,18 +250,28 @@ def unchanged(line: dict, size_mtime: tuple[int, int], source: Source) -> bool:
 
 def processed(line: dict):
   """An earlier record's file as the ProcessedImage building it would give,
-  from its images.jsonl line (no stored bytes: the record is taken whole)."""
+  from its images.jsonl line (no stored bytes: the record is taken whole);
+  None for a line that does not hold what building gives (damaged)."""
   from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
   from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
-  phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
-             ) if line['phash'] else None
-  height, width = line['original_size']
-  return source_image.ProcessedImage(
-      encoded=b'', original_height=height, original_width=width,
-      pixel_sum=line['pixel_sum'], pixel_sumsq=line['pixel_sumsq'],
-      num_pixels=line['num_pixels'], warning=line['warning'], phashes=phashes,
-      quality=image_quality.Measures(**line['quality']) if line['quality']
-      else None)
+  try:
+    phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
+               ) if line['phash'] else None
+    height, width = (int(v) for v in line['original_size'])
+    sums = [[int(v) for v in line[k]] for k in ('pixel_sum', 'pixel_sumsq')]
+    if not (len(sums[0]) == len(sums[1]) and isinstance(
+        line['num_pixels'], int) and isinstance(line['warning'],
+                                                (str, type(None)))):
+      return None
+    return source_image.ProcessedImage(
+        encoded=b'', original_height=height, original_width=width,
+        pixel_sum=sums[0], pixel_sumsq=sums[1],
+        num_pixels=line['num_pixels'], warning=line['warning'],
+        phashes=phashes,
+        quality=image_quality.Measures(**line['quality'])
+        if line['quality'] else None)
+  except (KeyError, TypeError, ValueError):
+    return None
 
 
 class Records:
@@ -288,7 +310,8 @@ class Records:
                                       o.line_at - start + o.line_bytes])
             except ValueError:
               continue
-            if isinstance(line, dict) and line.get('path') == o.relpath:
+            if (isinstance(line, dict) and line.get('path') == o.relpath
+                and _LINE_KEYS <= line.keys()):
               found[o.relpath] = line
           i = j
     except OSError:

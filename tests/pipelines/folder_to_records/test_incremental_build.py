@@ -170,6 +170,13 @@ def test_a_damaged_earlier_shard_is_built_from_its_files(tmp_path, capsys):
   assert report['reuse']['damaged'] == 1
   assert 'earlier record was damaged' in capsys.readouterr().out
   _same_as_full(images, tmp_path / 'v2', tmp_path)
+  # A line of images.jsonl damaged: its file and those after it are built.
+  lines = (tmp_path / 'v1' / metadata.IMAGES_FILE).read_text().splitlines()
+  lines[20] = lines[20][:40]
+  (tmp_path / 'v1' / metadata.IMAGES_FILE).write_text('\n'.join(lines) + '\n')
+  report = _build(images, tmp_path / 'v3', reuse_from=str(tmp_path / 'v1'))
+  assert report['reuse']['built'] >= 10, report['reuse']
+  assert reuse.differences(str(tmp_path / 'v3'), str(tmp_path / 'full')) == []
 
 
 def test_a_file_in_the_racy_window_is_read(tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import json
 import posixpath
+import zlib
 from typing import NamedTuple, Optional, Sequence
 
 from pipelines.folder_to_records import splits as splits_lib
@@ -95,9 +96,10 @@ def image_line(relpath: str, split: str, sha256: str,
   building it (pipelines/folder_to_records/reuse.py): the source file's
   size and modification time (file_stat), and of its record the length
   (framed), pixel sums and warning (entry), and the source's size after
-  EXIF orientation (height, width)."""
+  EXIF orientation (height, width); last, 'check': a crc32 of the line
+  before it."""
   whole, centre = (f'{h:016x}' for h in phashes) if phashes else (None, None)
-  return json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
+  text = json.dumps({'path': relpath, 'split': split, 'sha256': sha256,
                      'phash': whole, 'phash_centre': centre,
                      'flags': list(flags), 'quality': quality,
                      'file_bytes': file_stat[0], 'mtime_ns': file_stat[1],
@@ -107,6 +109,9 @@ def image_line(relpath: str, split: str, sha256: str,
                      'pixel_sumsq': list(entry.pixel_sumsq),
                      'num_pixels': entry.num_pixels,
                      'warning': entry.warning})
+  # A crc32 of the line before it: an update takes none of an edited or
+  # damaged line (reuse.checked_line).
+  return f'{text[:-1]}, "check": {zlib.crc32(text.encode())}}}'
 
 
 def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:

@@ -214,8 +214,9 @@ def foreign_error(output_dir: str, foreign: Sequence[tuple[str, str]], *,
   return UserError(
       f'--output_dir={output_dir} holds {count} entr'
       f'{"y" if count == 1 else "ies"} that a build did not write{when}'
-      f'{_training_run(foreign)}: {describe_entries(foreign)}; --overwrite '
-      'replaces only what a build wrote and never deletes anything else: '
+      f'{_training_run(foreign)}: {describe_entries(foreign)}; a build '
+      '(--overwrite, --update) replaces only what a build wrote and never '
+      'deletes anything else: '
       f'move {"it" if count == 1 else "them"} out of {output_dir}, or build '
       'into a new folder')
 

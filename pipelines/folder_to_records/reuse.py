@@ -38,6 +38,7 @@ import json
 import os
 import posixpath
 import re
+import zlib
 from typing import NamedTuple, Optional
 
 from pipelines.common import paths
@@ -136,10 +137,20 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
   report = report_lib.read_build_report(dataset_dir)
   if spec is None or report is None or not paths.exists(
       posixpath.join(dataset_dir, metadata_lib.IMAGES_FILE)):
-    raise _refuse(shown, 'is not a dataset written by pipelines.build (no '
-                  f'{metadata_lib.METADATA_FILE}, {report_lib.REPORT_FILE} '
-                  f'and {metadata_lib.IMAGES_FILE})',
+    raise _refuse(shown, 'is not a dataset written by pipelines.build '
+                  f'(its {metadata_lib.METADATA_FILE}, '
+                  f'{report_lib.REPORT_FILE} or {metadata_lib.IMAGES_FILE} '
+                  'is missing or unreadable)',
                   f'pass the --output_dir of an earlier build, or {full}')
+  stored = {'height': spec.height, 'width': spec.width,
+            'channels': spec.channels, 'image_format': spec.image_format,
+            'resize_mode': spec.resize_mode}
+  if any(report.image.get(k) != v for k, v in stored.items()) or (
+      spec.image_format == 'jpeg' and
+      report.image.get('jpeg_quality') != spec.jpeg_quality):
+    raise _refuse(shown, f'is damaged: its {metadata_lib.METADATA_FILE} and '
+                  f'{report_lib.REPORT_FILE} disagree on the stored images',
+                  full)
   if report.software.get('format') != str(FORMAT):
     raise _refuse(shown, 'was written by an older version of pipelines.build '
                   '(its images.jsonl lacks what reuse needs)', full + ' once')
@@ -178,14 +189,14 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   spec = metadata_lib.read_dataset_spec(source.dataset_dir)
   num_chunks = chunk_format.num_chunks(counts[0])
   dropped = set()
-  with FileSystems.open(posixpath.join(
-      source.dataset_dir, metadata_lib.REJECTED_FILE),
-                        compression_type=file_io.RAW) as f:
-    for raw in f:
-      try:
+  try:
+    with FileSystems.open(posixpath.join(
+        source.dataset_dir, metadata_lib.REJECTED_FILE),
+                          compression_type=file_io.RAW) as f:
+      for raw in f:
         dropped.add(json.loads(raw)['path'])
-      except (ValueError, TypeError, KeyError):
-        return  # Which records were left out is unknown: all built.
+  except (OSError, ValueError, TypeError, KeyError):
+    return  # Which records were left out is unknown: all are built.
   first, place = 0, {}  # split -> [shard index in source.shards, left, offset]
   for split in metadata_lib.SPLITS:
     if split in spec.splits:
@@ -195,18 +206,21 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   left_out = {}  # split -> [its left_out file's index in source.shards, offset]
   for index, name in enumerate(source.shards[first:], first):
     left_out[name[len('left_out-'):-len('.tfrecord')]] = [index, 0]
-  with FileSystems.open(posixpath.join(
-      source.dataset_dir, metadata_lib.IMAGES_FILE),
-                        compression_type=file_io.RAW) as f:
+  try:
+    images = FileSystems.open(posixpath.join(
+        source.dataset_dir, metadata_lib.IMAGES_FILE),
+                              compression_type=file_io.RAW)
+  except OSError:
+    return
+  with images as f:
     line_at = 0
     for raw in f:
       at_line, line_at = line_at, line_at + len(raw)
-      try:
-        line = json.loads(raw)
-        split, relpath, length = (line['split'], line['path'],
-                                  int(line['record_bytes']))
-      except (ValueError, TypeError, KeyError):
+      line = checked_line(raw)
+      if line is None:
         break  # A damaged line: where later records are is unknown; built.
+      split, relpath, length = (line['split'], line['path'],
+                                line['record_bytes'])
       if relpath in dropped:  # In its split's left_out file.
         at = left_out.get(split)
         if at is None:
@@ -229,12 +243,32 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
       at[2] += length
 
 
+def checked_line(raw: bytes) -> Optional[dict]:
+  """An images.jsonl line (bytes) as a dict when its checksum
+  (chunk_format.image_line's 'check') holds and it has what a record needs;
+  None for a damaged or edited line (its file is then built)."""
+  text = raw.rstrip(b'\n')
+  cut = text.rfind(b', "check": ')
+  try:
+    if cut < 0 or int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
+      return None
+    line = json.loads(text)
+  except ValueError:
+    return None
+  if not (isinstance(line, dict) and _LINE_KEYS <= line.keys() and
+          isinstance(line['path'], str) and isinstance(line['split'], str)
+          and isinstance(line['record_bytes'], int)):
+    return None
+  return line
+
+
 def stat(path: str) -> Optional[tuple[int, Optional[int]]]:
   """(size in bytes, modification time in ns) of a local source file (a
-  link: its target's); None for gs://, s3://, ...: a round trip per file
-  would slow every build, so remote files are always read and hashed."""
-  if paths.is_remote(path):
-    return None
+  link: its target's); None for one this process may not read, and for
+  gs://, s3://, ...: a round trip per file would slow every build, so
+  remote files are always read and hashed."""
+  if paths.is_remote(path) or not os.access(path, os.R_OK):
+    return None  # Unreadable: read, so it is rejected as a full build does.
   info = os.stat(path)
   return info.st_size, info.st_mtime_ns
 
@@ -305,13 +339,9 @@ class Records:
           f.seek(start)
           block = f.read(olds[j - 1].line_at + olds[j - 1].line_bytes - start)
           for o in olds[i:j]:
-            try:
-              line = json.loads(block[o.line_at - start:
+            line = checked_line(block[o.line_at - start:
                                       o.line_at - start + o.line_bytes])
-            except ValueError:
-              continue
-            if (isinstance(line, dict) and line.get('path') == o.relpath
-                and _LINE_KEYS <= line.keys()):
+            if line is not None and line['path'] == o.relpath:
               found[o.relpath] = line
           i = j
     except OSError:

@@ -270,3 +270,49 @@ def test_other_seed_and_fractions_still_take_every_record(built, tmp_path):
   report = _build(images, tmp_path / 'v2', reuse_from=str(v1), **flags)
   assert (report['reuse']['reused'], report['reuse']['built']) == (30, 0)
   _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)
+
+
+def _edit_line(line: str) -> str:
+  """A line with its pixel sums changed and its check left as it was."""
+  return line.replace('"pixel_sum": [', '"pixel_sum": [1', 1)
+
+
+@pytest.mark.parametrize('damage', [
+    'images_cut', 'images_garbage_line', 'line_edited', 'rejected_missing',
+    'rejected_garbage'])
+def test_a_damaged_manifest_costs_files_never_the_build(built, tmp_path,
+                                                        damage):
+  """Found by a hostile review: a damaged images.jsonl or rejected.jsonl
+  stopped the build with a traceback, and an edited line's values went
+  into the new dataset. Now the files from the damage on are built."""
+  images, v1 = built
+  old = tmp_path / 'v1'
+  shutil.copytree(v1, old)
+  manifest, rejected = old / metadata.IMAGES_FILE, old / metadata.REJECTED_FILE
+  lines = manifest.read_text().splitlines(keepends=True)
+  if damage == 'images_cut':
+    manifest.write_text(''.join(lines)[:len(''.join(lines)) // 2])
+  elif damage == 'images_garbage_line':
+    manifest.write_text(''.join(lines[:3] + ['not json\n'] + lines[4:]))
+  elif damage == 'line_edited':
+    manifest.write_text(''.join(lines[:3] + [_edit_line(lines[3])] +
+                                lines[4:]))
+  elif damage == 'rejected_missing':
+    rejected.unlink()
+  else:
+    rejected.write_text(rejected.read_text() + 'zzz\n')
+  report = _build(images, tmp_path / 'v2', reuse_from=str(old))
+  assert report['reuse']['built'] >= 1, report['reuse']
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+
+def test_a_report_that_disagrees_with_the_metadata_is_refused(built,
+                                                              tmp_path):
+  images, v1 = built
+  old = tmp_path / 'v1'
+  shutil.copytree(v1, old)
+  raw = json.loads((old / 'build_report.json').read_text())
+  raw['image'].update(height=48, width=48)
+  (old / 'build_report.json').write_text(json.dumps(raw))
+  with pytest.raises(UserError, match='disagree on the stored images'):
+    _build(images, tmp_path / 'v2', reuse_from=str(old), image_size='48')

@@ -83,6 +83,7 @@ class WriteChunk(beam.DoFn):
     self._config = config
     self._tmp_dir = tmp_dir
     self._reader = None
+    self._records = None  # The earlier build's open files (reuse.Records).
     self._labels = {name: i for i, name in enumerate(config.class_names)}
 
   def setup(self):
@@ -93,6 +94,8 @@ class WriteChunk(beam.DoFn):
   def teardown(self):
     if self._reader:
       self._reader.shutdown(wait=False, cancel_futures=True)
+    if self._records:
+      self._records.close()
 
   def _read(self, relpath: str) -> bytes:
     return source_image.read_source(
@@ -155,7 +158,9 @@ class WriteChunk(beam.DoFn):
     files = [listed_source(p, config.layout) for p in sorted(
         listed, key=lambda p: (splits_lib.order_key(
             listed_path(p), seed=config.seed), listed_path(p)))]
-    records = reuse.Records(config.reuse) if config.reuse else None
+    if config.reuse and self._records is None:  # Open for every chunk.
+      self._records = reuse.Records(config.reuse)
+    records = self._records
     to_read, candidates = self._plan(files, olds, records)
     reads, to_read = self._reads(to_read), set(to_read)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
@@ -247,8 +252,6 @@ class WriteChunk(beam.DoFn):
     finally:
       for writer in writers.values():
         writer.close()
-      if records:
-        records.close()
     for split, entries in indexes.items():
       file_io.write_bytes(chunk_format.index_path(self._tmp_dir, index, split),
                           chunk_format.index_file(entries))

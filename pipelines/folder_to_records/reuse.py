@@ -33,6 +33,7 @@ instead and counted.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -188,15 +189,7 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   spec = metadata_lib.read_dataset_spec(source.dataset_dir)
   num_chunks = chunk_format.num_chunks(counts[0])
-  dropped = set()
-  try:
-    with FileSystems.open(posixpath.join(
-        source.dataset_dir, metadata_lib.REJECTED_FILE),
-                          compression_type=file_io.RAW) as f:
-      for raw in f:
-        dropped.add(json.loads(raw)['path'])
-  except (OSError, ValueError, TypeError, KeyError):
-    return  # Which records were left out is unknown: all are built.
+  dropped = _left_out_paths(source)
   first, place = 0, {}  # split -> [shard index in source.shards, left, offset]
   for split in metadata_lib.SPLITS:
     if split in spec.splits:
@@ -207,11 +200,13 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   for index, name in enumerate(source.shards[first:], first):
     left_out[name[len('left_out-'):-len('.tfrecord')]] = [index, 0]
   try:
-    images = FileSystems.open(posixpath.join(
-        source.dataset_dir, metadata_lib.IMAGES_FILE),
-                              compression_type=file_io.RAW)
+    # Which records were left out unknown (dropped None): all are built.
+    images = contextlib.nullcontext(()) if dropped is None else (
+        FileSystems.open(posixpath.join(
+            source.dataset_dir, metadata_lib.IMAGES_FILE),
+                         compression_type=file_io.RAW))
   except OSError:
-    return
+    images = contextlib.nullcontext(())  # None taken: all built.
   with images as f:
     line_at = 0
     for raw in f:
@@ -260,6 +255,22 @@ def checked_line(raw: bytes) -> Optional[dict]:
           and isinstance(line['record_bytes'], int)):
     return None
   return line
+
+
+def _left_out_paths(source: Source) -> Optional[set]:
+  """The paths the earlier build left out (rejected.jsonl); None when that
+  file is missing or damaged."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  dropped = set()
+  try:
+    with FileSystems.open(posixpath.join(
+        source.dataset_dir, metadata_lib.REJECTED_FILE),
+                          compression_type=file_io.RAW) as f:
+      for raw in f:
+        dropped.add(json.loads(raw)['path'])
+  except (OSError, ValueError, TypeError, KeyError):
+    return None
+  return dropped
 
 
 def stat(path: str) -> Optional[tuple[int, Optional[int]]]:

@@ -157,9 +157,10 @@ def test_size_and_time_kept_hides_a_change_unless_verified(tmp_path):
   assert report['reuse']['verified'] and report['reuse']['reused'] == 29
 
 
-def test_a_damaged_earlier_shard_is_built_from_its_files(tmp_path, capsys):
-  images = _folder(tmp_path / 'images')
-  _build(images, tmp_path / 'v1')
+def test_a_damaged_earlier_shard_is_built_from_its_files(built, tmp_path,
+                                                        capsys):
+  images, v1 = built  # v1: the full build of images these flags give.
+  shutil.copytree(v1, tmp_path / 'v1')
   shard = sorted((tmp_path / 'v1').glob('*-train.tfrecord-*'))[1]
   data = bytearray(shard.read_bytes())
   data[len(data) // 2] ^= 0xFF
@@ -169,14 +170,7 @@ def test_a_damaged_earlier_shard_is_built_from_its_files(tmp_path, capsys):
                          shard_size_mb=0.02)
   assert report['reuse']['damaged'] == 1
   assert 'earlier record was damaged' in capsys.readouterr().out
-  _same_as_full(images, tmp_path / 'v2', tmp_path)
-  # A line of images.jsonl damaged: its file and those after it are built.
-  lines = (tmp_path / 'v1' / metadata.IMAGES_FILE).read_text().splitlines()
-  lines[20] = lines[20][:40]
-  (tmp_path / 'v1' / metadata.IMAGES_FILE).write_text('\n'.join(lines) + '\n')
-  report = _build(images, tmp_path / 'v3', reuse_from=str(tmp_path / 'v1'))
-  assert report['reuse']['built'] >= 10, report['reuse']
-  assert reuse.differences(str(tmp_path / 'v3'), str(tmp_path / 'full')) == []
+  assert reuse.differences(str(tmp_path / 'v2'), str(v1)) == []
 
 
 def test_a_file_in_the_racy_window_is_read(tmp_path):
@@ -303,7 +297,7 @@ def test_a_damaged_manifest_costs_files_never_the_build(built, tmp_path,
     rejected.write_text(rejected.read_text() + 'zzz\n')
   report = _build(images, tmp_path / 'v2', reuse_from=str(old))
   assert report['reuse']['built'] >= 1, report['reuse']
-  _same_as_full(images, tmp_path / 'v2', tmp_path)
+  assert reuse.differences(str(tmp_path / 'v2'), str(v1)) == []
 
 
 def test_a_report_that_disagrees_with_the_metadata_is_refused(built,

@@ -72,8 +72,7 @@ _FLAGS = {'height': '--image_size', 'width': '--image_size',
           'max_pixels': '--max_image_pixels',
           'max_file_bytes': '--max_file_bytes',
           'background': 'the background colour',
-          'measure': '--near_duplicate_distance/--quality_thresholds '
-                     '(hashes and measures on or off)'}
+          'measure': '--near_duplicate_distance/--quality_thresholds'}
 
 
 def software() -> dict:
@@ -158,7 +157,8 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
   differ = sorted({_FLAGS.get(k, k) for k in set(image) | set(report.image)
                    if _normal(image.get(k)) != _normal(report.image.get(k))})
   if differ:
-    raise _refuse(shown, f'was built with other {", ".join(differ)} '
+    was = ', '.join(_as_flag(f, report.image) for f in differ)
+    raise _refuse(shown, f'was built with other {", ".join(differ)}: {was} '
                   '(its stored images differ from what these flags give)',
                   f'pass the same flags as that build, or {full}')
   mine = software()
@@ -175,6 +175,19 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
                                       metadata_lib.LEFT_OUT_FILES[split])))
   return Source(dataset_dir=dataset_dir, shards=shards + left_out,
                 started_at=float(report.started_at or 0.0), verify=verify)
+
+
+def _as_flag(flag: str, image: dict) -> str:
+  """A flag of _FLAGS as the earlier build had it ('--image_size=32')."""
+  if flag == '--image_size':
+    h, w = image.get('height'), image.get('width')
+    return f'--image_size={h}' if h == w else f'--image_size={h},{w}'
+  field = next(k for k, v in _FLAGS.items() if v == flag)
+  if field == 'measure':
+    return f'hashes and measures {"on" if image.get(field) else "off"}'
+  if field == 'background':
+    return f'background {image.get(field)}'
+  return f'{flag}={image.get(field)}'
 
 
 def _normal(value):

@@ -191,9 +191,13 @@ def test_a_file_in_the_racy_window_is_read(tmp_path):
 
 
 @pytest.mark.parametrize('change,message', [
-    (dict(image_size='40'), 'was built with other --image_size'),
+    (dict(image_size='40'), 'was built with other --image_size: '
+     '--image_size=32 '),
     (dict(image_format='png'), '--image_format'),
-    (dict(jpeg_quality=80), 'other --jpeg_quality'),
+    (dict(jpeg_quality=80), 'other --jpeg_quality: --jpeg_quality=95'),
+    (dict(near_duplicate_distance=0, quality_thresholds='off'),
+     '--near_duplicate_distance/--quality_thresholds: hashes and '
+     'measures on'),
     ('old_format', 'older version of pipelines.build'),
     ('libraries', 'other library versions (pillow 1.0'),
     ('not_dataset', 'is not a dataset written by pipelines.build'),
@@ -234,7 +238,7 @@ def test_update_flags(built, tmp_path):
       'pipelines.build', f'--input_dir={images}',
       f'--output_dir={tmp_path / "v2"}', f'--reuse_from={tmp_path / "v1"}',
       '--image_size=64')
-  assert 'was built with other --image_size' in error, error
+  assert 'was built with other --image_size: --image_size=32 ' in error, error
   assert not loaded, loaded
 
 

@@ -304,31 +304,23 @@ def _examined_pairs(members, *, band: int, distance: int,
   return skipped
 
 
-def classify(pair: tuple[Ref, Ref, int], *, layout: str):
-  """(a, b, d) -> its report line (dict); and, for a leak, 'leak':
-  (the evaluation copy's relpath, (d, train relpath, eval Ref)). (The
-  rule; the build writes the same lines through _Lines.)"""
-  a, b, d = pair
-  classes = [listing_lib.source_file(r.relpath, layout).class_name
-             for r in (a, b)]
-  splits = [a.split, b.split]
-  if (a.split == 'train') != (b.split == 'train'):
-    kind = LEAK
-    train, held_out = (a, b) if a.split == 'train' else (b, a)
-    yield _tagged(LEAK, (held_out.relpath,
-                                          (d, train.relpath, held_out)))
-  else:
-    kind = WITHIN_SPLIT if a.split == b.split else ACROSS_EVALUATION
-  # Paths first: the file's lines are sorted as text, so by path.
-  yield {'paths': [a.relpath, b.relpath], 'distance': d, 'kind': kind,
-         'splits': splits, 'classes': classes,
-         'label_conflict': classes[0] != classes[1]}
-
-
 def _kind(a: Ref, b: Ref) -> str:
+  """The rule a pair falls under (module docstring)."""
   if (a.split == 'train') != (b.split == 'train'):
     return LEAK
   return WITHIN_SPLIT if a.split == b.split else ACROSS_EVALUATION
+
+
+def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
+  """(a, b, d) -> its report line as a dict: what _Lines writes as text
+  (a test holds the two equal)."""
+  a, b, d = pair
+  classes = [listing_lib.source_file(r.relpath, layout).class_name
+             for r in (a, b)]
+  # Paths first: the file's lines are sorted as text, so by path.
+  return {'paths': [a.relpath, b.relpath], 'distance': d,
+          'kind': _kind(a, b), 'splits': [a.split, b.split],
+          'classes': classes, 'label_conflict': classes[0] != classes[1]}
 
 
 class _Lines:

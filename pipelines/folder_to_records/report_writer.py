@@ -141,7 +141,7 @@ def _write_near_pairs(tmp_dir: str, runs, capped, *,
                       config: build_config.BuildConfig, left_out: int
                       ) -> report_lib.NearDuplicates:
   """near_duplicates.jsonl (one pair a line, in line order) from the
-  search's sorted runs (near_duplicates.PairRuns), and the report's
+  search's sorted runs (near_duplicates.PairRun), and the report's
   counts."""
   kinds = collections.Counter()
   conflicts = 0

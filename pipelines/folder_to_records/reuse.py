@@ -209,9 +209,11 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
       lengths = list(spec.splits[split].shard_lengths)
       place[split] = [first, lengths, 0]
       first += len(lengths)
+  split_of = {name: split for split, name in
+              metadata_lib.LEFT_OUT_FILES.items()}
   left_out = {}  # split -> [its left_out file's index in source.shards, offset]
   for index, name in enumerate(source.shards[first:], first):
-    left_out[name[len('left_out-'):-len('.tfrecord')]] = [index, 0]
+    left_out[split_of[name]] = [index, 0]
   try:
     # Which records were left out unknown (dropped None): all are built.
     images = contextlib.nullcontext(()) if dropped is None else (
@@ -389,12 +391,11 @@ class Records:
       if schema.holds(data, label=label, filename=line['path'],
                       sha256=line['sha256']):
         return framed
-      example = schema.decode_example(data)
-    except (OSError, ValueError, IndexError, KeyError):
-      return None
-    if (example.get(schema.FILENAME) != line['path'].encode(
-        'utf-8', 'surrogateescape') or
-        example.get(schema.SHA256) != line['sha256'].encode('ascii')):
+      example = schema.decode_example(data)  # Another label: re-labelled.
+      if not schema.holds(data, label=example[schema.LABEL],
+                          filename=line['path'], sha256=line['sha256']):
+        return None
+    except (OSError, ValueError, IndexError, KeyError, TypeError):
       return None
     return schema.frame_record(schema.encode_example(
         image=example[schema.IMAGE], label=label, filename=line['path'],

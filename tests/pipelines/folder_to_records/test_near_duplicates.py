@@ -407,7 +407,7 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
                  ('validation', 'test')):
     a = nd.Ref((1, 2), a_path, splits[0], 0, 0)
     b = nd.Ref((1, 2), b_path, splits[1], 0, 0)
-    *_, want = nd.classify((a, b, 7), layout=layout)
+    want = nd.classify((a, b, 7), layout=layout)
     line, conflict = nd._Lines(layout).line(a, b, 7, nd._kind(a, b))
     assert line == json.dumps(want)
     assert conflict == want['label_conflict']

@@ -20,7 +20,11 @@ them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
 hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
 candidate pairs of a group are examined; both are reported as capped, so
-no worker holds or writes more, whatever the file count. Limits: a pair
+no worker holds or writes more, whatever the file count. The groups travel
+in buckets of ~BUCKET_ENTRIES band entries (num_buckets grows with the file
+count), batched per bundle: a shuffle element per bucket and bundle, not
+per band entry; a worker holds one bucket, and at most 2 x MAX_GROUP
+members of any one group (_trim). Limits: a pair
 whose first shared band falls in a capped group is not reported (even if a
 later band's group holds both); with spread hashes, groups reach the cap
 near N = 2^band_bits * MAX_GROUP (~260k images at the default distance).
@@ -190,6 +194,16 @@ def _smallest(members: Iterable[bytes], cap: int
   return kept, total
 
 
+def _trim(packed: list[bytes], cap: int) -> list[bytes]:
+  """The cap members of packed (pack's bytes) first by _rank, unsorted:
+  what _smallest keeps of a group is kept here too."""
+  def rank(data: bytes) -> tuple:
+    path = data[_PACKED.size:]
+    return (zlib.crc32(path), path.decode('utf-8', 'surrogateescape'),
+            data[0])
+  return heapq.nsmallest(cap, packed, key=rank)
+
+
 def _rank(ref: Ref, which: int) -> tuple:
   """A capped group keeps the members first by this: a hash of the path
   (so no class or folder name is favoured), then the path."""
@@ -253,6 +267,28 @@ def _emitted(hashes: np.ndarray, which: np.ndarray, order: np.ndarray,
   return a[at], b[at], best[at], at
 
 
+def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
+           max_pairs: int, trimmed: int = 0):
+  """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
+  order [M] (the rank of each member's path), a, b, d [N] (the pairs this
+  group emits, as member indices in path order, and their distances), the
+  capped report or None): see group_pairs. trimmed: members already left
+  out (_trim), counted in the report."""
+  key, packed = element
+  band = key >> HASH_BITS
+  members, total = _smallest(packed, cap)
+  total += trimmed
+  order, a, b, d, skipped = _pair_arrays(
+      members, band=band, distance=distance, masks=masks,
+      max_pairs=max_pairs)
+  capped = None
+  if total > cap or skipped:
+    capped = {'band': band, 'members': total, 'compared': min(total, cap),
+              'pairs_not_examined': skipped,
+              'example': members[0][1].relpath}
+  return members, order, a, b, d, capped
+
+
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
                 cap: int = MAX_GROUP, max_pairs: int = MAX_GROUP_PAIRS):
   """((band, bits), members) -> (a, b, d) for each pair of images within
@@ -260,47 +296,62 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
   comes out of exactly one group, so no further grouping is needed.
   'near_capped' for a group over cap members, or with more than max_pairs
   candidate pairs (those past it are counted, not examined)."""
-  key, members = element
-  band = key >> HASH_BITS
-  members, total = _smallest(members, cap)
-  skipped = yield from _examined_pairs(members, band=band, distance=distance,
-                                       masks=masks, max_pairs=max_pairs)
-  if total > cap or skipped:
-    yield _tagged(CAPPED, {'band': band, 'members': total,
-                           'compared': min(total, cap),
-                           'pairs_not_examined': skipped,
-                           'example': members[0][1].relpath})
+  members, _, a, b, d, capped = _group(
+      element, distance=distance, masks=masks, cap=cap, max_pairs=max_pairs)
+  for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
+    yield members[i][1], members[j][1], dist
+  if capped:
+    yield _tagged(CAPPED, capped)
 
 
-def _examined_pairs(members, *, band: int, distance: int,
-                    masks: tuple[int, ...], max_pairs: int):
-  """Yields group_pairs' pairs of `members`; returns how many candidate
-  pairs past max_pairs were counted but not examined."""
+_NO_PAIRS = np.zeros(0, dtype=np.int64)
+
+
+def _pair_arrays(members, *, band: int, distance: int,
+                 masks: tuple[int, ...], max_pairs: int):
+  """group_pairs' pairs of `members` as arrays: (order [M], a, b, d [N],
+  how many candidate pairs past max_pairs were counted but not examined)."""
   if len(members) < 2:
-    return 0
+    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0
   which = np.array([w for w, _ in members])
   both = np.array([ref.phashes for _, ref in members], dtype=np.uint64)
   hashes = both[np.arange(len(members)), which]
   paths = [ref.relpath for _, ref in members]
   order = np.unique(np.array(paths, dtype=object), return_inverse=True)[1]
   mask_array = np.array(masks, dtype=np.uint64)
-  columns = np.arange(len(members))
-  examined, skipped = 0, 0
+  whole = which == WHOLE
+  above = np.triu(np.ones((_ROWS, _ROWS), dtype=bool), k=1)
+  examined, skipped, found = 0, 0, [(_NO_PAIRS,) * 3]
   for top in range(0, len(members), _ROWS):
-    rows = hashes[top:top + _ROWS, None] ^ hashes[None, :]
-    row_ids = top + np.arange(rows.shape[0])
-    near = np.bitwise_count(rows) <= distance
-    near &= columns[None, :] > row_ids[:, None]  # Each member pair once.
-    near &= (which[None, :] == WHOLE) | (which[row_ids, None] == WHOLE)
-    candidates = np.nonzero(near)
+    # Rows top.. against columns top..: each member pair once (column >
+    # row), and a centre hash only against a whole one.
+    rows = len(hashes[top:top + _ROWS])
+    near = np.bitwise_count(
+        hashes[top:top + rows, None] ^ hashes[None, top:]) <= distance
+    near[:, :rows] &= above[:rows, :rows]
+    near &= whole[None, top:] | whole[top:top + rows, None]
     room = max(0, max_pairs - examined)
-    skipped += max(0, len(candidates[0]) - room)
-    examined += min(room, len(candidates[0]))
-    a, b, d, _ = _emitted(both, which, order, top + candidates[0][:room],
-                          candidates[1][:room], band=band, masks=mask_array,
-                          distance=distance)
-    for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
-      yield members[i][1], members[j][1], dist
+    if not room:  # Past max_pairs: counted, not examined.
+      skipped += int(np.count_nonzero(near))
+      continue
+    row_ids, column_ids = np.nonzero(near)
+    skipped += max(0, len(row_ids) - room)
+    examined += min(room, len(row_ids))
+    found.append(_emitted(both, which, order, top + row_ids[:room],
+                          top + column_ids[:room], band=band,
+                          masks=mask_array, distance=distance)[:3])
+  a, b, d = (np.concatenate(column) for column in zip(*found))
+  return order, a, b, d, skipped
+
+
+def _examined_pairs(members, *, band: int, distance: int,
+                    masks: tuple[int, ...], max_pairs: int):
+  """Yields group_pairs' pairs of `members` one at a time; returns how many
+  candidate pairs past max_pairs were counted but not examined."""
+  _, a, b, d, skipped = _pair_arrays(members, band=band, distance=distance,
+                                     masks=masks, max_pairs=max_pairs)
+  for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
+    yield members[i][1], members[j][1], dist
   return skipped
 
 
@@ -325,7 +376,7 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
 
 class _Lines:
   """classify's lines as text (json.dumps of its dict, the same bytes),
-  with each path's JSON and class made once per group, not per pair."""
+  with each path's JSON and class made once, not per pair."""
 
   def __init__(self, layout: str):
     import json  # pylint: disable=g-import-not-at-top
@@ -333,11 +384,17 @@ class _Lines:
     self._layout = layout
     self._seen = {}
 
-  def _of(self, relpath: str) -> tuple[str, str]:
-    if relpath not in self._seen:
+  def _of(self, relpath: str) -> tuple[str, str, str]:
+    """(relpath's JSON, its class, the class's JSON), made once: an image
+    is in up to 2 x (distance + 1) groups."""
+    seen = self._seen.get(relpath)
+    if seen is None:
+      if len(self._seen) >= _SEEN_PATHS:
+        self._seen.clear()
       cls = listing_lib.source_file(relpath, self._layout).class_name
-      self._seen[relpath] = (self._dumps(relpath), cls, self._dumps(cls))
-    return self._seen[relpath]
+      seen = self._seen[relpath] = (self._dumps(relpath), cls,
+                                    self._dumps(cls))
+    return seen
 
   def line(self, a: Ref, b: Ref, d: int, kind: str) -> tuple[str, bool]:
     """(the pair's line, whether it is a label conflict)."""
@@ -349,8 +406,54 @@ class _Lines:
             f'"label_conflict": {"true" if conflict else "false"}}}',
             conflict)
 
-  def clear(self) -> None:
-    self._seen.clear()
+  def group(self, members, order: np.ndarray, a: np.ndarray, b: np.ndarray,
+            d: np.ndarray):
+    """A group's pairs at once (what _group returns: member indices a, b in
+    path order and distances d [N]) -> (their lines, as line() makes them;
+    [N] kind index into _KINDS; [N] label conflict; {evaluation relpath:
+    (d, train relpath, its Ref)} the nearest train copy of each evaluation
+    copy in a leak pair)."""
+    refs = [ref for _, ref in members]
+    seen = [self._of(ref.relpath) for ref in refs]
+    paths_json = [p for p, _, _ in seen]
+    classes_json = [c for _, _, c in seen]
+    class_ids = {}
+    cls = np.array([class_ids.setdefault(c, len(class_ids))
+                    for _, c, _ in seen])
+    split_ids = np.array([_SPLITS.index(ref.split) for ref in refs])
+    sa, sb = split_ids[a], split_ids[b]
+    kinds = np.where((sa == 0) != (sb == 0), 0, np.where(sa == sb, 1, 2))
+    conflicts = cls[a] != cls[b]
+    lines = [
+        f'{{"paths": [{paths_json[i]}, {paths_json[j]}], "distance": {dist}, '
+        f'"kind": "{_KINDS[k]}", "splits": ["{_SPLITS[si]}", '
+        f'"{_SPLITS[sj]}"], "classes": [{classes_json[i]}, '
+        f'{classes_json[j]}], "label_conflict": {_JSON_BOOL[c]}}}'
+        for i, j, dist, k, si, sj, c in zip(
+            a.tolist(), b.tolist(), d.tolist(), kinds.tolist(), sa.tolist(),
+            sb.tolist(), conflicts.tolist())]
+    nearest = {}
+    leaks = np.nonzero(kinds == 0)[0]
+    if len(leaks):
+      a_train = sa[leaks] == 0
+      held = np.where(a_train, b[leaks], a[leaks])
+      train = np.where(a_train, a[leaks], b[leaks])
+      # Per evaluation path, its least (d, train path): the first in this
+      # order.
+      at = np.lexsort((order[train], d[leaks], order[held]))
+      _, first = np.unique(order[held][at], return_index=True)
+      for k in at[first].tolist():
+        h, t = int(held[k]), int(train[k])
+        nearest[refs[h].relpath] = (int(d[leaks][k]), refs[t].relpath,
+                                    refs[h])
+    return lines, kinds, conflicts, nearest
+
+
+
+# Most paths _Lines keeps made (a worker's memory stays bounded).
+_SEEN_PATHS = 100_000
+_KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Lines.group's indices.
+_JSON_BOOL = ('false', 'true')
 
 
 def leave_out(element):
@@ -376,9 +479,10 @@ class PairRun(NamedTuple):
 
 def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
                    run_dir: str):
-  """A DoFn: a band group -> its pairs (group_pairs) as lines in sorted run
-  files (PairRun, one per bundle or per SORT_RUN_LINES lines), 'leak': the
-  nearest train copy of each evaluation copy in the group, 'near_capped'.
+  """A DoFn: a bucket of band groups (_band_batches) -> the pairs of each
+  group (group_pairs) as lines in sorted run files (PairRun, one per bundle
+  or per SORT_RUN_LINES lines), 'leak': the nearest train copy of each
+  evaluation copy in a group, 'near_capped'.
   No element per pair crosses a step: at 30,000 photo-like images there
   are 1.5M pairs. Only the run of a bundle that succeeded is named
   downstream, so a retried bundle adds no line twice; the launcher merges
@@ -405,27 +509,37 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       return run
 
     def process(self, element):
-      nearest = {}  # Evaluation relpath -> (d, train relpath, its Ref).
-      for out in group_pairs(element, distance=distance, masks=masks):
-        if not isinstance(out, tuple):
-          yield out  # A capped group's report.
-          continue
-        a, b, d = out
-        kind = _kind(a, b)
-        line, conflict = self._text.line(a, b, d, kind)
-        self._lines.append(line)
-        self._kinds[kind] += 1
-        self._conflicts += conflict
-        if kind == LEAK:
-          train, held_out = (a, b) if a.split == 'train' else (b, a)
-          best = nearest.get(held_out.relpath)
-          if best is None or (d, train.relpath) < best[:2]:
-            nearest[held_out.relpath] = (d, train.relpath, held_out)
+      """(bucket, [[(band key, packed member), ...] per batch]): each band
+      group in the bucket, in key order."""
+      groups, trimmed = collections.defaultdict(list), collections.Counter()
+      for batch in element[1]:
+        for key, value in batch:
+          members = groups[key]
+          members.append(value)
+          if len(members) >= 2 * MAX_GROUP:  # A huge group: held bounded.
+            groups[key] = _trim(members, MAX_GROUP)
+            trimmed[key] += len(members) - MAX_GROUP
+      for key in sorted(groups):
+        yield from self._group((key, groups.pop(key)), trimmed[key])
+
+    def _group(self, element, trimmed: int):
+      members, order, a, b, d, capped = _group(
+          element, distance=distance, masks=masks, cap=MAX_GROUP,
+          max_pairs=MAX_GROUP_PAIRS, trimmed=trimmed)
+      if len(a):
+        lines, kinds, conflicts, nearest = self._text.group(
+            members, order, a, b, d)
+        self._lines.extend(lines)
+        for k, count in enumerate(np.bincount(kinds, minlength=3).tolist()):
+          if count:
+            self._kinds[_KINDS[k]] += count
+        self._conflicts += int(conflicts.sum())
         if len(self._lines) >= file_io.SORT_RUN_LINES:
           yield self._flush()
-      for relpath, partner in nearest.items():
-        yield _tagged(LEAK, (relpath, partner))
-      self._text.clear()
+        for relpath, partner in nearest.items():
+          yield _tagged(LEAK, (relpath, partner))
+      if capped:
+        yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
       if self._lines:
@@ -436,14 +550,72 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   return PairsToRuns()
 
 
-def find(refs, *, distance: int, layout: str, run_dir: str):
-  """The search as Beam steps: refs (one Ref per written record) ->
-  (drops, rejected, PairRuns of the pair lines, capped groups)."""
+# Band entries (band key, packed member) a bucket holds, about: a NearPairs
+# worker holds one bucket (~100 bytes an entry), and the band shuffle moves
+# one element per bucket and bundle instead of one per entry (an image has
+# 2 x (distance + 1) entries: 540,000 at 30,000 images and distance 8, and a
+# local runner's per-element cost was most of the search's shuffle).
+BUCKET_ENTRIES = 50_000
+# Entries a bundle holds before it sends its batches on.
+_BATCH_ENTRIES = 50_000
+
+
+def num_buckets(num_files: int, masks: tuple[int, ...]) -> int:
+  """How many buckets the band groups of num_files images go to."""
+  return max(1, -(-num_files * 2 * len(masks) // BUCKET_ENTRIES))
+
+
+def bucket_of(key: int, buckets: int) -> int:
+  """The bucket of a band key (every member of a group goes to one)."""
+  return zlib.crc32(key.to_bytes(16, 'big')) % buckets
+
+
+def _band_batches(masks: tuple[int, ...]):
+  """A DoFn: Ref (and the listing's counts, a side input) -> (bucket,
+  [(band key, packed member), ...]) batches, at most one per bucket for
+  every _BATCH_ENTRIES entries of a bundle."""
+  import collections  # pylint: disable=g-import-not-at-top
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+
+  class BandBatches(beam.DoFn):
+    """See _band_batches."""
+
+    def start_bundle(self):
+      self._batches, self._held = collections.defaultdict(list), 0
+
+    def _flush(self):
+      batches = self._batches
+      self.start_bundle()
+      return sorted(batches.items())
+
+    def process(self, ref: Ref, counts: tuple[int, int]):
+      buckets = num_buckets(counts[0], masks)
+      for key, value in band_keys(ref, masks=masks):
+        self._batches[bucket_of(key, buckets)].append((key, value))
+        self._held += 1
+      if self._held >= _BATCH_ENTRIES:
+        yield from self._flush()
+
+    def finish_bundle(self):
+      for batch in self._flush():
+        yield windowed_value.WindowedValue(
+            batch, window.GlobalWindow().max_timestamp(),
+            [window.GlobalWindow()])
+
+  return BandBatches()
+
+
+def find(refs, counts, *, distance: int, layout: str, run_dir: str):
+  """The search as Beam steps: refs (one Ref per written record), counts
+  (the listing's (files, ignored), a side input) -> (drops, rejected,
+  PairRuns of the pair lines, capped groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
   pairs = (
       refs
-      | 'NearBands' >> beam.FlatMap(band_keys, masks=masks)
+      | 'NearBands' >> beam.ParDo(_band_batches(masks), counts)
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
           distance=distance, masks=masks, layout=layout, run_dir=run_dir)

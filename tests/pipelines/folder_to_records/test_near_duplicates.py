@@ -411,3 +411,92 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
     line, conflict = nd._Lines(layout).line(a, b, 7, nd._kind(a, b))
     assert line == json.dumps(want)
     assert conflict == want['label_conflict']
+
+
+def test_a_groups_lines_and_nearest_train_copies_are_the_pair_by_pair_ones():
+  """The build makes a group's lines and leaks at once (_Lines.group): the
+  same lines as _Lines.line pair by pair, and for each evaluation copy its
+  least (distance, train path), as one pair at a time would pick it."""
+  rng = np.random.default_rng(1)
+  base = int(rng.integers(0, 2**63))
+  splits = ('train', 'validation', 'test')
+  refs = []
+  for i in range(120):
+    whole = base ^ sum(1 << int(b) for b in rng.integers(0, 64, size=3))
+    name = f'{("cat", "dog", "cow")[i % 3]}/p "{int(rng.integers(0, 90)):02d}".jpg'
+    refs.append(nd.Ref((whole, whole ^ 1), name, splits[int(rng.integers(0, 3))],
+                       0, i))
+  masks = nd.band_masks(8)
+  groups = {}
+  for ref in refs:
+    for key, value in nd.band_keys(ref, masks=masks):
+      groups.setdefault(key, []).append(value)
+  text, checked = nd._Lines('class_folders'), 0
+  for key, packed in groups.items():
+    members, order, a, b, d, _ = nd._group(
+        (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
+        max_pairs=nd.MAX_GROUP_PAIRS)
+    lines, kinds, conflicts, nearest = text.group(members, order, a, b, d)
+    want_lines, want_nearest = [], {}
+    for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
+      x, y = members[i][1], members[j][1]
+      kind = nd._kind(x, y)
+      line, conflict = text.line(x, y, dist, kind)
+      want_lines.append(line)
+      assert nd._KINDS[kinds[len(want_lines) - 1]] == kind
+      assert conflicts[len(want_lines) - 1] == conflict
+      if kind == nd.LEAK:
+        train, held = (x, y) if x.split == 'train' else (y, x)
+        best = want_nearest.get(held.relpath)
+        if best is None or (dist, train.relpath) < best[:2]:
+          want_nearest[held.relpath] = (dist, train.relpath, held)
+    assert lines == want_lines
+    assert {p: v[:2] for p, v in nearest.items()} == {
+        p: v[:2] for p, v in want_nearest.items()}
+    assert all(v[2].relpath == p for p, v in nearest.items())
+    checked += len(lines)
+  assert checked > 500  # The hashes are near: the groups do hold pairs.
+
+
+def test_a_bucket_holds_a_huge_group_bounded_and_reports_it_whole(
+    tmp_path, monkeypatch):
+  """NearPairs takes a bucket of band groups in batches; a group past
+  2 x MAX_GROUP members is trimmed as it arrives (the worker's memory stays
+  bounded), and still gives group_pairs' pairs and capped report for the
+  whole group."""
+  monkeypatch.setattr(nd, 'MAX_GROUP', 8)
+  refs = [nd.Ref((_SAME ^ (1 << (i % 5)), _SAME), f'frames/{i:03d}.png',
+                 ('train', 'validation')[i % 2], 0, i) for i in range(50)]
+  masks = nd.band_masks(4)
+  entries = [(key, value) for ref in refs
+             for key, value in nd.band_keys(ref, masks=masks)]
+  groups = {}
+  for key, value in entries:
+    groups.setdefault(key, []).append(value)
+  # A huge group that emits pairs (a pair comes from its first shared band).
+  big = next(k for k in sorted(groups) if len(groups[k]) > 2 * nd.MAX_GROUP
+             and any(isinstance(o, tuple) for o in nd.group_pairs(
+                 (k, groups[k]), distance=4, masks=masks, cap=nd.MAX_GROUP)))
+  members = groups[big]
+  assert len(members) > 2 * nd.MAX_GROUP
+  seen = []
+  monkeypatch.setattr(nd, '_trim', lambda packed, cap: seen.append(
+      len(packed)) or sorted(packed, key=lambda m: nd._rank(*nd.unpack(m)[::-1]))[:cap])
+  dofn = nd._pairs_to_runs(distance=4, masks=masks, layout='class_folders',
+                           run_dir=str(tmp_path))
+  dofn.setup()
+  dofn.start_bundle()
+  batches = [[e for e in entries[i::3] if e[0] == big] for i in range(3)]
+  out = list(dofn.process((0, batches)))
+  capped = [o.value for o in out if getattr(o, 'tag', None) == nd.CAPPED]
+  (run,) = [w.value for w in dofn.finish_bundle()]
+  want = list(nd.group_pairs((big, members), distance=4, masks=masks,
+                             cap=nd.MAX_GROUP))
+  want_capped = [o.value for o in want if not isinstance(o, tuple)]
+  text = nd._Lines('class_folders')
+  want_lines = sorted(text.line(a, b, d, nd._kind(a, b))[0]
+                      for a, b, d in (o for o in want if isinstance(o, tuple)))
+  assert seen and max(seen) <= 2 * nd.MAX_GROUP  # Held bounded.
+  assert capped == want_capped and capped[0]['members'] == len(members)
+  assert pathlib.Path(run.path).read_text().splitlines() == want_lines
+  assert want_lines

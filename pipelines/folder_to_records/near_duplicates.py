@@ -555,7 +555,7 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
 # one element per bucket and bundle instead of one per entry (an image has
 # 2 x (distance + 1) entries: 540,000 at 30,000 images and distance 8, and a
 # local runner's per-element cost was most of the search's shuffle).
-BUCKET_ENTRIES = 50_000
+BUCKET_ENTRIES = 10_000
 # Entries a bundle holds before it sends its batches on.
 _BATCH_ENTRIES = 50_000
 

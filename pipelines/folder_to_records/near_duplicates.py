@@ -20,11 +20,7 @@ them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
 hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
 candidate pairs of a group are examined; both are reported as capped, so
-no worker holds or writes more, whatever the file count. The groups travel
-in buckets of ~BUCKET_ENTRIES band entries (num_buckets grows with the file
-count), batched per bundle: a shuffle element per bucket and bundle, not
-per band entry; a worker holds one bucket, and at most 2 x MAX_GROUP
-members of any one group (_trim). Limits: a pair
+no worker holds or writes more, whatever the file count. Limits: a pair
 whose first shared band falls in a capped group is not reported (even if a
 later band's group holds both); with spread hashes, groups reach the cap
 near N = 2^band_bits * MAX_GROUP (~260k images at the default distance).
@@ -194,16 +190,6 @@ def _smallest(members: Iterable[bytes], cap: int
   return kept, total
 
 
-def _trim(packed: list[bytes], cap: int) -> list[bytes]:
-  """The cap members of packed (pack's bytes) first by _rank, unsorted:
-  what _smallest keeps of a group is kept here too."""
-  def rank(data: bytes) -> tuple:
-    path = data[_PACKED.size:]
-    return (zlib.crc32(path), path.decode('utf-8', 'surrogateescape'),
-            data[0])
-  return heapq.nsmallest(cap, packed, key=rank)
-
-
 def _rank(ref: Ref, which: int) -> tuple:
   """A capped group keeps the members first by this: a hash of the path
   (so no class or folder name is favoured), then the path."""
@@ -268,16 +254,14 @@ def _emitted(hashes: np.ndarray, which: np.ndarray, order: np.ndarray,
 
 
 def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
-           max_pairs: int, trimmed: int = 0):
+           max_pairs: int):
   """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
   order [M] (the rank of each member's path), a, b, d [N] (the pairs this
   group emits, as member indices in path order, and their distances), the
-  capped report or None): see group_pairs. trimmed: members already left
-  out (_trim), counted in the report."""
+  capped report or None): see group_pairs."""
   key, packed = element
   band = key >> HASH_BITS
   members, total = _smallest(packed, cap)
-  total += trimmed
   order, a, b, d, skipped = _pair_arrays(
       members, band=band, distance=distance, masks=masks,
       max_pairs=max_pairs)
@@ -479,10 +463,9 @@ class PairRun(NamedTuple):
 
 def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
                    run_dir: str):
-  """A DoFn: a bucket of band groups (_band_batches) -> the pairs of each
-  group (group_pairs) as lines in sorted run files (PairRun, one per bundle
-  or per SORT_RUN_LINES lines), 'leak': the nearest train copy of each
-  evaluation copy in a group, 'near_capped'.
+  """A DoFn: a band group -> its pairs (group_pairs) as lines in sorted run
+  files (PairRun, one per bundle or per SORT_RUN_LINES lines), 'leak': the
+  nearest train copy of each evaluation copy in the group, 'near_capped'.
   No element per pair crosses a step: at 30,000 photo-like images there
   are 1.5M pairs. Only the run of a bundle that succeeded is named
   downstream, so a retried bundle adds no line twice; the launcher merges
@@ -509,23 +492,9 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       return run
 
     def process(self, element):
-      """(bucket, [[(band key, packed member), ...] per batch]): each band
-      group in the bucket, in key order."""
-      groups, trimmed = collections.defaultdict(list), collections.Counter()
-      for batch in element[1]:
-        for key, value in batch:
-          members = groups[key]
-          members.append(value)
-          if len(members) >= 2 * MAX_GROUP:  # A huge group: held bounded.
-            groups[key] = _trim(members, MAX_GROUP)
-            trimmed[key] += len(members) - MAX_GROUP
-      for key in sorted(groups):
-        yield from self._group((key, groups.pop(key)), trimmed[key])
-
-    def _group(self, element, trimmed: int):
       members, order, a, b, d, capped = _group(
           element, distance=distance, masks=masks, cap=MAX_GROUP,
-          max_pairs=MAX_GROUP_PAIRS, trimmed=trimmed)
+          max_pairs=MAX_GROUP_PAIRS)
       if len(a):
         lines, kinds, conflicts, nearest = self._text.group(
             members, order, a, b, d)
@@ -550,72 +519,14 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   return PairsToRuns()
 
 
-# Band entries (band key, packed member) a bucket holds, about: a NearPairs
-# worker holds one bucket (~100 bytes an entry), and the band shuffle moves
-# one element per bucket and bundle instead of one per entry (an image has
-# 2 x (distance + 1) entries: 540,000 at 30,000 images and distance 8, and a
-# local runner's per-element cost was most of the search's shuffle).
-BUCKET_ENTRIES = 10_000
-# Entries a bundle holds before it sends its batches on.
-_BATCH_ENTRIES = 50_000
-
-
-def num_buckets(num_files: int, masks: tuple[int, ...]) -> int:
-  """How many buckets the band groups of num_files images go to."""
-  return max(1, -(-num_files * 2 * len(masks) // BUCKET_ENTRIES))
-
-
-def bucket_of(key: int, buckets: int) -> int:
-  """The bucket of a band key (every member of a group goes to one)."""
-  return zlib.crc32(key.to_bytes(16, 'big')) % buckets
-
-
-def _band_batches(masks: tuple[int, ...]):
-  """A DoFn: Ref (and the listing's counts, a side input) -> (bucket,
-  [(band key, packed member), ...]) batches, at most one per bucket for
-  every _BATCH_ENTRIES entries of a bundle."""
-  import collections  # pylint: disable=g-import-not-at-top
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
-  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
-
-  class BandBatches(beam.DoFn):
-    """See _band_batches."""
-
-    def start_bundle(self):
-      self._batches, self._held = collections.defaultdict(list), 0
-
-    def _flush(self):
-      batches = self._batches
-      self.start_bundle()
-      return sorted(batches.items())
-
-    def process(self, ref: Ref, counts: tuple[int, int]):
-      buckets = num_buckets(counts[0], masks)
-      for key, value in band_keys(ref, masks=masks):
-        self._batches[bucket_of(key, buckets)].append((key, value))
-        self._held += 1
-      if self._held >= _BATCH_ENTRIES:
-        yield from self._flush()
-
-    def finish_bundle(self):
-      for batch in self._flush():
-        yield windowed_value.WindowedValue(
-            batch, window.GlobalWindow().max_timestamp(),
-            [window.GlobalWindow()])
-
-  return BandBatches()
-
-
-def find(refs, counts, *, distance: int, layout: str, run_dir: str):
-  """The search as Beam steps: refs (one Ref per written record), counts
-  (the listing's (files, ignored), a side input) -> (drops, rejected,
-  PairRuns of the pair lines, capped groups)."""
+def find(refs, *, distance: int, layout: str, run_dir: str):
+  """The search as Beam steps: refs (one Ref per written record) ->
+  (drops, rejected, PairRuns of the pair lines, capped groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
   pairs = (
       refs
-      | 'NearBands' >> beam.ParDo(_band_batches(masks), counts)
+      | 'NearBands' >> beam.FlatMap(band_keys, masks=masks)
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
           distance=distance, masks=masks, layout=layout, run_dir=run_dir)

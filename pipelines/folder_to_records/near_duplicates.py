@@ -435,7 +435,7 @@ class _Lines:
 
 
 # Most paths _Lines keeps made (a worker's memory stays bounded).
-_SEEN_PATHS = 100_000
+_SEEN_PATHS = 50_000
 _KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Lines.group's indices.
 _JSON_BOOL = ('false', 'true')
 

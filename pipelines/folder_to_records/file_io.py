@@ -65,9 +65,9 @@ def merge_runs(path: str, runs: Sequence[str], held: Sequence[str] = ()
   Merged as the bytes of each line with its line end: UTF-8 keeps code
   point order, and JSON has no byte below the line end inside a line, so
   the order is the lines' order as text."""
-  held = (f'{line}\n'.encode() for line in held)
+  held_lines = (f'{line}\n'.encode() for line in held)
   with FileSystems.create(path, compression_type=RAW) as out:
-    merged = heapq.merge(held, *(_run_lines(r) for r in runs))
+    merged = heapq.merge(held_lines, *(_run_lines(r) for r in runs))
     while block := list(itertools.islice(merged, 4096)):
       out.write(b''.join(block))
 

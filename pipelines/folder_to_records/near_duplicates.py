@@ -328,17 +328,6 @@ def _pair_arrays(members, *, band: int, distance: int,
   return order, a, b, d, skipped
 
 
-def _examined_pairs(members, *, band: int, distance: int,
-                    masks: tuple[int, ...], max_pairs: int):
-  """Yields group_pairs' pairs of `members` one at a time; returns how many
-  candidate pairs past max_pairs were counted but not examined."""
-  _, a, b, d, skipped = _pair_arrays(members, band=band, distance=distance,
-                                     masks=masks, max_pairs=max_pairs)
-  for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
-    yield members[i][1], members[j][1], dist
-  return skipped
-
-
 def _kind(a: Ref, b: Ref) -> str:
   """The rule a pair falls under (module docstring)."""
   if (a.split == 'train') != (b.split == 'train'):
@@ -381,14 +370,13 @@ class _Lines:
     return seen
 
   def line(self, a: Ref, b: Ref, d: int, kind: str) -> tuple[str, bool]:
-    """(the pair's line, whether it is a label conflict)."""
+    """(the pair's line, whether it is a label conflict): one pair at a
+    time, what group() makes for a whole group."""
     pa, ca, ja = self._of(a.relpath)
     pb, cb, jb = self._of(b.relpath)
     conflict = ca != cb
-    return (f'{{"paths": [{pa}, {pb}], "distance": {d}, "kind": "{kind}", '
-            f'"splits": ["{a.split}", "{b.split}"], "classes": [{ja}, {jb}], '
-            f'"label_conflict": {"true" if conflict else "false"}}}',
-            conflict)
+    return _pair_line(pa, pb, d, kind, a.split, b.split, ja, jb,
+                      conflict), conflict
 
   def group(self, members, order: np.ndarray, a: np.ndarray, b: np.ndarray,
             d: np.ndarray):
@@ -409,10 +397,9 @@ class _Lines:
     kinds = np.where((sa == 0) != (sb == 0), 0, np.where(sa == sb, 1, 2))
     conflicts = cls[a] != cls[b]
     lines = [
-        f'{{"paths": [{paths_json[i]}, {paths_json[j]}], "distance": {dist}, '
-        f'"kind": "{_KINDS[k]}", "splits": ["{_SPLITS[si]}", '
-        f'"{_SPLITS[sj]}"], "classes": [{classes_json[i]}, '
-        f'{classes_json[j]}], "label_conflict": {_JSON_BOOL[c]}}}'
+        _pair_line(paths_json[i], paths_json[j], dist, _KINDS[k],
+                   _SPLITS[si], _SPLITS[sj], classes_json[i],
+                   classes_json[j], c)
         for i, j, dist, k, si, sj, c in zip(
             a.tolist(), b.tolist(), d.tolist(), kinds.tolist(), sa.tolist(),
             sb.tolist(), conflicts.tolist())]
@@ -422,22 +409,31 @@ class _Lines:
       a_train = sa[leaks] == 0
       held = np.where(a_train, b[leaks], a[leaks])
       train = np.where(a_train, a[leaks], b[leaks])
+      dist = d[leaks]
       # Per evaluation path, its least (d, train path): the first in this
       # order.
-      at = np.lexsort((order[train], d[leaks], order[held]))
+      at = np.lexsort((order[train], dist, order[held]))
       _, first = np.unique(order[held][at], return_index=True)
       for k in at[first].tolist():
         h, t = int(held[k]), int(train[k])
-        nearest[refs[h].relpath] = (int(d[leaks][k]), refs[t].relpath,
-                                    refs[h])
+        nearest[refs[h].relpath] = (int(dist[k]), refs[t].relpath, refs[h])
     return lines, kinds, conflicts, nearest
 
+
+def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
+               split_b: str, class_a: str, class_b: str,
+               conflict: bool) -> str:
+  """A pair's line from its parts (paths and classes already as JSON):
+  json.dumps of classify's dict, byte for byte."""
+  return (f'{{"paths": [{path_a}, {path_b}], "distance": {d}, '
+          f'"kind": "{kind}", "splits": ["{split_a}", "{split_b}"], '
+          f'"classes": [{class_a}, {class_b}], '
+          f'"label_conflict": {"true" if conflict else "false"}}}')
 
 
 # Most paths _Lines keeps made (a worker's memory stays bounded).
 _SEEN_PATHS = 50_000
 _KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Lines.group's indices.
-_JSON_BOOL = ('false', 'true')
 
 
 def leave_out(element):

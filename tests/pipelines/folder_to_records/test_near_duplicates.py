@@ -351,7 +351,7 @@ def test_bad_quality_thresholds_are_one_line(tmp_path):
 
 
 def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
-  """_examined_pairs (numpy over a group's candidates) emits exactly the
+  """_pair_arrays (numpy over a group's candidates) emits exactly the
   pairs _emitted_here picks one pair at a time, on hashes built to share
   bands (same bases, a few bits flipped; some paths repeat)."""
   rng = np.random.default_rng(0)
@@ -377,10 +377,13 @@ def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
       band = key >> nd.HASH_BITS
       members = sorted((nd.unpack(m) for m in packed),
                        key=lambda m: nd._rank(m[1], m[0]))
-      got = sorted((a.relpath, a.offset, b.relpath, b.offset, d)
-                   for a, b, d in nd._examined_pairs(
-                       members, band=band, distance=distance, masks=masks,
-                       max_pairs=10**9))
+      _, ia, ib, dists, _ = nd._pair_arrays(
+          members, band=band, distance=distance, masks=masks,
+          max_pairs=10**9)
+      got = sorted((members[i][1].relpath, members[i][1].offset,
+                    members[j][1].relpath, members[j][1].offset, dist)
+                   for i, j, dist in zip(ia.tolist(), ib.tolist(),
+                                         dists.tolist()))
       want = []
       for (wa, a), (wb, b) in itertools.combinations(members, 2):
         if ((a.phashes[wa] ^ b.phashes[wb]).bit_count() > distance or

@@ -203,7 +203,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                                         deduped[REJECTED]]
   if config.near_duplicate_distance:
     near_drops, near_rejected, near_lines, near_capped = near_duplicates.find(
-        deduped[KEPT], distance=config.near_duplicate_distance,
+        deduped[KEPT], counts, distance=config.near_duplicate_distance,
         layout=config.layout, run_dir=posixpath.join(tmp_dir, CHUNKS_DIR))
     drops.append(near_drops)
     rejected.append(near_rejected)

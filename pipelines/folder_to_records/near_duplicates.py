@@ -20,7 +20,9 @@ them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
 hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
 candidate pairs of a group are examined; both are reported as capped, so
-no worker holds or writes more, whatever the file count. Limits: a pair
+no worker holds or writes more, whatever the file count. The band entries
+travel through bucket files (_bands_to_buckets), not as shuffle elements,
+so neither the launcher nor a worker holds them all. Limits: a pair
 whose first shared band falls in a capped group is not reported (even if a
 later band's group holds both); with spread hashes, groups reach the cap
 near N = 2^band_bits * MAX_GROUP (~260k images at the default distance).
@@ -38,6 +40,8 @@ Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
 from __future__ import annotations
 
 import heapq
+import itertools
+import posixpath
 import struct
 import zlib
 from typing import Iterable, Iterator, NamedTuple
@@ -171,6 +175,112 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
     value = pack(which, ref)
     for band, mask in enumerate(masks):
       yield band << HASH_BITS | (h & mask), value
+
+
+# The band shuffle goes through files, as the records do through chunk
+# files: a local runner holds a shuffle's elements in the launcher and
+# hands each worker its whole share at once, so 2 x (distance + 1)
+# elements an image made both grow with the file count (issue 19's scale
+# benchmark). Each worker of the band step buffers at most _FLUSH_ENTRIES
+# band entries, then writes them as one file sorted by bucket and sends on
+# only (bucket, (file, offset, length)); the group step reads one bucket's
+# ranges, groups them by band key and compares group by group. Buckets
+# hold ~BUCKET_ENTRIES entries (at least MIN_BUCKETS of them, for the
+# workers to share), so a worker's memory in either step does not depend on
+# the file count.
+_FLUSH_ENTRIES = 100_000
+BUCKET_ENTRIES = 100_000
+MIN_BUCKETS = 16
+# A band entry in a bucket file: band, the hash's bits in it (band_keys'
+# key), the length of pack's bytes, which follow.
+_ENTRY = struct.Struct('>BQH')
+_BITS = (1 << HASH_BITS) - 1
+
+
+def num_buckets(num_files: int, masks: tuple[int, ...]) -> int:
+  """Buckets of the band step for num_files listed files (see above)."""
+  most = 2 * len(masks) * num_files  # Two hashes, each in every band.
+  return max(MIN_BUCKETS, -(-most // BUCKET_ENTRIES))
+
+
+def bucket_entries(ref: Ref, *, masks: tuple[int, ...], buckets: int
+                   ) -> Iterator[tuple[int, bytes]]:
+  """(bucket, entry) for each of band_keys(ref): the entry is _ENTRY then
+  pack's bytes; a band key's entries all go to one bucket."""
+  for key, value in band_keys(ref, masks=masks):
+    head = _ENTRY.pack(key >> HASH_BITS, key & _BITS, len(value))
+    yield zlib.crc32(head[:-2]) % buckets, head + value
+
+
+def read_bucket(data: bytes) -> dict[int, list[bytes]]:
+  """Bucket file bytes (entries, one after another) -> {band key: [pack's
+  bytes]}."""
+  groups, at, end = {}, 0, len(data)
+  while at < end:
+    band, bits, size = _ENTRY.unpack_from(data, at)
+    at += _ENTRY.size
+    groups.setdefault(band << HASH_BITS | bits, []).append(
+        data[at:at + size])
+    at += size
+  return groups
+
+
+def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
+  """A DoFn: Ref (with the listing's counts as side input) -> (bucket,
+  (file, offset, length)) of the bucket files its bundle wrote (see above).
+  Only the files of a bundle that succeeded are named downstream, so a
+  retried bundle adds no entry twice."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+
+  class BandsToBuckets(beam.DoFn):
+    """See _bands_to_buckets."""
+
+    def start_bundle(self):
+      self._entries = []
+
+    def _flush(self):
+      import uuid  # pylint: disable=g-import-not-at-top
+      entries, self._entries = self._entries, []
+      if not entries:
+        return
+      entries.sort(key=lambda e: e[0])  # Stable: a bucket's entries, in order.
+      path = posixpath.join(run_dir, f'bands-{uuid.uuid4().hex}.bin')
+      file_io.write_bytes(path, b''.join(e for _, e in entries))
+      offset = 0
+      for bucket, run in itertools.groupby(entries, key=lambda e: e[0]):
+        length = sum(len(e) for _, e in run)
+        yield bucket, (path, offset, length)
+        offset += length
+
+    def process(self, ref: Ref, counts):
+      self._entries.extend(bucket_entries(
+          ref, masks=masks, buckets=num_buckets(counts[0], masks)))
+      if len(self._entries) >= _FLUSH_ENTRIES:
+        yield from self._flush()
+
+    def finish_bundle(self):
+      for out in self._flush():
+        yield windowed_value.WindowedValue(
+            out, window.GlobalWindow().max_timestamp(),
+            [window.GlobalWindow()])
+
+  return BandsToBuckets()
+
+
+def _read_ranges(ranges) -> bytes:
+  """The bytes of (file, offset, length) ranges, one after another."""
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  pieces = []
+  for path, offset, length in sorted(ranges):
+    with file_io.FileSystems.open(path, compression_type=file_io.RAW) as f:
+      f.seek(offset)
+      pieces.append(f.read(length))
+      if len(pieces[-1]) != length:
+        raise IOError(f'{path} ended before byte {offset + length}')
+  return b''.join(pieces)
 
 
 def _smallest(members: Iterable[bytes], cap: int
@@ -459,9 +569,10 @@ class PairRun(NamedTuple):
 
 def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
                    run_dir: str):
-  """A DoFn: a band group -> its pairs (group_pairs) as lines in sorted run
-  files (PairRun, one per bundle or per SORT_RUN_LINES lines), 'leak': the
-  nearest train copy of each evaluation copy in the group, 'near_capped'.
+  """A DoFn: a bucket of band groups (_bands_to_buckets) -> each group's
+  pairs (group_pairs) as lines in sorted run files (PairRun, one per bundle
+  or per SORT_RUN_LINES lines), 'leak': the nearest train copy of each
+  evaluation copy in the group, 'near_capped'.
   No element per pair crosses a step: at 30,000 photo-like images there
   are 1.5M pairs. Only the run of a bundle that succeeded is named
   downstream, so a retried bundle adds no line twice; the launcher merges
@@ -488,6 +599,13 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       return run
 
     def process(self, element):
+      """(bucket, its file ranges) -> each band group's outputs."""
+      _, ranges = element
+      groups = read_bucket(_read_ranges(ranges))
+      for key in sorted(groups):
+        yield from self._one_group((key, groups.pop(key)))
+
+    def _one_group(self, element):
       members, order, a, b, d, capped = _group(
           element, distance=distance, masks=masks, cap=MAX_GROUP,
           max_pairs=MAX_GROUP_PAIRS)
@@ -515,14 +633,16 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   return PairsToRuns()
 
 
-def find(refs, *, distance: int, layout: str, run_dir: str):
-  """The search as Beam steps: refs (one Ref per written record) ->
-  (drops, rejected, PairRuns of the pair lines, capped groups)."""
+def find(refs, counts, *, distance: int, layout: str, run_dir: str):
+  """The search as Beam steps: refs (one Ref per written record; counts:
+  the listing's (files, ignored) side input) -> (drops, rejected, PairRuns
+  of the pair lines, capped groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
   pairs = (
       refs
-      | 'NearBands' >> beam.FlatMap(band_keys, masks=masks)
+      | 'NearBands' >> beam.ParDo(_bands_to_buckets(
+          masks=masks, run_dir=run_dir), counts)
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
           distance=distance, masks=masks, layout=layout, run_dir=run_dir)

@@ -460,3 +460,77 @@ def test_a_groups_lines_and_nearest_train_copies_are_the_pair_by_pair_ones():
     checked += len(lines)
   assert checked > 500  # The hashes are near: the groups do hold pairs.
 
+
+
+def _outputs(results):
+  """A DoFn's outputs: main elements and (tag, value) of tagged ones, with
+  finish_bundle's WindowedValues unwrapped."""
+  main, tagged = [], []
+  for out in results or ():
+    if hasattr(out, 'tag'):
+      tagged.append((out.tag, out.value))
+    else:
+      main.append(out.value if hasattr(out, 'windows') else out)
+  return main, tagged
+
+
+def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
+    tmp_path, monkeypatch):
+  """The band shuffle goes through files: each worker writes its entries
+  as bucket ranges (flushed every _FLUSH_ENTRIES), the group step reads a
+  bucket's ranges. Several flushes and buckets lose no entry, put a band
+  key in one bucket only, and find exactly the all-pairs result."""
+  monkeypatch.setattr(nd, '_FLUSH_ENTRIES', 500)
+  distance, rng = 8, np.random.default_rng(5)
+  refs = []
+  for i in range(200):
+    whole, centre = (int(rng.integers(0, 1 << 63)) * 2 + 1 for _ in range(2))
+    for j, hashes in enumerate(((whole, centre),
+                                (_flipped(rng, whole, 10), centre ^ 7),
+                                (_flipped(rng, centre, 10),
+                                 int(rng.integers(0, 1 << 63)) * 2 + 1))):
+      refs.append(nd.Ref(hashes, f'c{i % 3}/{i}-{j}.jpg',
+                         ('train', 'validation')[j == 2], 0, len(refs)))
+  masks = nd.band_masks(distance)
+  bands = nd._bands_to_buckets(masks=masks, run_dir=str(tmp_path))
+  ranges = []
+  for half in (refs[::2], refs[1::2]):  # Two bundles.
+    bands.start_bundle()
+    for ref in half:
+      ranges += _outputs(bands.process(ref, (len(refs), 0)))[0]
+    ranges += _outputs(bands.finish_bundle())[0]
+  buckets = {}
+  for bucket, where in ranges:
+    buckets.setdefault(bucket, []).append(where)
+  assert len(buckets) == nd.num_buckets(len(refs), masks) == nd.MIN_BUCKETS
+  assert len({path for path, _, _ in (w for b in buckets.values() for w in b)}
+             ) > 4  # Several flushes.
+  want = {}
+  for ref in refs:
+    for key, value in nd.band_keys(ref, masks=masks):
+      want.setdefault(key, []).append(value)
+  got, seen_keys = {}, set()
+  for where in buckets.values():
+    groups = nd.read_bucket(nd._read_ranges(where))
+    assert not seen_keys & set(groups)  # A key lives in one bucket.
+    seen_keys |= set(groups)
+    got.update(groups)
+  assert {k: sorted(v) for k, v in got.items()} == {
+      k: sorted(v) for k, v in want.items()}
+  pairs_step = nd._pairs_to_runs(distance=distance, masks=masks,
+                                 layout='class_folders', run_dir=str(tmp_path))
+  pairs_step.setup()
+  pairs_step.start_bundle()
+  runs, tagged = [], []
+  for element in buckets.items():
+    main, more = _outputs(pairs_step.process(element))
+    runs += main
+    tagged += more
+  runs += _outputs(pairs_step.finish_bundle())[0]
+  found = {}
+  for run in runs:
+    for line in pathlib.Path(run.path).read_text().splitlines():
+      pair = json.loads(line)
+      found[tuple(pair['paths'])] = pair['distance']
+  assert found == _brute_force(refs, distance) and len(found) > 300
+  assert any(tag == nd.LEAK for tag, _ in tagged)

@@ -188,8 +188,8 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
 # hold ~BUCKET_ENTRIES entries (at least MIN_BUCKETS of them, for the
 # workers to share), so a worker's memory in either step does not depend on
 # the file count.
-_FLUSH_ENTRIES = 100_000
-BUCKET_ENTRIES = 100_000
+_FLUSH_ENTRIES = 50_000
+BUCKET_ENTRIES = 25_000
 MIN_BUCKETS = 16
 # A band entry in a bucket file: band, the hash's bits in it (band_keys'
 # key), the length of pack's bytes, which follow.

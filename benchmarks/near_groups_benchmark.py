@@ -57,7 +57,7 @@ def main(argv):
     start, pairs, lines = time.perf_counter(), 0, []
     text = nd._Lines(_LAYOUT.value)  # pylint: disable=protected-access
     for key in chosen:
-      members, order, a, b, d, _ = nd._group(  # pylint: disable=protected-access
+      members, order, a, b, d, _, _ = nd._group(  # pylint: disable=protected-access
           (key, groups[key]), distance=distance, masks=masks,
           cap=nd.MAX_GROUP, max_pairs=nd.MAX_GROUP_PAIRS)
       pairs += len(a)

@@ -19,15 +19,22 @@ Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
 hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
-candidate pairs of a group are examined; both are reported as capped, so
-no worker holds or writes more, whatever the file count. The band entries
-travel through bucket files (_bands_to_buckets), not as shuffle elements,
-so neither the launcher nor a worker holds them all. Limits: a pair
-whose first shared band falls in a capped group is not reported (even if a
-later band's group holds both); with spread hashes, groups reach the cap
-near N = 2^band_bits * MAX_GROUP (~260k images at the default distance).
-Flat images (a flat whole or centre) take no part: see MIN_BITS_SET; nor
-do sources under MIN_SOURCE_SIDE pixels a side (searched).
+candidate pairs of a group are examined (get a line); both are reported as
+capped, so no worker holds or writes more, whatever the file count. The
+band entries travel through bucket files (_bands_to_buckets), not as
+shuffle elements, so neither the launcher nor a worker holds them all.
+
+Leaks do not depend on the caps or on band order: every group sends, for
+each evaluation image among its candidates, its nearest train image there
+(_Leaks: every candidate, examined or not), and the launcher keeps each
+image's least over all its groups. So a pair whose first shared band falls
+in a capped group may get no line, but its evaluation copy is left out as
+long as some group compared the two (only MAX_GROUP's member cap can keep
+them apart in every group). Limit: with spread hashes, groups reach the
+member cap near N = 2^band_bits * MAX_GROUP (~260k images at the default
+distance). Flat images (a flat whole or centre) take no part: see
+MIN_BITS_SET; nor do sources under MIN_SOURCE_SIDE pixels a side
+(searched).
 
 Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
   * one in train, the other in validation or test: a leak; the evaluation
@@ -368,11 +375,11 @@ def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
   """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
   order [M] (the rank of each member's path), a, b, d [N] (the pairs this
   group emits, as member indices in path order, and their distances), the
-  capped report or None): see group_pairs."""
+  capped report or None, leaks (_pair_arrays)): see group_pairs."""
   key, packed = element
   band = key >> HASH_BITS
   members, total = _smallest(packed, cap)
-  order, a, b, d, skipped = _pair_arrays(
+  order, a, b, d, skipped, leaks = _pair_arrays(
       members, band=band, distance=distance, masks=masks,
       max_pairs=max_pairs)
   capped = None
@@ -380,7 +387,7 @@ def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
     capped = {'band': band, 'members': total, 'compared': min(total, cap),
               'pairs_not_examined': skipped,
               'example': members[0][1].relpath}
-  return members, order, a, b, d, capped
+  return members, order, a, b, d, capped, leaks
 
 
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
@@ -390,7 +397,7 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
   comes out of exactly one group, so no further grouping is needed.
   'near_capped' for a group over cap members, or with more than max_pairs
   candidate pairs (those past it are counted, not examined)."""
-  members, _, a, b, d, capped = _group(
+  members, _, a, b, d, capped, _ = _group(
       element, distance=distance, masks=masks, cap=cap, max_pairs=max_pairs)
   for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
     yield members[i][1], members[j][1], dist
@@ -404,14 +411,21 @@ _NO_PAIRS = np.zeros(0, dtype=np.int64)
 def _pair_arrays(members, *, band: int, distance: int,
                  masks: tuple[int, ...], max_pairs: int):
   """group_pairs' pairs of `members` as arrays: (order [M], a, b, d [N],
-  how many candidate pairs past max_pairs were counted but not examined)."""
+  how many candidate pairs past max_pairs were counted but not examined,
+  leaks: (held, train, d) [K], for each evaluation image with a train
+  image among this group's candidates, the nearest (d, then train path):
+  every candidate counts, examined or not, and whichever group the pair's
+  line comes from, so no cap and no band order leaves a leak in (the
+  launcher keeps each image's least over its groups)."""
   if len(members) < 2:
-    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0
+    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0, (_NO_PAIRS,) * 3
   which = np.array([w for w, _ in members])
   both = np.array([ref.phashes for _, ref in members], dtype=np.uint64)
   hashes = both[np.arange(len(members)), which]
   paths = [ref.relpath for _, ref in members]
   order = np.unique(np.array(paths, dtype=object), return_inverse=True)[1]
+  train = np.array([ref.split == 'train' for _, ref in members])
+  leaks = _Leaks(order, train)
   mask_array = np.array(masks, dtype=np.uint64)
   whole = which == WHOLE
   above = np.triu(np.ones((_ROWS, _ROWS), dtype=bool), k=1)
@@ -420,10 +434,11 @@ def _pair_arrays(members, *, band: int, distance: int,
     # Rows top.. against columns top..: each member pair once (column >
     # row), and a centre hash only against a whole one.
     rows = len(hashes[top:top + _ROWS])
-    near = np.bitwise_count(
-        hashes[top:top + rows, None] ^ hashes[None, top:]) <= distance
+    bits = np.bitwise_count(hashes[top:top + rows, None] ^ hashes[None, top:])
+    near = bits <= distance
     near[:, :rows] &= above[:rows, :rows]
     near &= whole[None, top:] | whole[top:top + rows, None]
+    leaks.add(top, rows, near, bits)
     room = max(0, max_pairs - examined)
     if not room:  # Past max_pairs: counted, not examined.
       skipped += int(np.count_nonzero(near))
@@ -435,7 +450,48 @@ def _pair_arrays(members, *, band: int, distance: int,
                           top + column_ids[:room], band=band,
                           masks=mask_array, distance=distance)[:3])
   a, b, d = (np.concatenate(column) for column in zip(*found))
-  return order, a, b, d, skipped
+  return order, a, b, d, skipped, leaks.result()
+
+
+class _Leaks:
+  """_pair_arrays' leaks, block of rows by block: per image (its path rank
+  in `order`), the least d * M + rank of a train partner, M the number of
+  ranks (so the least d first, then the first train path)."""
+
+  def __init__(self, order: np.ndarray, train: np.ndarray):
+    self._order, self._train = order.astype(np.int32), train
+    self._scale = int(order.max()) + 1
+    self._none = NEVER * self._scale  # < 2^31: at most MAX_GROUP ranks.
+    self._best = np.full(self._scale, self._none, dtype=np.int64)
+
+  def add(self, top: int, rows: int, near: np.ndarray, bits: np.ndarray):
+    """near, bits [rows, M - top]: candidates and distances of members
+    top..top+rows against members top.. ."""
+    row_train = self._train[top:top + rows]
+    column_train = self._train[top:]
+    cross = near & (row_train[:, None] != column_train[None, :])
+    if not cross.any():
+      return
+    # d * M where a cross candidate, else NEVER * M; + the partner's rank.
+    key = np.where(cross, bits, np.uint8(NEVER)).astype(np.int32)
+    key *= self._scale
+    row_order, column_order = self._order[top:top + rows], self._order[top:]
+    # An evaluation row's train columns, a train row's evaluation columns.
+    by_row = (key + column_order[None, :]).min(axis=1)
+    np.minimum.at(self._best, row_order[~row_train], by_row[~row_train])
+    by_column = (key + row_order[:, None]).min(axis=0)
+    np.minimum.at(self._best, column_order[~column_train],
+                  by_column[~column_train])
+
+  def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held, train, d) [K]: member indices of each evaluation image with a
+    train partner, that partner, and their distance."""
+    held_ranks = np.nonzero(self._best < self._none)[0]
+    member_of = np.empty(self._scale, dtype=np.int64)
+    member_of[self._order[::-1]] = np.arange(len(self._order))[::-1]
+    best = self._best[held_ranks]
+    return (member_of[held_ranks], member_of[best % self._scale],
+            best // self._scale)
 
 
 def _kind(a: Ref, b: Ref) -> str:
@@ -492,9 +548,7 @@ class _Lines:
             d: np.ndarray):
     """A group's pairs at once (what _group returns: member indices a, b in
     path order and distances d [N]) -> (their lines, as line() makes them;
-    [N] kind index into _KINDS; [N] label conflict; {evaluation relpath:
-    (d, train relpath, its Ref)} the nearest train copy of each evaluation
-    copy in a leak pair)."""
+    [N] kind index into _KINDS; [N] label conflict)."""
     refs = [ref for _, ref in members]
     seen = [self._of(ref.relpath) for ref in refs]
     paths_json = [p for p, _, _ in seen]
@@ -513,21 +567,7 @@ class _Lines:
         for i, j, dist, k, si, sj, c in zip(
             a.tolist(), b.tolist(), d.tolist(), kinds.tolist(), sa.tolist(),
             sb.tolist(), conflicts.tolist())]
-    nearest = {}
-    leaks = np.nonzero(kinds == 0)[0]
-    if len(leaks):
-      a_train = sa[leaks] == 0
-      held = np.where(a_train, b[leaks], a[leaks])
-      train = np.where(a_train, a[leaks], b[leaks])
-      dist = d[leaks]
-      # Per evaluation path, its least (d, train path): the first in this
-      # order.
-      at = np.lexsort((order[train], dist, order[held]))
-      _, first = np.unique(order[held][at], return_index=True)
-      for k in at[first].tolist():
-        h, t = int(held[k]), int(train[k])
-        nearest[refs[h].relpath] = (int(dist[k]), refs[t].relpath, refs[h])
-    return lines, kinds, conflicts, nearest
+    return lines, kinds, conflicts
 
 
 def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
@@ -606,12 +646,11 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         yield from self._one_group((key, groups.pop(key)))
 
     def _one_group(self, element):
-      members, order, a, b, d, capped = _group(
+      members, order, a, b, d, capped, leaks = _group(
           element, distance=distance, masks=masks, cap=MAX_GROUP,
           max_pairs=MAX_GROUP_PAIRS)
       if len(a):
-        lines, kinds, conflicts, nearest = self._text.group(
-            members, order, a, b, d)
+        lines, kinds, conflicts = self._text.group(members, order, a, b, d)
         self._lines.extend(lines)
         for k, count in enumerate(np.bincount(kinds, minlength=3).tolist()):
           if count:
@@ -619,8 +658,10 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         self._conflicts += int(conflicts.sum())
         if len(self._lines) >= file_io.SORT_RUN_LINES:
           yield self._flush()
-        for relpath, partner in nearest.items():
-          yield _tagged(LEAK, (relpath, partner))
+      for held, train, dist in zip(*(x.tolist() for x in leaks)):
+        ref = members[held][1]
+        yield _tagged(LEAK, (ref.relpath, (dist, members[train][1].relpath,
+                                           ref)))
       if capped:
         yield _tagged(CAPPED, capped)
 

@@ -644,7 +644,10 @@ def _capped_and_warnings(report: report_lib.BuildReport) -> str:
     body += ('<p>Groups of images sharing one hash band too large to compare '
              f'whole (over {near_lib.MAX_GROUP:,} hashes, or over '
              f'{near_lib.MAX_GROUP_PAIRS:,} candidate pairs, e.g. many blank '
-             'images): only the first were compared.</p>' + _table(
+             'images): only the first were compared, and only the first '
+             'candidate pairs got a line. Every candidate pair still counts '
+             'for leaks: an evaluation copy of a train image is left out '
+             'whether its pair got a line or not.</p>' + _table(
                  ('band', 'members', 'compared', 'pairs not examined',
                   'example'),
                  [(_e(c.band), _e(c.members), _e(c.compared),

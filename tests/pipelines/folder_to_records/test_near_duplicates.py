@@ -377,7 +377,7 @@ def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
       band = key >> nd.HASH_BITS
       members = sorted((nd.unpack(m) for m in packed),
                        key=lambda m: nd._rank(m[1], m[0]))
-      _, ia, ib, dists, _ = nd._pair_arrays(
+      _, ia, ib, dists, _, _ = nd._pair_arrays(
           members, band=band, distance=distance, masks=masks,
           max_pairs=10**9)
       got = sorted((members[i][1].relpath, members[i][1].offset,
@@ -416,50 +416,77 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
     assert conflict == want['label_conflict']
 
 
-def test_a_groups_lines_and_nearest_train_copies_are_the_pair_by_pair_ones():
-  """The build makes a group's lines and leaks at once (_Lines.group): the
-  same lines as _Lines.line pair by pair, and for each evaluation copy its
-  least (distance, train path), as one pair at a time would pick it."""
-  rng = np.random.default_rng(1)
-  base = int(rng.integers(0, 2**63))
-  splits = ('train', 'validation', 'test')
-  refs = []
-  for i in range(120):
-    whole = base ^ sum(1 << int(b) for b in rng.integers(0, 64, size=3))
-    name = f'{("cat", "dog", "cow")[i % 3]}/p "{int(rng.integers(0, 90)):02d}".jpg'
-    refs.append(nd.Ref((whole, whole ^ 1), name, splits[int(rng.integers(0, 3))],
-                       0, i))
+def test_a_groups_lines_are_the_pair_by_pair_ones():
+  """The build makes a group's lines at once (_Lines.group): the same lines,
+  kinds and label conflicts as _Lines.line pair by pair."""
+  refs = _near_refs(np.random.default_rng(1))
   masks = nd.band_masks(8)
-  groups = {}
-  for ref in refs:
-    for key, value in nd.band_keys(ref, masks=masks):
-      groups.setdefault(key, []).append(value)
   text, checked = nd._Lines('class_folders'), 0
-  for key, packed in groups.items():
-    members, order, a, b, d, _ = nd._group(
+  for key, packed in _groups(refs, masks).items():
+    members, order, a, b, d, _, _ = nd._group(
         (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
         max_pairs=nd.MAX_GROUP_PAIRS)
-    lines, kinds, conflicts, nearest = text.group(members, order, a, b, d)
-    want_lines, want_nearest = [], {}
+    lines, kinds, conflicts = text.group(members, order, a, b, d)
+    want = []
     for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
       x, y = members[i][1], members[j][1]
       kind = nd._kind(x, y)
       line, conflict = text.line(x, y, dist, kind)
-      want_lines.append(line)
-      assert nd._KINDS[kinds[len(want_lines) - 1]] == kind
-      assert conflicts[len(want_lines) - 1] == conflict
-      if kind == nd.LEAK:
-        train, held = (x, y) if x.split == 'train' else (y, x)
-        best = want_nearest.get(held.relpath)
-        if best is None or (dist, train.relpath) < best[:2]:
-          want_nearest[held.relpath] = (dist, train.relpath, held)
-    assert lines == want_lines
-    assert {p: v[:2] for p, v in nearest.items()} == {
-        p: v[:2] for p, v in want_nearest.items()}
-    assert all(v[2].relpath == p for p, v in nearest.items())
+      want.append((line, kind, conflict))
+    assert [(line, nd._KINDS[k], c) for line, k, c in zip(
+        lines, kinds.tolist(), conflicts.tolist())] == want
     checked += len(lines)
   assert checked > 500  # The hashes are near: the groups do hold pairs.
 
+
+def _near_refs(rng, count=120):
+  """count images whose hashes are a few bits from one base, in mixed
+  splits and classes, with quoted names."""
+  base = int(rng.integers(0, 2**63))
+  splits = ('train', 'validation', 'test')
+  refs = []
+  for i in range(count):
+    whole = base ^ sum(1 << int(b) for b in rng.integers(0, 64, size=3))
+    name = f'{("cat", "dog", "cow")[i % 3]}/p "{i:03d}".jpg'
+    refs.append(nd.Ref((whole, whole ^ 1), name,
+                       splits[int(rng.integers(0, 3))], 0, i))
+  return refs
+
+
+def _groups(refs, masks):
+  groups = {}
+  for ref in refs:
+    for key, value in nd.band_keys(ref, masks=masks):
+      groups.setdefault(key, []).append(value)
+  return groups
+
+
+@pytest.mark.parametrize('max_pairs', [nd.MAX_GROUP_PAIRS, 50])
+def test_every_leak_is_found_at_its_least_distance_even_in_capped_groups(
+    max_pairs):
+  """Each evaluation image near a train image gets, over all its groups,
+  its nearest train image (least near_distance, then path), as all pairs
+  would give it; also when every group examines only max_pairs of its
+  candidates (the pairs' lines are then capped, the leaks are not)."""
+  refs = _near_refs(np.random.default_rng(2), count=150)
+  masks = nd.band_masks(8)
+  found, capped = {}, 0
+  for key, packed in _groups(refs, masks).items():
+    members, _, _, _, _, capped_report, leaks = nd._group(
+        (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
+        max_pairs=max_pairs)
+    capped += capped_report is not None
+    for held, train, d in zip(*(x.tolist() for x in leaks)):
+      found.setdefault(members[held][1].relpath, []).append(
+          (d, members[train][1].relpath))
+  want = {}
+  for a, b in itertools.permutations(refs, 2):
+    d = nd.near_distance(a.phashes, b.phashes)
+    if a.split != 'train' and b.split == 'train' and d <= 8:
+      want[a.relpath] = min(want.get(a.relpath, (99, '')), (d, b.relpath))
+  assert {p: min(v) for p, v in found.items()} == want
+  assert len(want) > 50
+  assert (capped > 0) == (max_pairs == 50)
 
 
 def _outputs(results):

@@ -586,12 +586,17 @@ _SEEN_PATHS = 50_000
 _KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Lines.group's indices.
 
 
+def nearest(partners):
+  """The nearest of (d, train relpath, Ref) partners: least d, then path
+  (a CombinePerKey: each worker keeps one per image, not one per group)."""
+  return min(partners, key=lambda p: (p[0], p[1]))
+
+
 def leave_out(element):
-  """(evaluation relpath, [(d, train relpath, Ref), ...]) -> its drop
-  (split, chunk, relpath), and its 'rejected' line naming the nearest train
+  """(evaluation relpath, its nearest (d, train relpath, Ref)) -> its drop
+  (split, chunk, relpath), and its 'rejected' line naming that train
   copy."""
-  relpath, partners = element
-  d, train, ref = min(partners, key=lambda p: (p[0], p[1]))
+  relpath, (d, train, ref) = element
   yield ref.split, ref.chunk, relpath
   yield _tagged('rejected', walk.Skipped(
       relpath, NEAR_LEAK,
@@ -689,7 +694,7 @@ def find(refs, counts, *, distance: int, layout: str, run_dir: str):
           distance=distance, masks=masks, layout=layout, run_dir=run_dir)
                                   ).with_outputs(CAPPED, LEAK, main='runs'))
   left_out = (pairs[LEAK]
-              | 'NearLeaks' >> beam.GroupByKey()
+              | 'NearLeaks' >> beam.CombinePerKey(nearest)
               | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(
                   'rejected', main='drops'))
   return left_out.drops, left_out.rejected, pairs.runs, pairs[CAPPED]

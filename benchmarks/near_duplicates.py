@@ -221,6 +221,8 @@ TRANSFORMS = {
 # phash_or_centre: the share of each side its second hash cuts off; between
 # the 2% and 5% crops a duplicate detector should catch (2.5% catches fewer
 # 5% crops, 5% itself would only show that a crop meets its own twin).
+# The phash_or_centre candidate as first measured (from the full image, not
+# the working copy); the build's own crop is perceptual_hash.CENTRE_CROP.
 CENTRE_CROP = 0.035
 
 

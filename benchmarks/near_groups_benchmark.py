@@ -57,12 +57,12 @@ def main(argv):
     start, pairs, lines = time.perf_counter(), 0, []
     text = nd._Lines(_LAYOUT.value)  # pylint: disable=protected-access
     for key in chosen:
-      members, order, a, b, d, _, _ = nd._group(  # pylint: disable=protected-access
+      members, a, b, d, _, _ = nd._group(  # pylint: disable=protected-access
           (key, groups[key]), distance=distance, masks=masks,
           cap=nd.MAX_GROUP, max_pairs=nd.MAX_GROUP_PAIRS)
       pairs += len(a)
       if lines_too and len(a):
-        lines.extend(text.group(members, order, a, b, d)[0])
+        lines.extend(text.group(members, a, b, d)[0])
     return time.perf_counter() - start, pairs, lines
 
   for name, chosen in (('40 largest groups', keys[:40]),

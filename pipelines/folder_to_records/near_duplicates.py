@@ -20,9 +20,9 @@ them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
 hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
 candidate pairs of a group are examined (get a line); both are reported as
-capped, so no worker holds or writes more, whatever the file count. The
-band entries travel through bucket files (_bands_to_buckets), not as
-shuffle elements, so neither the launcher nor a worker holds them all.
+capped, so no group makes more pairs, whatever the file count. The band
+entries travel through bucket files (_bands_to_buckets), not as shuffle
+elements, so neither the launcher nor a worker holds them all.
 
 Leaks do not depend on the caps or on band order: every group sends, for
 each evaluation image among its candidates, its nearest train image there
@@ -150,10 +150,10 @@ def band_masks(distance: int) -> tuple[int, ...]:
   return tuple(masks)
 
 
-# A band element's value: which hash, both hashes, chunk, offset, split,
-# then the path's bytes. Each image sends 2 x (distance + 1) of them through
-# the band shuffle, and a local runner holds a shuffle in memory as Python
-# objects: one bytes object (~100 B) instead of a tuple of a Ref (~600 B).
+# A band entry's value: which hash, both hashes, chunk, offset, split, then
+# the path's bytes. Each image makes 2 x (distance + 1) of them (written to
+# bucket files, below): one bytes object (~100 B) instead of a tuple of a
+# Ref (~600 B).
 _PACKED = struct.Struct('>BQQIQB')
 _SPLITS = ('train', 'validation', 'test')
 
@@ -193,8 +193,16 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
 # only (bucket, (file, offset, length)); the group step reads one bucket's
 # ranges, groups them by band key and compares group by group. Buckets
 # hold ~BUCKET_ENTRIES entries (at least MIN_BUCKETS of them, for the
-# workers to share), so a worker's memory in either step does not depend on
-# the file count.
+# workers to share), but a band key's group never splits, so a bucket holds
+# at least its largest group: ~2N / 2^band_bits entries for spread hashes
+# (band_bits 7-8 at the default distance: ~110,000 entries, ~15 MB, at 1M
+# images). So the band step's buffer is bounded, and the group step's
+# memory grows with the file count only through the group size. Temporary
+# disk: ~1.5 KB an image, in the build's temporary folder until it ends.
+# On an object store each range is read through Beam's FileSystems, whose
+# readers may fetch more than the range (GCS: up to its 16 MiB buffer), so
+# there a bucket's reads can cost up to the flush files' size: not
+# measured here (no object store can be reached).
 _FLUSH_ENTRIES = 50_000
 BUCKET_ENTRIES = 25_000
 MIN_BUCKETS = 16
@@ -226,6 +234,9 @@ def read_bucket(data: bytes) -> dict[int, list[bytes]]:
   while at < end:
     band, bits, size = _ENTRY.unpack_from(data, at)
     at += _ENTRY.size
+    if at + size > end:
+      raise IOError(f'a band entry runs past the end of its bucket ({end} '
+                    'bytes): a bucket file was cut short')
     groups.setdefault(band << HASH_BITS | bits, []).append(
         data[at:at + size])
     at += size
@@ -373,13 +384,13 @@ def _emitted(hashes: np.ndarray, which: np.ndarray, order: np.ndarray,
 def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
            max_pairs: int):
   """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
-  order [M] (the rank of each member's path), a, b, d [N] (the pairs this
-  group emits, as member indices in path order, and their distances), the
-  capped report or None, leaks (_pair_arrays)): see group_pairs."""
+  a, b, d [N] (the pairs this group emits, as member indices in path order,
+  and their distances), the capped report or None, leaks (_pair_arrays)):
+  see group_pairs."""
   key, packed = element
   band = key >> HASH_BITS
   members, total = _smallest(packed, cap)
-  order, a, b, d, skipped, leaks = _pair_arrays(
+  a, b, d, skipped, leaks = _pair_arrays(
       members, band=band, distance=distance, masks=masks,
       max_pairs=max_pairs)
   capped = None
@@ -387,7 +398,7 @@ def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
     capped = {'band': band, 'members': total, 'compared': min(total, cap),
               'pairs_not_examined': skipped,
               'example': members[0][1].relpath}
-  return members, order, a, b, d, capped, leaks
+  return members, a, b, d, capped, leaks
 
 
 def group_pairs(element, *, distance: int, masks: tuple[int, ...],
@@ -397,7 +408,7 @@ def group_pairs(element, *, distance: int, masks: tuple[int, ...],
   comes out of exactly one group, so no further grouping is needed.
   'near_capped' for a group over cap members, or with more than max_pairs
   candidate pairs (those past it are counted, not examined)."""
-  members, _, a, b, d, capped, _ = _group(
+  members, a, b, d, capped, _ = _group(
       element, distance=distance, masks=masks, cap=cap, max_pairs=max_pairs)
   for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
     yield members[i][1], members[j][1], dist
@@ -410,7 +421,7 @@ _NO_PAIRS = np.zeros(0, dtype=np.int64)
 
 def _pair_arrays(members, *, band: int, distance: int,
                  masks: tuple[int, ...], max_pairs: int):
-  """group_pairs' pairs of `members` as arrays: (order [M], a, b, d [N],
+  """group_pairs' pairs of `members` as arrays: (a, b, d [N],
   how many candidate pairs past max_pairs were counted but not examined,
   leaks: (held, train, d) [K], for each evaluation image with a train
   image among this group's candidates, the nearest (d, then train path):
@@ -418,7 +429,7 @@ def _pair_arrays(members, *, band: int, distance: int,
   line comes from, so no cap and no band order leaves a leak in (the
   launcher keeps each image's least over its groups)."""
   if len(members) < 2:
-    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0, (_NO_PAIRS,) * 3
+    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0, (_NO_PAIRS,) * 3
   which = np.array([w for w, _ in members])
   both = np.array([ref.phashes for _, ref in members], dtype=np.uint64)
   hashes = both[np.arange(len(members)), which]
@@ -450,7 +461,7 @@ def _pair_arrays(members, *, band: int, distance: int,
                           top + column_ids[:room], band=band,
                           masks=mask_array, distance=distance)[:3])
   a, b, d = (np.concatenate(column) for column in zip(*found))
-  return order, a, b, d, skipped, leaks.result()
+  return a, b, d, skipped, leaks.result()
 
 
 class _Leaks:
@@ -544,7 +555,7 @@ class _Lines:
     return _pair_line(pa, pb, d, kind, a.split, b.split, ja, jb,
                       conflict), conflict
 
-  def group(self, members, order: np.ndarray, a: np.ndarray, b: np.ndarray,
+  def group(self, members, a: np.ndarray, b: np.ndarray,
             d: np.ndarray):
     """A group's pairs at once (what _group returns: member indices a, b in
     path order and distances d [N]) -> (their lines, as line() makes them;
@@ -651,11 +662,11 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         yield from self._one_group((key, groups.pop(key)))
 
     def _one_group(self, element):
-      members, order, a, b, d, capped, leaks = _group(
+      members, a, b, d, capped, leaks = _group(
           element, distance=distance, masks=masks, cap=MAX_GROUP,
           max_pairs=MAX_GROUP_PAIRS)
       if len(a):
-        lines, kinds, conflicts = self._text.group(members, order, a, b, d)
+        lines, kinds, conflicts = self._text.group(members, a, b, d)
         self._lines.extend(lines)
         for k, count in enumerate(np.bincount(kinds, minlength=3).tolist()):
           if count:

@@ -153,8 +153,11 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
                   f'{report_lib.REPORT_FILE} disagree on the stored images',
                   full)
   if report.software.get('format') != str(FORMAT):
+    was = report.software.get('format')
     raise _refuse(shown, 'was written by an older version of pipelines.build '
-                  '(its images.jsonl lacks what reuse needs)', full + ' once')
+                  f'(reuse format {was or "none"}, this version {FORMAT}: '
+                  'what its images.jsonl stores, e.g. its hashes, is not '
+                  'what this version would store)', full + ' once')
   differ = sorted({_FLAGS.get(k, k) for k in set(image) | set(report.image)
                    if _normal(image.get(k)) != _normal(report.image.get(k))})
   if differ:

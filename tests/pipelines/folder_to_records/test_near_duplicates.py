@@ -377,7 +377,7 @@ def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
       band = key >> nd.HASH_BITS
       members = sorted((nd.unpack(m) for m in packed),
                        key=lambda m: nd._rank(m[1], m[0]))
-      _, ia, ib, dists, _, _ = nd._pair_arrays(
+      ia, ib, dists, _, _ = nd._pair_arrays(
           members, band=band, distance=distance, masks=masks,
           max_pairs=10**9)
       got = sorted((members[i][1].relpath, members[i][1].offset,
@@ -423,10 +423,10 @@ def test_a_groups_lines_are_the_pair_by_pair_ones():
   masks = nd.band_masks(8)
   text, checked = nd._Lines('class_folders'), 0
   for key, packed in _groups(refs, masks).items():
-    members, order, a, b, d, _, _ = nd._group(
+    members, a, b, d, _, _ = nd._group(
         (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
         max_pairs=nd.MAX_GROUP_PAIRS)
-    lines, kinds, conflicts = text.group(members, order, a, b, d)
+    lines, kinds, conflicts = text.group(members, a, b, d)
     want = []
     for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
       x, y = members[i][1], members[j][1]
@@ -461,18 +461,21 @@ def _groups(refs, masks):
   return groups
 
 
-@pytest.mark.parametrize('max_pairs', [nd.MAX_GROUP_PAIRS, 50])
+@pytest.mark.parametrize('max_pairs,count', [(nd.MAX_GROUP_PAIRS, 150),
+                                             (50, 150), (50, 400)])
 def test_every_leak_is_found_at_its_least_distance_even_in_capped_groups(
-    max_pairs):
+    max_pairs, count):
   """Each evaluation image near a train image gets, over all its groups,
   its nearest train image (least near_distance, then path), as all pairs
   would give it; also when every group examines only max_pairs of its
-  candidates (the pairs' lines are then capped, the leaks are not)."""
-  refs = _near_refs(np.random.default_rng(2), count=150)
+  candidates (the pairs' lines are then capped, the leaks are not), and in
+  groups of more than one block of rows (400 images)."""
+  refs = _near_refs(np.random.default_rng(2), count=count)
   masks = nd.band_masks(8)
-  found, capped = {}, 0
+  found, capped, largest = {}, 0, 0
   for key, packed in _groups(refs, masks).items():
-    members, _, _, _, _, capped_report, leaks = nd._group(
+    largest = max(largest, len(packed))
+    members, _, _, _, capped_report, leaks = nd._group(
         (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
         max_pairs=max_pairs)
     capped += capped_report is not None
@@ -487,6 +490,7 @@ def test_every_leak_is_found_at_its_least_distance_even_in_capped_groups(
   assert {p: min(v) for p, v in found.items()} == want
   assert len(want) > 50
   assert (capped > 0) == (max_pairs == 50)
+  assert (largest > nd._ROWS) == (count == 400)
 
 
 def _outputs(results):

@@ -47,12 +47,18 @@ def write_bytes(path: str, data: bytes) -> None:
 SORT_RUN_LINES = 200_000
 
 
+def new_path(run_dir: str, prefix: str, suffix: str) -> str:
+  """A fresh file name in run_dir (a retried bundle never meets its earlier
+  attempt's files)."""
+  import uuid  # pylint: disable=g-import-not-at-top
+  return posixpath.join(run_dir, f'{prefix}-{uuid.uuid4().hex}{suffix}')
+
+
 def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   """Sorts lines (JSON: no line breaks) into a new run file; returns its
   path."""
-  import uuid  # pylint: disable=g-import-not-at-top
   lines.sort()
-  path = posixpath.join(run_dir, f'{prefix}-{uuid.uuid4().hex}.jsonl')
+  path = new_path(run_dir, prefix, '.jsonl')
   write_bytes(path, ''.join(f'{line}\n' for line in lines).encode())
   return path
 
@@ -111,6 +117,21 @@ def log(message: str) -> None:
     print(line.decode('utf-8').rstrip('\n'), file=sys.stderr, flush=True)
 
 
+def range_blocks(pieces: Iterable[tuple[str, int, int]]):
+  """The bytes of the ranges (path, offset, length), one after another, in
+  blocks of at most _COPY_BLOCK; IOError where a file ends early."""
+  for path, offset, length in pieces:
+    with FileSystems.open(path, compression_type=RAW) as f:
+      f.seek(offset)
+      remaining = length
+      while remaining:
+        block = f.read(min(remaining, _COPY_BLOCK))
+        if not block:
+          raise IOError(f'{path} ended before byte {offset + length}')
+        yield block
+        remaining -= len(block)
+
+
 def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:
   """Writes the byte ranges (path, offset, length) one after another to
   out_path; returns the bytes written. (os.copy_file_range was measured for
@@ -118,17 +139,9 @@ def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str) -> int:
   a second code path.)"""
   num_bytes = 0
   with FileSystems.create(out_path, compression_type=RAW) as out:
-    for path, offset, length in pieces:
-      with FileSystems.open(path, compression_type=RAW) as f:
-        f.seek(offset)
-        remaining = length
-        while remaining:
-          block = f.read(min(remaining, _COPY_BLOCK))
-          if not block:
-            raise IOError(f'{path} ended before byte {offset + length}')
-          out.write(block)
-          remaining -= len(block)
-          num_bytes += len(block)
+    for block in range_blocks(pieces):
+      out.write(block)
+      num_bytes += len(block)
   return num_bytes
 
 

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import heapq
 import itertools
-import posixpath
 import struct
 import zlib
 from typing import Iterable, Iterator, NamedTuple
@@ -249,8 +248,6 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
   Only the files of a bundle that succeeded are named downstream, so a
   retried bundle adds no entry twice."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
-  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
   class BandsToBuckets(beam.DoFn):
@@ -260,12 +257,11 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
       self._entries = []
 
     def _flush(self):
-      import uuid  # pylint: disable=g-import-not-at-top
       entries, self._entries = self._entries, []
       if not entries:
         return
       entries.sort(key=lambda e: e[0])  # Stable: a bucket's entries, in order.
-      path = posixpath.join(run_dir, f'bands-{uuid.uuid4().hex}.bin')
+      path = file_io.new_path(run_dir, 'bands', '.bin')
       file_io.write_bytes(path, b''.join(e for _, e in entries))
       offset = 0
       for bucket, run in itertools.groupby(entries, key=lambda e: e[0]):
@@ -281,24 +277,23 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
 
     def finish_bundle(self):
       for out in self._flush():
-        yield windowed_value.WindowedValue(
-            out, window.GlobalWindow().max_timestamp(),
-            [window.GlobalWindow()])
+        yield _in_global_window(out)
 
   return BandsToBuckets()
+
+
+def _in_global_window(value):
+  """value as finish_bundle must emit it (it has no element's window)."""
+  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+  return windowed_value.WindowedValue(
+      value, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
 
 
 def _read_ranges(ranges) -> bytes:
   """The bytes of (file, offset, length) ranges, one after another."""
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
-  pieces = []
-  for path, offset, length in sorted(ranges):
-    with file_io.FileSystems.open(path, compression_type=file_io.RAW) as f:
-      f.seek(offset)
-      pieces.append(f.read(length))
-      if len(pieces[-1]) != length:
-        raise IOError(f'{path} ended before byte {offset + length}')
-  return b''.join(pieces)
+  return b''.join(file_io.range_blocks(sorted(ranges)))
 
 
 def _smallest(members: Iterable[bytes], cap: int
@@ -635,8 +630,6 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   the runs."""
   import collections  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
-  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
-  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
   class PairsToRuns(beam.DoFn):
@@ -683,9 +676,7 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
 
     def finish_bundle(self):
       if self._lines:
-        yield windowed_value.WindowedValue(
-            self._flush(), window.GlobalWindow().max_timestamp(),
-            [window.GlobalWindow()])
+        yield _in_global_window(self._flush())
 
   return PairsToRuns()
 

@@ -645,9 +645,10 @@ def _capped_and_warnings(report: report_lib.BuildReport) -> str:
              f'whole (over {near_lib.MAX_GROUP:,} hashes, or over '
              f'{near_lib.MAX_GROUP_PAIRS:,} candidate pairs, e.g. many blank '
              'images): only the first were compared, and only the first '
-             'candidate pairs got a line. Every candidate pair still counts '
-             'for leaks: an evaluation copy of a train image is left out '
-             'whether its pair got a line or not.</p>' + _table(
+             'candidate pairs got a line. Every pair compared counts for '
+             'leaks, with a line or not: an evaluation copy of a train image '
+             f'is left out either way. Past the first {near_lib.MAX_GROUP:,} '
+             'hashes of a group, images are not compared there.</p>' + _table(
                  ('band', 'members', 'compared', 'pairs not examined',
                   'example'),
                  [(_e(c.band), _e(c.members), _e(c.compared),

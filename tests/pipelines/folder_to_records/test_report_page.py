@@ -205,20 +205,20 @@ def test_a_browser_decodes_every_thumbnail(chromium, built, tmp_path):
   text = (out / metadata.REPORT_PAGE_FILE).read_text()
   probe = tmp_path / 'probe.html'
   probe.write_text(text.replace('</body>', _PROBE + '</body>'))
-  start = time.monotonic()
+  # A page that kept the browser waiting (a fetch, a script) fails by the
+  # timeout; how fast a loaded 2-core machine starts Chromium is no test
+  # (a 10 s bound failed a CI run at 15.8 s).
   result = subprocess.run(
       [chromium, '--headless', '--disable-gpu', '--no-sandbox',
        '--virtual-time-budget=5000', f'--user-data-dir={tmp_path / "p"}',
        '--dump-dom', probe.as_uri()],
       capture_output=True, text=True, timeout=60, check=False)
-  took = time.monotonic() - start
   assert result.returncode == 0, result.stderr[-2000:]
   found = re.search(r'<pre id="result">(.*?)</pre>', result.stdout)
   assert found, result.stdout[-500:]
   widths = json.loads(found.group(1))
   assert len(widths) == len(_Page(text).srcs) > 0
   assert all(w > 0 for w in widths), widths
-  assert took < 10, f'the browser took {took:.1f} s'
 
 
 def _noise_jpeg(rng, size=200) -> bytes:

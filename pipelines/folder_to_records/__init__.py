@@ -13,7 +13,7 @@
   beam_build.py     the Apache Beam graph: read -> convert -> dedupe -> split
                     -> shard -> write; its steps, one job per module:
     build_config.py   BuildConfig, the validated settings the graph runs with
-    chunk_format.py   chunk files and their index files
+    chunk_format.py   chunk files and their meta files
     shard_math.py     shard layout and arithmetic (prefix sums, shard of a
                       record): the shard planning
     file_io.py        read-ahead, writes, byte-range copies

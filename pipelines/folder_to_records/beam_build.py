@@ -15,7 +15,7 @@ see only per-chunk totals. Stages:
   WriteChunks       per chunk, files in (order_key, path) order: read,
                     sha256, split = hash(seed, sha256) (or the split
                     folder), decode/validate/resize/encode; records go to one
-                    chunk file per (chunk, split) with an index file (offset,
+                    chunk file per (chunk, split) with an index (offset,
                     length, label, pixel sums, warning of each record) and
                     its byte total; bad files -> rejected
   Dedupe            GroupByKey on sha256 of (path, chunk, offset) references:
@@ -25,7 +25,7 @@ see only per-chunk totals. Stages:
                     the size of the number of chunks) give each record its
                     offset in its split; shard = offset // shard_size
   ConcatShards      one element per (split, shard) from the layout, grouped
-                    with the copies dropped in it; reads the index files of
+                    with the copies dropped in it; reads the indexes of
                     the chunks its byte range covers and copies the kept
                     records' byte ranges (framed TFRecords concatenate);
                     class counts, train pixel sums and warnings come from
@@ -87,9 +87,10 @@ from pipelines.folder_to_records.chunk_format import chunk_of
 from pipelines.folder_to_records.chunk_format import chunk_path
 from pipelines.folder_to_records.chunk_format import CHUNKS_DIR
 from pipelines.folder_to_records.chunk_format import EXAMPLES_PER_CHUNK
-from pipelines.folder_to_records.chunk_format import index_file
-from pipelines.folder_to_records.chunk_format import index_path
 from pipelines.folder_to_records.chunk_format import IndexEntry
+from pipelines.folder_to_records.chunk_format import meta_file
+from pipelines.folder_to_records.chunk_format import meta_path
+from pipelines.folder_to_records.chunk_format import read_index
 from pipelines.folder_to_records.chunk_format import num_chunks
 from pipelines.folder_to_records.dofns import ConcatShard
 from pipelines.folder_to_records.dofns import COUNTS
@@ -181,7 +182,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   if config.reuse:  # The earlier records go to the chunks of their paths.
     chunked = (chunked, pipeline | 'Earlier' >> beam.Create([None])
                | 'EarlierRecords' >> beam.FlatMap(
-                   reuse.old_records, counts, source=config.reuse, seed=seed)
+                   reuse.earlier_ranges, counts, source=config.reuse,
+                   seed=seed, run_dir=posixpath.join(tmp_dir, CHUNKS_DIR))
                ) | 'WithEarlier' >> beam.Flatten()
   written = (
       chunked

@@ -1,8 +1,10 @@
 """Chunk files: the unit of parallel work and its on-disk format.
 
 A chunk is ~EXAMPLES_PER_CHUNK files in a seeded order that mixes classes
-(chunk_of); its records go to one chunk file per split, each with an index
-file (index_file: a summary line, then one IndexEntry per record).
+(chunk_of); its records go to one chunk file per split, and everything
+else to one meta file (meta_file): each chunk file's index (index_file: a
+summary line, then one IndexEntry per record) and the chunk's images.jsonl
+lines.
 """
 
 from __future__ import annotations
@@ -69,21 +71,65 @@ def chunk_path(tmp_dir: str, index: int, split: str) -> str:
   return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.tfrecord')
 
 
-def index_path(tmp_dir: str, index: int, split: str) -> str:
-  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.index')
+_META_SUFFIX = '-meta.jsonl'
+# The meta file's section of the chunk's images.jsonl lines.
+IMAGES = 'images'
 
 
-_IMAGES_SUFFIX = '-images.jsonl'
+def meta_path(tmp_dir: str, index: int) -> str:
+  """The chunk's one file of everything but records (meta_file)."""
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}{_META_SUFFIX}')
 
 
-def images_path(tmp_dir: str, index: int) -> str:
-  """The chunk's lines of images.jsonl (one per decoded file)."""
-  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}{_IMAGES_SUFFIX}')
+def meta_pattern(tmp_dir: str) -> str:
+  """A glob of every chunk's meta file (names sort in chunk order)."""
+  return posixpath.join(tmp_dir, CHUNKS_DIR, f'*{_META_SUFFIX}')
 
 
-def images_pattern(tmp_dir: str) -> str:
-  """A glob of every chunk's images lines (names sort in chunk order)."""
-  return posixpath.join(tmp_dir, CHUNKS_DIR, f'*{_IMAGES_SUFFIX}')
+def meta_file(indexes: dict[str, Sequence[IndexEntry]],
+              image_lines: Sequence[str]) -> bytes:
+  """A chunk's meta file: the index of each split's chunk file (index_file)
+  and the chunk's lines of images.jsonl (one per decoded file), as
+  sections after a first line (JSON) that maps each section's name (the
+  split, or IMAGES) to its [start, length] in bytes after that line.
+
+  One file instead of one per split and one for the lines: creating a file
+  cost ~0.5-1 ms on the test VM with two workers writing (GCS: an object
+  each), a third of an update's write step at 30,000 files.
+  """
+  sections = [(split, index_file(entries))
+              for split, entries in sorted(indexes.items())]
+  sections.append((IMAGES, ''.join(f'{line}\n' for line in image_lines
+                                   ).encode()))
+  header, at = {}, 0
+  for name, data in sections:
+    header[name] = [at, len(data)]
+    at += len(data)
+  return b''.join([json.dumps(header).encode(), b'\n'] +
+                  [data for _, data in sections])
+
+
+def read_section(path: str, name: str) -> bytes:
+  """Section `name` (a split, or IMAGES) of the meta file at path; b'' when
+  the chunk has none."""
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  with file_io.FileSystems.open(path, compression_type=file_io.RAW) as f:
+    header = json.loads(f.readline())
+    if name not in header:
+      return b''
+    start, length = header[name]
+    f.seek(f.tell() + start)
+    data = f.read(length)
+  if len(data) != length:
+    raise IOError(f'{path} ends inside its section {name!r}')
+  return data
+
+
+def read_index(tmp_dir: str, index: int, split: str
+               ) -> tuple[dict, list[bytes]]:
+  """(summary, record lines) of a chunk file's index (index_file)."""
+  lines = read_section(meta_path(tmp_dir, index), split).split(b'\n')
+  return json.loads(lines[0]), lines[1:-1]
 
 
 def image_line(relpath: str, split: str, sha256: str,

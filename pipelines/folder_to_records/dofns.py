@@ -70,13 +70,15 @@ class WriteChunk(beam.DoFn):
   """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
   record, for the dedupe shuffle.
 
-  Writes a chunk file and its index file per split; 'totals': (split, chunk,
-  bytes written) for each chunk file. Files are written in (order_key, path)
-  order, whatever order the runner grouped them in. Files that cannot become
-  an example go to 'rejected' with a reason. In an incremental build the
-  chunk's group also holds the earlier build's records of its paths
-  (reuse.Old): an unchanged file's record is taken from there instead of
-  being built (reuse.py); 'reused': (taken, built, damaged, gone) counts.
+  Writes a chunk file per split and one meta file (their indexes and the
+  chunk's images.jsonl lines); 'totals': (split, chunk, bytes written) for
+  each chunk file. Files are written in (order_key, path) order, whatever
+  order the runner grouped them in. Files that cannot become an example go
+  to 'rejected' with a reason. In an incremental build the chunk's group
+  also holds where the earlier build's records of its paths are
+  (reuse.Earlier): an unchanged file's record is taken from there instead
+  of being built (reuse.py); 'reused': (taken, built, damaged, gone)
+  counts.
   """
 
   def __init__(self, config: build_config.BuildConfig, tmp_dir: str):
@@ -122,9 +124,9 @@ class WriteChunk(beam.DoFn):
         options=self._config.image)
 
   def _plan(self, files, olds: dict, records):
-    """Which files are read: (to read, {relpath: (file stat, old line, Old)
-    of each file whose earlier record may be taken}). A file taken without
-    reading (reuse.unchanged) is not read at all."""
+    """Which files are read: (to read, {relpath: (file stat, old line, Old,
+    old line's text) of each file whose earlier record may be taken}). A
+    file taken without reading (reuse.unchanged) is not read at all."""
     candidates, to_read = {}, []
     source = self._config.reuse
     lines = records.lines([olds[f.relpath] for f in files
@@ -136,8 +138,8 @@ class WriteChunk(beam.DoFn):
                                               f.relpath))
       except OSError:
         file_stat = None  # Read below, which says why.
-      line = lines.get(f.relpath)
-      candidates[f.relpath] = (file_stat, line, old)
+      line, text = lines.get(f.relpath, (None, None))
+      candidates[f.relpath] = (file_stat, line, old, text)
       if line is None or file_stat is None or not reuse.unchanged(
           line, file_stat, source):
         to_read.append(f.relpath)
@@ -151,8 +153,8 @@ class WriteChunk(beam.DoFn):
       self.setup()  # Makes reader threads for remote files only.
     olds, listed = {}, []
     for item in items:
-      if isinstance(item, reuse.Old):
-        olds[item.relpath] = item
+      if isinstance(item, reuse.Earlier):
+        olds.update((old.relpath, old) for old in reuse.read_olds(item))
       else:
         listed.append(item)
     files = [listed_source(p, config.layout) for p in sorted(
@@ -168,7 +170,7 @@ class WriteChunk(beam.DoFn):
     taken = damaged = 0
     try:
       for source in files:
-        file_stat, line, old = candidates[source.relpath]
+        file_stat, line, old, old_text = candidates[source.relpath]
         label = self._labels[source.class_name]
         data = reused = None
         try:
@@ -206,9 +208,10 @@ class WriteChunk(beam.DoFn):
         # One image in flight (see "Memory" above): the stored image lives
         # until its Example is made, the Example until it is framed, and the
         # record until it is written, before the next file is read.
+        taken_line = None
         if reused is not None:
           record, reused = reused, None  # The bytes a full build writes.
-          taken += 1
+          taken, taken_line = taken + 1, line
         else:
           record = schema.frame_record(schema.encode_example(
               image=processed.encoded, label=label, filename=source.relpath,
@@ -228,12 +231,23 @@ class WriteChunk(beam.DoFn):
         flags = (image_quality.flags(processed.quality, config.quality)
                  if processed.quality else ())
         flag_counts.update(flags)
-        image_lines.append(chunk_format.image_line(
-            source.relpath, split, sha, phashes, flags,
-            processed.quality and processed.quality.as_dict(),
-            file_stat=file_stat, entry=entry,
-            original_size=(processed.original_height,
-                           processed.original_width)))
+        if taken_line is not None and (
+            split == taken_line['split']
+            and flags == tuple(taken_line['flags'])
+            and entry.length == taken_line['record_bytes']
+            and tuple(file_stat) == (taken_line['file_bytes'],
+                                     taken_line['mtime_ns'])):
+          # Every other value of the line was read from it: the line a
+          # full build writes is the earlier one (reuse.differences holds
+          # the two to each other in the tests).
+          image_lines.append(old_text)
+        else:
+          image_lines.append(chunk_format.image_line(
+              source.relpath, split, sha, phashes, flags,
+              processed.quality and processed.quality.as_dict(),
+              file_stat=file_stat, entry=entry,
+              original_size=(processed.original_height,
+                             processed.original_width)))
         del processed
         if split not in writers:
           writers[split] = FileSystems.create(
@@ -252,12 +266,9 @@ class WriteChunk(beam.DoFn):
     finally:
       for writer in writers.values():
         writer.close()
-    for split, entries in indexes.items():
-      file_io.write_bytes(chunk_format.index_path(self._tmp_dir, index, split),
-                          chunk_format.index_file(entries))
     if image_lines:
-      file_io.write_bytes(chunk_format.images_path(self._tmp_dir, index),
-                          ''.join(f'{line}\n' for line in image_lines).encode())
+      file_io.write_bytes(chunk_format.meta_path(self._tmp_dir, index),
+                          chunk_format.meta_file(indexes, image_lines))
     file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -347,9 +358,7 @@ def write_left_out(element, *, tmp_dir: str) -> None:
     by_chunk[chunk].add(relpath)
   pieces = []
   for chunk in sorted(by_chunk):
-    with FileSystems.open(chunk_format.index_path(tmp_dir, chunk, split),
-                          compression_type=file_io.RAW) as f:
-      lines = f.read().split(b'\n')[1:-1]  # After the summary line.
+    _, lines = chunk_format.read_index(tmp_dir, chunk, split)
     path = chunk_format.chunk_path(tmp_dir, chunk, split)
     for line in lines:
       entry = chunk_format.IndexEntry(*json.loads(line))
@@ -365,7 +374,8 @@ class ConcatShard(beam.DoFn):
 
   Its records are those whose offset in the split lies in [shard *
   shard_size, (shard + 1) * shard_size) (the last shard: to the end), read
-  chunk by chunk from the index files; kept ones are copied as byte ranges.
+  chunk by chunk from the indexes (the chunks' meta files); kept ones are
+  copied as byte ranges.
   A chunk file wholly inside the shard with no copy dropped from it is taken
   whole, from its index's summary line; only cut chunk files and those with
   a dropped copy are read record by record. Nothing is written for a shard
@@ -432,17 +442,13 @@ class ConcatShard(beam.DoFn):
 
     for chunk, whole in self._chunks(split, shard, layout):
       path = chunk_format.chunk_path(self._tmp_dir, chunk, split)
-      with FileSystems.open(
-          chunk_format.index_path(self._tmp_dir, chunk, split),
-          compression_type=file_io.RAW) as f:
-        summary = json.loads(f.readline())
-        if whole and chunk not in dropped_from:  # The summary says it all.
-          for label, n in summary['counts']:
-            counts[label] += n
-          warnings.extend(summary['warnings'])
-          add(summary['sums'], path, 0, layout['chunks'][split].size_of(chunk))
-          continue
-        lines = f.read().split(b'\n')[:-1]
+      summary, lines = chunk_format.read_index(self._tmp_dir, chunk, split)
+      if whole and chunk not in dropped_from:  # The summary says it all.
+        for label, n in summary['counts']:
+          counts[label] += n
+        warnings.extend(summary['warnings'])
+        add(summary['sums'], path, 0, layout['chunks'][split].size_of(chunk))
+        continue
       for entry in self._records(split, shard, layout, chunk, lines):
         if (chunk, entry.relpath) in dropped:
           continue

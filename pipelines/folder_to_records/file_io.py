@@ -54,6 +54,24 @@ def new_path(run_dir: str, prefix: str, suffix: str) -> str:
   return posixpath.join(run_dir, f'{prefix}-{uuid.uuid4().hex}{suffix}')
 
 
+def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]]):
+  """Writes (key, bytes) entries to one new file in run_dir, sorted by key
+  (stably: a key's entries keep their order); yields (key, (path, offset,
+  length)) of each key's bytes there. Many small entries travel as a few
+  ranges instead of one shuffle element each (the local runner holds a
+  shuffle in memory and pays per element)."""
+  if not entries:
+    return
+  entries.sort(key=lambda e: e[0])
+  path = new_path(run_dir, prefix, '.bin')
+  write_bytes(path, b''.join(e for _, e in entries))
+  offset = 0
+  for key, run in itertools.groupby(entries, key=lambda e: e[0]):
+    length = sum(len(e) for _, e in run)
+    yield key, (path, offset, length)
+    offset += length
+
+
 def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   """Sorts lines (JSON: no line breaks) into a new run file; returns its
   path."""

@@ -47,7 +47,6 @@ Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
 from __future__ import annotations
 
 import heapq
-import itertools
 import struct
 import zlib
 from typing import Iterable, Iterator, NamedTuple
@@ -258,16 +257,7 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
 
     def _flush(self):
       entries, self._entries = self._entries, []
-      if not entries:
-        return
-      entries.sort(key=lambda e: e[0])  # Stable: a bucket's entries, in order.
-      path = file_io.new_path(run_dir, 'bands', '.bin')
-      file_io.write_bytes(path, b''.join(e for _, e in entries))
-      offset = 0
-      for bucket, run in itertools.groupby(entries, key=lambda e: e[0]):
-        length = sum(len(e) for _, e in run)
-        yield bucket, (path, offset, length)
-        offset += length
+      return file_io.write_keyed(run_dir, 'bands', entries)
 
     def process(self, ref: Ref, counts):
       self._entries.extend(bucket_entries(

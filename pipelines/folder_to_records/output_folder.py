@@ -84,18 +84,19 @@ def _parse_shard(name: str) -> Optional[tuple[str, str, int]]:
 
 
 def _is_chunk_file(name: str) -> bool:
-  """A file of beam_build's CHUNKS_DIR (chunk records, their index, the
-  chunk's images lines)."""
+  """A file of beam_build's CHUNKS_DIR (chunk records, the chunk's meta
+  file; or an earlier version's index and lines files)."""
   if re.fullmatch(chunk_format.RUN_FILE_RE, name):
     return True
   m = _CHUNK_RE.fullmatch(name)
   if not m:
     return False
   index = int(m['index'])
-  return name == posixpath.basename(chunk_format.images_path('', index)) or (
-      m['split'] in metadata_lib.SPLITS and name in {
-          posixpath.basename(make('', index, m['split']))
-          for make in (chunk_format.chunk_path, chunk_format.index_path)})
+  return name in (posixpath.basename(chunk_format.meta_path('', index)),
+                  f'{index:06d}-images.jsonl') or (  # (before 2026-12-05)
+      m['split'] in metadata_lib.SPLITS and name in (
+          posixpath.basename(chunk_format.chunk_path('', index, m['split'])),
+          f'{index:06d}-{m["split"]}.index'))
 
 
 def _toolkit_json(path: str, name: str, max_bytes: int) -> Optional[dict]:

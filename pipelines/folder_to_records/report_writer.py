@@ -164,10 +164,8 @@ def _write_near_pairs(tmp_dir: str, runs, capped, *,
 def _join_image_lines(tmp_dir: str) -> None:
   """images.jsonl: the chunks' lines, chunk after chunk (deterministic)."""
   found = sorted(m.path for m in FileSystems.match(
-      [chunk_format.images_pattern(tmp_dir)])[0].metadata_list)
+      [chunk_format.meta_pattern(tmp_dir)])[0].metadata_list)
   with FileSystems.create(posixpath.join(tmp_dir, metadata_lib.IMAGES_FILE),
                           compression_type=file_io.RAW) as out:
-    for path in found:
-      with FileSystems.open(path, compression_type=file_io.RAW) as f:
-        while block := f.read(1 << 20):
-          out.write(block)
+    for path in found:  # A chunk's lines: ~40 KB.
+      out.write(chunk_format.read_section(path, chunk_format.IMAGES))

@@ -26,7 +26,9 @@ cut them into shards, and the copies left out are in the same order in
 the split's left_out file. `old_records` walks it once, in one worker, and
 sends each record's place to the new build's chunk that will write it
 (keyed like the listed files: chunk_of(path)), so no step holds the old
-dataset's file list. A record is checked before it is reused (frame
+dataset's file list; `earlier_ranges` writes those places into files
+sorted by chunk, so the chunk shuffle carries one range per chunk, not one
+element per earlier record. A record is checked before it is reused (frame
 checksums, its path and sha256); a damaged one is built from its file
 instead and counted.
 """
@@ -39,6 +41,7 @@ import json
 import os
 import posixpath
 import re
+import struct
 import zlib
 from typing import NamedTuple, Optional
 
@@ -104,15 +107,67 @@ class Source:
 
 
 class Old(NamedTuple):
-  """A record of the earlier build, as the chunk shuffle carries it (~100
-  bytes: the local runner holds the shuffle in memory): its path, where its
-  images.jsonl line is (line_at, line_bytes) and where its framed record
-  is."""
+  """A record of the earlier build: its path, where its images.jsonl line
+  is (line_at, line_bytes) and where its framed record is."""
   relpath: str
   line_at: int
   line_bytes: int
   shard: int
   offset: int
+
+
+# An Old in a file of `earlier_ranges`: line_at, line_bytes, shard, offset,
+# the path's length, then the path (UTF-8; surrogatepass keeps the lone
+# surrogates a path undecodable as UTF-8 was listed with).
+_OLD = struct.Struct('<QIIQI')
+# Olds one worker of `earlier_ranges` holds before it writes them out (~150
+# bytes each in memory).
+_FLUSH_OLDS = 200_000
+
+
+class Earlier(NamedTuple):
+  """What the chunk shuffle carries of the earlier build for one chunk:
+  a byte range of a file of `earlier_ranges` holding its Olds."""
+  path: str
+  offset: int
+  length: int
+
+
+def _pack_old(old: Old) -> bytes:
+  name = old.relpath.encode('utf-8', 'surrogatepass')
+  return _OLD.pack(old.line_at, old.line_bytes, old.shard, old.offset,
+                   len(name)) + name
+
+
+def read_olds(earlier: Earlier) -> list[Old]:
+  """The Olds of one Earlier range, in the order they were written."""
+  data = b''.join(file_io.range_blocks([earlier]))
+  olds, at = [], 0
+  while at < len(data):
+    line_at, line_bytes, shard, offset, size = _OLD.unpack_from(data, at)
+    at += _OLD.size
+    olds.append(Old(data[at:at + size].decode('utf-8', 'surrogatepass'),
+                    line_at, line_bytes, shard, offset))
+    at += size
+  return olds
+
+
+def earlier_ranges(_, counts: tuple[int, int], *, source: Source, seed: int,
+                   run_dir: str):
+  """old_records through files: (new chunk, Earlier) for each chunk that
+  has earlier records, written in pieces of at most _FLUSH_OLDS into
+  run_dir. The chunk shuffle then carries about one element per chunk
+  instead of one per earlier record (the local runner holds a shuffle in
+  memory and pays per element); a retried attempt writes new files."""
+  entries = []
+  for chunk, old in old_records(_, counts, source=source, seed=seed):
+    entries.append((chunk, _pack_old(old)))
+    if len(entries) >= _FLUSH_OLDS:
+      for key, place in file_io.write_keyed(run_dir, 'earlier', entries):
+        yield key, Earlier(*place)
+      entries = []
+  for key, place in file_io.write_keyed(run_dir, 'earlier', entries):
+    yield key, Earlier(*place)
 
 
 def _refuse(flag_value: str, why: str, fix: str) -> UserError:
@@ -230,11 +285,10 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
     line_at = 0
     for raw in f:
       at_line, line_at = line_at, line_at + len(raw)
-      line = checked_line(raw)
-      if line is None:
+      fields = _place_fields(raw)
+      if fields is None:
         break  # A damaged line: where later records are is unknown; built.
-      split, relpath, length = (line['split'], line['path'],
-                                line['record_bytes'])
+      relpath, split, length = fields
       if relpath in dropped:  # In its split's left_out file.
         at = left_out.get(split)
         if at is None:
@@ -255,6 +309,40 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
              Old(relpath, at_line, len(raw), at[0], at[2]))
       at[1][0] -= 1
       at[2] += length
+
+
+_LINE_START = b'{"path": "'
+
+
+def _place_fields(raw: bytes) -> Optional[tuple[str, str, int]]:
+  """(path, split, record_bytes) of an images.jsonl line (bytes) whose
+  checksum holds, read without parsing the rest (old_records reads every
+  earlier line on one worker: ~3 µs a line instead of ~10); None for a
+  damaged line. WriteChunk parses the whole line (checked_line) before a
+  record is taken."""
+  text = raw.rstrip(b'\n')
+  cut = text.rfind(b', "check": ')
+  if cut < 0 or not text.startswith(_LINE_START):
+    return None
+  try:
+    if int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
+      return None
+    line = text.decode('ascii')  # json.dumps escapes the rest.
+    path, end = json.decoder.scanstring(line, len(_LINE_START))
+    if not line.startswith(', "split": "', end):
+      return None
+    split, end = json.decoder.scanstring(line, end + 12)
+    at = line.index(', "record_bytes": ', end) + 18
+    length = int(line[at:line.index(',', at)])
+  except ValueError:  # UnicodeDecodeError and JSONDecodeError too.
+    return None
+  return path, split, length
+
+
+def raw_text(raw: bytes) -> str:
+  """An images.jsonl line (bytes; JSON, so ASCII) as text, without its line
+  end: what chunk_format.image_line returned when it was written."""
+  return raw.rstrip(b'\n').decode('ascii')
 
 
 def checked_line(raw: bytes) -> Optional[dict]:
@@ -347,7 +435,8 @@ class Records:
     self._open = {}
 
   def lines(self, olds) -> dict:
-    """relpath -> its parsed images.jsonl line, for the Olds of one chunk.
+    """relpath -> (its parsed images.jsonl line, that line's text without
+    its line end), for the Olds of one chunk.
     A chunk's paths are neighbours in the earlier build's order too (when
     its --seed was the same), so lines less than _GAP apart are read in one
     piece. A line that is not its Old's (a damaged or replaced file) is
@@ -372,7 +461,8 @@ class Records:
             line = checked_line(block[o.line_at - start:
                                       o.line_at - start + o.line_bytes])
             if line is not None and line['path'] == o.relpath:
-              found[o.relpath] = line
+              found[o.relpath] = (line, raw_text(block[
+                  o.line_at - start:o.line_at - start + o.line_bytes]))
           i = j
     except OSError:
       pass  # All built.

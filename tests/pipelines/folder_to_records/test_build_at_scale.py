@@ -205,8 +205,8 @@ def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
         'small' if i == 2 else None, f'c{index}/{i}.png'))
     data += record
   pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
-  pathlib.Path(beam_build.index_path(tmp_dir, index, 'train')).write_bytes(
-      beam_build.index_file(entries))
+  pathlib.Path(beam_build.meta_path(tmp_dir, index)).write_bytes(
+      beam_build.meta_file({'train': entries}, []))
   return [e.relpath for e in entries]
 
 
@@ -255,8 +255,7 @@ def test_concat_shard_takes_whole_chunks_from_their_summary(tmp_path):
   config = beam_build.BuildConfig('in', 'ds', ('x', 'y'), 'class_folders',
                                   None, 0.1, 0.1, 0, 1000)
   concat = beam_build.ConcatShard(str(tmp_path), config)
-  summary = json.loads(pathlib.Path(beam_build.index_path(
-      str(tmp_path), 0, 'train')).read_text().splitlines()[0])
+  summary, _ = beam_build.read_index(str(tmp_path), 0, 'train')
   assert summary['counts'] == [[0, 2], [1, 1]]  # [label, count], sparse.
   everything = ([b'a', b'b', b'c', b'd', b'e'], (3, 2),
                 ((4, 0, 0), (6, 0, 0), 5))

@@ -618,7 +618,10 @@ def _leftover(parent: pathlib.Path, name: str) -> pathlib.Path:
   folder = parent / name
   (folder / beam_build.CHUNKS_DIR).mkdir(parents=True)
   (folder / beam_build.CHUNKS_DIR / '000000-train.tfrecord').write_bytes(b'r')
-  (folder / beam_build.CHUNKS_DIR / '000000-train.index').write_bytes(b'i')
+  (folder / beam_build.CHUNKS_DIR / '000000-meta.jsonl').write_bytes(b'i')
+  # Earlier versions' index and lines files.
+  (folder / beam_build.CHUNKS_DIR / '000001-train.index').write_bytes(b'i')
+  (folder / beam_build.CHUNKS_DIR / '000001-images.jsonl').write_bytes(b'i')
   (folder / 'images-train.tfrecord-00000-of-00002').write_bytes(b's')
   (folder / metadata.REPORT_FILE).write_text('{')
   return folder

@@ -262,12 +262,18 @@ def test_a_failed_update_leaves_the_dataset_as_it_was(tmp_path, monkeypatch):
 
 def test_other_seed_and_fractions_still_take_every_record(built, tmp_path):
   """--seed and the fractions move files between chunks, shards and
-  splits, not their stored bytes: every record is still taken."""
+  splits, and other quality thresholds change the flags in images.jsonl,
+  not the stored bytes: every record is still taken, and each line is the
+  full build's (not the earlier line as it was)."""
   images, v1 = built
-  flags = dict(seed=7, validation_fraction=0.3, test_fraction=0.2)
+  flags = dict(seed=7, validation_fraction=0.3, test_fraction=0.2,
+               quality_thresholds='blurry=0.6,dark=0.5')
   report = _build(images, tmp_path / 'v2', reuse_from=str(v1), **flags)
   assert (report['reuse']['reused'], report['reuse']['built']) == (30, 0)
   _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)
+  old, new = (_lines(d / metadata.IMAGES_FILE) for d in (v1, tmp_path / 'v2'))
+  assert sum(bool(line['flags']) for line in new) > sum(
+      bool(line['flags']) for line in old)
 
 
 def _edit_line(line: str) -> str:
@@ -314,3 +320,56 @@ def test_a_report_that_disagrees_with_the_metadata_is_refused(built,
   (old / 'build_report.json').write_text(json.dumps(raw))
   with pytest.raises(UserError, match='disagree on the stored images'):
     _build(images, tmp_path / 'v2', reuse_from=str(old), image_size='48')
+
+
+_ODD_NAMES = ('a/plain.jpg', 'a/quote"and\\backslash.jpg', 'a/ünï cödé 照片.jpg',
+              'a/\udcff-not-utf8.jpg', 'a/line\u2028sep\x01.jpg',
+              'a/, "split": "test".jpg')
+
+
+@pytest.mark.parametrize('name', _ODD_NAMES)
+def test_the_quick_line_reader_agrees_with_the_full_one(name):
+  """old_records reads path, split and record length without parsing the
+  whole line; for any path it gives checked_line's values, and None for
+  a line whose checksum fails."""
+  from pipelines.folder_to_records import chunk_format  # pylint: disable=g-import-not-at-top
+  entry = chunk_format.IndexEntry(0, 12345, 1, (1, 2, 3), (4, 5, 6), 9,
+                                  None, name)
+  raw = (chunk_format.image_line(
+      name, 'validation', 'ab' * 32, (1, 2), ('blurry',), None,
+      file_stat=(10, 20), entry=entry, original_size=(5, 6)) + '\n').encode()
+  full = reuse.checked_line(raw)
+  assert reuse._place_fields(raw) == (name, 'validation', 12345)  # pylint: disable=protected-access
+  assert (full['path'], full['split'], full['record_bytes']) == (
+      name, 'validation', 12345)
+  damaged = raw.replace(b'12345', b'12346')
+  assert reuse._place_fields(damaged) is None  # pylint: disable=protected-access
+  assert reuse.checked_line(damaged) is None
+
+
+def test_earlier_records_travel_through_files_intact(built, tmp_path):
+  """earlier_ranges gives each chunk one range per flush of the Olds
+  old_records yields for it, in the same order, odd paths included."""
+  _, v1 = built
+  spec = metadata.read_dataset_spec(str(v1))
+  source = reuse.open_source(str(v1), image=json.loads(
+      (v1 / 'build_report.json').read_text())['image'], flag='--reuse_from',
+                             verify=False)
+  assert spec.splits
+  counts = (30, 0)
+  direct = list(reuse.old_records(None, counts, source=source, seed=0))
+  assert len(direct) >= 20
+  run_dir = tmp_path / 'run'
+  run_dir.mkdir()
+  ranges = list(reuse.earlier_ranges(None, counts, source=source, seed=0,
+                                     run_dir=str(run_dir)))
+  assert len({chunk for chunk, _ in ranges}) == len(ranges)  # One a chunk.
+  through = [(chunk, old) for chunk, earlier in ranges
+             for old in reuse.read_olds(earlier)]
+  assert sorted(through, key=lambda c: c[0]) == sorted(
+      direct, key=lambda c: c[0])
+  odd = reuse.Old(_ODD_NAMES[3], 1, 2, 3, 4)
+  packed = reuse._pack_old(odd)  # pylint: disable=protected-access
+  (run_dir / 'one.bin').write_bytes(packed * 2)
+  assert reuse.read_olds(reuse.Earlier(str(run_dir / 'one.bin'), 0,
+                                       2 * len(packed))) == [odd, odd]

@@ -215,7 +215,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   _ = (all_drops
        | 'LeftOutBySplit' >> beam.Map(lambda d: (d[0], (d[1], d[2])))
        | 'GroupLeftOut' >> beam.GroupByKey()
-       | 'WriteLeftOut' >> beam.Map(write_left_out, tmp_dir=tmp_dir))
+       | 'WriteLeftOut' >> beam.Map(write_left_out, tmp_dir=tmp_dir,
+                                    config=config))
   shards = (
       (layouts | 'ShardKeys' >> beam.FlatMap(shard_keys),
        all_drops | 'ShardOfDrop' >> beam.FlatMap(

@@ -32,9 +32,13 @@ class IndexEntry(NamedTuple):
   JSON escapes every control and non-ASCII character, so a path holding a
   line separator (U+2028, U+0085, ...) stays on its line.
 
-  offset, length: its bytes in the chunk file; pixel_sum, pixel_sumsq: exact
-  per-channel integer sums of the stored pixels and of their squares (the
-  train statistics), num_pixels their count; warning: for the report.
+  offset, length: its place in the chunk's byte stream of its split (what
+  the shard layout cuts); pixel_sum, pixel_sumsq: exact per-channel integer
+  sums of the stored pixels and of their squares (the train statistics),
+  num_pixels their count; warning: for the report; source: where its bytes
+  are, [LOCAL, position] in the chunk file, or [i, position] in the earlier
+  build's file i (reuse.Source.shards) that an incremental build copies it
+  from without writing it again; None: the chunk file at offset.
   """
   offset: int
   length: int
@@ -44,25 +48,49 @@ class IndexEntry(NamedTuple):
   num_pixels: int
   warning: Optional[str]
   relpath: str
+  source: Optional[tuple[int, int]] = None
 
 
-def index_file(entries: Sequence[IndexEntry]) -> bytes:
-  """The index file of a chunk file: a summary line, then one line per record.
+# IndexEntry.source's file for the chunk file itself.
+LOCAL = -1
+
+
+def where(entry: IndexEntry) -> tuple[int, int]:
+  """(file, position) of an entry's bytes (IndexEntry.source)."""
+  return (LOCAL, entry.offset) if entry.source is None else tuple(
+      entry.source)
+
+
+def index_file(entries: Sequence[IndexEntry],
+               pinned: Optional[dict[int, list[int]]] = None) -> bytes:
+  """The index of a chunk file: a summary line, then one line per record.
 
   The summary (a JSON object) totals the records: [label, count] of each
   class present (sparse: a chunk of 64 holds at most 64 of 10,000 classes),
-  pixel sums as a PixelSums triple and the [relpath, warning] pairs in
-  record order. A shard that holds the whole chunk file, with no copy
-  dropped from it (nearly every chunk), reads only that line; the record
-  lines (JSON lists) serve the chunk files a shard boundary cuts and those
-  holding a dropped duplicate.
+  pixel sums as a PixelSums triple, the [relpath, warning] pairs in
+  record order, the records' bytes as [file, position, length] pieces in
+  order (IndexEntry.source; neighbours joined: one piece for a chunk file
+  of records built here) and, for each earlier file a piece is in, its
+  file_io.identity when its records were checked (pinned). A shard that
+  holds the whole chunk, with no copy dropped from it (nearly every chunk),
+  reads only that line; the record lines (JSON lists) serve the chunks a
+  shard boundary cuts and those holding a dropped duplicate.
   """
+  pieces = []
+  for e in entries:
+    file, at = where(e)
+    if pieces and pieces[-1][0] == file and sum(pieces[-1][1:]) == at:
+      pieces[-1][2] += e.length
+    else:
+      pieces.append([file, at, e.length])
   summary = {
       'counts': sorted(collections.Counter(e.label for e in entries).items()),
       'sums': [[sum(c) for c in zip(*(e.pixel_sum for e in entries))],
                [sum(c) for c in zip(*(e.pixel_sumsq for e in entries))],
                sum(e.num_pixels for e in entries)],
-      'warnings': [[e.relpath, e.warning] for e in entries if e.warning]}
+      'warnings': [[e.relpath, e.warning] for e in entries if e.warning],
+      'pieces': pieces,
+      'pinned': {str(i): v for i, v in sorted((pinned or {}).items())}}
   return ('\n'.join([json.dumps(summary)] + [json.dumps(e) for e in entries])
           + '\n').encode()
 
@@ -87,9 +115,11 @@ def meta_pattern(tmp_dir: str) -> str:
 
 
 def meta_file(indexes: dict[str, Sequence[IndexEntry]],
-              image_lines: Sequence[str]) -> bytes:
-  """A chunk's meta file: the index of each split's chunk file (index_file)
-  and the chunk's lines of images.jsonl (one per decoded file), as
+              image_lines: Sequence[str],
+              pinned: Optional[dict[int, list[int]]] = None) -> bytes:
+  """A chunk's meta file: the index of each split's records (index_file;
+  pinned: see there) and the chunk's lines of images.jsonl (one per
+  decoded file), as
   sections after a first line (JSON) that maps each section's name (the
   split, or IMAGES) to its [start, length] in bytes after that line.
 
@@ -97,7 +127,7 @@ def meta_file(indexes: dict[str, Sequence[IndexEntry]],
   cost ~0.5-1 ms on the test VM with two workers writing (GCS: an object
   each), a third of an update's write step at 30,000 files.
   """
-  sections = [(split, index_file(entries))
+  sections = [(split, index_file(entries, pinned))
               for split, entries in sorted(indexes.items())]
   sections.append((IMAGES, ''.join(f'{line}\n' for line in image_lines
                                    ).encode()))

@@ -166,6 +166,9 @@ class WriteChunk(beam.DoFn):
     to_read, candidates = self._plan(files, olds, records)
     reads, to_read = self._reads(to_read), set(to_read)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
+    # Bytes in each split's chunk file (records taken where they are, from
+    # a pinned earlier shard, are not written again), and those shards.
+    file_offsets, pinned = collections.Counter(), {}
     image_lines, flag_counts = [], collections.Counter()
     taken = damaged = 0
     try:
@@ -173,6 +176,7 @@ class WriteChunk(beam.DoFn):
         file_stat, line, old, old_text = candidates[source.relpath]
         label = self._labels[source.class_name]
         data = reused = None
+        as_is = False
         try:
           if source.relpath in to_read:
             data = next(reads).result()
@@ -180,7 +184,7 @@ class WriteChunk(beam.DoFn):
             sha = (hashlib.sha256(data).hexdigest() if data is not None
                    else line['sha256'])
             if sha == line['sha256']:
-              reused = records.read(old, line, label)
+              reused, as_is = records.read(old, line, label) or (None, False)
               processed = reuse.processed(line) if reused else None
               if processed is None:
                 damaged, reused = damaged + 1, None
@@ -208,20 +212,26 @@ class WriteChunk(beam.DoFn):
         # One image in flight (see "Memory" above): the stored image lives
         # until its Example is made, the Example until it is framed, and the
         # record until it is written, before the next file is read.
-        taken_line = None
+        taken_line, place = None, None
         if reused is not None:
           record, reused = reused, None  # The bytes a full build writes.
           taken, taken_line = taken + 1, line
+          if as_is:  # Copied from there by the shard step, not written.
+            place = [old.shard, old.offset]
+            pinned[old.shard] = records.pinned[old.shard]
         else:
           record = schema.frame_record(schema.encode_example(
               image=processed.encoded, label=label, filename=source.relpath,
               sha256=sha, original_height=processed.original_height,
               original_width=processed.original_width))
+        if place is None:
+          place = [chunk_format.LOCAL, file_offsets[split]]
+          file_offsets[split] += len(record)
         entry = chunk_format.IndexEntry(
             offsets[split], len(record), label,
             [int(v) for v in processed.pixel_sum],
             [int(v) for v in processed.pixel_sumsq],
-            processed.num_pixels, processed.warning, source.relpath)
+            processed.num_pixels, processed.warning, source.relpath, place)
         phashes = processed.phashes
         if phashes and not near_duplicates.searched(
             processed.original_height, processed.original_width):
@@ -249,14 +259,14 @@ class WriteChunk(beam.DoFn):
               original_size=(processed.original_height,
                              processed.original_width)))
         del processed
-        if split not in writers:
-          writers[split] = FileSystems.create(
-              chunk_format.chunk_path(self._tmp_dir, index, split),
-              compression_type=file_io.RAW)
-          indexes[split] = []
-        writers[split].write(record)
+        if place[0] == chunk_format.LOCAL:
+          if split not in writers:
+            writers[split] = FileSystems.create(
+                chunk_format.chunk_path(self._tmp_dir, index, split),
+                compression_type=file_io.RAW)
+          writers[split].write(record)
         del record
-        indexes[split].append(entry)
+        indexes.setdefault(split, []).append(entry)
         # The dedupe shuffle carries only this (the runner may hold it all).
         yield digest, (source.relpath, index, offsets[split],
                        phashes_for_search,
@@ -268,7 +278,7 @@ class WriteChunk(beam.DoFn):
         writer.close()
     if image_lines:
       file_io.write_bytes(chunk_format.meta_path(self._tmp_dir, index),
-                          chunk_format.meta_file(indexes, image_lines))
+                          chunk_format.meta_file(indexes, image_lines, pinned))
     file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -347,25 +357,46 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
-def write_left_out(element, *, tmp_dir: str) -> None:
+def record_path(tmp_dir: str, config: build_config.BuildConfig, chunk: int,
+                split: str, file: int) -> str:
+  """The file an index's piece or entry is in (IndexEntry.source): the
+  chunk file, or a file of the earlier build (reuse.Source.shards)."""
+  if file == chunk_format.LOCAL:
+    return chunk_format.chunk_path(tmp_dir, chunk, split)
+  return config.reuse.shard_path(file)
+
+
+def _pin(pinned: dict, config: build_config.BuildConfig,
+         summary: dict) -> None:
+  """Adds an index summary's pinned files to pinned (path -> identity, for
+  range_blocks); ESTALE when two workers saw two files at one path."""
+  for i, identity in summary['pinned'].items():
+    file_io.pin(pinned, config.reuse.shard_path(int(i)), identity)
+
+
+def write_left_out(element, *, tmp_dir: str,
+                   config: build_config.BuildConfig) -> None:
   """(split, [(chunk, relpath) of each copy left out of it]) -> its
-  left_out file: those records, copied from the chunk files in chunk and
-  offset order (the order of their images.jsonl lines). Memory: the copies
-  left out of one split (problems, not images)."""
+  left_out file: those records, copied from where the chunks' indexes say
+  they are, in chunk and offset order (the order of their images.jsonl
+  lines). Memory: the copies left out of one split (problems, not
+  images)."""
   split, drops = element
   by_chunk = collections.defaultdict(set)
   for chunk, relpath in drops:
     by_chunk[chunk].add(relpath)
-  pieces = []
+  pieces, pinned = [], {}
   for chunk in sorted(by_chunk):
-    _, lines = chunk_format.read_index(tmp_dir, chunk, split)
-    path = chunk_format.chunk_path(tmp_dir, chunk, split)
+    summary, lines = chunk_format.read_index(tmp_dir, chunk, split)
+    _pin(pinned, config, summary)
     for line in lines:
       entry = chunk_format.IndexEntry(*json.loads(line))
       if entry.relpath in by_chunk[chunk]:
-        pieces.append((path, entry.offset, entry.length))
+        file, at = chunk_format.where(entry)
+        pieces.append((record_path(tmp_dir, config, chunk, split, file), at,
+                       entry.length))
   file_io.copy_ranges(pieces, posixpath.join(
-      tmp_dir, metadata_lib.LEFT_OUT_FILES[split]))
+      tmp_dir, metadata_lib.LEFT_OUT_FILES[split]), pinned)
 
 
 class ConcatShard(beam.DoFn):
@@ -426,28 +457,30 @@ class ConcatShard(beam.DoFn):
     filename = schema.shard_filename(self._config.dataset_name, split, shard,
                                      layout['num_shards'][split])
     counts = [0] * len(self._config.class_names)
-    sums, pieces, warnings = None, [], []
+    sums, pieces, warnings, pinned = None, [], [], {}
 
-    def add(chunk_sums, path, offset, length):
+    def add(chunk_sums, places):
       nonlocal sums
       if split == 'train':
         sums = statistics.PixelSums.add(sums, (tuple(chunk_sums[0]),
                                                tuple(chunk_sums[1]),
                                                chunk_sums[2]))
-      if pieces and pieces[-1][0] == path and sum(
-          pieces[-1][1:]) == offset:  # Neighbours: one byte range.
-        pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
-      else:
-        pieces.append((path, offset, length))
+      for file, offset, length in places:
+        path = record_path(self._tmp_dir, self._config, chunk, split, file)
+        if pieces and pieces[-1][0] == path and sum(
+            pieces[-1][1:]) == offset:  # Neighbours: one byte range.
+          pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
+        else:
+          pieces.append((path, offset, length))
 
     for chunk, whole in self._chunks(split, shard, layout):
-      path = chunk_format.chunk_path(self._tmp_dir, chunk, split)
       summary, lines = chunk_format.read_index(self._tmp_dir, chunk, split)
+      _pin(pinned, self._config, summary)
       if whole and chunk not in dropped_from:  # The summary says it all.
         for label, n in summary['counts']:
           counts[label] += n
         warnings.extend(summary['warnings'])
-        add(summary['sums'], path, 0, layout['chunks'][split].size_of(chunk))
+        add(summary['sums'], summary['pieces'])
         continue
       for entry in self._records(split, shard, layout, chunk, lines):
         if (chunk, entry.relpath) in dropped:
@@ -455,15 +488,15 @@ class ConcatShard(beam.DoFn):
         counts[entry.label] += 1
         if entry.warning:
           warnings.append((entry.relpath, entry.warning))
-        add((entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels), path,
-            entry.offset, entry.length)
+        add((entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels),
+            [(*chunk_format.where(entry), entry.length)])
     for relpath, warning in warnings:
       yield beam.pvalue.TaggedOutput(WARNINGS, {'path': relpath,
                                                 'warning': warning})
     if not pieces:
       return
     num_bytes = file_io.copy_ranges(
-        pieces, posixpath.join(self._tmp_dir, filename))
+        pieces, posixpath.join(self._tmp_dir, filename), pinned)
     if sums is not None:
       yield beam.pvalue.TaggedOutput(SUMS, sums)
     yield shard_math.ShardResult(split, shard, filename, num_bytes,

@@ -61,6 +61,10 @@ DISK_FIXES = {
                  '--output_dir is on another file system than {parent} (a '
                  'mount point?); build into a folder inside it',
 }
+DISK_FIXES[errno.ESTALE] = (
+    'another process replaced or changed it while this build read it '
+    '(another build of that dataset?): run the build again when that one '
+    'is done')
 DISK_FIXES[errno.EPERM] = DISK_FIXES[errno.EACCES]
 DISK_FIXES[errno.ENFILE] = DISK_FIXES[errno.EMFILE]
 DISK_FIXES[errno.EBUSY] = DISK_FIXES[errno.EXDEV]

@@ -433,6 +433,9 @@ class Records:
   def __init__(self, source: Source):
     self._source = source
     self._open = {}
+    # Shards whose records may be copied by later steps from the place
+    # they were checked: local shard index -> file_io.identity when read.
+    self.pinned = {}
 
   def lines(self, olds) -> dict:
     """relpath -> (its parsed images.jsonl line, that line's text without
@@ -468,23 +471,29 @@ class Records:
       pass  # All built.
     return found
 
-  def read(self, old: Old, line: dict, label: int) -> Optional[bytes]:
-    """The framed record a full build writes for line's file with `label`:
-    the earlier one as it is, or re-labelled (its class index moved); None
-    when the record at old's place is damaged or is not that file's."""
+  def read(self, old: Old, line: dict, label: int
+           ) -> Optional[tuple[bytes, bool]]:
+    """(the framed record a full build writes for line's file with `label`,
+    whether it is the earlier one as it is at old's place in a shard that
+    later steps may copy it from: a local file, its identity in `pinned`);
+    re-labelled when its class index moved; None when the record at old's
+    place is damaged or is not that file's."""
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     try:
       if old.shard not in self._open:
-        self._open[old.shard] = FileSystems.open(
+        f = self._open[old.shard] = FileSystems.open(
             self._source.shard_path(old.shard),
             compression_type=file_io.RAW)
+        identity = file_io.identity(f)
+        if identity is not None:
+          self.pinned[old.shard] = identity
       f = self._open[old.shard]
       f.seek(old.offset)
       framed = f.read(line['record_bytes'])
       data = schema.unframe_record(framed)
       if schema.holds(data, label=label, filename=line['path'],
                       sha256=line['sha256']):
-        return framed
+        return framed, old.shard in self.pinned
       example = schema.decode_example(data)  # Another label: re-labelled.
       if not schema.holds(data, label=example[schema.LABEL],
                           filename=line['path'], sha256=line['sha256']):
@@ -495,7 +504,7 @@ class Records:
         image=example[schema.IMAGE], label=label, filename=line['path'],
         sha256=line['sha256'],
         original_height=example[schema.ORIGINAL_HEIGHT],
-        original_width=example[schema.ORIGINAL_WIDTH]))
+        original_width=example[schema.ORIGINAL_WIDTH])), False
 
   def close(self) -> None:
     for f in self._open.values():

@@ -292,6 +292,41 @@ def test_copy_ranges_joins_byte_ranges_and_refuses_a_short_file(tmp_path):
     beam_build.copy_ranges([(str(b), 1, 30)], str(tmp_path / 'short'))
 
 
+def test_pinned_files_are_copied_only_while_they_are_what_was_checked(
+    tmp_path):
+  """A pinned file (its identity when an earlier step checked it) is
+  copied while it is that file; rewritten (same bytes, another inode) or
+  changed in place, the copy stops with ESTALE, and two steps that saw two
+  files at one path cannot both be pinned."""
+  import errno  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  a = tmp_path / 'a'
+  a.write_bytes(b'0123456789')
+  with open(a, 'rb') as f:
+    seen = file_io.identity(f)
+  pinned = {}
+  file_io.pin(pinned, str(a), seen)
+  out = tmp_path / 'out'
+  assert file_io.copy_ranges([(str(a), 2, 3)], str(out), pinned) == 3
+  assert out.read_bytes() == b'234'
+  data = a.read_bytes()
+  a.unlink()
+  a.write_bytes(data)  # Another file with the same bytes.
+  with open(a, 'rb') as f:
+    again = file_io.identity(f)
+  assert again != seen
+  with pytest.raises(OSError) as failed:
+    file_io.copy_ranges([(str(a), 2, 3)], str(out), {str(a): seen})
+  assert failed.value.errno == errno.ESTALE
+  with pytest.raises(OSError) as failed:
+    file_io.pin(pinned, str(a), again)
+  assert failed.value.errno == errno.ESTALE
+  os.utime(a, ns=(1, 1))  # Changed in place (its time).
+  with pytest.raises(OSError):
+    file_io.copy_ranges([(str(a), 2, 3)], str(out), {str(a): again})
+  assert file_io.identity(io.BytesIO(b'')) is None  # No descriptor.
+
+
 def test_read_ahead_keeps_order_bounds_depth_and_reports_each_failure():
   started, release = [], threading.Event()
 

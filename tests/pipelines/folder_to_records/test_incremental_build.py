@@ -373,3 +373,34 @@ def test_earlier_records_travel_through_files_intact(built, tmp_path):
   (run_dir / 'one.bin').write_bytes(packed * 2)
   assert reuse.read_olds(reuse.Earlier(str(run_dir / 'one.bin'), 0,
                                        2 * len(packed))) == [odd, odd]
+
+
+def test_taken_records_are_copied_from_the_files_that_were_checked(
+    built, tmp_path, monkeypatch):
+  """A taken record is not written again: the shard step copies it from
+  the earlier shard where it was checked. A shard replaced in between
+  (another build swapping that dataset) fails the build with a line that
+  says so, instead of copying other bytes from the same offsets."""
+  images, v1 = built
+  shutil.copytree(v1, tmp_path / 'v1')
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert report['reuse']['reused'] == 30
+  assert not list((tmp_path).glob('**/_chunks'))  # Temporary files gone.
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+  concat = beam_build.ConcatShard.process
+
+  def replace_then_concat(self, element, layout):
+    for shard in (tmp_path / 'v1').glob('*.tfrecord-*'):
+      data = shard.read_bytes()
+      shard.unlink()  # Same bytes, another file.
+      shard.write_bytes(data)
+    return concat(self, element, layout)
+
+  monkeypatch.setattr(beam_build.ConcatShard, 'process', replace_then_concat)
+  with pytest.raises(builder.BuildFailed) as failed:
+    _build(images, tmp_path / 'v3', reuse_from=str(tmp_path / 'v1'))
+  assert 'not the file an earlier step of this build checked' in str(
+      failed.value) and 'run the build again' in str(failed.value)
+  assert '\n' not in str(failed.value)
+  assert not (tmp_path / 'v3').exists()

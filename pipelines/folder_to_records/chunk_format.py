@@ -22,8 +22,11 @@ from pipelines.folder_to_records import splits as splits_lib
 # enough that Beam's per-element cost is noise next to 64 image decodes.
 EXAMPLES_PER_CHUNK = 64
 CHUNKS_DIR = '_chunks'
-# The sorted runs file_io.write_run leaves in the chunk folder.
-RUN_FILE_RE = r'(sort|pairs)-[0-9a-f]{32}\.jsonl'
+# The sorted runs file_io.write_run and the keyed files file_io.write_keyed
+# leave in the chunk folder.
+RUN_FILE_RE = r'(sort|pairs)-[0-9a-f]{32}\.jsonl|(bands|earlier)-[0-9a-f]{32}\.bin'
+# A chunk file: chunk, split, the writing attempt (chunk_path).
+CHUNK_FILE_RE = r'\d{6,}-(train|validation|test)-[0-9a-f]{16}\.tfrecord'
 
 
 class IndexEntry(NamedTuple):
@@ -62,7 +65,8 @@ def where(entry: IndexEntry) -> tuple[int, int]:
 
 
 def index_file(entries: Sequence[IndexEntry],
-               pinned: Optional[dict[int, list[int]]] = None) -> bytes:
+               pinned: Optional[dict[int, list[int]]] = None,
+               file_name: Optional[str] = None) -> bytes:
   """The index of a chunk file: a summary line, then one line per record.
 
   The summary (a JSON object) totals the records: [label, count] of each
@@ -70,7 +74,8 @@ def index_file(entries: Sequence[IndexEntry],
   pixel sums as a PixelSums triple, the [relpath, warning] pairs in
   record order, the records' bytes as [file, position, length] pieces in
   order (IndexEntry.source; neighbours joined: one piece for a chunk file
-  of records built here) and, for each earlier file a piece is in, its
+  of records built here), the chunk file's name (file_name; None when every
+  record is elsewhere) and, for each earlier file a piece is in, its
   file_io.identity when its records were checked (pinned). A shard that
   holds the whole chunk, with no copy dropped from it (nearly every chunk),
   reads only that line; the record lines (JSON lists) serve the chunks a
@@ -90,13 +95,18 @@ def index_file(entries: Sequence[IndexEntry],
                sum(e.num_pixels for e in entries)],
       'warnings': [[e.relpath, e.warning] for e in entries if e.warning],
       'pieces': pieces,
+      'file': file_name,
       'pinned': {str(i): v for i, v in sorted((pinned or {}).items())}}
   return ('\n'.join([json.dumps(summary)] + [json.dumps(e) for e in entries])
           + '\n').encode()
 
 
-def chunk_path(tmp_dir: str, index: int, split: str) -> str:
-  return posixpath.join(tmp_dir, CHUNKS_DIR, f'{index:06d}-{split}.tfrecord')
+def chunk_path(tmp_dir: str, index: int, split: str, attempt: str) -> str:
+  """A chunk file of one attempt at the chunk (16 hex digits): two attempts
+  (a retry, a runner's backup) may take different records from an earlier
+  build as they are, so each meta file names its own attempt's files."""
+  return posixpath.join(tmp_dir, CHUNKS_DIR,
+                        f'{index:06d}-{split}-{attempt}.tfrecord')
 
 
 _META_SUFFIX = '-meta.jsonl'
@@ -116,9 +126,10 @@ def meta_pattern(tmp_dir: str) -> str:
 
 def meta_file(indexes: dict[str, Sequence[IndexEntry]],
               image_lines: Sequence[str],
-              pinned: Optional[dict[int, list[int]]] = None) -> bytes:
+              pinned: Optional[dict[int, list[int]]] = None,
+              files: Optional[dict[str, str]] = None) -> bytes:
   """A chunk's meta file: the index of each split's records (index_file;
-  pinned: see there) and the chunk's lines of images.jsonl (one per
+  pinned, and files: split -> its chunk file's name, see there) and the chunk's lines of images.jsonl (one per
   decoded file), as
   sections after a first line (JSON) that maps each section's name (the
   split, or IMAGES) to its [start, length] in bytes after that line.
@@ -127,7 +138,7 @@ def meta_file(indexes: dict[str, Sequence[IndexEntry]],
   cost ~0.5-1 ms on the test VM with two workers writing (GCS: an object
   each), a third of an update's write step at 30,000 files.
   """
-  sections = [(split, index_file(entries, pinned))
+  sections = [(split, index_file(entries, pinned, (files or {}).get(split)))
               for split, entries in sorted(indexes.items())]
   sections.append((IMAGES, ''.join(f'{line}\n' for line in image_lines
                                    ).encode()))

@@ -12,6 +12,7 @@ import hashlib
 import json
 import posixpath
 import time
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
@@ -169,6 +170,7 @@ class WriteChunk(beam.DoFn):
     # Bytes in each split's chunk file (records taken where they are, from
     # a pinned earlier shard, are not written again), and those shards.
     file_offsets, pinned = collections.Counter(), {}
+    attempt = uuid.uuid4().hex[:16]  # chunk_format.chunk_path
     image_lines, flag_counts = [], collections.Counter()
     taken = damaged = 0
     try:
@@ -262,7 +264,7 @@ class WriteChunk(beam.DoFn):
         if place[0] == chunk_format.LOCAL:
           if split not in writers:
             writers[split] = FileSystems.create(
-                chunk_format.chunk_path(self._tmp_dir, index, split),
+                chunk_format.chunk_path(self._tmp_dir, index, split, attempt),
                 compression_type=file_io.RAW)
           writers[split].write(record)
         del record
@@ -278,7 +280,11 @@ class WriteChunk(beam.DoFn):
         writer.close()
     if image_lines:
       file_io.write_bytes(chunk_format.meta_path(self._tmp_dir, index),
-                          chunk_format.meta_file(indexes, image_lines, pinned))
+                          chunk_format.meta_file(
+                              indexes, image_lines, pinned,
+                              {split: posixpath.basename(chunk_format.chunk_path(
+                                  '', index, split, attempt))
+                               for split in writers}))
     file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):
@@ -357,12 +363,13 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 
 
-def record_path(tmp_dir: str, config: build_config.BuildConfig, chunk: int,
-                split: str, file: int) -> str:
+def record_path(tmp_dir: str, config: build_config.BuildConfig,
+                summary: dict, file: int) -> str:
   """The file an index's piece or entry is in (IndexEntry.source): the
-  chunk file, or a file of the earlier build (reuse.Source.shards)."""
+  chunk file its summary names, or a file of the earlier build
+  (reuse.Source.shards)."""
   if file == chunk_format.LOCAL:
-    return chunk_format.chunk_path(tmp_dir, chunk, split)
+    return posixpath.join(tmp_dir, chunk_format.CHUNKS_DIR, summary['file'])
   return config.reuse.shard_path(file)
 
 
@@ -393,7 +400,7 @@ def write_left_out(element, *, tmp_dir: str,
       entry = chunk_format.IndexEntry(*json.loads(line))
       if entry.relpath in by_chunk[chunk]:
         file, at = chunk_format.where(entry)
-        pieces.append((record_path(tmp_dir, config, chunk, split, file), at,
+        pieces.append((record_path(tmp_dir, config, summary, file), at,
                        entry.length))
   file_io.copy_ranges(pieces, posixpath.join(
       tmp_dir, metadata_lib.LEFT_OUT_FILES[split]), pinned)
@@ -459,14 +466,14 @@ class ConcatShard(beam.DoFn):
     counts = [0] * len(self._config.class_names)
     sums, pieces, warnings, pinned = None, [], [], {}
 
-    def add(chunk_sums, places):
+    def add(chunk_sums, places, summary):
       nonlocal sums
       if split == 'train':
         sums = statistics.PixelSums.add(sums, (tuple(chunk_sums[0]),
                                                tuple(chunk_sums[1]),
                                                chunk_sums[2]))
       for file, offset, length in places:
-        path = record_path(self._tmp_dir, self._config, chunk, split, file)
+        path = record_path(self._tmp_dir, self._config, summary, file)
         if pieces and pieces[-1][0] == path and sum(
             pieces[-1][1:]) == offset:  # Neighbours: one byte range.
           pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
@@ -480,7 +487,7 @@ class ConcatShard(beam.DoFn):
         for label, n in summary['counts']:
           counts[label] += n
         warnings.extend(summary['warnings'])
-        add(summary['sums'], summary['pieces'])
+        add(summary['sums'], summary['pieces'], summary)
         continue
       for entry in self._records(split, shard, layout, chunk, lines):
         if (chunk, entry.relpath) in dropped:
@@ -489,7 +496,7 @@ class ConcatShard(beam.DoFn):
         if entry.warning:
           warnings.append((entry.relpath, entry.warning))
         add((entry.pixel_sum, entry.pixel_sumsq, entry.num_pixels),
-            [(*chunk_format.where(entry), entry.length)])
+            [(*chunk_format.where(entry), entry.length)], summary)
     for relpath, warning in warnings:
       yield beam.pvalue.TaggedOutput(WARNINGS, {'path': relpath,
                                                 'warning': warning})

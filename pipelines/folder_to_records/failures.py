@@ -77,8 +77,8 @@ def disk_error(progress: output_folder.Progress, code: int,
   """The line for a failure of the disk: where, what, the fix, and what
   of --output_dir was kept."""
   parent = output_folder.parent_and_name(progress.output_dir)[0]
-  if path and paths.is_within(path, progress.input_dir,
-                              backslash_separates=True):
+  if code != errno.ESTALE and path and paths.is_within(
+      path, progress.input_dir, backslash_separates=True):
     fix = 'the build only reads --input_dir: make it readable'
   else:
     fix = DISK_FIXES[code].format(parent=parent)

@@ -138,14 +138,17 @@ def log(message: str) -> None:
 
 
 def identity(f) -> Optional[list[int]]:
-  """[inode, size, modification time in ns] of an open local file; None for
-  one without a descriptor (gs://, s3://, ...). Not the device: an NFS
-  mount's device number differs between the machines of one build."""
+  """[size, modification time in ns] of an open local file; None for one
+  without a descriptor (gs://, s3://, ...). Builds never write a file in
+  place: one replaced (another build's rename) was written later, so its
+  time differs. Not the device or inode: an NFS mount's device number
+  differs between the machines of one build, and FUSE or CIFS mounts may
+  number inodes per mount or anew each time."""
   try:
     info = os.fstat(f.fileno())
   except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
     return None
-  return [info.st_ino, info.st_size, info.st_mtime_ns]
+  return [info.st_size, info.st_mtime_ns]
 
 
 def pin(pinned: dict, path: str, file_identity: list[int]) -> None:
@@ -169,8 +172,16 @@ def range_blocks(pieces: Iterable[tuple[str, int, int]],
       if path != at_path:
         if f is not None:
           f.close()
-        f, at_path = FileSystems.open(path, compression_type=RAW), path
-        if pinned and path in pinned and identity(f) != list(pinned[path]):
+          f = None
+        checked = pinned.get(path) if pinned else None
+        try:
+          f, at_path = FileSystems.open(path, compression_type=RAW), path
+        except OSError as e:
+          if checked is None:
+            raise
+          raise OSError(errno.ESTALE, 'gone since an earlier step of this '
+                        f'build checked it ({e})', path) from None
+        if checked is not None and identity(f) != list(checked):
           raise OSError(errno.ESTALE, 'not the file an earlier step of this '
                         'build checked', path)
       f.seek(offset)

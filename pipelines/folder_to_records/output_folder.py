@@ -86,7 +86,8 @@ def _parse_shard(name: str) -> Optional[tuple[str, str, int]]:
 def _is_chunk_file(name: str) -> bool:
   """A file of beam_build's CHUNKS_DIR (chunk records, the chunk's meta
   file; or an earlier version's index and lines files)."""
-  if re.fullmatch(chunk_format.RUN_FILE_RE, name):
+  if re.fullmatch(chunk_format.RUN_FILE_RE, name) or re.fullmatch(
+      chunk_format.CHUNK_FILE_RE, name):
     return True
   m = _CHUNK_RE.fullmatch(name)
   if not m:
@@ -95,7 +96,7 @@ def _is_chunk_file(name: str) -> bool:
   return name in (posixpath.basename(chunk_format.meta_path('', index)),
                   f'{index:06d}-images.jsonl') or (  # (before 2026-12-05)
       m['split'] in metadata_lib.SPLITS and name in (
-          posixpath.basename(chunk_format.chunk_path('', index, m['split'])),
+          f'{index:06d}-{m["split"]}.tfrecord',
           f'{index:06d}-{m["split"]}.index'))
 
 

@@ -35,6 +35,7 @@ instead and counted.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -53,7 +54,9 @@ from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
 from tfrecords_schema import schema
 
-# Bumped when images.jsonl or the record stops meaning what reuse expects.
+# Bumped when images.jsonl or the record stops meaning what reuse expects,
+# and whenever chunk_format.image_line would write other text for the same
+# values: an update keeps an earlier line's text as it is (WriteChunk).
 # 2: the centre hash leaves out 4% a side (perceptual_hash.CENTRE_CROP).
 FORMAT = 2
 # A file modified within this many seconds before the earlier build began
@@ -121,7 +124,7 @@ class Old(NamedTuple):
 # surrogates a path undecodable as UTF-8 was listed with).
 _OLD = struct.Struct('<QIIQI')
 # Olds one worker of `earlier_ranges` holds before it writes them out (~150
-# bytes each in memory).
+# bytes each in memory); the pieces are then merged into one file.
 _FLUSH_OLDS = 200_000
 
 
@@ -156,18 +159,53 @@ def earlier_ranges(_, counts: tuple[int, int], *, source: Source, seed: int,
                    run_dir: str):
   """old_records through files: (new chunk, Earlier) for each chunk that
   has earlier records, written in pieces of at most _FLUSH_OLDS into
-  run_dir. The chunk shuffle then carries about one element per chunk
+  run_dir and merged into one file (one range a chunk). The chunk shuffle then carries about one element per chunk
   instead of one per earlier record (the local runner holds a shuffle in
   memory and pays per element); a retried attempt writes new files."""
-  entries = []
+  runs, entries = [], []
   for chunk, old in old_records(_, counts, source=source, seed=seed):
     entries.append((chunk, _pack_old(old)))
     if len(entries) >= _FLUSH_OLDS:
-      for key, place in file_io.write_keyed(run_dir, 'earlier', entries):
-        yield key, Earlier(*place)
+      runs.append(list(file_io.write_keyed(run_dir, 'earlier', entries)))
       entries = []
-  for key, place in file_io.write_keyed(run_dir, 'earlier', entries):
+  runs.append(list(file_io.write_keyed(run_dir, 'earlier', entries)))
+  runs = [run for run in runs if run]
+  if len(runs) > 1:  # One range a chunk, whatever the number of flushes.
+    runs = [_merged(runs, run_dir)]
+  for key, place in runs[0] if runs else ():
     yield key, Earlier(*place)
+
+
+def _merged(runs: list, run_dir: str) -> list:
+  """Runs of write_keyed ([(key, (path, offset, length))] in key order,
+  each in one file) merged into one new file: a key's bytes from each run
+  in turn. Each run's file is read once, front to back."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  path = file_io.new_path(run_dir, 'earlier', '.bin')
+  by_key = collections.defaultdict(list)
+  for i, run in enumerate(runs):
+    for key, (_, _, length) in run:
+      by_key[key].append((i, length))
+  sources = [FileSystems.open(run[0][1][0], compression_type=file_io.RAW)
+             for run in runs]
+  merged, offset = [], 0
+  try:
+    with FileSystems.create(path, compression_type=file_io.RAW) as out:
+      for key in sorted(by_key):
+        length = 0
+        for i, size in by_key[key]:
+          data = sources[i].read(size)
+          if len(data) != size:
+            raise IOError(f'{runs[i][0][1][0]} ended early')
+          out.write(data)
+          length += size
+        merged.append((key, (path, offset, length)))
+        offset += length
+  finally:
+    for f in sources:
+      f.close()
+  FileSystems.delete([run[0][1][0] for run in runs])
+  return merged
 
 
 def _refuse(flag_value: str, why: str, fix: str) -> UserError:

@@ -204,9 +204,11 @@ def _chunk(tmp_dir: str, index: int, payloads: list[bytes]) -> list[int]:
         len(data), len(record), i % 2, [i, 0, 0], [i * i, 0, 0], 1,
         'small' if i == 2 else None, f'c{index}/{i}.png'))
     data += record
-  pathlib.Path(beam_build.chunk_path(tmp_dir, index, 'train')).write_bytes(data)
+  path = beam_build.chunk_path(tmp_dir, index, 'train', '0123456789abcdef')
+  pathlib.Path(path).write_bytes(data)
   pathlib.Path(beam_build.meta_path(tmp_dir, index)).write_bytes(
-      beam_build.meta_file({'train': entries}, []))
+      beam_build.meta_file({'train': entries}, [],
+                           files={'train': os.path.basename(path)}))
   return [e.relpath for e in entries]
 
 
@@ -311,7 +313,8 @@ def test_pinned_files_are_copied_only_while_they_are_what_was_checked(
   assert out.read_bytes() == b'234'
   data = a.read_bytes()
   a.unlink()
-  a.write_bytes(data)  # Another file with the same bytes.
+  a.write_bytes(data)  # Another file with the same bytes, written later.
+  os.utime(a, ns=(seen[1] + 10**9, seen[1] + 10**9))  # (coarse clocks)
   with open(a, 'rb') as f:
     again = file_io.identity(f)
   assert again != seen
@@ -324,6 +327,10 @@ def test_pinned_files_are_copied_only_while_they_are_what_was_checked(
   os.utime(a, ns=(1, 1))  # Changed in place (its time).
   with pytest.raises(OSError):
     file_io.copy_ranges([(str(a), 2, 3)], str(out), {str(a): again})
+  a.unlink()  # Gone: the same one line, not a traceback.
+  with pytest.raises(OSError) as failed:
+    file_io.copy_ranges([(str(a), 2, 3)], str(out), {str(a): again})
+  assert failed.value.errno == errno.ESTALE
   assert file_io.identity(io.BytesIO(b'')) is None  # No descriptor.
 
 

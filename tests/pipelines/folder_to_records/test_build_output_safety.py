@@ -619,6 +619,10 @@ def _leftover(parent: pathlib.Path, name: str) -> pathlib.Path:
   (folder / beam_build.CHUNKS_DIR).mkdir(parents=True)
   (folder / beam_build.CHUNKS_DIR / '000000-train.tfrecord').write_bytes(b'r')
   (folder / beam_build.CHUNKS_DIR / '000000-meta.jsonl').write_bytes(b'i')
+  (folder / beam_build.CHUNKS_DIR /
+   '000000-validation-0123456789abcdef.tfrecord').write_bytes(b'r')
+  (folder / beam_build.CHUNKS_DIR /
+   f'earlier-{"0" * 32}.bin').write_bytes(b'e')
   # Earlier versions' index and lines files.
   (folder / beam_build.CHUNKS_DIR / '000001-train.index').write_bytes(b'i')
   (folder / beam_build.CHUNKS_DIR / '000001-images.jsonl').write_bytes(b'i')

@@ -347,7 +347,8 @@ def test_the_quick_line_reader_agrees_with_the_full_one(name):
   assert reuse.checked_line(damaged) is None
 
 
-def test_earlier_records_travel_through_files_intact(built, tmp_path):
+def test_earlier_records_travel_through_files_intact(built, tmp_path,
+                                                     monkeypatch):
   """earlier_ranges gives each chunk one range per flush of the Olds
   old_records yields for it, in the same order, odd paths included."""
   _, v1 = built
@@ -368,6 +369,18 @@ def test_earlier_records_travel_through_files_intact(built, tmp_path):
              for old in reuse.read_olds(earlier)]
   assert sorted(through, key=lambda c: c[0]) == sorted(
       direct, key=lambda c: c[0])
+  # Flushed every 7 Olds: the pieces are merged, still one range a chunk.
+  monkeypatch.setattr(reuse, '_FLUSH_OLDS', 7)
+  small = run_dir / 'small'
+  small.mkdir()
+  ranges = list(reuse.earlier_ranges(None, counts, source=source, seed=0,
+                                     run_dir=str(small)))
+  assert len({chunk for chunk, _ in ranges}) == len(ranges)
+  assert len({earlier.path for _, earlier in ranges}) == 1
+  assert len(list(small.iterdir())) == 1  # The pieces removed.
+  assert [(chunk, old) for chunk, earlier in ranges
+          for old in reuse.read_olds(earlier)] == sorted(
+              direct, key=lambda c: c[0])
   odd = reuse.Old(_ODD_NAMES[3], 1, 2, 3, 4)
   packed = reuse._pack_old(odd)  # pylint: disable=protected-access
   (run_dir / 'one.bin').write_bytes(packed * 2)

@@ -417,3 +417,30 @@ def test_taken_records_are_copied_from_the_files_that_were_checked(
       failed.value) and 'run the build again' in str(failed.value)
   assert '\n' not in str(failed.value)
   assert not (tmp_path / 'v3').exists()
+
+
+def test_a_label_that_grows_a_byte_gives_the_full_builds_lines(tmp_path):
+  """A class folder added first moves class 127 to 128, whose label takes
+  one byte more: that record is re-labelled, its length changes, and its
+  images.jsonl line must be made again (not kept as it was)."""
+  images = tmp_path / 'images'
+  for i in range(128):
+    folder = images / f'c{i:03d}'
+    folder.mkdir(parents=True)
+    Image.new('L', (8, 8), i * 2).save(folder / 'x.png')
+  hour_ago = time.time() - 3600
+  for path in images.rglob('*.png'):
+    os.utime(path, (hour_ago, hour_ago))
+  flags = dict(image_size='8', channels=1, near_duplicate_distance=0,
+               validation_fraction=0.0, test_fraction=0.0,
+               quality_thresholds='off')
+  _build(images, tmp_path / 'v1', **flags)
+  (images / 'a_first').mkdir()
+  Image.new('L', (8, 8), 255).save(images / 'a_first' / 'x.png')
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'),
+                  **flags)
+  assert report['reuse']['reused'] == 128
+  _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)
+  old, new = ({line['path']: line['record_bytes'] for line in _lines(
+      d / metadata.IMAGES_FILE)} for d in (tmp_path / 'v1', tmp_path / 'v2'))
+  assert new['c127/x.png'] == old['c127/x.png'] + 1

@@ -129,10 +129,10 @@ def meta_file(indexes: dict[str, Sequence[IndexEntry]],
               pinned: Optional[dict[int, list[int]]] = None,
               files: Optional[dict[str, str]] = None) -> bytes:
   """A chunk's meta file: the index of each split's records (index_file;
-  pinned, and files: split -> its chunk file's name, see there) and the chunk's lines of images.jsonl (one per
-  decoded file), as
-  sections after a first line (JSON) that maps each section's name (the
-  split, or IMAGES) to its [start, length] in bytes after that line.
+  pinned, and files: split -> its chunk file's name, see there) and the
+  chunk's lines of images.jsonl (one per decoded file), as sections after
+  a first line (JSON) that maps each section's name (the split, or IMAGES)
+  to its [start, length] in bytes after that line.
 
   One file instead of one per split and one for the lines: creating a file
   cost ~0.5-1 ms on the test VM with two workers writing (GCS: an object

@@ -167,6 +167,7 @@ class WriteChunk(beam.DoFn):
     to_read, candidates = self._plan(files, olds, records)
     reads, to_read = self._reads(to_read), set(to_read)
     writers, offsets, indexes, written = {}, collections.Counter(), {}, 0
+    names = {}  # split -> its chunk file's name
     # Bytes in each split's chunk file (records taken where they are, from
     # a pinned earlier shard, are not written again), and those shards.
     file_offsets, pinned = collections.Counter(), {}
@@ -263,9 +264,11 @@ class WriteChunk(beam.DoFn):
         del processed
         if place[0] == chunk_format.LOCAL:
           if split not in writers:
+            path = chunk_format.chunk_path(self._tmp_dir, index, split,
+                                           attempt)
+            names[split] = posixpath.basename(path)
             writers[split] = FileSystems.create(
-                chunk_format.chunk_path(self._tmp_dir, index, split, attempt),
-                compression_type=file_io.RAW)
+                path, compression_type=file_io.RAW)
           writers[split].write(record)
         del record
         indexes.setdefault(split, []).append(entry)
@@ -280,11 +283,8 @@ class WriteChunk(beam.DoFn):
         writer.close()
     if image_lines:
       file_io.write_bytes(chunk_format.meta_path(self._tmp_dir, index),
-                          chunk_format.meta_file(
-                              indexes, image_lines, pinned,
-                              {split: posixpath.basename(chunk_format.chunk_path(
-                                  '', index, split, attempt))
-                               for split in writers}))
+                          chunk_format.meta_file(indexes, image_lines, pinned,
+                                                 names))
     file_io.log(f'chunk {index + 1}: {written} written, {len(files) - written} '
          'rejected')
     for split, num_bytes in sorted(offsets.items()):

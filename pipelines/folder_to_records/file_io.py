@@ -74,6 +74,42 @@ def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]]):
     offset += length
 
 
+def merge_keyed(runs: list, run_dir: str, prefix: str) -> list:
+  """Runs of write_keyed (each a list of (key, (path, offset, length)) in
+  key order, all in one file) as one: with several, merged into one new
+  file, a key's bytes from each run in turn (each run's file read once,
+  front to back, then deleted), so a key has one range whatever the
+  number of runs."""
+  runs = [run for run in runs if run]
+  if len(runs) < 2:
+    return runs[0] if runs else []
+  path = new_path(run_dir, prefix, '.bin')
+  by_key = collections.defaultdict(list)
+  for i, run in enumerate(runs):
+    for key, (_, _, length) in run:
+      by_key[key].append((i, length))
+  sources = [FileSystems.open(run[0][1][0], compression_type=RAW)
+             for run in runs]
+  merged, offset = [], 0
+  try:
+    with FileSystems.create(path, compression_type=RAW) as out:
+      for key in sorted(by_key):
+        length = 0
+        for i, size in by_key[key]:
+          data = sources[i].read(size)
+          if len(data) != size:
+            raise IOError(f'{runs[i][0][1][0]} ended early')
+          out.write(data)
+          length += size
+        merged.append((key, (path, offset, length)))
+        offset += length
+  finally:
+    for f in sources:
+      f.close()
+  FileSystems.delete([run[0][1][0] for run in runs])
+  return merged
+
+
 def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   """Sorts lines (JSON: no line breaks) into a new run file; returns its
   path."""

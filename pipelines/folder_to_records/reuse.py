@@ -35,7 +35,6 @@ instead and counted.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import json
@@ -159,9 +158,10 @@ def earlier_ranges(_, counts: tuple[int, int], *, source: Source, seed: int,
                    run_dir: str):
   """old_records through files: (new chunk, Earlier) for each chunk that
   has earlier records, written in pieces of at most _FLUSH_OLDS into
-  run_dir and merged into one file (one range a chunk). The chunk shuffle then carries about one element per chunk
-  instead of one per earlier record (the local runner holds a shuffle in
-  memory and pays per element); a retried attempt writes new files."""
+  run_dir and merged into one file (one range a chunk). The chunk shuffle
+  then carries about one element per chunk instead of one per earlier
+  record (the local runner holds a shuffle in memory and pays per
+  element); a retried attempt writes new files."""
   runs, entries = [], []
   for chunk, old in old_records(_, counts, source=source, seed=seed):
     entries.append((chunk, _pack_old(old)))
@@ -169,43 +169,9 @@ def earlier_ranges(_, counts: tuple[int, int], *, source: Source, seed: int,
       runs.append(list(file_io.write_keyed(run_dir, 'earlier', entries)))
       entries = []
   runs.append(list(file_io.write_keyed(run_dir, 'earlier', entries)))
-  runs = [run for run in runs if run]
-  if len(runs) > 1:  # One range a chunk, whatever the number of flushes.
-    runs = [_merged(runs, run_dir)]
-  for key, place in runs[0] if runs else ():
+  # One range a chunk, whatever the number of flushes.
+  for key, place in file_io.merge_keyed(runs, run_dir, 'earlier'):
     yield key, Earlier(*place)
-
-
-def _merged(runs: list, run_dir: str) -> list:
-  """Runs of write_keyed ([(key, (path, offset, length))] in key order,
-  each in one file) merged into one new file: a key's bytes from each run
-  in turn. Each run's file is read once, front to back."""
-  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
-  path = file_io.new_path(run_dir, 'earlier', '.bin')
-  by_key = collections.defaultdict(list)
-  for i, run in enumerate(runs):
-    for key, (_, _, length) in run:
-      by_key[key].append((i, length))
-  sources = [FileSystems.open(run[0][1][0], compression_type=file_io.RAW)
-             for run in runs]
-  merged, offset = [], 0
-  try:
-    with FileSystems.create(path, compression_type=file_io.RAW) as out:
-      for key in sorted(by_key):
-        length = 0
-        for i, size in by_key[key]:
-          data = sources[i].read(size)
-          if len(data) != size:
-            raise IOError(f'{runs[i][0][1][0]} ended early')
-          out.write(data)
-          length += size
-        merged.append((key, (path, offset, length)))
-        offset += length
-  finally:
-    for f in sources:
-      f.close()
-  FileSystems.delete([run[0][1][0] for run in runs])
-  return merged
 
 
 def _refuse(flag_value: str, why: str, fix: str) -> UserError:
@@ -358,13 +324,10 @@ def _place_fields(raw: bytes) -> Optional[tuple[str, str, int]]:
   earlier line on one worker: ~3 µs a line instead of ~10); None for a
   damaged line. WriteChunk parses the whole line (checked_line) before a
   record is taken."""
-  text = raw.rstrip(b'\n')
-  cut = text.rfind(b', "check": ')
-  if cut < 0 or not text.startswith(_LINE_START):
+  text = _checked_text(raw)
+  if text is None or not text.startswith(_LINE_START):
     return None
   try:
-    if int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
-      return None
     line = text.decode('ascii')  # json.dumps escapes the rest.
     path, end = json.decoder.scanstring(line, len(_LINE_START))
     if not line.startswith(', "split": "', end):
@@ -377,6 +340,20 @@ def _place_fields(raw: bytes) -> Optional[tuple[str, str, int]]:
   return path, split, length
 
 
+def _checked_text(raw: bytes) -> Optional[bytes]:
+  """An images.jsonl line (bytes) without its line end when its checksum
+  (chunk_format.image_line's 'check': a crc32 of the line before it)
+  holds; None otherwise."""
+  text = raw.rstrip(b'\n')
+  cut = text.rfind(b', "check": ')
+  try:
+    if cut < 0 or int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
+      return None
+  except ValueError:
+    return None
+  return text
+
+
 def raw_text(raw: bytes) -> str:
   """An images.jsonl line (bytes; JSON, so ASCII) as text, without its line
   end: what chunk_format.image_line returned when it was written."""
@@ -387,11 +364,10 @@ def checked_line(raw: bytes) -> Optional[dict]:
   """An images.jsonl line (bytes) as a dict when its checksum
   (chunk_format.image_line's 'check') holds and it has what a record needs;
   None for a damaged or edited line (its file is then built)."""
-  text = raw.rstrip(b'\n')
-  cut = text.rfind(b', "check": ')
+  text = _checked_text(raw)
+  if text is None:
+    return None
   try:
-    if cut < 0 or int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
-      return None
     line = json.loads(text)
   except ValueError:
     return None
@@ -499,11 +475,10 @@ class Records:
           f.seek(start)
           block = f.read(olds[j - 1].line_at + olds[j - 1].line_bytes - start)
           for o in olds[i:j]:
-            line = checked_line(block[o.line_at - start:
-                                      o.line_at - start + o.line_bytes])
+            raw = block[o.line_at - start:o.line_at - start + o.line_bytes]
+            line = checked_line(raw)
             if line is not None and line['path'] == o.relpath:
-              found[o.relpath] = (line, raw_text(block[
-                  o.line_at - start:o.line_at - start + o.line_bytes]))
+              found[o.relpath] = (line, raw_text(raw))
           i = j
     except OSError:
       pass  # All built.

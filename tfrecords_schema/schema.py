@@ -99,9 +99,17 @@ def holds(data: bytes, *, label: int, filename: str, sha256: str) -> bool:
   64 bytes no image's bytes hold by chance, and the path with its length
   tells copies of one file apart ('a/x.jpg' is not 'ba/x.jpg')."""
   sha, name = sha256.encode('ascii'), filename.encode('utf-8')
-  return (b'\n' + _varint(len(sha)) + sha in data and
-          b'\n' + _varint(len(name)) + name in data and
-          _label_entry(label) in data)
+  # The image's entry comes first (keys sorted: 'image' < 'image/...' <
+  # 'label'): the others are in the last bytes, searched alone.
+  tail = data[-(len(name) + len(sha) + _TAIL_BYTES):]
+  return (b'\n' + _varint(len(sha)) + sha in tail and
+          b'\n' + _varint(len(name)) + name in tail and
+          _label_entry(label) in tail)
+
+
+# More than the entries after the image's take, their path and sha256
+# aside (keys, lengths, heights, width, label: ~120 bytes).
+_TAIL_BYTES = 256
 
 
 @functools.lru_cache(maxsize=1024)

@@ -8,10 +8,13 @@ see only per-chunk totals. Stages:
                     class folder (graph size grows with classes, not files)
   ListFolders       workers walk their class folders (local: byte-safe, with
                     the link policy; gs://, s3://: Beam's FileSystems);
-                    every file is a candidate or ignored with a reason
+                    every file is a candidate or ignored with a reason; the
+                    candidates go into run files sorted by order key
+                    (listed_files), not one element each
   Chunk             chunk = floor(order_key(seed, path) * num_chunks), with
                     num_chunks from a global count: ~EXAMPLES_PER_CHUNK
-                    files per chunk in a seeded order that mixes classes
+                    files per chunk in a seeded order that mixes classes;
+                    one range of a run file per chunk
   WriteChunks       per chunk, files in (order_key, path) order: read,
                     sha256, split = hash(seed, sha256) (or the split
                     folder), decode/validate/resize/encode; records go to one
@@ -72,6 +75,7 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems  # noqa: F401  # pylint: disable=unused-import
 
 from pipelines.common import paths
+from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import reuse
@@ -154,12 +158,17 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   seed = config.seed
   size = config.shard_size_bytes
   ignored = list(plan.ignored)
+  run_dir = posixpath.join(tmp_dir, CHUNKS_DIR)
+  # The listed files travel in run files (listed_files), but to --stratified's
+  # per-class grouping, which takes them one by one.
   listed = (
       # No Create reshuffle: _spread deals the folders out (one stage less).
       _spread(pipeline | 'Folders' >> beam.Create(
           list(plan.folders) + ignored, reshuffle=False),
               'Folders', lambda t: t.relpath)
-      | 'ListFolders' >> beam.ParDo(ListFolder(config.input_dir, exclude)
+      | 'ListFolders' >> beam.ParDo(ListFolder(
+          config.input_dir, exclude, seed=seed,
+          run_dir=None if config.stratified else run_dir)
                                     ).with_outputs(IGNORED, COUNTS,
                                                    main='files'))
   counts = beam.pvalue.AsSingleton(
@@ -176,14 +185,17 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                      kv[1], seed=seed,
                      validation_fraction=config.validation_fraction,
                      test_fraction=config.test_fraction)))
-  chunked = files | 'Chunk' >> beam.Map(
-      lambda p, c: (chunk_of(listed_path(p), num_chunks(c[0]), seed=seed),
-                    p), counts)
+    chunked = files | 'Chunk' >> beam.Map(
+        lambda p, c: (chunk_of(listed_path(p), num_chunks(c[0]), seed=seed),
+                      p), counts)
+  else:
+    chunked = files | 'Chunk' >> beam.FlatMap(
+        lambda run, c: listed_files.chunk_ranges(run, c[0]), counts)
   if config.reuse:  # The earlier records go to the chunks of their paths.
     chunked = (chunked, pipeline | 'Earlier' >> beam.Create([None])
                | 'EarlierRecords' >> beam.FlatMap(
                    reuse.earlier_ranges, counts, source=config.reuse,
-                   seed=seed, run_dir=posixpath.join(tmp_dir, CHUNKS_DIR))
+                   seed=seed, run_dir=run_dir)
                ) | 'WithEarlier' >> beam.Flatten()
   written = (
       chunked

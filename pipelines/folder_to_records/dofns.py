@@ -13,7 +13,7 @@ import json
 import posixpath
 import time
 import uuid
-from typing import Sequence
+from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -23,6 +23,7 @@ from pipelines.common import walk
 from pipelines.folder_to_records import build_config
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
+from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import reuse
@@ -152,15 +153,19 @@ class WriteChunk(beam.DoFn):
     start_time = time.time()
     if self._reader is None:  # Called outside Beam (tests, profiling).
       self.setup()  # Makes reader threads for remote files only.
-    olds, listed = {}, []
+    olds, listed = {}, []  # listed: (order key, relpath, listed element)
     for item in items:
       if isinstance(item, reuse.Earlier):
         olds.update((old.relpath, old) for old in reuse.read_olds(item))
+      elif isinstance(item, listed_files.ListRange):
+        listed.extend((key, p, p) for key, p in listed_files.read_range(
+            b''.join(file_io.range_blocks([item]))))
       else:
-        listed.append(item)
-    files = [listed_source(p, config.layout) for p in sorted(
-        listed, key=lambda p: (splits_lib.order_key(
-            listed_path(p), seed=config.seed), listed_path(p)))]
+        relpath = listed_path(item)
+        listed.append((splits_lib.order_key(relpath, seed=config.seed),
+                       relpath, item))
+    listed.sort(key=lambda k: k[:2])
+    files = [listed_source(item, config.layout) for _, _, item in listed]
     if config.reuse and self._records is None:  # Open for every chunk.
       self._records = reuse.Records(config.reuse)
     records = self._records
@@ -232,8 +237,8 @@ class WriteChunk(beam.DoFn):
           file_offsets[split] += len(record)
         entry = chunk_format.IndexEntry(
             offsets[split], len(record), label,
-            [int(v) for v in processed.pixel_sum],
-            [int(v) for v in processed.pixel_sumsq],
+            list(map(int, processed.pixel_sum)),
+            list(map(int, processed.pixel_sumsq)),
             processed.num_pixels, processed.warning, source.relpath, place)
         phashes = processed.phashes
         if phashes and not near_duplicates.searched(
@@ -298,13 +303,26 @@ class WriteChunk(beam.DoFn):
 
 
 class ListFolder(beam.DoFn):
-  """FolderTask -> the relpath of each candidate; 'ignored' for the rest;
-  'counts': (candidates, ignored) of the task. A Skipped (what the launcher
-  ignored at the top level) passes through to 'ignored'."""
+  """FolderTask -> the candidates: with run_dir, a listed_files.ListRun of
+  each bundle's (or each _FLUSH_ENTRIES of them), else the relpath of each;
+  'ignored' for the rest; 'counts': (candidates, ignored) of the task. A
+  Skipped (what the launcher ignored at the top level) passes through to
+  'ignored'. Only the runs of a bundle that succeeded are named downstream,
+  so a retried bundle lists no file twice."""
 
-  def __init__(self, input_dir: str, exclude: Sequence[str]):
+  def __init__(self, input_dir: str, exclude: Sequence[str], *,
+               run_dir: Optional[str] = None, seed: int = 0):
     self._input_dir = input_dir
     self._exclude = tuple(exclude)
+    self._run_dir = run_dir
+    self._seed = seed
+
+  def start_bundle(self):
+    self._relpaths = []
+
+  def _flush(self) -> listed_files.ListRun:
+    relpaths, self._relpaths = self._relpaths, []
+    return listed_files.write_run(self._run_dir, relpaths, seed=self._seed)
 
   def process(self, task: listing_lib.FolderTask | walk.Skipped):
     if isinstance(task, walk.Skipped):
@@ -316,11 +334,20 @@ class ListFolder(beam.DoFn):
                                         exclude=self._exclude):
       if isinstance(item, listing_lib.SourceFile):
         files += 1
-        yield item.relpath  # All the shuffle needs (see source_file).
+        if self._run_dir is None:
+          yield item.relpath  # All the shuffle needs (see source_file).
+          continue
+        self._relpaths.append(item.relpath)
+        if len(self._relpaths) >= listed_files.FLUSH_ENTRIES:
+          yield self._flush()
       else:
         ignored += 1
         yield beam.pvalue.TaggedOutput(IGNORED, item)
     yield beam.pvalue.TaggedOutput(COUNTS, (files, ignored))
+
+  def finish_bundle(self):
+    if self._relpaths:
+      yield file_io.in_global_window(self._flush())
 
 
 def resolve_duplicates(element, *, config: build_config.BuildConfig):

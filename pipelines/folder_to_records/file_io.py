@@ -56,6 +56,15 @@ def new_path(run_dir: str, prefix: str, suffix: str) -> str:
   return posixpath.join(run_dir, f'{prefix}-{uuid.uuid4().hex}{suffix}')
 
 
+def in_global_window(value):
+  """value as a DoFn's finish_bundle must emit it (it has no element's
+  window)."""
+  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+  return windowed_value.WindowedValue(
+      value, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
+
+
 def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]]):
   """Writes (key, bytes) entries to one new file in run_dir, sorted by key
   (stably: a key's entries keep their order); yields (key, (path, offset,

@@ -267,17 +267,9 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
 
     def finish_bundle(self):
       for out in self._flush():
-        yield _in_global_window(out)
+        yield file_io.in_global_window(out)
 
   return BandsToBuckets()
-
-
-def _in_global_window(value):
-  """value as finish_bundle must emit it (it has no element's window)."""
-  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
-  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
-  return windowed_value.WindowedValue(
-      value, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
 
 
 def _read_ranges(ranges) -> bytes:
@@ -666,7 +658,7 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
 
     def finish_bundle(self):
       if self._lines:
-        yield _in_global_window(self._flush())
+        yield file_io.in_global_window(self._flush())
 
   return PairsToRuns()
 

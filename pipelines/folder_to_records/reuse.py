@@ -424,7 +424,7 @@ def processed(line: dict):
     phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
                ) if line['phash'] else None
     height, width = (int(v) for v in line['original_size'])
-    sums = [[int(v) for v in line[k]] for k in ('pixel_sum', 'pixel_sumsq')]
+    sums = [list(map(int, line[k])) for k in ('pixel_sum', 'pixel_sumsq')]
     if not (len(sums[0]) == len(sums[1]) and isinstance(
         line['num_pixels'], int) and isinstance(line['warning'],
                                                 (str, type(None)))):
@@ -491,10 +491,9 @@ class Records:
     later steps may copy it from: a local file, its identity in `pinned`);
     re-labelled when its class index moved; None when the record at old's
     place is damaged or is not that file's."""
-    from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     try:
       if old.shard not in self._open:
-        f = self._open[old.shard] = FileSystems.open(
+        f = self._open[old.shard] = file_io.FileSystems.open(
             self._source.shard_path(old.shard),
             compression_type=file_io.RAW)
         identity = file_io.identity(f)

@@ -42,7 +42,7 @@ class Kept:
 
 def _unit_hash(*parts: object) -> float:
   """A uniform number in [0, 1) from the parts (stable across processes)."""
-  digest = hashlib.sha256(':'.join(str(p) for p in parts).encode()).digest()
+  digest = hashlib.sha256(':'.join(map(str, parts)).encode()).digest()
   return int.from_bytes(digest[:8], 'big') / 2.0**64
 
 

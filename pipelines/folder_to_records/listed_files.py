@@ -52,16 +52,12 @@ class ListRange(NamedTuple):
   length: int
 
 
-def _encode(relpath: str) -> bytes:
-  return relpath.encode('utf-8', 'surrogateescape')
-
-
 def write_run(run_dir: str, relpaths: list[str], *, seed: int) -> ListRun:
   """Writes relpaths' entries, sorted by (order key, relpath), to a new run
-  file in run_dir."""
+  file in run_dir (UTF-8: the listing ignores names that are not)."""
   entries = sorted((splits_lib.order_key(p, seed=seed), p) for p in relpaths)
   data = [_ENTRY.pack(key, len(name)) + name
-          for key, name in ((k, _encode(p)) for k, p in entries)]
+          for key, name in ((k, p.encode()) for k, p in entries)]
   path = file_io.new_path(run_dir, _PREFIX, '.bin')
   file_io.write_bytes(path, b''.join(data))
   ends = np.cumsum([len(d) for d in data], dtype=np.int64)
@@ -97,7 +93,6 @@ def read_range(data: bytes) -> list[tuple[float, str]]:
     if at + size > len(data):
       raise IOError(f'a listed file runs past the end of its range '
                     f'({len(data)} bytes): a run file was cut short')
-    entries.append((key, data[at:at + size].decode('utf-8',
-                                                   'surrogateescape')))
+    entries.append((key, data[at:at + size].decode()))
     at += size
   return entries

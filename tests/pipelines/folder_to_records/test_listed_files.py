@@ -1,0 +1,66 @@
+"""The listed files' run files (listed_files): chunks as chunk_of gives them,
+paths back byte for byte, and builds that do not depend on how the listing
+was cut into runs."""
+
+import random
+
+import pytest
+
+from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import chunk_format
+from pipelines.folder_to_records import file_io
+from pipelines.folder_to_records import listed_files
+from pipelines.folder_to_records import reuse
+from tests import helpers
+
+# Names a listing passes on (names that are not UTF-8 it ignores): non-ASCII,
+# quotes, newlines, separators inside the class folder, long ones.
+_ODD = ['cat/a.jpg', 'cat/ä ö.png', 'dog/日本.jpg', 'dog/"q"\n.jpg',
+        'cat/sub/deep/x.jpg', 'dog/' + 'l' * 300 + '.jpg']
+
+
+def _relpaths(count: int, rng: random.Random) -> list[str]:
+  return _ODD + [f'c{rng.randrange(5)}/{rng.random():.17f}.jpg'
+                 for _ in range(count)]
+
+
+@pytest.mark.parametrize('num_files', [1, 7, 64, 65, 1_000, 100_000])
+def test_each_chunk_range_holds_the_files_chunk_of_gives_it(tmp_path,
+                                                            num_files):
+  rng = random.Random(num_files)
+  relpaths = _relpaths(500, rng)
+  seed = rng.randrange(1000)
+  run = listed_files.write_run(str(tmp_path), list(relpaths), seed=seed)
+  ranges = listed_files.chunk_ranges(run, num_files)
+  assert len({chunk for chunk, _ in ranges}) == len(ranges)  # One a chunk.
+  n = chunk_format.num_chunks(num_files)
+  got = []
+  for chunk, piece in ranges:
+    entries = listed_files.read_range(b''.join(file_io.range_blocks([piece])))
+    assert entries == sorted(entries)
+    for key, relpath in entries:
+      assert chunk == chunk_format.chunk_of(relpath, n, seed=seed)
+      got.append(relpath)
+  assert sorted(got) == sorted(relpaths)  # Every file once, bytes intact.
+
+
+def test_an_empty_run_has_no_ranges_and_a_cut_one_is_an_error(tmp_path):
+  run = listed_files.write_run(str(tmp_path), [], seed=0)
+  assert listed_files.chunk_ranges(run, 10) == []
+  run = listed_files.write_run(str(tmp_path), ['cat/a.jpg'], seed=0)
+  with open(run.path, 'rb') as f:
+    data = f.read()
+  with pytest.raises(IOError, match='cut short'):
+    listed_files.read_range(data[:-1])
+
+
+def test_a_build_does_not_depend_on_how_the_listing_was_cut(tmp_path,
+                                                          monkeypatch):
+  helpers.photo_folder(tmp_path / 'in', per_class=5)
+  flags = dict(input_dir=str(tmp_path / 'in'), image_size='32', quiet=True,
+               validation_fraction=0.2)
+  builder.build(output_dir=str(tmp_path / 'one'), **flags)
+  monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Many runs.
+  builder.build(output_dir=str(tmp_path / 'many'), **flags)
+  assert reuse.differences(str(tmp_path / 'one'),
+                           str(tmp_path / 'many')) == []

@@ -21,9 +21,10 @@ see only per-chunk totals. Stages:
                     chunk file per (chunk, split) with an index (offset,
                     length, label, pixel sums, warning of each record) and
                     its byte total; bad files -> rejected
-  Dedupe            GroupByKey on sha256 of (path, chunk, offset) references:
-                    duplicates, label conflicts and leaks resolved per
-                    content hash; only dropped copies come out
+  Dedupe            the writers' (path, chunk, offset) references, through
+                    files bucketed by sha256 (dofns.FLUSH_REFERENCES),
+                    grouped per content hash: duplicates, label conflicts
+                    and leaks resolved; only dropped copies come out
   ShardLayout       prefix sums over the (split, chunk) byte totals (a list
                     the size of the number of chunks) give each record its
                     offset in its split; shard = offset // shard_size
@@ -106,6 +107,7 @@ from pipelines.folder_to_records.dofns import listed_path
 from pipelines.folder_to_records.dofns import ListFolder
 from pipelines.folder_to_records.dofns import record_split
 from pipelines.folder_to_records.dofns import REJECTED
+from pipelines.folder_to_records.dofns import dedupe_bucket
 from pipelines.folder_to_records.dofns import resolve_duplicates
 from pipelines.folder_to_records.dofns import REUSED
 from pipelines.folder_to_records.dofns import SUMS
@@ -210,7 +212,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   deduped = (
       written.records
       | 'GroupBySha' >> beam.GroupByKey()
-      | 'Dedupe' >> beam.FlatMap(resolve_duplicates, config=config
+      | 'Dedupe' >> beam.FlatMap(dedupe_bucket, config=config
                                  ).with_outputs(REJECTED, FINDINGS, KEPT,
                                                 main='dropped'))
   drops, rejected = [deduped.dropped], [listed[IGNORED], written[REJECTED],

@@ -25,7 +25,7 @@ CHUNKS_DIR = '_chunks'
 # The sorted runs file_io.write_run and the keyed files file_io.write_keyed
 # leave in the chunk folder.
 RUN_FILE_RE = (r'(sort|pairs)-[0-9a-f]{32}\.jsonl'
-               r'|(bands|earlier|listed)-[0-9a-f]{32}\.bin')
+               r'|(bands|earlier|listed|references)-[0-9a-f]{32}\.bin')
 # A chunk file: chunk, split, the writing attempt (chunk_path).
 CHUNK_FILE_RE = r'\d{6,}-(train|validation|test)-[0-9a-f]{16}\.tfrecord'
 

@@ -11,6 +11,7 @@ import dataclasses
 import hashlib
 import json
 import posixpath
+import struct
 import time
 import uuid
 from typing import Optional, Sequence
@@ -68,9 +69,66 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
       test_fraction=config.test_fraction)
 
 
+# The dedupe shuffle goes through files, as the listing does (listed_files):
+# a chunk writer keeps a short reference of each record it wrote
+# (pack_reference), and at most FLUSH_REFERENCES of them it writes as one
+# file sorted by bucket (the first byte of the content hash: a bucket holds
+# ~1/256 of the records, and all copies of one content), sending on only
+# (bucket, (file, offset, length)); the dedupe step reads a bucket's ranges
+# and groups them by content hash (dedupe_bucket). One element per record
+# crossed three steps before: ~1 s of a 100,000-file update. A writer holds
+# at most FLUSH_REFERENCES references (~100 B each); only the files of a
+# bundle that succeeded are named downstream.
+FLUSH_REFERENCES = 20_000
+# digest, chunk, offset, whether hashes follow, whole and centre hash, the
+# given split (index in _GIVEN), the relpath's length; then its bytes.
+_REFERENCE = struct.Struct('>32sIQBQQBI')
+_GIVEN = (None, *metadata_lib.SPLITS)
+
+
+def pack_reference(digest: bytes, relpath: str, chunk: int, offset: int,
+                   phashes, given_split) -> bytes:
+  """One record's reference for the dedupe step, as bytes."""
+  name = relpath.encode()
+  whole, centre = phashes or (0, 0)
+  return _REFERENCE.pack(digest, chunk, offset, phashes is not None, whole,
+                         centre, _GIVEN.index(given_split), len(name)) + name
+
+
+def read_references(data: bytes) -> dict[bytes, list[tuple]]:
+  """pack_reference's bytes, one after another -> {digest: [(relpath,
+  chunk, offset, phashes, given split)]}."""
+  groups, at, end = {}, 0, len(data)
+  while at < end:
+    (digest, chunk, offset, hashed, whole, centre, given,
+     size) = _REFERENCE.unpack_from(data, at)
+    at += _REFERENCE.size
+    if at + size > end:
+      raise IOError(f'a record reference runs past the end of its range '
+                    f'({end} bytes): a references file was cut short')
+    groups.setdefault(digest, []).append((
+        data[at:at + size].decode(), chunk, offset,
+        (whole, centre) if hashed else None, _GIVEN[given]))
+    at += size
+  return groups
+
+
+def dedupe_bucket(element, *, config: build_config.BuildConfig):
+  """(bucket, its (file, offset, length) ranges) -> resolve_duplicates'
+  outputs for each content hash in it (a unique file with no search: none,
+  without a call)."""
+  _, ranges = element
+  groups = read_references(b''.join(file_io.range_blocks(sorted(ranges))))
+  search = config.near_duplicate_distance > 0
+  for digest in sorted(groups):
+    references = groups[digest]
+    if len(references) > 1 or search:
+      yield from resolve_duplicates((digest, references), config=config)
+
+
 class WriteChunk(beam.DoFn):
-  """(chunk index, relpaths) -> (sha256 digest, (relpath, chunk, offset)) per
-  record, for the dedupe shuffle.
+  """(chunk index, relpaths) -> the records' references for the dedupe step,
+  as (bucket, file range) (see FLUSH_REFERENCES).
 
   Writes a chunk file per split and one meta file (their indexes and the
   chunk's images.jsonl lines); 'totals': (split, chunk, bytes written) for
@@ -89,6 +147,7 @@ class WriteChunk(beam.DoFn):
     self._reader = None
     self._records = None  # The earlier build's open files (reuse.Records).
     self._labels = {name: i for i, name in enumerate(config.class_names)}
+    self._references = []  # Not yet written (pack_reference).
 
   def setup(self):
     if paths.is_remote(self._config.input_dir):  # Local: no thread.
@@ -277,10 +336,10 @@ class WriteChunk(beam.DoFn):
           writers[split].write(record)
         del record
         indexes.setdefault(split, []).append(entry)
-        # The dedupe shuffle carries only this (the runner may hold it all).
-        yield digest, (source.relpath, index, offsets[split],
-                       phashes_for_search,
-                       source.given_split)
+        # What the dedupe step needs of the record (through a file).
+        self._references.append(pack_reference(
+            digest, source.relpath, index, offsets[split],
+            phashes_for_search, source.given_split))
         offsets[split] += entry.length
         written += 1
     finally:
@@ -300,6 +359,23 @@ class WriteChunk(beam.DoFn):
       yield beam.pvalue.TaggedOutput(REUSED, (
           taken, written - taken, damaged, len(olds)))
     yield beam.pvalue.TaggedOutput(TIMES, (start_time, time.time()))
+    if len(self._references) >= FLUSH_REFERENCES:
+      yield from self._flush()
+
+  def start_bundle(self):
+    self._references = []
+
+  def _flush(self):
+    """The references so far as (bucket, (file, offset, length)) ranges of
+    one new file (file_io.write_keyed)."""
+    references, self._references = self._references, []
+    return file_io.write_keyed(
+        posixpath.join(self._tmp_dir, chunk_format.CHUNKS_DIR), 'references',
+        [(reference[0], reference) for reference in references])
+
+  def finish_bundle(self):
+    for out in self._flush():
+      yield file_io.in_global_window(out)
 
 
 class ListFolder(beam.DoFn):

@@ -1,13 +1,16 @@
-"""The listed files' run files (listed_files): chunks as chunk_of gives them,
-paths back byte for byte, and builds that do not depend on how the listing
-was cut into runs."""
+"""What travels between steps through files instead of elements: the
+listed files' run files (listed_files: chunks as chunk_of gives them, paths
+back byte for byte) and the records' references for the dedupe step; builds
+do not depend on how either was cut into files."""
 
 import random
+import shutil
 
 import pytest
 
 from pipelines.folder_to_records import builder
 from pipelines.folder_to_records import chunk_format
+from pipelines.folder_to_records import dofns
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import reuse
@@ -61,6 +64,40 @@ def test_a_build_does_not_depend_on_how_the_listing_was_cut(tmp_path,
                validation_fraction=0.2)
   builder.build(output_dir=str(tmp_path / 'one'), **flags)
   monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Many runs.
+  builder.build(output_dir=str(tmp_path / 'many'), **flags)
+  assert reuse.differences(str(tmp_path / 'one'),
+                           str(tmp_path / 'many')) == []
+
+
+def test_record_references_come_back_grouped_by_content():
+  digest_a, digest_b = bytes(range(32)), bytes(32)
+  references = [
+      (digest_a, 'cat/ä ö.png', 3, 1 << 40, (1, (1 << 64) - 1), None),
+      (digest_b, 'dog/"q"\n.jpg', 0, 0, None, 'validation'),
+      (digest_a, 'dog/' + 'l' * 300 + '.jpg', 7, 9, None, 'test')]
+  data = b''.join(dofns.pack_reference(*r) for r in references)
+  assert dofns.read_references(data) == {
+      digest_a: [r[1:] for r in references if r[0] == digest_a],
+      digest_b: [references[1][1:]]}
+  with pytest.raises(IOError, match='cut short'):
+    dofns.read_references(data[:-1])
+
+
+def test_a_build_does_not_depend_on_how_its_references_were_cut(
+    tmp_path, monkeypatch):
+  """Exact copies in one class, across classes and across split folders
+  are resolved alike whether the writers' references came in one file or
+  in many."""
+  helpers.photo_folder(tmp_path / 'in', per_class=4)
+  files = sorted((tmp_path / 'in').rglob('*.*'))
+  shutil.copy(files[0], files[0].with_name('copy.jpg'))  # Same class.
+  shutil.copy(files[1], tmp_path / 'in' / 'rocket' / 'conflict.jpg')
+  flags = dict(input_dir=str(tmp_path / 'in'), image_size='32', quiet=True,
+               validation_fraction=0.3)
+  monkeypatch.setattr(chunk_format, 'EXAMPLES_PER_CHUNK', 2)  # 7 chunks.
+  one = builder.build(output_dir=str(tmp_path / 'one'), **flags)
+  assert one['duplicates'] and one['conflicts']
+  monkeypatch.setattr(dofns, 'FLUSH_REFERENCES', 1)  # A file a chunk.
   builder.build(output_dir=str(tmp_path / 'many'), **flags)
   assert reuse.differences(str(tmp_path / 'one'),
                            str(tmp_path / 'many')) == []

@@ -18,7 +18,6 @@ One example (a serialized `tf.train.Example`):
 
 from __future__ import annotations
 
-import functools
 import struct
 from typing import Any, Iterator, Optional
 
@@ -78,43 +77,39 @@ def encode_example(*, image: bytes, label: int, filename: str, sha256: str,
   example. `tests/tfrecords_schema/test_schema.py` checks TensorFlow parses these bytes into
   the same Example it would build itself.
   """
-  features = {
-      IMAGE: _bytes_feature(image),
+  # 'image' sorts before every other key: its entry first, then the tail.
+  entries = _entry(IMAGE, _bytes_feature(image)) + [_tail(
+      label=label, filename=filename, sha256=sha256,
+      original_height=original_height, original_width=original_width)]
+  # Example.features = Features{feature: map}; the one copy of the image.
+  return b''.join(_field(0x0A, *entries))
+
+
+def _tail(*, label: int, filename: str, sha256: str, original_height: int,
+          original_width: int) -> bytes:
+  """The feature map's entries after the image's (keys sorted), serialized:
+  what ends every Example encode_example writes."""
+  features = {  # Keys that sort after IMAGE ('image/...', 'label').
       LABEL: _int64_feature(label),
       FILENAME: _bytes_feature(filename.encode('utf-8')),
       SHA256: _bytes_feature(sha256.encode('ascii')),
       ORIGINAL_HEIGHT: _int64_feature(original_height),
       ORIGINAL_WIDTH: _int64_feature(original_width),
   }
-  entries = [piece for key in sorted(features)
-             for piece in _entry(key, features[key])]
-  # Example.features = Features{feature: map}; the one copy of the image.
-  return b''.join(_field(0x0A, *entries))
+  return b''.join(piece for key in sorted(features)
+                  for piece in _entry(key, features[key]))
 
 
-def holds(data: bytes, *, label: int, filename: str, sha256: str) -> bool:
-  """Whether a serialized Example (encode_example's) has these values: its
-  bytes hold each value with its length prefix (the label as its whole map
-  entry). For a record whose checksums hold, a cheap check: the sha256 is
-  64 bytes no image's bytes hold by chance, and the path with its length
-  tells copies of one file apart ('a/x.jpg' is not 'ba/x.jpg')."""
-  sha, name = sha256.encode('ascii'), filename.encode('utf-8')
-  # The image's entry comes first (keys sorted: 'image' < 'image/...' <
-  # 'label'): the others are in the last bytes, searched alone.
-  tail = data[-(len(name) + len(sha) + _TAIL_BYTES):]
-  return (b'\n' + _varint(len(sha)) + sha in tail and
-          b'\n' + _varint(len(name)) + name in tail and
-          _label_entry(label) in tail)
-
-
-# More than the entries after the image's take, their path and sha256
-# aside (keys, lengths, heights, width, label: ~120 bytes).
-_TAIL_BYTES = 256
-
-
-@functools.lru_cache(maxsize=1024)
-def _label_entry(label: int) -> bytes:
-  return b''.join(_entry(LABEL, _int64_feature(label)))
+def holds(data: bytes, *, label: int, filename: str, sha256: str,
+          original_height: int, original_width: int) -> bool:
+  """Whether a serialized Example (encode_example's) has these values: it
+  ends with exactly the entries encode_example writes after the image's
+  (path, sizes, sha256, label, each with its key and length). A cheap and
+  strict check: no value can be found inside another (a file name may
+  hold any bytes but '/' and NUL, e.g. another label's entry)."""
+  return data.endswith(_tail(
+      label=label, filename=filename, sha256=sha256,
+      original_height=original_height, original_width=original_width))
 
 
 def _masked_crc32c(data: bytes) -> int:

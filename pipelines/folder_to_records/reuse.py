@@ -503,12 +503,13 @@ class Records:
       f.seek(old.offset)
       framed = f.read(line['record_bytes'])
       data = schema.unframe_record(framed)
-      if schema.holds(data, label=label, filename=line['path'],
-                      sha256=line['sha256']):
+      height, width = line['original_size']
+      values = dict(filename=line['path'], sha256=line['sha256'],
+                    original_height=height, original_width=width)
+      if schema.holds(data, label=label, **values):
         return framed, old.shard in self.pinned
       example = schema.decode_example(data)  # Another label: re-labelled.
-      if not schema.holds(data, label=example[schema.LABEL],
-                          filename=line['path'], sha256=line['sha256']):
+      if not schema.holds(data, label=example[schema.LABEL], **values):
         return None
     except (OSError, ValueError, IndexError, KeyError, TypeError):
       return None

@@ -444,3 +444,35 @@ def test_a_label_that_grows_a_byte_gives_the_full_builds_lines(tmp_path):
   old, new = ({line['path']: line['record_bytes'] for line in _lines(
       d / metadata.IMAGES_FILE)} for d in (tmp_path / 'v1', tmp_path / 'v2'))
   assert new['c127/x.png'] == old['c127/x.png'] + 1
+
+
+def test_a_name_holding_another_labels_bytes_is_still_re_labelled(tmp_path):
+  """A file name may hold any bytes but '/' and NUL, e.g. the serialized
+  entry of label 1. A record whose class index moves from 0 to 1 must be
+  re-labelled even then (the check of a taken record once found label 1's
+  bytes anywhere in the record's last bytes, the name among them)."""
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, classes={'b': 'chelsea', 'c': 'coffee'},
+                       per_class=3, formats=('png',))
+  name = schema.encode_example(image=b'', label=1, filename='', sha256='',
+                               original_height=0, original_width=0)
+  # Label 1's map entry, the last: its tag and length, then key and value.
+  label_entry = name[name.rindex(b'\n\x05label') - 2:]
+  assert label_entry == b'\n\x0e\n\x05label\x12\x05\x1a\x03\n\x01\x01'
+  crafted = images / 'b' / ('x' + label_entry.decode('ascii') + '.png')
+  Image.open(next((images / 'b').glob('*.png'))).transpose(
+      Image.Transpose.FLIP_LEFT_RIGHT).save(crafted)  # Not a duplicate.
+  hour_ago = time.time() - 3600
+  for path in images.rglob('*.png'):
+    os.utime(path, (hour_ago, hour_ago))
+  flags = dict(validation_fraction=0.0, test_fraction=0.0,
+               near_duplicate_distance=0)
+  _build(images, tmp_path / 'v1', **flags)
+  helpers.photo_folder(images, classes={'a': 'rocket'}, per_class=2,
+                       formats=('png',))  # b: label 0 -> 1.
+  report = _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'),
+                  **flags)
+  assert report['reuse']['reused'] == 7
+  assert crafted.name in {line['path'].split('/')[1] for line in _lines(
+      tmp_path / 'v2' / metadata.IMAGES_FILE)}  # Written, not dropped.
+  _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)

@@ -202,7 +202,8 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   written = (
       chunked
       | 'GroupChunks' >> beam.GroupByKey()
-      | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir)).with_outputs(
+      | 'WriteChunks' >> beam.ParDo(WriteChunk(config, tmp_dir),
+                                    counts).with_outputs(
           REJECTED, TOTALS, TIMES, FLAGGED, REUSED, main='records'))
   layouts = (_combine(written[TOTALS], 'AllTotals',
                       beam.combiners.ToListCombineFn())

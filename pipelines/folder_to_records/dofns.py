@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
+import os
 import posixpath
 import struct
 import time
@@ -72,14 +73,17 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
 # The dedupe shuffle goes through files, as the listing does (listed_files):
 # a chunk writer keeps a short reference of each record it wrote
 # (pack_reference), and at most FLUSH_REFERENCES of them it writes as one
-# file sorted by bucket (the first byte of the content hash: a bucket holds
-# ~1/256 of the records, and all copies of one content), sending on only
-# (bucket, (file, offset, length)); the dedupe step reads a bucket's ranges
-# and groups them by content hash (dedupe_bucket). One element per record
+# file sorted by bucket (reference_bucket: ~REFERENCES_PER_BUCKET records a
+# bucket, all copies of one content in one), sending on only (bucket,
+# (file, offset, length)); the dedupe step reads a bucket's ranges and
+# groups them by content hash (dedupe_bucket). One element per record
 # crossed three steps before: ~1 s of a 100,000-file update. A writer holds
-# at most FLUSH_REFERENCES references (~100 B each); only the files of a
-# bundle that succeeded are named downstream.
+# at most FLUSH_REFERENCES references (~100 B each), the dedupe step one
+# bucket (~0.5 KB a reference once read: ~2 MB), whatever the file count;
+# only the files of a bundle that succeeded are named downstream.
 FLUSH_REFERENCES = 20_000
+REFERENCES_PER_BUCKET = 4096
+MIN_BUCKETS = 16  # For the workers to share.
 # digest, chunk, offset, whether hashes follow, whole and centre hash, the
 # given split (index in _GIVEN), the relpath's length; then its bytes.
 _REFERENCE = struct.Struct('>32sIQBQQBI')
@@ -93,6 +97,20 @@ def pack_reference(digest: bytes, relpath: str, chunk: int, offset: int,
   whole, centre = phashes or (0, 0)
   return _REFERENCE.pack(digest, chunk, offset, phashes is not None, whole,
                          centre, _GIVEN.index(given_split), len(name)) + name
+
+
+def reference_buckets(num_files: int) -> int:
+  """Buckets of the dedupe step for num_files listed files."""
+  return max(MIN_BUCKETS, -(-num_files // REFERENCES_PER_BUCKET))
+
+
+def reference_bucket(digest: bytes, *, salt: bytes, buckets: int) -> int:
+  """A content hash's bucket: a hash keyed by the build's random salt, so
+  that no one can make files whose hashes share a bucket (a sha256 prefix
+  takes ~buckets tries a file to match) and load one worker with them all.
+  Which bucket a record lands in changes nothing in the output."""
+  return int.from_bytes(hashlib.blake2b(
+      digest, key=salt, digest_size=8).digest(), 'big') % buckets
 
 
 def read_references(data: bytes) -> dict[bytes, list[tuple]]:
@@ -144,6 +162,8 @@ class WriteChunk(beam.DoFn):
   def __init__(self, config: build_config.BuildConfig, tmp_dir: str):
     self._config = config
     self._tmp_dir = tmp_dir
+    # One per build, made where the graph is (every worker gets this one).
+    self._salt = os.urandom(16)
     self._reader = None
     self._records = None  # The earlier build's open files (reuse.Records).
     self._labels = {name: i for i, name in enumerate(config.class_names)}
@@ -206,9 +226,12 @@ class WriteChunk(beam.DoFn):
         to_read.append(f.relpath)
     return to_read, candidates
 
-  def process(self, element):
+  def process(self, element, counts: tuple[int, int] = (0, 0)):
+    """element: (chunk index, its items); counts: the listing's (files,
+    ignored)."""
     index, items = element
     config = self._config
+    buckets = reference_buckets(counts[0])
     start_time = time.time()
     if self._reader is None:  # Called outside Beam (tests, profiling).
       self.setup()  # Makes reader threads for remote files only.
@@ -337,9 +360,10 @@ class WriteChunk(beam.DoFn):
         del record
         indexes.setdefault(split, []).append(entry)
         # What the dedupe step needs of the record (through a file).
-        self._references.append(pack_reference(
-            digest, source.relpath, index, offsets[split],
-            phashes_for_search, source.given_split))
+        self._references.append((reference_bucket(
+            digest, salt=self._salt, buckets=buckets), pack_reference(
+                digest, source.relpath, index, offsets[split],
+                phashes_for_search, source.given_split)))
         offsets[split] += entry.length
         written += 1
     finally:
@@ -371,7 +395,7 @@ class WriteChunk(beam.DoFn):
     references, self._references = self._references, []
     return file_io.write_keyed(
         posixpath.join(self._tmp_dir, chunk_format.CHUNKS_DIR), 'references',
-        [(reference[0], reference) for reference in references])
+        references)
 
   def finish_bundle(self):
     for out in self._flush():

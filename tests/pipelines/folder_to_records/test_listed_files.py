@@ -3,6 +3,9 @@ listed files' run files (listed_files: chunks as chunk_of gives them, paths
 back byte for byte) and the records' references for the dedupe step; builds
 do not depend on how either was cut into files."""
 
+import collections
+import hashlib
+import os
 import random
 import shutil
 
@@ -101,3 +104,24 @@ def test_a_build_does_not_depend_on_how_its_references_were_cut(
   builder.build(output_dir=str(tmp_path / 'many'), **flags)
   assert reuse.differences(str(tmp_path / 'one'),
                            str(tmp_path / 'many')) == []
+
+
+def test_dedupe_buckets_stay_small_whatever_the_hashes():
+  """A bucket holds ~REFERENCES_PER_BUCKET references whatever the file
+  count, even for files made so that their sha256 share a prefix: the
+  bucket is a hash keyed by the build's random salt."""
+  num_files = 100_000
+  buckets = dofns.reference_buckets(num_files)
+  assert buckets * dofns.REFERENCES_PER_BUCKET >= num_files
+  assert dofns.reference_buckets(10) == dofns.MIN_BUCKETS
+  digests = [b'\x07\x07' + hashlib.sha256(str(i).encode()).digest()[2:]
+             for i in range(num_files)]  # A shared prefix, as if ground.
+  salt = os.urandom(16)
+  sizes = collections.Counter(dofns.reference_bucket(
+      d, salt=salt, buckets=buckets) for d in digests)
+  assert len(sizes) == buckets
+  assert max(sizes.values()) < 1.2 * dofns.REFERENCES_PER_BUCKET
+  other = [dofns.reference_bucket(d, salt=os.urandom(16), buckets=buckets)
+           for d in digests[:100]]
+  assert other != [dofns.reference_bucket(d, salt=salt, buckets=buckets)
+                   for d in digests[:100]]

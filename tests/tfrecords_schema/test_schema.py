@@ -167,3 +167,22 @@ def test_framed_records_equal_tfrecordwriter_output(tmp_path):
   with io.BytesIO(ours[:-1]) as f:
     assert list(schema.read_records(f, max_record_bytes=1 << 20)) == [
         b'', b'x']
+
+
+@pytest.mark.parametrize('label', [0, 1, 127, 128, 2**40])
+@pytest.mark.parametrize('filename', ['', 'a/b.jpg', 'ä/' + 'x' * 200,
+                                      'c/\n\x0e\n\x05label\x12\x05.png'])
+def test_holds_is_exact_on_what_encode_example_writes(label, filename):
+  """holds accepts the values a record was written with and nothing else,
+  whatever bytes the name holds; the Example is the one TensorFlow reads."""
+  values = dict(label=label, filename=filename, sha256='ab' * 32,
+                original_height=128, original_width=5)
+  data = schema.encode_example(image=b'\n\x05label' * 9, **values)
+  example = tf.train.Example.FromString(data).features.feature
+  assert example[schema.FILENAME].bytes_list.value == [filename.encode()]
+  assert example[schema.LABEL].int64_list.value == [label]
+  assert schema.holds(data, **values)
+  for key, other in (('label', label + 1), ('filename', filename + 'x'),
+                     ('filename', 'z' + filename), ('sha256', 'ab' * 31),
+                     ('original_height', 127), ('original_width', 6)):
+    assert not schema.holds(data, **{**values, key: other}), key

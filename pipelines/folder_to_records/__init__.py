@@ -17,7 +17,7 @@
     shard_math.py     shard layout and arithmetic (prefix sums, shard of a
                       record): the shard planning
     file_io.py        read-ahead, writes, byte-range copies
-    listed_files.py   the listed files' run files, cut into chunk ranges
+    listed_files.py   the listed files' runs, cut into chunk pieces
     dofns.py          ListFolder, WriteChunk, resolve_duplicates, ConcatShard
     statistics.py     train mean/std from exact pixel sums
     report_writer.py  metadata.json, build_report.json, rejected.jsonl

@@ -9,12 +9,12 @@ see only per-chunk totals. Stages:
   ListFolders       workers walk their class folders (local: byte-safe, with
                     the link policy; gs://, s3://: Beam's FileSystems);
                     every file is a candidate or ignored with a reason; the
-                    candidates go into run files sorted by order key
+                    candidates go into runs sorted by order key
                     (listed_files), not one element each
   Chunk             chunk = floor(order_key(seed, path) * num_chunks), with
                     num_chunks from a global count: ~EXAMPLES_PER_CHUNK
                     files per chunk in a seeded order that mixes classes;
-                    one range of a run file per chunk
+                    each run cut into one piece per chunk
   WriteChunks       per chunk, files in (order_key, path) order: read,
                     sha256, split = hash(seed, sha256) (or the split
                     folder), decode/validate/resize/encode; records go to one
@@ -161,7 +161,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   size = config.shard_size_bytes
   ignored = list(plan.ignored)
   run_dir = posixpath.join(tmp_dir, CHUNKS_DIR)
-  # The listed files travel in run files (listed_files), but to --stratified's
+  # The listed files travel in runs (listed_files), but to --stratified's
   # per-class grouping, which takes them one by one.
   listed = (
       # No Create reshuffle: _spread deals the folders out (one stage less).
@@ -192,7 +192,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
                       p), counts)
   else:
     chunked = files | 'Chunk' >> beam.FlatMap(
-        lambda run, c: listed_files.chunk_ranges(run, c[0]), counts)
+        lambda run, c: listed_files.chunk_pieces(run, c[0]), counts)
   if config.reuse:  # The earlier records go to the chunks of their paths.
     chunked = (chunked, pipeline | 'Earlier' >> beam.Create([None])
                | 'EarlierRecords' >> beam.FlatMap(

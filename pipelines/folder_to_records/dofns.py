@@ -75,8 +75,10 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
 # (pack_reference), and at most FLUSH_REFERENCES of them it writes as one
 # file sorted by bucket (reference_bucket: ~REFERENCES_PER_BUCKET records a
 # bucket, all copies of one content in one), sending on only (bucket,
-# (file, offset, length)); the dedupe step reads a bucket's ranges and
-# groups them by content hash (dedupe_bucket). One element per record
+# (file, offset, length)) (a small bundle's, up to
+# listed_files.INLINE_BYTES, as (bucket, bytes), with no file); the dedupe
+# step reads a bucket's pieces and groups them by content hash
+# (dedupe_bucket). One element per record
 # crossed three steps before: ~1 s of a 100,000-file update. A writer holds
 # at most FLUSH_REFERENCES references (~100 B each), the dedupe step one
 # bucket (~0.5 KB a reference once read: ~2 MB), whatever the file count;
@@ -132,11 +134,11 @@ def read_references(data: bytes) -> dict[bytes, list[tuple]]:
 
 
 def dedupe_bucket(element, *, config: build_config.BuildConfig):
-  """(bucket, its (file, offset, length) ranges) -> resolve_duplicates'
-  outputs for each content hash in it (a unique file with no search: none,
-  without a call)."""
-  _, ranges = element
-  groups = read_references(b''.join(file_io.range_blocks(sorted(ranges))))
+  """(bucket, its pieces: bytes, or (file, offset, length) ranges, from
+  file_io.write_keyed) -> resolve_duplicates' outputs for each content hash
+  in it (a unique file with no search: none, without a call)."""
+  _, pieces = element
+  groups = read_references(file_io.read_keyed(pieces))
   search = config.near_duplicate_distance > 0
   for digest in sorted(groups):
     references = groups[digest]
@@ -239,9 +241,9 @@ class WriteChunk(beam.DoFn):
     for item in items:
       if isinstance(item, reuse.Earlier):
         olds.update((old.relpath, old) for old in reuse.read_olds(item))
-      elif isinstance(item, listed_files.ListRange):
-        listed.extend((key, p, p) for key, p in listed_files.read_range(
-            b''.join(file_io.range_blocks([item]))))
+      elif isinstance(item, listed_files.ListPiece):
+        listed.extend((key, p, p) for key, p in listed_files.read_entries(
+            item.data))
       else:
         relpath = listed_path(item)
         listed.append((splits_lib.order_key(relpath, seed=config.seed),
@@ -395,7 +397,7 @@ class WriteChunk(beam.DoFn):
     references, self._references = self._references, []
     return file_io.write_keyed(
         posixpath.join(self._tmp_dir, chunk_format.CHUNKS_DIR), 'references',
-        references)
+        references, inline_bytes=listed_files.INLINE_BYTES)
 
   def finish_bundle(self):
     for out in self._flush():
@@ -404,10 +406,10 @@ class WriteChunk(beam.DoFn):
 
 class ListFolder(beam.DoFn):
   """FolderTask -> the candidates: with run_dir, a listed_files.ListRun of
-  each bundle's (or each _FLUSH_ENTRIES of them), else the relpath of each;
+  each bundle's (or each FLUSH_ENTRIES of them), else the relpath of each;
   'ignored' for the rest; 'counts': (candidates, ignored) of the task. A
   Skipped (what the launcher ignored at the top level) passes through to
-  'ignored'. Only the runs of a bundle that succeeded are named downstream,
+  'ignored'. Only the runs of a bundle that succeeded reach the next step,
   so a retried bundle lists no file twice."""
 
   def __init__(self, input_dir: str, exclude: Sequence[str], *,

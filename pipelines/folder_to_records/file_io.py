@@ -65,15 +65,23 @@ def in_global_window(value):
       value, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
 
 
-def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]]):
+def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]],
+                *, inline_bytes: int = -1):
   """Writes (key, bytes) entries to one new file in run_dir, sorted by key
   (stably: a key's entries keep their order); yields (key, (path, offset,
   length)) of each key's bytes there. Many small entries travel as a few
   ranges instead of one shuffle element each (the local runner holds a
-  shuffle in memory and pays per element)."""
+  shuffle in memory and pays per element). Entries of at most inline_bytes
+  in all are not written: (key, their bytes) instead (a distributed
+  runner's small bundle: no file to create and read back; read_keyed
+  takes both)."""
   if not entries:
     return
   entries.sort(key=lambda e: e[0])
+  if sum(len(e) for _, e in entries) <= inline_bytes:
+    for key, run in itertools.groupby(entries, key=lambda e: e[0]):
+      yield key, b''.join(e for _, e in run)
+    return
   path = new_path(run_dir, prefix, '.bin')
   write_bytes(path, b''.join(e for _, e in entries))
   offset = 0
@@ -81,6 +89,14 @@ def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]]):
     length = sum(len(e) for _, e in run)
     yield key, (path, offset, length)
     offset += length
+
+
+def read_keyed(pieces) -> bytes:
+  """The bytes write_keyed gave one key: its inline bytes and (path,
+  offset, length) ranges, one after another (in no set order)."""
+  inline = [p for p in pieces if isinstance(p, bytes)]
+  ranges = sorted(p for p in pieces if not isinstance(p, bytes))
+  return b''.join(inline + list(range_blocks(ranges)))
 
 
 def merge_keyed(runs: list, run_dir: str, prefix: str) -> list:

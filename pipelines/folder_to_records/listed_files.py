@@ -1,27 +1,31 @@
-"""The listed files travel to their chunks through files, not as elements.
+"""The listed files travel to their chunks in runs, not as one element each.
 
 A local runner holds a shuffle's elements in the launcher and each element
 costs every step it crosses (encode, decode, a call): one per listed file
 made the listing, the chunk step and the chunk shuffle grow with the file
 count (100,000 files: ~1.3 s of an update's ~10 s). Instead each worker of
-the listing writes its files' (order key, relpath) entries, sorted by order
-key, to one run file per bundle (at most FLUSH_ENTRIES each) and sends on
-a ListRun: the file and its keys and entry ends as arrays. A file's chunk is
-its order key cut into num_chunks ranges (chunk_format.chunk_of), so a
-run's files of one chunk lie next to each other: `chunk_ranges` cuts each
-run into one ListRange a chunk, and the chunk shuffle carries about one
-element per chunk and run. The chunk writer reads its ranges
-(read_range) and gets the order keys with the paths.
+the listing sorts its files' (order key, relpath) entries by order key into
+one run per bundle (at most FLUSH_ENTRIES each) and sends on a ListRun: the
+run's keys and entry ends as arrays, and its entries, in a file of the
+build's temporary folder when they are more than INLINE_BYTES (a local
+runner's large bundles: the launcher does not hold them), else in the
+element (a distributed runner's small bundles: no file and no read per
+bundle on an object store). A file's chunk is its order key cut into
+num_chunks ranges (chunk_format.chunk_of), so a run's files of one chunk
+lie next to each other: `chunk_pieces` reads a run once and cuts it into
+one ListPiece a chunk (its entries' bytes), and the chunk shuffle carries
+about one element per chunk and run. The chunk writer reads its pieces'
+entries (read_entries) with their order keys.
 
 Memory: a listing worker buffers at most FLUSH_ENTRIES entries (~100 B
-each); a ListRun element carries 16 bytes a file of its run (1.6 MB at
-FLUSH_ENTRIES). Temporary disk: ~60 bytes a file, until the build ends.
+each); the chunk step holds one run (~40 B a file, 16 B more for the
+arrays). Temporary disk: ~40 bytes a file, until the build ends.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -29,8 +33,10 @@ from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import splits as splits_lib
 
-# Most entries a listing worker buffers before it writes a run.
+# Most entries a listing worker buffers before it sends a run.
 FLUSH_ENTRIES = 100_000
+# Runs up to this size travel in their element, larger ones in a file.
+INLINE_BYTES = 1 << 20
 # An entry: the order key, the length of the relpath's bytes, which follow.
 _ENTRY = struct.Struct('>dI')
 _PREFIX = 'listed'  # Run file names (chunk_format.RUN_FILE_RE).
@@ -38,60 +44,67 @@ _KEYS, _ENDS = np.dtype('>f8'), np.dtype('>u8')
 
 
 class ListRun(NamedTuple):
-  """A run file of listed files, sorted by (order key, relpath): its path,
-  and the keys and end offsets of its entries (arrays as bytes)."""
-  path: str
+  """Listed files sorted by (order key, relpath): the keys and end offsets
+  of their entries (arrays as bytes), and the entries: in `data`, or in
+  the file at `path` (data None)."""
+  path: Optional[str]
   keys: bytes
   ends: bytes
+  data: Optional[bytes] = None
 
 
-class ListRange(NamedTuple):
-  """The entries of one chunk in a run file."""
-  path: str
-  offset: int
-  length: int
+class ListPiece(NamedTuple):
+  """The entries of one chunk's files from one run (read_entries)."""
+  data: bytes
 
 
 def write_run(run_dir: str, relpaths: list[str], *, seed: int) -> ListRun:
-  """Writes relpaths' entries, sorted by (order key, relpath), to a new run
-  file in run_dir (UTF-8: the listing ignores names that are not)."""
+  """A ListRun of relpaths (UTF-8: the listing ignores names that are not),
+  its entries written to a new file in run_dir when over INLINE_BYTES."""
   entries = sorted((splits_lib.order_key(p, seed=seed), p) for p in relpaths)
-  data = [_ENTRY.pack(key, len(name)) + name
-          for key, name in ((k, p.encode()) for k, p in entries)]
+  pieces = [_ENTRY.pack(key, len(name)) + name
+            for key, name in ((k, p.encode()) for k, p in entries)]
+  keys = np.array([k for k, _ in entries], dtype=_KEYS).tobytes()
+  ends = np.cumsum([len(p) for p in pieces], dtype=np.int64).astype(
+      _ENDS).tobytes()
+  data = b''.join(pieces)
+  if len(data) <= INLINE_BYTES:
+    return ListRun(None, keys, ends, data)
   path = file_io.new_path(run_dir, _PREFIX, '.bin')
-  file_io.write_bytes(path, b''.join(data))
-  ends = np.cumsum([len(d) for d in data], dtype=np.int64)
-  return ListRun(path, np.array([k for k, _ in entries], dtype=_KEYS
-                                ).tobytes(), ends.astype(_ENDS).tobytes())
+  file_io.write_bytes(path, data)
+  return ListRun(path, keys, ends)
 
 
-def chunk_ranges(run: ListRun, num_files: int
-                 ) -> list[tuple[int, ListRange]]:
-  """(chunk, ListRange) for each chunk with files in the run, for
+def chunk_pieces(run: ListRun, num_files: int
+                 ) -> list[tuple[int, ListPiece]]:
+  """(chunk, ListPiece) for each chunk with files in the run, for
   num_files listed in all: chunk_format.chunk_of's chunks, computed on the
-  keys at once (the same float64 product, truncated)."""
+  keys at once (the same float64 product, truncated). A run in a file is
+  read once, whole."""
   keys = np.frombuffer(run.keys, dtype=_KEYS)
   if not len(keys):
     return []
   ends = np.frombuffer(run.ends, dtype=_ENDS).astype(np.int64)
+  data = run.data
+  if data is None:
+    data = b''.join(file_io.range_blocks([(run.path, 0, int(ends[-1]))]))
   n = chunk_format.num_chunks(num_files)
   chunks = np.minimum(n - 1, (keys * n).astype(np.int64))
   firsts = np.flatnonzero(np.diff(chunks, prepend=-1))
   starts = np.concatenate([[0], ends[:-1]])
   lasts = np.append(firsts[1:], len(keys)) - 1
-  return [(int(chunks[i]), ListRange(run.path, int(starts[i]),
-                                     int(ends[j] - starts[i])))
-          for i, j in zip(firsts, lasts)]
+  return [(int(chunks[i]), ListPiece(data[starts[i]:ends[j]]))
+          for i, j in zip(firsts.tolist(), lasts.tolist())]
 
 
-def read_range(data: bytes) -> list[tuple[float, str]]:
-  """(order key, relpath) of each entry in a ListRange's bytes."""
+def read_entries(data: bytes) -> list[tuple[float, str]]:
+  """(order key, relpath) of each entry in a ListPiece's bytes."""
   entries, at = [], 0
   while at < len(data):
     key, size = _ENTRY.unpack_from(data, at)
     at += _ENTRY.size
     if at + size > len(data):
-      raise IOError(f'a listed file runs past the end of its range '
+      raise IOError(f'a listed file runs past the end of its piece '
                     f'({len(data)} bytes): a run file was cut short')
     entries.append((key, data[at:at + size].decode()))
     at += size

@@ -1,7 +1,7 @@
-"""What travels between steps through files instead of elements: the
-listed files' run files (listed_files: chunks as chunk_of gives them, paths
-back byte for byte) and the records' references for the dedupe step; builds
-do not depend on how either was cut into files."""
+"""What travels between steps in runs and files instead of one element
+each: the listed files (listed_files: chunks as chunk_of gives them, paths
+back byte for byte) and the records' references for the dedupe step;
+builds do not depend on how either was cut or where it travelled."""
 
 import collections
 import hashlib
@@ -14,9 +14,9 @@ import pytest
 from pipelines.folder_to_records import builder
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import dofns
-from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import reuse
+from pipelines.folder_to_records import splits
 from tests import helpers
 
 # Names a listing passes on (names that are not UTF-8 it ignores): non-ASCII,
@@ -30,34 +30,46 @@ def _relpaths(count: int, rng: random.Random) -> list[str]:
                  for _ in range(count)]
 
 
+@pytest.mark.parametrize('in_file', [False, True])
 @pytest.mark.parametrize('num_files', [1, 7, 64, 65, 1_000, 100_000])
-def test_each_chunk_range_holds_the_files_chunk_of_gives_it(tmp_path,
-                                                            num_files):
+def test_each_chunk_piece_holds_the_files_chunk_of_gives_it(
+    tmp_path, monkeypatch, num_files, in_file):
   rng = random.Random(num_files)
   relpaths = _relpaths(500, rng)
   seed = rng.randrange(1000)
+  if in_file:
+    monkeypatch.setattr(listed_files, 'INLINE_BYTES', 100)
   run = listed_files.write_run(str(tmp_path), list(relpaths), seed=seed)
-  ranges = listed_files.chunk_ranges(run, num_files)
-  assert len({chunk for chunk, _ in ranges}) == len(ranges)  # One a chunk.
+  assert (run.data is None) == in_file
+  assert len(list(tmp_path.iterdir())) == in_file
+  pieces = listed_files.chunk_pieces(run, num_files)
+  assert len({chunk for chunk, _ in pieces}) == len(pieces)  # One a chunk.
   n = chunk_format.num_chunks(num_files)
   got = []
-  for chunk, piece in ranges:
-    entries = listed_files.read_range(b''.join(file_io.range_blocks([piece])))
+  for chunk, piece in pieces:
+    entries = listed_files.read_entries(piece.data)
     assert entries == sorted(entries)
     for key, relpath in entries:
+      assert key == splits.order_key(relpath, seed=seed)
       assert chunk == chunk_format.chunk_of(relpath, n, seed=seed)
       got.append(relpath)
   assert sorted(got) == sorted(relpaths)  # Every file once, bytes intact.
 
 
-def test_an_empty_run_has_no_ranges_and_a_cut_one_is_an_error(tmp_path):
+def test_an_empty_run_has_no_pieces_and_a_cut_one_is_an_error(
+    tmp_path, monkeypatch):
   run = listed_files.write_run(str(tmp_path), [], seed=0)
-  assert listed_files.chunk_ranges(run, 10) == []
-  run = listed_files.write_run(str(tmp_path), ['cat/a.jpg'], seed=0)
-  with open(run.path, 'rb') as f:
-    data = f.read()
+  assert listed_files.chunk_pieces(run, 10) == []
+  monkeypatch.setattr(listed_files, 'INLINE_BYTES', 0)
+  run = listed_files.write_run(str(tmp_path), ['cat/a.jpg', 'cat/b.jpg'],
+                               seed=0)
+  [(_, piece)] = listed_files.chunk_pieces(run, 1)
   with pytest.raises(IOError, match='cut short'):
-    listed_files.read_range(data[:-1])
+    listed_files.read_entries(piece.data[:-1])
+  with open(run.path, 'r+b') as f:
+    f.truncate(10)
+  with pytest.raises(IOError):
+    listed_files.chunk_pieces(run, 1)
 
 
 def test_a_build_does_not_depend_on_how_the_listing_was_cut(tmp_path,
@@ -66,10 +78,13 @@ def test_a_build_does_not_depend_on_how_the_listing_was_cut(tmp_path,
   flags = dict(input_dir=str(tmp_path / 'in'), image_size='32', quiet=True,
                validation_fraction=0.2)
   builder.build(output_dir=str(tmp_path / 'one'), **flags)
-  monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Many runs.
+  monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Many runs,
   builder.build(output_dir=str(tmp_path / 'many'), **flags)
-  assert reuse.differences(str(tmp_path / 'one'),
-                           str(tmp_path / 'many')) == []
+  monkeypatch.setattr(listed_files, 'INLINE_BYTES', 0)  # each in a file.
+  builder.build(output_dir=str(tmp_path / 'files'), **flags)
+  for other in ('many', 'files'):
+    assert reuse.differences(str(tmp_path / 'one'),
+                             str(tmp_path / other)) == []
 
 
 def test_record_references_come_back_grouped_by_content():
@@ -88,9 +103,9 @@ def test_record_references_come_back_grouped_by_content():
 
 def test_a_build_does_not_depend_on_how_its_references_were_cut(
     tmp_path, monkeypatch):
-  """Exact copies in one class, across classes and across split folders
-  are resolved alike whether the writers' references came in one file or
-  in many."""
+  """Exact copies in one class and across classes are resolved alike
+  whether the writers' references came in one piece or in many, in their
+  elements or in files."""
   helpers.photo_folder(tmp_path / 'in', per_class=4)
   files = sorted((tmp_path / 'in').rglob('*.*'))
   shutil.copy(files[0], files[0].with_name('copy.jpg'))  # Same class.
@@ -100,10 +115,13 @@ def test_a_build_does_not_depend_on_how_its_references_were_cut(
   monkeypatch.setattr(chunk_format, 'EXAMPLES_PER_CHUNK', 2)  # 7 chunks.
   one = builder.build(output_dir=str(tmp_path / 'one'), **flags)
   assert one['duplicates'] and one['conflicts']
-  monkeypatch.setattr(dofns, 'FLUSH_REFERENCES', 1)  # A file a chunk.
+  monkeypatch.setattr(dofns, 'FLUSH_REFERENCES', 1)  # Pieces a chunk,
   builder.build(output_dir=str(tmp_path / 'many'), **flags)
-  assert reuse.differences(str(tmp_path / 'one'),
-                           str(tmp_path / 'many')) == []
+  monkeypatch.setattr(listed_files, 'INLINE_BYTES', 0)  # each in a file.
+  builder.build(output_dir=str(tmp_path / 'files'), **flags)
+  for other in ('many', 'files'):
+    assert reuse.differences(str(tmp_path / 'one'),
+                             str(tmp_path / other)) == []
 
 
 def test_dedupe_buckets_stay_small_whatever_the_hashes():

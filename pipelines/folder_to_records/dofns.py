@@ -70,19 +70,19 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
       test_fraction=config.test_fraction)
 
 
-# The dedupe shuffle goes through files, as the listing does (listed_files):
-# a chunk writer keeps a short reference of each record it wrote
-# (pack_reference), and at most FLUSH_REFERENCES of them it writes as one
-# file sorted by bucket (reference_bucket: ~REFERENCES_PER_BUCKET records a
-# bucket, all copies of one content in one), sending on only (bucket,
-# (file, offset, length)) (a small bundle's, up to
-# listed_files.INLINE_BYTES, as (bucket, bytes), with no file); the dedupe
-# step reads a bucket's pieces and groups them by content hash
-# (dedupe_bucket). One element per record
-# crossed three steps before: ~1 s of a 100,000-file update. A writer holds
-# at most FLUSH_REFERENCES references (~100 B each), the dedupe step one
-# bucket (~0.5 KB a reference once read: ~2 MB), whatever the file count;
-# only the files of a bundle that succeeded are named downstream.
+# The dedupe shuffle carries references in bulk, as the listing does
+# (listed_files): a chunk writer keeps a short reference of each record it
+# wrote (pack_reference), and at most FLUSH_REFERENCES of them it writes as
+# one file sorted by bucket (reference_bucket: ~REFERENCES_PER_BUCKET
+# records a bucket, all copies of one content in one), sending on only
+# (bucket, (file, offset, length)); a small bundle's (up to
+# listed_files.INLINE_BYTES) go as (bucket, bytes), with no file. The
+# dedupe step reads a bucket's pieces and groups them by content hash
+# (dedupe_bucket). One element per record crossed three steps before: ~1 s
+# of a 100,000-file update. A writer holds at most FLUSH_REFERENCES
+# references (~100 B each), the dedupe step one bucket (~0.5 KB a reference
+# once read: ~2 MB), whatever the file count; only the files of a bundle
+# that succeeded are named downstream.
 FLUSH_REFERENCES = 20_000
 REFERENCES_PER_BUCKET = 4096
 MIN_BUCKETS = 16  # For the workers to share.
@@ -147,8 +147,8 @@ def dedupe_bucket(element, *, config: build_config.BuildConfig):
 
 
 class WriteChunk(beam.DoFn):
-  """(chunk index, relpaths) -> the records' references for the dedupe step,
-  as (bucket, file range) (see FLUSH_REFERENCES).
+  """(chunk index, its listed files) -> the records' references for the
+  dedupe step, as (bucket, a file range or bytes) (see FLUSH_REFERENCES).
 
   Writes a chunk file per split and one meta file (their indexes and the
   chunk's images.jsonl lines); 'totals': (split, chunk, bytes written) for
@@ -393,7 +393,7 @@ class WriteChunk(beam.DoFn):
 
   def _flush(self):
     """The references so far as (bucket, (file, offset, length)) ranges of
-    one new file (file_io.write_keyed)."""
+    one new file, or (bucket, bytes) when small (file_io.write_keyed)."""
     references, self._references = self._references, []
     return file_io.write_keyed(
         posixpath.join(self._tmp_dir, chunk_format.CHUNKS_DIR), 'references',

@@ -72,21 +72,6 @@ def test_an_empty_run_has_no_pieces_and_a_cut_one_is_an_error(
     listed_files.chunk_pieces(run, 1)
 
 
-def test_a_build_does_not_depend_on_how_the_listing_was_cut(tmp_path,
-                                                          monkeypatch):
-  helpers.photo_folder(tmp_path / 'in', per_class=5)
-  flags = dict(input_dir=str(tmp_path / 'in'), image_size='32', quiet=True,
-               validation_fraction=0.2)
-  builder.build(output_dir=str(tmp_path / 'one'), **flags)
-  monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Many runs,
-  builder.build(output_dir=str(tmp_path / 'many'), **flags)
-  monkeypatch.setattr(listed_files, 'INLINE_BYTES', 0)  # each in a file.
-  builder.build(output_dir=str(tmp_path / 'files'), **flags)
-  for other in ('many', 'files'):
-    assert reuse.differences(str(tmp_path / 'one'),
-                             str(tmp_path / other)) == []
-
-
 def test_record_references_come_back_grouped_by_content():
   digest_a, digest_b = bytes(range(32)), bytes(32)
   references = [
@@ -101,11 +86,11 @@ def test_record_references_come_back_grouped_by_content():
     dofns.read_references(data[:-1])
 
 
-def test_a_build_does_not_depend_on_how_its_references_were_cut(
+def test_a_build_does_not_depend_on_how_its_runs_were_cut_or_sent(
     tmp_path, monkeypatch):
-  """Exact copies in one class and across classes are resolved alike
-  whether the writers' references came in one piece or in many, in their
-  elements or in files."""
+  """The listing's runs and the writers' references, whole or cut into
+  many pieces, in their elements or in files: the same bytes, exact copies
+  in one class and across classes resolved alike."""
   helpers.photo_folder(tmp_path / 'in', per_class=4)
   files = sorted((tmp_path / 'in').rglob('*.*'))
   shutil.copy(files[0], files[0].with_name('copy.jpg'))  # Same class.
@@ -115,7 +100,8 @@ def test_a_build_does_not_depend_on_how_its_references_were_cut(
   monkeypatch.setattr(chunk_format, 'EXAMPLES_PER_CHUNK', 2)  # 7 chunks.
   one = builder.build(output_dir=str(tmp_path / 'one'), **flags)
   assert one['duplicates'] and one['conflicts']
-  monkeypatch.setattr(dofns, 'FLUSH_REFERENCES', 1)  # Pieces a chunk,
+  monkeypatch.setattr(listed_files, 'FLUSH_ENTRIES', 2)  # Runs of 2 files,
+  monkeypatch.setattr(dofns, 'FLUSH_REFERENCES', 1)  # references a chunk,
   builder.build(output_dir=str(tmp_path / 'many'), **flags)
   monkeypatch.setattr(listed_files, 'INLINE_BYTES', 0)  # each in a file.
   builder.build(output_dir=str(tmp_path / 'files'), **flags)

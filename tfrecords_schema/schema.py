@@ -116,7 +116,10 @@ def _tail(*, label: int, filename: str, sha256: str, original_height: int,
           original_width: int) -> bytes:
   """The feature map's entries after the image's (keys sorted), serialized:
   what ends every Example encode_example writes (made directly: a taken
-  record's check makes one per record)."""
+  record's check makes one per record). TypeError for a number that is
+  not an int (48.0 or True would hit 48's or 1's cached entry)."""
+  if not type(label) is type(original_height) is type(original_width) is int:
+    raise TypeError('label and original sizes must be ints')
   return b''.join((
       _bytes_entry(FILENAME, filename.encode('utf-8')),
       _int64_entry(ORIGINAL_HEIGHT, original_height),

@@ -65,7 +65,7 @@ RACY_S = 2.0
 
 # What a line must hold for its record to be taken (chunk_format.image_line).
 _LINE_KEYS = frozenset((
-    'path', 'split', 'sha256', 'phash', 'phash_centre', 'quality',
+    'path', 'split', 'sha256', 'phash', 'phash_centre', 'flags', 'quality',
     'file_bytes', 'mtime_ns', 'record_bytes', 'original_size', 'pixel_sum',
     'pixel_sumsq', 'num_pixels', 'warning'))
 # images.jsonl lines closer than this are read in one piece.
@@ -371,11 +371,57 @@ def checked_line(raw: bytes) -> Optional[dict]:
     line = json.loads(text)
   except ValueError:
     return None
-  if not (isinstance(line, dict) and _LINE_KEYS <= line.keys() and
-          isinstance(line['path'], str) and isinstance(line['split'], str)
-          and isinstance(line['record_bytes'], int)):
+  if not (isinstance(line, dict) and _LINE_KEYS <= line.keys()
+          and _as_written(line)):
     return None
   return line
+
+
+_HEX16, _HEX64 = re.compile('[0-9a-f]{16}'), re.compile('[0-9a-f]{64}')
+_MEASURES = None  # image_quality.Measures' fields, when first needed.
+
+
+def _ints(values, length: Optional[int] = None) -> bool:
+  return (type(values) is list and (length is None or len(values) == length)
+          and all(type(v) is int for v in values))
+
+
+def _hash_text(value) -> bool:
+  return value is None or (type(value) is str and bool(_HEX16.fullmatch(value)))
+
+
+def _as_written(line: dict) -> bool:
+  """Whether each value a taken record uses has the type and form
+  chunk_format.image_line writes (ints as ints, hashes as lowercase hex):
+  an edited line whose checksum was made again must not be taken with
+  48.0 for 48 or 'AB' for 'ab' (the same numbers, other text: the line is
+  kept as it is, so the update would differ from a full build)."""
+  global _MEASURES
+  quality = line['quality']
+  if quality is not None:
+    if _MEASURES is None:
+      from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
+      _MEASURES = frozenset(f.name for f in dataclasses.fields(
+          image_quality.Measures))
+    if not (type(quality) is dict and quality.keys() == _MEASURES
+            and type(quality['min_side']) is int
+            and all(type(v) is float or (v is None and k == 'colour')
+                    for k, v in quality.items() if k != 'min_side')):
+      return False
+  return (type(line['path']) is str and type(line['split']) is str
+          and type(line['sha256']) is str and bool(_HEX64.fullmatch(
+              line['sha256']))
+          and _hash_text(line['phash']) and _hash_text(line['phash_centre'])
+          and type(line['flags']) is list
+          and all(type(f) is str for f in line['flags'])
+          and type(line['file_bytes']) is int
+          and (line['mtime_ns'] is None or type(line['mtime_ns']) is int)
+          and type(line['record_bytes']) is int
+          and _ints(line['original_size'], 2)
+          and _ints(line['pixel_sum'])
+          and _ints(line['pixel_sumsq'], len(line['pixel_sum']))
+          and type(line['num_pixels']) is int
+          and (line['warning'] is None or type(line['warning']) is str))
 
 
 def _left_out_paths(source: Source) -> Optional[set]:

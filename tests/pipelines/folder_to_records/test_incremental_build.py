@@ -6,6 +6,7 @@ import os
 import pathlib
 import shutil
 import time
+import zlib
 
 import pytest
 from PIL import Image
@@ -476,3 +477,37 @@ def test_a_name_holding_another_labels_bytes_is_still_re_labelled(tmp_path):
   assert crafted.name in {line['path'].split('/')[1] for line in _lines(
       tmp_path / 'v2' / metadata.IMAGES_FILE)}  # Written, not dropped.
   _same_as_full(images, tmp_path / 'v2', tmp_path, **flags)
+
+
+_RETYPED = {  # A value as another type or text for the same number.
+    'original_size': lambda v: [float(v[0]), v[1]],
+    'sha256': str.upper,
+    'file_bytes': float,
+    'phash': lambda v: v and v.upper(),
+    'quality': lambda q: q and {**q, 'min_side': float(q['min_side'])},
+    'pixel_sum': lambda v: [float(v[0])] + v[1:],
+}
+
+
+def test_a_line_retyped_with_its_check_made_again_is_built(built, tmp_path):
+  """Found by a hostile review: a line edited to hold 48.0 for 48 (or
+  'AB' for 'ab') with its checksum made again was taken as it was, and
+  the update's images.jsonl differed from the full build's (the check of
+  its record even passed or failed with what an earlier record had
+  cached). Such a line is now damaged: its file is built."""
+  images, v1 = built
+  old = tmp_path / 'v1'
+  shutil.copytree(v1, old)
+  manifest = old / metadata.IMAGES_FILE
+  lines = manifest.read_text().splitlines(keepends=True)
+  for i, (key, retype) in enumerate(_RETYPED.items()):
+    line = json.loads(lines[i])
+    del line['check']
+    line[key] = retype(line[key])
+    text = json.dumps(line)
+    lines[i] = f'{text[:-1]}, "check": {zlib.crc32(text.encode())}}}\n'
+    assert reuse.checked_line(lines[i].encode()) is None, key
+  manifest.write_text(''.join(lines))
+  report = _build(images, tmp_path / 'v2', reuse_from=str(old))
+  assert report['reuse']['built'] >= len(_RETYPED), report['reuse']
+  assert reuse.differences(str(tmp_path / 'v2'), str(v1)) == []

@@ -241,9 +241,8 @@ class WriteChunk(beam.DoFn):
     for item in items:
       if isinstance(item, reuse.Earlier):
         olds.update((old.relpath, old) for old in reuse.read_olds(item))
-      elif isinstance(item, listed_files.ListPiece):
-        listed.extend((key, p, p) for key, p in listed_files.read_entries(
-            item.data))
+      elif isinstance(item, (listed_files.ListPiece, listed_files.ListRange)):
+        listed.extend((key, p, p) for key, p in listed_files.entries(item))
       else:
         relpath = listed_path(item)
         listed.append((splits_lib.order_key(relpath, seed=config.seed),

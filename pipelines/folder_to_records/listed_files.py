@@ -12,14 +12,17 @@ runner's large bundles: the launcher does not hold them), else in the
 element (a distributed runner's small bundles: no file and no read per
 bundle on an object store). A file's chunk is its order key cut into
 num_chunks ranges (chunk_format.chunk_of), so a run's files of one chunk
-lie next to each other: `chunk_pieces` reads a run once and cuts it into
-one ListPiece a chunk (its entries' bytes), and the chunk shuffle carries
-about one element per chunk and run. The chunk writer reads its pieces'
-entries (read_entries) with their order keys.
+lie next to each other: `chunk_pieces` cuts each run into one piece a
+chunk (an inline run's entries as bytes, a run file's as a byte range),
+and the chunk shuffle carries about one element per chunk and run. The
+chunk writer reads its pieces' entries (`entries`) with their order keys:
+one range read per chunk and run file (a local runner's few, large runs),
+none for inline runs.
 
 Memory: a listing worker buffers at most FLUSH_ENTRIES entries (~100 B
-each); the chunk step holds one run (~40 B a file, 16 B more for the
-arrays). Temporary disk: ~40 bytes a file, until the build ends.
+each); the chunk step holds one run's arrays (16 B a file) and, inline,
+its entries (~40 B a file, at most INLINE_BYTES). Temporary disk: ~40
+bytes a file, until the build ends.
 """
 
 from __future__ import annotations
@@ -54,8 +57,15 @@ class ListRun(NamedTuple):
 
 
 class ListPiece(NamedTuple):
-  """The entries of one chunk's files from one run (read_entries)."""
+  """The entries of one chunk's files from a run that travelled inline."""
   data: bytes
+
+
+class ListRange(NamedTuple):
+  """Where the entries of one chunk's files are in a run file."""
+  path: str
+  offset: int
+  length: int
 
 
 def write_run(run_dir: str, relpaths: list[str], *, seed: int) -> ListRun:
@@ -76,25 +86,37 @@ def write_run(run_dir: str, relpaths: list[str], *, seed: int) -> ListRun:
 
 
 def chunk_pieces(run: ListRun, num_files: int
-                 ) -> list[tuple[int, ListPiece]]:
-  """(chunk, ListPiece) for each chunk with files in the run, for
+                 ) -> list[tuple[int, ListPiece | ListRange]]:
+  """(chunk, its files' entries) for each chunk with files in the run, for
   num_files listed in all: chunk_format.chunk_of's chunks, computed on the
-  keys at once (the same float64 product, truncated). A run in a file is
-  read once, whole."""
+  keys at once (the same float64 product, truncated). The entries of an
+  inline run as bytes (ListPiece), those of a run file as where they are
+  (ListRange: the shuffle then carries ~50 bytes a chunk, not 40 a file)."""
   keys = np.frombuffer(run.keys, dtype=_KEYS)
   if not len(keys):
     return []
   ends = np.frombuffer(run.ends, dtype=_ENDS).astype(np.int64)
-  data = run.data
-  if data is None:
-    data = b''.join(file_io.range_blocks([(run.path, 0, int(ends[-1]))]))
   n = chunk_format.num_chunks(num_files)
   chunks = np.minimum(n - 1, (keys * n).astype(np.int64))
   firsts = np.flatnonzero(np.diff(chunks, prepend=-1))
   starts = np.concatenate([[0], ends[:-1]])
   lasts = np.append(firsts[1:], len(keys)) - 1
-  return [(int(chunks[i]), ListPiece(data[starts[i]:ends[j]]))
-          for i, j in zip(firsts.tolist(), lasts.tolist())]
+  pieces = []
+  for i, j in zip(firsts.tolist(), lasts.tolist()):
+    start, end = int(starts[i]), int(ends[j])
+    pieces.append((int(chunks[i]), ListPiece(run.data[start:end])
+                   if run.data is not None else
+                   ListRange(run.path, start, end - start)))
+  return pieces
+
+
+def entries(piece: ListPiece | ListRange) -> list[tuple[float, str]]:
+  """(order key, relpath) of each file of a chunk_pieces piece; IOError
+  where a run file was cut short."""
+  if isinstance(piece, ListPiece):
+    return read_entries(piece.data)
+  data = b''.join(file_io.range_blocks([piece]))
+  return read_entries(data)
 
 
 def read_entries(data: bytes) -> list[tuple[float, str]]:

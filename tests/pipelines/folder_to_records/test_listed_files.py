@@ -14,6 +14,7 @@ import pytest
 from pipelines.folder_to_records import builder
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import dofns
+from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import splits
@@ -47,7 +48,8 @@ def test_each_chunk_piece_holds_the_files_chunk_of_gives_it(
   n = chunk_format.num_chunks(num_files)
   got = []
   for chunk, piece in pieces:
-    entries = listed_files.read_entries(piece.data)
+    assert isinstance(piece, listed_files.ListRange) == in_file
+    entries = listed_files.entries(piece)
     assert entries == sorted(entries)
     for key, relpath in entries:
       assert key == splits.order_key(relpath, seed=seed)
@@ -64,12 +66,13 @@ def test_an_empty_run_has_no_pieces_and_a_cut_one_is_an_error(
   run = listed_files.write_run(str(tmp_path), ['cat/a.jpg', 'cat/b.jpg'],
                                seed=0)
   [(_, piece)] = listed_files.chunk_pieces(run, 1)
+  data = b''.join(file_io.range_blocks([piece]))
   with pytest.raises(IOError, match='cut short'):
-    listed_files.read_entries(piece.data[:-1])
+    listed_files.read_entries(data[:-1])
   with open(run.path, 'r+b') as f:
     f.truncate(10)
   with pytest.raises(IOError):
-    listed_files.chunk_pieces(run, 1)
+    listed_files.entries(piece)
 
 
 def test_record_references_come_back_grouped_by_content():

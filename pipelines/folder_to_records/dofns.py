@@ -118,18 +118,12 @@ def reference_bucket(digest: bytes, *, salt: bytes, buckets: int) -> int:
 def read_references(data: bytes) -> dict[bytes, list[tuple]]:
   """pack_reference's bytes, one after another -> {digest: [(relpath,
   chunk, offset, phashes, given split)]}."""
-  groups, at, end = {}, 0, len(data)
-  while at < end:
-    (digest, chunk, offset, hashed, whole, centre, given,
-     size) = _REFERENCE.unpack_from(data, at)
-    at += _REFERENCE.size
-    if at + size > end:
-      raise IOError(f'a record reference runs past the end of its range '
-                    f'({end} bytes): a references file was cut short')
+  groups = {}
+  for (digest, chunk, offset, hashed, whole, centre, given, _), name in (
+      file_io.unpack_entries(data, _REFERENCE, 'a record reference')):
     groups.setdefault(digest, []).append((
-        data[at:at + size].decode(), chunk, offset,
-        (whole, centre) if hashed else None, _GIVEN[given]))
-    at += size
+        name.decode(), chunk, offset, (whole, centre) if hashed else None,
+        _GIVEN[given]))
   return groups
 
 

@@ -16,8 +16,9 @@ import io
 import itertools
 import os
 import posixpath
+import struct
 import sys
-from typing import Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Iterator, Mapping, Optional, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -89,6 +90,24 @@ def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]],
     length = sum(len(e) for _, e in run)
     yield key, (path, offset, length)
     offset += length
+
+
+def unpack_entries(data: bytes, header: struct.Struct, what: str
+                   ) -> Iterator[tuple[tuple, bytes]]:
+  """(header's fields, the bytes after them) of each entry of data, whose
+  entries are a header (its last field: the length of the bytes after it)
+  then those bytes: the keyed and run files' format. IOError where one
+  runs past the end (`what`: the entry, for the message)."""
+  at, end, size_of, unpack = 0, len(data), header.size, header.unpack_from
+  while at < end:
+    fields = unpack(data, at)
+    at += size_of
+    size = fields[-1]
+    if at + size > end:
+      raise IOError(f'{what} runs past the end of its range ({end} bytes): '
+                    'a file of this build was cut short')
+    yield fields, data[at:at + size]
+    at += size
 
 
 def read_keyed(pieces) -> bytes:

@@ -113,21 +113,11 @@ def chunk_pieces(run: ListRun, num_files: int
 def entries(piece: ListPiece | ListRange) -> list[tuple[float, str]]:
   """(order key, relpath) of each file of a chunk_pieces piece; IOError
   where a run file was cut short."""
-  if isinstance(piece, ListPiece):
-    return read_entries(piece.data)
-  data = b''.join(file_io.range_blocks([piece]))
-  return read_entries(data)
+  return read_entries(piece.data if isinstance(piece, ListPiece)
+                      else file_io.read_keyed([piece]))
 
 
 def read_entries(data: bytes) -> list[tuple[float, str]]:
   """(order key, relpath) of each entry in a ListPiece's bytes."""
-  entries, at = [], 0
-  while at < len(data):
-    key, size = _ENTRY.unpack_from(data, at)
-    at += _ENTRY.size
-    if at + size > len(data):
-      raise IOError(f'a listed file runs past the end of its piece '
-                    f'({len(data)} bytes): a run file was cut short')
-    entries.append((key, data[at:at + size].decode()))
-    at += size
-  return entries
+  return [(key, name.decode()) for (key, _), name in file_io.unpack_entries(
+      data, _ENTRY, 'a listed file')]

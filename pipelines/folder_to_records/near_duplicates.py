@@ -228,16 +228,11 @@ def bucket_entries(ref: Ref, *, masks: tuple[int, ...], buckets: int
 def read_bucket(data: bytes) -> dict[int, list[bytes]]:
   """Bucket file bytes (entries, one after another) -> {band key: [pack's
   bytes]}."""
-  groups, at, end = {}, 0, len(data)
-  while at < end:
-    band, bits, size = _ENTRY.unpack_from(data, at)
-    at += _ENTRY.size
-    if at + size > end:
-      raise IOError(f'a band entry runs past the end of its bucket ({end} '
-                    'bytes): a bucket file was cut short')
-    groups.setdefault(band << HASH_BITS | bits, []).append(
-        data[at:at + size])
-    at += size
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  groups = {}
+  for (band, bits, _), value in file_io.unpack_entries(data, _ENTRY,
+                                                       'a band entry'):
+    groups.setdefault(band << HASH_BITS | bits, []).append(value)
   return groups
 
 
@@ -270,12 +265,6 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
         yield file_io.in_global_window(out)
 
   return BandsToBuckets()
-
-
-def _read_ranges(ranges) -> bytes:
-  """The bytes of (file, offset, length) ranges, one after another."""
-  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
-  return b''.join(file_io.range_blocks(sorted(ranges)))
 
 
 def _smallest(members: Iterable[bytes], cap: int
@@ -632,7 +621,7 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
     def process(self, element):
       """(bucket, its file ranges) -> each band group's outputs."""
       _, ranges = element
-      groups = read_bucket(_read_ranges(ranges))
+      groups = read_bucket(file_io.read_keyed(ranges))
       for key in sorted(groups):
         yield from self._one_group((key, groups.pop(key)))
 

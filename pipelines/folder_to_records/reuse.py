@@ -143,15 +143,11 @@ def _pack_old(old: Old) -> bytes:
 
 def read_olds(earlier: Earlier) -> list[Old]:
   """The Olds of one Earlier range, in the order they were written."""
-  data = b''.join(file_io.range_blocks([earlier]))
-  olds, at = [], 0
-  while at < len(data):
-    line_at, line_bytes, shard, offset, size = _OLD.unpack_from(data, at)
-    at += _OLD.size
-    olds.append(Old(data[at:at + size].decode('utf-8', 'surrogatepass'),
-                    line_at, line_bytes, shard, offset))
-    at += size
-  return olds
+  return [Old(name.decode('utf-8', 'surrogatepass'), line_at, line_bytes,
+              shard, offset)
+          for (line_at, line_bytes, shard, offset, _), name in
+          file_io.unpack_entries(file_io.read_keyed([earlier]), _OLD,
+                                 'an earlier record')]
 
 
 def earlier_ranges(_, counts: tuple[int, int], *, source: Source, seed: int,

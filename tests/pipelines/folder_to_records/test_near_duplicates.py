@@ -16,6 +16,7 @@ from skimage import data as skimage_data
 
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import file_io
 from pipelines.folder_to_records import near_duplicates as nd
 from tests import helpers
 from tfrecords_schema import metadata
@@ -542,7 +543,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
       want.setdefault(key, []).append(value)
   got, seen_keys = {}, set()
   for where in buckets.values():
-    groups = nd.read_bucket(nd._read_ranges(where))
+    groups = nd.read_bucket(file_io.read_keyed(where))
     assert not seen_keys & set(groups)  # A key lives in one bucket.
     seen_keys |= set(groups)
     got.update(groups)

@@ -270,9 +270,10 @@ class WriteChunk(beam.DoFn):
                    else line['sha256'])
             if sha == line['sha256']:
               reused, as_is = records.read(old, line, label) or (None, False)
-              processed = reuse.processed(line) if reused else None
-              if processed is None:
-                damaged, reused = damaged + 1, None
+              if reused is None:
+                damaged += 1
+              else:
+                processed = reuse.processed(line)
           if reused is not None:
             digest = bytes.fromhex(sha)
           else:

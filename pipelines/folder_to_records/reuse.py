@@ -49,6 +49,8 @@ from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import file_io
+from pipelines.preprocessing import image_quality
+from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
 from tfrecords_schema import schema
@@ -374,7 +376,8 @@ def checked_line(raw: bytes) -> Optional[dict]:
 
 
 _HEX16, _HEX64 = re.compile('[0-9a-f]{16}'), re.compile('[0-9a-f]{64}')
-_MEASURES = None  # image_quality.Measures' fields, when first needed.
+_MEASURES = frozenset(f.name for f in dataclasses.fields(
+    image_quality.Measures))
 
 
 def _ints(values, length: Optional[int] = None) -> bool:
@@ -392,13 +395,8 @@ def _as_written(line: dict) -> bool:
   an edited line whose checksum was made again must not be taken with
   48.0 for 48 or 'AB' for 'ab' (the same numbers, other text: the line is
   kept as it is, so the update would differ from a full build)."""
-  global _MEASURES
   quality = line['quality']
   if quality is not None:
-    if _MEASURES is None:
-      from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
-      _MEASURES = frozenset(f.name for f in dataclasses.fields(
-          image_quality.Measures))
     if not (type(quality) is dict and quality.keys() == _MEASURES
             and type(quality['min_side']) is int
             and all(type(v) is float or (v is None and k == 'colour')
@@ -408,6 +406,7 @@ def _as_written(line: dict) -> bool:
           and type(line['sha256']) is str and bool(_HEX64.fullmatch(
               line['sha256']))
           and _hash_text(line['phash']) and _hash_text(line['phash_centre'])
+          and (line['phash'] is None) == (line['phash_centre'] is None)
           and type(line['flags']) is list
           and all(type(f) is str for f in line['flags'])
           and type(line['file_bytes']) is int
@@ -456,30 +455,20 @@ def unchanged(line: dict, size_mtime: tuple[int, int], source: Source) -> bool:
           and size_mtime[1] < (source.started_at - RACY_S) * 1e9)
 
 
-def processed(line: dict):
+def processed(line: dict) -> source_image.ProcessedImage:
   """An earlier record's file as the ProcessedImage building it would give,
-  from its images.jsonl line (no stored bytes: the record is taken whole);
-  None for a line that does not hold what building gives (damaged)."""
-  from pipelines.preprocessing import image_quality  # pylint: disable=g-import-not-at-top
-  from pipelines.preprocessing import source_image  # pylint: disable=g-import-not-at-top
-  try:
-    phashes = (int(line['phash'], 16), int(line['phash_centre'], 16)
-               ) if line['phash'] else None
-    height, width = (int(v) for v in line['original_size'])
-    sums = [list(map(int, line[k])) for k in ('pixel_sum', 'pixel_sumsq')]
-    if not (len(sums[0]) == len(sums[1]) and isinstance(
-        line['num_pixels'], int) and isinstance(line['warning'],
-                                                (str, type(None)))):
-      return None
-    return source_image.ProcessedImage(
-        encoded=b'', original_height=height, original_width=width,
-        pixel_sum=sums[0], pixel_sumsq=sums[1],
-        num_pixels=line['num_pixels'], warning=line['warning'],
-        phashes=phashes,
-        quality=image_quality.Measures(**line['quality'])
-        if line['quality'] else None)
-  except (KeyError, TypeError, ValueError):
-    return None
+  from its images.jsonl line as checked_line returned it (every value of
+  the type and form a build writes: _as_written); no stored bytes: the
+  record is taken whole."""
+  height, width = line['original_size']
+  return source_image.ProcessedImage(
+      encoded=b'', original_height=height, original_width=width,
+      pixel_sum=line['pixel_sum'], pixel_sumsq=line['pixel_sumsq'],
+      num_pixels=line['num_pixels'], warning=line['warning'],
+      phashes=(int(line['phash'], 16), int(line['phash_centre'], 16))
+      if line['phash'] else None,
+      quality=image_quality.Measures(**line['quality'])
+      if line['quality'] else None)
 
 
 class Records:

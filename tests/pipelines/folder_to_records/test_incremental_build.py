@@ -484,6 +484,7 @@ _RETYPED = {  # A value as another type or text for the same number.
     'sha256': str.upper,
     'file_bytes': float,
     'phash': lambda v: v and v.upper(),
+    'phash_centre': lambda v: None,  # The whole hash without its centre.
     'quality': lambda q: q and {**q, 'min_side': float(q['min_side'])},
     'pixel_sum': lambda v: [float(v[0])] + v[1:],
 }

@@ -82,13 +82,10 @@ def index_file(entries: Sequence[IndexEntry],
   reads only that line; the record lines (JSON lists) serve the chunks a
   shard boundary cuts and those holding a dropped duplicate.
   """
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
   pieces = []
   for e in entries:
-    file, at = where(e)
-    if pieces and pieces[-1][0] == file and sum(pieces[-1][1:]) == at:
-      pieces[-1][2] += e.length
-    else:
-      pieces.append([file, at, e.length])
+    file_io.add_range(pieces, *where(e), e.length)
   summary = {
       'counts': sorted(collections.Counter(e.label for e in entries).items()),
       'sums': [[sum(c) for c in zip(*(e.pixel_sum for e in entries))],

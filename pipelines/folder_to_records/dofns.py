@@ -595,13 +595,9 @@ class ConcatShard(beam.DoFn):
         sums = statistics.PixelSums.add(sums, (tuple(chunk_sums[0]),
                                                tuple(chunk_sums[1]),
                                                chunk_sums[2]))
-      for file, offset, length in places:
-        path = record_path(self._tmp_dir, self._config, summary, file)
-        if pieces and pieces[-1][0] == path and sum(
-            pieces[-1][1:]) == offset:  # Neighbours: one byte range.
-          pieces[-1] = (path, pieces[-1][1], pieces[-1][2] + length)
-        else:
-          pieces.append((path, offset, length))
+      for file, offset, length in places:  # Neighbours: one byte range.
+        file_io.add_range(pieces, record_path(
+            self._tmp_dir, self._config, summary, file), offset, length)
 
     for chunk, whole in self._chunks(split, shard, layout):
       summary, lines = chunk_format.read_index(self._tmp_dir, chunk, split)

@@ -277,6 +277,16 @@ def range_blocks(pieces: Iterable[tuple[str, int, int]],
       f.close()
 
 
+def add_range(pieces: list, path, offset: int, length: int) -> None:
+  """Appends the byte range (path, offset, length) to pieces (lists of
+  three), joined to the last one when it ends where this one starts."""
+  last = pieces[-1] if pieces else None
+  if last is not None and last[0] == path and last[1] + last[2] == offset:
+    last[2] += length
+  else:
+    pieces.append([path, offset, length])
+
+
 def copy_ranges(pieces: Sequence[tuple[str, int, int]], out_path: str,
                 pinned: Optional[Mapping[str, list[int]]] = None) -> int:
   """Writes the byte ranges (path, offset, length) one after another to

@@ -14,6 +14,7 @@ matplotlib draws to files only (Agg): no display is needed on servers.
 from __future__ import annotations
 
 import collections
+import io
 from typing import Sequence
 
 import matplotlib
@@ -22,6 +23,8 @@ import matplotlib.ticker
 matplotlib.use('Agg')  # Files only; no display on servers.
 import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from tfrecords_schema import files  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 SAMPLES_FILE = 'samples.png'
 
@@ -32,6 +35,17 @@ MAX_GRID_IMAGES = 100
 # holds thumbnails whatever --image_size (at 4096x4096, the 8 full-size
 # images in float32 took 6.9 GB).
 SAMPLE_SIDE = 256
+
+
+def _save(fig, path: str) -> None:
+  """Writes a figure as PNG (100 dpi) to a local or remote (gs://) path and
+  closes it: matplotlib opens local paths only, so it renders into memory."""
+  buffer = io.BytesIO()
+  try:
+    fig.savefig(buffer, format='png', dpi=100)
+  finally:
+    plt.close(fig)
+  files.write_bytes(path, buffer.getvalue())
 
 
 def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
@@ -54,8 +68,7 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
       ax.set_title(class_names[int(labels[i])], fontsize=9)
   fig.suptitle(title)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],
@@ -101,8 +114,7 @@ def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],
             ha='center', va='bottom', fontsize=7.5,
             color='#1a7f37' if right[i] else '#cf222e')
   fig.suptitle(title, y=1 - 0.25 / (height / 100 + 0.5))
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 def write_dataset_samples(data_dir: str, path: str, *,
@@ -161,8 +173,7 @@ def plot_training_curves(rows: Sequence[dict], path: str) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)
 
 
 # Up to this many classes the whole matrix is drawn with a count per cell;
@@ -234,5 +245,4 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: Sequence[str],
     fig.suptitle(f'{title}: {k} classes, {correct} of {int(matrix.sum())} '
                  'images right')
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
+  _save(fig, path)

@@ -89,6 +89,20 @@ def listdir(path: str) -> list[str]:
   return os.listdir(path)
 
 
+def write_bytes(path: str, data: bytes) -> None:
+  """Writes a whole small file (a picture, a page): local through `open`,
+  remote through `tf.io.gfile` (Pillow and matplotlib open local paths only,
+  so they render into memory and hand the bytes here)."""
+  if is_remote(path):
+    def write(gfile):
+      with gfile.GFile(path, 'wb') as f:
+        f.write(data)
+    remote(path, write)
+    return
+  with open(path, 'wb') as f:
+    f.write(data)
+
+
 def read_text(path: str, *, max_bytes: int) -> str:
   """A small UTF-8 text file. ValueError (saying why, after "is") for a
   local path that is not a regular file (a FIFO never blocks, a device is

@@ -700,18 +700,6 @@ def render(dataset_dir: str, input_dir: str) -> str:
           '\n'.join(parts) + '</body></html>\n')
 
 
-def _write_text(path: str, text: str) -> None:
-  data = text.encode('utf-8')
-  if files.is_remote(path):
-    def write(gfile):
-      with gfile.GFile(path, 'wb') as f:
-        f.write(data)
-    files.remote(path, write)
-    return
-  with open(path, 'wb') as f:
-    f.write(data)
-
-
 def write_report_page(dataset_dir: str, input_dir: str, path: str) -> None:
   """Writes report.html for a finished build.
 
@@ -720,4 +708,4 @@ def write_report_page(dataset_dir: str, input_dir: str, path: str) -> None:
     input_dir: the image folder the build read (source thumbnails).
     path: the HTML file to write (one write, once the page is whole).
   """
-  _write_text(path, render(dataset_dir, input_dir))
+  files.write_bytes(path, render(dataset_dir, input_dir).encode('utf-8'))

@@ -43,7 +43,7 @@ import posixpath
 import re
 import struct
 import zlib
-from typing import NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 from pipelines.common import paths
 from pipelines.common.errors import UserError
@@ -256,6 +256,17 @@ def _normal(value):
   return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def _until_unreadable(lines: Iterable[bytes]) -> Iterator[bytes]:
+  """The lines of an earlier build's file up to the first that cannot be
+  read (a remote store's client raises its own errors, not OSError; see
+  Records.read): where later records are is then unknown, so they are
+  built."""
+  try:
+    yield from lines
+  except Exception:  # pylint: disable=broad-except
+    return
+
+
 def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
   """One pass over the earlier build's images.jsonl: (new chunk, Old) for
   each record in its shards, and for each copy it left out (in its split's
@@ -281,11 +292,11 @@ def old_records(_, counts: tuple[int, int], *, source: Source, seed: int):
         FileSystems.open(posixpath.join(
             source.dataset_dir, metadata_lib.IMAGES_FILE),
                          compression_type=file_io.RAW))
-  except OSError:
+  except Exception:  # pylint: disable=broad-except  # As in Records.read.
     images = contextlib.nullcontext(())  # None taken: all built.
   with images as f:
     line_at = 0
-    for raw in f:
+    for raw in _until_unreadable(f):
       at_line, line_at = line_at, line_at + len(raw)
       fields = _place_fields(raw)
       if fields is None:
@@ -430,7 +441,7 @@ def _left_out_paths(source: Source) -> Optional[set]:
                           compression_type=file_io.RAW) as f:
       for raw in f:
         dropped.add(json.loads(raw)['path'])
-  except (OSError, ValueError, TypeError, KeyError):
+  except Exception:  # pylint: disable=broad-except  # As in Records.read.
     return None
   return dropped
 
@@ -511,8 +522,8 @@ class Records:
             if line is not None and line['path'] == o.relpath:
               found[o.relpath] = (line, raw_text(raw))
           i = j
-    except OSError:
-      pass  # All built.
+    except Exception:  # pylint: disable=broad-except
+      pass  # All built (see read: any failure of the earlier dataset).
     return found
 
   def read(self, old: Old, line: dict, label: int
@@ -542,7 +553,12 @@ class Records:
       example = schema.decode_example(data)  # Another label: re-labelled.
       if not schema.holds(data, label=example[schema.LABEL], **values):
         return None
-    except (OSError, ValueError, IndexError, KeyError, TypeError):
+    except Exception:  # pylint: disable=broad-except
+      # Damaged, or unreadable: an object store's client raises its own
+      # errors (not OSError; tf.io.gfile's OutOfRangeError, a 503 after its
+      # retries). Whatever fails in the earlier dataset, the file is built
+      # from its source as a full build would; it must never be the
+      # source that is reported unreadable.
       return None
     return schema.frame_record(schema.encode_example(
         image=example[schema.IMAGE], label=label, filename=line['path'],

@@ -1,0 +1,84 @@
+"""Builds and updates whose datasets live on an object store (tests/
+ram_store.py: TensorFlow's ram:// behaving as gs:// does, in-process)."""
+
+import os
+import time
+
+from PIL import Image
+
+from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import reuse
+from tests import helpers
+from tests import ram_store
+
+FLAGS = dict(image_size='32', shard_size_mb=0.02, quiet=True,
+             beam_args=['--direct_num_workers=1',
+                        '--direct_running_mode=in_memory'])
+
+
+def _build(images, out, **kwargs):
+  return builder.build(input_dir=str(images), output_dir=str(out),
+                       **{**FLAGS, **kwargs})
+
+
+def _changed_folder(tmp_path):
+  """A photo folder, its first full build on the store, then changes of
+  every kind: added, deleted, changed in place, moved to another class."""
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=10, formats=('jpg', 'png'))
+  hour_ago = time.time() - 3600  # Older than the racy window.
+  for path in images.rglob('*.*'):
+    os.utime(path, (hour_ago, hour_ago))
+  bucket = f'{ram_store.SCHEME}://bucket-{tmp_path.name}'
+  first = _build(images, f'{bucket}/v1')
+  cats = sorted(p.name for p in (images / 'cat').iterdir())
+  (images / 'cat' / cats[0]).unlink()
+  changed = images / 'cat' / cats[1]
+  Image.open(changed).rotate(90).save(changed)
+  os.replace(images / 'cat' / cats[2], images / 'rocket' / cats[2])
+  helpers.photo_folder(images, classes={'coffee': 'astronaut'}, per_class=3,
+                       name='new_{i}')
+  return images, bucket, first
+
+
+def test_old_and_new_datasets_on_the_store_give_the_full_builds_bytes(
+    tmp_path, monkeypatch):
+  ram_store.use(monkeypatch)
+  images, bucket, first = _changed_folder(tmp_path)
+  assert first['counts']['written'] > 0
+  moved = _build(images, f'{bucket}/v2', reuse_from=f'{bucket}/v1')
+  in_place = _build(images, f'{bucket}/v1', update=True)
+  _build(images, tmp_path / 'full')
+  for report in (moved, in_place):
+    assert report['reuse']['from'] == f'{bucket}/v1'
+    # Unchanged files were taken from the store; the changed, moved and new
+    # ones were built, and the deleted and moved ones' old paths are gone.
+    assert report['reuse']['reused'] == first['counts']['written'] - 3, (
+        report['reuse'])
+    assert report['reuse']['damaged'] == 0 and report['reuse']['gone'] == 2
+  for name in ('v2', 'v1'):
+    local = tmp_path / f'copy_{name}'
+    ram_store.copy_out(f'{bucket}/{name}', str(local))
+    assert reuse.differences(str(local), str(tmp_path / 'full')) == [], name
+    # The pictures a build draws reach the store too.
+    assert (local / 'samples.png').stat().st_size > 0
+    assert (local / 'report.html').stat().st_size > 0
+
+
+def test_earlier_records_that_cannot_be_read_are_built_not_rejected(
+    tmp_path, monkeypatch):
+  """A remote read of the earlier shards fails with the store client's own
+  error (not an OSError): each of those files is built from its source, as
+  a full build does; none is reported unreadable."""
+  ram_store.use(monkeypatch)
+  images, bucket, _ = _changed_folder(tmp_path)
+  monkeypatch.setattr(
+      ram_store.RamFileSystem, 'failing_reads',
+      staticmethod(lambda path: path.startswith(f'{bucket}/v1/')
+                   and '.tfrecord' in path))
+  report = _build(images, f'{bucket}/v2', reuse_from=f'{bucket}/v1')
+  assert report['reuse']['reused'] == 0 and report['reuse']['damaged'] > 0
+  assert 'rejected_unreadable' not in report['counts']
+  _build(images, tmp_path / 'full')
+  ram_store.copy_out(f'{bucket}/v2', str(tmp_path / 'copy'))
+  assert reuse.differences(str(tmp_path / 'copy'), str(tmp_path / 'full')) == []

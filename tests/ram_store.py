@@ -18,6 +18,7 @@ In-process runners only: each process has its own ram://.
 from __future__ import annotations
 
 import io
+import os
 import posixpath
 
 from apache_beam.io import filesystem
@@ -190,3 +191,12 @@ def copy_out(remote: str, local: str) -> None:
   for name in tf.io.gfile.listdir(remote):
     tf.io.gfile.copy(posixpath.join(remote, name),
                      posixpath.join(local, name))
+
+
+def copy_in(local: str, remote: str) -> None:
+  """Copies a local folder's files (recursively) to a ram:// folder."""
+  for root, _, names in os.walk(local):
+    target = posixpath.join(remote, os.path.relpath(root, local))
+    tf.io.gfile.makedirs(target)
+    for name in names:
+      tf.io.gfile.copy(os.path.join(root, name), posixpath.join(target, name))

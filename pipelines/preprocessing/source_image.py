@@ -172,7 +172,7 @@ def read_source(path: str, *,
     from apache_beam.io.filesystem import CompressionTypes  # pylint: disable=g-import-not-at-top
     from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
     try:
-      size = FileSystems.metadata(path).size_in_bytes
+      size = FileSystems.get_filesystem(path).metadata(path).size_in_bytes
       with FileSystems.open(
           path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
         return _read_bounded(f, size, extension=extension,

@@ -1,6 +1,7 @@
 """Builds and updates whose datasets live on an object store (tests/
 ram_store.py: TensorFlow's ram:// behaving as gs:// does, in-process)."""
 
+import json
 import os
 import time
 
@@ -25,7 +26,7 @@ def _changed_folder(tmp_path):
   """A photo folder, its first full build on the store, then changes of
   every kind: added, deleted, changed in place, moved to another class."""
   images = tmp_path / 'images'
-  helpers.photo_folder(images, per_class=10, formats=('jpg', 'png'))
+  helpers.photo_folder(images, per_class=6, formats=('jpg', 'png'))
   hour_ago = time.time() - 3600  # Older than the racy window.
   for path in images.rglob('*.*'):
     os.utime(path, (hour_ago, hour_ago))
@@ -82,3 +83,46 @@ def test_earlier_records_that_cannot_be_read_are_built_not_rejected(
   _build(images, tmp_path / 'full')
   ram_store.copy_out(f'{bucket}/v2', str(tmp_path / 'copy'))
   assert reuse.differences(str(tmp_path / 'copy'), str(tmp_path / 'full')) == []
+
+
+def test_a_folder_on_the_store_builds_and_updates_as_the_same_local_folder(
+    tmp_path, monkeypatch):
+  """--input_dir on the store: listed through Beam's FileSystems, every file
+  read from there (and, in an update, read and hashed: a store gives no
+  modification time to trust)."""
+  ram_store.use(monkeypatch)
+  images = tmp_path / 'photos'
+  helpers.photo_folder(images, per_class=6, formats=('jpg', 'png'))
+  remote = f'{ram_store.SCHEME}://bucket-{tmp_path.name}/in/photos'
+  ram_store.copy_in(str(images), remote)
+  out = f'{ram_store.SCHEME}://bucket-{tmp_path.name}/out/photos'
+  first = _build(remote, out)
+  update = _build(remote, out, update=True)
+  local = _build(images, tmp_path / 'local')
+  assert first['counts'] == update['counts'] == local['counts']
+  assert first['counts']['written'] == 18
+  assert update['reuse']['reused'] == 18 and update['reuse']['built'] == 0
+  ram_store.copy_out(out, str(tmp_path / 'copy'))
+  # The records and every report are the local folder's but for where the
+  # images were read from (input_dir, the TFDS description, report.html's
+  # settings) and the files' modification times (a store gives none; each
+  # line's checksum covers it).
+  where = {'build_report.json': ('input_dir',),
+           'dataset_info.json': ('description',),
+           'images.jsonl': ('mtime_ns', 'check')}
+  differ = reuse.differences(str(tmp_path / 'copy'), str(tmp_path / 'local'))
+  assert sorted(differ) == sorted([*where, 'report.html'])
+  for name, keys in where.items():
+    copy, built = ([{k: v for k, v in value.items()
+                     if k not in keys and k not in reuse.MAKING_KEYS}
+                    for value in _json_values(tmp_path / folder / name)]
+                   for folder in ('copy', 'local'))
+    assert copy == built, name
+
+
+def _json_values(path):
+  """The objects of a .jsonl file, or the one of a .json file."""
+  text = path.read_text()
+  if path.suffix == '.jsonl':
+    return [json.loads(line) for line in text.splitlines()]
+  return [json.loads(text)]

@@ -175,7 +175,7 @@ def use(monkeypatch) -> None:
   opened = file_io.FileIO.__init__
 
   def replacing(self, name, mode='r'):
-    path = file_io.compat.path_to_str(name)
+    path = os.fsdecode(file_io.compat.path_to_str(name))
     if (path.startswith(prefix) and 'w' in mode
         and file_io.file_exists_v2(path)):
       file_io.delete_file_v2(path)
@@ -196,7 +196,8 @@ def copy_out(remote: str, local: str) -> None:
 def copy_in(local: str, remote: str) -> None:
   """Copies a local folder's files (recursively) to a ram:// folder."""
   for root, _, names in os.walk(local):
-    target = posixpath.join(remote, os.path.relpath(root, local))
+    relative = os.path.relpath(root, local)
+    target = remote if relative == '.' else posixpath.join(remote, relative)
     tf.io.gfile.makedirs(target)
     for name in names:
       tf.io.gfile.copy(os.path.join(root, name), posixpath.join(target, name))

@@ -67,8 +67,8 @@ def _dataset_around(folder: str) -> Optional[str]:
 
 
 def check_model_dir_place(model_dir: str, data_dir: str) -> None:
-  """Refuses a --model_dir that is, is inside or holds a dataset folder or
-  the photo folder the dataset was built from.
+  """Refuses a --model_dir on an object store, and one that is, is inside
+  or holds a dataset folder or the photo folder the dataset was built from.
 
   A run inside a dataset is deleted by the rebuild the trainer's own hints
   suggest (--overwrite); a run inside the photo folder becomes classes
@@ -76,7 +76,12 @@ def check_model_dir_place(model_dir: str, data_dir: str) -> None:
   mixes the run's files with the user's data.
   """
   if paths.is_remote(model_dir):
-    return
+    raise UserError(
+        f'--model_dir={model_dir} is on an object store, which cannot rename '
+        'files: a run moves each checkpoint and its state into place once '
+        'whole; give a local folder (or a shared file system mounted on '
+        'every machine, e.g. with gcsfuse) and copy the finished run to the '
+        'bucket')
   run = os.path.realpath(model_dir)
   places = {}
   if not paths.is_remote(data_dir):

@@ -62,6 +62,8 @@ _MAX_FILE_BYTES = flags.DEFINE_integer(
     'Larger files are rejected without being read (as in the build).')
 
 
+# model_config.json is a few KB; a larger one is not one a run wrote.
+_MAX_CONFIG_BYTES = 1 << 20
 SIGPIPE_STATUS = 141  # 128 + SIGPIPE: what a shell reports for `... | head`.
 
 
@@ -74,25 +76,29 @@ def load(model_dir: str):
   """
   rerun = ('rerun the `python -m trainer.main` command of that run to write '
            'it again')
-  if not os.path.isdir(model_dir):
+  # Local or on an object store (a finished run copied to a bucket).
+  if not paths_lib.isdir(model_dir):
     raise UserError(
         f'--model_dir={model_dir} ' + ('is a file, not a folder' if
-                                       os.path.exists(model_dir) else
+                                       paths_lib.exists(model_dir) else
                                        'does not exist') +
         '; pass the --model_dir of a finished `python -m trainer.main` run')
   config_path = os.path.join(model_dir, config_lib.MODEL_CONFIG_FILE)
-  if not os.path.exists(config_path):
+  if not paths_lib.exists(config_path):
     raise UserError(
         f'--model_dir={model_dir} has no {config_lib.MODEL_CONFIG_FILE}; pass the '
         '--model_dir of a finished `python -m trainer.main` run (it is '
         'written when training ends)')
   try:
-    with open(config_path) as f:
-      data = json.load(f)
+    text = paths_lib.read_text(config_path, max_bytes=_MAX_CONFIG_BYTES)
   except OSError as e:
-    raise UserError(f'{config_path} cannot be read ({e.strerror}); {rerun}'
-                    ) from None
-  except ValueError as e:  # Not JSON, or not text.
+    raise UserError(f'{config_path} cannot be read ({e.strerror or e}); '
+                    f'{rerun}') from None
+  except ValueError as e:  # Not a regular file, too large, not UTF-8.
+    raise UserError(f'{config_path} {e}; {rerun}') from None
+  try:
+    data = json.loads(text)
+  except ValueError as e:
     raise UserError(f'{config_path} is not valid JSON ({e}); {rerun}'
                     ) from None
   try:

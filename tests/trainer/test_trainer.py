@@ -18,6 +18,7 @@ from pipelines.folder_to_records import builder
 from pipelines import sample_data
 from pipelines.common.errors import UserError
 from tests import helpers
+from tests import ram_store
 from trainer import callbacks as callbacks_lib
 from trainer import export as export_lib
 from trainer import models
@@ -316,6 +317,32 @@ def test_predict_prints_a_line_per_file_and_fails_on_bad_ones(trained_run,
   assert set(json.loads(result.stdout)) == {'path', 'class', 'probability'}
 
 
+def test_predict_reads_a_run_and_images_on_an_object_store(trained_run,
+                                                           tmp_path):
+  """A finished run copied to a bucket serves from there (tests/ram_store:
+  TensorFlow's ram:// as an object store), images there are read too."""
+  bucket = f'{ram_store.SCHEME}://bucket-{tmp_path.name}'
+  ram_store.copy_in(trained_run, f'{bucket}/run')
+  cat = helpers.write(tmp_path / 'cat.jpg',
+                      helpers.jpeg_bytes(helpers.photo('chelsea')))
+  ram_store.copy_in(str(tmp_path), f'{bucket}/images')
+  local = helpers.run_main_in_process(
+      'trainer.predict', f'--model_dir={trained_run}', str(cat))
+  remote = helpers.run_main_in_process(
+      'trainer.predict', f'--model_dir={bucket}/run', str(cat),
+      f'{bucket}/images/cat.jpg')
+  assert (local.returncode, remote.returncode) == (0, 0), remote.stderr[-2000:]
+  first, second = remote.stdout.splitlines()
+  assert first == local.stdout.strip()
+  assert second.split('\t')[1:] == first.split('\t')[1:]
+  missing = helpers.run_main_in_process('trainer.predict',
+                                        f'--model_dir={bucket}/nope', str(cat))
+  assert missing.returncode == 1
+  assert helpers.error_lines(missing.stderr) == [
+      f'error: --model_dir={bucket}/nope does not exist; pass the '
+      '--model_dir of a finished `python -m trainer.main` run']
+
+
 def test_predict_top_k_and_csv(trained_run, tmp_path):
   model_dir = trained_run
   cat = helpers.write(tmp_path / 'cat.jpg',
@@ -395,15 +422,21 @@ def test_export_error_reason_is_the_refusal_without_graph_noise(trained_run):
     (['--data_dir={data}', '--model=resnet'], 'choose one of small_cnn'),
     (['--data_dir={data}', '--model=horses_humans'], 'at least 94x94'),
     (['--data_dir={data}', '--augment=rotaton_range=3'], 'unknown augmentation'),
+    # A run renames files into place: an object store cannot.
+    (['--data_dir={data}', '--model_dir=gs://bucket/run'],
+     'is on an object store, which cannot rename files'),
 ])
 def test_cli_user_errors_are_one_line(binary_data, tmp_path, args, message):
   # Each is answered before TensorFlow loads (at once, not after ~5 s).
   args = [a.format(tmp=tmp_path, data=binary_data) for a in args]
-  error, loaded = helpers.refusal('trainer.main', *args, '--batch_size=8',
-                                  f'--model_dir={tmp_path / "run"}')
+  error, loaded = helpers.refusal('trainer.main',
+                                  f'--model_dir={tmp_path / "run"}',
+                                  '--batch_size=8', *args)
   assert message in error and '\n' not in error, error
   assert loaded == [], error
   assert not (tmp_path / 'run').exists()
+  # Not a local folder named "gs:" either (what os.makedirs makes of it).
+  assert not os.path.exists(os.path.join(helpers.REPO_ROOT, 'gs:'))
 
 
 def test_empty_validation_split_is_a_clear_error(tmp_path):

@@ -256,3 +256,18 @@ def test_batches_takes_a_model_input_and_options_as_make_dataset_does(tiny):
                      "keyword argument 'shufle_buffer'"):
     input_pipeline.make_dataset(tiny.path, 'train', batch_size=1,
                                 training=True, shufle_buffer=8)
+
+
+def test_a_dataset_on_an_object_store_reads_as_the_local_one(tiny, tmp_path):
+  """data_dir on a bucket (tests/ram_store: TensorFlow's ram:// standing in
+  for gs://): metadata, shards and the training order are the local
+  copy's."""
+  from tests import ram_store  # pylint: disable=g-import-not-at-top
+  remote = f'{ram_store.SCHEME}://bucket-{tmp_path.name}/tiny'
+  ram_store.copy_in(tiny.path, remote)
+  for split, training in (('train', True), ('validation', False)):
+    local, there = (_all(input_pipeline.make_dataset(
+        path, split, batch_size=4, training=training, seed=3))
+                    for path in (tiny.path, remote))
+    np.testing.assert_array_equal(local[0], there[0])
+    np.testing.assert_array_equal(local[1], there[1])

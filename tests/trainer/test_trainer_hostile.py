@@ -255,7 +255,7 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
   broken = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
   config = broken / 'model_config.json'
   for content, needles in ((b'{"class_na', ['not valid JSON']),
-                           (b'\xff\xfe\x00garbage', ['not valid JSON']),
+                           (b'\xff\xfe\x00garbage', ['not UTF-8 text']),
                            (b'[1, 2]', ['lacks class_names']),
                            (json.dumps({'class_names': ['a']}).encode(),
                             ['lacks', 'image_format'])):
@@ -263,6 +263,14 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
     with pytest.raises(UserError) as raised:
       predict.load(str(broken))
     _one_line(raised.value, str(config), *needles, 'trainer.main')
+  # A FIFO in its place is refused, never opened (open() would wait for a
+  # writer forever).
+  config.unlink()
+  os.mkfifo(config)
+  with pytest.raises(UserError) as raised:
+    predict.load(str(broken))
+  _one_line(raised.value, str(config), 'not a regular file but a FIFO')
+  config.unlink()
   shutil.rmtree(broken / 'export')
   config.write_bytes((env.run / 'model_config.json').read_bytes())
   with pytest.raises(UserError) as raised:

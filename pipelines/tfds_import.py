@@ -47,6 +47,7 @@ from PIL import Image
 
 from pipelines.common import cli
 from pipelines.common import net
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import settings as build_settings
 from pipelines.folder_to_records import splits as splits_lib
@@ -249,8 +250,7 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
 
 def _already_imported(output_dir: str, source: Source) -> bool:
   try:
-    with open(os.path.join(output_dir, SOURCE_FILE)) as f:
-      saved = json.load(f)
+    saved = paths.read_json(os.path.join(output_dir, SOURCE_FILE))
     metadata.read_dataset_spec(output_dir)
   except (OSError, ValueError, UserError):
     return False
@@ -269,8 +269,7 @@ def _refuse_other_folder(output_dir: str) -> None:
     return
   what = 'is not a TFDS import of this toolkit'
   try:
-    with open(os.path.join(output_dir, SOURCE_FILE)) as f:
-      saved = json.load(f)
+    saved = paths.read_json(os.path.join(output_dir, SOURCE_FILE))
     what = (f'holds the import of {saved["name"]} {saved["version"]} with '
             f'other settings (size {saved.get("size")})')
   except (OSError, ValueError, KeyError, TypeError):

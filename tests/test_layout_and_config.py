@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from pipelines.common import paths
 from tests import helpers
 
 _IMPORTED = ('import sys, json, {module}; print(json.dumps(sorted(m for m in '
@@ -140,6 +141,34 @@ def test_a_metadata_file_that_is_not_small_text_is_one_line(tmp_path, kind):
                            f'--model_dir={tmp_path}/run')
   assert error.startswith(f'error: {path} is ') and 'rebuild' in error, error
   assert '\n' not in error and loaded == []
+
+
+@pytest.mark.parametrize('kind,reason', [
+    ('fifo', 'is not a regular file but a FIFO'),
+    ('device', 'is not a regular file but a character device'),
+    ('huge', 'is over'), ('not_utf8', 'is not UTF-8 text'),
+    ('not_json', 'Expecting value')])
+def test_json_files_read_back_are_read_without_blocking(tmp_path, kind,
+                                                        reason):
+  """Every JSON file a tool reads back from a folder (a run's state.json and
+  metrics.json, predict's model_config.json, an import's source file) goes
+  through paths.read_json: what is not a small JSON file is a ValueError
+  that says why, and nothing blocks or is read without end."""
+  path = tmp_path / 'state.json'
+  if kind == 'fifo':
+    os.mkfifo(path)
+  elif kind == 'device':
+    os.symlink('/dev/zero', path)
+  elif kind == 'huge':
+    with open(path, 'wb') as f:
+      f.truncate(paths.SMALL_JSON_BYTES + 1)
+  else:
+    path.write_bytes(b'\xff\xfe{}' if kind == 'not_utf8' else b'{"a": ')
+  with pytest.raises(ValueError, match=reason):
+    paths.read_json(str(path))
+  path.unlink()
+  path.write_text('{"a": [1]}')
+  assert paths.read_json(str(path)) == {'a': [1]}
 
 
 def _flag_defaults(module: str) -> dict:

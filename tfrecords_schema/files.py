@@ -6,6 +6,7 @@ dataset format reads its metadata with these; pipelines.common.paths
 re-exports them with the build's other path helpers.
 """
 
+import json
 import os
 import stat
 
@@ -101,6 +102,20 @@ def write_bytes(path: str, data: bytes) -> None:
     return
   with open(path, 'wb') as f:
     f.write(data)
+
+
+# The JSON files the tools read back from folders they wrote (a run's
+# state.json and metrics.json, an import's source file): KBs; one larger
+# was not written by them.
+SMALL_JSON_BYTES = 1 << 26
+
+
+def read_json(path: str, *, max_bytes: int = SMALL_JSON_BYTES):
+  """A small JSON file, read as read_text reads (a FIFO or device in its
+  place is refused without blocking, nothing past max_bytes is read).
+  ValueError (saying why) when it is not such a file or not JSON; OSError
+  when it cannot be opened."""
+  return json.loads(read_text(path, max_bytes=max_bytes))
 
 
 def read_text(path: str, *, max_bytes: int) -> str:

@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional
 import keras
 
 from pipelines.common import cli
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from trainer import config as config_lib
 
@@ -145,8 +146,7 @@ class ResumableTraining(keras.callbacks.Callback):
     if not os.path.isfile(path):
       return 0
     try:
-      with open(path) as f:
-        state = json.load(f)
+      state = paths.read_json(path)
       saved = state.get('fingerprint') or {}
       differences = self.differences(saved)
       if not differences:

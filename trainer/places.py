@@ -7,7 +7,6 @@ misplaced folder is refused in a second, before anything is written.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Optional
 
@@ -18,12 +17,10 @@ from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
 from trainer import config as config_lib
 
-_MAX_SMALL_JSON = 1 << 26
-
 
 def _read_json(path: str) -> Optional[dict]:
   try:
-    data = json.loads(paths.read_text(path, max_bytes=_MAX_SMALL_JSON))
+    data = paths.read_json(path)
   except (OSError, ValueError):
     return None
   return data if isinstance(data, dict) else None
@@ -46,7 +43,7 @@ def check_data_dir_is_not_a_run(data_dir: str) -> None:
 def _photo_folder(data_dir: str) -> Optional[str]:
   """The --input_dir the dataset was built from (its build report)."""
   report = report_lib.read_build_report(data_dir, ours_only=False,
-                                        max_bytes=_MAX_SMALL_JSON)
+                                        max_bytes=paths.SMALL_JSON_BYTES)
   source = report.input_dir if report else ''
   return os.path.realpath(source) if source and not (
       paths.is_remote(source)) else None

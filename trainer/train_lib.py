@@ -480,8 +480,7 @@ def _check_not_finished(config: TrainConfig, resumable, done: int) -> None:
     return
   d = config.model_dir
   try:
-    with open(os.path.join(d, config_lib.METRICS_FILE)) as f:
-      metrics = json.load(f)
+    metrics = paths.read_json(os.path.join(d, config_lib.METRICS_FILE))
   except (OSError, ValueError):
     return  # Not finished writing: the run finishes again.
   if not isinstance(metrics, dict) or metrics.get('epochs_run') != done or not (

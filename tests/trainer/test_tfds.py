@@ -10,6 +10,7 @@ learn), 28x28 grey, stored under the registered name `fashion_mnist`, which
 import csv
 import io
 import json
+import os
 
 import numpy as np
 from PIL import Image
@@ -199,3 +200,11 @@ def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
       spec.splits['validation'].class_counts) == 20
   assert ('unlabelled_test test: 6 examples without a class label' in
           capsys.readouterr().err)
+  # A source file that is a FIFO is not opened (a read would block): the
+  # folder is refused as any other.
+  fifo = tmp_path / 'fifo'
+  fifo.mkdir()
+  os.mkfifo(fifo / tfds_import.SOURCE_FILE)
+  with pytest.raises(UserError, match='is not a TFDS import'):
+    tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(tfds_dir),
+                               output_dir=str(fifo))

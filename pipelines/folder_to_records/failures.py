@@ -117,6 +117,31 @@ def disk_failure(
   return None
 
 
+# TensorFlow's errors (tf.io.gfile, which the launcher writes an object store
+# with) that say the store, not the build, failed; by name, so this module
+# loads without TensorFlow. Beam quotes a worker's as text.
+_STORE_ERRORS = ('UnavailableError', 'DeadlineExceededError',
+                 'PermissionDeniedError', 'UnauthenticatedError',
+                 'NotFoundError', 'ResourceExhaustedError', 'AbortedError',
+                 'DataLossError')
+_QUOTED_STORE_ERROR = re.compile(
+    r'errors_impl\.(' + '|'.join(_STORE_ERRORS) + r')\b:?\s*([^\n]*)')
+
+
+def store_failure(exc: Optional[BaseException]) -> Optional[str]:
+  """'Name: message' when exc, or an exception in its chain, is an object
+  store's failure as TensorFlow reports it (a 503, a timeout, access
+  denied); None otherwise."""
+  for e in _chain(exc):
+    if type(e).__name__ in _STORE_ERRORS and type(
+        e).__module__.startswith('tensorflow'):
+      return f'{type(e).__name__}: {getattr(e, "message", None) or e}'
+    quoted = _QUOTED_STORE_ERROR.search(str(e))
+    if quoted:
+      return f'{quoted[1]}: {quoted[2]}'
+  return None
+
+
 @contextlib.contextmanager
 def one_line_failures(progress: output_folder.Progress) -> Iterator[None]:
   """Turns a failure of the disk and Ctrl-C/SIGTERM into a BuildFailed line
@@ -132,9 +157,16 @@ def one_line_failures(progress: output_folder.Progress) -> Iterator[None]:
     if interrupt is not None:
       raise _interrupted(interrupt, progress) from None
     failure = disk_failure(e)
-    if failure is None:
+    if failure is not None:
+      raise BuildFailed(disk_error(progress, *failure)) from None
+    store = (store_failure(e) if paths.is_remote(progress.output_dir)
+             or paths.is_remote(progress.input_dir) else None)
+    if store is None:
       raise
-    raise BuildFailed(disk_error(progress, *failure)) from None
+    raise BuildFailed(
+        f'the object store failed ({cli.one_line(store, 300)}): check that it '
+        'can be reached and written with your credentials, then rerun; '
+        f'{progress.outcome()}') from None
   except KeyboardInterrupt as e:
     raise _interrupted(e, progress) from None
 
@@ -157,7 +189,8 @@ class _DropDiskFailureLogs:
     exc = record.exc_info[1] if record.exc_info else None
     if isinstance(exc, KeyboardInterrupt):
       return False
-    return disk_failure(exc or RuntimeError(record.getMessage())) is None
+    exc = exc or RuntimeError(record.getMessage())
+    return disk_failure(exc) is None and store_failure(exc) is None
 
 
 # The same for Beam's worker processes, which no filter here reaches:

@@ -507,7 +507,9 @@ class Progress:
       return (f'--output_dir={out} was being filled (an object store has no '
               f'rename) and may hold part of the new dataset{earlier} but no '
               f'{metadata_lib.METADATA_FILE}: no reader takes it for a '
-              'dataset; rerun the build')
+              f'dataset; the whole new dataset is kept in {self.tmp_dir}: '
+              f'copy its files there ({metadata_lib.METADATA_FILE} last) and '
+              'remove it, or remove it and rerun the build with --overwrite')
     try:
       created = paths.exists(out)
     except OSError:
@@ -641,7 +643,12 @@ def is_dataset(path: str) -> bool:
 
 
 def remove_temp(progress: Progress) -> None:
-  """Removes the temporary folder (it is this build's: all of it goes)."""
+  """Removes the temporary folder (it is this build's: all of it goes),
+  unless an object-store commit had begun: then the earlier dataset may be
+  gone already, and the temporary folder holds the only whole copy of the
+  new one (Progress.outcome says where)."""
+  if progress.copying and not progress.committed:
+    return
   try:
     if paths.exists(progress.tmp_dir):
       paths.remove_tree(progress.tmp_dir)

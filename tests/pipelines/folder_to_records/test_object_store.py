@@ -3,14 +3,19 @@ ram_store.py: TensorFlow's ram:// behaving as gs:// does, in-process)."""
 
 import json
 import os
+import posixpath
 import time
+
+import pytest
 
 from PIL import Image
 
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import failures
 from pipelines.folder_to_records import reuse
 from tests import helpers
 from tests import ram_store
+from tfrecords_schema import metadata
 
 FLAGS = dict(image_size='32', shard_size_mb=0.02, quiet=True,
              beam_args=['--direct_num_workers=1',
@@ -126,3 +131,42 @@ def _json_values(path):
   if path.suffix == '.jsonl':
     return [json.loads(line) for line in text.splitlines()]
   return [json.loads(text)]
+
+
+def test_a_store_failure_while_copying_in_keeps_the_new_dataset(
+    tmp_path, monkeypatch):
+  """A store has no rename: the finished dataset is copied in after the
+  earlier one's files are deleted. A copy that fails then (a 503) is one
+  line, and the temporary folder, the only whole copy, is kept."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ram_store.use(monkeypatch)
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=3)
+  out = f'{ram_store.SCHEME}://bucket-{tmp_path.name}/ds'
+  _build(images, out)
+  copy, copied = tf.io.gfile.copy, []
+
+  def failing(source, destination, overwrite=False):
+    if '.incomplete-' in source:
+      copied.append(source)
+      if len(copied) == 3:
+        raise tf.errors.UnavailableError(None, None, '503 Service Unavailable')
+    return copy(source, destination, overwrite=overwrite)
+
+  monkeypatch.setattr(tf.io.gfile, 'copy', failing)
+  with pytest.raises(failures.BuildFailed) as raised:
+    _build(images, out, overwrite=True)
+  message = str(raised.value)
+  kept = posixpath.dirname(copied[0])
+  assert message.startswith('the object store failed (UnavailableError: 503 '
+                            'Service Unavailable)'), message
+  assert f'the whole new dataset is kept in {kept}' in message
+  assert '\n' not in message
+  assert tf.io.gfile.exists(f'{kept}/{metadata.METADATA_FILE}')
+  monkeypatch.setattr(tf.io.gfile, 'copy', copy)
+  tf.io.gfile.rmtree(kept)  # What the line says to do.
+  _build(images, out, overwrite=True)
+  ram_store.copy_out(out, str(tmp_path / 'copy'))
+  _build(images, tmp_path / 'local')
+  assert reuse.differences(str(tmp_path / 'copy'),
+                           str(tmp_path / 'local')) == []

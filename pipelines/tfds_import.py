@@ -190,6 +190,17 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
   """
   _check_name(name)
   data_dir = default_data_dir(tfds_data_dir)
+  if output_dir and paths.is_remote(output_dir):
+    raise UserError(_local_only(f'--data_dir={output_dir} is'))
+  if not output_dir and paths.is_remote(data_dir):
+    raise UserError(_local_only(
+        f'--data_dir (by default inside --tfds_data_dir={data_dir}) is'))
+  special = paths.special_entry(os.path.join(
+      data_dir, name.split(':')[0].split('/')[0]))
+  if special:  # TFDS opens its files without looking first.
+    raise UserError(f'--tfds_data_dir={data_dir}: {special[0]} is not a '
+                    f'regular file but {special[1]}; remove it (prepare '
+                    'the dataset again if it was part of it)')
   builder = _builder(name, data_dir)
   info = builder.info
   image_key, label_key = _feature_keys(name, info.features)
@@ -246,6 +257,13 @@ def import_dataset(name: str, *, tfds_data_dir: Optional[str] = None,
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return output_dir
+
+
+def _local_only(what_is: str) -> str:
+  """The line refusing an import into an object store."""
+  return (f'{what_is} on an object store: an import writes a local folder '
+          'and renames it into place, which a store cannot do; pass a local '
+          '--data_dir (--tfds_data_dir may stay on the store)')
 
 
 def _already_imported(output_dir: str, source: Source) -> bool:

@@ -143,6 +143,31 @@ def test_a_metadata_file_that_is_not_small_text_is_one_line(tmp_path, kind):
   assert '\n' not in error and loaded == []
 
 
+@pytest.mark.parametrize('module,kind', [
+    ('trainer.main', 'fifo'), ('pipelines.build', 'zero'),
+    ('trainer.predict', 'nested')])
+def test_a_flagfile_that_is_not_a_text_file_is_one_line(tmp_path, module,
+                                                        kind):
+  """absl reads a --flagfile whole with open(): a FIFO would wait forever
+  and /dev/zero fill the memory, before any flag is read; also when a flag
+  file names it."""
+  special = tmp_path / 'flags'
+  if kind == 'zero':
+    os.symlink('/dev/zero', special)
+  else:
+    os.mkfifo(special)
+  given = special
+  if kind == 'nested':
+    given = tmp_path / 'outer'
+    given.write_text(f'--flagfile={special}\n')
+  what = 'a character device' if kind == 'zero' else 'a FIFO (named pipe)'
+  error, loaded = helpers.refusal(module, f'--flagfile={given}')
+  assert error == (f'error: --flagfile={special} is not a regular file but '
+                   f'{what}; pass a text file of flags, one --name=value a '
+                   'line'), error
+  assert loaded == []
+
+
 @pytest.mark.parametrize('kind,reason', [
     ('fifo', 'is not a regular file but a FIFO'),
     ('device', 'is not a regular file but a character device'),

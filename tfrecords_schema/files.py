@@ -9,6 +9,7 @@ re-exports them with the build's other path helpers.
 import json
 import os
 import stat
+from typing import Optional
 
 # Extension (lower case) -> the Pillow format it promises: the files a
 # build reads as images (pipelines.preprocessing.source_image checks the
@@ -40,6 +41,35 @@ def _check_regular(info: os.stat_result) -> None:
   for is_kind, kind in _FILE_KINDS:
     if is_kind(info.st_mode):
       raise NotAFile(kind)
+
+
+def special_entry(folder: str) -> Optional[tuple[str, str]]:
+  """(path, what it is) of the first entry below a local folder that is a
+  FIFO, a device or a socket (links followed to what they point at), or
+  None (also for remote folders, which hold objects only).
+
+  For folders a tool hands to code that opens every file in it blindly
+  (TensorFlow's SavedModel and checkpoint readers, TFDS, Beam, the run's
+  own writers): a FIFO there blocks its reader or writer forever, a link to
+  /dev/zero never ends. Folders are walked, links to folders not followed.
+  """
+  if is_remote(folder):
+    return None
+  for root, folders, names in os.walk(folder):
+    for name in sorted(names + folders):
+      path = os.path.join(root, name)
+      try:
+        _check_regular_or_folder(os.stat(path))
+      except NotAFile as e:
+        return path, str(e)
+      except OSError:
+        continue  # A dangling link: nothing to block on.
+  return None
+
+
+def _check_regular_or_folder(info: os.stat_result) -> None:
+  if not stat.S_ISDIR(info.st_mode):
+    _check_regular(info)
 
 
 def open_regular(path: str):

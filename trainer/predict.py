@@ -106,6 +106,10 @@ def load(model_dir: str):
   except ValueError as e:
     raise UserError(f'{config_path} {e}; {rerun}') from None
   export_path = os.path.join(model_dir, config_lib.EXPORT_DIR)
+  special = paths_lib.special_entry(export_path)
+  if special:  # TensorFlow's loader would open it and wait forever.
+    raise UserError(f'{special[0]} is not a regular file but {special[1]}; '
+                    f'{rerun}')
   # Only now: a mistyped --model_dir is answered before TensorFlow starts.
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   try:

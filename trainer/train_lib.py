@@ -248,6 +248,11 @@ def _check_model_dir(model_dir: str) -> None:
       raise UserError(
           f'--model_dir={model_dir}: {path} is a file where the run keeps a '
           'folder; move it away, or pass a new --model_dir')
+  special = paths.special_entry(model_dir) if os.path.isdir(model_dir) else None
+  if special:  # The run reads and writes its files without looking first.
+    raise UserError(
+        f'--model_dir={model_dir}: {special[0]} is not a regular file but '
+        f'{special[1]}; move it away, or pass a new --model_dir')
 
 
 def _cache_files(config: TrainConfig, spec, size,
@@ -282,6 +287,15 @@ def _cache_files(config: TrainConfig, spec, size,
   files = tuple(f'{cache}.{key}.{split}{part}'
                 for split in ('train', 'validation'))
   for prefix in files:
+    for path in ([] if paths.is_remote(prefix) else
+                 glob.glob(glob.escape(prefix) + '*')):
+      try:
+        paths.open_regular(path)[0].close()
+      except paths.NotAFile as e:  # tf.data would wait on it forever.
+        raise UserError(f'--cache={cache}: {path} is not a regular file but '
+                        f'{e}; delete {prefix}* and rerun') from None
+      except OSError:
+        pass  # A dangling link: TensorFlow's error names it.
     if tf.io.gfile.exists(prefix + '.index'):
       continue  # Complete: read, not written.
     locks = tf.io.gfile.glob(glob.escape(prefix) + '_*.lockfile')

@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 
 from pipelines.common.errors import UserError
+from tfrecords_schema import files
 
 MAX_IMAGE_SIDE = 8192
 
@@ -263,6 +264,7 @@ def flags_parser(*, known_only: bool):
   """
 
   def parse(argv):
+    check_flagfiles(argv[1:])
     try:
       return flags.FLAGS(argv, known_only=known_only)
     except flags.Error as e:
@@ -275,6 +277,40 @@ def flags_parser(*, known_only: bool):
       raise
 
   return parse
+
+
+# A flag file is a few lines; absl reads one whole, with open().
+_FLAGFILE_BYTES = 1 << 20
+_FLAGFILE_DEPTH = 10  # Flag files naming flag files: how deep this looks.
+
+
+def check_flagfiles(args, *, depth: int = 0) -> None:
+  """Exits with one line for a --flagfile (or one it names, nested) that is
+  not a small regular text file: absl opens it with open(), so a FIFO would
+  wait forever and /dev/zero fill the memory before any flag is read.
+  Files that cannot be opened are left to absl's own error."""
+  args = list(args)
+  for i, arg in enumerate(args):
+    if arg == '--':
+      return
+    name, equals, value = arg.partition('=')
+    if name not in ('--flagfile', '-flagfile'):
+      continue
+    if not equals:  # --flagfile PATH
+      if i + 1 >= len(args):
+        return
+      value = args[i + 1]
+    try:
+      text = files.read_text(os.path.expanduser(value),
+                             max_bytes=_FLAGFILE_BYTES)
+    except ValueError as e:
+      sys.exit(f'error: --flagfile={value} {e}; pass a text file of flags, '
+               'one --name=value a line')
+    except OSError:
+      continue
+    if depth < _FLAGFILE_DEPTH:
+      check_flagfiles([line.strip() for line in text.splitlines()],
+                      depth=depth + 1)
 
 
 _HELP_FLAGS = ('-?', '-h', '--help', '--helpfull', '--helpshort', '--helpxml')

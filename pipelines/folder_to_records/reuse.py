@@ -188,6 +188,10 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
   full = 'build without it (a full build)'
   if not paths.isdir(dataset_dir):
     raise _refuse(shown, 'is not a folder', f'pass a dataset folder, or {full}')
+  special = paths.special_entry(dataset_dir)
+  if special:  # Its files are read by workers that do not look first.
+    raise _refuse(shown, f'holds {special[0]}, which is not a regular file '
+                  f'but {special[1]}', f'remove it, or {full}')
   try:
     spec = metadata_lib.read_dataset_spec(dataset_dir)
   except UserError:

@@ -11,6 +11,9 @@ import csv
 import io
 import json
 import os
+import pathlib
+import re
+import shutil
 
 import numpy as np
 from PIL import Image
@@ -208,3 +211,28 @@ def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
   with pytest.raises(UserError, match='is not a TFDS import'):
     tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(tfds_dir),
                                output_dir=str(fifo))
+
+
+def test_special_files_and_object_stores_are_refused_before_tfds_reads(
+    tfds_dir, tmp_path):
+  """TFDS opens its prepared files without looking first (a FIFO blocks it
+  forever); an import writes a local folder and renames it, so a --data_dir
+  on a store is refused (os.path made a local folder named 'gs:' of it)."""
+  copy = pathlib.Path(shutil.copytree(tfds_dir, tmp_path / 'tfds'))
+  (info,) = copy.glob('fashion_mnist/*/dataset_info.json')
+  info.unlink()
+  os.mkfifo(info)
+  with pytest.raises(UserError, match=f'{info} is not a regular file but a '
+                     'FIFO'):
+    tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(copy),
+                               output_dir=str(tmp_path / 'out'))
+  for kwargs, what in (
+      (dict(tfds_data_dir=str(tfds_dir), output_dir='gs://bucket/fm'),
+       '--data_dir=gs://bucket/fm is on an object store'),
+      (dict(tfds_data_dir='gs://bucket/tfds'),
+       '--data_dir (by default inside --tfds_data_dir=gs://bucket/tfds) is '
+       'on an object store')):
+    with pytest.raises(UserError, match=re.escape(what)):
+      tfds_import.import_dataset('fashion_mnist', **kwargs)
+  assert not os.path.exists('gs:')
+  assert not (tmp_path / 'out').exists()

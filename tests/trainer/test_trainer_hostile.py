@@ -28,6 +28,7 @@ from pipelines.folder_to_records import builder
 from pipelines.records_to_batches import input_pipeline
 from pipelines.common.errors import UserError
 from tests import helpers
+import tfrecords_schema
 from trainer import predict
 from trainer import train_lib
 
@@ -122,6 +123,29 @@ def test_flipped_byte_in_a_shard_names_the_shard(env, tmp_path):
 
 
 # --model_dir and --cache: refused up front, nothing created.
+
+
+def test_special_files_in_the_run_or_its_cache_are_refused(env, tmp_path):
+  """A resumed run reads and writes its folder's files, and tf.data its
+  cache's, without looking first: a FIFO there would block forever (a
+  state.json FIFO also made the run start over, silently)."""
+  run = pathlib.Path(shutil.copytree(env.run, tmp_path / 'run'))
+  state = run / 'checkpoint' / 'state.json'
+  state.unlink()
+  os.mkfifo(state)
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, run, epochs=2))
+  _one_line(raised.value, f'--model_dir={run}: {state} is not a regular '
+            'file but a FIFO', 'move it away')
+  config = _config(env.data, tmp_path / 'other', cache=str(tmp_path / 'c'))
+  spec = tfrecords_schema.read_dataset_spec(str(env.data))
+  train, _ = train_lib._cache_files(  # pylint: disable=protected-access
+      config, spec, train_lib.run_model_input(config, spec).size)
+  os.mkfifo(train + '.index')
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(config)
+  _one_line(raised.value, f'{train}.index is not a regular file but a FIFO',
+            f'delete {train}* and rerun')
 
 
 def test_model_dir_that_is_a_file(env, tmp_path):
@@ -271,6 +295,14 @@ def test_predict_bad_model_dir_is_one_line(env, tmp_path):
     predict.load(str(broken))
   _one_line(raised.value, str(config), 'not a regular file but a FIFO')
   config.unlink()
+  config.write_bytes((env.run / 'model_config.json').read_bytes())
+  # So is one in the export, which TensorFlow's loader would open blindly.
+  saved = broken / 'export' / 'saved_model.pb'
+  saved.unlink()
+  os.mkfifo(saved)
+  with pytest.raises(UserError) as raised:
+    predict.load(str(broken))
+  _one_line(raised.value, str(saved), 'not a regular file but a FIFO')
   shutil.rmtree(broken / 'export')
   config.write_bytes((env.run / 'model_config.json').read_bytes())
   with pytest.raises(UserError) as raised:

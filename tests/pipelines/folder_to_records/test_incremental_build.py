@@ -203,6 +203,11 @@ def test_a_file_in_the_racy_window_is_read(tmp_path):
     ('libraries', 'other library versions (pillow 1.0'),
     ('not_dataset', 'is not a dataset written by pipelines.build'),
     ('missing', 'is not a folder'),
+    # Workers read its files without looking first: a FIFO would block
+    # them, /dev/zero fill the memory.
+    ('fifo', 'images.jsonl, which is not a regular file but a FIFO'),
+    ('zero', 'rejected.jsonl, which is not a regular file but a character '
+     'device'),
 ])
 def test_refusals_are_one_line_before_anything_is_written(built, tmp_path,
                                                          change, message):
@@ -221,6 +226,12 @@ def test_refusals_are_one_line_before_anything_is_written(built, tmp_path,
     source = images
   if change == 'missing':
     source = tmp_path / 'nope'
+  if change == 'fifo':
+    (old / 'images.jsonl').unlink()
+    os.mkfifo(old / 'images.jsonl')
+  if change == 'zero':
+    (old / 'rejected.jsonl').unlink()
+    os.symlink('/dev/zero', old / 'rejected.jsonl')
   with pytest.raises(UserError, match=message.replace('(', r'\(')):
     _build(images, tmp_path / 'v2', reuse_from=str(source), **kwargs)
   assert not (tmp_path / 'v2').exists()

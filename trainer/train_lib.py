@@ -269,11 +269,13 @@ def _cache_files(config: TrainConfig, spec, size,
     return None, None
   if cache == 'memory':
     return 'memory', 'memory'
-  if not paths.is_remote(cache):
-    if cache.endswith(os.sep) or os.path.isdir(cache):
-      raise UserError(
-          f'--cache={cache} is a folder; pass a file path prefix in it, e.g. '
-          f'--cache={os.path.join(cache, "cache")}')
+  remote = paths.is_remote(cache)
+  if cache.endswith('/') or (not remote and (
+      cache.endswith(os.sep) or os.path.isdir(cache))):
+    raise UserError(
+        f'--cache={cache} is a folder; pass a file path prefix in it, e.g. '
+        f'--cache={os.path.join(cache, "cache")}')
+  if not remote:
     parent = os.path.dirname(os.path.abspath(cache))
     if not os.path.isdir(parent):
       raise UserError(
@@ -287,8 +289,7 @@ def _cache_files(config: TrainConfig, spec, size,
   files = tuple(f'{cache}.{key}.{split}{part}'
                 for split in ('train', 'validation'))
   for prefix in files:
-    for path in ([] if paths.is_remote(prefix) else
-                 glob.glob(glob.escape(prefix) + '*')):
+    for path in [] if remote else glob.glob(glob.escape(prefix) + '*'):
       try:
         paths.open_regular(path)[0].close()
       except paths.NotAFile as e:  # tf.data would wait on it forever.
@@ -305,6 +306,13 @@ def _cache_files(config: TrainConfig, spec, size,
           'cache now, or a killed run left it; if no other run uses it, '
           f'delete {prefix}_* and rerun')
   return files
+
+
+def _reading_errors(config: TrainConfig):
+  """input_pipeline.reading_errors for this run's --data_dir and file
+  --cache."""
+  cache = config.cache if config.cache not in (None, '', 'memory') else None
+  return input_pipeline.reading_errors(config.data_dir, cache=cache)
 
 
 def _make_dataset(config: TrainConfig, split: str, model_input: ModelInput,
@@ -655,7 +663,7 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
   steps_per_epoch = max(1, train_count // config.batch_size)
   with _service_watch(config, dog, resumable) as heartbeat:
     # A damaged train shard often shows here already.
-    with input_pipeline.reading_errors(config.data_dir):
+    with _reading_errors(config):
       # From a dataset of its own: iterating the training dataset would
       # advance its seeded shuffle and augmentation generators.
       sample_batch = next(iter(run.train_dataset(config.batch_size).take(1)))
@@ -686,7 +694,7 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
       replicas = run.strategy.num_replicas_in_sync
       iterator = iter(run.strategy.distribute_datasets_from_function(
           lambda context: run.train_dataset(config.batch_size // replicas)))
-      with input_pipeline.reading_errors(config.data_dir), _preemptible(
+      with _reading_errors(config), _preemptible(
           resumable):
         multi_worker.fit(
             loop, iterator=iterator, val_ds=run.val_ds, resumable=resumable,
@@ -720,7 +728,7 @@ def _fit_phases(config: TrainConfig, run: _Run, steps_per_epoch: int,
   resumable, model = run.resumable, run.model
 
   def fit(end: int) -> None:
-    with input_pipeline.reading_errors(config.data_dir), _preemptible(
+    with _reading_errors(config), _preemptible(
         resumable):
       model.fit(run.train_dataset(config.batch_size),
                 steps_per_epoch=steps_per_epoch, epochs=end,
@@ -875,7 +883,7 @@ def _evaluate_by_file(config: TrainConfig, run: _Run, model
     ds = input_pipeline.labelled_files(
         config.data_dir, split, run.model_input,
         batch_size=config.batch_size, spec=run.spec)
-    with input_pipeline.reading_errors(config.data_dir):
+    with _reading_errors(config):
       for images, batch_labels, batch_files in ds:
         outputs = tf.cast(model(images, training=False), tf.float32)
         targets = (tf.cast(batch_labels[:, None], tf.float32) if run.binary

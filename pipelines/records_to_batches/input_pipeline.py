@@ -140,17 +140,29 @@ def tf_message(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def reading_errors(data_dir: str):
+def reading_errors(data_dir: str, *, cache: Optional[str] = None):
   """Errors raised while a dataset of `data_dir` is iterated -> UserError.
 
   Reading happens inside TensorFlow (fit, evaluate, next()), so its errors
   surface there; wrap that iteration in this. A damaged shard is padded
   with a marker that names it (see _shard_records): parsing the marker is
-  the error, and the shard in it is what the message names.
+  the error, and the shard in it is what the message names. cache: the
+  file cache's path prefix (--cache), whose damage is its own, not the
+  dataset's.
   """
   try:
     yield
-  except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+  except tf.errors.OpError as e:
+    # A cut cache file is reported by tf.data's FileCacheImpl iterator, not
+    # by path; a checksum mismatch names the file.
+    if cache and (cache in str(e) or 'FileCacheImpl' in str(e)):
+      raise UserError(
+          f'--cache={cache}: a file of the cache is damaged ({tf_message(e)}'
+          f'); delete {cache}.* and rerun (the cache is made again from '
+          f'--data_dir={data_dir})') from None
+    if not isinstance(e, (tf.errors.InvalidArgumentError,
+                          tf.errors.DataLossError)):
+      raise
     text = str(e)
     damaged = corrupt_shard_in(text)
     hint = rebuild_hint(data_dir)

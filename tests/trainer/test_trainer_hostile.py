@@ -146,6 +146,31 @@ def test_special_files_in_the_run_or_its_cache_are_refused(env, tmp_path):
     train_lib.train_and_evaluate(config)
   _one_line(raised.value, f'{train}.index is not a regular file but a FIFO',
             f'delete {train}* and rerun')
+  # A bucket "folder" is refused as a local one is (it made hidden objects
+  # named .<key>.train... in it).
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, tmp_path / 'third',
+                                         cache='gs://bucket/cache/'))
+  _one_line(raised.value, '--cache=gs://bucket/cache/ is a folder',
+            '--cache=gs://bucket/cache/cache')
+
+
+def test_a_damaged_cache_is_named_not_the_dataset(env, tmp_path):
+  """The --cache is this run's copy of the data: when it is damaged, the
+  line names it and says to delete it (not to rebuild the dataset)."""
+  cache = tmp_path / 'c'
+  train_lib.train_and_evaluate(_config(env.data, tmp_path / 'first',
+                                       cache=str(cache)))
+  (data,) = tmp_path.glob('c.*.train.data-*')
+  content = bytearray(data.read_bytes())
+  content[100:300] = bytes(200)
+  data.write_bytes(bytes(content))
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, tmp_path / 'second',
+                                         cache=str(cache)))
+  text = _one_line(raised.value, f'--cache={cache}: a file of the cache is '
+                   'damaged', f'delete {cache}.* and rerun')
+  assert 'pipelines.build' not in text
 
 
 def test_model_dir_that_is_a_file(env, tmp_path):

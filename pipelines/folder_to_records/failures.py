@@ -119,27 +119,41 @@ def disk_failure(
 
 # TensorFlow's errors (tf.io.gfile, which the launcher writes an object store
 # with) that say the store, not the build, failed; by name, so this module
-# loads without TensorFlow. Beam quotes a worker's as text.
+# loads without TensorFlow.
 _STORE_ERRORS = ('UnavailableError', 'DeadlineExceededError',
                  'PermissionDeniedError', 'UnauthenticatedError',
                  'NotFoundError', 'ResourceExhaustedError', 'AbortedError',
                  'DataLossError')
+# The store clients under Beam's gs:// and s3:// file systems raise their
+# own errors (every one of them is the store's).
+_STORE_CLIENTS = ('google.api_core.', 'google.auth.', 'google.cloud.',
+                  'botocore.', 'boto3.')
+# Beam quotes a worker's error as text.
 _QUOTED_STORE_ERROR = re.compile(
-    r'errors_impl\.(' + '|'.join(_STORE_ERRORS) + r')\b:?\s*([^\n]*)')
+    r'(?:errors_impl\.(?:' + '|'.join(_STORE_ERRORS) + r')|(?:' +
+    '|'.join(re.escape(m) for m in _STORE_CLIENTS) +
+    r')[\w.]*\.\w+)\b:?[^\n]*')
 
 
 def store_failure(exc: Optional[BaseException]) -> Optional[str]:
   """'Name: message' when exc, or an exception in its chain, is an object
-  store's failure as TensorFlow reports it (a 503, a timeout, access
-  denied); None otherwise."""
+  store's failure (a 503, a timeout, access denied) as TensorFlow or the
+  store's client reports it; None otherwise."""
   for e in _chain(exc):
-    if type(e).__name__ in _STORE_ERRORS and type(
-        e).__module__.startswith('tensorflow'):
-      return f'{type(e).__name__}: {getattr(e, "message", None) or e}'
+    kind, module = type(e).__name__, type(e).__module__
+    if (kind in _STORE_ERRORS and module.startswith('tensorflow')) or (
+        module.startswith(_STORE_CLIENTS)):
+      return f'{kind}: {getattr(e, "message", None) or e}'
     quoted = _QUOTED_STORE_ERROR.search(str(e))
     if quoted:
-      return f'{quoted[1]}: {quoted[2]}'
+      return _unqualified(quoted[0])
   return None
+
+
+def _unqualified(text: str) -> str:
+  """'a.b.Name: message' -> 'Name: message'."""
+  name, sep, rest = text.partition(':')
+  return name.rsplit('.', 1)[-1] + sep + rest
 
 
 @contextlib.contextmanager

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import failures
 from pipelines.folder_to_records import reuse
 from tests import helpers
@@ -170,3 +171,39 @@ def test_a_store_failure_while_copying_in_keeps_the_new_dataset(
   _build(images, tmp_path / 'local')
   assert reuse.differences(str(tmp_path / 'copy'),
                            str(tmp_path / 'local')) == []
+
+
+def test_a_store_failure_while_building_is_one_line_and_keeps_the_dataset(
+    tmp_path, monkeypatch):
+  """A worker's write fails with the store client's own error (here a
+  google.api_core-like ServiceUnavailable): one line, the earlier dataset
+  as it was, no temporary folder left."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ram_store.use(monkeypatch)
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=3)
+  out = f'{ram_store.SCHEME}://bucket-{tmp_path.name}/ds'
+  _build(images, out)
+  before = {name: tf.io.gfile.GFile(f'{out}/{name}', 'rb').read()
+            for name in tf.io.gfile.listdir(out)}
+  unavailable = type('ServiceUnavailable', (Exception,),
+                     {'__module__': 'google.api_core.exceptions'})
+  create = ram_store.RamFileSystem.create
+
+  def failing(self, path, *args, **kwargs):
+    if f'/{chunk_format.CHUNKS_DIR}/' in path:
+      raise unavailable('503 backend error')
+    return create(self, path, *args, **kwargs)
+
+  monkeypatch.setattr(ram_store.RamFileSystem, 'create', failing)
+  with pytest.raises(failures.BuildFailed) as raised:
+    _build(images, out, overwrite=True)
+  message = str(raised.value)
+  assert message.startswith('the object store failed (ServiceUnavailable: '
+                            '503 backend error'), message
+  assert message.endswith(f'nothing was changed in --output_dir={out} (the '
+                          'earlier dataset is kept); no temporary folder is '
+                          'left'), message
+  assert {name: tf.io.gfile.GFile(f'{out}/{name}', 'rb').read()
+          for name in tf.io.gfile.listdir(out)} == before
+  assert tf.io.gfile.listdir(posixpath.dirname(out)) == ['ds']

@@ -55,7 +55,7 @@ from pipelines.preprocessing import source_image
 from tfrecords_schema import metadata
 from tfrecords_schema import schema
 
-SOURCE_FILE = 'tfds_source.json'  # What an imported folder was made from.
+SOURCE_FILE = metadata.TFDS_SOURCE_FILE
 FOLDER = 'image_toolkit'  # Under the TFDS data dir: imported datasets.
 DEFAULT_SIZE = 150  # Stored side of datasets whose images vary in size.
 SHARD_BYTES = 64 << 20
@@ -286,12 +286,17 @@ def _refuse_other_folder(output_dir: str) -> None:
       and not os.listdir(output_dir)):
     return
   what = 'is not a TFDS import of this toolkit'
-  try:
-    saved = paths.read_json(os.path.join(output_dir, SOURCE_FILE))
-    what = (f'holds the import of {saved["name"]} {saved["version"]} with '
-            f'other settings (size {saved.get("size")})')
-  except (OSError, ValueError, KeyError, TypeError):
-    pass
+  special = paths.special_entry(output_dir)
+  if special:  # Not what an import writes (e.g. metadata.json a FIFO).
+    what = (f'holds {special[0]}, which is not a regular file but '
+            f'{special[1]}')
+  else:
+    try:
+      saved = paths.read_json(os.path.join(output_dir, SOURCE_FILE))
+      what = (f'holds the import of {saved["name"]} {saved["version"]} with '
+              f'other settings (size {saved.get("size")})')
+    except (OSError, ValueError, KeyError, TypeError):
+      pass
   raise UserError(
       f'--data_dir={output_dir} exists and {what}; nothing there is '
       'replaced: pass another --data_dir (or leave it out) for this import')

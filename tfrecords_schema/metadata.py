@@ -37,6 +37,8 @@ NEAR_DUPLICATES_FILE = 'near_duplicates.jsonl'
 REPORT_PAGE_FILE = 'report.html'
 # One line per decoded file: its split, hashes, quality measures and flags.
 IMAGES_FILE = 'images.jsonl'
+# What a dataset imported from TFDS (trainer.main --tfds) was made from.
+TFDS_SOURCE_FILE = 'tfds_source.json'
 # The records of the copies a build left out of a split (duplicates and
 # leaks), in the shards' format and order: an incremental build takes them
 # instead of decoding those files again. Never read for training.

@@ -51,12 +51,14 @@ from typing import Optional, Union
 import tensorflow as tf
 
 from pipelines.common import cli
+from pipelines.common import paths
 from pipelines.common.errors import UserError
 from pipelines.preprocessing import model_input as model_input_lib
 from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import augment as augment_lib
 from pipelines.records_to_batches import augment_config
 import tfrecords_schema
+from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -78,7 +80,20 @@ _MARKER_RE = re.compile(re.escape(CORRUPT_SHARD_MARKER) +
 
 
 def rebuild_hint(data_dir: str) -> str:
-  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite'."""
+  """'rebuild it: python -m pipelines.build --input_dir=... --overwrite', or
+  for a dataset imported from TFDS, how to import it again."""
+  imported = None
+  try:
+    imported = paths.read_json(
+        os.path.join(data_dir, metadata_lib.TFDS_SOURCE_FILE))
+  except (OSError, ValueError):
+    pass
+  if isinstance(imported, dict) and isinstance(imported.get('name'), str):
+    version = imported.get('version')
+    name = imported['name'] + (f':{version}' if isinstance(version, str)
+                               else '')
+    return (f'import it again: remove {data_dir} and rerun trainer.main '
+            f'with --tfds={name} --data_dir={data_dir}')
   source = 'IMAGES'
   try:
     report = tfrecords_schema.read_build_report(data_dir, ours_only=False)

@@ -203,12 +203,19 @@ def test_an_import_never_replaces_a_folder_it_did_not_write(tfds_dir,
       spec.splits['validation'].class_counts) == 20
   assert ('unlabelled_test test: 6 examples without a class label' in
           capsys.readouterr().err)
+  # A damaged import is imported again, not rebuilt from photos it never had.
+  from pipelines.records_to_batches import input_pipeline  # pylint: disable=g-import-not-at-top
+  version = json.loads((tmp_path / 'imported' / tfds_import.SOURCE_FILE
+                        ).read_text())['version']
+  assert input_pipeline.rebuild_hint(out) == (
+      f'import it again: remove {out} and rerun trainer.main with '
+      f'--tfds=fashion_mnist:{version} --data_dir={out}')
   # A source file that is a FIFO is not opened (a read would block): the
   # folder is refused as any other.
   fifo = tmp_path / 'fifo'
   fifo.mkdir()
   os.mkfifo(fifo / tfds_import.SOURCE_FILE)
-  with pytest.raises(UserError, match='is not a TFDS import'):
+  with pytest.raises(UserError, match='is not a regular file but a FIFO'):
     tfds_import.import_dataset('fashion_mnist', tfds_data_dir=str(tfds_dir),
                                output_dir=str(fifo))
 

@@ -291,7 +291,7 @@ def check_flagfiles(args, *, depth: int = 0) -> None:
   Files that cannot be opened are left to absl's own error."""
   args = list(args)
   for i, arg in enumerate(args):
-    if arg == '--':
+    if arg == '--' and not depth:  # absl reads on past it in a flag file.
       return
     name, equals, value = arg.partition('=')
     if name not in ('--flagfile', '-flagfile'):
@@ -300,6 +300,9 @@ def check_flagfiles(args, *, depth: int = 0) -> None:
       if i + 1 >= len(args):
         return
       value = args[i + 1]
+    value = value.strip()  # As absl strips it.
+    if value == '/dev/stdin' or value.startswith('/dev/fd/'):
+      continue  # A stream the shell feeds (a pipe, <(...)): it has a writer.
     try:
       text = files.read_text(os.path.expanduser(value),
                              max_bytes=_FLAGFILE_BYTES)

@@ -169,8 +169,12 @@ def reading_errors(data_dir: str, *, cache: Optional[str] = None):
     yield
   except tf.errors.OpError as e:
     # A cut cache file is reported by tf.data's FileCacheImpl iterator, not
-    # by path; a checksum mismatch names the file.
-    if cache and (cache in str(e) or 'FileCacheImpl' in str(e)):
+    # by path; a checksum mismatch names the file (PREFIX.<key>.<split>). A
+    # damaged shard is the dataset's, whatever its path holds.
+    text = str(e)
+    if cache and not corrupt_shard_in(text) and (
+        re.search(re.escape(cache) + r'\.[0-9a-f]{12}\.', text)
+        or 'FileCacheImpl' in text):
       raise UserError(
           f'--cache={cache}: a file of the cache is damaged ({tf_message(e)}'
           f'); delete {cache}.* and rerun (the cache is made again from '

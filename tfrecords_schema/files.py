@@ -58,18 +58,27 @@ def special_entry(folder: str) -> Optional[tuple[str, str]]:
   for root, folders, names in os.walk(folder):
     for name in sorted(names + folders):
       path = os.path.join(root, name)
-      try:
-        _check_regular_or_folder(os.stat(path))
-      except NotAFile as e:
-        return path, str(e)
-      except OSError:
-        continue  # A dangling link: nothing to block on.
+      kind = special_kind(path)
+      if kind:
+        return path, kind
   return None
 
 
-def _check_regular_or_folder(info: os.stat_result) -> None:
-  if not stat.S_ISDIR(info.st_mode):
+def special_kind(path: str) -> Optional[str]:
+  """What a local path is (link followed) when it is a FIFO, a device or a
+  socket, as error text says it; None for a regular file, a folder or a
+  dangling link (nothing to block on)."""
+  try:
+    info = os.stat(path)
+  except OSError:
+    return None
+  if stat.S_ISDIR(info.st_mode):
+    return None
+  try:
     _check_regular(info)
+  except NotAFile as e:
+    return str(e)
+  return None
 
 
 def open_regular(path: str):

@@ -290,13 +290,10 @@ def _cache_files(config: TrainConfig, spec, size,
                 for split in ('train', 'validation'))
   for prefix in files:
     for path in [] if remote else glob.glob(glob.escape(prefix) + '*'):
-      try:
-        paths.open_regular(path)[0].close()
-      except paths.NotAFile as e:  # tf.data would wait on it forever.
+      kind = paths.special_kind(path)
+      if kind:  # tf.data would wait on it forever.
         raise UserError(f'--cache={cache}: {path} is not a regular file but '
-                        f'{e}; delete {prefix}* and rerun') from None
-      except OSError:
-        pass  # A dangling link: TensorFlow's error names it.
+                        f'{kind}; delete {prefix}* and rerun')
     if tf.io.gfile.exists(prefix + '.index'):
       continue  # Complete: read, not written.
     locks = tf.io.gfile.glob(glob.escape(prefix) + '_*.lockfile')

@@ -22,6 +22,7 @@ from tfrecords_schema.files import open_regular  # pylint: disable=unused-import
 from tfrecords_schema.files import read_json  # pylint: disable=unused-import
 from tfrecords_schema.files import SMALL_JSON_BYTES  # pylint: disable=unused-import
 from tfrecords_schema.files import special_entry  # pylint: disable=unused-import
+from tfrecords_schema.files import special_kind  # pylint: disable=unused-import
 from tfrecords_schema.files import read_text  # pylint: disable=unused-import
 from tfrecords_schema.files import remote as _remote
 

@@ -8,6 +8,16 @@ setuptools.setup(
     description=('Labelled image folders -> sharded TFRecords (Apache Beam), '
                  'a fast tf.data input layer, and a Keras CNN trainer.'),
     python_requires='>=3.10,<3.13',
+    # The build's per-image measures (hashes, quality) in one compiled pass:
+    # ~10x faster than the same steps through Pillow and numpy, and equal to
+    # them bit for bit. Optional: without a C compiler the install goes on
+    # and the build uses the Pillow/numpy reference (BUILD_NOTES.md).
+    ext_modules=[setuptools.Extension(
+        'pipelines.preprocessing._measures',
+        ['pipelines/preprocessing/_measures.c'],
+        # Pillow's arithmetic exactly: no fused multiply-add.
+        extra_compile_args=['-O3', '-ffp-contract=off'],
+        optional=True)],
     packages=setuptools.find_packages(
         include=['pipelines', 'pipelines.*', 'trainer', 'trainer.*',
                  'tfrecords_schema', 'tfrecords_schema.*']),

@@ -10,12 +10,16 @@ PYTHON="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-# Installed once per setup.py: a stamp in the venv holds the setup.py it
-# installed (pip takes ~11 s to find that nothing changed).
-if ! cmp -s setup.py .venv/.installed-setup.py; then
+# Installed once per setup.py and C source: a stamp in the venv holds what it
+# installed (pip takes ~11 s to find that nothing changed). The install
+# compiles pipelines/preprocessing/_measures.c in place; build/ is removed
+# first so a changed source is always compiled again.
+STAMPED="setup.py pipelines/preprocessing/_measures.c"
+if ! cat $STAMPED | cmp -s - .venv/.installed-setup.py; then
   .venv/bin/python -m pip install --quiet --upgrade pip
+  rm -rf build
   .venv/bin/python -m pip install --quiet -e ".[test]"
-  cp setup.py .venv/.installed-setup.py
+  cat $STAMPED > .venv/.installed-setup.py
 fi
 # The report page's browser test needs Chromium: installed quietly where it
 # is missing and this is a root shell with apt-get. A failed install never

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
@@ -189,56 +189,50 @@ def working_copy(image: Image.Image) -> Image.Image:
   return _shrunk(image.convert('L') if image.mode != 'L' else image)
 
 
+def working_size(width: int, height: int) -> tuple[int, int]:
+  """(width, height) of the working copy of a width x height image: its
+  longer side WORKING_SIDE, or the image's own size when that is smaller."""
+  longer = max(width, height)
+  if longer <= WORKING_SIDE:
+    return width, height
+  scale = WORKING_SIDE / longer
+  return max(1, round(width * scale)), max(1, round(height * scale))
+
+
 def _shrunk(luma: Image.Image) -> Image.Image:
-  """`luma` box-shrunk so its longer side is WORKING_SIDE (never enlarged).
+  """`luma` box-shrunk to its working_size (never enlarged).
 
   One direct box resize: Pillow's faster reduce-then-resize
   (reducing_gap) ends with a near-identity resample when the reduced size
   is a pixel off, which smooths rows and moved a photo's sharpness by 25%
   between decode scales (benchmarks/quality_flags.py).
   """
-  width, height = luma.size
-  longer = max(width, height)
-  if longer <= WORKING_SIDE:
+  size = working_size(*luma.size)
+  if size == luma.size:
     return luma
-  scale = WORKING_SIDE / longer
-  size = (max(1, round(width * scale)), max(1, round(height * scale)))
   return luma.resize(size, Image.Resampling.BOX)
 
 
-def _variance_numerator(values: np.ndarray) -> int:
-  """n * sum(x^2) - sum(x)^2 of an integer array (= n^2 * variance), exact."""
-  total = int(values.sum(dtype=np.int64))
-  squares = int(np.square(values, dtype=np.int64).sum())
-  return values.size * squares - total * total
-
-
-def _sharpness(luma: np.ndarray) -> float:
-  """Laplacian variance over luma variance of uint8 `[h, w]` (0 if flat).
+def _laplacian_sums(values: np.ndarray) -> tuple[int, int]:
+  """(sum, sum of squares) of the 3x3 Laplacian of int `[h, w]` values, exact.
 
   Edges are replicated, so any size works (a 1-pixel strip gets the 1-D
   Laplacian along its length).
   """
-  values = luma.astype(np.int32)
   padded = np.pad(values, 1, mode='edge')
   laplacian = (padded[:-2, 1:-1] + padded[2:, 1:-1] + padded[1:-1, :-2]
                + padded[1:-1, 2:] - 4 * values)
-  spread = _variance_numerator(values)
-  return _variance_numerator(laplacian) / spread if spread else 0.0
+  return (int(laplacian.sum(dtype=np.int64)),
+          int(np.square(laplacian, dtype=np.int64).sum()))
 
 
-def _luma_stats(luma: Image.Image) -> tuple[float, float, float]:
-  """(5th percentile, 95th percentile, std) of an 'L' image's levels, 0..1."""
-  counts = np.asarray(luma.histogram(), dtype=np.int64)
-  levels = np.arange(256, dtype=np.int64)
-  n = int(counts.sum())
-  cumulative = np.cumsum(counts)
-  # Smallest level with at least p% of the pixels at or below it.
-  low = int(np.argmax(cumulative * 100 >= _LOW_PERCENT * n))
-  high = int(np.argmax(cumulative * 100 >= _HIGH_PERCENT * n))
-  total = int(counts @ levels)
-  spread = n * int(counts @ (levels * levels)) - total * total
-  return low / 255, high / 255, math.sqrt(spread) / n / 255
+def _percentile_levels(luma: Image.Image) -> tuple[int, int]:
+  """The smallest levels with at least _LOW_PERCENT and _HIGH_PERCENT of an
+  'L' image's pixels at or below them."""
+  cumulative = np.cumsum(np.asarray(luma.histogram(), dtype=np.int64))
+  n = int(cumulative[-1])
+  return (int(np.argmax(cumulative * 100 >= _LOW_PERCENT * n)),
+          int(np.argmax(cumulative * 100 >= _HIGH_PERCENT * n)))
 
 
 # The colour measure reads block averages about this many pixels on the
@@ -246,25 +240,108 @@ def _luma_stats(luma: Image.Image) -> tuple[float, float, float]:
 _COLOUR_SIDE = 32
 
 
-def _colour(rgb: Image.Image) -> float:
-  """Mean absolute difference (0..1) of the most different channel pair.
+def colour_factor(width: int, height: int) -> int:
+  """The Image.reduce factor of the colour measure's block averages."""
+  return max(1, max(width, height) // _COLOUR_SIDE)
 
-  Read from whole-block averages about _COLOUR_SIDE on the longer side (a
-  fast Image.reduce; the exact scale hardly matters for a mean).
-  """
-  factor = max(1, max(rgb.size) // _COLOUR_SIDE)
+
+def _colour_sums(rgb: Image.Image) -> tuple[int, int]:
+  """(largest channel-pair sum of absolute differences, block count) over
+  whole-block averages about _COLOUR_SIDE on the longer side (a fast
+  Image.reduce; the exact scale hardly matters for a mean)."""
+  factor = colour_factor(*rgb.size)
   pixels = np.asarray(rgb.reduce(factor) if factor > 1 else rgb,
                       dtype=np.int16)
-  n = pixels.shape[0] * pixels.shape[1]
   largest = max(
       int(np.abs(pixels[..., i] - pixels[..., j]).sum(dtype=np.int64))
       for i, j in ((0, 1), (1, 2), (0, 2)))
-  return largest / n / 255
+  return largest, pixels.shape[0] * pixels.shape[1]
+
+
+class Sums(NamedTuple):
+  """The exact integer sums every pixel measure is computed from.
+
+  n, total, squares: pixel count, sum and sum of squares of the working
+    copy's levels.
+  laplacian_total, laplacian_squares: sum and sum of squares of its 3x3
+    Laplacian (edges replicated).
+  low, high: the levels of the _LOW_PERCENT and _HIGH_PERCENT percentiles.
+  colour: (largest channel-pair absolute difference sum, block count), or
+    None for 1-channel datasets.
+  The reference (`sums`) and the compiled pass (image_measures) both give
+  these; `from_sums` turns them into Measures, so the two cannot differ
+  after the sums.
+  """
+  n: int
+  total: int
+  squares: int
+  laplacian_total: int
+  laplacian_squares: int
+  low: int
+  high: int
+  colour: Optional[tuple[int, int]]
+
+
+def check_image(image: Image.Image, *, original_size: tuple[int, int],
+                channels: int) -> None:
+  """Raises ValueError unless `measure` can take these arguments."""
+  if channels not in (1, 3):
+    raise ValueError(f'channels={channels!r} must be 1 or 3')
+  if image.mode != 'RGB' and not (channels == 1 and image.mode == 'L'):
+    raise ValueError(
+        f'image mode {image.mode!r} with channels={channels}: expected '
+        f'{"RGB" if channels == 3 else "L or RGB"} (source_image.to_8bit)')
+  if min(original_size) < 1:
+    raise ValueError(f'original_size={original_size!r} must be positive '
+                     '(height, width)')
+
+
+def sums(image: Image.Image, *, channels: int,
+         luma: Optional[Image.Image] = None) -> Sums:
+  """The Sums of one decoded image, with Pillow and numpy (the reference).
+
+  image, channels: as `measure`; luma: working_copy(image), when the caller
+  made it already.
+  """
+  if luma is None:
+    luma = working_copy(image)
+  values = np.asarray(luma).astype(np.int32)
+  laplacian_total, laplacian_squares = _laplacian_sums(values)
+  low, high = _percentile_levels(luma)
+  return Sums(
+      n=values.size,
+      total=int(values.sum(dtype=np.int64)),
+      squares=int(np.square(values, dtype=np.int64).sum()),
+      laplacian_total=laplacian_total,
+      laplacian_squares=laplacian_squares,
+      low=low,
+      high=high,
+      colour=_colour_sums(image) if channels == 3 else None)
+
+
+def from_sums(pixel_sums: Sums, *, original_size: tuple[int, int]
+              ) -> Measures:
+  """Measures from the Sums and the source's (height, width), rounded."""
+  s = pixel_sums
+  spread = s.n * s.squares - s.total * s.total  # n^2 x variance
+  laplacian_spread = s.n * s.laplacian_squares - s.laplacian_total ** 2
+  height, width = original_size
+  return Measures(
+      sharpness=round(laplacian_spread / spread if spread else 0.0,
+                      _DECIMALS),
+      luma_p05=round(s.low / 255, _DECIMALS),
+      luma_p95=round(s.high / 255, _DECIMALS),
+      luma_std=round(math.sqrt(spread) / s.n / 255, _DECIMALS),
+      aspect=round(max(height, width) / min(height, width), _DECIMALS),
+      min_side=int(min(height, width)),
+      colour=None if s.colour is None else round(
+          s.colour[0] / s.colour[1] / 255, _DECIMALS))
 
 
 def measure(image: Image.Image, *, original_size: tuple[int, int],
             channels: int, luma: Optional[Image.Image] = None) -> Measures:
-  """Measures one decoded image.
+  """Measures one decoded image (the reference; image_measures.measure gives
+  the same, compiled, with the hashes).
 
   Args:
     image: the decoded 8-bit image, 'RGB' when channels is 3 ('L' or 'RGB'
@@ -277,28 +354,9 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
   Returns:
     Measures, rounded.
   """
-  if channels not in (1, 3):
-    raise ValueError(f'channels={channels!r} must be 1 or 3')
-  if image.mode != 'RGB' and not (channels == 1 and image.mode == 'L'):
-    raise ValueError(
-        f'image mode {image.mode!r} with channels={channels}: expected '
-        f'{"RGB" if channels == 3 else "L or RGB"} (source_image.to_8bit)')
-  height, width = original_size
-  if min(height, width) < 1:
-    raise ValueError(f'original_size={original_size!r} must be positive '
-                     '(height, width)')
-  if luma is None:
-    luma = working_copy(image)
-  low, high, std = _luma_stats(luma)
-  colour = _colour(image) if channels == 3 else None
-  return Measures(
-      sharpness=round(_sharpness(np.asarray(luma)), _DECIMALS),
-      luma_p05=round(low, _DECIMALS),
-      luma_p95=round(high, _DECIMALS),
-      luma_std=round(std, _DECIMALS),
-      aspect=round(max(height, width) / min(height, width), _DECIMALS),
-      min_side=int(min(height, width)),
-      colour=None if colour is None else round(colour, _DECIMALS))
+  check_image(image, original_size=original_size, channels=channels)
+  return from_sums(sums(image, channels=channels, luma=luma),
+                   original_size=original_size)
 
 
 def flags(measures: Measures, thresholds: Thresholds = Thresholds()

@@ -107,6 +107,12 @@ _LOW_ROWS = 2.0 * np.cos(np.pi * np.arange(HASH_SIZE)[:, None] * (
     2 * np.arange(_IMAGE_SIZE)[None, :] + 1) / (2 * _IMAGE_SIZE))
 
 
+def dct_rows() -> bytes:
+  """The float64 [8, 32] DCT rows `_hash_of` multiplies by, as bytes (the
+  compiled hash of image_measures uses the very same numbers)."""
+  return np.ascontiguousarray(_LOW_ROWS, dtype=np.float64).tobytes()
+
+
 def _hash_of(pixels: np.ndarray) -> int:
   """pHash bits of a float64 [32, 32] grey array (see phash), fast.
 
@@ -133,6 +139,21 @@ def _hash_of(pixels: np.ndarray) -> int:
 CENTRE_CROP = 0.04
 
 
+def centre_crop(width: int, height: int) -> tuple[int, int]:
+  """(dx, dy): the pixels the centre hash leaves out of each side of a
+  width x height working copy."""
+  return round(width * CENTRE_CROP), round(height * CENTRE_CROP)
+
+
+def hash_of_pixels(pixels) -> int:
+  """The pHash bits of 32x32 8-bit grey levels (an array, a PIL image or
+  1,024 bytes), as build_hashes computes them."""
+  if isinstance(pixels, (bytes, bytearray)):
+    pixels = np.frombuffer(pixels, dtype=np.uint8).reshape(
+        _IMAGE_SIZE, _IMAGE_SIZE)
+  return _hash_of(np.asarray(pixels, dtype=np.float64))
+
+
 def build_hashes(luma: Image.Image) -> tuple[int, int]:
   """(hash of the whole image, hash of its centre) as the build stores them.
 
@@ -141,16 +162,16 @@ def build_hashes(luma: Image.Image) -> tuple[int, int]:
   with a box filter (~10x cheaper than phash's LANCZOS from the decoded
   image; within a few bits of it). The centre leaves out CENTRE_CROP of
   each side. Two images are near when either hash of one is near the whole
-  hash of the other (near_duplicates).
+  hash of the other (near_duplicates). The reference: image_measures
+  computes the same, compiled.
   """
   width, height = luma.size
-  dx, dy = round(width * CENTRE_CROP), round(height * CENTRE_CROP)
+  dx, dy = centre_crop(width, height)
   size = (_IMAGE_SIZE, _IMAGE_SIZE)
   whole = luma.resize(size, Image.Resampling.BOX)
   centre = luma.resize(size, Image.Resampling.BOX,
                        box=(dx, dy, width - dx, height - dy))
-  return tuple(_hash_of(np.asarray(i, dtype=np.float64))
-               for i in (whole, centre))
+  return hash_of_pixels(whole), hash_of_pixels(centre)
 
 
 def distance(a: int, b: int) -> int:

@@ -28,8 +28,8 @@ import simplejpeg
 
 from pipelines.common import paths
 from pipelines.preprocessing import image_formats
+from pipelines.preprocessing import image_measures
 from pipelines.preprocessing import image_quality
-from pipelines.preprocessing import perceptual_hash
 from pipelines.preprocessing import resize_modes
 from tfrecords_schema import files
 
@@ -80,7 +80,7 @@ class ImageOptions:
   max_pixels: int = DEFAULT_MAX_PIXELS
   max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
   background: tuple[int, int, int] = DEFAULT_BACKGROUND
-  # Perceptual hashes and quality measures of each image (~0.6 ms an image):
+  # Perceptual hashes and quality measures of each image (image_measures):
   # the build turns them on when its near-duplicate search or a quality flag
   # needs them; predict, which needs only the stored bytes, does not.
   measure: bool = False
@@ -416,20 +416,8 @@ def encode(image: Image.Image, *, image_format: str,
   return buffer.getvalue()
 
 
-_LEVELS = np.arange(256, dtype=np.float64)
-
-
-def channel_sums(image: Image.Image) -> tuple[np.ndarray, np.ndarray, int]:
-  """Exact per-channel sum and sum of squares of an 8-bit image.
-
-  Returns float64 `[C]`, float64 `[C]`, and the pixel count. From Pillow's
-  256-bin histogram per channel, counted in C without a copy of the pixels
-  (numpy's bincount would first widen each channel to int64: 8 bytes a
-  pixel).
-  """
-  hists = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)
-  num_pixels = image.width * image.height
-  return hists @ _LEVELS, hists @ np.square(_LEVELS), num_pixels
+# Exact per-channel sums of the stored pixels (compiled when built).
+channel_sums = image_measures.channel_sums
 
 
 def process(data: bytes, *, extension: str,
@@ -448,12 +436,9 @@ def process(data: bytes, *, extension: str,
                   background=options.background)
   phashes, quality = None, None
   if options.measure:
-    luma = image_quality.working_copy(image)
-    phashes = perceptual_hash.build_hashes(luma)
-    quality = image_quality.measure(
+    phashes, quality = image_measures.measure(
         image, original_size=(original_height, original_width),
-        channels=options.channels, luma=luma)
-    del luma
+        channels=options.channels)
   image = resize(image, height=options.height, width=options.width,
                  mode=options.resize_mode)
   pixel_sum, pixel_sumsq, num_pixels = channel_sums(image)

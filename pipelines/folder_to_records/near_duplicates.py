@@ -47,6 +47,7 @@ Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
 from __future__ import annotations
 
 import heapq
+import itertools
 import struct
 import zlib
 from typing import Iterable, Iterator, NamedTuple
@@ -71,6 +72,9 @@ MAX_GROUP = 4096
 # the group's capped report.
 MAX_GROUP_PAIRS = 20_000
 _ROWS = 256  # Rows of a group's distance matrix computed at once.
+# Which entries of a block of _ROWS rows against the same columns are above
+# the diagonal (each pair once).
+_ABOVE = np.triu(np.ones((_ROWS, _ROWS), dtype=bool), k=1)
 
 NEAR_LEAK = 'near_duplicate_leak'  # Outcome of a left-out evaluation copy.
 LEAK, WITHIN_SPLIT, ACROSS_EVALUATION = (
@@ -270,9 +274,15 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
 def _smallest(members: Iterable[bytes], cap: int
               ) -> tuple[list[tuple[int, Ref]], int]:
   """(the `cap` members (pack's bytes) first by _rank, unpacked and sorted;
-  how many there were in all). heapq.nsmallest holds at most cap of them
-  at a time."""
-  total = 0
+  how many there were in all). At most cap + 1 of them are held at a time:
+  a group within the cap is sorted, a larger one streams through
+  heapq.nsmallest (the same result: _rank's keys are distinct)."""
+  members = iter(members)
+  first = [unpack(member) for member in itertools.islice(members, cap + 1)]
+  if len(first) <= cap:
+    first.sort(key=_member_rank)
+    return first, len(first)
+  total = len(first)
 
   def counted():
     nonlocal total
@@ -280,8 +290,14 @@ def _smallest(members: Iterable[bytes], cap: int
       total += 1
       yield unpack(member)
 
-  kept = heapq.nsmallest(cap, counted(), key=lambda m: _rank(m[1], m[0]))
+  kept = heapq.nsmallest(cap, itertools.chain(first, counted()),
+                         key=_member_rank)
   return kept, total
+
+
+def _member_rank(member: tuple[int, Ref]) -> tuple:
+  which, ref = member
+  return _rank(ref, which)
 
 
 def _rank(ref: Ref, which: int) -> tuple:
@@ -405,7 +421,6 @@ def _pair_arrays(members, *, band: int, distance: int,
   leaks = _Leaks(order, train)
   mask_array = np.array(masks, dtype=np.uint64)
   whole = which == WHOLE
-  above = np.triu(np.ones((_ROWS, _ROWS), dtype=bool), k=1)
   examined, skipped, found = 0, 0, [(_NO_PAIRS,) * 3]
   for top in range(0, len(members), _ROWS):
     # Rows top.. against columns top..: each member pair once (column >
@@ -413,7 +428,7 @@ def _pair_arrays(members, *, band: int, distance: int,
     rows = len(hashes[top:top + _ROWS])
     bits = np.bitwise_count(hashes[top:top + rows, None] ^ hashes[None, top:])
     near = bits <= distance
-    near[:, :rows] &= above[:rows, :rows]
+    near[:, :rows] &= _ABOVE[:rows, :rows]
     near &= whole[None, top:] | whole[top:top + rows, None]
     leaks.add(top, rows, near, bits)
     room = max(0, max_pairs - examined)

@@ -293,12 +293,16 @@ HOT static void level_sums(const Plane *plane, uint64_t hist[256],
   sums[0] = s1, sums[1] = s2, sums[2] = l1, sums[3] = l2;
 }
 
-/* Image.convert('L') of packed RGB: ITU-R 601-2 in 16-bit fixed point. */
-HOT static void to_luma(const uint8_t *rgb, size_t count, uint8_t *out) {
-  for (size_t i = 0; i < count; i++) {
-    const uint8_t *p = rgb + i * 3;
-    out[i] = (uint8_t)((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >>
-                       16);
+/* Image.convert('L') of RGB pixels `stride` bytes apart: ITU-R 601-2 in
+ * 16-bit fixed point. One loop per stride, so each vectorizes. */
+#define LUMA(p) \
+  ((uint8_t)(((p)[0] * 19595 + (p)[1] * 38470 + (p)[2] * 7471 + 0x8000) >> 16))
+HOT static void to_luma(const uint8_t *rgb, size_t count, int stride,
+                        uint8_t *out) {
+  if (stride == 4) {
+    for (size_t i = 0; i < count; i++) out[i] = LUMA(rgb + i * 4);
+  } else {
+    for (size_t i = 0; i < count; i++) out[i] = LUMA(rgb + i * 3);
   }
 }
 
@@ -312,10 +316,10 @@ static inline uint32_t division_uint32(int divider, int result_bits) {
 /* Image.reduce(factor) of an RGB image, then the largest over channel pairs
  * of the summed absolute difference (image_quality._colour). */
 HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
-                              int factor, int64_t *count) {
+                              int stride, int factor, int64_t *count) {
   int64_t sums[3] = {0, 0, 0};
   int out_w = (width + factor - 1) / factor, out_h = (height + factor - 1) / factor;
-  size_t row_len = (size_t)width * 3;
+  size_t row_len = (size_t)width * stride;
   /* A block row's pixels summed down each column first (vectorized), then
    * across each block's columns: the block sums Pillow's loops add up. */
   uint32_t *columns = malloc(row_len * sizeof(uint32_t));
@@ -332,12 +336,12 @@ HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
       uint32_t n = (uint32_t)((y1 - y0) * (x1 - x0));
       int v[3];
       if (factor == 1) {
-        for (int c = 0; c < 3; c++) v[c] = (int)columns[x0 * 3 + c];
+        for (int c = 0; c < 3; c++) v[c] = (int)columns[x0 * stride + c];
       } else {
         uint32_t multiplier = division_uint32((int)n, 8), amend = n / 2;
         uint32_t s[3] = {amend, amend, amend};
         for (int x = x0; x < x1; x++)
-          for (int c = 0; c < 3; c++) s[c] += columns[x * 3 + c];
+          for (int c = 0; c < 3; c++) s[c] += columns[x * stride + c];
         for (int c = 0; c < 3; c++) v[c] = (int)((s[c] * multiplier) >> 24);
       }
       sums[0] += abs(v[0] - v[1]);
@@ -351,6 +355,77 @@ HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
   if (sums[1] > largest) largest = sums[1];
   if (sums[2] > largest) largest = sums[2];
   return largest;
+}
+
+/* The Arrow C data interface's array (arrow.apache.org/docs/format/
+ * CDataInterface.html), as Pillow (>= 11.2) exports an image without a copy:
+ * 'L' a uint8 array, 'RGB' a fixed-size list of 4 uint8 (R, G, B, pad). */
+struct ArrowArray {
+  int64_t length;
+  int64_t null_count;
+  int64_t offset;
+  int64_t n_buffers;
+  int64_t n_children;
+  const void **buffers;
+  struct ArrowArray **children;
+  struct ArrowArray *dictionary;
+  void (*release)(struct ArrowArray *);
+  void *private_data;
+};
+
+/* An image's 8-bit pixels: `stride` bytes a pixel, rows packed. */
+typedef struct {
+  const uint8_t *data;
+  int stride;
+  Py_buffer view;
+  int has_view;
+} Pixels;
+
+/* `source`: bytes-like packed pixels (Image.tobytes()) or the array capsule
+ * of Image.__arrow_c_array__(). Returns 0 with ValueError when it is not
+ * width x height x channels. */
+static int get_pixels(PyObject *source, int width, int height, int channels,
+                      Pixels *out) {
+  int64_t count = (int64_t)width * height;
+  out->has_view = 0;
+  if (PyCapsule_CheckExact(source)) {
+    struct ArrowArray *array = PyCapsule_GetPointer(source, "arrow_array");
+    if (!array) return 0;
+    const struct ArrowArray *values = array;
+    int stride = 1;
+    if (channels == 3 && array->n_children == 1 && array->children) {
+      values = array->children[0];
+      stride = 4;
+    }
+    if (!array->release || array->length != count || array->offset ||
+        (channels == 3) != (stride == 4) || !values ||
+        values->n_buffers != 2 || values->offset ||
+        values->length != count * stride || !values->buffers ||
+        !values->buffers[1]) {
+      PyErr_SetString(PyExc_ValueError,
+                      "pixels: not an Arrow array of this image's size");
+      return 0;
+    }
+    out->data = values->buffers[1];
+    out->stride = stride;
+    return 1;
+  }
+  if (PyObject_GetBuffer(source, &out->view, PyBUF_SIMPLE) < 0) return 0;
+  out->has_view = 1;
+  if (out->view.len != count * channels) {
+    PyBuffer_Release(&out->view);
+    out->has_view = 0;
+    PyErr_SetString(PyExc_ValueError, "pixels: inconsistent arguments");
+    return 0;
+  }
+  out->data = out->view.buf;
+  out->stride = channels;
+  return 1;
+}
+
+static void release_pixels(Pixels *pixels) {
+  if (pixels->has_view) PyBuffer_Release(&pixels->view);
+  pixels->has_view = 0;
 }
 
 /* perceptual_hash._hash_of of 32x32 levels: the 8 x 8 lowest DCT-II
@@ -409,30 +484,35 @@ static const char measure_doc[] =
     "None.";
 
 static PyObject *measure(PyObject *self, PyObject *args) {
-  Py_buffer view, rows_view;
+  PyObject *source;
+  Py_buffer rows_view;
+  Pixels source_pixels;
   int width, height, channels, work_w, work_h, dx, dy, colour_factor;
-  if (!PyArg_ParseTuple(args, "y*iiiiiiiiy*", &view, &width, &height,
+  if (!PyArg_ParseTuple(args, "Oiiiiiiiiy*", &source, &width, &height,
                         &channels, &work_w, &work_h, &dx, &dy, &colour_factor,
                         &rows_view))
     return NULL;
   if (rows_view.len != 8 * 32 * (Py_ssize_t)sizeof(double)) {
-    PyBuffer_Release(&view);
     PyBuffer_Release(&rows_view);
     PyErr_SetString(PyExc_ValueError, "measure: dct_rows must be 8 x 32 float64");
     return NULL;
   }
   if ((channels != 1 && channels != 3) || width < 1 || height < 1 ||
       work_w < 1 || work_h < 1 || work_w > width || work_h > height ||
-      view.len != (Py_ssize_t)width * height * channels || dx < 0 || dy < 0 ||
+      dx < 0 || dy < 0 ||
       2 * dx >= work_w || 2 * dy >= work_h || colour_factor < 0 ||
       work_w > 1024 || work_h > 1024 ||
       (colour_factor && channels != 3)) {
-    PyBuffer_Release(&view);
     PyBuffer_Release(&rows_view);
     PyErr_SetString(PyExc_ValueError, "measure: inconsistent arguments");
     return NULL;
   }
-  const uint8_t *pixels = view.buf;
+  if (!get_pixels(source, width, height, channels, &source_pixels)) {
+    PyBuffer_Release(&rows_view);
+    return NULL;
+  }
+  const uint8_t *pixels = source_pixels.data;
+  int stride = source_pixels.stride;
   Plane luma = {NULL, width, height, width}, work = {NULL, 0, 0, 0};
   Plane whole = {NULL, 0, 0, 0}, centre = {NULL, 0, 0, 0};
   PyObject *result = NULL;
@@ -447,7 +527,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
   do {
     if (channels == 3) {
       if (!plane_new(&luma, width, height)) break;
-      to_luma(pixels, (size_t)width * height, luma.data);
+      to_luma(pixels, (size_t)width * height, stride, luma.data);
     } else {
       luma.data = (uint8_t *)pixels;
     }
@@ -479,7 +559,8 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     whole_hash = dct_hash(whole.data, rows_view.buf);
     centre_hash = dct_hash(centre.data, rows_view.buf);
     if (colour_factor) {
-      colour = colour_sum(pixels, width, height, colour_factor, &colour_count);
+      colour = colour_sum(pixels, width, height, stride, colour_factor,
+                          &colour_count);
       if (colour < 0) break;
     }
     ok = 1;
@@ -506,36 +587,59 @@ static PyObject *measure(PyObject *self, PyObject *args) {
   if (channels == 3) free(luma.data);
   free(whole.data);
   free(centre.data);
-  PyBuffer_Release(&view);
+  release_pixels(&source_pixels);
   PyBuffer_Release(&rows_view);
   return result;
 }
 
 static const char channel_sums_doc[] =
-    "channel_sums(pixels, channels) -> (sums, sums of squares)\n\n"
-    "Per-channel exact sums of an interleaved 8-bit image's bytes.";
+    "channel_sums(pixels, width, height, channels) -> (sums, sums of squares)"
+    "\n\nPer-channel exact sums of an 8-bit image (pixels as in measure).";
+
+/* Sums of `channels` bands of pixels `stride` bytes apart. */
+HOT static void band_sums(const uint8_t *p, size_t count, int stride,
+                          int channels, uint64_t sums[4],
+                          uint64_t squares[4]) {
+  /* Per-block 32-bit sums (a block of 2^14 pixels: 2^14 x 255^2 < 2^32),
+   * one loop per layout so each vectorizes. */
+  for (size_t start = 0; start < count; start += 1 << 14) {
+    size_t end = start + (1 << 14) < count ? start + (1 << 14) : count;
+    uint32_t s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
+    if (stride == 1) {
+      for (size_t i = start; i < end; i++) {
+        uint32_t v = p[i];
+        s[0] += v, q[0] += v * v;
+      }
+    } else {
+      for (size_t i = start; i < end; i++) {
+        const uint8_t *px = p + i * stride;
+        uint32_t r = px[0], g = px[1], b = px[2];
+        s[0] += r, q[0] += r * r;
+        s[1] += g, q[1] += g * g;
+        s[2] += b, q[2] += b * b;
+      }
+    }
+    for (int c = 0; c < channels; c++) sums[c] += s[c], squares[c] += q[c];
+  }
+}
 
 static PyObject *channel_sums(PyObject *self, PyObject *args) {
-  Py_buffer view;
-  int channels;
-  if (!PyArg_ParseTuple(args, "y*i", &view, &channels)) return NULL;
-  if (channels < 1 || channels > 4 || view.len % channels) {
-    PyBuffer_Release(&view);
+  PyObject *source;
+  Pixels pixels;
+  int width, height, channels;
+  if (!PyArg_ParseTuple(args, "Oiii", &source, &width, &height, &channels))
+    return NULL;
+  if ((channels != 1 && channels != 3) || width < 1 || height < 1) {
     PyErr_SetString(PyExc_ValueError, "channel_sums: inconsistent arguments");
     return NULL;
   }
+  if (!get_pixels(source, width, height, channels, &pixels)) return NULL;
   uint64_t sums[4] = {0, 0, 0, 0}, squares[4] = {0, 0, 0, 0};
-  const uint8_t *p = view.buf;
-  Py_ssize_t total = view.len / channels;
   Py_BEGIN_ALLOW_THREADS
-  for (Py_ssize_t i = 0; i < total; i++) {
-    for (int c = 0; c < channels; c++, p++) {
-      sums[c] += *p;
-      squares[c] += (uint32_t)*p * *p;
-    }
-  }
+  band_sums(pixels.data, (size_t)width * height, pixels.stride, channels,
+            sums, squares);
   Py_END_ALLOW_THREADS
-  PyBuffer_Release(&view);
+  release_pixels(&pixels);
   PyObject *s = PyTuple_New(channels), *q = PyTuple_New(channels);
   if (!s || !q) {
     Py_XDECREF(s);

@@ -30,6 +30,18 @@ except ImportError:  # Not built (no C compiler at install): the reference.
   compiled = None
 
 
+def _pixels(image: Image.Image):
+  """An 'L' or 'RGB' image's pixels for the compiled functions: Pillow's own
+  memory through the Arrow C data interface (Pillow >= 11.2, an image in one
+  block: no copy), else Image.tobytes() (a copy, ~25 µs for 200 x 200)."""
+  try:
+    return image.__arrow_c_array__()[1]
+  except Exception:  # pylint: disable=broad-except
+    # An older Pillow, or an image in several blocks (over Pillow's block
+    # size): the bytes.
+    return image.tobytes()
+
+
 # perceptual_hash's DCT table, for the compiled hash (the same float64s).
 _DCT_ROWS = perceptual_hash.dct_rows()
 
@@ -55,7 +67,7 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
   work_width, work_height = image_quality.working_size(width, height)
   dx, dy = perceptual_hash.centre_crop(work_width, work_height)
   hashes, sums, colour = compiled.measure(
-      image.tobytes(), width, height, len(image.getbands()), work_width,
+      _pixels(image), width, height, len(image.getbands()), work_width,
       work_height, dx, dy,
       image_quality.colour_factor(width, height) if channels == 3 else 0,
       _DCT_ROWS)
@@ -77,8 +89,8 @@ def channel_sums(image: Image.Image) -> tuple[np.ndarray, np.ndarray, int]:
   """
   num_pixels = image.width * image.height
   if compiled is not None and image.mode in ('L', 'RGB'):
-    total, squares = compiled.channel_sums(image.tobytes(),
-                                           len(image.getbands()))
+    total, squares = compiled.channel_sums(
+        _pixels(image), image.width, image.height, len(image.getbands()))
     return (np.asarray(total, dtype=np.float64),
             np.asarray(squares, dtype=np.float64), num_pixels)
   hists = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)

@@ -30,16 +30,31 @@ except ImportError:  # Not built (no C compiler at install): the reference.
   compiled = None
 
 
-def _pixels(image: Image.Image):
-  """An 'L' or 'RGB' image's pixels for the compiled functions: Pillow's own
-  memory through the Arrow C data interface (Pillow >= 11.2, an image in one
-  block: no copy), else Image.tobytes() (a copy, ~25 µs for 200 x 200)."""
-  try:
-    return image.__arrow_c_array__()[1]
-  except Exception:  # pylint: disable=broad-except
-    # An older Pillow, or an image in several blocks (over Pillow's block
-    # size): the bytes.
-    return image.tobytes()
+def _compiled_call(function, image: Image.Image, *args):
+  """function(pixels, width, height, bands, *args) with an 'L' or 'RGB'
+  image's pixels: Pillow's own memory through the Arrow C data interface
+  where that is safe (no copy), else Image.tobytes() (~25 µs a copy at
+  200 x 200).
+
+  Only an image that owns its memory is exported: Pillow (12.3) crashes
+  exporting one that shares a numpy array's memory (Image.fromarray of a
+  2-D array: `readonly`), as a test of 16-bit grey found. An export laid
+  out otherwise than one block (older Pillow, images over Pillow's block
+  size) is refused by the extension, and the bytes are used instead.
+  """
+  size = (image.width, image.height, len(image.getbands()))
+  export = getattr(image, '__arrow_c_array__', None)
+  if export is not None and not image.readonly:
+    try:
+      source = export()[1]
+    except Exception:  # pylint: disable=broad-except
+      source = None  # Several blocks: not exported.
+    if source is not None:
+      try:
+        return function(source, *size, *args)
+      except ValueError:
+        pass  # Not the layout the extension reads: the bytes below.
+  return function(image.tobytes(), *size, *args)
 
 
 # perceptual_hash's DCT table, for the compiled hash (the same float64s).
@@ -66,9 +81,8 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
   width, height = image.size
   work_width, work_height = image_quality.working_size(width, height)
   dx, dy = perceptual_hash.centre_crop(work_width, work_height)
-  hashes, sums, colour = compiled.measure(
-      _pixels(image), width, height, len(image.getbands()), work_width,
-      work_height, dx, dy,
+  hashes, sums, colour = _compiled_call(
+      compiled.measure, image, work_width, work_height, dx, dy,
       image_quality.colour_factor(width, height) if channels == 3 else 0,
       _DCT_ROWS)
   return hashes, image_quality.from_sums(
@@ -89,8 +103,7 @@ def channel_sums(image: Image.Image) -> tuple[np.ndarray, np.ndarray, int]:
   """
   num_pixels = image.width * image.height
   if compiled is not None and image.mode in ('L', 'RGB'):
-    total, squares = compiled.channel_sums(
-        _pixels(image), image.width, image.height, len(image.getbands()))
+    total, squares = _compiled_call(compiled.channel_sums, image)
     return (np.asarray(total, dtype=np.float64),
             np.asarray(squares, dtype=np.float64), num_pixels)
   hists = np.asarray(image.histogram(), dtype=np.float64).reshape(-1, 256)

@@ -1,7 +1,7 @@
 /* The build's per-image measures in one compiled pass (image_quality.py and
  * perceptual_hash.py hold the same computations in Pillow and numpy, the
  * reference this module must equal bit for bit; tests/pipelines/
- * preprocessing/test_compiled_measures.py checks it on real photos).
+ * preprocessing/test_image_measures.py checks it on real photos).
  *
  * Pillow's steps are reproduced exactly, not approximated: the luma of
  * Image.convert('L') (ITU-R 601-2, 16-bit fixed point), the BOX resampling
@@ -180,8 +180,7 @@ static int resample_box(const Plane *in, int out_w, int out_h,
   Plane temp = {NULL, 0, 0, 0}, in_t = {NULL, 0, 0, 0}, temp_t = {NULL, 0, 0, 0};
   const Plane *src = in;
   int rows = ybox_last - ybox_first, ok = 0;
-  int acc_len = in->width > rows ? in->width : rows;
-  if (out_w > acc_len) acc_len = out_w;
+  int acc_len = need_h ? (rows > out_w ? rows : out_w) : in->width;
   int *acc = malloc((size_t)acc_len * sizeof(int));
   if (!acc) goto done;
   if (need_h) {
@@ -225,7 +224,7 @@ done:
  * in two steps. */
 static int pillow_resize(const Plane *in, int out_w, int out_h,
                          const float box[4], Plane *out) {
-  if (in->height > in->width * 100 && out_h < in->height) {
+  if ((int64_t)in->height > (int64_t)in->width * 100 && out_h < in->height) {
     Plane step;
     float first[4] = {0, box[1], (float)in->width, box[3]};
     float second[4] = {box[0], 0, box[2], (float)out_h};
@@ -501,6 +500,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
       work_w < 1 || work_h < 1 || work_w > width || work_h > height ||
       dx < 0 || dy < 0 ||
       2 * dx >= work_w || 2 * dy >= work_h || colour_factor < 0 ||
+      colour_factor > (width > height ? width : height) ||
       work_w > 1024 || work_h > 1024 ||
       (colour_factor && channels != 3)) {
     PyBuffer_Release(&rows_view);

@@ -32,29 +32,16 @@ except ImportError:  # Not built (no C compiler at install): the reference.
 
 def _compiled_call(function, image: Image.Image, *args):
   """function(pixels, width, height, bands, *args) with an 'L' or 'RGB'
-  image's pixels: Pillow's own memory through the Arrow C data interface
-  where that is safe (no copy), else Image.tobytes() (~25 µs a copy at
-  200 x 200).
+  image's bytes (Image.tobytes(), a copy).
 
-  Only an image that owns its memory is exported: Pillow (12.3) crashes
-  exporting one that shares a numpy array's memory (Image.fromarray of a
-  2-D array: `readonly`), as a test of 16-bit grey found. An export laid
-  out otherwise than one block (older Pillow, images over Pillow's block
-  size) is refused by the extension, and the bytes are used instead.
+  Not Pillow's memory through its Arrow export: Pillow (12.3) exports the
+  start of its memory block, which is not the first row when
+  PILLOW_ALIGNMENT pads rows (wrong pixels, silently), and crashes
+  exporting an image that shares a numpy array's memory (review,
+  2026-12-05).
   """
-  size = (image.width, image.height, len(image.getbands()))
-  export = getattr(image, '__arrow_c_array__', None)
-  if export is not None and not image.readonly:
-    try:
-      source = export()[1]
-    except Exception:  # pylint: disable=broad-except
-      source = None  # Several blocks: not exported.
-    if source is not None:
-      try:
-        return function(source, *size, *args)
-      except ValueError:
-        pass  # Not the layout the extension reads: the bytes below.
-  return function(image.tobytes(), *size, *args)
+  return function(image.tobytes(), image.width, image.height,
+                  len(image.getbands()), *args)
 
 
 # perceptual_hash's DCT table, for the compiled hash (the same float64s).

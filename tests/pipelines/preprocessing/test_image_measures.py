@@ -135,3 +135,31 @@ def test_the_build_stores_the_same_measures_either_way(photos, monkeypatch):
       second.phashes, second.quality, second.encoded)
   np.testing.assert_array_equal(first.pixel_sum, second.pixel_sum)
   np.testing.assert_array_equal(first.pixel_sumsq, second.pixel_sumsq)
+
+
+@compiled_only
+def test_padded_pillow_rows_give_the_same_measures():
+  # PILLOW_ALIGNMENT pads Pillow's rows: the compiled path must read the
+  # pixels, not Pillow's raw memory (its Arrow export gave the block's
+  # start, not the first row: every value wrong, silently).
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  script = (
+      'import numpy as np\n'
+      'from PIL import Image\n'
+      'from pipelines.preprocessing import image_measures as m\n'
+      'rng = np.random.default_rng(0)\n'
+      'for size in ((1, 1), (7, 5), (131, 97), (300, 200)):\n'
+      '  image = Image.fromarray(rng.integers(0, 256, size[::-1] + (3,),\n'
+      '                                       dtype=np.uint8))\n'
+      '  for ch, view in ((3, image), (1, image.convert("L"))):\n'
+      '    kw = dict(original_size=size[::-1], channels=ch)\n'
+      '    assert m.measure(view, **kw) == m.measure(view, use_compiled=False,\n'
+      '                                              **kw), size\n'
+      '  hist = np.asarray(image.histogram(), float).reshape(3, 256)\n'
+      '  assert (m.channel_sums(image)[0] == hist @ np.arange(256.)).all()\n'
+      'print("ok")\n')
+  result = subprocess.run(
+      [sys.executable, '-c', script], capture_output=True, text=True,
+      timeout=120, env={**__import__('os').environ, 'PILLOW_ALIGNMENT': '64'})
+  assert result.returncode == 0 and 'ok' in result.stdout, result.stderr

@@ -292,16 +292,12 @@ HOT static void level_sums(const Plane *plane, uint64_t hist[256],
   sums[0] = s1, sums[1] = s2, sums[2] = l1, sums[3] = l2;
 }
 
-/* Image.convert('L') of RGB pixels `stride` bytes apart: ITU-R 601-2 in
- * 16-bit fixed point. One loop per stride, so each vectorizes. */
-#define LUMA(p) \
-  ((uint8_t)(((p)[0] * 19595 + (p)[1] * 38470 + (p)[2] * 7471 + 0x8000) >> 16))
-HOT static void to_luma(const uint8_t *rgb, size_t count, int stride,
-                        uint8_t *out) {
-  if (stride == 4) {
-    for (size_t i = 0; i < count; i++) out[i] = LUMA(rgb + i * 4);
-  } else {
-    for (size_t i = 0; i < count; i++) out[i] = LUMA(rgb + i * 3);
+/* Image.convert('L') of packed RGB: ITU-R 601-2 in 16-bit fixed point. */
+HOT static void to_luma(const uint8_t *rgb, size_t count, uint8_t *out) {
+  for (size_t i = 0; i < count; i++) {
+    const uint8_t *p = rgb + i * 3;
+    out[i] = (uint8_t)((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >>
+                       16);
   }
 }
 
@@ -356,22 +352,6 @@ HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
   return largest;
 }
 
-/* The Arrow C data interface's array (arrow.apache.org/docs/format/
- * CDataInterface.html), as Pillow (>= 11.2) exports an image without a copy:
- * 'L' a uint8 array, 'RGB' a fixed-size list of 4 uint8 (R, G, B, pad). */
-struct ArrowArray {
-  int64_t length;
-  int64_t null_count;
-  int64_t offset;
-  int64_t n_buffers;
-  int64_t n_children;
-  const void **buffers;
-  struct ArrowArray **children;
-  struct ArrowArray *dictionary;
-  void (*release)(struct ArrowArray *);
-  void *private_data;
-};
-
 /* An image's 8-bit pixels: `stride` bytes a pixel, rows packed. */
 typedef struct {
   const uint8_t *data;
@@ -380,35 +360,12 @@ typedef struct {
   int has_view;
 } Pixels;
 
-/* `source`: bytes-like packed pixels (Image.tobytes()) or the array capsule
- * of Image.__arrow_c_array__(). Returns 0 with ValueError when it is not
- * width x height x channels. */
+/* `source`: bytes-like packed pixels (Image.tobytes()). Returns 0 with
+ * ValueError when it is not width x height x channels. */
 static int get_pixels(PyObject *source, int width, int height, int channels,
                       Pixels *out) {
   int64_t count = (int64_t)width * height;
   out->has_view = 0;
-  if (PyCapsule_CheckExact(source)) {
-    struct ArrowArray *array = PyCapsule_GetPointer(source, "arrow_array");
-    if (!array) return 0;
-    const struct ArrowArray *values = array;
-    int stride = 1;
-    if (channels == 3 && array->n_children == 1 && array->children) {
-      values = array->children[0];
-      stride = 4;
-    }
-    if (!array->release || array->length != count || array->offset ||
-        (channels == 3) != (stride == 4) || !values ||
-        values->n_buffers != 2 || values->offset ||
-        values->length != count * stride || !values->buffers ||
-        !values->buffers[1]) {
-      PyErr_SetString(PyExc_ValueError,
-                      "pixels: not an Arrow array of this image's size");
-      return 0;
-    }
-    out->data = values->buffers[1];
-    out->stride = stride;
-    return 1;
-  }
   if (PyObject_GetBuffer(source, &out->view, PyBUF_SIMPLE) < 0) return 0;
   out->has_view = 1;
   if (out->view.len != count * channels) {
@@ -527,7 +484,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
   do {
     if (channels == 3) {
       if (!plane_new(&luma, width, height)) break;
-      to_luma(pixels, (size_t)width * height, stride, luma.data);
+      to_luma(pixels, (size_t)width * height, luma.data);
     } else {
       luma.data = (uint8_t *)pixels;
     }

@@ -5,7 +5,7 @@ the quality measures, in one pass.
 `perceptual_hash.build_hashes(image_quality.working_copy(image))` and
 `image_quality.measure(image, ...)` (Pillow and numpy), but computes it in
 the compiled `_measures` extension (setup.py builds it) when that is
-importable: ~0.05 ms an image instead of ~0.6 ms in the build's workers,
+importable: ~0.14 ms an image instead of ~0.6 ms in the build's workers,
 where it ran at every image (BUILD_NOTES.md, issue 19). Without the
 extension (no C compiler at install) the reference runs: the same values,
 slower. tests/pipelines/preprocessing/test_image_measures.py holds the two

@@ -146,11 +146,8 @@ def centre_crop(width: int, height: int) -> tuple[int, int]:
 
 
 def hash_of_pixels(pixels) -> int:
-  """The pHash bits of 32x32 8-bit grey levels (an array, a PIL image or
-  1,024 bytes), as build_hashes computes them."""
-  if isinstance(pixels, (bytes, bytearray)):
-    pixels = np.frombuffer(pixels, dtype=np.uint8).reshape(
-        _IMAGE_SIZE, _IMAGE_SIZE)
+  """The pHash bits of 32x32 8-bit grey levels (an array or a PIL image), as
+  build_hashes computes them."""
   return _hash_of(np.asarray(pixels, dtype=np.float64))
 
 

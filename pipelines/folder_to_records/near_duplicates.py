@@ -609,11 +609,14 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   """A DoFn: a bucket of band groups (_bands_to_buckets) -> each group's
   pairs (group_pairs) as lines in sorted run files (PairRun, one per bundle
   or per SORT_RUN_LINES lines), 'leak': the nearest train copy of each
-  evaluation copy in the group, 'near_capped'.
+  evaluation copy in the bundle's groups (at most _BUNDLE_LEAKS held at
+  once), 'near_capped'.
   No element per pair crosses a step: at 30,000 photo-like images there
-  are 1.5M pairs. Only the run of a bundle that succeeded is named
-  downstream, so a retried bundle adds no line twice; the launcher merges
-  the runs."""
+  are 1.5M pairs. Nor one per group an evaluation image is in (up to
+  2 x (distance + 1)): its nearest is kept per bundle, as NearLeaks keeps
+  it per worker (3,000 photo-like images: 5,750 -> ~600 elements). Only
+  the run of a bundle that succeeded is named downstream, so a retried
+  bundle adds no line twice; the launcher merges the runs."""
   import collections  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
@@ -625,13 +628,21 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       self._text = _Lines(layout)
 
     def start_bundle(self):
+      self._new_run()
+      self._leaks = {}  # relpath -> its nearest (d, train relpath, Ref)
+
+    def _new_run(self):
       self._lines, self._kinds, self._conflicts = [], collections.Counter(), 0
 
     def _flush(self) -> PairRun:
       run = PairRun(file_io.write_run(run_dir, 'pairs', self._lines),
                     dict(self._kinds), self._conflicts)
-      self.start_bundle()
+      self._new_run()
       return run
+
+    def _flush_leaks(self):
+      leaks, self._leaks = self._leaks, {}
+      return (_tagged(LEAK, leak) for leak in leaks.items())
 
     def process(self, element):
       """(bucket, its file ranges) -> each band group's outputs."""
@@ -653,18 +664,30 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         self._conflicts += int(conflicts.sum())
         if len(self._lines) >= file_io.SORT_RUN_LINES:
           yield self._flush()
+      held_leaks = self._leaks
       for held, train, dist in zip(*(x.tolist() for x in leaks)):
         ref = members[held][1]
-        yield _tagged(LEAK, (ref.relpath, (dist, members[train][1].relpath,
-                                           ref)))
+        leak = (dist, members[train][1].relpath, ref)
+        known = held_leaks.get(ref.relpath)
+        if known is None or leak[:2] < known[:2]:  # nearest()'s order.
+          held_leaks[ref.relpath] = leak
+      if len(held_leaks) >= _BUNDLE_LEAKS:
+        yield from self._flush_leaks()
       if capped:
         yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
       if self._lines:
         yield file_io.in_global_window(self._flush())
+      for leak in self._flush_leaks():
+        yield _tagged(leak.tag, file_io.in_global_window(leak.value))
 
   return PairsToRuns()
+
+
+# Most evaluation images a group-step bundle keeps the nearest train copy of
+# before it sends them on (~100 B each, the Ref aside).
+_BUNDLE_LEAKS = 50_000
 
 
 def find(refs, counts, *, distance: int, layout: str, run_dir: str):

@@ -3,6 +3,7 @@ build's rules on real photos (evaluation copies of train images left out,
 the rest reported, counts that reconcile)."""
 
 import io
+import collections
 import itertools
 import json
 import pathlib
@@ -500,7 +501,9 @@ def _outputs(results):
   main, tagged = [], []
   for out in results or ():
     if hasattr(out, 'tag'):
-      tagged.append((out.tag, out.value))
+      value = out.value
+      tagged.append((out.tag, value.value if hasattr(value, 'windows')
+                     else value))
     else:
       main.append(out.value if hasattr(out, 'windows') else out)
   return main, tagged
@@ -511,7 +514,9 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
   """The band shuffle goes through files: each worker writes its entries
   as bucket ranges (flushed every _FLUSH_ENTRIES), the group step reads a
   bucket's ranges. Several flushes and buckets lose no entry, put a band
-  key in one bucket only, and find exactly the all-pairs result."""
+  key in one bucket only, and find exactly the all-pairs result; the
+  nearest train copy of each evaluation image, kept per bundle and sent
+  on in several flushes, is all-pairs' nearest."""
   monkeypatch.setattr(nd, '_FLUSH_ENTRIES', 500)
   distance, rng = 8, np.random.default_rng(5)
   refs = []
@@ -523,6 +528,15 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
                                  int(rng.integers(0, 1 << 63)) * 2 + 1))):
       refs.append(nd.Ref(hashes, f'c{i % 3}/{i}-{j}.jpg',
                          ('train', 'validation')[j == 2], 0, len(refs)))
+  # An evaluation image with train copies at 3, 1 and 1 bits, in groups of
+  # other bands: its nearest is the first path at 1.
+  whole = int(rng.integers(0, 1 << 63)) * 2 + 1
+  for path, flip, split in (('e/held.jpg', 0, 'test'),
+                            ('e/t3.jpg', 0b111, 'train'),
+                            ('e/t1b.jpg', 1 << 63, 'train'),
+                            ('e/t1a.jpg', 1 << 40, 'train')):
+    refs.append(nd.Ref((whole ^ flip, int(rng.integers(0, 1 << 63)) * 2 + 1),
+                       path, split, 0, len(refs)))
   masks = nd.band_masks(distance)
   bands = nd._bands_to_buckets(masks=masks, run_dir=str(tmp_path))
   ranges = []
@@ -549,20 +563,42 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     got.update(groups)
   assert {k: sorted(v) for k, v in got.items()} == {
       k: sorted(v) for k, v in want.items()}
-  pairs_step = nd._pairs_to_runs(distance=distance, masks=masks,
-                                 layout='class_folders', run_dir=str(tmp_path))
-  pairs_step.setup()
-  pairs_step.start_bundle()
-  runs, tagged = [], []
-  for element in buckets.items():
-    main, more = _outputs(pairs_step.process(element))
+  split = {ref.relpath: ref.split for ref in refs}
+  want = collections.defaultdict(list)  # All-pairs' train copies.
+  for (a, b), d in _brute_force(refs, distance).items():
+    if split[a] == 'train' and split[b] != 'train':
+      want[b].append((d, a))
+    elif split[b] == 'train' and split[a] != 'train':
+      want[a].append((d, b))
+  want = {p: min(n) for p, n in want.items()}
+  assert len(want) > 50 and want['e/held.jpg'] == (1, 'e/t1a.jpg')
+  for held in (20, 50_000):  # Flushed in mid-bundle / once, at its end.
+    monkeypatch.setattr(nd, '_BUNDLE_LEAKS', held)
+    pairs_step = nd._pairs_to_runs(distance=distance, masks=masks,
+                                   layout='class_folders',
+                                   run_dir=str(tmp_path))
+    pairs_step.setup()
+    pairs_step.start_bundle()
+    runs, tagged = [], []
+    for element in buckets.items():
+      main, more = _outputs(pairs_step.process(element))
+      runs += main
+      tagged += more
+    main, more = _outputs(pairs_step.finish_bundle())
     runs += main
     tagged += more
-  runs += _outputs(pairs_step.finish_bundle())[0]
-  found = {}
-  for run in runs:
-    for line in pathlib.Path(run.path).read_text().splitlines():
-      pair = json.loads(line)
-      found[tuple(pair['paths'])] = pair['distance']
-  assert found == _brute_force(refs, distance) and len(found) > 300
-  assert any(tag == nd.LEAK for tag, _ in tagged)
+    found = {}
+    for run in runs:
+      for line in pathlib.Path(run.path).read_text().splitlines():
+        pair = json.loads(line)
+        found[tuple(pair['paths'])] = pair['distance']
+    assert found == _brute_force(refs, distance) and len(found) > 300
+    leaks = collections.defaultdict(list)
+    for tag, (relpath, nearest) in tagged:
+      if tag == nd.LEAK:
+        leaks[relpath].append(nearest[:2])
+    if held > len(refs):  # Each image once, its nearest.
+      assert {p: n for p, [n] in leaks.items()} == want
+    else:  # Several times; NearLeaks keeps the nearest.
+      assert sum(map(len, leaks.values())) > len(leaks)
+      assert {p: min(n) for p, n in leaks.items()} == want

@@ -17,7 +17,13 @@ setuptools.setup(
         ['pipelines/preprocessing/_measures.c'],
         # Pillow's arithmetic exactly: no fused multiply-add.
         extra_compile_args=['-O3', '-ffp-contract=off'],
-        optional=True)],
+        optional=True),
+                 # The near-duplicate search's work inside a band group:
+                 # equal to its numpy reference, ~10x faster; optional too.
+                 setuptools.Extension(
+                     'pipelines.folder_to_records._near_pairs',
+                     ['pipelines/folder_to_records/_near_pairs.c'],
+                     extra_compile_args=['-O3'], optional=True)],
     packages=setuptools.find_packages(
         include=['pipelines', 'pipelines.*', 'trainer', 'trainer.*',
                  'tfrecords_schema', 'tfrecords_schema.*']),

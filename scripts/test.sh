@@ -12,9 +12,10 @@ if [ ! -x .venv/bin/python ]; then
 fi
 # Installed once per setup.py and C source: a stamp in the venv holds what it
 # installed (pip takes ~11 s to find that nothing changed). The install
-# compiles pipelines/preprocessing/_measures.c in place; build/ is removed
+# compiles the C files (pipelines/preprocessing/_measures.c,
+# pipelines/folder_to_records/_near_pairs.c) in place; build/ is removed
 # first so a changed source is always compiled again.
-STAMPED="setup.py pipelines/preprocessing/_measures.c"
+STAMPED="setup.py pipelines/preprocessing/_measures.c pipelines/folder_to_records/_near_pairs.c"
 if ! cat $STAMPED | cmp -s - .venv/.installed-setup.py; then
   .venv/bin/python -m pip install --quiet --upgrade pip
   rm -rf build

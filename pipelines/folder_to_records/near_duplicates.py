@@ -50,12 +50,17 @@ import heapq
 import itertools
 import struct
 import zlib
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
 from pipelines.common import walk
 from pipelines.folder_to_records import listing as listing_lib
+
+try:  # The group step's candidates compiled (_pair_arrays), when built.
+  from pipelines.folder_to_records import _near_pairs as _compiled  # pylint: disable=g-import-not-at-top
+except ImportError:  # Not built (no C compiler at install): numpy.
+  _compiled = None
 
 HASH_BITS = 64
 # Default --near_duplicate_distance (see BUILD_NOTES "Near-duplicates" for
@@ -402,7 +407,32 @@ _NO_PAIRS = np.zeros(0, dtype=np.int64)
 
 
 def _pair_arrays(members, *, band: int, distance: int,
-                 masks: tuple[int, ...], max_pairs: int):
+                 masks: tuple[int, ...], max_pairs: int,
+                 use_compiled: Optional[bool] = None):
+  """_pair_arrays_reference's result, from the compiled `_near_pairs`
+  extension when it is built (use_compiled None; False: the reference),
+  which a test holds equal to it."""
+  if use_compiled is None:
+    use_compiled = _compiled is not None
+  if not use_compiled or len(members) < 2:
+    return _pair_arrays_reference(members, band=band, distance=distance,
+                                  masks=masks, max_pairs=max_pairs)
+  paths = [ref.relpath for _, ref in members]
+  rank = {p: r for r, p in enumerate(sorted(set(paths)))}
+  a, b, d, skipped, held, train, dist = _compiled.pair_arrays(
+      np.array([ref.phashes for _, ref in members], dtype=np.uint64).tobytes(),
+      bytes(w for w, _ in members),
+      np.array([rank[p] for p in paths], dtype=np.int32).tobytes(),
+      bytes(ref.split == 'train' for _, ref in members), band,
+      np.array(masks, dtype=np.uint64).tobytes(), distance, max_pairs,
+      MIN_BITS_SET)
+  as_array = lambda raw: np.frombuffer(raw, dtype=np.int64)
+  return (as_array(a), as_array(b), as_array(d), skipped,
+          (as_array(held), as_array(train), as_array(dist)))
+
+
+def _pair_arrays_reference(members, *, band: int, distance: int,
+                           masks: tuple[int, ...], max_pairs: int):
   """group_pairs' pairs of `members` as arrays: (a, b, d [N],
   how many candidate pairs past max_pairs were counted but not examined,
   leaks: (held, train, d) [K], for each evaluation image with a train

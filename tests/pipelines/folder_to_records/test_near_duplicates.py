@@ -352,10 +352,13 @@ def test_bad_quality_thresholds_are_one_line(tmp_path):
   assert 'blurry' in str(raised.value) and '\n' not in str(raised.value)
 
 
-def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
-  """_pair_arrays (numpy over a group's candidates) emits exactly the
-  pairs _emitted_here picks one pair at a time, on hashes built to share
-  bands (same bases, a few bits flipped; some paths repeat)."""
+@pytest.mark.parametrize('use_compiled', [
+    False, pytest.param(True, marks=pytest.mark.skipif(
+        nd._compiled is None, reason='_near_pairs is not built'))])
+def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair(use_compiled):
+  """_pair_arrays (numpy or compiled, over a group's candidates) emits
+  exactly the pairs _emitted_here picks one pair at a time, on hashes built
+  to share bands (same bases, a few bits flipped; some paths repeat)."""
   rng = np.random.default_rng(0)
   bases = [int(b) for b in rng.integers(0, 2**63, size=6)]
 
@@ -381,7 +384,7 @@ def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair():
                        key=lambda m: nd._rank(m[1], m[0]))
       ia, ib, dists, _, _ = nd._pair_arrays(
           members, band=band, distance=distance, masks=masks,
-          max_pairs=10**9)
+          max_pairs=10**9, use_compiled=use_compiled)
       got = sorted((members[i][1].relpath, members[i][1].offset,
                     members[j][1].relpath, members[j][1].offset, dist)
                    for i, j, dist in zip(ia.tolist(), ib.tolist(),
@@ -493,6 +496,48 @@ def test_every_leak_is_found_at_its_least_distance_even_in_capped_groups(
   assert len(want) > 50
   assert (capped > 0) == (max_pairs == 50)
   assert (largest > nd._ROWS) == (count == 400)
+
+
+@pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
+def test_the_compiled_group_step_equals_the_numpy_reference():
+  """_pair_arrays compiled and in numpy give the same arrays, in the same
+  order, and the same count of candidates not examined: groups of 2 to 600
+  members (more than one block of rows), both hashes of an image in one
+  group, flat (unusable) hashes, every split, every cap."""
+  rng = np.random.default_rng(7)
+  cases = 0
+  for size in (2, 3, 17, 60, 257, 600):
+    for distance in (1, 8, 16):
+      masks = nd.band_masks(distance)
+      base = int(rng.integers(0, 1 << 63)) * 2 + 1
+      members = []
+      for i in range(size):
+        flips = rng.choice(64, size=int(rng.integers(0, distance + 6)),
+                           replace=False)
+        whole = base ^ sum(1 << int(b) for b in flips)
+        centre = int(rng.integers(0, 1 << 63)) * 2 + 1
+        if i % 11 == 3:
+          whole = 0b111  # Flat: unusable.
+        if i % 13 == 5:
+          centre = whole ^ 0b1011  # The image's centre near its whole.
+        ref = nd.Ref((whole, centre),
+                     f'c{i % 3}/{int(rng.integers(0, size))}.jpg',
+                     ('train', 'validation', 'test')[int(rng.integers(0, 3))],
+                     0, i)
+        members.append((int(i % 7 == 2), ref))
+        if i % 9 == 4:  # Its other hash in the same group too.
+          members.append((1 - members[-1][0], ref))
+      for max_pairs in (0, 1, 37, 10**9):
+        for band in (0, len(masks) - 1):
+          got, want = (nd._pair_arrays(
+              members, band=band, distance=distance, masks=masks,
+              max_pairs=max_pairs, use_compiled=compiled)
+                       for compiled in (True, False))
+          assert got[3] == want[3]
+          for x, y in zip((*got[:3], *got[4]), (*want[:3], *want[4])):
+            assert x.dtype == y.dtype and x.tolist() == y.tolist()
+          cases += bool(len(want[0])) + bool(len(want[4][0]))
+  assert cases > 100  # Pairs and leaks were found.
 
 
 def _outputs(results):

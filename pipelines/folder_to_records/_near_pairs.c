@@ -138,9 +138,9 @@ static PyObject *pair_arrays(PyObject *self, PyObject *args) {
   uint64_t masks[MAX_BANDS];
   memcpy(masks, mb.buf, mb.len);
 
-  int64_t scale = 1; /* The number of ranks. */
+  int64_t scale = 1; /* The number of ranks (ranks are below m). */
   for (Py_ssize_t i = 0; i < m; i++) {
-    if (order[i] < 0 || which[i] > 1) {
+    if (order[i] < 0 || order[i] >= m || which[i] > 1) {
       PyErr_SetString(PyExc_ValueError, "pair_arrays: bad order or which");
       goto done;
     }

@@ -414,6 +414,9 @@ def _pair_arrays(members, *, band: int, distance: int,
   which a test holds equal to it."""
   if use_compiled is None:
     use_compiled = _compiled is not None
+  elif use_compiled and _compiled is None:
+    raise ValueError('use_compiled=True, but _near_pairs was not built (no '
+                     'C compiler at install?)')
   if not use_compiled or len(members) < 2:
     return _pair_arrays_reference(members, band=band, distance=distance,
                                   masks=masks, max_pairs=max_pairs)

@@ -540,6 +540,25 @@ def test_the_compiled_group_step_equals_the_numpy_reference():
   assert cases > 100  # Pairs and leaks were found.
 
 
+@pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
+def test_the_compiled_group_step_refuses_inconsistent_arguments():
+  """Wrong sizes, ranks or hash choices raise ValueError, never crash."""
+  good = dict(hashes=bytes(32), which=bytes(2),
+              order=np.array([0, 1], dtype=np.int32).tobytes(),
+              train=bytes(2), masks=np.array([1], dtype=np.uint64).tobytes())
+  args = lambda v: (v['hashes'], v['which'], v['order'], v['train'], 0,
+                    v['masks'], 8, 10, 16)
+  assert nd._compiled.pair_arrays(*args(good))[3] == 0
+  for name, value in (
+      ('hashes', bytes(31)), ('which', bytes(3)), ('train', bytes(1)),
+      ('order', np.array([0, 2], dtype=np.int32).tobytes()),
+      ('order', np.array([0, -1], dtype=np.int32).tobytes()),
+      ('which', bytes([0, 2])), ('masks', bytes(7)), ('masks', b''),
+      ('masks', bytes(8 * 65))):
+    with pytest.raises(ValueError):
+      nd._compiled.pair_arrays(*args(dict(good, **{name: value})))
+
+
 def _outputs(results):
   """A DoFn's outputs: main elements and (tag, value) of tagged ones, with
   finish_bundle's WindowedValues unwrapped."""

@@ -311,10 +311,10 @@ static inline uint32_t division_uint32(int divider, int result_bits) {
 /* Image.reduce(factor) of an RGB image, then the largest over channel pairs
  * of the summed absolute difference (image_quality._colour). */
 HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
-                              int stride, int factor, int64_t *count) {
+                              int factor, int64_t *count) {
   int64_t sums[3] = {0, 0, 0};
   int out_w = (width + factor - 1) / factor, out_h = (height + factor - 1) / factor;
-  size_t row_len = (size_t)width * stride;
+  size_t row_len = (size_t)width * 3;
   /* A block row's pixels summed down each column first (vectorized), then
    * across each block's columns: the block sums Pillow's loops add up. */
   uint32_t *columns = malloc(row_len * sizeof(uint32_t));
@@ -331,12 +331,12 @@ HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
       uint32_t n = (uint32_t)((y1 - y0) * (x1 - x0));
       int v[3];
       if (factor == 1) {
-        for (int c = 0; c < 3; c++) v[c] = (int)columns[x0 * stride + c];
+        for (int c = 0; c < 3; c++) v[c] = (int)columns[x0 * 3 + c];
       } else {
         uint32_t multiplier = division_uint32((int)n, 8), amend = n / 2;
         uint32_t s[3] = {amend, amend, amend};
         for (int x = x0; x < x1; x++)
-          for (int c = 0; c < 3; c++) s[c] += columns[x * stride + c];
+          for (int c = 0; c < 3; c++) s[c] += columns[x * 3 + c];
         for (int c = 0; c < 3; c++) v[c] = (int)((s[c] * multiplier) >> 24);
       }
       sums[0] += abs(v[0] - v[1]);
@@ -352,10 +352,9 @@ HOT static int64_t colour_sum(const uint8_t *rgb, int width, int height,
   return largest;
 }
 
-/* An image's 8-bit pixels: `stride` bytes a pixel, rows packed. */
+/* An image's 8-bit pixels, packed (one byte a band). */
 typedef struct {
   const uint8_t *data;
-  int stride;
   Py_buffer view;
   int has_view;
 } Pixels;
@@ -375,7 +374,6 @@ static int get_pixels(PyObject *source, int width, int height, int channels,
     return 0;
   }
   out->data = out->view.buf;
-  out->stride = channels;
   return 1;
 }
 
@@ -469,7 +467,6 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     return NULL;
   }
   const uint8_t *pixels = source_pixels.data;
-  int stride = source_pixels.stride;
   Plane luma = {NULL, width, height, width}, work = {NULL, 0, 0, 0};
   Plane whole = {NULL, 0, 0, 0}, centre = {NULL, 0, 0, 0};
   PyObject *result = NULL;
@@ -516,8 +513,7 @@ static PyObject *measure(PyObject *self, PyObject *args) {
     whole_hash = dct_hash(whole.data, rows_view.buf);
     centre_hash = dct_hash(centre.data, rows_view.buf);
     if (colour_factor) {
-      colour = colour_sum(pixels, width, height, stride, colour_factor,
-                          &colour_count);
+      colour = colour_sum(pixels, width, height, colour_factor, &colour_count);
       if (colour < 0) break;
     }
     ok = 1;
@@ -553,23 +549,23 @@ static const char channel_sums_doc[] =
     "channel_sums(pixels, width, height, channels) -> (sums, sums of squares)"
     "\n\nPer-channel exact sums of an 8-bit image (pixels as in measure).";
 
-/* Sums of `channels` bands of pixels `stride` bytes apart. */
-HOT static void band_sums(const uint8_t *p, size_t count, int stride,
-                          int channels, uint64_t sums[4],
+/* Sums of each band of packed 1- or 3-band pixels. */
+HOT static void band_sums(const uint8_t *p, size_t count, int channels,
+                          uint64_t sums[4],
                           uint64_t squares[4]) {
   /* Per-block 32-bit sums (a block of 2^14 pixels: 2^14 x 255^2 < 2^32),
    * one loop per layout so each vectorizes. */
   for (size_t start = 0; start < count; start += 1 << 14) {
     size_t end = start + (1 << 14) < count ? start + (1 << 14) : count;
     uint32_t s[4] = {0, 0, 0, 0}, q[4] = {0, 0, 0, 0};
-    if (stride == 1) {
+    if (channels == 1) {
       for (size_t i = start; i < end; i++) {
         uint32_t v = p[i];
         s[0] += v, q[0] += v * v;
       }
     } else {
       for (size_t i = start; i < end; i++) {
-        const uint8_t *px = p + i * stride;
+        const uint8_t *px = p + i * 3;
         uint32_t r = px[0], g = px[1], b = px[2];
         s[0] += r, q[0] += r * r;
         s[1] += g, q[1] += g * g;
@@ -593,8 +589,7 @@ static PyObject *channel_sums(PyObject *self, PyObject *args) {
   if (!get_pixels(source, width, height, channels, &pixels)) return NULL;
   uint64_t sums[4] = {0, 0, 0, 0}, squares[4] = {0, 0, 0, 0};
   Py_BEGIN_ALLOW_THREADS
-  band_sums(pixels.data, (size_t)width * height, pixels.stride, channels,
-            sums, squares);
+  band_sums(pixels.data, (size_t)width * height, channels, sums, squares);
   Py_END_ALLOW_THREADS
   release_pixels(&pixels);
   PyObject *s = PyTuple_New(channels), *q = PyTuple_New(channels);

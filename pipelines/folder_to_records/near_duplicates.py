@@ -674,8 +674,9 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       return run
 
     def _flush_leaks(self):
+      """The held (relpath, its nearest) items, let go."""
       leaks, self._leaks = self._leaks, {}
-      return (_tagged(LEAK, leak) for leak in leaks.items())
+      return leaks.items()
 
     def process(self, element):
       """(bucket, its file ranges) -> each band group's outputs."""
@@ -705,7 +706,8 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         if known is None or leak[:2] < known[:2]:  # nearest()'s order.
           held_leaks[ref.relpath] = leak
       if len(held_leaks) >= _BUNDLE_LEAKS:
-        yield from self._flush_leaks()
+        for leak in self._flush_leaks():
+          yield _tagged(LEAK, leak)
       if capped:
         yield _tagged(CAPPED, capped)
 
@@ -713,7 +715,7 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
       if self._lines:
         yield file_io.in_global_window(self._flush())
       for leak in self._flush_leaks():
-        yield _tagged(leak.tag, file_io.in_global_window(leak.value))
+        yield _tagged(LEAK, file_io.in_global_window(leak))
 
   return PairsToRuns()
 

@@ -234,6 +234,92 @@ def bucket_entries(ref: Ref, *, masks: tuple[int, ...], buckets: int
     yield zlib.crc32(head[:-2]) % buckets, head + value
 
 
+# _ENTRY as numpy records, and its first two fields (what the bucket hashes).
+_HEAD = np.dtype([('band', 'u1'), ('bits', '>u8'), ('length', '>u2')])
+_KEY = np.dtype([('band', 'u1'), ('bits', '>u8')])
+# _PACKED as numpy records.
+_FIXED = np.dtype([('which', 'u1'), ('whole', '>u8'), ('centre', '>u8'),
+                   ('chunk', '>u4'), ('offset', '>u8'), ('split', 'u1')])
+
+
+def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
+                 ) -> list[tuple[int, bytes]]:
+  """(bucket, its bytes) for each bucket bucket_entries puts an entry of
+  refs in: the entries of `refs` (ref by ref, as bucket_entries makes
+  them) in a bucket, one after another. The same bytes, at once: the
+  bands, keys and entry heads in numpy, a crc32 per distinct key, two
+  pack() per ref (a test holds it to bucket_entries); one ref's 18
+  entries one by one cost ~50 µs in Python (BUILD_NOTES, issue 19)."""
+  if not refs:
+    return []
+  n, num_bands = len(refs), len(masks)
+  hashes = np.array([ref.phashes for ref in refs], dtype=np.uint64)  # [N, 2]
+  has = np.bitwise_count(hashes) >= MIN_BITS_SET  # [N, 2]
+  # [N, 2, bands] in bucket_entries' order: ref, which hash, band.
+  taken = np.repeat(has[:, :, None], num_bands, axis=2)
+  bits = (hashes[:, :, None] & np.array(masks, dtype=np.uint64))[taken]
+  if not len(bits):  # No usable hash.
+    return []
+  band = np.broadcast_to(np.arange(num_bands, dtype=np.uint8),
+                         taken.shape)[taken]
+  value = np.broadcast_to(np.arange(2 * n).reshape(n, 2, 1),
+                          taken.shape)[taken]  # pack(which, ref): 2 ref + which
+  # pack's bytes: _PACKED's fields, then the path.
+  paths = [ref.relpath.encode('utf-8', 'surrogateescape') for ref in refs]
+  path_length = np.array([len(p) for p in paths], dtype=np.int64)
+  if _PACKED.size + path_length.max() > 0xFFFF:  # _ENTRY's 'H'.
+    raise ValueError('a band entry of over 65,535 bytes (a path that long?)')
+  fixed = np.empty((n, 2), dtype=_FIXED)
+  fixed['which'] = [0, 1]
+  fixed['whole'], fixed['centre'] = hashes[:, :1], hashes[:, 1:]
+  fixed['chunk'] = np.array([ref.chunk for ref in refs])[:, None]
+  fixed['offset'] = np.array([ref.offset for ref in refs])[:, None]
+  fixed['split'] = np.array([_SPLITS.index(ref.split) for ref in refs]
+                            )[:, None]
+  heads = np.empty(len(bits), dtype=_HEAD)
+  heads['band'], heads['bits'] = band, bits
+  heads['length'] = _PACKED.size + path_length[value >> 1]
+  # A key's bucket: crc32 of its head's band and bits, once per key (a
+  # band's bits, shifted down, take at most 32 bits: 2 bands or more).
+  shifts = np.array([(m & -m).bit_length() - 1 for m in masks], dtype=np.uint64)
+  keys, inverse = np.unique((band.astype(np.uint64) << np.uint64(32))
+                            | (bits >> shifts[band]), return_inverse=True)
+  key_heads = np.empty(len(keys), dtype=_KEY)
+  key_heads['band'] = keys >> np.uint64(32)
+  key_heads['bits'] = (keys & np.uint64(0xFFFFFFFF)) << shifts[
+      key_heads['band']]
+  key_bytes = key_heads.tobytes()
+  size = _KEY.itemsize
+  bucket = np.array([zlib.crc32(key_bytes[i:i + size]) % buckets
+                     for i in range(0, len(key_bytes), size)],
+                    dtype=np.int64)[inverse.reshape(-1)]
+  # The entries' bytes gathered bucket by bucket from one source (heads,
+  # pack's fields, paths, end to end): each entry is three segments of it.
+  fixed_at = len(heads) * _HEAD.itemsize
+  path_at = fixed_at + fixed.size * _PACKED.size + np.concatenate(
+      [[0], np.cumsum(path_length)[:-1]])
+  source = np.frombuffer(heads.tobytes() + fixed.tobytes() + b''.join(paths),
+                         dtype=np.uint8)
+  order = np.argsort(bucket, kind='stable')
+  segment_start = np.stack([
+      order * _HEAD.itemsize, fixed_at + value[order] * _PACKED.size,
+      path_at[value[order] >> 1]], axis=1).reshape(-1)
+  segment_length = np.stack([
+      np.full(len(order), _HEAD.itemsize), np.full(len(order), _PACKED.size),
+      path_length[value[order] >> 1]], axis=1).reshape(-1)
+  bucket = bucket[order]
+  cuts = [0, *(np.flatnonzero(bucket[1:] != bucket[:-1]) + 1).tolist(),
+          len(order)]
+  out = []
+  for lo, hi in zip(cuts[:-1], cuts[1:]):
+    length = segment_length[3 * lo:3 * hi]
+    at = np.cumsum(length) - length
+    gather = (np.repeat(segment_start[3 * lo:3 * hi] - at, length)
+              + np.arange(int(at[-1] + length[-1])))
+    out.append((int(bucket[lo]), source[gather].tobytes()))
+  return out
+
+
 def read_bucket(data: bytes) -> dict[int, list[bytes]]:
   """Bucket file bytes (entries, one after another) -> {band key: [pack's
   bytes]}."""
@@ -257,16 +343,21 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
     """See _bands_to_buckets."""
 
     def start_bundle(self):
-      self._entries = []
+      self._refs, self._entries, self._buckets = [], 0, MIN_BUCKETS
 
     def _flush(self):
-      entries, self._entries = self._entries, []
-      return file_io.write_keyed(run_dir, 'bands', entries)
+      refs, self._refs, self._entries = self._refs, [], 0
+      return file_io.write_keyed(run_dir, 'bands', bucket_bytes(
+          refs, masks=masks, buckets=self._buckets))
 
     def process(self, ref: Ref, counts):
-      self._entries.extend(bucket_entries(
-          ref, masks=masks, buckets=num_buckets(counts[0], masks)))
-      if len(self._entries) >= _FLUSH_ENTRIES:
+      self._buckets = num_buckets(counts[0], masks)
+      usable_hashes = sum(usable(h) for h in ref.phashes)
+      if not usable_hashes:  # Flat: no band entry (held no longer).
+        return
+      self._refs.append(ref)
+      self._entries += len(masks) * usable_hashes
+      if self._entries >= _FLUSH_ENTRIES:
         yield from self._flush()
 
     def finish_bundle(self):

@@ -92,6 +92,37 @@ def test_a_band_element_packs_its_reference_losslessly():
     assert isinstance(data, bytes) and nd.unpack(data) == (which, ref)
 
 
+@pytest.mark.parametrize('distance', [1, 8, nd.MAX_DISTANCE])
+def test_a_flush_of_band_entries_is_bucket_entries_bucket_by_bucket(distance):
+  """bucket_bytes (numpy, a flush at once) gives each bucket exactly the
+  bytes of bucket_entries' entries in it, ref by ref: the same files as
+  one ref at a time. Refs with flat hashes, one flat hash, odd and long
+  paths, offsets past 4 GiB."""
+  rng = np.random.default_rng(distance)
+  masks = nd.band_masks(distance)
+  paths = ('a/x.jpg', 'cl\u00e4ss/x\udcff\n.jpg', 'c/' + 'z' * 900 + '.png')
+  for trial in range(60):
+    refs = []
+    for i in range(int(rng.integers(0, 30))):
+      whole, centre = (int(h) for h in rng.integers(
+          0, 1 << 64, size=2, dtype=np.uint64))
+      kind = i % 4
+      whole = 0 if kind == 1 else whole  # Flat: no entry.
+      centre = (1 << 15) - 1 if kind == 2 else centre  # 15 bits: none.
+      refs.append(nd.Ref((whole, centre), f'{paths[i % 3]}{i}',
+                         nd._SPLITS[i % 3], int(rng.integers(0, 1 << 31)),
+                         int(rng.integers(0, 1 << 50))))
+    buckets = int(rng.integers(1, 40))
+    want = collections.defaultdict(list)
+    for ref in refs:
+      for bucket, entry in nd.bucket_entries(ref, masks=masks,
+                                             buckets=buckets):
+        want[bucket].append(entry)
+    got = nd.bucket_bytes(refs, masks=masks, buckets=buckets)
+    assert [b for b, _ in got] == sorted(want), trial
+    assert dict(got) == {b: b''.join(e) for b, e in want.items()}, trial
+
+
 # A hash with 32 bits set, as every pHash of a non-flat image has.
 _SAME = ((1 << 32) - 1) << 32
 

@@ -29,6 +29,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #define PRECISION_BITS (32 - 8 - 2)
 
@@ -117,6 +120,46 @@ static int plane_new(Plane *p, int width, int height) {
   return p->data != NULL;
 }
 
+#if defined(__SSE2__)
+/* One whole 16 x 16 tile of transpose() in SSE2 registers (x86-64's
+ * baseline): four rounds of interleaving, rows 2 then 4, 8, 16 at a time.
+ * The byte-by-byte loop below was a fifth of the measures' time. */
+static inline void transpose16(const uint8_t *src, size_t src_stride,
+                               uint8_t *dst, size_t dst_stride) {
+  __m128i a[16], b[2][8], c[2][4][2], d[2][2][2][2];
+  for (int i = 0; i < 16; i++)
+    a[i] = _mm_loadu_si128((const __m128i *)(src + i * src_stride));
+  /* b[h][p]: columns 8h..8h+7 of rows 2p, 2p+1, a byte of each in turn. */
+  for (int p = 0; p < 8; p++) {
+    b[0][p] = _mm_unpacklo_epi8(a[2 * p], a[2 * p + 1]);
+    b[1][p] = _mm_unpackhi_epi8(a[2 * p], a[2 * p + 1]);
+  }
+  /* c[h][q][s]: columns 8h+4s..8h+4s+3 of rows 4q..4q+3. */
+  for (int h = 0; h < 2; h++)
+    for (int q = 0; q < 4; q++) {
+      c[h][q][0] = _mm_unpacklo_epi16(b[h][2 * q], b[h][2 * q + 1]);
+      c[h][q][1] = _mm_unpackhi_epi16(b[h][2 * q], b[h][2 * q + 1]);
+    }
+  /* d[h][s][o][t]: columns 8h+4s+2t, +1 of rows 8o..8o+7. */
+  for (int h = 0; h < 2; h++)
+    for (int s = 0; s < 2; s++)
+      for (int o = 0; o < 2; o++) {
+        d[h][s][o][0] = _mm_unpacklo_epi32(c[h][2 * o][s], c[h][2 * o + 1][s]);
+        d[h][s][o][1] = _mm_unpackhi_epi32(c[h][2 * o][s], c[h][2 * o + 1][s]);
+      }
+  /* Column 8h+4s+2t+u, all 16 rows: row 8h+4s+2t+u of dst. */
+  for (int h = 0; h < 2; h++)
+    for (int s = 0; s < 2; s++)
+      for (int t = 0; t < 2; t++) {
+        size_t col = (size_t)(8 * h + 4 * s + 2 * t);
+        _mm_storeu_si128((__m128i *)(dst + col * dst_stride),
+                         _mm_unpacklo_epi64(d[h][s][0][t], d[h][s][1][t]));
+        _mm_storeu_si128((__m128i *)(dst + (col + 1) * dst_stride),
+                         _mm_unpackhi_epi64(d[h][s][0][t], d[h][s][1][t]));
+      }
+}
+#endif
+
 /* dst[x][y] = src[y][x] for a rows x cols block: 16 x 16 tiles. */
 HOT static void transpose(const uint8_t *src, int src_stride, int rows, int cols,
                       uint8_t *dst, int dst_stride) {
@@ -124,6 +167,13 @@ HOT static void transpose(const uint8_t *src, int src_stride, int rows, int cols
     int y1 = y0 + 16 < rows ? y0 + 16 : rows;
     for (int x0 = 0; x0 < cols; x0 += 16) {
       int x1 = x0 + 16 < cols ? x0 + 16 : cols;
+#if defined(__SSE2__)
+      if (y1 - y0 == 16 && x1 - x0 == 16) {
+        transpose16(src + (size_t)y0 * src_stride + x0, (size_t)src_stride,
+                    dst + (size_t)x0 * dst_stride + y0, (size_t)dst_stride);
+        continue;
+      }
+#endif
       for (int x = x0; x < x1; x++)
         for (int y = y0; y < y1; y++)
           dst[(size_t)x * dst_stride + y] = src[(size_t)y * src_stride + x];

@@ -117,40 +117,83 @@ def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],
   _save(fig, path)
 
 
+# The most records write_dataset_samples reads looking for a class's samples
+# (a class with fewer train images than the grid shows would otherwise make
+# it read the whole split).
+MAX_SAMPLE_SCAN = 100_000
+
+
+def _stored_pixels(encoded: bytes, spec, size: tuple[int, int]
+                   ) -> np.ndarray | None:
+  """A record's stored image as float [h, w, C] in [0, 1], shrunk to `size`
+  (width, height; Pillow's antialiased bilinear), or None when it does not
+  decode to the dataset's stored size."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = 'L' if spec.channels == 1 else 'RGB'
+  try:
+    if spec.image_format == 'raw':  # uint8 HxWxC, as the build stores it.
+      image = Image.frombytes(mode, (spec.width, spec.height), encoded)
+    else:
+      with Image.open(io.BytesIO(encoded)) as opened:
+        if opened.size != (spec.width, spec.height):
+          return None
+        image = opened.convert(mode)
+    if image.size != size:
+      image = image.resize(size, Image.Resampling.BILINEAR)
+  except Exception:  # pylint: disable=broad-except  # Damaged: not shown.
+    return None
+  pixels = np.asarray(image, dtype=np.float32) / 255.0
+  return pixels[..., None] if spec.channels == 1 else pixels
+
+
 def write_dataset_samples(data_dir: str, path: str, *,
                           split: str = 'train') -> None:
   """A grid of the first stored images of every class of a split.
 
   4 images per class for up to 8 classes, fewer per class for more classes,
-  so the grid (at most MAX_GRID_IMAGES) shows every class it can.
+  so the grid (at most MAX_GRID_IMAGES) shows every class it can. The
+  records are read and decoded without TensorFlow (schema.read_records,
+  Pillow), as report.html reads them: the build's launcher never loads
+  TensorFlow for a local folder (3-6 s of every build).
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from pipelines.preprocessing.model_input import ModelInput  # pylint: disable=g-import-not-at-top
   import tfrecords_schema  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
   spec = tfrecords_schema.read_dataset_spec(data_dir)
-  scale = min(1.0, SAMPLE_SIDE / max(spec.height, spec.width))
-  model_input = ModelInput.from_spec(spec, image_size=(
-      max(1, round(spec.height * scale)), max(1, round(spec.width * scale))))
   if split not in spec.splits or not spec.splits[split].shards:
     return
+  scale = min(1.0, SAMPLE_SIDE / max(spec.height, spec.width))
+  size = (max(1, round(spec.width * scale)), max(1, round(spec.height * scale)))
   per_class = max(1, min(4, MAX_GRID_IMAGES // spec.num_classes // 2))
   wanted = range(min(spec.num_classes, MAX_GRID_IMAGES))
   found = collections.defaultdict(list)
-  for record in tf.data.TFRecordDataset(spec.shard_paths(data_dir, split)):
-    example = schema.parse_examples(record)
-    label = int(example[schema.LABEL])
-    if label in wanted and len(found[label]) < per_class:
-      found[label].append(model_input.read_resize(
-          model_input.decode(example[schema.IMAGE])).numpy())
-    if all(len(found[c]) >= per_class for c in wanted):
+  scanned = 0
+  # A stored record is its image (at most height x width x channels bytes
+  # raw) and a few small features.
+  most_bytes = spec.height * spec.width * spec.channels + (1 << 20)
+  for shard in spec.shard_paths(data_dir, split):
+    with files.open_binary(shard) as f:
+      for record in schema.read_records(f, max_record_bytes=most_bytes):
+        scanned += 1
+        try:
+          example = schema.decode_example(record) if record else {}
+        except ValueError:
+          example = {}  # A damaged record: the grid goes on without it.
+        label = example.get(schema.LABEL)
+        if label in wanted and len(found[label]) < per_class:
+          pixels = _stored_pixels(example.get(schema.IMAGE, b''), spec, size)
+          if pixels is not None:
+            found[label].append(pixels)
+        if scanned >= MAX_SAMPLE_SCAN or all(
+            len(found[c]) >= per_class for c in wanted):
+          break
+    if scanned >= MAX_SAMPLE_SCAN or all(
+        len(found[c]) >= per_class for c in wanted):
       break
   labels = [c for c in wanted for _ in found[c]]
   if not labels:
     return
-  images = model_input.to_pixels(model_input.to_model(
-      np.stack([image for c in wanted for image in found[c]])))
-  shown = len({int(l) for l in labels})
+  images = np.stack([image for c in wanted for image in found[c]])
+  shown = len(set(labels))
   plot_sample_grid(images, labels, spec.class_names, path,
                    title=f'{spec.name}: {split} split, as stored '
                    f'({spec.height}x{spec.width}), {shown} of '

@@ -143,6 +143,30 @@ def write_bytes(path: str, data: bytes) -> None:
     f.write(data)
 
 
+def open_binary(path: str):
+  """A file opened for reading bytes: local through `open`, remote through
+  `tf.io.gfile`."""
+  if is_remote(path):
+    return remote(path, lambda gfile: gfile.GFile(path, 'rb'))
+  return open(path, 'rb')  # pylint: disable=consider-using-with
+
+
+def remove(path: str) -> None:
+  """Removes one file (local: unlinked; a link itself, never its target)."""
+  if is_remote(path):
+    remote(path, lambda gfile: gfile.remove(path))
+    return
+  os.unlink(path)
+
+
+def makedirs(path: str) -> None:
+  """A folder and its parents, made where missing."""
+  if is_remote(path):
+    remote(path, lambda gfile: gfile.makedirs(path))
+    return
+  os.makedirs(path, exist_ok=True)
+
+
 # The JSON files the tools read back from folders they wrote (a run's
 # state.json and metrics.json, an import's source file): KBs; one larger
 # was not written by them.

@@ -17,6 +17,8 @@ from tfrecords_schema.files import exists  # pylint: disable=unused-import
 from tfrecords_schema.files import is_remote  # pylint: disable=unused-import
 from tfrecords_schema.files import isdir  # pylint: disable=unused-import
 from tfrecords_schema.files import listdir  # pylint: disable=unused-import
+from tfrecords_schema.files import makedirs  # pylint: disable=unused-import
+from tfrecords_schema.files import open_binary  # pylint: disable=unused-import
 from tfrecords_schema.files import NotAFile  # pylint: disable=unused-import
 from tfrecords_schema.files import open_regular  # pylint: disable=unused-import
 from tfrecords_schema.files import read_json  # pylint: disable=unused-import
@@ -24,6 +26,8 @@ from tfrecords_schema.files import SMALL_JSON_BYTES  # pylint: disable=unused-im
 from tfrecords_schema.files import special_entry  # pylint: disable=unused-import
 from tfrecords_schema.files import special_kind  # pylint: disable=unused-import
 from tfrecords_schema.files import read_text  # pylint: disable=unused-import
+from tfrecords_schema.files import remove  # pylint: disable=unused-import
+from tfrecords_schema.files import write_bytes  # pylint: disable=unused-import
 from tfrecords_schema.files import remote as _remote
 
 

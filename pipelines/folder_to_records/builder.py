@@ -178,7 +178,6 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
   earlier build would be replaced, so the reasons survive and nothing is
   lost for them. The report then holds `class_gap_error`.
   """
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tmp_dir, output_dir = progress.tmp_dir, progress.output_dir
   try:
     beam_args = runner_options.run_args(beam_args)
@@ -187,8 +186,8 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
           config=config, plan=plan, tmp_dir=tmp_dir, beam_args=beam_args,
           exclude=(output_dir,))
     report_path = posixpath.join(tmp_dir, report_lib.REPORT_FILE)
-    with tf.io.gfile.GFile(report_path) as f:
-      report = report_lib.BuildReport.from_json(f.read())
+    report = report_lib.BuildReport.from_json(paths.read_text(
+        report_path, max_bytes=report_lib.MAX_REPORT_BYTES))
     report = dataclasses.replace(
         report, elapsed_s=round(elapsed, 3),
         images_per_s=round(report.written / elapsed, 1),
@@ -202,10 +201,9 @@ def _run_and_commit(config, plan, *, progress: output_folder.Progress,
         allow_flag=listing_lib.ALLOW_MISSING_EVAL_CLASSES_FLAG)
     if gap and report.written:
       report = dataclasses.replace(report, class_gap_error=gap)
-    with tf.io.gfile.GFile(report_path, 'w') as f:
-      f.write(report.to_json())
+    paths.write_bytes(report_path, report.to_json().encode('utf-8'))
     if not report.written or gap:
-      tf.io.gfile.remove(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE))
+      paths.remove(posixpath.join(tmp_dir, metadata_lib.METADATA_FILE))
       if replace and output_folder.is_dataset(output_dir):
         # Keep the earlier, usable dataset.
         output_folder.remove_temp(progress)
@@ -255,10 +253,9 @@ def draw_report_page(dataset_dir: str, input_dir: str) -> None:
   try:
     report_page.write_report_page(dataset_dir, input_dir, page)
   except Exception as e:  # pylint: disable=broad-except
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
     with contextlib.suppress(Exception):  # A page cut short by the failure.
-      if tf.io.gfile.exists(page):
-        tf.io.gfile.remove(page)
+      if paths.exists(page):
+        paths.remove(page)
     print(f'[build] warning: {metadata_lib.REPORT_PAGE_FILE} could not be '
           f'drawn ({type(e).__name__}: {cli.one_line(e, 200)}); the dataset '
           'is written', file=sys.stderr, flush=True)

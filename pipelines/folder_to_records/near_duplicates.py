@@ -195,8 +195,9 @@ def band_keys(ref: Ref, *, masks: tuple[int, ...]
 # files: a local runner holds a shuffle's elements in the launcher and
 # hands each worker its whole share at once, so 2 x (distance + 1)
 # elements an image made both grow with the file count (issue 19's scale
-# benchmark). Each worker of the band step buffers at most _FLUSH_ENTRIES
-# band entries, then writes them as one file sorted by bucket and sends on
+# benchmark). Each worker of the band step buffers the refs of at most
+# _FLUSH_ENTRIES band entries, then makes their entries at once
+# (bucket_bytes), writes them as one file sorted by bucket and sends on
 # only (bucket, (file, offset, length)); the group step reads one bucket's
 # ranges, groups them by band key and compares group by group. Buckets
 # hold ~BUCKET_ENTRIES entries (at least MIN_BUCKETS of them, for the

@@ -138,12 +138,6 @@ dd{margin:0}
 # --- Reading the dataset folder ------------------------------------------
 
 
-def _open_binary(path: str):
-  if files.is_remote(path):
-    return files.remote(path, lambda gfile: gfile.GFile(path, 'rb'))
-  return open(path, 'rb')  # pylint: disable=consider-using-with
-
-
 @dataclasses.dataclass(frozen=True)
 class Capped:
   """The first items of a stream, and how many it held in all."""
@@ -163,7 +157,7 @@ def stream_jsonl(path: str, cap: int) -> Optional[Capped]:
   if not files.exists(path):
     return None
   shown, total = [], 0
-  with _open_binary(path) as f:
+  with files.open_binary(path) as f:
     for line in f:
       if not line.strip():
         continue
@@ -432,7 +426,7 @@ def _sample_scan(dataset_dir: str, spec: metadata_lib.DatasetSpec,
   found = {label: [] for label in labels}
   scanned = read_bytes = 0
   for shard in spec.shard_paths(dataset_dir, 'train'):
-    with _open_binary(shard) as f:
+    with files.open_binary(shard) as f:
       for record in schema.read_records(f, max_record_bytes=MAX_SCANNED_BYTES):
         scanned += 1
         read_bytes += len(record or b'')
@@ -590,7 +584,7 @@ def _flag_counts(path: str) -> tuple[dict, dict, int]:
   """images.jsonl streamed: flag -> count, flag -> its first MAX_THUMBNAILS
   (path, split), and the lines read."""
   counts, first, lines = {}, {}, 0
-  with _open_binary(path) as f:
+  with files.open_binary(path) as f:
     for line in f:
       with contextlib.suppress(ValueError):
         entry = json.loads(line)

@@ -10,6 +10,7 @@ import posixpath
 from typing import Mapping
 
 from pipelines import plots
+from pipelines.common import paths
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import output_folder
 from tfrecords_schema import metadata as metadata_lib
@@ -31,10 +32,9 @@ def nothing_written(report: report_lib.BuildReport, output_dir: str) -> str:
 
 def _rejected_per_class(tmp_dir: str, layout: str) -> dict:
   """Class name -> lines of rejected.jsonl under its folder (streamed)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   depth = 1 if layout == listing_lib.SPLIT_FOLDERS_LAYOUT else 0
   counts = {}
-  with tf.io.gfile.GFile(
+  with paths.open_binary(
       posixpath.join(tmp_dir, metadata_lib.REJECTED_FILE)) as f:
     for line in f:
       parts = json.loads(line)['path'].split('/')

@@ -199,6 +199,20 @@ def image_line(relpath: str, split: str, sha256: str,
   return f'{text[:-1]}, "check": {zlib.crc32(text.encode())}}}'
 
 
+def checked_text(raw: bytes) -> Optional[bytes]:
+  """An images.jsonl line (bytes) without its line end when its checksum
+  (image_line's 'check': a crc32 of the line before it) holds; None
+  otherwise."""
+  text = raw.rstrip(b'\n')
+  cut = text.rfind(b', "check": ')
+  try:
+    if cut < 0 or int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
+      return None
+  except ValueError:
+    return None
+  return text
+
+
 def chunk_of(relpath: str, num_chunks: int, *, seed: int) -> int:
   """The chunk of a file: its seeded order key cut into num_chunks ranges."""
   return min(num_chunks - 1, int(splits_lib.order_key(

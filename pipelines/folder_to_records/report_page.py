@@ -64,6 +64,7 @@ from PIL import Image
 from PIL import ImageOps
 
 from pipelines import plots
+from pipelines.folder_to_records import chunk_format
 from pipelines.folder_to_records import near_duplicates as near_lib
 from pipelines.folder_to_records import summary as summary_lib
 from pipelines.preprocessing import source_image
@@ -580,12 +581,22 @@ def _near(report: report_lib.BuildReport, dataset_dir: str,
   return _section('near', f'{title} ({near.pairs:,})', body)
 
 
+# How chunk_format.image_line writes an image with no flag: in a line it
+# wrote (its check holds), these bytes can be nothing else (a quote inside
+# a JSON string is escaped), so the line needs no parse (~10 µs a line:
+# 0.3-0.8 s of every 30,000-image build's wall time).
+_NO_FLAGS = b'"flags": [],'
+
+
 def _flag_counts(path: str) -> tuple[dict, dict, int]:
   """images.jsonl streamed: flag -> count, flag -> its first MAX_THUMBNAILS
   (path, split), and the lines read."""
   counts, first, lines = {}, {}, 0
   with files.open_binary(path) as f:
     for line in f:
+      if _NO_FLAGS in line and chunk_format.checked_text(line) is not None:
+        lines += 1  # As the build wrote it (a JSON object), no flag.
+        continue
       with contextlib.suppress(ValueError):
         entry = json.loads(line)
         if not isinstance(entry, dict):

@@ -42,7 +42,6 @@ import os
 import posixpath
 import re
 import struct
-import zlib
 from typing import Iterable, Iterator, NamedTuple, Optional
 
 from pipelines.common import paths
@@ -337,7 +336,7 @@ def _place_fields(raw: bytes) -> Optional[tuple[str, str, int]]:
   earlier line on one worker: ~3 µs a line instead of ~10); None for a
   damaged line. WriteChunk parses the whole line (checked_line) before a
   record is taken."""
-  text = _checked_text(raw)
+  text = chunk_format.checked_text(raw)
   if text is None or not text.startswith(_LINE_START):
     return None
   try:
@@ -353,20 +352,6 @@ def _place_fields(raw: bytes) -> Optional[tuple[str, str, int]]:
   return path, split, length
 
 
-def _checked_text(raw: bytes) -> Optional[bytes]:
-  """An images.jsonl line (bytes) without its line end when its checksum
-  (chunk_format.image_line's 'check': a crc32 of the line before it)
-  holds; None otherwise."""
-  text = raw.rstrip(b'\n')
-  cut = text.rfind(b', "check": ')
-  try:
-    if cut < 0 or int(text[cut + 11:-1]) != zlib.crc32(text[:cut] + b'}'):
-      return None
-  except ValueError:
-    return None
-  return text
-
-
 def raw_text(raw: bytes) -> str:
   """An images.jsonl line (bytes; JSON, so ASCII) as text, without its line
   end: what chunk_format.image_line returned when it was written."""
@@ -377,7 +362,7 @@ def checked_line(raw: bytes) -> Optional[dict]:
   """An images.jsonl line (bytes) as a dict when its checksum
   (chunk_format.image_line's 'check') holds and it has what a record needs;
   None for a damaged or edited line (its file is then built)."""
-  text = _checked_text(raw)
+  text = chunk_format.checked_text(raw)
   if text is None:
     return None
   try:

@@ -3,6 +3,7 @@ Pillow and in a real browser), hostile names escaped, every section capped
 at any file count, and a page that fails to draw never fails the build."""
 
 import base64
+import collections
 import html.parser
 import io
 import json
@@ -175,6 +176,38 @@ def test_quality_flags_get_a_section_each(built, tmp_path):
   assert '3 images checked' in page.text
   for src in page.srcs:
     _decoded(src)
+
+
+def test_flag_counts_read_lines_the_build_wrote_without_parsing_them(
+    built, tmp_path):
+  """A line image_line wrote with no flag is counted unparsed (its check
+  holds); any other line is parsed as before: flags are never lost to the
+  shortcut, and a line that is not JSON is never counted."""
+  from pipelines.folder_to_records import chunk_format  # pylint: disable=g-import-not-at-top
+  _, out, _ = built
+  written = (out / metadata.IMAGES_FILE).read_bytes().splitlines(True)
+  want = collections.Counter(
+      flag for line in written for flag in json.loads(line)['flags'])
+  assert sum(b'"flags": [],' in line for line in written) > 2
+  entry = chunk_format.IndexEntry(0, 10, 0, [1], [1], 1, None, 'a.png', None)
+  flagged = chunk_format.image_line(
+      'c/dark.png', 'train', 'ab' * 32, None, ('dark',), None,
+      file_stat=(1, 2), entry=entry, original_size=(4, 4)) + '\n'
+  # Edited after the build: still "flags": [] in a nested value, but the
+  # real flags are ['blurry'] and the check no longer holds.
+  edited = ('{"note": {"flags": [], "x": 1}, "path": "c/e.png", '
+            '"split": "validation", "flags": ["blurry"], "check": 1}\n')
+  not_json = b'{"flags": [], "check": 5\n'
+  path = tmp_path / 'images.jsonl'
+  path.write_bytes(b''.join(written) + flagged.encode() + edited.encode()
+                   + not_json)
+  counts, first, lines = report_page._flag_counts(str(path))  # pylint: disable=protected-access
+  assert lines == len(written) + 2
+  assert counts == want + collections.Counter(dark=1, blurry=1)
+  assert first['dark'][-1] == ('c/dark.png', 'train') or len(
+      first['dark']) == report_page.MAX_THUMBNAILS
+  assert ('c/e.png', 'validation') in first['blurry'] or len(
+      first['blurry']) == report_page.MAX_THUMBNAILS
 
 
 @pytest.fixture(name='chromium')

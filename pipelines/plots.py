@@ -170,22 +170,14 @@ def write_dataset_samples(data_dir: str, path: str, *,
   # A stored record is its image (at most height x width x channels bytes
   # raw) and a few small features.
   most_bytes = spec.height * spec.width * spec.channels + (1 << 20)
-  for shard in spec.shard_paths(data_dir, split):
-    with files.open_binary(shard) as f:
-      for record in schema.read_records(f, max_record_bytes=most_bytes):
-        scanned += 1
-        try:
-          example = schema.decode_example(record) if record else {}
-        except ValueError:
-          example = {}  # A damaged record: the grid goes on without it.
-        label = example.get(schema.LABEL)
-        if label in wanted and len(found[label]) < per_class:
-          pixels = _stored_pixels(example.get(schema.IMAGE, b''), spec, size)
-          if pixels is not None:
-            found[label].append(pixels)
-        if scanned >= MAX_SAMPLE_SCAN or all(
-            len(found[c]) >= per_class for c in wanted):
-          break
+  for example, _ in schema.read_examples(spec.shard_paths(data_dir, split),
+                                        max_record_bytes=most_bytes):
+    scanned += 1
+    label = example.get(schema.LABEL)
+    if label in wanted and len(found[label]) < per_class:
+      pixels = _stored_pixels(example.get(schema.IMAGE, b''), spec, size)
+      if pixels is not None:
+        found[label].append(pixels)
     if scanned >= MAX_SAMPLE_SCAN or all(
         len(found[c]) >= per_class for c in wanted):
       break

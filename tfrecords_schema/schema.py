@@ -194,6 +194,23 @@ def read_records(f, *, max_record_bytes: int
     yield data[:length]
 
 
+def read_examples(shard_paths, *, max_record_bytes: int
+                  ) -> Iterator[tuple[dict, int]]:
+  """(decode_example of each record, the record's bytes) of the shards in
+  order, without TensorFlow, for readers that only look (report.html,
+  samples.png): ({}, its bytes) for a damaged record, ({}, 0) for one over
+  max_record_bytes (skipped unread: read_records)."""
+  from tfrecords_schema import files  # pylint: disable=g-import-not-at-top
+  for shard in shard_paths:
+    with files.open_binary(shard) as f:
+      for record in read_records(f, max_record_bytes=max_record_bytes):
+        try:
+          example = decode_example(record) if record else {}
+        except ValueError:
+          example = {}  # Damaged: the reader goes on without it.
+        yield example, len(record or b'')
+
+
 def _varint_at(data: memoryview, pos: int) -> tuple[int, int]:
   """(value, position after it) of the protobuf varint at pos."""
   value = shift = 0

@@ -426,24 +426,20 @@ def _sample_scan(dataset_dir: str, spec: metadata_lib.DatasetSpec,
   MAX_SCANNED_RECORDS or MAX_SCANNED_BYTES)."""
   found = {label: [] for label in labels}
   scanned = read_bytes = 0
-  for shard in spec.shard_paths(dataset_dir, 'train'):
-    with files.open_binary(shard) as f:
-      for record in schema.read_records(f, max_record_bytes=MAX_SCANNED_BYTES):
-        scanned += 1
-        read_bytes += len(record or b'')
-        try:
-          example = schema.decode_example(record) if record else {}
-        except ValueError:
-          example = {}  # A damaged record: the grid goes on without it.
-        label = example.get(schema.LABEL)
-        if label in found and len(found[label]) < SAMPLES_PER_CLASS:
-          thumb = stored_thumbnail(example.get(schema.IMAGE, b''), spec)
-          name = example.get(schema.FILENAME, b'').decode('utf-8', 'replace')
-          if thumb:
-            found[label].append((thumb, name))
-        if (all(len(v) >= SAMPLES_PER_CLASS for v in found.values()) or
-            scanned >= MAX_SCANNED_RECORDS or read_bytes >= MAX_SCANNED_BYTES):
-          return found, scanned
+  for example, size in schema.read_examples(
+      spec.shard_paths(dataset_dir, 'train'),
+      max_record_bytes=MAX_SCANNED_BYTES):
+    scanned += 1
+    read_bytes += size
+    label = example.get(schema.LABEL)
+    if label in found and len(found[label]) < SAMPLES_PER_CLASS:
+      thumb = stored_thumbnail(example.get(schema.IMAGE, b''), spec)
+      name = example.get(schema.FILENAME, b'').decode('utf-8', 'replace')
+      if thumb:
+        found[label].append((thumb, name))
+    if (all(len(v) >= SAMPLES_PER_CLASS for v in found.values()) or
+        scanned >= MAX_SCANNED_RECORDS or read_bytes >= MAX_SCANNED_BYTES):
+      break
   return found, scanned
 
 

@@ -127,21 +127,17 @@ def _stored_pixels(encoded: bytes, spec, size: tuple[int, int]
                    ) -> np.ndarray | None:
   """A record's stored image as float [h, w, C] in [0, 1], shrunk to `size`
   (width, height; Pillow's antialiased bilinear), or None when it does not
-  decode to the dataset's stored size."""
+  decode to the dataset's stored size (schema.decode_stored)."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  mode = 'L' if spec.channels == 1 else 'RGB'
+  from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
   try:
-    if spec.image_format == 'raw':  # uint8 HxWxC, as the build stores it.
-      image = Image.frombytes(mode, (spec.width, spec.height), encoded)
-    else:
-      with Image.open(io.BytesIO(encoded)) as opened:
-        if opened.size != (spec.width, spec.height):
-          return None
-        image = opened.convert(mode)
-    if image.size != size:
-      image = image.resize(size, Image.Resampling.BILINEAR)
-  except Exception:  # pylint: disable=broad-except  # Damaged: not shown.
+    image = schema.decode_stored(
+        encoded, image_format=spec.image_format, height=spec.height,
+        width=spec.width, channels=spec.channels)
+  except ValueError:  # Damaged: not shown.
     return None
+  if image.size != size:
+    image = image.resize(size, Image.Resampling.BILINEAR)
   pixels = np.asarray(image, dtype=np.float32) / 255.0
   return pixels[..., None] if spec.channels == 1 else pixels
 

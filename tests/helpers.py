@@ -319,12 +319,11 @@ def written_filenames(out: pathlib.Path) -> set:
 
 def decode_with_pillow(encoded: bytes, spec) -> np.ndarray:
   """A stored image decoded without TensorFlow: uint8 [H, W, C]."""
-  shape = (spec.height, spec.width, spec.channels)
-  if spec.image_format == 'raw':
-    return np.frombuffer(encoded, np.uint8).reshape(shape)
-  with Image.open(io.BytesIO(encoded)) as image:
-    pixels = np.asarray(image.convert('L' if spec.channels == 1 else 'RGB'))
-  return pixels.reshape(shape)
+  from tfrecords_schema import schema  # pylint: disable=g-import-not-at-top
+  image = schema.decode_stored(
+      encoded, image_format=spec.image_format, height=spec.height,
+      width=spec.width, channels=spec.channels)
+  return np.asarray(image).reshape(spec.height, spec.width, spec.channels)
 
 
 def add_bad_files(root: pathlib.Path) -> dict:

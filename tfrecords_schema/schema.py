@@ -340,6 +340,32 @@ def decode_image(encoded, *, image_format: str, height: int, width: int,
   return tf.ensure_shape(image, [height, width, channels])
 
 
+def decode_stored(encoded: bytes, *, image_format: str, height: int,
+                  width: int, channels: int):
+  """decode_image without TensorFlow, for readers that only look (report.html,
+  samples.png): the stored image as a Pillow 'RGB' (channels=3) or 'L' image.
+
+  Raises ValueError when the bytes do not decode to (height, width): a
+  damaged record, which those readers leave out.
+  """
+  import io  # pylint: disable=g-import-not-at-top
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  mode = 'L' if channels == 1 else 'RGB'
+  try:
+    if image_format == 'raw':  # uint8 HxWxC, as the build stores it.
+      return Image.frombytes(mode, (width, height), encoded)
+    with Image.open(io.BytesIO(encoded)) as opened:
+      if opened.size != (width, height):
+        raise ValueError(f'a stored image of {opened.width}x{opened.height}, '
+                         f'not {width}x{height}')
+      return opened.convert(mode)
+  except ValueError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # Pillow's own kinds.
+    raise ValueError(f'a stored image that does not decode '
+                     f'({type(e).__name__}: {e})') from None
+
+
 def tfds_features(*, class_names, height: int, width: int, channels: int,
                   image_format: str):
   """The TFDS view of a record, written to `features.json` by the builder.

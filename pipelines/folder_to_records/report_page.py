@@ -228,15 +228,13 @@ def source_thumbnail(path: str) -> Optional[Thumbnail]:
 
 def stored_thumbnail(encoded: bytes, spec: metadata_lib.DatasetSpec
                      ) -> Optional[Thumbnail]:
-  """A thumbnail of a stored image (the record's `image`), or None."""
+  """A thumbnail of a stored image (the record's `image`), or None when it
+  does not decode to the dataset's stored size (schema.decode_stored)."""
   try:
-    if spec.image_format == 'raw':  # uint8 HxWxC, as the build stores it.
-      return thumbnail(Image.frombytes(
-          'L' if spec.channels == 1 else 'RGB', (spec.width, spec.height),
-          encoded))
-    with Image.open(io.BytesIO(encoded)) as image:
-      return thumbnail(image)
-  except Exception:  # pylint: disable=broad-except
+    return thumbnail(schema.decode_stored(
+        encoded, image_format=spec.image_format, height=spec.height,
+        width=spec.width, channels=spec.channels))
+  except ValueError:
     return None
 
 

@@ -24,6 +24,7 @@ from pipelines.common.errors import UserError
 from tests import helpers
 import tfrecords_schema
 from tfrecords_schema import metadata
+from tfrecords_schema import schema
 
 
 def _folder(root: pathlib.Path, classes=('a', 'b'), per_class: int = 3,
@@ -342,3 +343,31 @@ def test_samples_grid_shows_every_class(tmp_path, monkeypatch):
   plots.write_dataset_samples(str(out), str(tmp_path / 'grid.png'))
   assert sorted(set(shown['labels'])) == list(range(10))
   assert shown['count'] == 20
+
+
+def test_samples_grid_shows_records_larger_than_their_raw_pixels(
+    tmp_path, monkeypatch):
+  """A grey JPEG of noise at quality 100 is larger than its raw pixels (here
+  by more than 1 MiB): samples.png still shows it (a bound of raw + 1 MiB
+  on the records it reads left every record out and drew nothing)."""
+  rng = np.random.default_rng(0)
+  side = 1800
+  for cls in ('a', 'b'):
+    helpers.save(tmp_path / 'images' / cls / 'noise.png', Image.fromarray(
+        rng.integers(0, 256, size=(side, side), dtype=np.uint8)))
+  out = tmp_path / 'out'
+  builder.build(input_dir=str(tmp_path / 'images'), output_dir=str(out),
+                image_size=str(side), channels=1, jpeg_quality=100,
+                validation_fraction=0.0, quiet=True, samples=False,
+                near_duplicate_distance=0)
+  spec = tfrecords_schema.read_dataset_spec(str(out))
+  record_bytes = [size for _, size in schema.read_examples(
+      spec.shard_paths(str(out), 'train'), max_record_bytes=1 << 30)]
+  assert len(record_bytes) == 2
+  assert min(record_bytes) > side * side + (1 << 20), record_bytes
+  shown = {}
+  monkeypatch.setattr(plots, 'plot_sample_grid',
+                      lambda images, labels, *a, **k: shown.update(
+                          labels=sorted(labels), count=len(images)))
+  plots.write_dataset_samples(str(out), str(tmp_path / 'grid.png'))
+  assert shown == {'labels': [0, 1], 'count': 2}

@@ -159,7 +159,8 @@ def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   path."""
   lines.sort()
   path = new_path(run_dir, prefix, '.jsonl')
-  write_bytes(path, ''.join(f'{line}\n' for line in lines).encode())
+  # One join, not an f-string a line (1.6 million pair lines: ~0.4 s).
+  write_bytes(path, ('\n'.join(lines) + '\n').encode() if lines else b'')
   return path
 
 

@@ -150,25 +150,29 @@ class Capped:
     return self.total - len(self.shown)
 
 
-def stream_jsonl(path: str, cap: int) -> Optional[Capped]:
+def stream_jsonl(path: str, cap: int, *,
+                 total: Optional[int] = None) -> Optional[Capped]:
   """The first `cap` JSON objects of a JSONL file and its count of lines:
   the lines past the cap are counted, never parsed or kept (a million-line
-  file costs one read). A line that is no JSON object is skipped. None when
-  the file is absent."""
+  file costs one read), unless `total` (the count the build wrote) is
+  given: then they are not read. A line that is no JSON object is skipped.
+  None when the file is absent."""
   if not files.exists(path):
     return None
-  shown, total = [], 0
+  shown, counted = [], 0
   with files.open_binary(path) as f:
     for line in f:
       if not line.strip():
         continue
-      total += 1
+      counted += 1
+      if len(shown) >= cap and total is not None:
+        break
       if len(shown) < cap:
         with contextlib.suppress(ValueError):
           value = json.loads(line)
           if isinstance(value, dict):
             shown.append(value)
-  return Capped(shown, total)
+  return Capped(shown, counted if total is None else max(total, len(shown)))
 
 
 # --- Thumbnails -----------------------------------------------------------
@@ -550,8 +554,11 @@ def _near(report: report_lib.BuildReport, dataset_dir: str,
   if not near.distance:
     return _section('near', title, '<p>Not searched '
                     '(--near_duplicate_distance=0).</p>')
+  # Counted by the build: the 1.6 million lines of a 30,000-image search
+  # (300 MB) are not read again (~0.4 s).
   pairs = stream_jsonl(posixpath.join(
-      dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE), MAX_TABLE_ROWS)
+      dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE), MAX_TABLE_ROWS,
+                       total=near.pairs)
   counts = (('pairs', near.pairs),
             ('leaks: train against validation/test', near.leaks),
             ('evaluation files left out for them', near.left_out),

@@ -63,7 +63,8 @@ SHARD_BYTES = 64 << 20
 # seed of that hash: the build's defaults (one definition).
 VALIDATION_FRACTION = build_settings.BuildSettings.validation_fraction
 SEED = build_settings.BuildSettings.seed
-_NAME_RE = re.compile(r'^[a-z][a-z0-9_]*(/[A-Za-z0-9_.-]+)?(:[0-9.*]+)?$')
+# Whole names only (fullmatch: `$` would let a trailing line break through).
+_NAME_RE = re.compile(r'[a-z][a-z0-9_]*(/[A-Za-z0-9_.-]+)?(:[0-9.*]+)?')
 _PROGRESS_S = 5.0  # Seconds between progress lines.
 TFDS_MIRROR = 'storage.googleapis.com'  # Where TFDS downloads most data.
 
@@ -97,7 +98,7 @@ def channels_of(shape) -> int:
 
 
 def _check_name(name: str) -> None:
-  if not _NAME_RE.match(name or ''):
+  if not _NAME_RE.fullmatch(name or ''):
     raise UserError(
         f'--tfds={name!r} is not a TFDS dataset name: expected NAME, '
         'NAME/CONFIG or NAME:VERSION in lower_snake_case, e.g. '

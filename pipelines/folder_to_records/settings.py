@@ -51,7 +51,8 @@ class BuildSettings:
   reuse_from: Optional[str] = None  # An earlier build (reuse.py).
   update: bool = False  # --output_dir is the earlier build, replaced.
   verify_reuse: bool = False  # Hash every file before taking its record.
-_NAME_RE = re.compile(r'^[a-z][a-z0-9_]*$')
+# Whole names only (fullmatch: `$` would let a trailing line break through).
+_NAME_RE = re.compile(r'[a-z][a-z0-9_]*')
 
 
 def default_dataset_name(input_dir: str) -> str:
@@ -114,8 +115,8 @@ def make_config(settings: BuildSettings, *, input_dir: str,
     raise UserError(f'--quality_thresholds={s.quality_thresholds}: {e}'
                     ) from None
   name = dataset_name or default_dataset_name(input_dir)
-  if not _NAME_RE.match(name):
-    raise UserError(f'--dataset_name={name} must be lower_snake_case '
+  if not _NAME_RE.fullmatch(name):
+    raise UserError(f'--dataset_name={name!r} must be lower_snake_case '
                     '(letters, digits, _; starting with a letter)')
   return build_config.BuildConfig(
       input_dir=input_dir, dataset_name=name,

@@ -144,6 +144,8 @@ def test_the_dense_model_trains_on_fashion_mnist_from_tfds(tfds_dir, tmp_path,
      'dataset: training needs an Image feature and a ClassLabel feature at '
      'its top level; it has label (ClassLabel), text (Text)'),
     ('Fashion MNIST', "--tfds='Fashion MNIST' is not a TFDS dataset name"),
+    ('fashion_mnist\n', "--tfds='fashion_mnist\\n' is not a TFDS dataset "
+     'name'),
     ('surely_not_a_dataset', '--tfds=surely_not_a_dataset: TFDS has no such '
      'dataset'),
 ])

@@ -330,6 +330,21 @@ def test_cli_output_has_no_cuda_or_worker_chatter(tmp_path):
   assert 'not written 0\n' in result.stdout  # No dangling colon.
 
 
+@pytest.mark.parametrize('name', ['abc\n', 'Abc', '1abc', 'a-b', 'a b'])
+def test_a_dataset_name_that_is_not_lower_snake_case_is_one_line(tmp_path,
+                                                                  name):
+  """A whole-name check: a trailing line break once passed the pattern's
+  `$` and failed later in TFDS's writer with a traceback."""
+  images = _folder(tmp_path / 'images', per_class=1)
+  with pytest.raises(UserError) as raised:
+    builder.build(input_dir=str(images), output_dir=str(tmp_path / 'out'),
+                  dataset_name=name, quiet=True)
+  assert f'--dataset_name={name!r} must be lower_snake_case' in str(
+      raised.value)
+  assert '\n' not in str(raised.value)
+  assert not (tmp_path / 'out').exists()
+
+
 def test_samples_grid_shows_every_class(tmp_path, monkeypatch):
   classes = tuple(f'class{i}' for i in range(10))
   images = _folder(tmp_path / 'images', classes=classes, per_class=2, size=24)

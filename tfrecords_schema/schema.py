@@ -340,24 +340,44 @@ def decode_image(encoded, *, image_format: str, height: int, width: int,
   return tf.ensure_shape(image, [height, width, channels])
 
 
+# decode_stored: the Pillow format each stored format is, and the modes a
+# decoder gives it (8 bits a channel; 16-bit and float modes are refused).
+_STORED_FORMATS = {'jpeg': ('JPEG',), 'png': ('PNG',)}  # JPEG opens MPO too.
+_EIGHT_BIT_MODES = ('1', 'L', 'LA', 'P', 'PA', 'RGB', 'RGBA', 'CMYK', 'YCbCr')
+
+
 def decode_stored(encoded: bytes, *, image_format: str, height: int,
                   width: int, channels: int):
   """decode_image without TensorFlow, for readers that only look (report.html,
   samples.png): the stored image as a Pillow 'RGB' (channels=3) or 'L' image.
 
-  Raises ValueError when the bytes do not decode to (height, width): a
-  damaged record, which those readers leave out.
+  As strict as decode_image where it matters: raw bytes of exactly
+  height * width * channels, a JPEG or PNG of that format only (Pillow opens
+  nothing else) and of 8 bits a channel. Raises ValueError otherwise, and
+  for bytes that do not decode to (height, width): a damaged record, which
+  those readers leave out.
   """
   import io  # pylint: disable=g-import-not-at-top
   from PIL import Image  # pylint: disable=g-import-not-at-top
   mode = 'L' if channels == 1 else 'RGB'
+  if image_format == 'raw':  # uint8 HxWxC, as the build stores it.
+    if len(encoded) != height * width * channels:
+      raise ValueError(f'a raw stored image of {len(encoded)} bytes, not '
+                       f'{height} x {width} x {channels}')
+    return Image.frombytes(mode, (width, height), encoded)
+  if image_format not in _STORED_FORMATS:
+    raise ValueError(f'image_format={image_format!r} is not one of '
+                     f'{IMAGE_FORMATS}.')
   try:
-    if image_format == 'raw':  # uint8 HxWxC, as the build stores it.
-      return Image.frombytes(mode, (width, height), encoded)
-    with Image.open(io.BytesIO(encoded)) as opened:
+    with Image.open(io.BytesIO(encoded),
+                    formats=_STORED_FORMATS[image_format]) as opened:
       if opened.size != (width, height):
         raise ValueError(f'a stored image of {opened.width}x{opened.height}, '
                          f'not {width}x{height}')
+      if opened.mode not in _EIGHT_BIT_MODES:
+        raise ValueError(f'a stored image of mode {opened.mode}, not 8 bits '
+                         'a channel')
+      opened.load()
       return opened.convert(mode)
   except ValueError:
     raise

@@ -186,3 +186,38 @@ def test_holds_is_exact_on_what_encode_example_writes(label, filename):
                      ('filename', 'z' + filename), ('sha256', 'ab' * 31),
                      ('original_height', 127), ('original_width', 6)):
     assert not schema.holds(data, **{**values, key: other}), key
+
+
+def _encoded(image: Image.Image, image_format: str) -> bytes:
+  return source_image.encode(image, image_format=image_format)
+
+
+@pytest.mark.parametrize('image_format', ['jpeg', 'png', 'raw'])
+@pytest.mark.parametrize('channels', [1, 3])
+def test_decode_stored_is_decode_image_without_tensorflow(image_format,
+                                                          channels):
+  """The Pillow decode report.html and samples.png use gives TensorFlow's
+  pixels on what the build stores, and refuses what TensorFlow refuses:
+  raw bytes of another length, another format under the stored one's name,
+  16-bit pixels, another size."""
+  photo = Image.fromarray(helpers.photo('chelsea')).resize((40, 30))
+  image = photo.convert('L' if channels == 1 else 'RGB')
+  encoded = _encoded(image, image_format)
+  shape = dict(image_format=image_format, height=30, width=40,
+               channels=channels)
+  got = np.asarray(schema.decode_stored(encoded, **shape)).reshape(
+      30, 40, channels)
+  want = schema.decode_image(tf.constant(encoded), **shape).numpy()
+  assert np.abs(got.astype(int) - want).max() <= 1
+  other = {'jpeg': _encoded(image, 'png'), 'png': _encoded(image, 'jpeg'),
+           'raw': encoded + b'\0'}[image_format]
+  for bad, shape_bad in ((other, shape), (encoded, {**shape, 'width': 41}),
+                         (encoded[:len(encoded) // 2], shape)):
+    with pytest.raises(ValueError):
+      schema.decode_stored(bad, **shape_bad)
+  if image_format == 'png':
+    wide = Image.fromarray(np.asarray(image.convert('L'), np.uint16) * 257)
+    buffer = io.BytesIO()
+    wide.save(buffer, format='PNG')
+    with pytest.raises(ValueError, match='8 bits'):
+      schema.decode_stored(buffer.getvalue(), **shape)

@@ -73,16 +73,26 @@ def _font(pixels: int):
 
 
 def _fitted(draw, text: str, font, width: float) -> str:
-  """text, shortened in its middle with an ellipsis to fit `width` pixels."""
+  """text on one line (whitespace runs as one space), shortened in its
+  middle with an ellipsis to fit `width` pixels (a bisection: ~12
+  measures whatever its length). Pillow's own bitmap font (no FreeType)
+  draws Latin-1 only: other characters become '?'."""
+  from PIL import ImageFont  # pylint: disable=g-import-not-at-top
+  text = ' '.join(text.split())
+  if not isinstance(font, ImageFont.FreeTypeFont):
+    text = text.encode('latin-1', 'replace').decode('latin-1')
+  short = lambda keep: (text[:(keep + 1) // 2] + '\u2026' +
+                        text[len(text) - keep // 2:])
   if draw.textlength(text, font=font) <= width:
     return text
-  keep = len(text)
-  while keep > 1:
-    keep -= 1
-    short = text[:(keep + 1) // 2] + '\u2026' + text[len(text) - keep // 2:]
-    if draw.textlength(short, font=font) <= width:
-      return short
-  return '\u2026'
+  fits, over = 0, len(text)  # short(fits) fits; short(over) does not.
+  while over - fits > 1:
+    keep = (fits + over) // 2
+    if draw.textlength(short(keep), font=font) <= width:
+      fits = keep
+    else:
+      over = keep
+  return short(fits)
 
 
 def _captioned_grid(images: np.ndarray, captions: Sequence[str],
@@ -91,7 +101,8 @@ def _captioned_grid(images: np.ndarray, captions: Sequence[str],
   """Images (float [N, H, W, C] in [0, 1]) in a grid of `cols` columns under
   a title, each fitted into a `cell`-pixel square (nearest-neighbour when
   enlarged 2x or more, so small images stay sharp) under its caption (lines
-  in a `band` of pixels, each shortened to the cell's width), as a PNG.
+  in a `band` of pixels, each shortened to the cell's width with a gap to
+  the next), as a PNG.
 
   Pillow only: ~0.05 s, where matplotlib took ~1 s with an axes per image
   (and ~0.3 s to load); every build draws samples.png.
@@ -105,9 +116,11 @@ def _captioned_grid(images: np.ndarray, captions: Sequence[str],
   canvas = Image.new('RGB', (width, height), 'white')
   draw = ImageDraw.Draw(canvas)
   font, title_font = _font(font_pixels), _font(17)
-  draw.text((width / 2, top_band / 2), _fitted(draw, title, title_font, width),
-            fill='black', font=title_font, anchor='mm')
+  draw.text((width / 2, top_band / 2),
+            _fitted(draw, title, title_font, width - 20), fill='black',
+            font=title_font, anchor='mm')
   line_height = round(font_pixels * 1.25)
+  most_lines = max(1, (band - 4) // line_height)  # A caption's lines.
   for i in range(n):
     pixels = np.round(np.clip(images[i], 0.0, 1.0) * 255).astype(np.uint8)
     thumb = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1
@@ -122,9 +135,11 @@ def _captioned_grid(images: np.ndarray, captions: Sequence[str],
     canvas.paste(thumb, (round(centre - thumb.width / 2),
                          cell_top + band + (cell - thumb.height) // 2))
     lines = captions[i].split('\n')
+    if len(lines) > most_lines:  # The first lines that fit, and an ellipsis.
+      lines = lines[:most_lines - 1] + [lines[most_lines - 1] + ' \u2026']
     for k, line in enumerate(lines):  # The last line just above the image.
       draw.text((centre, cell_top + band - 4 - line_height * (len(lines) - 1 - k)),
-                _fitted(draw, line, font, cell + pad), fill=colours[i],
+                _fitted(draw, line, font, cell - 6), fill=colours[i],
                 font=font, anchor='md')
   buffer = io.BytesIO()
   canvas.save(buffer, format='PNG')

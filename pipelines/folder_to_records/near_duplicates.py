@@ -276,8 +276,11 @@ def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
   fixed = np.empty((n, 2), dtype=_FIXED)
   fixed['which'] = [0, 1]
   fixed['whole'], fixed['centre'] = hashes[:, :1], hashes[:, 1:]
-  fixed['chunk'] = np.array([ref.chunk for ref in refs])[:, None]
-  fixed['offset'] = np.array([ref.offset for ref in refs])[:, None]
+  # uint64: one offset of 2**63 or more made the array float (review).
+  fixed['chunk'] = np.array([ref.chunk for ref in refs], dtype=np.uint64
+                            )[:, None]
+  fixed['offset'] = np.array([ref.offset for ref in refs], dtype=np.uint64
+                             )[:, None]
   fixed['split'] = np.array([_SPLITS.index(ref.split) for ref in refs]
                             )[:, None]
   heads = np.empty(len(bits), dtype=_HEAD)

@@ -97,7 +97,7 @@ def test_a_flush_of_band_entries_is_bucket_entries_bucket_by_bucket(distance):
   """bucket_bytes (numpy, a flush at once) gives each bucket exactly the
   bytes of bucket_entries' entries in it, ref by ref: the same files as
   one ref at a time. Refs with flat hashes, one flat hash, odd and long
-  paths, offsets past 4 GiB."""
+  paths, offsets past 4 GiB and past 2**63."""
   rng = np.random.default_rng(distance)
   masks = nd.band_masks(distance)
   paths = ('a/x.jpg', 'cl\u00e4ss/x\udcff\n.jpg', 'c/' + 'z' * 900 + '.png')
@@ -111,7 +111,7 @@ def test_a_flush_of_band_entries_is_bucket_entries_bucket_by_bucket(distance):
       centre = (1 << 15) - 1 if kind == 2 else centre  # 15 bits: none.
       refs.append(nd.Ref((whole, centre), f'{paths[i % 3]}{i}',
                          nd._SPLITS[i % 3], int(rng.integers(0, 1 << 31)),
-                         int(rng.integers(0, 1 << 50))))
+                         int(rng.integers(0, 1 << 50)) + (i % 5 == 0) * 2**63))
     buckets = int(rng.integers(1, 40))
     want = collections.defaultdict(list)
     for ref in refs:

@@ -176,8 +176,8 @@ def read_records(f, *, max_record_bytes: int
 
   The inverse of frame_record, for readers that only look (the build's
   report page): checksums are not checked. A record over max_record_bytes
-  yields None and is skipped with a seek (never read); a file cut short
-  ends the records.
+  yields None and is skipped with a seek (never read); a file cut short,
+  or a length no file can hold, ends the records.
   """
   while True:
     header = f.read(12)
@@ -185,7 +185,10 @@ def read_records(f, *, max_record_bytes: int
       return
     (length,) = struct.unpack('<Q', header[:8])
     if length > max_record_bytes:
-      f.seek(length + 4, 1)
+      try:
+        f.seek(length + 4, 1)
+      except (OverflowError, OSError, ValueError):  # A damaged length.
+        return
       yield None
       continue
     data = f.read(length + 4)

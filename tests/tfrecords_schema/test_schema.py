@@ -221,3 +221,16 @@ def test_decode_stored_is_decode_image_without_tensorflow(image_format,
     wide.save(buffer, format='PNG')
     with pytest.raises(ValueError, match='8 bits'):
       schema.decode_stored(buffer.getvalue(), **shape)
+
+
+@pytest.mark.parametrize('length', [2**62, 2**63 + 5, 2**64 - 1])
+def test_read_records_ends_at_a_length_no_file_holds(tmp_path, length):
+  """A damaged length field ends the records (report.html and samples.png
+  go on with what came before) instead of raising from the seek."""
+  import struct  # pylint: disable=g-import-not-at-top
+  record = schema.frame_record(b'hello')
+  path = tmp_path / 'damaged.tfrecord'
+  path.write_bytes(record + struct.pack('<Q', length) + b'\0' * 40 + record)
+  with open(path, 'rb') as f:
+    got = [r for r in schema.read_records(f, max_record_bytes=100) if r]
+  assert got == [b'hello']

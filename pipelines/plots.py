@@ -178,6 +178,9 @@ def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],
 # (a class with fewer train images than the grid shows would otherwise make
 # it read the whole split).
 MAX_SAMPLE_SCAN = 100_000
+# And the most bytes of records: a split of 4,096 x 4,096 images stores
+# ~50 MB a record, so 100,000 records could mean terabytes read.
+MAX_SAMPLE_SCAN_BYTES = 1 << 30
 
 
 def _stored_pixels(encoded: bytes, spec, size: tuple[int, int]
@@ -219,21 +222,22 @@ def write_dataset_samples(data_dir: str, path: str, *,
   per_class = max(1, min(4, MAX_GRID_IMAGES // spec.num_classes // 2))
   wanted = range(min(spec.num_classes, MAX_GRID_IMAGES))
   found = collections.defaultdict(list)
-  scanned = 0
+  scanned = scanned_bytes = 0
   # A stored record is its image and a few small features. A JPEG of noise
   # at quality 100 is larger than its raw pixels (2048 px grey: 6.6 MB for
   # 4.2 MB raw; review): a record is skipped only past 4x raw + 1 MiB.
   most_bytes = 4 * spec.height * spec.width * spec.channels + (1 << 20)
-  for example, _ in schema.read_examples(spec.shard_paths(data_dir, split),
-                                        max_record_bytes=most_bytes):
+  for example, record_bytes in schema.read_examples(
+      spec.shard_paths(data_dir, split), max_record_bytes=most_bytes):
     scanned += 1
+    scanned_bytes += record_bytes
     label = example.get(schema.LABEL)
     if label in wanted and len(found[label]) < per_class:
       pixels = _stored_pixels(example.get(schema.IMAGE, b''), spec, size)
       if pixels is not None:
         found[label].append(pixels)
-    if scanned >= MAX_SAMPLE_SCAN or all(
-        len(found[c]) >= per_class for c in wanted):
+    if (scanned >= MAX_SAMPLE_SCAN or scanned_bytes >= MAX_SAMPLE_SCAN_BYTES
+        or all(len(found[c]) >= per_class for c in wanted)):
       break
   labels = [c for c in wanted for _ in found[c]]
   if not labels:

@@ -360,6 +360,26 @@ def test_samples_grid_shows_every_class(tmp_path, monkeypatch):
   assert shown['count'] == 20
 
 
+@pytest.mark.parametrize('cap', ['MAX_SAMPLE_SCAN', 'MAX_SAMPLE_SCAN_BYTES'])
+def test_samples_grid_stops_at_its_record_and_byte_caps(tmp_path, monkeypatch,
+                                                         cap):
+  """The grid's reader stops after MAX_SAMPLE_SCAN records or
+  MAX_SAMPLE_SCAN_BYTES bytes of records, whichever comes first, even
+  with classes still missing (a split of huge records is not read whole)."""
+  classes = tuple(f'class{i}' for i in range(6))
+  images = _folder(tmp_path / 'images', classes=classes, per_class=2, size=24)
+  out = tmp_path / 'out'
+  builder.build(input_dir=str(images), output_dir=str(out), image_size='8',
+                validation_fraction=0.0, quiet=True, samples=False)
+  shown = {}
+  monkeypatch.setattr(plots, 'plot_sample_grid',
+                      lambda images, labels, *a, **k: shown.update(
+                          count=len(images)))
+  monkeypatch.setattr(plots, cap, 3)  # Records, or bytes: one record.
+  plots.write_dataset_samples(str(out), str(tmp_path / 'grid.png'))
+  assert shown['count'] == (3 if cap == 'MAX_SAMPLE_SCAN' else 1)
+
+
 def test_samples_grid_shows_records_larger_than_their_raw_pixels(
     tmp_path, monkeypatch):
   """A grey JPEG of noise at quality 100 is larger than its raw pixels (here

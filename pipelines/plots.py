@@ -39,11 +39,12 @@ SAMPLES_FILE = 'samples.png'
 
 
 MAX_GRID_IMAGES = 100
-# Longest side of a grid image: a cell is 2.2 inches at 100 dpi (220 px).
-# Larger stored images are shrunk one by one as they are read, so the grid
-# holds thumbnails whatever --image_size (at 4096x4096, the 8 full-size
-# images in float32 took 6.9 GB).
-SAMPLE_SIDE = 256
+# Longest side of a sample grid's image: its cell, in pixels. Larger stored
+# images are shrunk to it one by one as they are read (once: the grid then
+# draws them at that size), so the grid holds thumbnails whatever
+# --image_size (at 4096x4096, the 8 full-size images in float32 took
+# 6.9 GB).
+SAMPLE_SIDE = 200
 
 
 def _save(fig, path: str) -> None:
@@ -156,8 +157,8 @@ def plot_sample_grid(images: np.ndarray, labels: Sequence[int],
   n = min(max_images, MAX_GRID_IMAGES, len(images))
   _captioned_grid(images[:n], [class_names[int(l)] for l in labels[:n]],
                   ['black'] * n, path, title=title,
-                  cols=max(4, min(10, int(np.ceil(np.sqrt(n))))), cell=200,
-                  band=20, font_pixels=13)
+                  cols=max(4, min(10, int(np.ceil(np.sqrt(n))))),
+                  cell=SAMPLE_SIDE, band=20, font_pixels=13)
 
 
 def plot_prediction_gallery(images: np.ndarray, captions: Sequence[str],

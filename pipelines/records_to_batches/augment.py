@@ -149,7 +149,8 @@ def _warp(images: tf.Tensor, transforms: tf.Tensor, cval: tf.Tensor,
 
 
 _WARPS = {mode: tf.function(lambda i, t, v, m=mode: _warp(i, t, v, m),
-                            jit_compile=True, reduce_retracing=True)
+                            jit_compile=True, reduce_retracing=True,
+                            autograph=False)
           for mode in FILL_MODES}
 
 

@@ -21,7 +21,8 @@ def decode_or_empty(decode, data) -> tf.Tensor:
   pipeline that drops failed elements (ignore_errors): a refusal becomes an
   empty result, which the caller turns into an error that names the input.
   """
-  decoded = tf.data.Dataset.from_tensors(data).map(decode).ignore_errors()
+  decoded = tf.data.Dataset.from_tensors(data).map(
+      tf.autograph.experimental.do_not_convert(decode)).ignore_errors()
   spec = decoded.element_spec
   empty = tf.zeros([0] + [d or 0 for d in spec.shape.as_list()[1:]],
                    spec.dtype)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from pipelines.preprocessing.model_input import ModelInput
 from pipelines.records_to_batches import augment_config
 from pipelines.records_to_batches import input_pipeline
 from tests import helpers
@@ -271,3 +272,37 @@ def test_a_dataset_on_an_object_store_reads_as_the_local_one(tiny, tmp_path):
                     for path in (tiny.path, remote))
     np.testing.assert_array_equal(local[0], there[0])
     np.testing.assert_array_equal(local[1], there[1])
+
+
+def test_no_function_of_the_toolkit_goes_through_autograph(data_dir,
+                                                          monkeypatch):
+  """The input layer's tf.data functions use TensorFlow's control flow only
+  and are marked so: AutoGraph's rewrite of them cost ~3 s of CPU per
+  trainer process. A map added without the mark is converted, and fails
+  this."""
+  from tensorflow.python.autograph.impl import api  # pylint: disable=g-import-not-at-top
+  converted = []
+  convert = api._convert_actual  # pylint: disable=protected-access
+
+  def counted(entity, program_ctx):
+    converted.append(f'{getattr(entity, "__module__", "")}.'
+                     f'{getattr(entity, "__qualname__", entity)}')
+    return convert(entity, program_ctx)
+
+  monkeypatch.setattr(api, '_convert_actual', counted)
+  spec = tfrecords_schema.read_dataset_spec(data_dir)
+  model_input = ModelInput.from_spec(spec)
+  for options in (dict(training=True, augment=augment_config.COURSE, seed=1),
+                  dict(training=False),
+                  dict(training=True, skip_bad_records=True, seed=1),
+                  dict(training=True, cache='memory', seed=1)):
+    for _ in input_pipeline.make_dataset(data_dir, 'train', batch_size=4,
+                                         **options).take(1):
+      pass
+  for _ in input_pipeline.labelled_files(data_dir, 'validation', model_input,
+                                         batch_size=4).take(1):
+    pass
+  assert input_pipeline.pictures(data_dir, 'validation', model_input, [0, 2])
+  ours = [name for name in converted
+          if name.startswith(('pipelines.', 'tfrecords_schema.', 'trainer.'))]
+  assert not ours, ours

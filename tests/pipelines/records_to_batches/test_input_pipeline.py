@@ -292,7 +292,14 @@ def test_no_function_of_the_toolkit_goes_through_autograph(data_dir,
   monkeypatch.setattr(api, '_convert_actual', counted)
   spec = tfrecords_schema.read_dataset_spec(data_dir)
   model_input = ModelInput.from_spec(spec)
+  every_op = augment_config.AugmentConfig(
+      rotation_range=10, width_shift_range=0.1, height_shift_range=0.1,
+      shear_range=0.1, zoom_range=0.1, horizontal_flip=True,
+      vertical_flip=True, fill_mode='reflect', brightness_range=(0.9, 1.1),
+      channel_shift_range=5, crop_range=(0.8, 1.0), brightness_delta=0.1,
+      contrast_range=(0.9, 1.1), saturation_range=(0.9, 1.1), hue_delta=0.1)
   for options in (dict(training=True, augment=augment_config.COURSE, seed=1),
+                  dict(training=True, augment=every_op, seed=1),
                   dict(training=False),
                   dict(training=True, skip_bad_records=True, seed=1),
                   dict(training=True, cache='memory', seed=1)):

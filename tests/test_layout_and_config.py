@@ -308,7 +308,16 @@ def test_model_config_round_trips_and_reads_older_files():
     ('rotation_range=abc', 'rotation_range'), ('crop_range=0.5', 'crop_range'),
     ('horizontal_flip=1', 'horizontal_flip'), ('zoom_range=1:2:3', 'zoom_range'),
     ('fill_mode=mirror', 'fill_mode'), ('rotaton_range=3', 'unknown'),
-    ('rotation', 'key=value'), ('zoom_range=1:x', 'zoom_range')])
+    ('rotation', 'key=value'), ('zoom_range=1:x', 'zoom_range'),
+    # NaN passes every `<` check and inf makes NaN coordinates: either
+    # trained a model of NaN weights that then crashed writing its JSON.
+    ('rotation_range=nan', 'rotation_range=nan must be a finite number'),
+    ('width_shift_range=inf', 'finite'), ('rotation_range=1e400', 'finite'),
+    ('brightness_range=nan:nan', 'finite'), ('zoom_range=nan', 'finite'),
+    # Zoom factors must be 0 < low <= high (0:0 zoomed every image to one
+    # pixel; 1.2:0.8 and -1 were taken as they came).
+    ('zoom_range=0:0', 'zoom factors'), ('zoom_range=1.2:0.8', 'zoom factors'),
+    ('zoom_range=-1', 'zoom factors'), ('zoom_range=1', 'zoom factors')])
 def test_bad_augment_text_is_a_value_error_naming_the_option(text, needle):
   from pipelines.records_to_batches import augment_config  # pylint: disable=g-import-not-at-top
   with pytest.raises(ValueError, match=needle):

@@ -104,9 +104,10 @@ def check_fine_tuning(config: 'TrainConfig') -> None:
     raise UserError(f'--fine_tune_from={config.fine_tune_from} needs '
                     '--fine_tune_epochs >= 1 (epochs after the --epochs of '
                     f'the frozen base; now {config.fine_tune_epochs})')
-  if not config.fine_tune_learning_rate > 0:
+  if not 0 < config.fine_tune_learning_rate < float('inf'):  # And not NaN.
     raise UserError(f'--fine_tune_learning_rate='
-                    f'{config.fine_tune_learning_rate} must be > 0')
+                    f'{config.fine_tune_learning_rate} must be a finite '
+                    'number > 0')
   if config.distribution == 'multi_worker':
     raise UserError('--fine_tune_from with --distribution=multi_worker is not '
                     'supported; fine-tune in one process (or with '

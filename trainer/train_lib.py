@@ -12,6 +12,7 @@ import dataclasses
 import glob
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -53,8 +54,11 @@ def _validate(config: TrainConfig, spec) -> None:
                             config.early_stopping_patience, 0)):
     if value < low:
       raise UserError(f'--{flag}={value} must be >= {low}')
-  if not config.learning_rate > 0:
-    raise UserError(f'--learning_rate={config.learning_rate} must be > 0')
+  if not 0 < config.learning_rate < math.inf:  # NaN and inf fail too.
+    raise UserError(f'--learning_rate={config.learning_rate} must be a '
+                    'finite number > 0')
+  if not 0 <= config.seed < 2**32:  # numpy's and tf.data's seed range.
+    raise UserError(f'--seed={config.seed} must be in [0, {2**32 - 1}]')
   if config.optimizer not in config_lib.OPTIMIZERS:
     raise UserError(f'--optimizer={config.optimizer} is not one of '
                     f'{", ".join(config_lib.OPTIMIZERS)}')

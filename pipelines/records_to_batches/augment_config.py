@@ -9,6 +9,7 @@ ImageDataGenerator set.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 FILL_MODES = ('nearest', 'constant', 'reflect', 'wrap')
@@ -18,7 +19,8 @@ COURSE_AUGMENTATION = dict(
 PRESETS = {'course': COURSE_AUGMENTATION, 'none': {}}
 # ImageDataGenerator arguments that are not augmentation, and where they went.
 _MOVED = {
-    'rescale': "normalize='rescale'",
+    'rescale': "normalize='rescale' in make_dataset (the trainer normalizes "
+               'as its model needs)',
     'featurewise_center': "normalize='standardize'",
     'featurewise_std_normalization': "normalize='standardize'",
     'samplewise_center': "normalize='standardize'",
@@ -31,7 +33,10 @@ Range = Union[float, Sequence[float]]
 
 
 def _is_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  """A finite int or float: NaN passes every `<` check and inf makes NaN
+  coordinates, so either would train on NaN images."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 def _check_type(name: str, value, default_type: type) -> None:
@@ -47,10 +52,10 @@ def _check_type(name: str, value, default_type: type) -> None:
   else:
     ok = _is_number(value)
   if not ok:
-    kind = ('true or false' if default_type is bool else 'a [low, high] pair'
-            if default_type is type(None) else 'a number or a [low, high] '
-            'pair' if name == 'zoom_range' else 'a name' if name ==
-            'fill_mode' else 'a number')
+    kind = ('true or false' if default_type is bool else 'a [low, high] '
+            'pair of finite numbers' if default_type is type(None) else
+            'a finite number or a [low, high] pair' if name == 'zoom_range'
+            else 'a name' if name == 'fill_mode' else 'a finite number')
     raise ValueError(f'{name}={value!r} must be {kind}')
 
 
@@ -102,6 +107,11 @@ class AugmentConfig:
     if self.crop_range is not None and not 0 < self.crop_range[0] <= (
         self.crop_range[1]) <= 1:
       raise ValueError(f'crop_range={self.crop_range} must lie in (0, 1]')
+    low, high = self.zoom_bounds
+    if not 0 < low <= high:
+      raise ValueError(f'zoom_range={self.zoom_range} must give zoom factors '
+                       f'0 < low <= high (now {low:g} to {high:g}): a number '
+                       'in [0, 1) or a [low, high] pair of positive factors')
     if self.hue_delta > 0.5:
       raise ValueError(f'hue_delta={self.hue_delta} must be <= 0.5')
 

@@ -586,3 +586,46 @@ def test_the_confusion_picture_is_bounded_at_any_class_count(tmp_path):
                               title='t')
   with Image.open(path) as image:
     assert image.size == (2200, 1100)  # Not k-sized.
+
+
+@pytest.mark.parametrize('changes, needle', [
+    (dict(learning_rate=float('inf')),
+     '--learning_rate=inf must be a finite number > 0'),
+    (dict(learning_rate=float('nan')), '--learning_rate=nan must be'),
+    (dict(seed=-1), '--seed=-1 must be in [0, 4294967295]'),
+    (dict(seed=2**32), '--seed=4294967296 must be'),
+])
+def test_numbers_out_of_range_are_refused_before_anything_is_written(
+    env, tmp_path, changes, needle):
+  """inf passed `> 0` (a traceback writing the NaN state, after the run
+  folder was made); a seed out of numpy's range was numpy's traceback."""
+  run = tmp_path / 'run'
+  with pytest.raises(UserError) as raised:
+    train_lib.train_and_evaluate(_config(env.data, run, **changes))
+  assert needle in str(raised.value)
+  assert not run.exists()
+
+
+def test_a_nan_augmentation_is_one_line_and_writes_nothing(env, tmp_path):
+  run = tmp_path / 'run'
+  result = helpers.run_cli('trainer.main', *_train_args(
+      env.data, run, '--augment=rotation_range=nan'))
+  assert result.returncode == 1
+  lines = helpers.error_lines(result.stderr)
+  assert lines == ['error: --augment=rotation_range=nan: rotation_range=nan '
+                   'must be a finite number'], result.stderr[-2000:]
+  assert not run.exists()
+
+
+
+@pytest.mark.parametrize('line', [
+    'Corrupt JPEG data: premature end of data segment',
+    'Corrupt JPEG data: 11 extraneous bytes before marker 0xd9'])
+def test_libjpeg_notes_on_the_exports_own_copies_are_not_shown(line):
+  """The export's JPEG check decodes altered copies of each JPEG on purpose
+  (serving/jpeg.py): calling `serve` on a good 677-byte 50x40 JPEG made
+  libjpeg print both lines, and trainer.predict showed the first, telling
+  users a good file was corrupt. A damaged input is refused by the
+  export's own error, which names it."""
+  from pipelines.common import cli  # pylint: disable=g-import-not-at-top
+  assert cli._NOISE.search(line)  # pylint: disable=protected-access

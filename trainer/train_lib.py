@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import glob
 import hashlib
 import json
@@ -231,6 +232,39 @@ def _read_spec(data_dir: str):
         f'--data_dir={data_dir}: its {tfrecords_schema.metadata.METADATA_FILE} '
         f'cannot be read ({type(e).__name__}: {detail}); '
         f'{input_pipeline.rebuild_hint(data_dir)}') from None
+
+
+# The open folder of each --model_dir this process is training into, locked
+# until the run returns (train_and_evaluate in a notebook, then the command
+# on the same folder) or the process ends (the kernel drops it, even at
+# kill -9).
+_LOCKED: dict[str, int] = {}
+
+
+def _lock_model_dir(model_dir: str) -> None:
+  """An exclusive flock on the --model_dir folder, or UserError when another
+  trainer holds it: two trainers on one run folder both resumed from the
+  same checkpoint and wrote every output over each other's, each telling
+  its user its own numbers."""
+  path = os.path.realpath(model_dir)
+  if path in _LOCKED:
+    return
+  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise UserError(
+        f'--model_dir={model_dir} is in use by another trainer (the folder is '
+        'locked): wait for it to end and rerun this command to resume, or '
+        'pass another --model_dir') from None
+  _LOCKED[path] = fd
+
+
+def _unlock_model_dir(model_dir: str) -> None:
+  fd = _LOCKED.pop(os.path.realpath(model_dir), None)
+  if fd is not None:
+    os.close(fd)  # Closing the only descriptor releases the flock.
 
 
 def _check_model_dir(model_dir: str) -> None:
@@ -534,6 +568,14 @@ def _train(config: TrainConfig, spec, task, cluster=None, dog=None) -> dict:
   """train_and_evaluate after the checks that need no TensorFlow runtime:
   prepare (every refusal, before any write), fit, then the chief finishes."""
   try:
+    return _train_locked(config, spec, task, cluster, dog)
+  finally:
+    _unlock_model_dir(config.model_dir)
+
+
+def _train_locked(config: TrainConfig, spec, task, cluster, dog) -> dict:
+  """_train's steps; the chief locks --model_dir before its first write."""
+  try:
     run = _prepare(config, spec, task, cluster)
   except _AlreadyFinished as finished:
     _say(str(finished))
@@ -678,6 +720,7 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
     # Every check passed: from here on, the run writes (the chief only).
     if run.is_chief:
       os.makedirs(config.model_dir, exist_ok=True)
+      _lock_model_dir(config.model_dir)
       resumable.prepare()
       _write_model_summary(model, config.model_dir)
       _write_samples(sample_batch, config, spec, run.model_input,

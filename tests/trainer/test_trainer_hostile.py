@@ -629,3 +629,42 @@ def test_libjpeg_notes_on_the_exports_own_copies_are_not_shown(line):
   export's own error, which names it."""
   from pipelines.common import cli  # pylint: disable=g-import-not-at-top
   assert cli._NOISE.search(line)  # pylint: disable=protected-access
+
+
+def test_a_second_trainer_on_a_run_folder_in_use_is_one_line(env, tmp_path):
+  """Two trainers on one --model_dir both resumed from the same checkpoint
+  and wrote every output over each other's. The first holds a lock on the
+  folder (here: a trainer process started on it); the second is refused
+  before it writes, and the first's files are untouched."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
+  # A run trained in this process (the fixture) is not left locked.
+  fd = os.open(env.run, os.O_RDONLY)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  finally:
+    os.close(fd)
+  run = tmp_path / 'run'
+  shutil.copytree(env.run, run)
+  (run / config_lib.METRICS_FILE).unlink()  # Not finished: it would resume.
+  before = {p: p.stat().st_mtime_ns for p in run.rglob('*') if p.is_file()}
+  holder = subprocess.Popen(
+      [sys.executable, '-c', 'import fcntl, os, sys, time\n'
+       f'fd = os.open({str(run)!r}, os.O_RDONLY)\n'
+       'fcntl.flock(fd, fcntl.LOCK_EX)\nprint("locked", flush=True)\n'
+       'time.sleep(600)'], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == 'locked'
+    result = helpers.run_cli('trainer.main', *_train_args(env.data, run))
+  finally:
+    holder.kill()
+    holder.wait()
+  assert result.returncode == 1
+  lines = helpers.error_lines(result.stderr)
+  assert len(lines) == 1 and 'is in use by another trainer' in lines[0], (
+      result.stderr[-2000:])
+  assert {p: p.stat().st_mtime_ns for p in run.rglob('*')
+          if p.is_file()} == before
+  # Free again: the same command resumes and finishes.
+  assert helpers.run_cli('trainer.main', *_train_args(
+      env.data, run)).returncode == 0

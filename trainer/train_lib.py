@@ -261,6 +261,22 @@ def _lock_model_dir(model_dir: str) -> None:
   _LOCKED[path] = fd
 
 
+def _run_stamp(model_dir: str) -> tuple:
+  """(inode, size, mtime ns) of the run's state.json and metrics.json (None
+  where absent). Both are replaced by rename, so any write changes it: the
+  lock comes at the first write, after the state was read, and another
+  trainer may have written the run in between."""
+  stamp = []
+  for rel in (os.path.join(config_lib.CHECKPOINT_DIR, config_lib.STATE_FILE),
+              config_lib.METRICS_FILE):
+    try:
+      st = os.stat(os.path.join(model_dir, rel))
+      stamp.append((st.st_ino, st.st_size, st.st_mtime_ns))
+    except OSError:
+      stamp.append(None)
+  return tuple(stamp)
+
+
 def _unlock_model_dir(model_dir: str) -> None:
   fd = _LOCKED.pop(os.path.realpath(model_dir), None)
   if fd is not None:
@@ -605,6 +621,7 @@ class _Run:
   model_input: ModelInput
   resumable: callbacks_lib.ResumableTraining
   done: int  # Epochs a saved run finished.
+  stamp: tuple  # _run_stamp when the saved state was read.
   is_chief: bool
   model: keras.Model
   train_dataset: Callable[[int], tf.data.Dataset]  # Of the batch size.
@@ -639,6 +656,7 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
         target_accuracy=config.target_accuracy, restore_best_weights=True,
         fingerprint=config.fingerprint(spec), same=config_lib.same_setting,
         write=is_chief)
+    stamp = _run_stamp(config.model_dir)
     done = _load_state(config, resumable)
     if not cluster:
       _check_not_finished(config, resumable, done)
@@ -689,8 +707,8 @@ def _prepare(config: TrainConfig, spec, task, cluster) -> _Run:
       training=False, cache=val_cache, label_mode=label_mode)
   return _Run(spec=spec, task=task, cluster=cluster, strategy=strategy,
               model_input=model_input, resumable=resumable, done=done,
-              is_chief=is_chief, model=model, train_dataset=train_dataset,
-              val_ds=val_ds)
+              stamp=stamp, is_chief=is_chief, model=model,
+              train_dataset=train_dataset, val_ds=val_ds)
 
 
 def _fit(config: TrainConfig, run: _Run, dog) -> float:
@@ -721,6 +739,11 @@ def _fit(config: TrainConfig, run: _Run, dog) -> float:
     if run.is_chief:
       os.makedirs(config.model_dir, exist_ok=True)
       _lock_model_dir(config.model_dir)
+      if _run_stamp(config.model_dir) != run.stamp:
+        raise UserError(
+            f'--model_dir={config.model_dir} was written by another trainer '
+            'while this one started (it has ended now); nothing was written '
+            'by this one: rerun this command to resume from that run')
       resumable.prepare()
       _write_model_summary(model, config.model_dir)
       _write_samples(sample_batch, config, spec, run.model_input,

@@ -668,3 +668,27 @@ def test_a_second_trainer_on_a_run_folder_in_use_is_one_line(env, tmp_path):
   # Free again: the same command resumes and finishes.
   assert helpers.run_cli('trainer.main', *_train_args(
       env.data, run)).returncode == 0
+
+
+def test_a_run_written_between_reading_it_and_the_lock_is_refused(
+    env, tmp_path, monkeypatch):
+  """The lock comes at the first write, after the saved state was read: a
+  trainer that ended in between (its state.json replaced) must not be
+  resumed from the state read before it, nor written over."""
+  from trainer import config as config_lib  # pylint: disable=g-import-not-at-top
+  run = tmp_path / 'run'
+  shutil.copytree(env.run, run)
+  (run / config_lib.METRICS_FILE).unlink()  # Not finished: it would resume.
+  state = run / config_lib.CHECKPOINT_DIR / config_lib.STATE_FILE
+  lock = train_lib._lock_model_dir  # pylint: disable=protected-access
+
+  def other_trainer_ends_first(model_dir):
+    copy = state.with_suffix('.other')
+    copy.write_bytes(state.read_bytes())
+    os.replace(copy, state)  # As another trainer commits an epoch.
+    lock(model_dir)
+
+  monkeypatch.setattr(train_lib, '_lock_model_dir', other_trainer_ends_first)
+  with pytest.raises(UserError, match='was written by another trainer'):
+    train_lib.train_and_evaluate(_config(env.data, run))
+  assert not (run / config_lib.METRICS_FILE).exists()

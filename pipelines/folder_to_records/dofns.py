@@ -29,6 +29,7 @@ from pipelines.folder_to_records import listed_files
 from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates
 from pipelines.folder_to_records import reuse
+from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import shard_math
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import statistics
@@ -166,6 +167,7 @@ class WriteChunk(beam.DoFn):
     self._references = []  # Not yet written (pack_reference).
 
   def setup(self):
+    runner_options.quick_worker_exit()
     if paths.is_remote(self._config.input_dir):  # Local: no thread.
       self._reader = concurrent.futures.ThreadPoolExecutor(
           file_io.READ_AHEAD, thread_name_prefix='read-ahead')

@@ -63,3 +63,46 @@ def run_args(beam_args: Sequence[str]) -> list[str]:
   """The user's Beam flags as a build runs them, before pipeline_args:
   worker failure logs quiet unless the user overrides them."""
   return [QUIET_WORKER_FAILURES, *beam_args]
+
+
+_WORKER_MAIN = 'apache_beam.runners.worker.sdk_worker_main'
+_quick_exit_registered = []
+
+
+def quick_worker_exit() -> None:
+  """In a worker process of the FnApiRunner (multi_processing) or of a
+  worker pool, ends the process as soon as Beam's harness has returned
+  instead of tearing the interpreter down: the runner stops its workers one
+  after the other and waits for each to exit, and freeing a worker's
+  modules (numpy, Pillow, Beam, grpc) took ~0.25 s a worker, ~0.5 s of
+  every 2-worker build (BUILD_NOTES, "Incremental builds"). By then every
+  bundle has finished and been reported and every non-daemon thread has
+  been joined (Python joins them before the atexit handlers); what is left
+  is memory the kernel frees. Logging and stdio are flushed first. Not
+  taken after an uncaught exception (sys.last_value: the exit status and
+  traceback stay Python's). Anywhere else (the launcher, an in-process
+  runner, tests) this does nothing. Called from DoFn.setup, once per
+  process."""
+  import sys  # pylint: disable=g-import-not-at-top
+  main = sys.modules.get('__main__')
+  spec = getattr(main, '__spec__', None)
+  if _quick_exit_registered or spec is None or spec.name != _WORKER_MAIN:
+    return
+  _quick_exit_registered.append(True)
+  import atexit  # pylint: disable=g-import-not-at-top
+  atexit.register(_exit_now)
+
+
+def _exit_now() -> None:
+  import logging  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  if getattr(sys, 'last_value', None) is not None:
+    return  # A failure: Python's own exit.
+  logging.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(0)  # pylint: disable=protected-access

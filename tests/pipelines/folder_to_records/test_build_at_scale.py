@@ -413,3 +413,44 @@ def test_prefetch_local_leaves_special_huge_and_missing_files_alone(
   threading.Thread(target=run, daemon=True).start()
   assert done.wait(10), 'prefetch_local blocked'
   assert advised == [(str(image), 0, 1003)]  # Only the regular small file.
+
+
+_WORKER = '''
+import atexit, pathlib, sys, types
+if sys.argv[2] != 'launcher':  # As Beam starts its worker processes.
+  sys.modules['__main__'].__spec__ = types.SimpleNamespace(
+      name='apache_beam.runners.worker.sdk_worker_main')
+from pipelines.folder_to_records import runner_options
+# A teardown step registered before: skipped by the quick exit.
+atexit.register(pathlib.Path(sys.argv[1]).write_text, 'torn down')
+runner_options.quick_worker_exit()
+runner_options.quick_worker_exit()  # Once a process, however many setups.
+sys.stdout.write('written before the exit')  # No line end.
+if sys.argv[2] == 'fails':
+  raise RuntimeError('the harness failed')
+'''
+
+
+@pytest.mark.parametrize('kind', ['worker', 'fails', 'launcher'])
+def test_a_worker_process_ends_once_its_harness_returns(tmp_path, kind):
+  """runner_options.quick_worker_exit: a Beam worker process skips the
+  interpreter's teardown (its output flushed, exit status 0); a failed one
+  and any other process (the launcher, an in-process runner) exit as
+  Python does."""
+  marker = tmp_path / 'teardown'
+  (tmp_path / 'worker_main.py').write_text(_WORKER)
+  # Run with -m, as Beam runs a worker.
+  done = subprocess.run(
+      [sys.executable, '-m', 'worker_main', str(marker), kind],
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=60,
+      check=False, env={**os.environ, 'PYTHONPATH': os.pathsep.join(
+          [str(tmp_path), str(helpers.REPO_ROOT)])})
+  assert done.stdout == 'written before the exit'
+  if kind == 'worker':
+    assert (done.returncode, done.stderr) == (0, '')
+    assert not marker.exists()
+  else:
+    assert done.returncode == (1 if kind == 'fails' else 0), done.stderr
+    assert ('RuntimeError: the harness failed' in done.stderr) == (
+        kind == 'fails')
+    assert marker.read_text() == 'torn down'

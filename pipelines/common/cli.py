@@ -210,9 +210,12 @@ def filter_noise(*, own_lines: Sequence[str] = (), progress=None) -> None:
   atexit.register(restore)
 
 
-# Packages a command never uses that TensorFlow's import would load anyway:
-# Keras 3 imports scikit-learn, when installed, for keras.wrappers only.
-_UNUSED_BY_COMMANDS = ('sklearn',)
+# Packages a command never uses that TensorFlow's or Beam's import would load
+# anyway: Keras 3 imports scikit-learn, when installed, for keras.wrappers
+# only; Beam's typehints (and Keras' data adapters) import pandas, and with
+# it pyarrow, for DataFrame inputs no command takes (~0.3 s of CPU at
+# Beam's import).
+_UNUSED_BY_COMMANDS = ('sklearn', 'pandas')
 
 
 def skip_unused_imports() -> None:
@@ -221,8 +224,10 @@ def skip_unused_imports() -> None:
   Keras (imported with TensorFlow) imports scikit-learn whenever it is
   installed, only for its scikit-learn wrappers (it falls back when the
   import fails): 1.3 s of CPU at every start of a command on the 2-core VM
-  (`import tensorflow`: 6.3 -> 5.0 s user). For commands only: a program
-  importing this package keeps its modules.
+  (`import tensorflow`: 6.3 -> 5.0 s user). Beam imports pandas the same
+  way (pipelines.folder_to_records.beam_worker keeps it out of the build's
+  worker processes too). For commands only: a program importing this
+  package keeps its modules.
   """
   for name in _UNUSED_BY_COMMANDS:
     if name not in sys.modules:

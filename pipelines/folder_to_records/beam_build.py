@@ -271,8 +271,9 @@ def run_pipeline(*, config: BuildConfig, plan: listing_lib.InputPlan,
   import tensorflow_datasets  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   paths.makedirs(posixpath.join(tmp_dir, CHUNKS_DIR))
   start = time.perf_counter()  # After imports, as the benchmark's plain loop.
-  with beam.Pipeline(options=PipelineOptions(
-      runner_options.pipeline_args(beam_args))) as pipeline:
+  options = PipelineOptions(runner_options.pipeline_args(beam_args))
+  with beam.Pipeline(runner=runner_options.local_runner(options),
+                     options=options) as pipeline:
     build_pipeline(pipeline, config=config, plan=plan, tmp_dir=tmp_dir,
                    exclude=exclude)
   # Links unlinked.

@@ -70,18 +70,19 @@ _quick_exit_registered = []
 
 
 def quick_worker_exit() -> None:
-  """In a worker process of the FnApiRunner (multi_processing) or of a
-  worker pool, ends the process as soon as Beam's harness has returned
-  instead of tearing the interpreter down: the runner stops its workers one
-  after the other and waits for each to exit, and freeing a worker's
-  modules (numpy, Pillow, Beam, grpc) took ~0.25 s a worker, ~0.5 s of
-  every 2-worker build (BUILD_NOTES, "Incremental builds"). By then every
-  bundle has finished and been reported and every non-daemon thread has
-  been joined (Python joins them before the atexit handlers); what is left
-  is memory the kernel frees. Logging and stdio are flushed first. Not
-  taken after an uncaught exception (sys.last_value: the exit status and
-  traceback stay Python's). Anywhere else (the launcher, an in-process
-  runner, tests) this does nothing. Called from DoFn.setup, once per
+  """In a process running Beam's own worker harness (sdk_worker_main: an
+  external worker pool's workers, or --runner=DirectRunner's), ends the
+  process as soon as the harness has returned instead of tearing the
+  interpreter down, as beam_worker (the default local runner's workers)
+  does: a runner stops its workers one after the other and waits for each
+  to exit, and freeing a worker's modules (numpy, Pillow, Beam, grpc) took
+  ~0.25 s a worker, ~0.5 s of every 2-worker build (BUILD_NOTES, "The
+  build"). By then every bundle has finished and been reported and every
+  non-daemon thread has been joined (Python joins them before the atexit
+  handlers); what is left is memory the kernel frees. Not taken after an
+  uncaught exception (sys.last_value: the exit status and traceback stay
+  Python's). Anywhere else (the launcher, an in-process runner, tests,
+  beam_worker) this does nothing. Called from DoFn.setup, once per
   process."""
   import sys  # pylint: disable=g-import-not-at-top
   main = sys.modules.get('__main__')
@@ -90,15 +91,21 @@ def quick_worker_exit() -> None:
     return
   _quick_exit_registered.append(True)
   import atexit  # pylint: disable=g-import-not-at-top
-  atexit.register(_exit_now)
+  atexit.register(_exit_unless_failed)
 
 
-def _exit_now() -> None:
+def _exit_unless_failed() -> None:
+  import sys  # pylint: disable=g-import-not-at-top
+  if getattr(sys, 'last_value', None) is None:  # Else Python's own exit.
+    exit_at_once()
+
+
+def exit_at_once() -> None:
+  """Ends a worker process whose harness has returned: logging and stdio
+  flushed, status 0, no interpreter teardown."""
   import logging  # pylint: disable=g-import-not-at-top
   import os  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
-  if getattr(sys, 'last_value', None) is not None:
-    return  # A failure: Python's own exit.
   logging.shutdown()
   for stream in (sys.stdout, sys.stderr):
     try:
@@ -106,3 +113,47 @@ def _exit_now() -> None:
     except Exception:  # pylint: disable=broad-except
       pass
   os._exit(0)  # pylint: disable=protected-access
+
+
+
+WORKER_MODULE = 'pipelines.folder_to_records.beam_worker'
+# The worker command of the FnApiRunner's multi_processing mode (fn_runner).
+_BEAM_WORKER = '{} -m apache_beam.runners.worker.sdk_worker_main'
+
+
+def use_build_workers(pipeline_proto) -> int:
+  """Points the pipeline's environments that start Beam's worker processes
+  (the FnApiRunner's multi_processing ones) at WORKER_MODULE, the same
+  harness started and stopped sooner. Returns how many it changed."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from apache_beam.portability import python_urns  # pylint: disable=g-import-not-at-top
+  beams = _BEAM_WORKER.format(sys.executable).encode('utf-8')
+  ours = f'{shlex.quote(sys.executable)} -m {WORKER_MODULE}'.encode('utf-8')
+  changed = 0
+  for environment in pipeline_proto.components.environments.values():
+    if (environment.urn == python_urns.SUBPROCESS_SDK
+        and environment.payload == beams):
+      environment.payload = ours
+      changed += 1
+  return changed
+
+
+def local_runner(options):
+  """The runner object for a build's options: for the FnApiRunner (the
+  default), one whose worker processes run WORKER_MODULE
+  (use_build_workers); None for any other runner (Beam makes it from
+  --runner)."""
+  from apache_beam.options.pipeline_options import StandardOptions  # pylint: disable=g-import-not-at-top
+  if options.view_as(StandardOptions).runner != 'FnApiRunner':
+    return None
+  from apache_beam.runners.portability.fn_api_runner import fn_runner  # pylint: disable=g-import-not-at-top
+
+  class BuildRunner(fn_runner.FnApiRunner):
+    """The FnApiRunner, its multi_processing workers running WORKER_MODULE."""
+
+    def run_via_runner_api(self, pipeline_proto, options):
+      use_build_workers(pipeline_proto)
+      return super().run_via_runner_api(pipeline_proto, options)
+
+  return BuildRunner()

@@ -454,3 +454,50 @@ def test_a_worker_process_ends_once_its_harness_returns(tmp_path, kind):
     assert ('RuntimeError: the harness failed' in done.stderr) == (
         kind == 'fails')
     assert marker.read_text() == 'torn down'
+
+
+def _worker_facts(element: int, out: str) -> int:
+  """Runs in a Beam worker: writes what that process imported and runs."""
+  main = sys.modules['__main__']
+  pathlib.Path(out, f'{os.getpid()}.json').write_text(json.dumps({
+      'main': getattr(main.__spec__, 'name', None),
+      'pandas': 'pandas' in sys.modules and sys.modules['pandas'] is not None,
+  }))
+  return element
+
+
+def test_the_local_runners_workers_are_the_builds(tmp_path):
+  """runner_options.local_runner: with --direct_running_mode=
+  multi_processing the FnApiRunner's worker processes run beam_worker (no
+  pandas); other runners are Beam's own."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
+  options = PipelineOptions(runner_options.pipeline_args(
+      ['--direct_num_workers=2', '--direct_running_mode=multi_processing']))
+  runner = runner_options.local_runner(options)
+  assert runner is not None
+  with beam.Pipeline(runner=runner, options=options) as pipeline:
+    _ = (pipeline | beam.Create(list(range(40)))
+         | beam.Reshuffle() | beam.Map(_worker_facts, out=str(tmp_path)))
+  facts = [json.loads(p.read_text()) for p in tmp_path.glob('*.json')]
+  assert facts and all(
+      f == {'main': runner_options.WORKER_MODULE, 'pandas': False}
+      for f in facts), facts
+  assert os.getpid() not in {int(p.stem) for p in tmp_path.glob('*.json')}
+  for other in (['--runner=PortableRunner'], ['--runner=DirectRunner']):
+    assert runner_options.local_runner(PipelineOptions(
+        runner_options.pipeline_args(other))) is None
+
+
+def test_a_failing_build_worker_exits_with_its_error():
+  """beam_worker without a runner to talk to: Beam's harness raises, and the
+  process ends with status 1 and the traceback, as Beam's own worker."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('CONTROL_API_SERVICE_DESCRIPTOR', 'PIPELINE_OPTIONS')}
+  done = subprocess.run(
+      [sys.executable, '-m', 'pipelines.folder_to_records.beam_worker'],
+      cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True,
+      timeout=120, check=False)
+  assert done.returncode == 1, done.stderr[-2000:]
+  assert 'Traceback' in done.stderr

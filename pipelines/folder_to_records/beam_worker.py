@@ -1,0 +1,33 @@
+"""A worker process of the build's local runner.
+
+The FnApiRunner's multi_processing mode starts each worker as `python -m
+apache_beam.runners.worker.sdk_worker_main`; the build's runner
+(runner_options.local_runner) starts this module instead, which runs the
+same harness (`sdk_worker_main.main`) with two differences, each measured
+on every 2-worker build (BUILD_NOTES, "The build"):
+
+  * pandas is not imported. Beam's typehints import it (and pyarrow) when
+    installed, for DataFrame transforms the build has none of: ~0.3 s of
+    each worker's start, which is on the critical path of every build.
+  * The process ends as soon as the harness returns (os._exit after
+    flushing stdio), as runner_options.quick_worker_exit does for Beam's
+    own worker processes: the runner stops its workers one after the other
+    and waited ~0.25 s for each interpreter's teardown.
+
+A harness that fails raises as before: Python prints the traceback and the
+exit status is 1, which the runner reports.
+"""
+
+import sys
+
+
+def main() -> None:
+  sys.modules.setdefault('pandas', None)  # `import pandas`: ImportError.
+  from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
+  sdk_worker_main.main(sys.argv)
+  runner_options.exit_at_once()
+
+
+if __name__ == '__main__':
+  main()

@@ -1,6 +1,7 @@
 """Failures of a running build as one line: the disk's (full, read-only,
-denied...) and Ctrl-C/SIGTERM become BuildFailed, saying what was kept;
-Beam's own logs of such a failure are held back.
+denied...), a worker process that ended (killed, out of memory) and
+Ctrl-C/SIGTERM become BuildFailed, saying what was kept; Beam's own logs
+of such a failure are held back.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import errno
 import json
 import os
 import re
+import signal
+import threading
 from typing import Iterator, Optional, Sequence
 
 from pipelines.common import cli
@@ -156,12 +159,91 @@ def _unqualified(text: str) -> str:
   return name.rsplit('.', 1)[-1] + sep + rest
 
 
+# What the FnApiRunner's thread that watches a worker process raises when
+# the process ends before the pipeline does (killed, crashed).
+_WORKER_ENDED = re.compile(r'Worker subprocess exited with return code (-?\d+)')
+# What the runner's threads and logs say when the connection to a worker
+# process broke: the symptom of a worker that ended.
+_CONNECTION_LOST = ('Channel closed prematurely',
+                    'Failed to read inputs in the data plane')
+
+
+def _lost_worker(exc: Optional[BaseException], text: str = '') -> bool:
+  """Whether exc (or a log line's text) is the runner losing a worker
+  process: a broken channel, a gRPC error of its threads."""
+  if exc is not None:
+    if type(exc).__module__.startswith('grpc'):
+      return True
+    text = str(exc)
+  return any(t in text for t in _CONNECTION_LOST)
+
+
+class _WorkerWatch:
+  """While a build runs: the errors of the runner's own threads when a
+  worker process ends (its exit status) or its connection breaks are
+  recorded instead of printed (a traceback of each of Beam's threads,
+  ~350 lines for one killed worker); other threads' errors print as
+  before."""
+
+  def __init__(self):
+    self.ended, self.lost = [], False
+    self._previous = None
+
+  def __enter__(self):
+    self._previous = threading.excepthook
+    threading.excepthook = self._hook
+    return self
+
+  def __exit__(self, *exc):
+    threading.excepthook = self._previous
+
+  def _hook(self, args):
+    ended = _WORKER_ENDED.search(str(args.exc_value))
+    if ended:
+      self.ended.append(int(ended[1]))
+    elif _lost_worker(args.exc_value):
+      self.lost = True
+    else:
+      self._previous(args)
+
+  def error(self, exc: BaseException,
+            progress: output_folder.Progress) -> Optional[BuildFailed]:
+    """The one line when the build failed because a worker process ended;
+    None otherwise."""
+    if not (self.ended or self.lost or any(
+        _lost_worker(e) for e in _chain(exc))):
+      return None
+    how = 'its connection broke'
+    code = next((c for c in self.ended if c), None)
+    # The runner starts a worker through /bin/sh, which exits with 128 + N
+    # when signal N ended its child.
+    number = -code if code is not None and code < 0 else (
+        code - 128 if code is not None and 128 < code < 160 else None)
+    if number is not None:
+      try:
+        name = signal.Signals(number).name
+      except ValueError:
+        name = f'signal {number}'
+      how = (f'killed by {name}, which the kernel sends when memory runs '
+             'out' if number == signal.SIGKILL else f'killed by {name}')
+    elif code is not None:
+      how = f'exit status {code}'
+    return BuildFailed(
+        f'a worker process of the build ended before the build did ({how}); '
+        'if memory ran out, rerun with fewer worker processes '
+        '(--direct_num_workers) or with more memory, else rerun; '
+        f'{progress.outcome()}')
+
+
 @contextlib.contextmanager
 def one_line_failures(progress: output_folder.Progress) -> Iterator[None]:
-  """Turns a failure of the disk and Ctrl-C/SIGTERM into a BuildFailed line
-  that says what was kept; other errors (bugs) go on with their traceback."""
+  """Turns a failure of the disk, a worker process that ended (killed, out
+  of memory) and Ctrl-C/SIGTERM into a BuildFailed line that says what was
+  kept; other errors (bugs) go on with their traceback."""
+  workers = _WorkerWatch()
   try:
-    yield
+    with workers:
+      yield
   except UserError:
     raise
   except Exception as e:  # pylint: disable=broad-except
@@ -173,6 +255,9 @@ def one_line_failures(progress: output_folder.Progress) -> Iterator[None]:
     failure = disk_failure(e)
     if failure is not None:
       raise BuildFailed(disk_error(progress, *failure)) from None
+    ended = workers.error(e, progress)
+    if ended is not None:
+      raise ended from None
     store = (store_failure(e) if paths.is_remote(progress.output_dir)
              or paths.is_remote(progress.input_dir) else None)
     if store is None:
@@ -194,15 +279,16 @@ def _interrupted(interrupt: KeyboardInterrupt,
 
 class _DropDiskFailureLogs:
   """A logging filter: Beam logs a failing step with its traceback before
-  it raises; when the failure is the disk's (or Ctrl-C), the one-line error
-  says it all."""
+  it raises; when the failure is the disk's (or Ctrl-C, or a worker process
+  that ended), the one-line error says it all."""
 
   def filter(self, record) -> bool:
     if not record.name.startswith('apache_beam'):
       return True
     exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, KeyboardInterrupt):
-      return False
+    if isinstance(exc, KeyboardInterrupt) or _lost_worker(
+        exc, record.getMessage()):
+      return False  # A lost worker: one_line_failures says it.
     exc = exc or RuntimeError(record.getMessage())
     return disk_failure(exc) is None and store_failure(exc) is None
 

@@ -57,6 +57,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from pipelines import plots
@@ -792,3 +793,65 @@ def test_an_unreachable_job_service_or_worker_pool_is_one_line(tmp_path):
       assert needle in error and 'nothing answers there' in error, error
       assert 'Traceback' not in result.stderr
   assert not (tmp_path / 'out').exists()
+
+
+def _in_a_thread(error: BaseException) -> None:
+  """Raises error in a thread, as Beam's runner threads do."""
+  def run():
+    raise error
+  thread = threading.Thread(target=run, name='run_worker')
+  thread.start()
+  thread.join()
+
+
+@pytest.mark.parametrize('status, how', [
+    (137, 'killed by SIGKILL, which the kernel sends when memory runs out'),
+    (-9, 'killed by SIGKILL, which the kernel sends when memory runs out'),
+    (-11, 'killed by SIGSEGV'), (1, 'exit status 1'),
+    (None, 'its connection broke')])
+def test_a_worker_process_that_ends_is_one_line(tmp_path, capfd, caplog,
+                                                monkeypatch, status, how):
+  """failures.one_line_failures: when a worker process ends mid-build
+  (killed, out of memory) the runner's threads raise and log one traceback
+  each (~350 lines) and the pipeline raises 'Channel closed prematurely';
+  the build says one line. Another thread's error still prints, and a
+  failure of another kind keeps its traceback. (By hand: kill -9 of a
+  beam_worker process during a 30,000-image build gave this line and
+  nothing else; BUILD_NOTES, "Trust".)"""
+  import logging  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import failures  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import output_folder  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / 'out')
+  progress = output_folder.Progress(str(tmp_path), out,
+                                    output_folder.temp_dir_for(out))
+  printed = []  # What the thread hook before the build's would print.
+  hook = lambda args: printed.append(args.exc_value)  # pylint: disable=unnecessary-lambda-assignment
+  monkeypatch.setattr(threading, 'excepthook', hook)
+  with pytest.raises(failures.BuildFailed) as raised:
+    with failures.one_line_failures(progress):
+      with failures.quiet_disk_failure_logs([]):
+        if status is not None:
+          _in_a_thread(RuntimeError(
+              f'Worker subprocess exited with return code {status}'))
+        _in_a_thread(RuntimeError('Channel closed prematurely.'))
+        try:
+          raise RuntimeError('Channel closed prematurely.')
+        except RuntimeError:
+          logging.getLogger('apache_beam.runners.worker.data_plane').exception(
+              'Failed to read inputs in the data plane.')
+        raise RuntimeError('Channel closed prematurely.')
+  assert str(raised.value) == (
+      f'a worker process of the build ended before the build did ({how}); '
+      'if memory ran out, rerun with fewer worker processes '
+      f'(--direct_num_workers) or with more memory, else rerun; '
+      f'nothing was changed in --output_dir={out} (it was not created); no '
+      'temporary folder is left')
+  assert capfd.readouterr().err == '' and not printed
+  assert 'data plane' not in caplog.text  # Beam's log of it held back.
+  # Anything else is left alone.
+  with pytest.raises(ValueError, match='a bug'):
+    with failures.one_line_failures(progress):
+      _in_a_thread(ValueError('a thread bug'))
+      raise ValueError('a bug')
+  assert [str(e) for e in printed] == ['a thread bug']
+  assert threading.excepthook is hook  # Given back.

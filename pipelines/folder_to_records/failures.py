@@ -208,10 +208,11 @@ class _WorkerWatch:
 
   def error(self, exc: BaseException,
             progress: output_folder.Progress) -> Optional[BuildFailed]:
-    """The one line when the build failed because a worker process ended;
-    None otherwise."""
-    if not (self.ended or self.lost or any(
-        _lost_worker(e) for e in _chain(exc))):
+    """The one line when the build failed because a worker process ended
+    (an exit status recorded, or the runner's error is the lost channel);
+    None otherwise: a broken channel seen only by the runner's threads may
+    follow another failure, which keeps its traceback."""
+    if not (self.ended or any(_lost_worker(e) for e in _chain(exc))):
       return None
     how = 'its connection broke'
     code = next((c for c in self.ended if c), None)

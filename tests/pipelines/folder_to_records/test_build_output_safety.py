@@ -848,10 +848,12 @@ def test_a_worker_process_that_ends_is_one_line(tmp_path, capfd, caplog,
       'temporary folder is left')
   assert capfd.readouterr().err == '' and not printed
   assert 'data plane' not in caplog.text  # Beam's log of it held back.
-  # Anything else is left alone.
+  # Anything else is left alone, even when the runner's threads then lose
+  # their channels.
   with pytest.raises(ValueError, match='a bug'):
     with failures.one_line_failures(progress):
       _in_a_thread(ValueError('a thread bug'))
+      _in_a_thread(RuntimeError('Channel closed prematurely.'))
       raise ValueError('a bug')
   assert [str(e) for e in printed] == ['a thread bug']
   assert threading.excepthook is hook  # Given back.

@@ -24,7 +24,7 @@ if __name__ == '__main__':
   from pipelines.folder_to_records import progress  # pylint: disable=g-import-not-at-top
   cli.filter_noise(own_lines=('error:', '[build]'),
                    progress=progress.ChunkProgress(terminal=os.isatty(2)))
-  cli.skip_unused_imports()
+  cli.skip_unused_imports(also=cli.UNUSED_BY_THE_BUILD)
 
 
 def _import_beam_quietly():

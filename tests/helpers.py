@@ -431,13 +431,13 @@ try:
   runpy.run_module({module!r}, run_name='__main__', alter_sys=True)
 except SystemExit as e:
   print(json.dumps([str(e.code), sorted(
-      m for m in ('tensorflow', 'keras', 'sklearn', 'matplotlib')
+      m for m in ('tensorflow', 'keras', 'sklearn', 'matplotlib', 'pandas')
       if sys.modules.get(m) is not None)]))
 """
 
 
 def refusal(module: str, *args: str, env=None) -> tuple[str, list[str]]:
-  """(the error a command exits with, which of TF/Keras/scikit-learn/
+  """(the error a command exits with, which of TF/Keras/scikit-learn/pandas/
   matplotlib it had loaded).
 
   For commands that must refuse before TensorFlow loads: the command runs

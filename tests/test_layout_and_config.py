@@ -112,7 +112,7 @@ def test_every_command_skips_unused_imports_before_tensorflow():
     head = source.split("if __name__ == '__main__':", 1)
     assert len(head) == 2 and 'tensorflow' not in head[0].split(
         '"""', 2)[-1], module
-    assert 'cli.skip_unused_imports()' in head[1].split('\n\n', 1)[0], module
+    assert 'cli.skip_unused_imports(' in head[1].split('\n\n', 1)[0], module
 
 
 def test_a_mistyped_path_is_refused_before_tensorflow_loads(tmp_path):

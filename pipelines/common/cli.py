@@ -210,26 +210,29 @@ def filter_noise(*, own_lines: Sequence[str] = (), progress=None) -> None:
   atexit.register(restore)
 
 
-# Packages a command never uses that TensorFlow's or Beam's import would load
-# anyway: Keras 3 imports scikit-learn, when installed, for keras.wrappers
-# only; Beam's typehints (and Keras' data adapters) import pandas, and with
-# it pyarrow, for DataFrame inputs no command takes (~0.3 s of CPU at
-# Beam's import).
-_UNUSED_BY_COMMANDS = ('sklearn', 'pandas')
+# Packages a command never uses that TensorFlow's import would load anyway:
+# Keras 3 imports scikit-learn, when installed, for keras.wrappers only.
+_UNUSED_BY_COMMANDS = ('sklearn',)
+# What the build (its launcher and its workers) never uses that Beam's import
+# loads: Beam's typehints import pandas, and with it pyarrow, whenever
+# installed, for DataFrame transforms the build has none of (~0.3 s of CPU
+# at every Beam import). Not blocked in the trainer's commands: TFDS
+# prepares some datasets (trainer --tfds=pet_finder, cifar10_h...) with
+# pandas.
+UNUSED_BY_THE_BUILD = ('pandas',)
 
 
-def skip_unused_imports() -> None:
+def skip_unused_imports(also: Sequence[str] = ()) -> None:
   """Keeps packages no command uses out of this command's process.
 
   Keras (imported with TensorFlow) imports scikit-learn whenever it is
   installed, only for its scikit-learn wrappers (it falls back when the
   import fails): 1.3 s of CPU at every start of a command on the 2-core VM
-  (`import tensorflow`: 6.3 -> 5.0 s user). Beam imports pandas the same
-  way (pipelines.folder_to_records.beam_worker keeps it out of the build's
-  worker processes too). For commands only: a program importing this
-  package keeps its modules.
+  (`import tensorflow`: 6.3 -> 5.0 s user). `also`: more names, e.g.
+  UNUSED_BY_THE_BUILD for the build's launcher and workers. For commands
+  only: a program importing this package keeps its modules.
   """
-  for name in _UNUSED_BY_COMMANDS:
+  for name in (*_UNUSED_BY_COMMANDS, *also):
     if name not in sys.modules:
       sys.modules[name] = None  # `import name` raises ImportError.
 

@@ -2,9 +2,10 @@
 
 The FnApiRunner's multi_processing mode starts each worker as `python -m
 apache_beam.runners.worker.sdk_worker_main`; the build's runner
-(runner_options.local_runner) starts this module instead, which runs the
-same harness (`sdk_worker_main.main`) with two differences, each measured
-on every 2-worker build (BUILD_NOTES, "The build"):
+(runner_options.local_runner) runs this module's main() instead (with the
+folder the launcher imported this package from at the end of sys.path),
+which runs the same harness (`sdk_worker_main.main`) with two differences,
+each measured on every 2-worker build (BUILD_NOTES, "The build"):
 
   * pandas is not imported. Beam's typehints import it (and pyarrow) when
     installed, for DataFrame transforms the build has none of: ~0.3 s of
@@ -22,7 +23,8 @@ import sys
 
 
 def main() -> None:
-  sys.modules.setdefault('pandas', None)  # `import pandas`: ImportError.
+  from pipelines.common import cli  # pylint: disable=g-import-not-at-top
+  cli.skip_unused_imports(also=cli.UNUSED_BY_THE_BUILD)  # Before Beam's.
   from apache_beam.runners.worker import sdk_worker_main  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
   sdk_worker_main.main(sys.argv)

@@ -121,15 +121,31 @@ WORKER_MODULE = 'pipelines.folder_to_records.beam_worker'
 _BEAM_WORKER = '{} -m apache_beam.runners.worker.sdk_worker_main'
 
 
+def worker_command() -> str:
+  """The shell command that starts a build worker: WORKER_MODULE's main(),
+  with the folder this package was imported from at the end of sys.path
+  (a launcher that found it through its own sys.path, a notebook's or a
+  script's, starts workers that find it too: one that cannot import it
+  would end before it connects, and the runner waits for such a worker
+  forever)."""
+  import os  # pylint: disable=g-import-not-at-top
+  import shlex  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import pipelines  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.abspath(pipelines.__file__)))
+  code = (f'import sys; sys.path.append({root!r}); '
+          f'from {WORKER_MODULE} import main; main()')
+  return f'{shlex.quote(sys.executable)} -c {shlex.quote(code)}'
+
+
 def use_build_workers(pipeline_proto) -> int:
   """Points the pipeline's environments that start Beam's worker processes
-  (the FnApiRunner's multi_processing ones) at WORKER_MODULE, the same
+  (the FnApiRunner's multi_processing ones) at worker_command(), the same
   harness started and stopped sooner. Returns how many it changed."""
-  import shlex  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from apache_beam.portability import python_urns  # pylint: disable=g-import-not-at-top
   beams = _BEAM_WORKER.format(sys.executable).encode('utf-8')
-  ours = f'{shlex.quote(sys.executable)} -m {WORKER_MODULE}'.encode('utf-8')
+  ours = worker_command().encode('utf-8')
   changed = 0
   for environment in pipeline_proto.components.environments.values():
     if (environment.urn == python_urns.SUBPROCESS_SDK

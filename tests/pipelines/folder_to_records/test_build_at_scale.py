@@ -458,9 +458,8 @@ def test_a_worker_process_ends_once_its_harness_returns(tmp_path, kind):
 
 def _worker_facts(element: int, out: str) -> int:
   """Runs in a Beam worker: writes what that process imported and runs."""
-  main = sys.modules['__main__']
   pathlib.Path(out, f'{os.getpid()}.json').write_text(json.dumps({
-      'main': getattr(main.__spec__, 'name', None),
+      'worker': 'pipelines.folder_to_records.beam_worker' in sys.modules,
       'pandas': 'pandas' in sys.modules and sys.modules['pandas'] is not None,
   }))
   return element
@@ -481,9 +480,8 @@ def test_the_local_runners_workers_are_the_builds(tmp_path):
     _ = (pipeline | beam.Create(list(range(40)))
          | beam.Reshuffle() | beam.Map(_worker_facts, out=str(tmp_path)))
   facts = [json.loads(p.read_text()) for p in tmp_path.glob('*.json')]
-  assert facts and all(
-      f == {'main': runner_options.WORKER_MODULE, 'pandas': False}
-      for f in facts), facts
+  assert facts and all(f == {'worker': True, 'pandas': False}
+                       for f in facts), facts
   assert os.getpid() not in {int(p.stem) for p in tmp_path.glob('*.json')}
   for other in (['--runner=PortableRunner'], ['--runner=DirectRunner']):
     assert runner_options.local_runner(PipelineOptions(
@@ -501,3 +499,44 @@ def test_a_failing_build_worker_exits_with_its_error():
       timeout=120, check=False)
   assert done.returncode == 1, done.stderr[-2000:]
   assert 'Traceback' in done.stderr
+
+
+def test_workers_find_the_package_where_the_launcher_found_it(tmp_path):
+  """A launcher that imports the toolkit through its own sys.path (a
+  script or notebook beside a checkout that is not installed) starts
+  workers that import it too (runner_options.worker_command): a worker
+  that cannot would end before it connects, and the runner would wait
+  for it forever."""
+  no_install = tmp_path / 'no_install'
+  no_install.mkdir()
+  # Hides the editable install from every process (the workers too).
+  (no_install / 'sitecustomize.py').write_text(
+      'import sys\n'
+      "sys.meta_path[:] = [f for f in sys.meta_path if 'Editable' not in "
+      "getattr(f, '__name__', type(f).__name__)]\n"
+      "sys.path_hooks[:] = [h for h in sys.path_hooks "
+      "if 'Editable' not in repr(h)]\n")
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, per_class=4)
+  script = tmp_path / 'script.py'
+  script.write_text(
+      'import sys\n'
+      f'sys.path.insert(0, {str(helpers.REPO_ROOT)!r})\n'
+      'from pipelines.folder_to_records import builder\n'
+      f'builder.build(input_dir={str(images)!r}, '
+      f'output_dir={str(tmp_path / "out")!r}, image_size="24", quiet=True, '
+      "beam_args=['--direct_num_workers=2', "
+      "'--direct_running_mode=multi_processing'])\n"
+      "print('built')\n")
+  check = subprocess.run(
+      [sys.executable, '-c', 'import pipelines'], cwd=tmp_path,
+      env={**os.environ, 'PYTHONPATH': str(no_install)}, capture_output=True,
+      text=True, timeout=60, check=False)
+  assert check.returncode == 1 and 'ModuleNotFoundError' in check.stderr
+  done = subprocess.run(
+      [sys.executable, str(script)], cwd=tmp_path,
+      env={**os.environ, 'PYTHONPATH': str(no_install)}, capture_output=True,
+      text=True, timeout=240, check=False)
+  assert done.returncode == 0 and done.stdout.strip() == 'built', (
+      done.stderr[-3000:])
+  assert (tmp_path / 'out' / 'metadata.json').exists()

@@ -115,10 +115,9 @@ def exit_at_once() -> None:
   os._exit(0)  # pylint: disable=protected-access
 
 
-
 WORKER_MODULE = 'pipelines.folder_to_records.beam_worker'
 # The worker command of the FnApiRunner's multi_processing mode (fn_runner).
-_BEAM_WORKER = '{} -m apache_beam.runners.worker.sdk_worker_main'
+_BEAM_WORKER = '{} -m ' + _WORKER_MAIN
 
 
 def worker_command() -> str:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import glob
 import hashlib
 import json
@@ -249,16 +248,11 @@ def _lock_model_dir(model_dir: str) -> None:
   path = os.path.realpath(model_dir)
   if path in _LOCKED:
     return
-  fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-  try:
-    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-  except BlockingIOError:
-    os.close(fd)
-    raise UserError(
-        f'--model_dir={model_dir} is in use by another trainer (the folder is '
-        'locked): wait for it to end and rerun this command to resume, or '
-        'pass another --model_dir') from None
-  _LOCKED[path] = fd
+  _LOCKED[path] = paths.lock_exclusively(
+      path, os.O_RDONLY | os.O_DIRECTORY, busy=(
+          f'--model_dir={model_dir} is in use by another trainer (the folder '
+          'is locked): wait for it to end and rerun this command to resume, '
+          'or pass another --model_dir'))
 
 
 def _run_stamp(model_dir: str) -> tuple:

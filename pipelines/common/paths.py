@@ -35,6 +35,21 @@ _FILE_URL = 'file://'
 _LOCAL_HOSTS = ('', 'localhost')
 
 
+def lock_exclusively(path: str, flags: int, *, busy: str) -> int:
+  """An open file descriptor of local `path` (os.open with flags, mode 0o644
+  for a file it creates) holding an exclusive flock, or UserError(busy)
+  when another process holds it. The kernel drops the lock when the
+  descriptor is closed or the process ends (kill -9 included)."""
+  import fcntl  # pylint: disable=g-import-not-at-top
+  fd = os.open(path, flags, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise UserError(busy) from None
+  return fd
+
+
 def is_within(path: str, parent: str, *,
               backslash_separates: bool = False) -> bool:
   """True when path is parent or below it, compared as normalized

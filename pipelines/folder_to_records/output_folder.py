@@ -357,21 +357,14 @@ def output_lock(output_dir: str) -> Iterator[None]:
   if paths.is_remote(output_dir):
     yield  # Object stores have no locks; see README.
     return
-  import fcntl  # pylint: disable=g-import-not-at-top
   parent, name = parent_and_name(output_dir)
   created = _make_parents(parent)
   path = os.path.join(parent, f'.{name}.lock')
   try:
     while True:
-      fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-      try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-      except BlockingIOError:
-        os.close(fd)
-        raise UserError(
-            f'another build is writing --output_dir={output_dir} (lock file '
-            f'{path}); wait for it to finish, or choose another folder'
-        ) from None
+      fd = paths.lock_exclusively(path, os.O_RDWR | os.O_CREAT, busy=(
+          f'another build is writing --output_dir={output_dir} (lock file '
+          f'{path}); wait for it to finish, or choose another folder'))
       try:  # The lock file may have been removed by a finishing build.
         same = os.fstat(fd).st_ino == os.stat(path).st_ino
       except FileNotFoundError:

@@ -342,7 +342,7 @@ class WriteChunk(beam.DoFn):
         else:
           image_lines.append(chunk_format.image_line(
               source.relpath, split, sha, phashes, flags,
-              processed.quality and processed.quality.as_dict(),
+              image_quality.measures_dict(processed.quality),
               file_stat=file_stat, entry=entry,
               original_size=(processed.original_height,
                              processed.original_width)))

@@ -30,6 +30,7 @@ fixed-point).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import NamedTuple, Optional
 
@@ -101,6 +102,15 @@ class Thresholds:
         raise ValueError(
             f'quality threshold {field.name}={value!r} must be a finite '
             f'number >= 0 (or None to switch the flag off)')
+
+  @functools.cached_property
+  def rules(self) -> tuple[tuple[str, str, bool, float], ...]:
+    """(flag, the measure it reads, whether below raises it, threshold) of
+    each flag left on, in FLAGS order: made once (flags() runs for every
+    file of a build, taken ones too)."""
+    return tuple((name, RULES[name][0], RULES[name][1] == BELOW,
+                  getattr(self, name)) for name in FLAGS
+                 if getattr(self, name) is not None)
 
 
 def parse(text: str) -> Thresholds:
@@ -180,7 +190,10 @@ class Measures:
   def as_dict(self) -> dict:
     """Field name -> value (for the JSON report; dataclasses.asdict, which
     deep-copies, took 7 µs an image)."""
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    return {name: getattr(self, name) for name in MEASURE_FIELDS}
+
+
+MEASURE_FIELDS = tuple(f.name for f in dataclasses.fields(Measures))
 
 
 def working_copy(image: Image.Image) -> Image.Image:
@@ -359,23 +372,30 @@ def measure(image: Image.Image, *, original_size: tuple[int, int],
                    original_size=original_size)
 
 
-def flags(measures: Measures, thresholds: Thresholds = Thresholds()
+def flags(measures, thresholds: Thresholds = Thresholds()
           ) -> tuple[str, ...]:
   """The flags (sorted names from FLAGS) that `measures` raise.
 
+  measures: a Measures, or its as_dict() (an earlier build's images.jsonl
+  line: an incremental build takes those without making a Measures).
   Each compares its RULES measure with its threshold (strictly); None, as a
   threshold or a measure (colour in 1-channel datasets), raises nothing. A
   low_information image is not also called blurry: a flat image has no
   edges to be sharp or blurred.
   """
-  raised = []
-  for name in FLAGS:
-    field, side = RULES[name]
-    value, threshold = getattr(measures, field), getattr(thresholds, name)
-    if value is None or threshold is None:
-      continue
-    if value < threshold if side == BELOW else value > threshold:
-      raised.append(name)
+  values = measures if isinstance(measures, dict) else measures.__dict__
+  raised = [name for name, field, below, threshold in thresholds.rules
+            if (value := values[field]) is not None
+            and (value < threshold if below else value > threshold)]
   if 'low_information' in raised and 'blurry' in raised:
     raised.remove('blurry')
   return tuple(raised)
+
+
+def measures_dict(measures) -> Optional[dict]:
+  """A Measures (or an earlier build's dict of one) as a dict in field
+  order, what a build's images.jsonl line holds; None for None."""
+  if measures is None:
+    return None
+  values = measures if isinstance(measures, dict) else measures.__dict__
+  return {name: values[name] for name in MEASURE_FIELDS}

@@ -17,6 +17,10 @@ each measured on every 2-worker build (BUILD_NOTES, "The build"):
 
 A harness that fails raises as before: Python prints the traceback and the
 exit status is 1, which the runner reports.
+
+warm() is the same worker started before the runner asks for it
+(warm_workers): it imports what it needs, then waits on stdin for the
+environment the runner would have started it with.
 """
 
 import sys
@@ -29,6 +33,37 @@ def main() -> None:
   from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
   sdk_worker_main.main(sys.argv)
   runner_options.exit_at_once()
+
+
+def warm() -> None:
+  """main(), started ahead: imports Beam's harness and the build's steps
+  (what unpickling them would import), then reads the environment to run
+  with (JSON, until the end of stdin: warm_workers sends it when the runner
+  asks for a worker). Nothing read (a build that did not need it, or whose
+  launcher died): ends at once. Ctrl-C is left to the launcher until then,
+  which stops a worker it did not use."""
+  import json  # pylint: disable=g-import-not-at-top
+  import os  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
+  import logging  # pylint: disable=g-import-not-at-top
+  from pipelines.common import cli  # pylint: disable=g-import-not-at-top
+  cli.skip_unused_imports(also=cli.UNUSED_BY_THE_BUILD)  # Before Beam's.
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)  # Beam's import warns about GCP clients.
+  try:
+    from apache_beam.runners.worker import sdk_worker_main  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+    from pipelines.folder_to_records import beam_build  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    root.setLevel(level)
+  data = sys.stdin.buffer.read()
+  if not data:
+    os._exit(0)  # pylint: disable=protected-access
+  os.environ.clear()
+  os.environ.update(json.loads(data))
+  signal.signal(signal.SIGINT, signal.default_int_handler)
+  main()
 
 
 if __name__ == '__main__':

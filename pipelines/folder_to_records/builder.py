@@ -35,6 +35,7 @@ from pipelines.folder_to_records import runner_options
 from pipelines.folder_to_records import settings as settings_lib
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import summary
+from pipelines.folder_to_records import warm_workers
 from tfrecords_schema import metadata as metadata_lib
 from tfrecords_schema import report as report_lib
 # pylint: disable=g-importing-member,unused-import
@@ -121,7 +122,8 @@ def build(settings: Optional[settings_lib.BuildSettings] = None, *,
       lambda m: print(f'[build] {m}', file=sys.stderr, flush=True))
   progress = output_folder.Progress(input_dir, output_dir,
                                     output_folder.temp_dir_for(output_dir))
-  with failures.one_line_failures(progress):
+  with failures.one_line_failures(progress), warm_workers.started(
+      beam_args):
     with output_folder.output_lock(output_dir):
       progress.had_dataset = output_folder.check_output_dir(  # Again, locked.
           output_dir, overwrite=overwrite)

@@ -120,37 +120,46 @@ WORKER_MODULE = 'pipelines.folder_to_records.beam_worker'
 _BEAM_WORKER = '{} -m ' + _WORKER_MAIN
 
 
-def worker_command() -> str:
-  """The shell command that starts a build worker: WORKER_MODULE's main(),
-  with the folder this package was imported from at the end of sys.path
-  (a launcher that found it through its own sys.path, a notebook's or a
-  script's, starts workers that find it too: one that cannot import it
-  would end before it connects, and the runner waits for such a worker
-  forever)."""
+def worker_argv(function: str = 'main') -> list[str]:
+  """The command (argv) that runs WORKER_MODULE's `function` (main: a build
+  worker; warm: one started ahead, warm_workers) with the folder this
+  package was imported from at the end of sys.path (a launcher that found
+  it through its own sys.path, a notebook's or a script's, starts workers
+  that find it too: one that cannot import it would end before it
+  connects, and the runner waits for such a worker forever)."""
   import os  # pylint: disable=g-import-not-at-top
-  import shlex  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   import pipelines  # pylint: disable=g-import-not-at-top
   root = os.path.dirname(os.path.dirname(os.path.abspath(pipelines.__file__)))
-  code = (f'import sys; sys.path.append({root!r}); '
-          f'from {WORKER_MODULE} import main; main()')
-  return f'{shlex.quote(sys.executable)} -c {shlex.quote(code)}'
+  return [sys.executable, '-c', f'import sys; sys.path.append({root!r}); '
+          f'from {WORKER_MODULE} import {function}; {function}()']
+
+
+def worker_command() -> str:
+  """worker_argv() as the shell command the runner starts a worker with."""
+  import shlex  # pylint: disable=g-import-not-at-top
+  return shlex.join(worker_argv())
 
 
 def use_build_workers(pipeline_proto) -> int:
   """Points the pipeline's environments that start Beam's worker processes
-  (the FnApiRunner's multi_processing ones) at worker_command(), the same
-  harness started and stopped sooner. Returns how many it changed."""
+  (the FnApiRunner's multi_processing ones) at the build's workers: the
+  same harness started sooner (warm_workers.URN: taken from those started
+  ahead, else started by worker_command()) and stopped sooner. Returns how
+  many it changed."""
   import sys  # pylint: disable=g-import-not-at-top
   from apache_beam.portability import python_urns  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import warm_workers  # pylint: disable=g-import-not-at-top
   beams = _BEAM_WORKER.format(sys.executable).encode('utf-8')
   ours = worker_command().encode('utf-8')
   changed = 0
   for environment in pipeline_proto.components.environments.values():
     if (environment.urn == python_urns.SUBPROCESS_SDK
         and environment.payload == beams):
-      environment.payload = ours
+      environment.urn, environment.payload = warm_workers.URN, ours
       changed += 1
+  if changed:
+    warm_workers.register()
   return changed
 
 

@@ -461,28 +461,83 @@ def _worker_facts(element: int, out: str) -> int:
   pathlib.Path(out, f'{os.getpid()}.json').write_text(json.dumps({
       'worker': 'pipelines.folder_to_records.beam_worker' in sys.modules,
       'pandas': 'pandas' in sys.modules and sys.modules['pandas'] is not None,
+      'mark': os.environ.get('BUILD_TEST_MARK'),
   }))
   return element
+
+
+def _run_two_workers(out: pathlib.Path) -> dict[int, dict]:
+  """A small pipeline on the build's local runner with 2 worker processes:
+  {worker pid: _worker_facts}."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
+  options = PipelineOptions(runner_options.pipeline_args(_TWO_WORKERS))
+  out.mkdir(exist_ok=True)
+  with beam.Pipeline(runner=runner_options.local_runner(options),
+                     options=options) as pipeline:
+    _ = (pipeline | beam.Create(list(range(40)))
+         | beam.Reshuffle() | beam.Map(_worker_facts, out=str(out)))
+  return {int(p.stem): json.loads(p.read_text()) for p in out.glob('*.json')}
+
+
+_TWO_WORKERS = ['--direct_num_workers=2', '--direct_running_mode=multi_processing']
+
+
+def test_the_runner_takes_the_workers_started_ahead(tmp_path, monkeypatch):
+  """warm_workers: the worker processes a build starts when it begins are
+  the runner's workers, run with the environment of when the runner asked
+  for them; one that ended before is started as before; those not taken
+  are stopped when the build ends."""
+  from pipelines.folder_to_records import warm_workers  # pylint: disable=g-import-not-at-top
+  with warm_workers.started(_TWO_WORKERS):
+    started = list(warm_workers._ready)  # pylint: disable=protected-access
+    assert len(started) == 2
+    monkeypatch.setenv('BUILD_TEST_MARK', 'set after they started')
+    facts = _run_two_workers(tmp_path / 'warm')
+  assert set(facts) == {p.pid for p in started}, (facts, started)
+  assert all(f == {'worker': True, 'pandas': False,
+                   'mark': 'set after they started'}
+             for f in facts.values()), facts
+  # One ended before the runner asked: the runner starts one as before.
+  with warm_workers.started(_TWO_WORKERS):
+    first, second = warm_workers._ready  # pylint: disable=protected-access
+    first.kill()
+    first.wait()
+    facts = _run_two_workers(tmp_path / 'one_cold')
+  assert len(facts) == 2 and second.pid in facts and first.pid not in facts
+  # Not taken: stopped.
+  with warm_workers.started(_TWO_WORKERS):
+    left = list(warm_workers._ready)  # pylint: disable=protected-access
+  assert all(p.returncode is not None for p in left)
+  assert not warm_workers._ready  # pylint: disable=protected-access
+  for other in ([], ['--direct_running_mode=in_memory'],
+                ['--runner=DirectRunner', *_TWO_WORKERS],
+                ['--runner=PortableRunner', *_TWO_WORKERS]):
+    assert warm_workers.wanted(other) == 0, other
+  assert warm_workers.wanted(['--direct_running_mode=multi_processing']) == 1
+
+
+def test_a_worker_started_ahead_ends_quietly_when_not_needed():
+  """A warm worker whose stdin ends without an environment (a build that
+  did not take it, a launcher that died) exits 0 and says nothing."""
+  from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
+  done = subprocess.run(runner_options.worker_argv('warm'), input=b'',
+                        capture_output=True, timeout=120, check=False)
+  assert (done.returncode, done.stdout, done.stderr) == (0, b'', b'')
 
 
 def test_the_local_runners_workers_are_the_builds(tmp_path):
   """runner_options.local_runner: with --direct_running_mode=
   multi_processing the FnApiRunner's worker processes run beam_worker (no
   pandas); other runners are Beam's own."""
-  import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import runner_options  # pylint: disable=g-import-not-at-top
-  options = PipelineOptions(runner_options.pipeline_args(
-      ['--direct_num_workers=2', '--direct_running_mode=multi_processing']))
-  runner = runner_options.local_runner(options)
-  assert runner is not None
-  with beam.Pipeline(runner=runner, options=options) as pipeline:
-    _ = (pipeline | beam.Create(list(range(40)))
-         | beam.Reshuffle() | beam.Map(_worker_facts, out=str(tmp_path)))
-  facts = [json.loads(p.read_text()) for p in tmp_path.glob('*.json')]
-  assert facts and all(f == {'worker': True, 'pandas': False}
-                       for f in facts), facts
-  assert os.getpid() not in {int(p.stem) for p in tmp_path.glob('*.json')}
+  facts = _run_two_workers(tmp_path)  # None started ahead: all cold.
+  assert len(facts) == 2 and all(
+      f == {'worker': True, 'pandas': False, 'mark': None}
+      for f in facts.values()), facts
+  assert os.getpid() not in facts
   for other in (['--runner=PortableRunner'], ['--runner=DirectRunner']):
     assert runner_options.local_runner(PipelineOptions(
         runner_options.pipeline_args(other))) is None

@@ -17,7 +17,10 @@ and the benchmark checks the two outputs are byte-identical
 (reuse.differences: the timings and the reuse counts aside). elapsed_s is
 the build's own Beam run (as the build report gives it); wall_s the whole
 process; peak RSS the process tree's. `--extra=--near_duplicate_distance=0`
-passes build flags to every build.
+passes build flags to every build. With `--rounds=N` the update and the
+full build run N times, alternating (this VM's speed drifts by 10-30%
+over minutes): the table gives each one's median, and "wall share" is the
+median of the rounds' update wall / full wall.
 """
 
 import json
@@ -25,6 +28,7 @@ import os
 import pathlib
 import random
 import shutil
+import statistics
 import sys
 import tempfile
 
@@ -40,7 +44,10 @@ _WORK_DIR = flags.DEFINE_string(
     'outputs (deleted) go.')
 _EXTRA = flags.DEFINE_list('extra', [], 'Build flags added to every build.')
 _RESULTS = flags.DEFINE_string('results', None, 'Also write results JSON here.')
+_ROUNDS = flags.DEFINE_integer('rounds', 1, 'Alternating update/full pairs.')
 _NEW, _CHANGED, _DELETED = 0.01, 0.001, 0.001
+# Figures given as the median over rounds (the rest: the first round's).
+_MEDIAN = ('elapsed_s', 'wall_s', 'peak_rss_mb')
 
 
 def _build(images: pathlib.Path, out: pathlib.Path, *args: str) -> dict:
@@ -98,27 +105,38 @@ def main(argv):
     print(f'# {n} images: full build v1', flush=True)
     v1 = _build(images, run / 'v1')
     changes = _change(images, spare, n)
-    print(f'# {changes}: update', flush=True)
-    update = _build(images, run / 'v2', f'--reuse_from={run / "v1"}')
-    print('# full build of the changed folder', flush=True)
-    full = _build(images, run / 'full')
-    differ = reuse.differences(str(run / 'v2'), str(run / 'full'))
-    if differ:
-      raise AssertionError(f'update and full build differ: {differ}')
+    updates, fulls = [], []
+    for round_ in range(_ROUNDS.value):
+      print(f'# {changes}: update (round {round_ + 1})', flush=True)
+      shutil.rmtree(run / 'v2', ignore_errors=True)
+      updates.append(_build(images, run / 'v2', f'--reuse_from={run / "v1"}'))
+      print('# full build of the changed folder', flush=True)
+      shutil.rmtree(run / 'full', ignore_errors=True)
+      fulls.append(_build(images, run / 'full'))
+      differ = reuse.differences(str(run / 'v2'), str(run / 'full'))
+      if differ:
+        raise AssertionError(f'update and full build differ: {differ}')
+    share = statistics.median(u['wall_s'] / f['wall_s']
+                              for u, f in zip(updates, fulls))
+    update, full = (
+        {k: statistics.median(r[k] for r in runs) if k in _MEDIAN else
+         runs[0][k] for k in runs[0]} for runs in (updates, fulls))
     result = {'num_images': n, **changes, 'v1': v1, 'update': update,
-              'full': full, 'identical': True}
+              'full': full, 'rounds': {'update': updates, 'full': fulls},
+              'wall_share': round(share, 4), 'identical': True}
     results.append(result)
     print(json.dumps(result), flush=True)
     r = update['reuse']
-    rows.append([n, full['elapsed_s'], update['elapsed_s'],
+    rows.append([n, _ROUNDS.value, full['elapsed_s'], update['elapsed_s'],
                  f'{update["elapsed_s"] / full["elapsed_s"]:.1%}',
-                 full['wall_s'], update['wall_s'],
+                 full['wall_s'], update['wall_s'], f'**{share:.1%}**',
                  f'{r["reused"]:,} / {r["built"]:,} / {r["gone"]:,}',
                  f'{1e6 * update["elapsed_s"] / n:.0f}',
                  full['peak_rss_mb'], update['peak_rss_mb'], 'yes'])
     shutil.rmtree(run, ignore_errors=True)
-  common.report(['images', 'full s', 'update s', 'update / full',
-                 'full wall s', 'update wall s', 'reused / built / gone',
+  common.report(['images', 'rounds', 'full s', 'update s', 'update / full',
+                 'full wall s', 'update wall s', 'wall share',
+                 'reused / built / gone',
                  'update µs per file', 'full peak MB', 'update peak MB',
                  'byte-identical'], rows, results, _RESULTS.value)
 

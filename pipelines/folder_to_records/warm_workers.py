@@ -58,12 +58,13 @@ def started(beam_args: Sequence[str]) -> Iterator[None]:
   """Starts the local runner's worker processes now (wanted(beam_args) of
   them), for the runner to take while this is open; stops those it did not
   take when it closes."""
-  # Their own process group: a Ctrl-C in the terminal would reach them
-  # while Python starts (a "Fatal Python error" line); the launcher stops
-  # those it did not give out, and the others end with its channels.
+  # Their own session (process group): a Ctrl-C in the terminal would
+  # reach them while Python starts (a "Fatal Python error" line); the
+  # launcher stops those it did not give out, and the others end with its
+  # channels. (Popen's process_group needs Python 3.11.)
   mine = [subprocess.Popen(  # pylint: disable=consider-using-with
       runner_options.worker_argv('warm'), stdin=subprocess.PIPE,
-      process_group=0) for _ in range(wanted(beam_args))]
+      start_new_session=True) for _ in range(wanted(beam_args))]
   with _lock:
     _ready.extend(mine)
   try:

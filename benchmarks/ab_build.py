@@ -6,8 +6,8 @@ Issue 19's end-to-end check: the photo-like folder of build_benchmark
 (`common.make_jpeg_folder`), built in rounds (before, this tree, before,
 ...) with `--image_size=150 --validation_fraction=0.2
 --direct_num_workers=2 --direct_running_mode=multi_processing`. The earlier
-commit is unpacked with `git archive` into a temporary folder and run from
-there (its own code, this venv). For each build: the Beam run (the build
+commit is unpacked with `git archive` into a temporary folder, its C
+helpers built in place, and run from there (its own code, this venv). For each build: the Beam run (the build
 report's elapsed_s), its write stage, the whole command's wall time and
 its CPU (the process and its children). The table gives each arm's medians
 and the median of each round's ratio (this tree / before), so a slow spell
@@ -74,6 +74,10 @@ def main(argv):
     archive = subprocess.run(['git', 'archive', _BEFORE.value], cwd=_REPO,
                              check=True, capture_output=True).stdout
     subprocess.run(['tar', '-x', '-C', str(old)], input=archive, check=True)
+    # Its compiled helpers built as an install builds them (an archive has
+    # only their sources; without them it would run numpy's fallbacks).
+    subprocess.run([sys.executable, 'setup.py', '-q', 'build_ext',
+                    '--inplace'], cwd=old, check=False, capture_output=True)
     arms = {'before': old, 'this tree': _REPO}
     rounds = []
     for r in range(_ROUNDS.value):

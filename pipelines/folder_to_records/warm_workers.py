@@ -62,12 +62,15 @@ def started(beam_args: Sequence[str]) -> Iterator[None]:
   # reach them while Python starts (a "Fatal Python error" line); the
   # launcher stops those it did not give out, and the others end with its
   # channels. (Popen's process_group needs Python 3.11.)
-  mine = [subprocess.Popen(  # pylint: disable=consider-using-with
-      runner_options.worker_argv('warm'), stdin=subprocess.PIPE,
-      start_new_session=True) for _ in range(wanted(beam_args))]
-  with _lock:
-    _ready.extend(mine)
+  mine = []
   try:
+    for _ in range(wanted(beam_args)):
+      process = subprocess.Popen(  # pylint: disable=consider-using-with
+          runner_options.worker_argv('warm'), stdin=subprocess.PIPE,
+          start_new_session=True)
+      mine.append(process)
+      with _lock:
+        _ready.append(process)
     yield
   finally:
     with _lock:
@@ -86,6 +89,7 @@ def _take() -> Optional[subprocess.Popen]:
       process = _ready.pop(0)
       if process.poll() is None:
         return process
+      process.stdin.close()  # Ended (and reaped by poll).
   return None
 
 

@@ -122,21 +122,24 @@ def register() -> None:
 def _handler_class():
   """Beam's SubprocessSdkWorkerHandler, its worker taken warm (made when
   Beam is imported)."""
-  from apache_beam.runners.portability import local_job_service  # pylint: disable=g-import-not-at-top
-  from apache_beam.runners.portability.fn_api_runner import worker_handlers  # pylint: disable=g-import-not-at-top
+  # Imported here, in the thread that registers: the worker threads below
+  # import nothing (two threads importing protobuf modules at once failed
+  # a build: BUILD_NOTES, "Tried and dropped").
+  # pylint: disable=g-import-not-at-top
+  import grpc
+  from google.protobuf import json_format
+  from google.protobuf import text_format
+  from apache_beam.portability.api import beam_fn_api_pb2_grpc
+  from apache_beam.portability.api import endpoints_pb2
+  from apache_beam.runners.portability import local_job_service
+  from apache_beam.runners.portability.fn_api_runner import worker_handlers
+  from apache_beam.utils import thread_pool_executor
+  # pylint: enable=g-import-not-at-top
 
   class Worker(local_job_service.SubprocessSdkWorker):
     """Beam 2.77's SubprocessSdkWorker.run, the process taken warm."""
 
     def run(self):
-      # pylint: disable=g-import-not-at-top
-      import grpc
-      from google.protobuf import json_format
-      from google.protobuf import text_format
-      from apache_beam.portability.api import beam_fn_api_pb2_grpc
-      from apache_beam.portability.api import endpoints_pb2
-      from apache_beam.utils import thread_pool_executor
-      # pylint: enable=g-import-not-at-top
       options = [('grpc.http2.max_pings_without_data', 0),
                  ('grpc.http2.max_ping_strikes', 0)]
       logging_server = grpc.server(

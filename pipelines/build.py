@@ -27,19 +27,7 @@ if __name__ == '__main__':
   cli.skip_unused_imports(also=cli.UNUSED_BY_THE_BUILD)
 
 
-def _import_beam_quietly():
-  """Beam's import warns about optional GCP clients on the root logger."""
-  import logging as std_logging  # pylint: disable=g-import-not-at-top
-  root = std_logging.getLogger()
-  level = root.level
-  root.setLevel(std_logging.ERROR)
-  try:
-    import apache_beam  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-  finally:
-    root.setLevel(level)
-
-
-_import_beam_quietly()
+cli.import_beam_quietly()
 
 from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position

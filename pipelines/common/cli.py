@@ -222,6 +222,19 @@ _UNUSED_BY_COMMANDS = ('sklearn',)
 UNUSED_BY_THE_BUILD = ('pandas',)
 
 
+def import_beam_quietly() -> None:
+  """Imports Beam without its warning about optional GCP clients (logged on
+  the root logger): the build's launcher and its workers started ahead."""
+  import logging  # pylint: disable=g-import-not-at-top
+  root = logging.getLogger()
+  level = root.level
+  root.setLevel(logging.ERROR)
+  try:
+    import apache_beam  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    root.setLevel(level)
+
+
 def skip_unused_imports(also: Sequence[str] = ()) -> None:
   """Keeps packages no command uses out of this command's process.
 

@@ -46,17 +46,11 @@ def warm() -> None:
   import os  # pylint: disable=g-import-not-at-top
   import signal  # pylint: disable=g-import-not-at-top
   signal.signal(signal.SIGINT, signal.SIG_IGN)
-  import logging  # pylint: disable=g-import-not-at-top
   from pipelines.common import cli  # pylint: disable=g-import-not-at-top
   cli.skip_unused_imports(also=cli.UNUSED_BY_THE_BUILD)  # Before Beam's.
-  root = logging.getLogger()
-  level = root.level
-  root.setLevel(logging.ERROR)  # Beam's import warns about GCP clients.
-  try:
-    from apache_beam.runners.worker import sdk_worker_main  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-    from pipelines.folder_to_records import beam_build  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
-  finally:
-    root.setLevel(level)
+  cli.import_beam_quietly()
+  from apache_beam.runners.worker import sdk_worker_main  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
+  from pipelines.folder_to_records import beam_build  # noqa: F401  # pylint: disable=g-import-not-at-top,unused-import
   data = sys.stdin.buffer.read()
   if not data:
     os._exit(0)  # pylint: disable=protected-access

@@ -393,9 +393,9 @@ def flags(measures, thresholds: Thresholds = Thresholds()
 
 
 def measures_dict(measures) -> Optional[dict]:
-  """A Measures (or an earlier build's dict of one) as a dict in field
-  order, what a build's images.jsonl line holds; None for None."""
-  if measures is None:
-    return None
-  values = measures if isinstance(measures, dict) else measures.__dict__
-  return {name: values[name] for name in MEASURE_FIELDS}
+  """A Measures as a dict in field order, what a build's images.jsonl line
+  holds; an earlier build's dict of one as it is (a taken line's, held to
+  that order by reuse's check); None for None."""
+  if measures is None or isinstance(measures, dict):
+    return measures
+  return measures.as_dict()

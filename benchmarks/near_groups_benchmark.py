@@ -5,8 +5,9 @@ r"""The near-duplicate search's group step alone, in one process.
 Reads a built dataset's images.jsonl, makes the band groups the build's
 shuffle would make (near_duplicates.band_keys), and times, over groups from
 the largest down: `_group` (members, candidate matrix, emit rule) for the 40
-largest and the next 200, then `_group` plus `_Lines.group` (the pair lines,
-kinds and leaks) over every group, and sorting the lines as a run does. No
+largest and the next 200, then over every group, alone and with the
+pairs' kinds and each image's nearest partners (_Nearest: what the
+group step adds to `_group`). No
 Beam: what the group step costs a worker, without the runner's per-element
 cost. DATA: e.g. a full build of benchmarks.update_benchmark's folder.
 """
@@ -53,28 +54,28 @@ def main(argv):
   print(f'{len(keys)} band groups, {sum(map(len, groups.values()))} entries; '
         f'largest {[len(groups[k]) for k in keys[:3]]}')
 
-  def run(chosen, lines_too=False):
-    start, pairs, lines = time.perf_counter(), 0, []
-    text = nd._Lines(_LAYOUT.value)  # pylint: disable=protected-access
+  def run(chosen, slots_too=False):
+    start, pairs = time.perf_counter(), 0
+    nearest = nd._Nearest(_LAYOUT.value)  # pylint: disable=protected-access
     for key in chosen:
       members, a, b, d, _, _ = nd._group(  # pylint: disable=protected-access
           (key, groups[key]), distance=distance, masks=masks,
           cap=nd.MAX_GROUP, max_pairs=nd.MAX_GROUP_PAIRS)
       pairs += len(a)
-      if lines_too and len(a):
-        lines.extend(text.group(members, a, b, d)[0])
-    return time.perf_counter() - start, pairs, lines
+      if slots_too and len(a):
+        nearest.add(members, a, b, d)
+    images = sum(1 for _ in nearest.items())
+    return time.perf_counter() - start, pairs, images
 
   for name, chosen in (('40 largest groups', keys[:40]),
                        ('next 200 groups', keys[40:240])):
     seconds, pairs, _ = run(chosen)
     print(f'_group, {name}: {seconds:.2f} s, {pairs} pairs')
-  seconds, pairs, lines = run(keys, lines_too=True)
-  print(f'_group + _Lines.group, all groups: {seconds:.2f} s, {pairs} pairs')
-  start = time.perf_counter()
-  lines.sort()
-  print(f'sorting the lines: {time.perf_counter() - start:.2f} s')
-
+  seconds, pairs, images = run(keys)
+  print(f'_group, all groups: {seconds:.2f} s, {pairs} pairs')
+  seconds, pairs, images = run(keys, slots_too=True)
+  print(f'_group + kinds + slots, all groups: {seconds:.2f} s, {pairs} '
+        f'pairs, {images} images with a partner')
 
 if __name__ == '__main__':
   app.run(main)

@@ -6,7 +6,7 @@ A dataset directory written by `pipelines.build` contains
   dataset_info.json, features.json         TFDS metadata (builder_from_directory)
   metadata.json                            `DatasetSpec` below, via TFDS MetadataDict
   build_report.json, rejected.jsonl        what the build did with every input file
-  near_duplicates.jsonl                    every near-duplicate pair found
+  near_duplicates.jsonl                    each image's nearest near-duplicates
   images.jsonl                             every decoded file: hashes, measures
   left_out-{split}.tfrecord                records of the copies left out
   report.html                              all of it as one page, with thumbnails

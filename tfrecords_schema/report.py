@@ -82,14 +82,17 @@ class CappedGroup:
 
 @dataclasses.dataclass(frozen=True)
 class NearDuplicates:
-  """What the near-duplicate search found (near_duplicates.jsonl lists each
-  pair). distance: --near_duplicate_distance (0: no search). leaks: pairs
-  with one file in train and one in validation or test; left_out: the
-  evaluation files left out for them (each in rejected.jsonl, outcome
+  """What the near-duplicate search found. distance:
+  --near_duplicate_distance (0: no search). pairs: every pair found;
+  listed: the pairs near_duplicates.jsonl lists (each image's nearest
+  partner in each split and of another class). leaks: pairs with one file
+  in train and one in validation or test; left_out: the evaluation files
+  left out for them (each in rejected.jsonl, outcome
   near_duplicate_leak); within_split, across_evaluation_splits: pairs
   reported only; label_conflicts: pairs (of any kind) across classes."""
   distance: int = 0
   pairs: int = 0
+  listed: int = 0
   leaks: int = 0
   left_out: int = 0
   within_split: int = 0

@@ -164,19 +164,25 @@ def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   return path
 
 
-def merge_runs(path: str, runs: Sequence[str], held: Sequence[str] = ()
-               ) -> None:
+def merge_runs(path: str, runs: Sequence[str], held: Sequence[str] = (),
+               *, unique: bool = False) -> int:
   """Writes the lines of sorted run files (and of the sorted list held)
-  to path in order: every run read as it is merged, none held whole.
+  to path in order, each line once when unique: every run read as it is
+  merged, none held whole. Returns the lines written.
 
   Merged as the bytes of each line with its line end: UTF-8 keeps code
   point order, and JSON has no byte below the line end inside a line, so
   the order is the lines' order as text."""
   held_lines = (f'{line}\n'.encode() for line in held)
+  written = 0
   with FileSystems.create(path, compression_type=RAW) as out:
     merged = heapq.merge(held_lines, *(_run_lines(r) for r in runs))
+    if unique:  # Equal lines are neighbours once merged.
+      merged = (line for line, _ in itertools.groupby(merged))
     while block := list(itertools.islice(merged, 4096)):
       out.write(b''.join(block))
+      written += len(block)
+  return written
 
 
 def write_sorted_lines(path: str, lines: Iterable[str], *,

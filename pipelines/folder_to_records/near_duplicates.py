@@ -28,7 +28,7 @@ Leaks do not depend on the caps or on band order: every group sends, for
 each evaluation image among its candidates, its nearest train image there
 (_Leaks: every candidate, examined or not), and the launcher keeps each
 image's least over all its groups. So a pair whose first shared band falls
-in a capped group may get no line, but its evaluation copy is left out as
+in a capped group may not be examined, but its evaluation copy is left out as
 long as some group compared the two (only MAX_GROUP's member cap can keep
 them apart in every group). Limit: with spread hashes, groups reach the
 member cap near N = 2^band_bits * MAX_GROUP (~260k images at the default
@@ -42,6 +42,16 @@ Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
     leaks are, so files never change split when others are added;
   * same split, or validation against test: reported, nothing removed;
   * different classes: also reported as a possible label conflict.
+
+The report: every pair found is counted (by kind, and label conflicts),
+but near_duplicates.jsonl lists only each image's nearest partner in each
+split and its nearest of another class (SLOTS; least distance, then first
+path): at most 4 lines an image, where every pair would grow with the
+square of a near-identical set (1.6M lines, 298 MB, for 30,000 crops of
+three photos). The group step keeps each image's slots over its groups
+(_Nearest, arrays), a combine keeps them over the bundles, and a last step
+writes the pairs' lines (_lines_to_runs); a pair both its images name is
+merged once.
 """
 
 from __future__ import annotations
@@ -681,30 +691,15 @@ class _Lines:
     return _pair_line(pa, pb, d, kind, a.split, b.split, ja, jb,
                       conflict), conflict
 
-  def group(self, members, a: np.ndarray, b: np.ndarray,
-            d: np.ndarray):
-    """A group's pairs at once (what _group returns: member indices a, b in
-    path order and distances d [N]) -> (their lines, as line() makes them;
-    [N] kind index into _KINDS; [N] label conflict)."""
-    refs = [ref for _, ref in members]
-    seen = [self._of(ref.relpath) for ref in refs]
-    paths_json = [p for p, _, _ in seen]
-    classes_json = [c for _, _, c in seen]
-    class_ids = {}
-    cls = np.array([class_ids.setdefault(c, len(class_ids))
-                    for _, c, _ in seen])
-    split_ids = np.array([_SPLITS.index(ref.split) for ref in refs])
-    sa, sb = split_ids[a], split_ids[b]
-    kinds = np.where((sa == 0) != (sb == 0), 0, np.where(sa == sb, 1, 2))
-    conflicts = cls[a] != cls[b]
-    lines = [
-        _pair_line(paths_json[i], paths_json[j], dist, _KINDS[k],
-                   _SPLITS[si], _SPLITS[sj], classes_json[i],
-                   classes_json[j], c)
-        for i, j, dist, k, si, sj, c in zip(
-            a.tolist(), b.tolist(), d.tolist(), kinds.tolist(), sa.tolist(),
-            sb.tolist(), conflicts.tolist())]
-    return lines, kinds, conflicts
+  def pair(self, a: tuple[str, str], b: tuple[str, str], d: int) -> str:
+    """The line of the pair of images a and b ((relpath, split) each) at
+    distance d: as line() makes it, with the paths in order."""
+    (pa, sa), (pb, sb) = sorted((a, b))
+    ja, ca, cja = self._of(pa)
+    jb, cb, cjb = self._of(pb)
+    kind = LEAK if (sa == 'train') != (sb == 'train') else (
+        WITHIN_SPLIT if sa == sb else ACROSS_EVALUATION)
+    return _pair_line(ja, jb, d, kind, sa, sb, cja, cjb, ca != cb)
 
 
 def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
@@ -720,7 +715,175 @@ def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
 
 # Most paths _Lines keeps made (a worker's memory stays bounded).
 _SEEN_PATHS = 50_000
-_KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Lines.group's indices.
+_KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Nearest.add's kinds.
+
+
+# Which partners of an image near_duplicates.jsonl names: its nearest in
+# each split (train, validation, test: _SPLITS' order) and its nearest of
+# another class. A pair gets a line when it fills one of the slots of
+# either image (module docstring, "The report").
+_OTHER_CLASS = len(_SPLITS)
+SLOTS = len(_SPLITS) + 1
+# _Nearest reduces its entries to each image's slots past this many.
+_REDUCE_ENTRIES = 1_000_000
+
+
+class _Nearest:
+  """Per image, its nearest partner in each slot over the pairs added so
+  far: the least distance, then the first path (as nearest() orders a
+  leak's train copies). Entries are held as arrays, only those within
+  their slot's least distance so far, and reduced to one an image and
+  slot past _REDUCE_ENTRIES: an image is in up to 2 x (distance + 1)
+  groups, and a Python object per pair and group would cost more than the
+  pair lines this replaced (BUILD_NOTES)."""
+
+  def __init__(self, layout: str):
+    self._layout = layout
+    self._class_ids = {}  # class name -> int (equal ints, equal classes)
+    self._forget()
+
+  def _forget(self) -> None:
+    # relpath -> (id: an index into _paths, split index, class int)
+    self._info, self._paths = {}, []
+    self._parts, self._size = [], 0
+    # [ids, SLOTS]: the least distance of each image's slot so far. An
+    # entry farther than it can never be the slot's nearest: not held.
+    self._least = np.full((64, SLOTS), NEVER, dtype=np.int64)
+
+  def __len__(self) -> int:
+    """Images held."""
+    return len(self._paths)
+
+  def _new(self, ref: Ref) -> tuple[int, int, int]:
+    known = self._info.get(ref.relpath)  # A group may hold both hashes.
+    if known is None:
+      cls = listing_lib.source_file(ref.relpath, self._layout).class_name
+      known = self._info[ref.relpath] = (
+          len(self._paths), _SPLITS.index(ref.split),
+          self._class_ids.setdefault(cls, len(self._class_ids)))
+      self._paths.append(ref.relpath)
+    return known
+
+  def add(self, members, a: np.ndarray, b: np.ndarray, d: np.ndarray
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """A group's pairs: members [(which, Ref)] [M]; a, b, d [N] (member
+    indices and distances, _group's). Returns ([N] each pair's kind, an
+    index into _KINDS; [N] whether it is a label conflict)."""
+    if not len(a):
+      return _NO_PAIRS, _NO_PAIRS.astype(bool)
+    get = self._info.get
+    rows = [get(ref.relpath) for _, ref in members]
+    if None in rows:
+      rows = [row or self._new(ref) for row, (_, ref) in zip(rows, members)]
+    ids, split, cls = np.array(rows, dtype=np.int64).T
+    sa, sb = split[a], split[b]
+    kinds = np.where((sa == 0) != (sb == 0), 0, np.where(sa == sb, 1, 2))
+    conflicts = cls[a] != cls[b]
+    this, other = np.concatenate([a, b]), np.concatenate([b, a])
+    dist = np.concatenate([d, d]).astype(np.int64)
+    crossed = np.concatenate([conflicts, conflicts])
+    this, slot, dist, other = (
+        np.concatenate([ids[this], ids[this][crossed]]),
+        np.concatenate([split[other], np.full(int(crossed.sum()),
+                                              _OTHER_CLASS)]),
+        np.concatenate([dist, dist[crossed]]),
+        np.concatenate([ids[other], ids[other][crossed]]))
+    if len(self._paths) > len(self._least):
+      grown = np.full((2 * len(self._paths), SLOTS), NEVER, dtype=np.int64)
+      grown[:len(self._least)] = self._least
+      self._least = grown
+    np.minimum.at(self._least, (this, slot), dist)
+    near = dist <= self._least[this, slot]
+    self._parts.append((this[near], slot[near], dist[near], other[near]))
+    self._size += int(near.sum())
+    if self._size > _REDUCE_ENTRIES:
+      self._reduce()
+    return kinds, conflicts
+
+  def _reduce(self) -> None:
+    """The entries held, reduced to each image's nearest per slot."""
+    if not self._parts:
+      return
+    this, slot, dist, other = (np.concatenate(x) for x in zip(*self._parts))
+    rank = np.empty(len(self._paths), dtype=np.int64)
+    rank[sorted(range(len(self._paths)), key=self._paths.__getitem__)] = (
+        np.arange(len(self._paths)))
+    # The least distance, then the first path: one int.
+    key = dist * len(self._paths) + rank[other]
+    order = np.lexsort((key, slot, this))
+    this, slot = this[order], slot[order]
+    first = np.ones(len(order), dtype=bool)
+    first[1:] = (this[1:] != this[:-1]) | (slot[1:] != slot[:-1])
+    kept = order[first]
+    self._parts = [(this[first], slot[first], dist[kept], other[kept])]
+    self._size = len(kept)
+
+  def items(self) -> Iterator[tuple[str, tuple]]:
+    """(relpath, (its split, SLOTS of (distance, partner relpath, partner
+    split) or None)) for each image held (nearest_partners' value); then
+    holds none."""
+    self._reduce()
+    parts, paths, info = self._parts, self._paths, self._info
+    self._forget()
+    if not parts:
+      return
+    this, slot, dist, other = (x.tolist() for x in parts[0])
+    at = 0
+    while at < len(this):
+      image, slots = this[at], [None] * SLOTS
+      while at < len(this) and this[at] == image:
+        partner = paths[other[at]]
+        slots[slot[at]] = (dist[at], partner, _SPLITS[info[partner][1]])
+        at += 1
+      yield paths[image], (_SPLITS[info[paths[image]][1]], tuple(slots))
+
+
+def nearest_partners(values):
+  """A CombinePerKey of _Nearest.items' values for one image: each slot's
+  nearest (least distance, then path) over them."""
+  split, best = None, [None] * SLOTS
+  for split, slots in values:
+    for i, partner in enumerate(slots):
+      if partner is not None and (best[i] is None
+                                  or partner[:2] < best[i][:2]):
+        best[i] = partner
+  return split, tuple(best)
+
+
+def _lines_to_runs(*, layout: str, run_dir: str):
+  """A DoFn: (relpath, nearest_partners' value) -> the lines of its pairs
+  with the partners in its slots, in sorted run files (PairRun, one per
+  bundle or per SORT_RUN_LINES lines). A pair named by both its images
+  has the same line twice; the launcher's merge writes it once."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+
+  class LinesToRuns(beam.DoFn):
+    """See _lines_to_runs."""
+
+    def setup(self):
+      self._text = _Lines(layout)
+
+    def start_bundle(self):
+      self._lines = []
+
+    def _flush(self) -> PairRun:
+      lines, self._lines = self._lines, []
+      return PairRun(file_io.write_run(run_dir, 'pairs', lines), {}, 0)
+
+    def process(self, element):
+      relpath, (split, slots) = element
+      for d, partner, partner_split in sorted(set(filter(None, slots))):
+        self._lines.append(self._text.pair((relpath, split),
+                                           (partner, partner_split), d))
+      if len(self._lines) >= file_io.SORT_RUN_LINES:
+        yield self._flush()
+
+    def finish_bundle(self):
+      if self._lines:
+        yield file_io.in_global_window(self._flush())
+
+  return LinesToRuns()
 
 
 def nearest(partners):
@@ -743,25 +906,30 @@ def leave_out(element):
 
 
 class PairRun(NamedTuple):
-  """A sorted run file of pair lines and what its lines count."""
-  path: str
+  """A sorted run file of pair lines (path; None for counts only) and the
+  pairs found it counts (the group step's: every pair, listed or not)."""
+  path: Optional[str]
   kinds: dict
   label_conflicts: int
 
 
+NEAREST = 'near_nearest'  # Tagged output: _Nearest.items.
+
+
 def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
                    run_dir: str):
-  """A DoFn: a bucket of band groups (_bands_to_buckets) -> each group's
-  pairs (group_pairs) as lines in sorted run files (PairRun, one per bundle
-  or per SORT_RUN_LINES lines), 'leak': the nearest train copy of each
-  evaluation copy in the bundle's groups (at most _BUNDLE_LEAKS held at
-  once), 'near_capped'.
+  """A DoFn: a bucket of band groups (_bands_to_buckets) -> the counts of
+  each group's pairs (group_pairs; a PairRun with no path, per bundle),
+  'near_nearest': per image, its nearest partner in each slot among the
+  bundle's pairs (_Nearest.items, at most _BUNDLE_LEAKS images held at
+  once), 'leak': the nearest train copy of each evaluation copy in the
+  bundle's groups (as many held), 'near_capped'.
   No element per pair crosses a step: at 30,000 photo-like images there
-  are 1.5M pairs. Nor one per group an evaluation image is in (up to
-  2 x (distance + 1)): its nearest is kept per bundle, as NearLeaks keeps
-  it per worker (3,000 photo-like images: 5,750 -> ~600 elements). Only
-  the run of a bundle that succeeded is named downstream, so a retried
-  bundle adds no line twice; the launcher merges the runs."""
+  are 1.6M pairs. Nor one per group an image is in (up to 2 x (distance +
+  1)): its nearest are kept per bundle, as the combines keep them per
+  worker (3,000 photo-like images: 5,750 -> ~600 leak elements). Only
+  the outputs of a bundle that succeeded go downstream, so a retried
+  bundle counts no pair twice."""
   import collections  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
@@ -769,21 +937,10 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
   class PairsToRuns(beam.DoFn):
     """See _pairs_to_runs."""
 
-    def setup(self):
-      self._text = _Lines(layout)
-
     def start_bundle(self):
-      self._new_run()
+      self._kinds, self._conflicts = collections.Counter(), 0
+      self._nearest = _Nearest(layout)
       self._leaks = {}  # relpath -> its nearest (d, train relpath, Ref)
-
-    def _new_run(self):
-      self._lines, self._kinds, self._conflicts = [], collections.Counter(), 0
-
-    def _flush(self) -> PairRun:
-      run = PairRun(file_io.write_run(run_dir, 'pairs', self._lines),
-                    dict(self._kinds), self._conflicts)
-      self._new_run()
-      return run
 
     def _flush_leaks(self):
       """The held (relpath, its nearest) items, let go."""
@@ -802,14 +959,14 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
           element, distance=distance, masks=masks, cap=MAX_GROUP,
           max_pairs=MAX_GROUP_PAIRS)
       if len(a):
-        lines, kinds, conflicts = self._text.group(members, a, b, d)
-        self._lines.extend(lines)
+        kinds, conflicts = self._nearest.add(members, a, b, d)
         for k, count in enumerate(np.bincount(kinds, minlength=3).tolist()):
           if count:
             self._kinds[_KINDS[k]] += count
         self._conflicts += int(conflicts.sum())
-        if len(self._lines) >= file_io.SORT_RUN_LINES:
-          yield self._flush()
+        if len(self._nearest) >= _BUNDLE_LEAKS:
+          for item in self._nearest.items():
+            yield _tagged(NEAREST, item)
       held_leaks = self._leaks
       for held, train, dist in zip(*(x.tolist() for x in leaks)):
         ref = members[held][1]
@@ -824,8 +981,11 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
         yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
-      if self._lines:
-        yield file_io.in_global_window(self._flush())
+      if self._kinds:
+        yield file_io.in_global_window(PairRun(None, dict(self._kinds),
+                                               self._conflicts))
+      for item in self._nearest.items():
+        yield _tagged(NEAREST, file_io.in_global_window(item))
       for leak in self._flush_leaks():
         yield _tagged(LEAK, file_io.in_global_window(leak))
 
@@ -833,14 +993,16 @@ def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
 
 
 # Most evaluation images a group-step bundle keeps the nearest train copy of
-# before it sends them on (~100 B each, the Ref aside).
+# before it sends them on (~100 B each, the Ref aside), and most images it
+# keeps the slots of (_Nearest).
 _BUNDLE_LEAKS = 50_000
 
 
 def find(refs, counts, *, distance: int, layout: str, run_dir: str):
   """The search as Beam steps: refs (one Ref per written record; counts:
   the listing's (files, ignored) side input) -> (drops, rejected, PairRuns
-  of the pair lines, capped groups)."""
+  of the pairs' counts and of the lines of the pairs listed, capped
+  groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
   pairs = (
@@ -850,9 +1012,15 @@ def find(refs, counts, *, distance: int, layout: str, run_dir: str):
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
           distance=distance, masks=masks, layout=layout, run_dir=run_dir)
-                                  ).with_outputs(CAPPED, LEAK, main='runs'))
+                                  ).with_outputs(CAPPED, LEAK, NEAREST,
+                                                 main='counts'))
+  lines = (pairs[NEAREST]
+           | 'NearNearest' >> beam.CombinePerKey(nearest_partners)
+           | 'NearLines' >> beam.ParDo(_lines_to_runs(layout=layout,
+                                                      run_dir=run_dir)))
+  runs = (pairs.counts, lines) | 'NearRuns' >> beam.Flatten()
   left_out = (pairs[LEAK]
               | 'NearLeaks' >> beam.CombinePerKey(nearest)
               | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(
                   'rejected', main='drops'))
-  return left_out.drops, left_out.rejected, pairs.runs, pairs[CAPPED]
+  return left_out.drops, left_out.rejected, runs, pairs[CAPPED]

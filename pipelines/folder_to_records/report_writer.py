@@ -140,19 +140,20 @@ def _reuse_counts(config: build_config.BuildConfig, reused) -> Optional[dict]:
 def _write_near_pairs(tmp_dir: str, runs, capped, *,
                       config: build_config.BuildConfig, left_out: int
                       ) -> report_lib.NearDuplicates:
-  """near_duplicates.jsonl (one pair a line, in line order) from the
-  search's sorted runs (near_duplicates.PairRun), and the report's
-  counts."""
+  """near_duplicates.jsonl (one pair a line, each once, in line order)
+  from the search's sorted runs (near_duplicates.PairRun), and the
+  report's counts (of every pair found, and of the lines)."""
   kinds = collections.Counter()
   conflicts = 0
   for run in runs:
     kinds.update(run.kinds)
     conflicts += run.label_conflicts
-  file_io.merge_runs(
+  listed = file_io.merge_runs(
       posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
-      sorted(run.path for run in runs))
+      sorted(run.path for run in runs if run.path is not None), unique=True)
   return report_lib.NearDuplicates(
       distance=config.near_duplicate_distance, pairs=sum(kinds.values()),
+      listed=listed,
       leaks=kinds[near_duplicates.LEAK], left_out=left_out,
       within_split=kinds[near_duplicates.WITHIN_SPLIT],
       across_evaluation_splits=kinds[near_duplicates.ACROSS_EVALUATION],

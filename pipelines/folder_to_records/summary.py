@@ -153,7 +153,7 @@ def _found_lines(report: report_lib.BuildReport) -> list[str]:
          'groups too large to compare whole'))
              if n]
     lines.append(f'near-duplicates (perceptual hash within {near.distance} '
-                 f'bits): {", ".join(parts)}; every pair: '
+                 f'bits): {", ".join(parts)}; nearest copies of each image: '
                  f'{out}/{metadata_lib.NEAR_DUPLICATES_FILE}')
   if report.quality_flags:
     counts = ', '.join(f'{flag} {n}' for flag, n in report.quality_flags.items())

@@ -304,8 +304,8 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
   assert report['splits']['validation']['total'] == 4
   assert report['splits']['test']['total'] == 3
   assert report['near_duplicates'] == {
-      'distance': nd.DEFAULT_DISTANCE, 'pairs': 5, 'leaks': 2, 'left_out': 2,
-      'within_split': 2, 'across_evaluation_splits': 1, 'label_conflicts': 1,
+      'distance': nd.DEFAULT_DISTANCE, 'pairs': 5, 'listed': 5, 'leaks': 2,
+      'left_out': 2, 'within_split': 2, 'across_evaluation_splits': 1, 'label_conflicts': 1,
       'capped_groups': []}
   # The shards hold neither, and the report on disk says the same.
   names = helpers.written_filenames(root / 'd8')
@@ -452,26 +452,30 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
     assert conflict == want['label_conflict']
 
 
-def test_a_groups_lines_are_the_pair_by_pair_ones():
-  """The build makes a group's lines at once (_Lines.group): the same lines,
-  kinds and label conflicts as _Lines.line pair by pair."""
+def test_a_groups_kinds_are_the_pair_by_pair_ones():
+  """The group step classifies a group's pairs at once (_Nearest.add): the
+  same kinds and label conflicts as _Lines.line pair by pair; and pair()
+  makes line()'s line from either end."""
   refs = _near_refs(np.random.default_rng(1))
   masks = nd.band_masks(8)
   text, checked = nd._Lines('class_folders'), 0
+  nearest = nd._Nearest('class_folders')
   for key, packed in _groups(refs, masks).items():
     members, a, b, d, _, _ = nd._group(
         (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
         max_pairs=nd.MAX_GROUP_PAIRS)
-    lines, kinds, conflicts = text.group(members, a, b, d)
-    want = []
-    for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
+    kinds, conflicts = nearest.add(members, a, b, d)
+    got, want = [], []
+    for i, j, dist, k, c in zip(a.tolist(), b.tolist(), d.tolist(),
+                                kinds.tolist(), conflicts.tolist()):
       x, y = members[i][1], members[j][1]
       kind = nd._kind(x, y)
       line, conflict = text.line(x, y, dist, kind)
       want.append((line, kind, conflict))
-    assert [(line, nd._KINDS[k], c) for line, k, c in zip(
-        lines, kinds.tolist(), conflicts.tolist())] == want
-    checked += len(lines)
+      got.append((text.pair((y.relpath, y.split), (x.relpath, x.split),
+                            dist), nd._KINDS[k], c))
+    assert got == want
+    checked += len(got)
   assert checked > 500  # The hashes are near: the groups do hold pairs.
 
 
@@ -604,6 +608,49 @@ def _outputs(results):
   return main, tagged
 
 
+def _nearest_pairs(pairs: dict, split: dict) -> dict:
+  """The pairs near_duplicates.jsonl lists, from all pairs {(a, b): d}:
+  each image's nearest partner (least d, then path) in each split and of
+  another class (the class: the first folder)."""
+  slots = {}
+  for (a, b), d in pairs.items():
+    for x, y in ((a, b), (b, a)):
+      for slot in {split[y], 'other' if x.split('/')[0] != y.split('/')[0]
+                   else split[y]}:
+        key = (x, slot)
+        slots[key] = min(slots.get(key, (d, y)), (d, y))
+  return {tuple(sorted((x, y))): d for (x, _), (d, y) in slots.items()}
+
+
+def _listed(tagged, run_dir) -> dict:
+  """{(a, b): d} of the lines the search's later steps make from the group
+  step's 'near_nearest' outputs (combined per image, as
+  nd.nearest_partners does, then written by the lines step and merged
+  once each)."""
+  values = collections.defaultdict(list)
+  for tag, (relpath, value) in tagged:
+    if tag == nd.NEAREST:
+      values[relpath].append(value)
+  lines_step = nd._lines_to_runs(layout='class_folders', run_dir=str(run_dir))
+  lines_step.setup()
+  lines_step.start_bundle()
+  runs = []
+  for relpath, parts in values.items():
+    runs += _outputs(lines_step.process((relpath, nd.nearest_partners(
+        parts))))[0]
+  runs += _outputs(lines_step.finish_bundle())[0]
+  merged = run_dir / 'merged.jsonl'
+  listed = file_io.merge_runs(str(merged), [r.path for r in runs],
+                              unique=True)
+  found = {}
+  for line in merged.read_text().splitlines():
+    pair = json.loads(line)
+    assert tuple(pair['paths']) not in found  # Each pair once.
+    found[tuple(pair['paths'])] = pair['distance']
+  assert listed == len(found)
+  return found
+
+
 def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     tmp_path, monkeypatch):
   """The band shuffle goes through files: each worker writes its entries
@@ -632,6 +679,14 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
                             ('e/t1a.jpg', 1 << 40, 'train')):
     refs.append(nd.Ref((whole ^ flip, int(rng.integers(0, 1 << 63)) * 2 + 1),
                        path, split, 0, len(refs)))
+  # A train image whose nearest is a copy of its class (1 bit), with a copy
+  # of another class 3 bits off (and 2 from the first copy): only its
+  # nearest of another class names that pair.
+  whole = int(rng.integers(0, 1 << 63)) * 2 + 1
+  for path, flip in (('k0/x.jpg', 0), ('k0/z.jpg', 1 << 5),
+                     ('k1/y.jpg', (1 << 5) | (1 << 20) | (1 << 40))):
+    refs.append(nd.Ref((whole ^ flip, int(rng.integers(0, 1 << 63)) * 2 + 1),
+                       path, 'train', 0, len(refs)))
   masks = nd.band_masks(distance)
   bands = nd._bands_to_buckets(masks=masks, run_dir=str(tmp_path))
   ranges = []
@@ -659,6 +714,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
   assert {k: sorted(v) for k, v in got.items()} == {
       k: sorted(v) for k, v in want.items()}
   split = {ref.relpath: ref.split for ref in refs}
+  by_path = {ref.relpath: ref for ref in refs}
   want = collections.defaultdict(list)  # All-pairs' train copies.
   for (a, b), d in _brute_force(refs, distance).items():
     if split[a] == 'train' and split[b] != 'train':
@@ -669,6 +725,8 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
   assert len(want) > 50 and want['e/held.jpg'] == (1, 'e/t1a.jpg')
   for held in (20, 50_000):  # Flushed in mid-bundle / once, at its end.
     monkeypatch.setattr(nd, '_BUNDLE_LEAKS', held)
+    # Each image's slots reduced after every group / once.
+    monkeypatch.setattr(nd, '_REDUCE_ENTRIES', 0 if held == 20 else 10**6)
     pairs_step = nd._pairs_to_runs(distance=distance, masks=masks,
                                    layout='class_folders',
                                    run_dir=str(tmp_path))
@@ -682,12 +740,17 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     main, more = _outputs(pairs_step.finish_bundle())
     runs += main
     tagged += more
-    found = {}
-    for run in runs:
-      for line in pathlib.Path(run.path).read_text().splitlines():
-        pair = json.loads(line)
-        found[tuple(pair['paths'])] = pair['distance']
-    assert found == _brute_force(refs, distance) and len(found) > 300
+    all_pairs = _brute_force(refs, distance)
+    kinds = collections.Counter()
+    for run in runs:  # Counts only: every pair, by kind.
+      assert run.path is None
+      kinds.update(run.kinds)
+    assert len(all_pairs) > 300 and kinds == collections.Counter(
+        nd._kind(by_path[a], by_path[b]) for a, b in all_pairs)
+    listed = _listed(tagged, tmp_path)
+    assert listed == _nearest_pairs(all_pairs, split)
+    assert 0 < len(listed) < len(all_pairs)  # The rule leaves pairs out.
+    assert listed[('k0/x.jpg', 'k1/y.jpg')] == 3
     leaks = collections.defaultdict(list)
     for tag, (relpath, nearest) in tagged:
       if tag == nd.LEAK:

@@ -79,6 +79,8 @@ def main(argv):
     subprocess.run([sys.executable, 'setup.py', '-q', 'build_ext',
                     '--inplace'], cwd=old, check=False, capture_output=True)
     arms = {'before': old, 'this tree': _REPO}
+    for code in arms.values():
+      common.byte_compile(code)
     rounds = []
     for r in range(_ROUNDS.value):
       rounds.append({name: _build(code, images, work / 'ab_out')

@@ -20,7 +20,8 @@ process; peak RSS the process tree's. `--extra=--near_duplicate_distance=0`
 passes build flags to every build. With `--rounds=N` the update and the
 full build run N times, alternating (this VM's speed drifts by 10-30%
 over minutes): the table gives each one's median, and "wall share" is the
-median of the rounds' update wall / full wall.
+median of the rounds' update wall / full wall. The project's .pyc files
+are written first (common.byte_compile), as an install writes them.
 """
 
 import json
@@ -93,6 +94,7 @@ def main(argv):
   del argv
   from pipelines.folder_to_records import reuse  # pylint: disable=g-import-not-at-top
   work = pathlib.Path(_WORK_DIR.value)
+  common.byte_compile(pathlib.Path(__file__).resolve().parent.parent)
   results, rows = [], []
   for n in (int(x) for x in _NUM_IMAGES.value):
     kept = common.make_jpeg_folder(work / f'jpegs_{n}', n)

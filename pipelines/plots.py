@@ -143,7 +143,9 @@ def _captioned_grid(images: np.ndarray, captions: Sequence[str],
                 _fitted(draw, line, font, cell - 6), fill=colours[i],
                 font=font, anchor='md')
   buffer = io.BytesIO()
-  canvas.save(buffer, format='PNG')
+  # zlib's fastest level: 0.09 s instead of 0.23 s for a 840x740 grid (a
+  # fixed cost of every build's launcher), for a file ~14% larger.
+  canvas.save(buffer, format='PNG', compress_level=1)
   files.write_bytes(path, buffer.getvalue())
 
 

@@ -33,4 +33,9 @@ if ! command -v chromium >/dev/null && ! command -v chromium-browser >/dev/null 
       "page's browser test will skip" >&2
 fi
 .venv/bin/ruff check --quiet .
+# The project's modules byte-compiled once (an editable install does not,
+# and with PYTHONDONTWRITEBYTECODE set no process writes them): every test
+# process and every Beam worker it starts would compile them again.
+.venv/bin/python -m compileall -q -j 0 pipelines trainer tfrecords_schema \
+  benchmarks >/dev/null
 exec .venv/bin/python -m pytest -q -n 4 --dist loadfile tests "$@"

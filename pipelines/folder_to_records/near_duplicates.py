@@ -641,11 +641,12 @@ class _Leaks:
             best // self._scale)
 
 
-def _kind(a: Ref, b: Ref) -> str:
-  """The rule a pair falls under (module docstring)."""
-  if (a.split == 'train') != (b.split == 'train'):
+def _kind(split_a: str, split_b: str) -> str:
+  """The rule a pair of images in these splits falls under (module
+  docstring)."""
+  if (split_a == 'train') != (split_b == 'train'):
     return LEAK
-  return WITHIN_SPLIT if a.split == b.split else ACROSS_EVALUATION
+  return WITHIN_SPLIT if split_a == split_b else ACROSS_EVALUATION
 
 
 def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
@@ -656,7 +657,7 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
              for r in (a, b)]
   # Paths first: the file's lines are sorted as text, so by path.
   return {'paths': [a.relpath, b.relpath], 'distance': d,
-          'kind': _kind(a, b), 'splits': [a.split, b.split],
+          'kind': _kind(a.split, b.split), 'splits': [a.split, b.split],
           'classes': classes, 'label_conflict': classes[0] != classes[1]}
 
 
@@ -682,24 +683,13 @@ class _Lines:
                                     self._dumps(cls))
     return seen
 
-  def line(self, a: Ref, b: Ref, d: int, kind: str) -> tuple[str, bool]:
-    """(the pair's line, whether it is a label conflict): one pair at a
-    time, what group() makes for a whole group."""
-    pa, ca, ja = self._of(a.relpath)
-    pb, cb, jb = self._of(b.relpath)
-    conflict = ca != cb
-    return _pair_line(pa, pb, d, kind, a.split, b.split, ja, jb,
-                      conflict), conflict
-
   def pair(self, a: tuple[str, str], b: tuple[str, str], d: int) -> str:
     """The line of the pair of images a and b ((relpath, split) each) at
-    distance d: as line() makes it, with the paths in order."""
+    distance d, with the paths in order."""
     (pa, sa), (pb, sb) = sorted((a, b))
     ja, ca, cja = self._of(pa)
     jb, cb, cjb = self._of(pb)
-    kind = LEAK if (sa == 'train') != (sb == 'train') else (
-        WITHIN_SPLIT if sa == sb else ACROSS_EVALUATION)
-    return _pair_line(ja, jb, d, kind, sa, sb, cja, cjb, ca != cb)
+    return _pair_line(ja, jb, d, _kind(sa, sb), sa, sb, cja, cjb, ca != cb)
 
 
 def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,

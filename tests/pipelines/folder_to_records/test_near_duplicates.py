@@ -446,16 +446,18 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
                  ('validation', 'test')):
     a = nd.Ref((1, 2), a_path, splits[0], 0, 0)
     b = nd.Ref((1, 2), b_path, splits[1], 0, 0)
-    want = nd.classify((a, b, 7), layout=layout)
-    line, conflict = nd._Lines(layout).line(a, b, 7, nd._kind(a, b))
-    assert line == json.dumps(want)
-    assert conflict == want['label_conflict']
+    want = nd.classify((a, b, 7) if a_path < b_path else (b, a, 7),
+                       layout=layout)
+    for x, y in ((a, b), (b, a)):  # Either end first: the paths in order.
+      line = nd._Lines(layout).pair((x.relpath, x.split),
+                                    (y.relpath, y.split), 7)
+      assert line == json.dumps(want)
 
 
 def test_a_groups_kinds_are_the_pair_by_pair_ones():
   """The group step classifies a group's pairs at once (_Nearest.add): the
-  same kinds and label conflicts as _Lines.line pair by pair; and pair()
-  makes line()'s line from either end."""
+  same kinds and label conflicts as classify pair by pair; and pair()
+  makes classify's line from either end."""
   refs = _near_refs(np.random.default_rng(1))
   masks = nd.band_masks(8)
   text, checked = nd._Lines('class_folders'), 0
@@ -469,9 +471,8 @@ def test_a_groups_kinds_are_the_pair_by_pair_ones():
     for i, j, dist, k, c in zip(a.tolist(), b.tolist(), d.tolist(),
                                 kinds.tolist(), conflicts.tolist()):
       x, y = members[i][1], members[j][1]
-      kind = nd._kind(x, y)
-      line, conflict = text.line(x, y, dist, kind)
-      want.append((line, kind, conflict))
+      pair = nd.classify((x, y, dist), layout='class_folders')
+      want.append((json.dumps(pair), pair['kind'], pair['label_conflict']))
       got.append((text.pair((y.relpath, y.split), (x.relpath, x.split),
                             dist), nd._KINDS[k], c))
     assert got == want
@@ -714,7 +715,6 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
   assert {k: sorted(v) for k, v in got.items()} == {
       k: sorted(v) for k, v in want.items()}
   split = {ref.relpath: ref.split for ref in refs}
-  by_path = {ref.relpath: ref for ref in refs}
   want = collections.defaultdict(list)  # All-pairs' train copies.
   for (a, b), d in _brute_force(refs, distance).items():
     if split[a] == 'train' and split[b] != 'train':
@@ -746,7 +746,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
       assert run.path is None
       kinds.update(run.kinds)
     assert len(all_pairs) > 300 and kinds == collections.Counter(
-        nd._kind(by_path[a], by_path[b]) for a, b in all_pairs)
+        nd._kind(split[a], split[b]) for a, b in all_pairs)
     listed = _listed(tagged, tmp_path)
     assert listed == _nearest_pairs(all_pairs, split)
     assert 0 < len(listed) < len(all_pairs)  # The rule leaves pairs out.

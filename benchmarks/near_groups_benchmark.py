@@ -77,5 +77,6 @@ def main(argv):
   print(f'_group + kinds + slots, all groups: {seconds:.2f} s, {pairs} '
         f'pairs, {images} images with a partner')
 
+
 if __name__ == '__main__':
   app.run(main)

@@ -4,10 +4,10 @@ r"""The near-duplicate search's group step alone, in one process.
 
 Reads a built dataset's images.jsonl, makes the band groups the build's
 shuffle would make (near_duplicates.band_keys), and times, over groups from
-the largest down: `_group` (members, candidate matrix, emit rule) for the 40
-largest and the next 200, then over every group, alone and with the
-pairs' kinds and each image's nearest partners (_Nearest: what the
-group step adds to `_group`). No
+the largest down: `_group` (members unpacked and ranked, each image's
+nearest partner per slot over the candidates) for the 40 largest and the
+next 200, then over every group, alone and with those kept over the groups
+(_Nearest: what the group step adds to `_group`). No
 Beam: what the group step costs a worker, without the runner's per-element
 cost. DATA: e.g. a full build of benchmarks.update_benchmark's folder.
 """
@@ -55,27 +55,28 @@ def main(argv):
         f'largest {[len(groups[k]) for k in keys[:3]]}')
 
   def run(chosen, slots_too=False):
-    start, pairs = time.perf_counter(), 0
-    nearest = nd._Nearest(_LAYOUT.value)  # pylint: disable=protected-access
+    start, filled = time.perf_counter(), 0
+    nearest = nd._Nearest()  # pylint: disable=protected-access
+    class_of = nd._Classes(_LAYOUT.value)  # pylint: disable=protected-access
     for key in chosen:
-      members, a, b, d, _, _ = nd._group(  # pylint: disable=protected-access
-          (key, groups[key]), distance=distance, masks=masks,
-          cap=nd.MAX_GROUP, max_pairs=nd.MAX_GROUP_PAIRS)
-      pairs += len(a)
-      if slots_too and len(a):
-        nearest.add(members, a, b, d)
+      members, found, _ = nd._group(  # pylint: disable=protected-access
+          (key, groups[key]), distance=distance, cap=nd.MAX_GROUP,
+          class_of=class_of)
+      filled += len(found[0])
+      if slots_too:
+        nearest.add(members, *found)
     images = sum(1 for _ in nearest.items())
-    return time.perf_counter() - start, pairs, images
+    return time.perf_counter() - start, filled, images
 
   for name, chosen in (('40 largest groups', keys[:40]),
                        ('next 200 groups', keys[40:240])):
-    seconds, pairs, _ = run(chosen)
-    print(f'_group, {name}: {seconds:.2f} s, {pairs} pairs')
-  seconds, pairs, images = run(keys)
-  print(f'_group, all groups: {seconds:.2f} s, {pairs} pairs')
-  seconds, pairs, images = run(keys, slots_too=True)
-  print(f'_group + kinds + slots, all groups: {seconds:.2f} s, {pairs} '
-        f'pairs, {images} images with a partner')
+    seconds, filled, _ = run(chosen)
+    print(f'_group, {name}: {seconds:.2f} s, {filled} slots filled')
+  seconds, filled, images = run(keys)
+  print(f'_group, all groups: {seconds:.2f} s, {filled} slots filled')
+  seconds, filled, images = run(keys, slots_too=True)
+  print(f'_group + slots kept, all groups: {seconds:.2f} s, {images} images '
+        'with a partner')
 
 
 if __name__ == '__main__':

@@ -70,28 +70,29 @@ class EmptyClass:
 @dataclasses.dataclass(frozen=True)
 class CappedGroup:
   """A band group of the near-duplicate search too large to compare whole
-  (e.g. many blank images): only `compared` of its `members` were, and
-  `pairs_not_examined` candidate pairs past the per-group limit were
-  counted but not examined (so not reported)."""
+  (e.g. many blank images): only `compared` of its `members` were."""
   band: int = 0
   members: int = 0
   compared: int = 0
-  pairs_not_examined: int = 0
   example: str = ''
 
 
 @dataclasses.dataclass(frozen=True)
 class NearDuplicates:
-  """What the near-duplicate search found. distance:
-  --near_duplicate_distance (0: no search). pairs: every pair found;
-  listed: the pairs near_duplicates.jsonl lists (each image's nearest
-  partner in each split and of another class). leaks: pairs with one file
-  in train and one in validation or test; left_out: the evaluation files
-  left out for them (each in rejected.jsonl, outcome
-  near_duplicate_leak); within_split, across_evaluation_splits: pairs
-  reported only; label_conflicts: pairs (of any kind) across classes."""
+  """What the near-duplicate search found, counted in images (an image
+  counts once in each count it falls under). distance:
+  --near_duplicate_distance (0: no search). images: images with a near
+  copy; listed: the pairs near_duplicates.jsonl lists (each image's
+  nearest partner in each split and of another class). leaks: images with
+  a copy across the train/evaluation line (train images with a copy in
+  validation or test, and those copies); left_out: the evaluation images
+  left out for them (each in rejected.jsonl, outcome near_duplicate_leak);
+  within_split: images with a copy in their own split;
+  across_evaluation_splits: validation images with a copy in test and the
+  reverse (reported only); label_conflicts: images with a copy of another
+  class."""
   distance: int = 0
-  pairs: int = 0
+  images: int = 0
   listed: int = 0
   leaks: int = 0
   left_out: int = 0

@@ -1,16 +1,15 @@
 /* The near-duplicate search's work inside one band group, compiled:
- * near_duplicates._pair_arrays_reference holds the same computation in numpy,
- * the reference this module must equal exactly (tests/pipelines/
+ * near_duplicates._slots_reference holds the same computation in numpy, the
+ * reference this module must equal exactly (tests/pipelines/
  * folder_to_records/test_near_duplicates.py compares the two on random and
  * capped groups).
  *
  * For members i < j of a group (M members, each with the hash it is in the
- * group by), a candidate is a pair within `distance` bits of which at least
- * one hash is a whole one. Candidates are taken in (i, j) order: the first
- * max_pairs are examined (emitted when this group is the one to emit them:
- * near_duplicates._emitted_here), the rest only counted; every candidate
- * counts for the leaks (per evaluation image, its nearest train image: least
- * bits, then first path rank).
+ * group by), a candidate is a pair of two images (not one image's two
+ * hashes) within `distance` bits of which at least one hash is a whole one.
+ * Every candidate counts: per image (its path rank), the nearest partner in
+ * each slot (the partner's split: train, validation, test; and slot 3, a
+ * partner of another class): least bits, then first path rank.
  *
  * Why compiled: in numpy a group costs a dozen calls and their temporaries
  * (~0.2 ms for the ~45 members of a group at 3,000 images), which made most
@@ -26,7 +25,6 @@
 #include <string.h>
 
 #define NEVER 65 /* near_duplicates.NEVER: HASH_BITS + 1. */
-#define MAX_BANDS 64
 
 static inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
 
@@ -39,176 +37,124 @@ static inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
 #define HOT __attribute__((noinline))
 #endif
 
-/* The candidates of a group in (i, j) order (see the top of the file). */
-HOT static void scan(Py_ssize_t m, const uint64_t *hashes, const uint8_t *which,
-                     const int32_t *order, const uint8_t *train,
-                     const uint8_t *usable, const uint64_t *group_hash,
-                     const uint64_t *masks, Py_ssize_t num_bands, int band,
-                     int distance, Py_ssize_t max_pairs, int64_t scale,
-                     int64_t *best, int64_t *a, int64_t *b, int64_t *d,
-                     int64_t *emitted_out, int64_t *skipped_out) {
-  int64_t examined = 0, emitted = 0, skipped = 0;
+#define SLOTS 4 /* near_duplicates.SLOTS: three splits, another class. */
+#define OTHER_CLASS 3
+
+/* Every candidate of a group (see the top of the file) into best[rank *
+ * SLOTS + slot]: bits * scale + the partner's rank, the least kept. */
+HOT static void scan(Py_ssize_t m, const uint64_t *group_hash,
+                     const uint8_t *which, const int32_t *order,
+                     const uint8_t *split, const int32_t *cls, int distance,
+                     int64_t scale, int64_t *best) {
   for (Py_ssize_t i = 0; i < m; i++) {
     const uint64_t hi = group_hash[i];
     const int whole_i = which[i] == 0;
+    const int64_t ri = order[i];
     for (Py_ssize_t j = i + 1; j < m; j++) {
       const int bits = popcount64(hi ^ group_hash[j]);
       if (bits > distance || !(whole_i || which[j] == 0)) continue;
-      if (train[i] != train[j]) { /* A leak candidate (_Leaks.add). */
-        const Py_ssize_t e = train[i] ? j : i, t = train[i] ? i : j;
-        const int64_t key = bits * scale + order[t];
-        if (key < best[order[e]]) best[order[e]] = key;
+      const int64_t rj = order[j];
+      if (ri == rj) continue; /* One image's two hashes. */
+      const int64_t at = bits * scale;
+      int64_t *slot = &best[ri * SLOTS + split[j]];
+      if (at + rj < *slot) *slot = at + rj;
+      slot = &best[rj * SLOTS + split[i]];
+      if (at + ri < *slot) *slot = at + ri;
+      if (cls[i] != cls[j]) {
+        slot = &best[ri * SLOTS + OTHER_CLASS];
+        if (at + rj < *slot) *slot = at + rj;
+        slot = &best[rj * SLOTS + OTHER_CLASS];
+        if (at + ri < *slot) *slot = at + ri;
       }
-      if (examined >= max_pairs) {
-        skipped++;
-        continue;
-      }
-      examined++;
-      /* _emitted: this group emits the pair when its hash pair is the first
-       * combo at the least distance and this band the first they share. */
-      if (order[i] == order[j]) continue; /* One image's two hashes. */
-      const Py_ssize_t x = order[j] < order[i] ? j : i;
-      const Py_ssize_t y = x == i ? j : i;
-      static const int combos[3][2] = {{0, 0}, {0, 1}, {1, 0}};
-      int least = NEVER + 1, first = -1;
-      uint64_t first_xor = 0;
-      for (int c = 0; c < 3; c++) {
-        const int wa = combos[c][0], wbh = combos[c][1];
-        const uint64_t xor_ = hashes[2 * x + wa] ^ hashes[2 * y + wbh];
-        const int dist = (usable[2 * x + wa] && usable[2 * y + wbh])
-                             ? popcount64(xor_)
-                             : NEVER;
-        if (dist < least) least = dist, first = c, first_xor = xor_;
-      }
-      if (combos[first][0] != which[x] || combos[first][1] != which[y] ||
-          least > distance)
-        continue;
-      int shared = 0; /* numpy's argmax: the first band shared, else 0. */
-      for (Py_ssize_t k = 0; k < num_bands; k++)
-        if (!(first_xor & masks[k])) {
-          shared = (int)k;
-          break;
-        }
-      if (shared != band) continue;
-      a[emitted] = x, b[emitted] = y, d[emitted] = least;
-      emitted++;
     }
   }
-
-  *emitted_out = emitted, *skipped_out = skipped;
 }
 
-/* pair_arrays(hashes, which, order, train, band, masks, distance, max_pairs,
- *             min_bits)
- *   hashes: bytes, M x 2 native uint64 (whole, centre) of each member;
- *   which: bytes, M (0 whole, 1 centre: the member's hash in this group);
- *   order: bytes, M native int32 (its path's rank; equal for an image's two
- *   hashes); train: bytes, M (1 for a train image); masks: bytes, native
- *   uint64 per band.
- * Returns (a, b, d, skipped, held, partner, leak_d): a, b, d bytes of native
- * int64 (the pairs emitted, member indices in path order, and distance);
- * held, partner, leak_d bytes of native int64 (per evaluation image with a
- * train candidate, by rank: its first member, that of its nearest train
- * image, their bits). */
-static PyObject *pair_arrays(PyObject *self, PyObject *args) {
-  Py_buffer hb, wb, ob, tb, mb;
-  int band, distance, min_bits;
-  Py_ssize_t max_pairs;
-  if (!PyArg_ParseTuple(args, "y*y*y*y*iy*ini", &hb, &wb, &ob, &tb, &band, &mb,
-                        &distance, &max_pairs, &min_bits))
+/* slots(group_hash, which, order, split, cls, distance)
+ *   group_hash: bytes, M native uint64 (the hash each member is in the group
+ *   by); which: bytes, M (0 whole, 1 centre); order: bytes, M native int32
+ *   (its path's rank, below M; equal for an image's two hashes); split:
+ *   bytes, M (0 train, 1 validation, 2 test); cls: bytes, M native int32
+ *   (equal for images of one class).
+ * Returns (image, slot, partner, d): bytes of native int64 each, one entry
+ * per filled slot, in (rank, slot) order: the image's first member, the
+ * slot, its nearest partner's first member, their bits. */
+static PyObject *slots(PyObject *self, PyObject *args) {
+  Py_buffer hb, wb, ob, sb, cb;
+  int distance;
+  if (!PyArg_ParseTuple(args, "y*y*y*y*y*i", &hb, &wb, &ob, &sb, &cb,
+                        &distance))
     return NULL;
   PyObject *result = NULL;
-  int64_t *a = NULL, *b = NULL, *d = NULL, *best = NULL, *member_of = NULL;
-  int64_t *held = NULL, *partner = NULL, *leak_d = NULL;
-  uint64_t *group_hash = NULL;
-  uint8_t *usable = NULL;
+  int64_t *best = NULL, *member_of = NULL, *out = NULL;
   const Py_ssize_t m = wb.len;
-  const Py_ssize_t num_bands = mb.len / (Py_ssize_t)sizeof(uint64_t);
-  if (hb.len != m * 2 * (Py_ssize_t)sizeof(uint64_t) ||
-      ob.len != m * (Py_ssize_t)sizeof(int32_t) || tb.len != m ||
-      mb.len % (Py_ssize_t)sizeof(uint64_t) || num_bands < 1 ||
-      num_bands > MAX_BANDS || max_pairs < 0 || m > INT32_MAX) {
-    PyErr_SetString(PyExc_ValueError, "pair_arrays: inconsistent sizes");
+  if (hb.len != m * (Py_ssize_t)sizeof(uint64_t) ||
+      ob.len != m * (Py_ssize_t)sizeof(int32_t) || sb.len != m ||
+      cb.len != m * (Py_ssize_t)sizeof(int32_t) || m > INT32_MAX ||
+      distance < 0 || distance > 64) {
+    PyErr_SetString(PyExc_ValueError, "slots: inconsistent sizes");
     goto done;
   }
-  const uint64_t *hashes = (const uint64_t *)hb.buf;
+  const uint64_t *group_hash = (const uint64_t *)hb.buf;
   const uint8_t *which = (const uint8_t *)wb.buf;
   const int32_t *order = (const int32_t *)ob.buf;
-  const uint8_t *train = (const uint8_t *)tb.buf;
-  uint64_t masks[MAX_BANDS];
-  memcpy(masks, mb.buf, mb.len);
+  const uint8_t *split = (const uint8_t *)sb.buf;
+  const int32_t *cls = (const int32_t *)cb.buf;
 
   int64_t scale = 1; /* The number of ranks (ranks are below m). */
   for (Py_ssize_t i = 0; i < m; i++) {
-    if (order[i] < 0 || order[i] >= m || which[i] > 1) {
-      PyErr_SetString(PyExc_ValueError, "pair_arrays: bad order or which");
+    if (order[i] < 0 || order[i] >= m || which[i] > 1 || split[i] > 2) {
+      PyErr_SetString(PyExc_ValueError, "slots: bad order, which or split");
       goto done;
     }
     if (order[i] + (int64_t)1 > scale) scale = order[i] + (int64_t)1;
   }
   const int64_t none = NEVER * scale;
-  /* Room for every pair examined: at most max_pairs and the pair count. */
-  int64_t room = (int64_t)m * (m - 1) / 2;
-  if (room > max_pairs) room = max_pairs;
-  a = PyMem_Malloc(sizeof(int64_t) * (room + 1));
-  b = PyMem_Malloc(sizeof(int64_t) * (room + 1));
-  d = PyMem_Malloc(sizeof(int64_t) * (room + 1));
-  best = PyMem_Malloc(sizeof(int64_t) * scale);
+  best = PyMem_Malloc(sizeof(int64_t) * scale * SLOTS);
   member_of = PyMem_Malloc(sizeof(int64_t) * scale);
-  group_hash = PyMem_Malloc(sizeof(uint64_t) * (m + 1));
-  usable = PyMem_Malloc(2 * (m + 1));
-  if (!a || !b || !d || !best || !member_of || !group_hash || !usable) {
+  if (!best || !member_of) {
     PyErr_NoMemory();
     goto done;
   }
-  for (int64_t r = 0; r < scale; r++) best[r] = none, member_of[r] = -1;
+  for (int64_t r = 0; r < scale * SLOTS; r++) best[r] = none;
+  for (int64_t r = 0; r < scale; r++) member_of[r] = -1;
   for (Py_ssize_t i = m - 1; i >= 0; i--) member_of[order[i]] = i;
-  for (Py_ssize_t i = 0; i < m; i++) {
-    group_hash[i] = hashes[2 * i + which[i]];
-    usable[2 * i] = popcount64(hashes[2 * i]) >= min_bits;
-    usable[2 * i + 1] = popcount64(hashes[2 * i + 1]) >= min_bits;
-  }
 
-  int64_t emitted = 0, skipped = 0;
-  scan(m, hashes, which, order, train, usable, group_hash, masks, num_bands,
-       band, distance, max_pairs, scale, best, a, b, d, &emitted, &skipped);
+  scan(m, group_hash, which, order, split, cls, distance, scale, best);
 
-  int64_t leaks = 0;
-  for (int64_t r = 0; r < scale; r++) leaks += best[r] < none;
-  held = PyMem_Malloc(sizeof(int64_t) * (leaks + 1));
-  partner = PyMem_Malloc(sizeof(int64_t) * (leaks + 1));
-  leak_d = PyMem_Malloc(sizeof(int64_t) * (leaks + 1));
-  if (!held || !partner || !leak_d) {
+  int64_t filled = 0;
+  for (int64_t r = 0; r < scale * SLOTS; r++) filled += best[r] < none;
+  out = PyMem_Malloc(sizeof(int64_t) * 4 * (filled + 1));
+  if (!out) {
     PyErr_NoMemory();
     goto done;
   }
-  int64_t k = 0;
-  for (int64_t r = 0; r < scale; r++) {
+  int64_t *image = out, *slot = out + filled, *partner = out + 2 * filled;
+  int64_t *d = out + 3 * filled, k = 0;
+  for (int64_t r = 0; r < scale * SLOTS; r++) {
     if (best[r] >= none) continue;
-    held[k] = member_of[r];
+    image[k] = member_of[r / SLOTS];
+    slot[k] = r % SLOTS;
     partner[k] = member_of[best[r] % scale];
-    leak_d[k] = best[r] / scale;
+    d[k] = best[r] / scale;
     k++;
   }
-  result = Py_BuildValue(
-      "(y#y#y#Ly#y#y#)", (const char *)a, (Py_ssize_t)(emitted * 8),
-      (const char *)b, (Py_ssize_t)(emitted * 8), (const char *)d,
-      (Py_ssize_t)(emitted * 8), (long long)skipped, (const char *)held,
-      (Py_ssize_t)(leaks * 8), (const char *)partner, (Py_ssize_t)(leaks * 8),
-      (const char *)leak_d, (Py_ssize_t)(leaks * 8));
+  const Py_ssize_t n = (Py_ssize_t)(filled * 8);
+  result = Py_BuildValue("(y#y#y#y#)", (const char *)image, n,
+                         (const char *)slot, n, (const char *)partner, n,
+                         (const char *)d, n);
 
 done:
-  PyMem_Free(a), PyMem_Free(b), PyMem_Free(d), PyMem_Free(best);
-  PyMem_Free(member_of), PyMem_Free(group_hash), PyMem_Free(usable);
-  PyMem_Free(held), PyMem_Free(partner), PyMem_Free(leak_d);
+  PyMem_Free(best), PyMem_Free(member_of), PyMem_Free(out);
   PyBuffer_Release(&hb), PyBuffer_Release(&wb), PyBuffer_Release(&ob);
-  PyBuffer_Release(&tb), PyBuffer_Release(&mb);
+  PyBuffer_Release(&sb), PyBuffer_Release(&cb);
   return result;
 }
 
 static PyMethodDef methods[] = {
-    {"pair_arrays", pair_arrays, METH_VARARGS,
-     "A band group's emitted pairs, skipped count and leaks (see the file)."},
+    {"slots", slots, METH_VARARGS,
+     "A band group's nearest partner of each image in each slot (see the "
+     "file)."},
     {NULL, NULL, 0, NULL}};
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_near_pairs",

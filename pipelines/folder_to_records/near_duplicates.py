@@ -1,4 +1,4 @@
-"""Near-duplicate pairs across the whole build, without comparing all pairs.
+"""Near-duplicates across the whole build, without comparing all pairs.
 
 Each written image has two 64-bit perceptual hashes (pipelines.preprocessing.
 perceptual_hash.build_hashes): of the whole image and of its centre.
@@ -9,49 +9,45 @@ whole-centre either way) is at most `distance`. Two hashes within
 `distance` bits differ in at most `distance` places, so when the 64 bits
 are cut into `distance + 1` bands, some band of the two is identical
 (pigeonhole): keying every hash by each of its bands and comparing only
-inside a key's group finds every pair within the distance. A hash pair
-sharing several bands is emitted only by the group of the first one; the
-same two images near through several hash pairs come out only for the
-first hash pair at their least distance (_COMBOS), so each pair comes out
-once, at its least distance, with no further grouping.
+inside a key's group finds every pair within the distance.
+
+What the search keeps is per image, not per pair: its nearest partner in
+each slot (the partner's split: train, validation, test; and the nearest
+of another class), least distance then first path. Every candidate of
+every group counts (a minimum: a pair seen in several groups, or through
+several hash pairs, changes nothing), so no pair needs to come out of one
+group only, and nothing grows with the number of pairs (30,000 crops of
+three photos make ~146 million candidate pairs; their lines were 298 MB
+when the report listed every pair). The group step keeps each image's
+slots over its groups (_Nearest, arrays), a combine keeps them over the
+bundles and workers (nearest_partners), and a last step (_report_images)
+writes each image's pairs' lines, counts it, and leaves it out when it is
+an evaluation image with a train copy.
 
 Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
 near-identical frames) is compared only among MAX_GROUP members (first by a
-hash of their path, so no folder is favoured), and at most MAX_GROUP_PAIRS
-candidate pairs of a group are examined (get a line); both are reported as
-capped, so no group makes more pairs, whatever the file count. The band
-entries travel through bucket files (_bands_to_buckets), not as shuffle
-elements, so neither the launcher nor a worker holds them all.
-
-Leaks do not depend on the caps or on band order: every group sends, for
-each evaluation image among its candidates, its nearest train image there
-(_Leaks: every candidate, examined or not), and the launcher keeps each
-image's least over all its groups. So a pair whose first shared band falls
-in a capped group may not be examined, but its evaluation copy is left out as
-long as some group compared the two (only MAX_GROUP's member cap can keep
-them apart in every group). Limit: with spread hashes, groups reach the
-member cap near N = 2^band_bits * MAX_GROUP (~260k images at the default
-distance). Flat images (a flat whole or centre) take no part: see
+hash of their path, so no folder is favoured), reported as capped, so a
+group's work is bounded whatever the file count: pairs of two images that
+no group compared whole are not found. The band entries travel through
+bucket files (_bands_to_buckets), not as shuffle elements, so neither the
+launcher nor a worker holds them all. Limit: with spread hashes, groups
+reach the member cap near N = 2^band_bits * MAX_GROUP (~260k images at the
+default distance). Flat images (a flat whole or centre) take no part: see
 MIN_BITS_SET; nor do sources under MIN_SOURCE_SIDE pixels a side
 (searched).
 
-Rules for a pair (a, b) at distance d (README, "Near-duplicates"):
-  * one in train, the other in validation or test: a leak; the evaluation
-    copy is left out (rejected.jsonl names the train file and d), as exact
-    leaks are, so files never change split when others are added;
-  * same split, or validation against test: reported, nothing removed;
-  * different classes: also reported as a possible label conflict.
+Rules for an image (README, "Near-duplicates"):
+  * an evaluation image (validation or test) with a train copy: a leak;
+    it is left out (rejected.jsonl names its nearest train copy and d), as
+    exact leaks are, so files never change split when others are added;
+  * a copy in its own split, or validation against test: reported,
+    nothing removed;
+  * a copy of another class: also reported as a possible label conflict.
 
-The report: every pair found is counted (by kind, and label conflicts),
-but near_duplicates.jsonl lists only each image's nearest partner in each
-split and its nearest of another class (SLOTS; least distance, then first
-path): at most 4 lines an image, where every pair would grow with the
-square of a near-identical set (1.6M lines, 298 MB, for 30,000 crops of
-three photos). The group step keeps each image's slots over its groups
-(_Nearest, arrays), a combine keeps them over the bundles, and a last step
-writes the pairs' lines (_lines_to_runs); a pair both its images name is
-merged once.
+The report counts images (image_kinds), and near_duplicates.jsonl lists
+each image's pairs with the partners in its slots: at most 4 lines an
+image; a pair both its images name is merged once.
 """
 
 from __future__ import annotations
@@ -67,7 +63,7 @@ import numpy as np
 from pipelines.common import walk
 from pipelines.folder_to_records import listing as listing_lib
 
-try:  # The group step's candidates compiled (_pair_arrays), when built.
+try:  # The group step's candidates compiled (_slots), when built.
   from pipelines.folder_to_records import _near_pairs as _compiled  # pylint: disable=g-import-not-at-top
 except ImportError:  # Not built (no C compiler at install): numpy.
   _compiled = None
@@ -82,10 +78,6 @@ DEFAULT_DISTANCE = 8
 MAX_DISTANCE = 16
 # Most references one band group compares (see "Scale" above).
 MAX_GROUP = 4096
-# Most pairs one band group examines: 4,096 near-identical images (blank
-# frames) would otherwise make 8 million pair lines. The rest are counted in
-# the group's capped report.
-MAX_GROUP_PAIRS = 20_000
 _ROWS = 256  # Rows of a group's distance matrix computed at once.
 # Which entries of a block of _ROWS rows against the same columns are above
 # the diagonal (each pair once).
@@ -94,8 +86,7 @@ _ABOVE = np.triu(np.ones((_ROWS, _ROWS), dtype=bool), k=1)
 NEAR_LEAK = 'near_duplicate_leak'  # Outcome of a left-out evaluation copy.
 LEAK, WITHIN_SPLIT, ACROSS_EVALUATION = (
     'leak', 'within_split', 'across_evaluation_splits')
-# Tagged outputs.
-PAIRS, CAPPED = 'near_pairs', 'near_capped'
+CAPPED = 'near_capped'  # Tagged output: a capped group's report.
 
 
 def _tagged(tag: str, value):
@@ -434,211 +425,127 @@ def _rank(ref: Ref, which: int) -> tuple:
           ref.relpath, which)
 
 
-def _emitted_here(a: Ref, b: Ref, which_a: int, which_b: int, band: int,
-                  masks: tuple[int, ...], distance: int) -> int:
-  """The pair's distance if this group (band, hash pair) is the one to emit
-  it, else -1: the first combo in _COMBOS at the least distance, at the
-  first band those two hashes share. a.relpath < b.relpath: the order
-  decides which combo is first, so both members of a group agree. (The
-  rule, one pair at a time: _emitted vectorizes it, and a test holds the
-  two to each other.)"""
-  best = near_distance(a.phashes, b.phashes)
-  for wa, wb in _COMBOS:
-    if not (usable(a.phashes[wa]) and usable(b.phashes[wb])):
-      continue
-    x = a.phashes[wa] ^ b.phashes[wb]
-    if x.bit_count() == best:
-      if (wa, wb) != (which_a, which_b):
-        return -1
-      first = next(k for k, m in enumerate(masks) if not x & m)
-      return best if first == band and best <= distance else -1
-  return -1
+# Most paths _Lines keeps made (a worker's memory stays bounded).
+_SEEN_PATHS = 50_000
 
 
-def _emitted(hashes: np.ndarray, which: np.ndarray, order: np.ndarray,
-             a: np.ndarray, b: np.ndarray, *, band: int, masks: np.ndarray,
-             distance: int) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                      np.ndarray]:
-  """_emitted_here over candidate pairs at once.
+class _Classes:
+  """relpath -> an int per class (equal ints, equal classes), each path's
+  class found once (at most _SEEN_PATHS paths kept)."""
 
-  hashes: uint64 [M, 2] (whole, centre) of a group's M members; which: [M]
-  the member's hash in this group; order: [M] the rank of its path (equal
-  for the two hashes of one image); a, b: [N] member indices of the
-  candidates. Returns (a, b, distance) of the pairs this group emits, each
-  in path order, and their positions among the candidates.
-  """
-  keep = order[a] != order[b]  # An image's two hashes: not a pair.
-  swap = order[b] < order[a]
-  a, b = np.where(swap, b, a), np.where(swap, a, b)
-  usable_ = np.bitwise_count(hashes) >= MIN_BITS_SET  # [M, 2]
-  xors, dists = [], []
-  for wa, wb in _COMBOS:
-    x = hashes[a, wa] ^ hashes[b, wb]
-    xors.append(x)
-    dists.append(np.where(usable_[a, wa] & usable_[b, wb],
-                          np.bitwise_count(x).astype(np.int64), NEVER))
-  dists = np.stack(dists)  # [3, N]
-  combo = dists.argmin(axis=0)  # The first combo at the least distance.
-  best = dists[combo, np.arange(len(a))]
-  combos = np.array(_COMBOS)
-  keep &= (combos[combo, 0] == which[a]) & (combos[combo, 1] == which[b])
-  keep &= best <= distance
-  x = np.stack(xors)[combo, np.arange(len(a))]
-  shared = (x[None, :] & masks[:, None]) == 0  # [bands, N]
-  keep &= shared.argmax(axis=0) == band  # The first band they share.
-  at = np.nonzero(keep)[0]
-  return a[at], b[at], best[at], at
+  def __init__(self, layout: str):
+    self._layout = layout
+    self._ids, self._of = {}, {}
+
+  def __call__(self, relpath: str) -> int:
+    known = self._of.get(relpath)
+    if known is None:
+      if len(self._of) >= _SEEN_PATHS:
+        self._of.clear()
+      cls = listing_lib.source_file(relpath, self._layout).class_name
+      known = self._of[relpath] = self._ids.setdefault(cls, len(self._ids))
+    return known
 
 
-def _group(element, *, distance: int, masks: tuple[int, ...], cap: int,
-           max_pairs: int):
+def _group(element, *, distance: int, cap: int, class_of):
   """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
-  a, b, d [N] (the pairs this group emits, as member indices in path order,
-  and their distances), the capped report or None, leaks (_pair_arrays)):
-  see group_pairs."""
+  found: (image, slot, partner, d) [K] (_slots: member indices), the capped
+  report or None). class_of: relpath -> class int (_Classes)."""
   key, packed = element
-  band = key >> HASH_BITS
   members, total = _smallest(packed, cap)
-  a, b, d, skipped, leaks = _pair_arrays(
-      members, band=band, distance=distance, masks=masks,
-      max_pairs=max_pairs)
+  found = _slots(members, distance=distance, class_of=class_of)
   capped = None
-  if total > cap or skipped:
-    capped = {'band': band, 'members': total, 'compared': min(total, cap),
-              'pairs_not_examined': skipped,
+  if total > cap:
+    capped = {'band': key >> HASH_BITS, 'members': total, 'compared': cap,
               'example': members[0][1].relpath}
-  return members, a, b, d, capped, leaks
+  return members, found, capped
 
 
-def group_pairs(element, *, distance: int, masks: tuple[int, ...],
-                cap: int = MAX_GROUP, max_pairs: int = MAX_GROUP_PAIRS):
-  """((band, bits), members) -> (a, b, d) for each pair of images within
-  `distance` (near_distance) that this group is the one to emit: each pair
-  comes out of exactly one group, so no further grouping is needed.
-  'near_capped' for a group over cap members, or with more than max_pairs
-  candidate pairs (those past it are counted, not examined)."""
-  members, a, b, d, capped, _ = _group(
-      element, distance=distance, masks=masks, cap=cap, max_pairs=max_pairs)
-  for i, j, dist in zip(a.tolist(), b.tolist(), d.tolist()):
-    yield members[i][1], members[j][1], dist
-  if capped:
-    yield _tagged(CAPPED, capped)
+_NONE = np.zeros(0, dtype=np.int64)
 
 
-_NO_PAIRS = np.zeros(0, dtype=np.int64)
-
-
-def _pair_arrays(members, *, band: int, distance: int,
-                 masks: tuple[int, ...], max_pairs: int,
-                 use_compiled: Optional[bool] = None):
-  """_pair_arrays_reference's result, from the compiled `_near_pairs`
-  extension when it is built (use_compiled None; False: the reference),
-  which a test holds equal to it."""
+def _slots(members, *, distance: int, class_of,
+           use_compiled: Optional[bool] = None):
+  """_slots_reference's result, from the compiled `_near_pairs` extension
+  when it is built (use_compiled None; False: the reference), which a
+  test holds equal to it."""
   if use_compiled is None:
     use_compiled = _compiled is not None
   elif use_compiled and _compiled is None:
     raise ValueError('use_compiled=True, but _near_pairs was not built (no '
                      'C compiler at install?)')
-  if not use_compiled or len(members) < 2:
-    return _pair_arrays_reference(members, band=band, distance=distance,
-                                  masks=masks, max_pairs=max_pairs)
+  if len(members) < 2:
+    return (_NONE,) * 4
+  which = np.array([w for w, _ in members], dtype=np.uint8)
+  hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
   paths = [ref.relpath for _, ref in members]
   rank = {p: r for r, p in enumerate(sorted(set(paths)))}
-  a, b, d, skipped, held, train, dist = _compiled.pair_arrays(
-      np.array([ref.phashes for _, ref in members], dtype=np.uint64).tobytes(),
-      bytes(w for w, _ in members),
-      np.array([rank[p] for p in paths], dtype=np.int32).tobytes(),
-      bytes(ref.split == 'train' for _, ref in members), band,
-      np.array(masks, dtype=np.uint64).tobytes(), distance, max_pairs,
-      MIN_BITS_SET)
-  as_array = lambda raw: np.frombuffer(raw, dtype=np.int64)
-  return (as_array(a), as_array(b), as_array(d), skipped,
-          (as_array(held), as_array(train), as_array(dist)))
+  order = np.array([rank[p] for p in paths], dtype=np.int32)
+  split = np.array([_SPLITS.index(ref.split) for _, ref in members],
+                   dtype=np.uint8)
+  cls = np.array([class_of(p) for p in paths], dtype=np.int32)
+  if not use_compiled:
+    return _slots_reference(hashes, which, order, split, cls,
+                            distance=distance)
+  return tuple(np.frombuffer(raw, dtype=np.int64) for raw in _compiled.slots(
+      hashes.tobytes(), which.tobytes(), order.tobytes(), split.tobytes(),
+      cls.tobytes(), distance))
 
 
-def _pair_arrays_reference(members, *, band: int, distance: int,
-                           masks: tuple[int, ...], max_pairs: int):
-  """group_pairs' pairs of `members` as arrays: (a, b, d [N],
-  how many candidate pairs past max_pairs were counted but not examined,
-  leaks: (held, train, d) [K], for each evaluation image with a train
-  image among this group's candidates, the nearest (d, then train path):
-  every candidate counts, examined or not, and whichever group the pair's
-  line comes from, so no cap and no band order leaves a leak in (the
-  launcher keeps each image's least over its groups)."""
-  if len(members) < 2:
-    return _NO_PAIRS, _NO_PAIRS, _NO_PAIRS, 0, (_NO_PAIRS,) * 3
-  which = np.array([w for w, _ in members])
-  both = np.array([ref.phashes for _, ref in members], dtype=np.uint64)
-  hashes = both[np.arange(len(members)), which]
-  paths = [ref.relpath for _, ref in members]
-  order = np.unique(np.array(paths, dtype=object), return_inverse=True)[1]
-  train = np.array([ref.split == 'train' for _, ref in members])
-  leaks = _Leaks(order, train)
-  mask_array = np.array(masks, dtype=np.uint64)
+def _slots_reference(hashes: np.ndarray, which: np.ndarray,
+                     order: np.ndarray, split: np.ndarray, cls: np.ndarray,
+                     *, distance: int):
+  """A group's candidates, per image: its nearest partner in each slot.
+
+  hashes: uint64 [M], the hash each member is in the group by; which: [M]
+  (WHOLE or CENTRE); order: int32 [M], the rank of its path (equal for an
+  image's two hashes); split: [M] an index into _SPLITS; cls: [M] class
+  ints. A candidate is a pair of two images within `distance` bits of
+  which one hash at least is a whole one (centre-centre adds only false
+  pairs). Returns (image, slot, partner, d) [K], one per filled slot in
+  (rank, slot) order: the image's first member, the slot (the partner's
+  split, or _OTHER_CLASS), its nearest partner's first member (least d,
+  then path rank), d.
+  """
+  m = len(hashes)
+  scale = int(order.max()) + 1
+  none = NEVER * scale
+  best = np.full((scale, SLOTS), none, dtype=np.int64)
   whole = which == WHOLE
-  examined, skipped, found = 0, 0, [(_NO_PAIRS,) * 3]
-  for top in range(0, len(members), _ROWS):
+  for top in range(0, m, _ROWS):
     # Rows top.. against columns top..: each member pair once (column >
-    # row), and a centre hash only against a whole one.
+    # row), a centre hash only against a whole one, not an image's own.
     rows = len(hashes[top:top + _ROWS])
     bits = np.bitwise_count(hashes[top:top + rows, None] ^ hashes[None, top:])
+    row_order, column_order = order[top:top + rows], order[top:]
     near = bits <= distance
     near[:, :rows] &= _ABOVE[:rows, :rows]
     near &= whole[None, top:] | whole[top:top + rows, None]
-    leaks.add(top, rows, near, bits)
-    room = max(0, max_pairs - examined)
-    if not room:  # Past max_pairs: counted, not examined.
-      skipped += int(np.count_nonzero(near))
+    near &= row_order[:, None] != column_order[None, :]
+    if not near.any():
       continue
-    row_ids, column_ids = np.nonzero(near)
-    skipped += max(0, len(row_ids) - room)
-    examined += min(room, len(row_ids))
-    found.append(_emitted(both, which, order, top + row_ids[:room],
-                          top + column_ids[:room], band=band,
-                          masks=mask_array, distance=distance)[:3])
-  a, b, d = (np.concatenate(column) for column in zip(*found))
-  return a, b, d, skipped, leaks.result()
-
-
-class _Leaks:
-  """_pair_arrays' leaks, block of rows by block: per image (its path rank
-  in `order`), the least d * M + rank of a train partner, M the number of
-  ranks (so the least d first, then the first train path)."""
-
-  def __init__(self, order: np.ndarray, train: np.ndarray):
-    self._order, self._train = order.astype(np.int32), train
-    self._scale = int(order.max()) + 1
-    self._none = NEVER * self._scale  # < 2^31: at most MAX_GROUP ranks.
-    self._best = np.full(self._scale, self._none, dtype=np.int64)
-
-  def add(self, top: int, rows: int, near: np.ndarray, bits: np.ndarray):
-    """near, bits [rows, M - top]: candidates and distances of members
-    top..top+rows against members top.. ."""
-    row_train = self._train[top:top + rows]
-    column_train = self._train[top:]
-    cross = near & (row_train[:, None] != column_train[None, :])
-    if not cross.any():
-      return
-    # d * M where a cross candidate, else NEVER * M; + the partner's rank.
-    key = np.where(cross, bits, np.uint8(NEVER)).astype(np.int32)
-    key *= self._scale
-    row_order, column_order = self._order[top:top + rows], self._order[top:]
-    # An evaluation row's train columns, a train row's evaluation columns.
-    by_row = (key + column_order[None, :]).min(axis=1)
-    np.minimum.at(self._best, row_order[~row_train], by_row[~row_train])
-    by_column = (key + row_order[:, None]).min(axis=0)
-    np.minimum.at(self._best, column_order[~column_train],
-                  by_column[~column_train])
-
-  def result(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(held, train, d) [K]: member indices of each evaluation image with a
-    train partner, that partner, and their distance."""
-    held_ranks = np.nonzero(self._best < self._none)[0]
-    member_of = np.empty(self._scale, dtype=np.int64)
-    member_of[self._order[::-1]] = np.arange(len(self._order))[::-1]
-    best = self._best[held_ranks]
-    return (member_of[held_ranks], member_of[best % self._scale],
-            best // self._scale)
+    # d * scale + the partner's rank where a candidate, else `none`.
+    key = np.where(near, bits.astype(np.int64) * scale, none)
+    by_row = key + column_order[None, :]  # A row's partners: the columns.
+    by_column = key + row_order[:, None]
+    row_split, column_split = split[top:top + rows], split[top:]
+    other = cls[top:top + rows, None] != cls[None, top:]
+    for slot in range(SLOTS):
+      if slot == _OTHER_CLASS:
+        row_mask = column_mask = other
+      else:
+        row_mask = (column_split == slot)[None, :]
+        column_mask = (row_split == slot)[:, None]
+      np.minimum.at(best[:, slot], row_order,
+                    np.where(row_mask, by_row, none).min(axis=1))
+      np.minimum.at(best[:, slot], column_order,
+                    np.where(column_mask, by_column, none).min(axis=0))
+  member_of = np.empty(scale, dtype=np.int64)
+  member_of[order[::-1]] = np.arange(m)[::-1]
+  rank, slot = np.nonzero(best < none)
+  kept = best[rank, slot]
+  return (member_of[rank], slot.astype(np.int64), member_of[kept % scale],
+          kept // scale)
 
 
 def _kind(split_a: str, split_b: str) -> str:
@@ -703,9 +610,6 @@ def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
           f'"label_conflict": {"true" if conflict else "false"}}}')
 
 
-# Most paths _Lines keeps made (a worker's memory stays bounded).
-_SEEN_PATHS = 50_000
-_KINDS = (LEAK, WITHIN_SPLIT, ACROSS_EVALUATION)  # _Nearest.add's kinds.
 
 
 # Which partners of an image near_duplicates.jsonl names: its nearest in
@@ -719,21 +623,17 @@ _REDUCE_ENTRIES = 1_000_000
 
 
 class _Nearest:
-  """Per image, its nearest partner in each slot over the pairs added so
-  far: the least distance, then the first path (as nearest() orders a
-  leak's train copies). Entries are held as arrays, only those within
-  their slot's least distance so far, and reduced to one an image and
-  slot past _REDUCE_ENTRIES: an image is in up to 2 x (distance + 1)
-  groups, and a Python object per pair and group would cost more than the
-  pair lines this replaced (BUILD_NOTES)."""
+  """Per image, its nearest partner in each slot over the groups added so
+  far: the least distance, then the first path (as the groups order them).
+  Entries are held as arrays, only those within their slot's least
+  distance so far, and reduced to one an image and slot past
+  _REDUCE_ENTRIES: an image is in up to 2 x (distance + 1) groups."""
 
-  def __init__(self, layout: str):
-    self._layout = layout
-    self._class_ids = {}  # class name -> int (equal ints, equal classes)
+  def __init__(self):
     self._forget()
 
   def _forget(self) -> None:
-    # relpath -> (id: an index into _paths, split index, class int)
+    # relpath -> (id: an index into _paths, split index, chunk)
     self._info, self._paths = {}, []
     self._parts, self._size = [], 0
     # [ids, SLOTS]: the least distance of each image's slot so far. An
@@ -744,40 +644,22 @@ class _Nearest:
     """Images held."""
     return len(self._paths)
 
-  def _new(self, ref: Ref) -> tuple[int, int, int]:
-    known = self._info.get(ref.relpath)  # A group may hold both hashes.
+  def _id(self, ref: Ref) -> int:
+    known = self._info.get(ref.relpath)
     if known is None:
-      cls = listing_lib.source_file(ref.relpath, self._layout).class_name
       known = self._info[ref.relpath] = (
-          len(self._paths), _SPLITS.index(ref.split),
-          self._class_ids.setdefault(cls, len(self._class_ids)))
+          len(self._paths), _SPLITS.index(ref.split), ref.chunk)
       self._paths.append(ref.relpath)
-    return known
+    return known[0]
 
-  def add(self, members, a: np.ndarray, b: np.ndarray, d: np.ndarray
-          ) -> tuple[np.ndarray, np.ndarray]:
-    """A group's pairs: members [(which, Ref)] [M]; a, b, d [N] (member
-    indices and distances, _group's). Returns ([N] each pair's kind, an
-    index into _KINDS; [N] whether it is a label conflict)."""
-    if not len(a):
-      return _NO_PAIRS, _NO_PAIRS.astype(bool)
-    get = self._info.get
-    rows = [get(ref.relpath) for _, ref in members]
-    if None in rows:
-      rows = [row or self._new(ref) for row, (_, ref) in zip(rows, members)]
-    ids, split, cls = np.array(rows, dtype=np.int64).T
-    sa, sb = split[a], split[b]
-    kinds = np.where((sa == 0) != (sb == 0), 0, np.where(sa == sb, 1, 2))
-    conflicts = cls[a] != cls[b]
-    this, other = np.concatenate([a, b]), np.concatenate([b, a])
-    dist = np.concatenate([d, d]).astype(np.int64)
-    crossed = np.concatenate([conflicts, conflicts])
-    this, slot, dist, other = (
-        np.concatenate([ids[this], ids[this][crossed]]),
-        np.concatenate([split[other], np.full(int(crossed.sum()),
-                                              _OTHER_CLASS)]),
-        np.concatenate([dist, dist[crossed]]),
-        np.concatenate([ids[other], ids[other][crossed]]))
+  def add(self, members, image: np.ndarray, slot: np.ndarray,
+          partner: np.ndarray, d: np.ndarray) -> None:
+    """A group's slots: members [(which, Ref)]; image, slot, partner, d [K]
+    (member indices; _slots')."""
+    if not len(image):
+      return
+    ids = np.array([self._id(ref) for _, ref in members], dtype=np.int64)
+    this, other, dist = ids[image], ids[partner], d.astype(np.int64)
     if len(self._paths) > len(self._least):
       grown = np.full((2 * len(self._paths), SLOTS), NEVER, dtype=np.int64)
       grown[:len(self._least)] = self._least
@@ -788,7 +670,6 @@ class _Nearest:
     self._size += int(near.sum())
     if self._size > _REDUCE_ENTRIES:
       self._reduce()
-    return kinds, conflicts
 
   def _reduce(self) -> None:
     """The entries held, reduced to each image's nearest per slot."""
@@ -809,9 +690,9 @@ class _Nearest:
     self._size = len(kept)
 
   def items(self) -> Iterator[tuple[str, tuple]]:
-    """(relpath, (its split, SLOTS of (distance, partner relpath, partner
-    split) or None)) for each image held (nearest_partners' value); then
-    holds none."""
+    """(relpath, (its split, its chunk, SLOTS of (distance, partner
+    relpath, partner split) or None)) for each image held
+    (nearest_partners' value); then holds none."""
     self._reduce()
     parts, paths, info = self._parts, self._paths, self._info
     self._forget()
@@ -825,192 +706,174 @@ class _Nearest:
         partner = paths[other[at]]
         slots[slot[at]] = (dist[at], partner, _SPLITS[info[partner][1]])
         at += 1
-      yield paths[image], (_SPLITS[info[paths[image]][1]], tuple(slots))
+      _, split, chunk = info[paths[image]]
+      yield paths[image], (_SPLITS[split], chunk, tuple(slots))
 
 
 def nearest_partners(values):
   """A CombinePerKey of _Nearest.items' values for one image: each slot's
   nearest (least distance, then path) over them."""
-  split, best = None, [None] * SLOTS
-  for split, slots in values:
+  split, chunk, best = None, None, [None] * SLOTS
+  for split, chunk, slots in values:
     for i, partner in enumerate(slots):
       if partner is not None and (best[i] is None
                                   or partner[:2] < best[i][:2]):
         best[i] = partner
-  return split, tuple(best)
+  return split, chunk, tuple(best)
 
 
-def _lines_to_runs(*, layout: str, run_dir: str):
-  """A DoFn: (relpath, nearest_partners' value) -> the lines of its pairs
-  with the partners in its slots, in sorted run files (PairRun, one per
-  bundle or per SORT_RUN_LINES lines). A pair named by both its images
-  has the same line twice; the launcher's merge writes it once."""
+def image_kinds(split: str, slots: tuple) -> tuple[str, ...]:
+  """The report's counts an image with these slots (nearest_partners')
+  adds one to: 'images' (it has a near copy), 'leaks' (a copy across the
+  train/evaluation line), 'within_split', 'across_evaluation_splits' (a
+  validation image's copy in test or the reverse), 'label_conflicts' (a
+  copy of another class)."""
+  kinds = []
+  filled = [s is not None for s in slots]
+  if any(filled):
+    kinds.append('images')
+  mine = _SPLITS.index(split)
+  if any(f and _kind(split, other) == LEAK
+         for f, other in zip(filled, _SPLITS)):
+    kinds.append('leaks')
+  if filled[mine]:
+    kinds.append(WITHIN_SPLIT)
+  if any(f and _kind(split, other) == ACROSS_EVALUATION
+         for f, other in zip(filled, _SPLITS)):
+    kinds.append(ACROSS_EVALUATION)
+  if filled[_OTHER_CLASS]:
+    kinds.append('label_conflicts')
+  return tuple(kinds)
+
+
+def _report_images(*, layout: str, run_dir: str):
+  """A DoFn: (relpath, nearest_partners' value) -> PairRuns: the lines of
+  its pairs with the partners in its slots, in sorted run files (one per
+  bundle or per SORT_RUN_LINES lines), and the counts of images
+  (image_kinds); 'drops' and 'rejected': an evaluation image with a train
+  copy is left out (its nearest train copy named). A pair named by both
+  its images has the same line twice; the launcher's merge writes it
+  once."""
+  import collections  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
-  class LinesToRuns(beam.DoFn):
-    """See _lines_to_runs."""
+  class ReportImages(beam.DoFn):
+    """See _report_images."""
 
     def setup(self):
       self._text = _Lines(layout)
 
     def start_bundle(self):
-      self._lines = []
+      self._lines, self._counts = [], collections.Counter()
 
     def _flush(self) -> PairRun:
       lines, self._lines = self._lines, []
-      return PairRun(file_io.write_run(run_dir, 'pairs', lines), {}, 0)
+      counts, self._counts = dict(self._counts), collections.Counter()
+      return PairRun(file_io.write_run(run_dir, 'pairs', lines) if lines
+                     else None, counts)
 
     def process(self, element):
-      relpath, (split, slots) = element
+      relpath, (split, chunk, slots) = element
+      self._counts.update(image_kinds(split, slots))
       for d, partner, partner_split in sorted(set(filter(None, slots))):
         self._lines.append(self._text.pair((relpath, split),
                                            (partner, partner_split), d))
+      train = slots[_SPLITS.index('train')]
+      if split != 'train' and train is not None:
+        d, copy, _ = train
+        yield _tagged(DROPS, (split, chunk, relpath))
+        yield _tagged('rejected', walk.Skipped(
+            relpath, NEAR_LEAK,
+            f'near-duplicate of {copy} (train; perceptual hash distance '
+            f'{d}): left out of {split} so that it does not inflate '
+            'evaluation', near=copy, distance=d))
       if len(self._lines) >= file_io.SORT_RUN_LINES:
         yield self._flush()
 
     def finish_bundle(self):
-      if self._lines:
+      if self._lines or self._counts:
         yield file_io.in_global_window(self._flush())
 
-  return LinesToRuns()
-
-
-def nearest(partners):
-  """The nearest of (d, train relpath, Ref) partners: least d, then path
-  (a CombinePerKey: each worker keeps one per image, not one per group)."""
-  return min(partners, key=lambda p: (p[0], p[1]))
-
-
-def leave_out(element):
-  """(evaluation relpath, its nearest (d, train relpath, Ref)) -> its drop
-  (split, chunk, relpath), and its 'rejected' line naming that train
-  copy."""
-  relpath, (d, train, ref) = element
-  yield ref.split, ref.chunk, relpath
-  yield _tagged('rejected', walk.Skipped(
-      relpath, NEAR_LEAK,
-      f'near-duplicate of {train} (train; perceptual hash distance {d}): '
-      f'left out of {ref.split} so that it does not inflate evaluation',
-      near=train, distance=d))
+  return ReportImages()
 
 
 class PairRun(NamedTuple):
-  """A sorted run file of pair lines (path; None for counts only) and the
-  pairs found it counts (the group step's: every pair, listed or not)."""
+  """A sorted run file of pair lines (path; None: no lines) and the counts
+  of the images it read (image_kinds')."""
   path: Optional[str]
-  kinds: dict
-  label_conflicts: int
+  counts: dict
 
 
 NEAREST = 'near_nearest'  # Tagged output: _Nearest.items.
+DROPS = 'near_drops'  # Tagged output: (split, chunk, relpath) left out.
 
 
-def _pairs_to_runs(*, distance: int, masks: tuple[int, ...], layout: str,
-                   run_dir: str):
-  """A DoFn: a bucket of band groups (_bands_to_buckets) -> the counts of
-  each group's pairs (group_pairs; a PairRun with no path, per bundle),
-  'near_nearest': per image, its nearest partner in each slot among the
-  bundle's pairs (_Nearest.items, at most _BUNDLE_LEAKS images held at
-  once), 'leak': the nearest train copy of each evaluation copy in the
-  bundle's groups (as many held), 'near_capped'.
-  No element per pair crosses a step: at 30,000 photo-like images there
-  are 1.6M pairs. Nor one per group an image is in (up to 2 x (distance +
-  1)): its nearest are kept per bundle, as the combines keep them per
-  worker (3,000 photo-like images: 5,750 -> ~600 leak elements). Only
-  the outputs of a bundle that succeeded go downstream, so a retried
-  bundle counts no pair twice."""
-  import collections  # pylint: disable=g-import-not-at-top
+def _group_slots(*, distance: int, layout: str):
+  """A DoFn: a bucket of band groups (_bands_to_buckets) -> per image, its
+  nearest partner in each slot among the bundle's groups (_Nearest.items,
+  at most _BUNDLE_IMAGES images held at once), 'near_capped'. No element
+  per pair crosses a step (at 30,000 photo-like images there are millions
+  of candidate pairs), nor one per group an image is in (up to 2 x
+  (distance + 1)): its nearest are kept per bundle, as the combine keeps
+  them per worker. Only the outputs of a bundle that succeeded go
+  downstream, so a retried bundle adds nothing twice."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
-  class PairsToRuns(beam.DoFn):
-    """See _pairs_to_runs."""
+  class GroupSlots(beam.DoFn):
+    """See _group_slots."""
+
+    def setup(self):
+      self._class_of = _Classes(layout)
 
     def start_bundle(self):
-      self._kinds, self._conflicts = collections.Counter(), 0
-      self._nearest = _Nearest(layout)
-      self._leaks = {}  # relpath -> its nearest (d, train relpath, Ref)
-
-    def _flush_leaks(self):
-      """The held (relpath, its nearest) items, let go."""
-      leaks, self._leaks = self._leaks, {}
-      return leaks.items()
+      self._nearest = _Nearest()
 
     def process(self, element):
       """(bucket, its file ranges) -> each band group's outputs."""
       _, ranges = element
       groups = read_bucket(file_io.read_keyed(ranges))
       for key in sorted(groups):
-        yield from self._one_group((key, groups.pop(key)))
-
-    def _one_group(self, element):
-      members, a, b, d, capped, leaks = _group(
-          element, distance=distance, masks=masks, cap=MAX_GROUP,
-          max_pairs=MAX_GROUP_PAIRS)
-      if len(a):
-        kinds, conflicts = self._nearest.add(members, a, b, d)
-        for k, count in enumerate(np.bincount(kinds, minlength=3).tolist()):
-          if count:
-            self._kinds[_KINDS[k]] += count
-        self._conflicts += int(conflicts.sum())
-        if len(self._nearest) >= _BUNDLE_LEAKS:
-          for item in self._nearest.items():
-            yield _tagged(NEAREST, item)
-      held_leaks = self._leaks
-      for held, train, dist in zip(*(x.tolist() for x in leaks)):
-        ref = members[held][1]
-        leak = (dist, members[train][1].relpath, ref)
-        known = held_leaks.get(ref.relpath)
-        if known is None or leak[:2] < known[:2]:  # nearest()'s order.
-          held_leaks[ref.relpath] = leak
-      if len(held_leaks) >= _BUNDLE_LEAKS:
-        for leak in self._flush_leaks():
-          yield _tagged(LEAK, leak)
-      if capped:
-        yield _tagged(CAPPED, capped)
+        members, found, capped = _group(
+            (key, groups.pop(key)), distance=distance, cap=MAX_GROUP,
+            class_of=self._class_of)
+        self._nearest.add(members, *found)
+        if len(self._nearest) >= _BUNDLE_IMAGES:
+          yield from self._nearest.items()
+        if capped:
+          yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
-      if self._kinds:
-        yield file_io.in_global_window(PairRun(None, dict(self._kinds),
-                                               self._conflicts))
       for item in self._nearest.items():
-        yield _tagged(NEAREST, file_io.in_global_window(item))
-      for leak in self._flush_leaks():
-        yield _tagged(LEAK, file_io.in_global_window(leak))
+        yield file_io.in_global_window(item)
 
-  return PairsToRuns()
+  return GroupSlots()
 
 
-# Most evaluation images a group-step bundle keeps the nearest train copy of
-# before it sends them on (~100 B each, the Ref aside), and most images it
-# keeps the slots of (_Nearest).
-_BUNDLE_LEAKS = 50_000
+# Most images a group-step bundle keeps the slots of (_Nearest) before it
+# sends them on.
+_BUNDLE_IMAGES = 50_000
 
 
 def find(refs, counts, *, distance: int, layout: str, run_dir: str):
   """The search as Beam steps: refs (one Ref per written record; counts:
   the listing's (files, ignored) side input) -> (drops, rejected, PairRuns
-  of the pairs' counts and of the lines of the pairs listed, capped
+  of the images' counts and of the lines of the pairs listed, capped
   groups)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   masks = band_masks(distance)
-  pairs = (
+  slots = (
       refs
       | 'NearBands' >> beam.ParDo(_bands_to_buckets(
           masks=masks, run_dir=run_dir), counts)
       | 'NearGroups' >> beam.GroupByKey()
-      | 'NearPairs' >> beam.ParDo(_pairs_to_runs(
-          distance=distance, masks=masks, layout=layout, run_dir=run_dir)
-                                  ).with_outputs(CAPPED, LEAK, NEAREST,
-                                                 main='counts'))
-  lines = (pairs[NEAREST]
+      | 'NearSlots' >> beam.ParDo(_group_slots(
+          distance=distance, layout=layout)).with_outputs(
+              CAPPED, main='slots'))
+  found = (slots.slots
            | 'NearNearest' >> beam.CombinePerKey(nearest_partners)
-           | 'NearLines' >> beam.ParDo(_lines_to_runs(layout=layout,
-                                                      run_dir=run_dir)))
-  runs = (pairs.counts, lines) | 'NearRuns' >> beam.Flatten()
-  left_out = (pairs[LEAK]
-              | 'NearLeaks' >> beam.CombinePerKey(nearest)
-              | 'LeaveOut' >> beam.FlatMap(leave_out).with_outputs(
-                  'rejected', main='drops'))
-  return left_out.drops, left_out.rejected, runs, pairs[CAPPED]
+           | 'NearImages' >> beam.ParDo(_report_images(
+               layout=layout, run_dir=run_dir)).with_outputs(
+                   DROPS, 'rejected', main='runs'))
+  return found[DROPS], found.rejected, found.runs, slots[CAPPED]

@@ -558,17 +558,19 @@ def _near(report: report_lib.BuildReport, dataset_dir: str,
   pairs = stream_jsonl(posixpath.join(
       dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE), MAX_TABLE_ROWS,
                        total=near.listed or None)
-  counts = (('pairs', near.pairs),
-            (f'listed in {metadata_lib.NEAR_DUPLICATES_FILE} (each '
+  counts = (('images with a near copy', near.images),
+            (f'pairs listed in {metadata_lib.NEAR_DUPLICATES_FILE} (each '
              "image's nearest in each split and of another class)",
              near.listed),
-            ('leaks: train against validation/test', near.leaks),
-            ('evaluation files left out for them', near.left_out),
-            ('within a split (reported only)', near.within_split),
-            ('validation against test (reported only)',
-             near.across_evaluation_splits),
-            ('across classes (possible label conflicts)',
-             near.label_conflicts))
+            ('leaks: images with a copy across train and validation/test',
+             near.leaks),
+            ('evaluation images left out for them', near.left_out),
+            ('images with a copy in their own split (reported only)',
+             near.within_split),
+            ('validation images with a copy in test, and the reverse '
+             '(reported only)', near.across_evaluation_splits),
+            ('images with a copy of another class (possible label '
+             'conflicts)', near.label_conflicts))
   body = (f'<p>Images whose perceptual hashes differ in at most '
           f'{near.distance} of 64 bits.</p>' + _table(
               ('', 'count'), [(k, f'{n:,}') for k, n in counts], numeric=(1,)))
@@ -581,7 +583,7 @@ def _near(report: report_lib.BuildReport, dataset_dir: str,
                     'left out'), rows, numeric=(4,))
     body += _more(pairs.hidden, f'{metadata_lib.NEAR_DUPLICATES_FILE}: one '
                   'pair a line')
-  return _section('near', f'{title} ({near.pairs:,})', body)
+  return _section('near', f'{title} ({near.images:,} images)', body)
 
 
 # How chunk_format.image_line writes an image with no flag: in a line it
@@ -650,19 +652,15 @@ def _capped_and_warnings(report: report_lib.BuildReport) -> str:
           '</h3>')
   if capped:
     body += ('<p>Groups of images sharing one hash band too large to compare '
-             f'whole (over {near_lib.MAX_GROUP:,} hashes, or over '
-             f'{near_lib.MAX_GROUP_PAIRS:,} candidate pairs, e.g. many blank '
-             'images): only the first were compared, and only the first '
-             'candidate pairs were examined. Every pair compared counts for '
-             'leaks, examined or not: an evaluation copy of a train image '
-             f'is left out either way. Past the first {near_lib.MAX_GROUP:,} '
-             'hashes of a group, images are not compared there.</p>' + _table(
-                 ('band', 'members', 'compared', 'pairs not examined',
-                  'example'),
+             f'whole (over {near_lib.MAX_GROUP:,} hashes, e.g. many blank '
+             'images): only the first (by a hash of their path) were '
+             'compared there. Two images that no group compared are not '
+             'found as near copies.</p>' + _table(
+                 ('band', 'members', 'compared', 'example'),
                  [(_e(c.band), _e(c.members), _e(c.compared),
-                   _e(c.pairs_not_examined), _path(c.example))
+                   _path(c.example))
                   for c in capped[:MAX_TABLE_ROWS]],
-                 numeric=(0, 1, 2, 3)) +
+                 numeric=(0, 1, 2)) +
              _more(len(capped) - MAX_TABLE_ROWS, f'{where}: near_duplicates'))
   file_warnings = report.warnings
   body += f'<h3>Warnings about written images: {len(file_warnings):,}</h3>'
@@ -683,7 +681,7 @@ def _nav(report: report_lib.BuildReport) -> str:
            ('same-bytes', 'Same bytes ({:,})'.format(
                len(report.duplicates) + len(report.conflicts) +
                len(report.leaks))),
-           ('near', f'Near-duplicates ({report.near_duplicates.pairs:,})'),
+           ('near', f'Near-duplicates ({report.near_duplicates.images:,})'),
            ('quality', 'Quality flags'),
            ('warnings', f'Warnings ({len(report.warnings):,})'))
   return '<nav>' + ''.join(f'<a href="#{a}">{t}</a>' for a, t in links) + (

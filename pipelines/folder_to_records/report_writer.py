@@ -142,22 +142,19 @@ def _write_near_pairs(tmp_dir: str, runs, capped, *,
                       ) -> report_lib.NearDuplicates:
   """near_duplicates.jsonl (one pair a line, each once, in line order)
   from the search's sorted runs (near_duplicates.PairRun), and the
-  report's counts (of every pair found, and of the lines)."""
-  kinds = collections.Counter()
-  conflicts = 0
+  report's counts (of images: near_duplicates.image_kinds)."""
+  counts = collections.Counter()
   for run in runs:
-    kinds.update(run.kinds)
-    conflicts += run.label_conflicts
+    counts.update(run.counts)
   listed = file_io.merge_runs(
       posixpath.join(tmp_dir, metadata_lib.NEAR_DUPLICATES_FILE),
       sorted(run.path for run in runs if run.path is not None), unique=True)
   return report_lib.NearDuplicates(
-      distance=config.near_duplicate_distance, pairs=sum(kinds.values()),
-      listed=listed,
-      leaks=kinds[near_duplicates.LEAK], left_out=left_out,
-      within_split=kinds[near_duplicates.WITHIN_SPLIT],
-      across_evaluation_splits=kinds[near_duplicates.ACROSS_EVALUATION],
-      label_conflicts=conflicts,
+      distance=config.near_duplicate_distance, images=counts['images'],
+      listed=listed, leaks=counts['leaks'], left_out=left_out,
+      within_split=counts[near_duplicates.WITHIN_SPLIT],
+      across_evaluation_splits=counts[near_duplicates.ACROSS_EVALUATION],
+      label_conflicts=counts['label_conflicts'],
       capped_groups=tuple(report_lib.CappedGroup(**c) for c in sorted(
           capped, key=lambda c: tuple(c[k] for k in sorted(c)))))
 

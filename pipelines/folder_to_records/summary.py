@@ -140,15 +140,17 @@ def _found_lines(report: report_lib.BuildReport) -> list[str]:
   out = report.output_dir
   lines = []
   near = report.near_duplicates
-  if near.pairs or near.capped_groups:
+  if near.images or near.capped_groups:
     parts = [f'{n} {what if n == 1 else plural}' for n, what, plural in (
         (near.left_out, 'left out of validation/test (a copy of a train '
          'image)', 'left out of validation/test (copies of train images)'),
-        (near.within_split, 'pair within a split', 'pairs within a split'),
-        (near.across_evaluation_splits, 'validation/test pair',
-         'validation/test pairs'),
-        (near.label_conflicts, 'pair across classes (check the labels)',
-         'pairs across classes (check their labels)'),
+        (near.within_split, 'image with a copy in its split',
+         'images with a copy in their split'),
+        (near.across_evaluation_splits, 'validation/test image with a copy '
+         'in the other', 'validation/test images with a copy in the other'),
+        (near.label_conflicts, 'image with a copy of another class (check '
+         'the labels)', 'images with a copy of another class (check their '
+         'labels)'),
         (len(near.capped_groups), 'group too large to compare whole',
          'groups too large to compare whole'))
              if n]

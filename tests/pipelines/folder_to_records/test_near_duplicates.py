@@ -26,24 +26,18 @@ LEFT_OUT = nd.NEAR_LEAK
 
 
 def _search(refs, distance, cap=nd.MAX_GROUP):
-  """The band search run in plain Python: ({(path, path): d}, capped)."""
+  """The band search run in plain Python: ({relpath: its slots}, capped),
+  the slots as nearest_partners gives them (SLOTS of (d, partner,
+  partner's split) or None)."""
   masks = nd.band_masks(distance)
-  groups = {}
-  for ref in refs:
-    for key, value in nd.band_keys(ref, masks=masks):
-      groups.setdefault(key, []).append(value)
-  pairs, capped = {}, []
-  for key in sorted(groups):
-    for out in nd.group_pairs((key, groups[key]), distance=distance,
-                              masks=masks, cap=cap):
-      if isinstance(out, tuple):
-        a, b, d = out
-        assert a.relpath < b.relpath
-        assert (a.relpath, b.relpath) not in pairs, f'{a.relpath, b.relpath} twice'
-        pairs[a.relpath, b.relpath] = d
-      else:
-        capped.append(out.value)
-  return pairs, capped
+  nearest, class_of, capped = nd._Nearest(), nd._Classes('class_folders'), []
+  for key, packed in sorted(_groups(refs, masks).items()):
+    members, found, report = nd._group((key, packed), distance=distance,
+                                       cap=cap, class_of=class_of)
+    nearest.add(members, *found)
+    if report:
+      capped.append(report)
+  return {path: slots for path, (_, _, slots) in nearest.items()}, capped
 
 
 def _brute_force(refs, distance):
@@ -53,6 +47,26 @@ def _brute_force(refs, distance):
     if d <= distance:
       pairs[tuple(sorted((a.relpath, b.relpath)))] = d
   return pairs
+
+
+def _class(relpath: str) -> str:
+  return relpath.split('/')[0]  # class_folders: the first folder.
+
+
+def _brute_slots(refs, distance) -> dict:
+  """Every pair compared: {relpath: SLOTS of (d, partner, its split) or
+  None}, each the least (d, partner path); images with no partner left
+  out."""
+  split = {ref.relpath: ref.split for ref in refs}
+  slots = {}
+  for (a, b), d in _brute_force(refs, distance).items():
+    for x, y in ((a, b), (b, a)):
+      mine = slots.setdefault(x, [None] * nd.SLOTS)
+      for slot in {nd._SPLITS.index(split[y]),
+                   *([nd.SLOTS - 1] if _class(x) != _class(y) else [])}:
+        if mine[slot] is None or (d, y) < mine[slot][:2]:
+          mine[slot] = (d, y, split[y])
+  return {p: tuple(v) for p, v in slots.items()}
 
 
 def _flipped(rng, h: int, most: int) -> int:
@@ -79,9 +93,9 @@ def test_band_groups_find_exactly_the_pairs_all_pairs_would(distance):
         hashes = (_flipped(rng, centre, distance + 3),
                   int(rng.integers(0, 1 << 63)))
       refs.append(nd.Ref(hashes, f'c{i}/{j}.jpg', 'train', 0, len(refs)))
-  pairs, capped = _search(refs, distance)
-  assert pairs == _brute_force(refs, distance) and not capped
-  assert len(pairs) > 100
+  found, capped = _search(refs, distance)
+  assert found == _brute_slots(refs, distance) and not capped
+  assert len(found) > 100
 
 
 def test_a_band_element_packs_its_reference_losslessly():
@@ -132,31 +146,14 @@ def test_a_huge_group_is_capped_and_reported():
   # hashes (4 images' whole and centre), chosen by a hash of the path.
   refs = [nd.Ref((_SAME, _SAME), f'frames/{i:02d}.png', 'train', 0, i)
           for i in range(50)]
-  pairs, capped = _search(refs, 4, cap=8)
-  kept = sorted(refs, key=lambda r: nd._rank(r, nd.WHOLE))[:4]
-  assert set(pairs) == set(itertools.combinations(
-      sorted(r.relpath for r in kept), 2))
-  assert capped[0] == {'band': 0, 'members': 100, 'compared': 8,
-                       'pairs_not_examined': 0,
-                       'example': kept[0].relpath}
-
-
-def test_a_group_with_too_many_pairs_examines_a_bounded_number():
-  # 50 near-identical frames: their 100 hashes make 100 * 99 / 2 candidate
-  # pairs in one group, less the centre-centre ones (never compared); only
-  # max_pairs are examined, the rest counted.
-  refs = [nd.Ref((_SAME, _SAME), f'frames/{i:02d}.png', 'train', 0, i)
-          for i in range(50)]
-  masks = nd.band_masks(4)
-  members = [value for ref in refs
-             for key, value in nd.band_keys(ref, masks=masks) if key == 0]
-  out = list(nd.group_pairs((0, members), distance=4, masks=masks,
-                            max_pairs=30))
-  pairs = [o for o in out if isinstance(o, tuple)]
-  (capped,) = [o.value for o in out if not isinstance(o, tuple)]
-  assert 0 < len(pairs) <= 30
-  assert capped['pairs_not_examined'] == 100 * 99 // 2 - 50 * 49 // 2 - 30
-  assert capped['members'] == capped['compared'] == 100
+  found, capped = _search(refs, 4, cap=8)
+  kept = sorted(r.relpath for r in sorted(
+      refs, key=lambda r: nd._rank(r, nd.WHOLE))[:4])
+  assert found == {p: ((0, min(set(kept) - {p}), 'train'), None, None, None)
+                   for p in kept}
+  first = min(refs, key=lambda r: nd._rank(r, nd.WHOLE)).relpath
+  assert capped == [{'band': band, 'members': 100, 'compared': 8,
+                     'example': first} for band in range(5)]
 
 
 def test_flat_images_are_never_near_anything():
@@ -170,8 +167,11 @@ def test_flat_images_are_never_near_anything():
           nd.Ref((photo[0] ^ 0b111, photo[1]), 'cat/photo_copy.png', 'test',
                  0, 3)]
   assert not nd.usable(1 << 63) and nd.usable(photo[0])
-  pairs, _ = _search(refs, 8)
-  assert pairs == {('cat/photo_copy.png', 'dog/photo_flat_centre.png'): 3}
+  found, _ = _search(refs, 8)
+  copy, flat = (3, 'cat/photo_copy.png', 'test'), (
+      3, 'dog/photo_flat_centre.png', 'train')
+  assert found == {'cat/photo_copy.png': (flat, None, None, flat),
+                   'dog/photo_flat_centre.png': (None, None, copy, copy)}
   assert nd.near_distance(refs[0].phashes, refs[1].phashes) == nd.NEVER
 
 
@@ -304,8 +304,9 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
   assert report['splits']['validation']['total'] == 4
   assert report['splits']['test']['total'] == 3
   assert report['near_duplicates'] == {
-      'distance': nd.DEFAULT_DISTANCE, 'pairs': 5, 'listed': 5, 'leaks': 2,
-      'left_out': 2, 'within_split': 2, 'across_evaluation_splits': 1, 'label_conflicts': 1,
+      'distance': nd.DEFAULT_DISTANCE, 'images': 10, 'listed': 5,
+      'leaks': 4, 'left_out': 2, 'within_split': 4,
+      'across_evaluation_splits': 2, 'label_conflicts': 2,
       'capped_groups': []}
   # The shards hold neither, and the report on disk says the same.
   names = helpers.written_filenames(root / 'd8')
@@ -383,58 +384,6 @@ def test_bad_quality_thresholds_are_one_line(tmp_path):
   assert 'blurry' in str(raised.value) and '\n' not in str(raised.value)
 
 
-@pytest.mark.parametrize('use_compiled', [
-    False, pytest.param(True, marks=pytest.mark.skipif(
-        nd._compiled is None, reason='_near_pairs is not built'))])
-def test_vectorized_emit_rule_agrees_with_the_rule_pair_by_pair(use_compiled):
-  """_pair_arrays (numpy or compiled, over a group's candidates) emits
-  exactly the pairs _emitted_here picks one pair at a time, on hashes built
-  to share bands (same bases, a few bits flipped; some paths repeat)."""
-  rng = np.random.default_rng(0)
-  bases = [int(b) for b in rng.integers(0, 2**63, size=6)]
-
-  def flip(h, k):
-    for bit in rng.integers(0, 64, size=k):
-      h ^= 1 << int(bit)
-    return h
-
-  refs = [nd.Ref((flip(bases[i % 6], int(rng.integers(0, 10))),
-                  flip(bases[i % 6], int(rng.integers(0, 12)))),
-                 f'p{int(rng.integers(0, 250)):04d}', 'train', 0, i)
-          for i in range(300)]
-  for distance in (4, 8, 12):
-    masks = nd.band_masks(distance)
-    groups = {}
-    for ref in refs:
-      for key, value in nd.band_keys(ref, masks=masks):
-        groups.setdefault(key, []).append(value)
-    emitted = 0
-    for key, packed in groups.items():
-      band = key >> nd.HASH_BITS
-      members = sorted((nd.unpack(m) for m in packed),
-                       key=lambda m: nd._rank(m[1], m[0]))
-      ia, ib, dists, _, _ = nd._pair_arrays(
-          members, band=band, distance=distance, masks=masks,
-          max_pairs=10**9, use_compiled=use_compiled)
-      got = sorted((members[i][1].relpath, members[i][1].offset,
-                    members[j][1].relpath, members[j][1].offset, dist)
-                   for i, j, dist in zip(ia.tolist(), ib.tolist(),
-                                         dists.tolist()))
-      want = []
-      for (wa, a), (wb, b) in itertools.combinations(members, 2):
-        if ((a.phashes[wa] ^ b.phashes[wb]).bit_count() > distance or
-            nd.WHOLE not in (wa, wb) or a.relpath == b.relpath):
-          continue
-        if b.relpath < a.relpath:
-          (wa, a), (wb, b) = (wb, b), (wa, a)
-        d = nd._emitted_here(a, b, wa, wb, band, masks, distance)
-        if d >= 0:
-          want.append((a.relpath, a.offset, b.relpath, b.offset, d))
-      assert got == sorted(want), key
-      emitted += len(got)
-    assert emitted > 1000  # The hashes do share bands.
-
-
 @pytest.mark.parametrize('layout,a_path,b_path', [
     ('class_folders', 'cat/a "quoted".jpg', 'dog/b\u00e9\u2028.jpg'),
     ('split_folders', 'train/cat/x.jpg', 'validation/cat/x.jpg'),
@@ -452,32 +401,6 @@ def test_pair_lines_are_classify_lines_as_json(layout, a_path, b_path):
       line = nd._Lines(layout).pair((x.relpath, x.split),
                                     (y.relpath, y.split), 7)
       assert line == json.dumps(want)
-
-
-def test_a_groups_kinds_are_the_pair_by_pair_ones():
-  """The group step classifies a group's pairs at once (_Nearest.add): the
-  same kinds and label conflicts as classify pair by pair; and pair()
-  makes classify's line from either end."""
-  refs = _near_refs(np.random.default_rng(1))
-  masks = nd.band_masks(8)
-  text, checked = nd._Lines('class_folders'), 0
-  nearest = nd._Nearest('class_folders')
-  for key, packed in _groups(refs, masks).items():
-    members, a, b, d, _, _ = nd._group(
-        (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
-        max_pairs=nd.MAX_GROUP_PAIRS)
-    kinds, conflicts = nearest.add(members, a, b, d)
-    got, want = [], []
-    for i, j, dist, k, c in zip(a.tolist(), b.tolist(), d.tolist(),
-                                kinds.tolist(), conflicts.tolist()):
-      x, y = members[i][1], members[j][1]
-      pair = nd.classify((x, y, dist), layout='class_folders')
-      want.append((json.dumps(pair), pair['kind'], pair['label_conflict']))
-      got.append((text.pair((y.relpath, y.split), (x.relpath, x.split),
-                            dist), nd._KINDS[k], c))
-    assert got == want
-    checked += len(got)
-  assert checked > 500  # The hashes are near: the groups do hold pairs.
 
 
 def _near_refs(rng, count=120):
@@ -502,49 +425,37 @@ def _groups(refs, masks):
   return groups
 
 
-@pytest.mark.parametrize('max_pairs,count', [(nd.MAX_GROUP_PAIRS, 150),
-                                             (50, 150), (50, 400)])
-def test_every_leak_is_found_at_its_least_distance_even_in_capped_groups(
-    max_pairs, count):
-  """Each evaluation image near a train image gets, over all its groups,
-  its nearest train image (least near_distance, then path), as all pairs
-  would give it; also when every group examines only max_pairs of its
-  candidates (the pairs' lines are then capped, the leaks are not), and in
-  groups of more than one block of rows (400 images)."""
+@pytest.mark.parametrize('count', [150, 400])
+def test_every_image_gets_its_nearest_in_each_slot_as_all_pairs_would(
+    count):
+  """Each image near others gets, over all its groups, its nearest partner
+  (least near_distance, then path) in each split and of another class, as
+  all pairs would give them; evaluation images' train slot is the leak
+  rule's nearest train copy. Groups of more than one block of rows (400
+  images, _ROWS 256), where every candidate counts, not only a first few
+  (there is no cap on pairs)."""
   refs = _near_refs(np.random.default_rng(2), count=count)
   masks = nd.band_masks(8)
-  found, capped, largest = {}, 0, 0
-  for key, packed in _groups(refs, masks).items():
-    largest = max(largest, len(packed))
-    members, _, _, _, capped_report, leaks = nd._group(
-        (key, packed), distance=8, masks=masks, cap=nd.MAX_GROUP,
-        max_pairs=max_pairs)
-    capped += capped_report is not None
-    for held, train, d in zip(*(x.tolist() for x in leaks)):
-      found.setdefault(members[held][1].relpath, []).append(
-          (d, members[train][1].relpath))
-  want = {}
-  for a, b in itertools.permutations(refs, 2):
-    d = nd.near_distance(a.phashes, b.phashes)
-    if a.split != 'train' and b.split == 'train' and d <= 8:
-      want[a.relpath] = min(want.get(a.relpath, (99, '')), (d, b.relpath))
-  assert {p: min(v) for p, v in found.items()} == want
-  assert len(want) > 50
-  assert (capped > 0) == (max_pairs == 50)
+  largest = max(len(v) for v in _groups(refs, masks).values())
+  found, capped = _search(refs, 8)
+  assert found == _brute_slots(refs, 8) and not capped
+  split = {ref.relpath: ref.split for ref in refs}
+  leaks = {p: s[0][:2] for p, s in found.items()
+           if split[p] != 'train' and s[0] is not None}
+  assert len(leaks) > 50
   assert (largest > nd._ROWS) == (count == 400)
 
 
 @pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
 def test_the_compiled_group_step_equals_the_numpy_reference():
-  """_pair_arrays compiled and in numpy give the same arrays, in the same
-  order, and the same count of candidates not examined: groups of 2 to 600
-  members (more than one block of rows), both hashes of an image in one
-  group, flat (unusable) hashes, every split, every cap."""
+  """_slots compiled and in numpy give the same arrays, in the same order:
+  groups of 2 to 600 members (more than one block of rows), both hashes of
+  an image in one group, flat (unusable) hashes, every split, classes."""
   rng = np.random.default_rng(7)
   cases = 0
+  class_of = nd._Classes('class_folders')
   for size in (2, 3, 17, 60, 257, 600):
     for distance in (1, 8, 16):
-      masks = nd.band_masks(distance)
       base = int(rng.integers(0, 1 << 63)) * 2 + 1
       members = []
       for i in range(size):
@@ -563,36 +474,33 @@ def test_the_compiled_group_step_equals_the_numpy_reference():
         members.append((int(i % 7 == 2), ref))
         if i % 9 == 4:  # Its other hash in the same group too.
           members.append((1 - members[-1][0], ref))
-      for max_pairs in (0, 1, 37, 10**9):
-        for band in (0, len(masks) - 1):
-          got, want = (nd._pair_arrays(
-              members, band=band, distance=distance, masks=masks,
-              max_pairs=max_pairs, use_compiled=compiled)
-                       for compiled in (True, False))
-          assert got[3] == want[3]
-          for x, y in zip((*got[:3], *got[4]), (*want[:3], *want[4])):
-            assert x.dtype == y.dtype and x.tolist() == y.tolist()
-          cases += bool(len(want[0])) + bool(len(want[4][0]))
-  assert cases > 100  # Pairs and leaks were found.
+      got, want = (nd._slots(members, distance=distance, class_of=class_of,
+                             use_compiled=compiled)
+                   for compiled in (True, False))
+      for x, y in zip(got, want):
+        assert x.dtype == y.dtype and x.tolist() == y.tolist()
+      cases += len(want[0])
+  assert cases > 1000  # Slots were filled.
 
 
 @pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
 def test_the_compiled_group_step_refuses_inconsistent_arguments():
-  """Wrong sizes, ranks or hash choices raise ValueError, never crash."""
-  good = dict(hashes=bytes(32), which=bytes(2),
+  """Wrong sizes, ranks, hash choices or splits raise ValueError, never
+  crash."""
+  good = dict(hashes=bytes(16), which=bytes(2),
               order=np.array([0, 1], dtype=np.int32).tobytes(),
-              train=bytes(2), masks=np.array([1], dtype=np.uint64).tobytes())
-  args = lambda v: (v['hashes'], v['which'], v['order'], v['train'], 0,
-                    v['masks'], 8, 10, 16)
-  assert nd._compiled.pair_arrays(*args(good))[3] == 0
+              split=bytes(2), cls=bytes(8))
+  args = lambda v: (v['hashes'], v['which'], v['order'], v['split'],
+                    v['cls'], 8)
+  assert [len(x) for x in nd._compiled.slots(*args(good))] == [16] * 4
   for name, value in (
-      ('hashes', bytes(31)), ('which', bytes(3)), ('train', bytes(1)),
+      ('hashes', bytes(15)), ('which', bytes(3)), ('split', bytes(1)),
+      ('cls', bytes(4)),
       ('order', np.array([0, 2], dtype=np.int32).tobytes()),
       ('order', np.array([0, -1], dtype=np.int32).tobytes()),
-      ('which', bytes([0, 2])), ('masks', bytes(7)), ('masks', b''),
-      ('masks', bytes(8 * 65))):
+      ('which', bytes([0, 2])), ('split', bytes([0, 3]))):
     with pytest.raises(ValueError):
-      nd._compiled.pair_arrays(*args(dict(good, **{name: value})))
+      nd._compiled.slots(*args(dict(good, **{name: value})))
 
 
 def _outputs(results):
@@ -623,33 +531,64 @@ def _nearest_pairs(pairs: dict, split: dict) -> dict:
   return {tuple(sorted((x, y))): d for (x, _), (d, y) in slots.items()}
 
 
-def _listed(tagged, run_dir) -> dict:
-  """{(a, b): d} of the lines the search's later steps make from the group
-  step's 'near_nearest' outputs (combined per image, as
-  nd.nearest_partners does, then written by the lines step and merged
-  once each)."""
+def _reported(items, run_dir):
+  """What the search's later steps make of the group step's per-image
+  outputs (combined per image, as nd.nearest_partners does, then read by
+  the report step and its lines merged once each): ({(a, b): d} listed,
+  the images' counts, {left-out relpath: (its split, the rejected line's
+  near and distance)})."""
   values = collections.defaultdict(list)
-  for tag, (relpath, value) in tagged:
-    if tag == nd.NEAREST:
-      values[relpath].append(value)
-  lines_step = nd._lines_to_runs(layout='class_folders', run_dir=str(run_dir))
-  lines_step.setup()
-  lines_step.start_bundle()
-  runs = []
+  for relpath, value in items:
+    values[relpath].append(value)
+  report_step = nd._report_images(layout='class_folders',
+                                  run_dir=str(run_dir))
+  report_step.setup()
+  report_step.start_bundle()
+  runs, tagged = [], []
   for relpath, parts in values.items():
-    runs += _outputs(lines_step.process((relpath, nd.nearest_partners(
-        parts))))[0]
-  runs += _outputs(lines_step.finish_bundle())[0]
+    main, more = _outputs(report_step.process(
+        (relpath, nd.nearest_partners(parts))))
+    runs += main
+    tagged += more
+  runs += _outputs(report_step.finish_bundle())[0]
   merged = run_dir / 'merged.jsonl'
-  listed = file_io.merge_runs(str(merged), [r.path for r in runs],
-                              unique=True)
+  listed = file_io.merge_runs(
+      str(merged), [r.path for r in runs if r.path is not None], unique=True)
   found = {}
   for line in merged.read_text().splitlines():
     pair = json.loads(line)
     assert tuple(pair['paths']) not in found  # Each pair once.
     found[tuple(pair['paths'])] = pair['distance']
   assert listed == len(found)
-  return found
+  counts = collections.Counter()
+  for run in runs:
+    counts.update(run.counts)
+  drops = {value[2]: value[0] for tag, value in tagged if tag == nd.DROPS}
+  rejected = {r.relpath: (r.near, r.distance) for tag, r in tagged
+              if tag == 'rejected'}
+  assert set(drops) == set(rejected)
+  return found, counts, {p: (drops[p], *rejected[p]) for p in drops}
+
+
+def _image_counts(pairs: dict, split: dict) -> collections.Counter:
+  """The report's counts from all pairs {(a, b): d}, image by image."""
+  partners = collections.defaultdict(set)
+  for a, b in pairs:
+    partners[a].add(b)
+    partners[b].add(a)
+  counts = collections.Counter()
+  for x, ys in partners.items():
+    theirs = {split[y] for y in ys}
+    counts['images'] += 1
+    if split[x] == 'train':
+      counts['leaks'] += bool(theirs - {'train'})
+    else:
+      counts['leaks'] += 'train' in theirs
+      other = {'validation': 'test', 'test': 'validation'}[split[x]]
+      counts['across_evaluation_splits'] += other in theirs
+    counts['within_split'] += split[x] in theirs
+    counts['label_conflicts'] += any(_class(y) != _class(x) for y in ys)
+  return +counts
 
 
 def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
@@ -723,40 +662,30 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
       want[a].append((d, b))
   want = {p: min(n) for p, n in want.items()}
   assert len(want) > 50 and want['e/held.jpg'] == (1, 'e/t1a.jpg')
+  all_pairs = _brute_force(refs, distance)
+  chunk = {ref.relpath: ref.chunk for ref in refs}
   for held in (20, 50_000):  # Flushed in mid-bundle / once, at its end.
-    monkeypatch.setattr(nd, '_BUNDLE_LEAKS', held)
+    monkeypatch.setattr(nd, '_BUNDLE_IMAGES', held)
     # Each image's slots reduced after every group / once.
     monkeypatch.setattr(nd, '_REDUCE_ENTRIES', 0 if held == 20 else 10**6)
-    pairs_step = nd._pairs_to_runs(distance=distance, masks=masks,
-                                   layout='class_folders',
-                                   run_dir=str(tmp_path))
-    pairs_step.setup()
-    pairs_step.start_bundle()
-    runs, tagged = [], []
+    slots_step = nd._group_slots(distance=distance, layout='class_folders')
+    slots_step.setup()
+    slots_step.start_bundle()
+    items = []
     for element in buckets.items():
-      main, more = _outputs(pairs_step.process(element))
-      runs += main
-      tagged += more
-    main, more = _outputs(pairs_step.finish_bundle())
-    runs += main
-    tagged += more
-    all_pairs = _brute_force(refs, distance)
-    kinds = collections.Counter()
-    for run in runs:  # Counts only: every pair, by kind.
-      assert run.path is None
-      kinds.update(run.kinds)
-    assert len(all_pairs) > 300 and kinds == collections.Counter(
-        nd._kind(split[a], split[b]) for a, b in all_pairs)
-    listed = _listed(tagged, tmp_path)
+      main, more = _outputs(slots_step.process(element))
+      items += main
+      assert not more  # No capped group.
+    items += _outputs(slots_step.finish_bundle())[0]
+    assert all(value[:2] == (split[p], chunk[p]) for p, value in items)
+    if held > len(refs):  # Each image once.
+      assert len({p for p, _ in items}) == len(items)
+    else:  # Several times; NearNearest keeps the nearest.
+      assert len({p for p, _ in items}) < len(items)
+    listed, counts, left_out = _reported(items, tmp_path)
     assert listed == _nearest_pairs(all_pairs, split)
     assert 0 < len(listed) < len(all_pairs)  # The rule leaves pairs out.
     assert listed[('k0/x.jpg', 'k1/y.jpg')] == 3
-    leaks = collections.defaultdict(list)
-    for tag, (relpath, nearest) in tagged:
-      if tag == nd.LEAK:
-        leaks[relpath].append(nearest[:2])
-    if held > len(refs):  # Each image once, its nearest.
-      assert {p: n for p, [n] in leaks.items()} == want
-    else:  # Several times; NearLeaks keeps the nearest.
-      assert sum(map(len, leaks.values())) > len(leaks)
-      assert {p: min(n) for p, n in leaks.items()} == want
+    assert counts == _image_counts(all_pairs, split)
+    assert {p: (d, near) for p, (_, near, d) in left_out.items()} == want
+    assert all(left_out[p][0] == split[p] for p in left_out)

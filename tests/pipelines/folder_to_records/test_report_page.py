@@ -122,7 +122,8 @@ def test_the_build_writes_the_page_and_the_summary_points_at_it(built):
   assert report['counts'] == {
       'seen': 29, 'written': 23, 'duplicate': 1, 'label_conflict': 2,
       'near_duplicate_leak': 1, 'rejected_corrupt': 2}
-  assert report['near_duplicates']['leaks'] == 1
+  near = report['near_duplicates']  # A pair: two images, one left out.
+  assert (near['leaks'], near['left_out']) == (2, 1)
 
 
 def test_every_planted_file_is_listed_and_escaped(built):
@@ -300,7 +301,7 @@ def _worst_case_folder(root: pathlib.Path, rejected_lines: int):
           kind='label_conflict', sha256='0' * 64, classes=classes[:5],
           paths=[path(i + k) for k in range(5)]) for i in range(rows)),
       near_duplicates=report_lib.NearDuplicates(
-          distance=8, pairs=2 * report_page.MAX_TABLE_ROWS,
+          distance=8, images=2 * report_page.MAX_TABLE_ROWS,
           capped_groups=tuple(
               report_lib.CappedGroup(band=i, members=9999, compared=4096,
                                      example=path(i) + long)

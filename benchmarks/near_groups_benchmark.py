@@ -2,17 +2,16 @@ r"""The near-duplicate search's group step alone, in one process.
 
   python -m benchmarks.near_groups_benchmark --dataset=DATA [--distance=8]
 
-Reads a built dataset's images.jsonl, makes the band groups the build's
-shuffle would make (near_duplicates.band_keys), and times, over groups from
-the largest down: `_group` (members unpacked and ranked, each image's
-nearest partner per slot over the candidates) for the 40 largest and the
-next 200, then over every group, alone and with those kept over the groups
-(_Nearest: what the group step adds to `_group`). No
-Beam: what the group step costs a worker, without the runner's per-element
-cost. DATA: e.g. a full build of benchmarks.update_benchmark's folder.
+Reads a built dataset's images.jsonl, makes the band step's buckets
+(near_duplicates.bucket_bytes, as many as a build of that many files
+makes), and times the group step over them: `bucket_slots` (entries
+parsed, grouped, ranked and compared; each image's nearest partner per
+slot) alone, then with those kept over the buckets (_Nearest: what the
+group step adds to it). No Beam: what the group step costs a worker,
+without the runner's per-element cost. DATA: e.g. a full build of
+benchmarks.update_benchmark's folder.
 """
 
-import collections
 import json
 import os
 import time
@@ -31,52 +30,42 @@ _LAYOUT = flags.DEFINE_string('layout', 'class_folders',
                               'The input folder layout (for class names).')
 
 
-def _groups(dataset: str, masks) -> dict:
-  groups = collections.defaultdict(list)
+def _buckets(dataset: str, masks) -> list:
+  refs = []
   with open(os.path.join(dataset, metadata.IMAGES_FILE), 'rb') as f:
     for i, raw in enumerate(f):
       line = json.loads(raw)
-      if not line['phash']:
-        continue
-      ref = nd.Ref((int(line['phash'], 16), int(line['phash_centre'], 16)),
-                   line['path'], line['split'], 0, i)
-      for key, value in nd.band_keys(ref, masks=masks):
-        groups[key].append(value)
-  return groups
+      if line['phash']:
+        refs.append(nd.Ref((int(line['phash'], 16),
+                            int(line['phash_centre'], 16)),
+                           line['path'], line['split'], 0, i))
+  return nd.bucket_bytes(refs, masks=masks,
+                         buckets=nd.num_buckets(len(refs), masks),
+                         layout=_LAYOUT.value)
 
 
 def main(argv):
   del argv
   distance = _DISTANCE.value
-  masks = nd.band_masks(distance)
-  groups = _groups(_DATASET.value, masks)
-  keys = sorted(groups, key=lambda k: (-len(groups[k]), k))
-  print(f'{len(keys)} band groups, {sum(map(len, groups.values()))} entries; '
-        f'largest {[len(groups[k]) for k in keys[:3]]}')
+  buckets = _buckets(_DATASET.value, nd.band_masks(distance))
+  print(f'{len(buckets)} buckets, {sum(len(d) for _, d in buckets):,} bytes')
 
-  def run(chosen, slots_too=False):
+  def run(kept_too=False):
     start, filled = time.perf_counter(), 0
     nearest = nd._Nearest()  # pylint: disable=protected-access
-    class_of = nd._Classes(_LAYOUT.value)  # pylint: disable=protected-access
-    for key in chosen:
-      members, found, _ = nd._group(  # pylint: disable=protected-access
-          (key, groups[key]), distance=distance, cap=nd.MAX_GROUP,
-          class_of=class_of)
-      filled += len(found[0])
-      if slots_too:
-        nearest.add(members, *found)
+    for _, data in buckets:
+      found = nd.bucket_slots(data, distance=distance)
+      filled += len(found.image)
+      if kept_too:
+        nearest.add(found)
     images = sum(1 for _ in nearest.items())
     return time.perf_counter() - start, filled, images
 
-  for name, chosen in (('40 largest groups', keys[:40]),
-                       ('next 200 groups', keys[40:240])):
-    seconds, filled, _ = run(chosen)
-    print(f'_group, {name}: {seconds:.2f} s, {filled} slots filled')
-  seconds, filled, images = run(keys)
-  print(f'_group, all groups: {seconds:.2f} s, {filled} slots filled')
-  seconds, filled, images = run(keys, slots_too=True)
-  print(f'_group + slots kept, all groups: {seconds:.2f} s, {images} images '
-        'with a partner')
+  seconds, filled, _ = run()
+  print(f'bucket_slots, all buckets: {seconds:.2f} s, {filled} slots filled')
+  seconds, _, images = run(kept_too=True)
+  print(f'bucket_slots + slots kept, all buckets: {seconds:.2f} s, {images} '
+        'images with a partner')
 
 
 if __name__ == '__main__':

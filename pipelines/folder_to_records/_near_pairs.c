@@ -1,21 +1,26 @@
-/* The near-duplicate search's work inside one band group, compiled:
- * near_duplicates._slots_reference holds the same computation in numpy, the
- * reference this module must equal exactly (tests/pipelines/
- * folder_to_records/test_near_duplicates.py compares the two on random and
- * capped groups).
+/* The near-duplicate search's group step over one bucket, compiled:
+ * near_duplicates._bucket_slots_reference holds the same computation in
+ * Python and numpy, the reference this module must equal exactly (tests/
+ * pipelines/folder_to_records/test_near_duplicates.py compares the two on
+ * random and capped buckets).
  *
- * For members i < j of a group (M members, each with the hash it is in the
- * group by), a candidate is a pair of two images (not one image's two
- * hashes) within `distance` bits of which at least one hash is a whole one.
- * Every candidate counts: per image (its path rank), the nearest partner in
- * each slot (the partner's split: train, validation, test; and slot 3, a
- * partner of another class): least bits, then first path rank.
+ * A bucket holds band entries (near_duplicates: _ENTRY then _PACKED, the
+ * path's bytes and the class's bytes), grouped here by band key. A group is
+ * compared among its first `cap` members (first by crc32 of the path, then
+ * the path's bytes, then which hash). For members i < j of a group, a
+ * candidate is a pair of two images (not one image's two hashes) within
+ * `distance` bits of which at least one hash is a whole one. Every
+ * candidate counts: per image, the nearest partner in each slot (the
+ * partner's split: train, validation, test; and slot 3, a partner of
+ * another class), least bits, then the first path (bytes order), over all
+ * the bucket's groups.
  *
- * Why compiled: in numpy a group costs a dozen calls and their temporaries
- * (~0.2 ms for the ~45 members of a group at 3,000 images), which made most
- * of the group step (BUILD_NOTES.md, issue 19). Built by setup.py as an
- * optional extension: where it cannot be compiled the build uses the
- * reference (same output, slower).
+ * Why compiled: in Python each entry cost an object, a rank and a sort
+ * (~3 µs; 540,000 entries at 30,000 photo-like images), and in numpy a
+ * group costs a dozen calls and their temporaries, which made most of the
+ * group step (BUILD_NOTES.md, issue 19). Built by setup.py as an optional
+ * extension: where it cannot be compiled the build uses the reference (same
+ * output, slower).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -25,6 +30,12 @@
 #include <string.h>
 
 #define NEVER 65 /* near_duplicates.NEVER: HASH_BITS + 1. */
+#define SLOTS 4  /* near_duplicates.SLOTS: three splits, another class. */
+#define OTHER_CLASS 3
+#define HEAD 11  /* _ENTRY: band u8, bits u64, length u16 (big-endian). */
+/* _PACKED: which u8, whole u64, centre u64, chunk u32, offset u64, split u8,
+ * crc u32, path length u16 (big-endian). */
+#define FIXED 36
 
 static inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
 
@@ -37,30 +48,79 @@ static inline int popcount64(uint64_t x) { return __builtin_popcountll(x); }
 #define HOT __attribute__((noinline))
 #endif
 
-#define SLOTS 4 /* near_duplicates.SLOTS: three splits, another class. */
-#define OTHER_CLASS 3
+static uint64_t be(const uint8_t *p, int n) {
+  uint64_t v = 0;
+  for (int k = 0; k < n; k++) v = v << 8 | p[k];
+  return v;
+}
 
-/* Every candidate of a group (see the top of the file) into best[rank *
- * SLOTS + slot]: bits * scale + the partner's rank, the least kept. */
-HOT static void scan(Py_ssize_t m, const uint64_t *group_hash,
-                     const uint8_t *which, const int32_t *order,
-                     const uint8_t *split, const int32_t *cls, int distance,
-                     int64_t scale, int64_t *best) {
-  for (Py_ssize_t i = 0; i < m; i++) {
-    const uint64_t hi = group_hash[i];
-    const int whole_i = which[i] == 0;
-    const int64_t ri = order[i];
-    for (Py_ssize_t j = i + 1; j < m; j++) {
-      const int bits = popcount64(hi ^ group_hash[j]);
-      if (bits > distance || !(whole_i || which[j] == 0)) continue;
-      const int64_t rj = order[j];
+typedef struct {
+  uint64_t bits, hash, crc; /* hash: the one this entry is keyed by. */
+  const uint8_t *path, *cls;
+  Py_ssize_t path_len, cls_len;
+  int64_t chunk, image;
+  uint8_t band, which, split;
+} Entry;
+
+static int bytes_cmp(const uint8_t *a, Py_ssize_t na, const uint8_t *b,
+                     Py_ssize_t nb) {
+  const int c = memcmp(a, b, (size_t)(na < nb ? na : nb));
+  if (c) return c;
+  return (na > nb) - (na < nb);
+}
+
+/* qsort's comparisons (the GIL is held throughout: one call at a time). */
+static const Entry *sorted_entries;
+
+static int by_path(const void *x, const void *y) {
+  const Entry *a = &sorted_entries[*(const int64_t *)x];
+  const Entry *b = &sorted_entries[*(const int64_t *)y];
+  return bytes_cmp(a->path, a->path_len, b->path, b->path_len);
+}
+
+static int by_class(const void *x, const void *y) {
+  const Entry *a = &sorted_entries[*(const int64_t *)x];
+  const Entry *b = &sorted_entries[*(const int64_t *)y];
+  return bytes_cmp(a->cls, a->cls_len, b->cls, b->cls_len);
+}
+
+#define CMP(x, y) \
+  if ((x) != (y)) return (x) < (y) ? -1 : 1;
+
+static int by_member(const void *x, const void *y) {
+  const Entry *a = &sorted_entries[*(const int64_t *)x];
+  const Entry *b = &sorted_entries[*(const int64_t *)y];
+  CMP(a->band, b->band);
+  CMP(a->bits, b->bits);
+  CMP(a->crc, b->crc);
+  CMP(a->image, b->image);
+  CMP(a->which, b->which);
+  return 0;
+}
+
+/* One group's kept members (entry indices `members`, m of them) into best
+ * (see the top of the file): best[image * SLOTS + slot] = bits * scale +
+ * the partner's image index, the least kept. */
+HOT static void scan(Py_ssize_t m, const int64_t *members, const Entry *e,
+                     const int32_t *class_of, int distance, int64_t scale,
+                     int64_t *best) {
+  for (Py_ssize_t x = 0; x < m; x++) {
+    const Entry *a = &e[members[x]];
+    const uint64_t hi = a->hash;
+    const int whole_i = a->which == 0;
+    const int64_t ri = a->image;
+    for (Py_ssize_t y = x + 1; y < m; y++) {
+      const Entry *b = &e[members[y]];
+      const int bits = popcount64(hi ^ b->hash);
+      if (bits > distance || !(whole_i || b->which == 0)) continue;
+      const int64_t rj = b->image;
       if (ri == rj) continue; /* One image's two hashes. */
       const int64_t at = bits * scale;
-      int64_t *slot = &best[ri * SLOTS + split[j]];
+      int64_t *slot = &best[ri * SLOTS + b->split];
       if (at + rj < *slot) *slot = at + rj;
-      slot = &best[rj * SLOTS + split[i]];
+      slot = &best[rj * SLOTS + a->split];
       if (at + ri < *slot) *slot = at + ri;
-      if (cls[i] != cls[j]) {
+      if (class_of[ri] != class_of[rj]) {
         slot = &best[ri * SLOTS + OTHER_CLASS];
         if (at + rj < *slot) *slot = at + rj;
         slot = &best[rj * SLOTS + OTHER_CLASS];
@@ -70,60 +130,156 @@ HOT static void scan(Py_ssize_t m, const uint64_t *group_hash,
   }
 }
 
-/* slots(group_hash, which, order, split, cls, distance)
- *   group_hash: bytes, M native uint64 (the hash each member is in the group
- *   by); which: bytes, M (0 whole, 1 centre); order: bytes, M native int32
- *   (its path's rank, below M; equal for an image's two hashes); split:
- *   bytes, M (0 train, 1 validation, 2 test); cls: bytes, M native int32
- *   (equal for images of one class).
- * Returns (image, slot, partner, d): bytes of native int64 each, one entry
- * per filled slot, in (rank, slot) order: the image's first member, the
- * slot, its nearest partner's first member, their bits. */
-static PyObject *slots(PyObject *self, PyObject *args) {
-  Py_buffer hb, wb, ob, sb, cb;
+static PyObject *int64_bytes(const int64_t *v, Py_ssize_t n) {
+  return PyBytes_FromStringAndSize((const char *)v, n * 8);
+}
+
+/* bucket_slots(data, distance, cap)
+ *   data: a bucket's entries, one after another (see the top of the file).
+ * Returns (paths, ends, splits, chunks, image, slot, partner, d,
+ *          capped_band, capped_members, capped_example):
+ *   the bucket's images in path (bytes) order: paths, their bytes end to
+ *   end; ends, bytes of native int64 (where each ends); splits, bytes (one
+ *   each); chunks, native int64;
+ *   one entry per filled slot, in (image, slot) order: image, slot, its
+ *   nearest partner (image indices), their bits: native int64 each;
+ *   per group of over `cap` members, in key order: its band, its number of
+ *   members, its first member's image: native int64 each.
+ * ValueError for a bad entry; OSError where one runs past the end. */
+static PyObject *bucket_slots(PyObject *self, PyObject *args) {
+  Py_buffer db;
   int distance;
-  if (!PyArg_ParseTuple(args, "y*y*y*y*y*i", &hb, &wb, &ob, &sb, &cb,
-                        &distance))
-    return NULL;
-  PyObject *result = NULL;
-  int64_t *best = NULL, *member_of = NULL, *out = NULL;
-  const Py_ssize_t m = wb.len;
-  if (hb.len != m * (Py_ssize_t)sizeof(uint64_t) ||
-      ob.len != m * (Py_ssize_t)sizeof(int32_t) || sb.len != m ||
-      cb.len != m * (Py_ssize_t)sizeof(int32_t) || m > INT32_MAX ||
-      distance < 0 || distance > 64) {
-    PyErr_SetString(PyExc_ValueError, "slots: inconsistent sizes");
+  Py_ssize_t cap;
+  if (!PyArg_ParseTuple(args, "y*in", &db, &distance, &cap)) return NULL;
+  PyObject *result = NULL, *paths = NULL;
+  Entry *e = NULL;
+  int64_t *order = NULL, *first_of = NULL, *best = NULL, *out = NULL;
+  int64_t *capped = NULL, *ends = NULL, *chunks = NULL, *kept = NULL;
+  int32_t *class_of = NULL;
+  uint8_t *splits = NULL;
+  const uint8_t *data = (const uint8_t *)db.buf;
+  const Py_ssize_t end = db.len;
+  if (distance < 0 || distance > 64 || cap < 1) {
+    PyErr_SetString(PyExc_ValueError, "bucket_slots: bad distance or cap");
     goto done;
   }
-  const uint64_t *group_hash = (const uint64_t *)hb.buf;
-  const uint8_t *which = (const uint8_t *)wb.buf;
-  const int32_t *order = (const int32_t *)ob.buf;
-  const uint8_t *split = (const uint8_t *)sb.buf;
-  const int32_t *cls = (const int32_t *)cb.buf;
-
-  int64_t scale = 1; /* The number of ranks (ranks are below m). */
-  for (Py_ssize_t i = 0; i < m; i++) {
-    if (order[i] < 0 || order[i] >= m || which[i] > 1 || split[i] > 2) {
-      PyErr_SetString(PyExc_ValueError, "slots: bad order, which or split");
+  /* Entries: count, then parse. */
+  Py_ssize_t n = 0;
+  for (Py_ssize_t at = 0; at < end; n++) {
+    if (at + HEAD > end || at + HEAD + (Py_ssize_t)be(data + at + 9, 2) > end) {
+      PyErr_Format(PyExc_OSError,
+                   "a band entry runs past the end of its range (%zd bytes): "
+                   "a file of this build was cut short", end);
       goto done;
     }
-    if (order[i] + (int64_t)1 > scale) scale = order[i] + (int64_t)1;
+    at += HEAD + (Py_ssize_t)be(data + at + 9, 2);
   }
-  const int64_t none = NEVER * scale;
-  best = PyMem_Malloc(sizeof(int64_t) * scale * SLOTS);
-  member_of = PyMem_Malloc(sizeof(int64_t) * scale);
-  if (!best || !member_of) {
+  e = PyMem_Malloc(sizeof(Entry) * (n + 1));
+  order = PyMem_Malloc(sizeof(int64_t) * (n + 1));
+  kept = PyMem_Malloc(sizeof(int64_t) * 3 * (n + 1));
+  if (!e || !order || !kept) {
     PyErr_NoMemory();
     goto done;
   }
-  for (int64_t r = 0; r < scale * SLOTS; r++) best[r] = none;
-  for (int64_t r = 0; r < scale; r++) member_of[r] = -1;
-  for (Py_ssize_t i = m - 1; i >= 0; i--) member_of[order[i]] = i;
+  Py_ssize_t at = 0;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    const uint8_t *p = data + at;
+    const Py_ssize_t length = (Py_ssize_t)be(p + 9, 2);
+    const uint8_t *f = p + HEAD;
+    Entry *x = &e[i];
+    x->band = p[0];
+    x->bits = be(p + 1, 8);
+    x->which = f[0];
+    const uint64_t whole = be(f + 1, 8), centre = be(f + 9, 8);
+    x->chunk = (int64_t)be(f + 17, 4);
+    x->split = f[29];
+    x->crc = be(f + 30, 4);
+    x->path_len = (Py_ssize_t)be(f + 34, 2);
+    if (length < FIXED || x->path_len > length - FIXED || x->which > 1 ||
+        x->split > 2) {
+      PyErr_SetString(PyExc_ValueError, "bucket_slots: a bad band entry");
+      goto done;
+    }
+    x->hash = x->which ? centre : whole;
+    x->path = f + FIXED;
+    x->cls = x->path + x->path_len;
+    x->cls_len = length - FIXED - x->path_len;
+    order[i] = i;
+    at += HEAD + length;
+  }
+  sorted_entries = e;
+  /* Images: the distinct paths, in bytes order. */
+  qsort(order, (size_t)n, sizeof(int64_t), by_path);
+  Py_ssize_t images = 0, path_bytes = 0;
+  first_of = PyMem_Malloc(sizeof(int64_t) * (n + 1));
+  if (!first_of) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  for (Py_ssize_t k = 0; k < n; k++) {
+    Entry *x = &e[order[k]];
+    if (k == 0 || by_path(&order[k - 1], &order[k])) {
+      first_of[images++] = order[k];
+      path_bytes += x->path_len;
+    }
+    x->image = images - 1;
+  }
+  /* Classes: an int per distinct class bytes. */
+  class_of = PyMem_Malloc(sizeof(int32_t) * (images + 1));
+  ends = PyMem_Malloc(sizeof(int64_t) * (images + 1));
+  chunks = PyMem_Malloc(sizeof(int64_t) * (images + 1));
+  splits = PyMem_Malloc(images + 1);
+  if (!class_of || !ends || !chunks || !splits) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  memcpy(kept, first_of, sizeof(int64_t) * images);
+  qsort(kept, (size_t)images, sizeof(int64_t), by_class);
+  int32_t classes = 0;
+  for (Py_ssize_t k = 0; k < images; k++) {
+    if (k > 0 && by_class(&kept[k - 1], &kept[k])) classes++;
+    class_of[e[kept[k]].image] = classes;
+  }
+  paths = PyBytes_FromStringAndSize(NULL, path_bytes);
+  if (!paths) goto done;
+  char *to = PyBytes_AS_STRING(paths);
+  for (Py_ssize_t r = 0, used = 0; r < images; r++) {
+    const Entry *x = &e[first_of[r]];
+    memcpy(to + used, x->path, (size_t)x->path_len);
+    used += x->path_len;
+    ends[r] = used, chunks[r] = x->chunk, splits[r] = x->split;
+  }
 
-  scan(m, group_hash, which, order, split, cls, distance, scale, best);
+  /* Groups: members in (band, bits, crc, path, which) order. */
+  qsort(order, (size_t)n, sizeof(int64_t), by_member);
+  const int64_t scale = images, none = NEVER * scale;
+  best = PyMem_Malloc(sizeof(int64_t) * SLOTS * (images + 1));
+  capped = PyMem_Malloc(sizeof(int64_t) * 3 * (n + 1));
+  if (!best || !capped) {
+    PyErr_NoMemory();
+    goto done;
+  }
+  for (Py_ssize_t r = 0; r < SLOTS * images; r++) best[r] = none;
+  Py_ssize_t num_capped = 0;
+  for (Py_ssize_t lo = 0; lo < n;) {
+    Py_ssize_t hi = lo + 1;
+    while (hi < n && e[order[hi]].band == e[order[lo]].band &&
+           e[order[hi]].bits == e[order[lo]].bits)
+      hi++;
+    Py_ssize_t m = hi - lo;
+    if (m > cap) {
+      capped[3 * num_capped] = e[order[lo]].band;
+      capped[3 * num_capped + 1] = m;
+      capped[3 * num_capped + 2] = e[order[lo]].image;
+      num_capped++;
+      m = cap;
+    }
+    scan(m, order + lo, e, class_of, distance, scale, best);
+    lo = hi;
+  }
 
-  int64_t filled = 0;
-  for (int64_t r = 0; r < scale * SLOTS; r++) filled += best[r] < none;
+  Py_ssize_t filled = 0;
+  for (Py_ssize_t r = 0; r < SLOTS * images; r++) filled += best[r] < none;
   out = PyMem_Malloc(sizeof(int64_t) * 4 * (filled + 1));
   if (!out) {
     PyErr_NoMemory();
@@ -131,29 +287,36 @@ static PyObject *slots(PyObject *self, PyObject *args) {
   }
   int64_t *image = out, *slot = out + filled, *partner = out + 2 * filled;
   int64_t *d = out + 3 * filled, k = 0;
-  for (int64_t r = 0; r < scale * SLOTS; r++) {
+  for (Py_ssize_t r = 0; r < SLOTS * images; r++) {
     if (best[r] >= none) continue;
-    image[k] = member_of[r / SLOTS];
-    slot[k] = r % SLOTS;
-    partner[k] = member_of[best[r] % scale];
-    d[k] = best[r] / scale;
+    image[k] = r / SLOTS, slot[k] = r % SLOTS;
+    partner[k] = best[r] % scale, d[k] = best[r] / scale;
     k++;
   }
-  const Py_ssize_t n = (Py_ssize_t)(filled * 8);
-  result = Py_BuildValue("(y#y#y#y#)", (const char *)image, n,
-                         (const char *)slot, n, (const char *)partner, n,
-                         (const char *)d, n);
+  /* The capped groups' columns, one after another. */
+  for (Py_ssize_t c = 0; c < num_capped; c++)
+    kept[c] = capped[3 * c], kept[num_capped + c] = capped[3 * c + 1],
+    kept[2 * num_capped + c] = capped[3 * c + 2];
+  result = Py_BuildValue(
+      "(ONy#NNNNNNNN)", paths, int64_bytes(ends, images), (const char *)splits,
+      images, int64_bytes(chunks, images), int64_bytes(image, filled),
+      int64_bytes(slot, filled), int64_bytes(partner, filled),
+      int64_bytes(d, filled), int64_bytes(kept, num_capped),
+      int64_bytes(kept + num_capped, num_capped),
+      int64_bytes(kept + 2 * num_capped, num_capped));
 
 done:
-  PyMem_Free(best), PyMem_Free(member_of), PyMem_Free(out);
-  PyBuffer_Release(&hb), PyBuffer_Release(&wb), PyBuffer_Release(&ob);
-  PyBuffer_Release(&sb), PyBuffer_Release(&cb);
+  Py_XDECREF(paths);
+  PyMem_Free(e), PyMem_Free(order), PyMem_Free(first_of), PyMem_Free(best);
+  PyMem_Free(out), PyMem_Free(capped), PyMem_Free(ends), PyMem_Free(chunks);
+  PyMem_Free(kept), PyMem_Free(class_of), PyMem_Free(splits);
+  PyBuffer_Release(&db);
   return result;
 }
 
 static PyMethodDef methods[] = {
-    {"slots", slots, METH_VARARGS,
-     "A band group's nearest partner of each image in each slot (see the "
+    {"bucket_slots", bucket_slots, METH_VARARGS,
+     "A bucket's images and each one's nearest partner per slot (see the "
      "file)."},
     {NULL, NULL, 0, NULL}};
 

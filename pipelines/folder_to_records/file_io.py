@@ -59,11 +59,19 @@ def new_path(run_dir: str, prefix: str, suffix: str) -> str:
 
 def in_global_window(value):
   """value as a DoFn's finish_bundle must emit it (it has no element's
-  window)."""
-  from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
-  from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
-  return windowed_value.WindowedValue(
-      value, window.GlobalWindow().max_timestamp(), [window.GlobalWindow()])
+  window). The window and timestamp made once (~2 µs each time: the
+  group step's finish_bundle emits one value per image)."""
+  if not _GLOBAL:
+    from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
+    from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
+    _GLOBAL.extend((windowed_value.WindowedValue,
+                    window.GlobalWindow().max_timestamp(),
+                    window.GlobalWindow()))
+  make, at, window_ = _GLOBAL
+  return make(value, at, [window_])
+
+
+_GLOBAL = []  # in_global_window's (WindowedValue, timestamp, window).
 
 
 def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]],

@@ -52,11 +52,10 @@ image; a pair both its images name is merged once.
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import functools
 import struct
 import zlib
-from typing import Iterable, Iterator, NamedTuple, Optional
+from typing import Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -158,36 +157,55 @@ def band_masks(distance: int) -> tuple[int, ...]:
   return tuple(masks)
 
 
-# A band entry's value: which hash, both hashes, chunk, offset, split, then
-# the path's bytes. Each image makes 2 x (distance + 1) of them (written to
-# bucket files, below): one bytes object (~100 B) instead of a tuple of a
-# Ref (~600 B).
-_PACKED = struct.Struct('>BQQIQB')
+# A band entry's value: which hash, both hashes, chunk, offset, split, the
+# crc32 of the path's bytes (the member order of a capped group: _rank),
+# the path's length; then the path's bytes and its class's. Each image
+# makes 2 x (distance + 1) of them (written to bucket files, below): one
+# bytes object (~100 B) instead of a tuple of a Ref (~600 B). The group
+# step reads them in C (_near_pairs.c, which must agree with this layout).
+_PACKED = struct.Struct('>BQQIQBIH')
 _SPLITS = ('train', 'validation', 'test')
 
 
-def pack(which: int, ref: Ref) -> bytes:
-  """(which hash, ref) as one bytes object (see _PACKED)."""
+def _encoded(text: str) -> bytes:
+  """A path or class name's bytes (any name a folder can hold)."""
+  return text.encode('utf-8', 'surrogateescape')
+
+
+def class_name(relpath: str, layout: str) -> str:
+  """The class of the image at relpath (the input layout's rule)."""
+  return listing_lib.source_file(relpath, layout).class_name
+
+
+def pack(which: int, ref: Ref, class_of: str) -> bytes:
+  """(which hash, ref, its class) as one bytes object (see _PACKED)."""
+  path = _encoded(ref.relpath)
   return _PACKED.pack(which, *ref.phashes, ref.chunk, ref.offset,
-                      _SPLITS.index(ref.split)) + ref.relpath.encode(
-                          'utf-8', 'surrogateescape')
+                      _SPLITS.index(ref.split), zlib.crc32(path),
+                      len(path)) + path + _encoded(class_of)
 
 
-def unpack(data: bytes) -> tuple[int, Ref]:
-  """pack's (which hash, ref) back."""
-  which, whole, centre, chunk, offset, split = _PACKED.unpack_from(data)
-  relpath = data[_PACKED.size:].decode('utf-8', 'surrogateescape')
-  return which, Ref((whole, centre), relpath, _SPLITS[split], chunk, offset)
+def unpack(data: bytes) -> tuple[int, Ref, str]:
+  """pack's (which hash, ref, class) back."""
+  which, whole, centre, chunk, offset, split, _, length = (
+      _PACKED.unpack_from(data))
+  path = data[_PACKED.size:_PACKED.size + length]
+  return which, Ref((whole, centre), path.decode('utf-8', 'surrogateescape'),
+                    _SPLITS[split], chunk, offset), data[
+                        _PACKED.size + length:].decode(
+                            'utf-8', 'surrogateescape')
 
 
-def band_keys(ref: Ref, *, masks: tuple[int, ...]
+def band_keys(ref: Ref, *, masks: tuple[int, ...], layout: str
               ) -> Iterator[tuple[int, bytes]]:
-  """(band key, pack(which hash, ref)) for each band of each of ref's two
-  hashes; the key is band << 64 | the hash's bits in the band (one int)."""
+  """(band key, pack(which hash, ref, its class)) for each band of each of
+  ref's two hashes; the key is band << 64 | the hash's bits in the band
+  (one int)."""
+  cls = class_name(ref.relpath, layout)
   for which, h in enumerate(ref.phashes):
     if not usable(h):
       continue
-    value = pack(which, ref)
+    value = pack(which, ref, cls)
     for band, mask in enumerate(masks):
       yield band << HASH_BITS | (h & mask), value
 
@@ -230,11 +248,11 @@ def num_buckets(num_files: int, masks: tuple[int, ...]) -> int:
   return max(MIN_BUCKETS, -(-most // BUCKET_ENTRIES))
 
 
-def bucket_entries(ref: Ref, *, masks: tuple[int, ...], buckets: int
-                   ) -> Iterator[tuple[int, bytes]]:
+def bucket_entries(ref: Ref, *, masks: tuple[int, ...], buckets: int,
+                   layout: str) -> Iterator[tuple[int, bytes]]:
   """(bucket, entry) for each of band_keys(ref): the entry is _ENTRY then
   pack's bytes; a band key's entries all go to one bucket."""
-  for key, value in band_keys(ref, masks=masks):
+  for key, value in band_keys(ref, masks=masks, layout=layout):
     head = _ENTRY.pack(key >> HASH_BITS, key & _BITS, len(value))
     yield zlib.crc32(head[:-2]) % buckets, head + value
 
@@ -244,11 +262,12 @@ _HEAD = np.dtype([('band', 'u1'), ('bits', '>u8'), ('length', '>u2')])
 _KEY = np.dtype([('band', 'u1'), ('bits', '>u8')])
 # _PACKED as numpy records.
 _FIXED = np.dtype([('which', 'u1'), ('whole', '>u8'), ('centre', '>u8'),
-                   ('chunk', '>u4'), ('offset', '>u8'), ('split', 'u1')])
+                   ('chunk', '>u4'), ('offset', '>u8'), ('split', 'u1'),
+                   ('crc', '>u4'), ('path_length', '>u2')])
 
 
-def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
-                 ) -> list[tuple[int, bytes]]:
+def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int,
+                 layout: str) -> list[tuple[int, bytes]]:
   """(bucket, its bytes) for each bucket bucket_entries puts an entry of
   refs in: the entries of `refs` (ref by ref, as bucket_entries makes
   them) in a bucket, one after another. The same bytes, at once: the
@@ -269,10 +288,12 @@ def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
                          taken.shape)[taken]
   value = np.broadcast_to(np.arange(2 * n).reshape(n, 2, 1),
                           taken.shape)[taken]  # pack(which, ref): 2 ref + which
-  # pack's bytes: _PACKED's fields, then the path.
-  paths = [ref.relpath.encode('utf-8', 'surrogateescape') for ref in refs]
-  path_length = np.array([len(p) for p in paths], dtype=np.int64)
-  if _PACKED.size + path_length.max() > 0xFFFF:  # _ENTRY's 'H'.
+  # pack's bytes: _PACKED's fields, then the path and its class (the tail).
+  paths = [_encoded(ref.relpath) for ref in refs]
+  tails = [p + _encoded(class_name(ref.relpath, layout))
+           for p, ref in zip(paths, refs)]
+  tail_length = np.array([len(t) for t in tails], dtype=np.int64)
+  if _PACKED.size + tail_length.max() > 0xFFFF:  # _ENTRY's 'H'.
     raise ValueError('a band entry of over 65,535 bytes (a path that long?)')
   fixed = np.empty((n, 2), dtype=_FIXED)
   fixed['which'] = [0, 1]
@@ -284,9 +305,12 @@ def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
                              )[:, None]
   fixed['split'] = np.array([_SPLITS.index(ref.split) for ref in refs]
                             )[:, None]
+  fixed['crc'] = np.array([zlib.crc32(p) for p in paths], dtype=np.uint32
+                          )[:, None]
+  fixed['path_length'] = np.array([len(p) for p in paths])[:, None]
   heads = np.empty(len(bits), dtype=_HEAD)
   heads['band'], heads['bits'] = band, bits
-  heads['length'] = _PACKED.size + path_length[value >> 1]
+  heads['length'] = _PACKED.size + tail_length[value >> 1]
   # A key's bucket: crc32 of its head's band and bits, once per key (a
   # band's bits, shifted down, take at most 32 bits: 2 bands or more).
   shifts = np.array([(m & -m).bit_length() - 1 for m in masks], dtype=np.uint64)
@@ -302,19 +326,19 @@ def bucket_bytes(refs: list[Ref], *, masks: tuple[int, ...], buckets: int
                      for i in range(0, len(key_bytes), size)],
                     dtype=np.int64)[inverse.reshape(-1)]
   # The entries' bytes gathered bucket by bucket from one source (heads,
-  # pack's fields, paths, end to end): each entry is three segments of it.
+  # pack's fields, tails, end to end): each entry is three segments of it.
   fixed_at = len(heads) * _HEAD.itemsize
-  path_at = fixed_at + fixed.size * _PACKED.size + np.concatenate(
-      [[0], np.cumsum(path_length)[:-1]])
-  source = np.frombuffer(heads.tobytes() + fixed.tobytes() + b''.join(paths),
+  tail_at = fixed_at + fixed.size * _PACKED.size + np.concatenate(
+      [[0], np.cumsum(tail_length)[:-1]])
+  source = np.frombuffer(heads.tobytes() + fixed.tobytes() + b''.join(tails),
                          dtype=np.uint8)
   order = np.argsort(bucket, kind='stable')
   segment_start = np.stack([
       order * _HEAD.itemsize, fixed_at + value[order] * _PACKED.size,
-      path_at[value[order] >> 1]], axis=1).reshape(-1)
+      tail_at[value[order] >> 1]], axis=1).reshape(-1)
   segment_length = np.stack([
       np.full(len(order), _HEAD.itemsize), np.full(len(order), _PACKED.size),
-      path_length[value[order] >> 1]], axis=1).reshape(-1)
+      tail_length[value[order] >> 1]], axis=1).reshape(-1)
   bucket = bucket[order]
   cuts = [0, *(np.flatnonzero(bucket[1:] != bucket[:-1]) + 1).tolist(),
           len(order)]
@@ -353,7 +377,7 @@ def read_bucket(data: bytes) -> dict[int, list[bytes]]:
   return groups
 
 
-def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
+def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str, layout: str):
   """A DoFn: Ref (with the listing's counts as side input) -> (bucket,
   (file, offset, length)) of the bucket files its bundle wrote (see above).
   Only the files of a bundle that succeeded are named downstream, so a
@@ -370,7 +394,7 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
     def _flush(self):
       refs, self._refs, self._entries = self._refs, [], 0
       return file_io.write_keyed(run_dir, 'bands', bucket_bytes(
-          refs, masks=masks, buckets=self._buckets))
+          refs, masks=masks, buckets=self._buckets, layout=layout))
 
     def process(self, ref: Ref, counts):
       self._buckets = num_buckets(counts[0], masks)
@@ -389,107 +413,113 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str):
   return BandsToBuckets()
 
 
-def _smallest(members: Iterable[bytes], cap: int
-              ) -> tuple[list[tuple[int, Ref]], int]:
-  """(the `cap` members (pack's bytes) first by _rank, unpacked and sorted;
-  how many there were in all). At most cap + 1 of them are held at a time:
-  a group within the cap is sorted, a larger one streams through
-  heapq.nsmallest (the same result: _rank's keys are distinct)."""
-  members = iter(members)
-  first = [unpack(member) for member in itertools.islice(members, cap + 1)]
-  if len(first) <= cap:
-    first.sort(key=_member_rank)
-    return first, len(first)
-  total = len(first)
-
-  def counted():
-    nonlocal total
-    for member in members:
-      total += 1
-      yield unpack(member)
-
-  kept = heapq.nsmallest(cap, itertools.chain(first, counted()),
-                         key=_member_rank)
-  return kept, total
-
-
-def _member_rank(member: tuple[int, Ref]) -> tuple:
-  which, ref = member
-  return _rank(ref, which)
-
-
 def _rank(ref: Ref, which: int) -> tuple:
   """A capped group keeps the members first by this: a hash of the path
-  (so no class or folder name is favoured), then the path."""
-  return (zlib.crc32(ref.relpath.encode('utf-8', 'surrogateescape')),
-          ref.relpath, which)
+  (so no class or folder name is favoured), then the path's bytes."""
+  path = _encoded(ref.relpath)
+  return zlib.crc32(path), path, which
 
 
-# Most paths _Lines keeps made (a worker's memory stays bounded).
-_SEEN_PATHS = 50_000
+class BucketSlots(NamedTuple):
+  """What the group step finds in one bucket (bucket_slots).
+
+  paths: the bucket's images' paths (bytes, end to end, in bytes order;
+  ends [I] where each ends), splits [I] (indices into _SPLITS), chunks
+  [I]; image, slot, partner, d [K]: each filled slot (image indices), in
+  (image, slot) order: the image's nearest partner in the slot over the
+  bucket's groups (least d, then first path); capped: the capped groups'
+  reports, in key order.
+  """
+  paths: bytes
+  ends: np.ndarray
+  splits: np.ndarray
+  chunks: np.ndarray
+  image: np.ndarray
+  slot: np.ndarray
+  partner: np.ndarray
+  d: np.ndarray
+  capped: list
+
+  def path(self, image: int) -> bytes:
+    return self.paths[int(self.ends[image - 1]) if image else 0:
+                      int(self.ends[image])]
 
 
-class _Classes:
-  """relpath -> an int per class (equal ints, equal classes), each path's
-  class found once (at most _SEEN_PATHS paths kept)."""
-
-  def __init__(self, layout: str):
-    self._layout = layout
-    self._ids, self._of = {}, {}
-
-  def __call__(self, relpath: str) -> int:
-    known = self._of.get(relpath)
-    if known is None:
-      if len(self._of) >= _SEEN_PATHS:
-        self._of.clear()
-      cls = listing_lib.source_file(relpath, self._layout).class_name
-      known = self._of[relpath] = self._ids.setdefault(cls, len(self._ids))
-    return known
-
-
-def _group(element, *, distance: int, cap: int, class_of):
-  """((band, bits), members) -> (members as [(which, Ref)] first by _rank,
-  found: (image, slot, partner, d) [K] (_slots: member indices), the capped
-  report or None). class_of: relpath -> class int (_Classes)."""
-  key, packed = element
-  members, total = _smallest(packed, cap)
-  found = _slots(members, distance=distance, class_of=class_of)
-  capped = None
-  if total > cap:
-    capped = {'band': key >> HASH_BITS, 'members': total, 'compared': cap,
-              'example': members[0][1].relpath}
-  return members, found, capped
-
-
-_NONE = np.zeros(0, dtype=np.int64)
-
-
-def _slots(members, *, distance: int, class_of,
-           use_compiled: Optional[bool] = None):
-  """_slots_reference's result, from the compiled `_near_pairs` extension
-  when it is built (use_compiled None; False: the reference), which a
-  test holds equal to it."""
+def bucket_slots(data: bytes, *, distance: int, cap: int = MAX_GROUP,
+                 use_compiled: Optional[bool] = None) -> BucketSlots:
+  """A bucket's band entries (entries one after another, as the band step
+  writes them) -> BucketSlots: the group step's work. Its band groups
+  (entries with one band key) are each compared among their first `cap`
+  members by _rank (a larger one is reported as capped); for members i <
+  j of a group, a candidate is a pair of two images within `distance`
+  bits of which one hash at least is a whole one (centre-centre adds only
+  false pairs); every candidate counts for both images' slots. From the
+  compiled `_near_pairs` extension when it is built (use_compiled None;
+  False: _bucket_slots_reference, which a test holds it equal to)."""
   if use_compiled is None:
     use_compiled = _compiled is not None
   elif use_compiled and _compiled is None:
     raise ValueError('use_compiled=True, but _near_pairs was not built (no '
                      'C compiler at install?)')
-  if len(members) < 2:
-    return (_NONE,) * 4
-  which = np.array([w for w, _ in members], dtype=np.uint8)
-  hashes = np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64)
-  paths = [ref.relpath for _, ref in members]
-  rank = {p: r for r, p in enumerate(sorted(set(paths)))}
-  order = np.array([rank[p] for p in paths], dtype=np.int32)
-  split = np.array([_SPLITS.index(ref.split) for _, ref in members],
-                   dtype=np.uint8)
-  cls = np.array([class_of(p) for p in paths], dtype=np.int32)
   if not use_compiled:
-    return _slots_reference(hashes, which, order, split, cls,
-                            distance=distance)
-  return tuple(np.frombuffer(raw, dtype=np.int64) for raw in _compiled.slots(
-      hashes.tobytes(), which.tobytes(), order.tobytes(), split.tobytes(),
-      cls.tobytes(), distance))
+    return _bucket_slots_reference(data, distance=distance, cap=cap)
+  (paths, ends, splits, chunks, image, slot, partner, d, band, members,
+   example) = _compiled.bucket_slots(data, distance, cap)
+  ints = lambda raw: np.frombuffer(raw, dtype=np.int64)
+  found = BucketSlots(paths, ints(ends), np.frombuffer(splits, np.uint8),
+                      ints(chunks), ints(image), ints(slot), ints(partner),
+                      ints(d), [])
+  for b, m, e in zip(*(ints(x).tolist() for x in (band, members, example))):
+    found.capped.append({'band': b, 'members': m, 'compared': cap,
+                         'example': found.path(e).decode(
+                             'utf-8', 'surrogateescape')})
+  return found
+
+
+def _bucket_slots_reference(data: bytes, *, distance: int, cap: int
+                            ) -> BucketSlots:
+  """bucket_slots in Python and numpy, group by group (_slots_reference)."""
+  groups, images, classes = {}, {}, {}
+  for key, values in read_bucket(data).items():
+    for value in values:
+      which, ref, cls = unpack(value)
+      images[_encoded(ref.relpath)] = ref
+      classes[_encoded(ref.relpath)] = _encoded(cls)
+      groups.setdefault(key, []).append((which, ref))
+  paths = sorted(images)
+  image_of = {p: i for i, p in enumerate(paths)}
+  class_ids = {c: i for i, c in enumerate(sorted(set(classes.values())))}
+  best = {}  # (image, slot) -> (d, partner)
+  capped = []
+  for key in sorted(groups):
+    members = sorted(groups[key], key=lambda m: _rank(m[1], m[0]))
+    if len(members) > cap:
+      capped.append({'band': key >> HASH_BITS, 'members': len(members),
+                     'compared': cap, 'example': members[0][1].relpath})
+      members = members[:cap]
+    if len(members) < 2:
+      continue
+    at = [image_of[_encoded(ref.relpath)] for _, ref in members]
+    found = _slots_reference(
+        np.array([ref.phashes[w] for w, ref in members], dtype=np.uint64),
+        np.array([w for w, _ in members], dtype=np.uint8),
+        np.array(at, dtype=np.int32),
+        np.array([_SPLITS.index(ref.split) for _, ref in members]),
+        np.array([class_ids[classes[paths[i]]] for i in at]),
+        distance=distance)
+    for i, slot, j, d in zip(*(x.tolist() for x in found)):
+      entry = (d, at[j])
+      best[at[i], slot] = min(best.get((at[i], slot), entry), entry)
+  rows = sorted(best)
+  column = lambda values: np.array(values, dtype=np.int64)
+  return BucketSlots(
+      b''.join(paths), column(np.cumsum([len(p) for p in paths])),
+      np.array([_SPLITS.index(images[p].split) for p in paths],
+               dtype=np.uint8),
+      column([images[p].chunk for p in paths]),
+      column([i for i, _ in rows]), column([s for _, s in rows]),
+      column([best[r][1] for r in rows]), column([best[r][0] for r in rows]),
+      capped)
 
 
 def _slots_reference(hashes: np.ndarray, which: np.ndarray,
@@ -568,6 +598,10 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
           'classes': classes, 'label_conflict': classes[0] != classes[1]}
 
 
+# Most paths _Lines keeps made (a worker's memory stays bounded).
+_SEEN_PATHS = 50_000
+
+
 class _Lines:
   """classify's lines as text (json.dumps of its dict, the same bytes),
   with each path's JSON and class made once, not per pair."""
@@ -623,18 +657,19 @@ _REDUCE_ENTRIES = 1_000_000
 
 
 class _Nearest:
-  """Per image, its nearest partner in each slot over the groups added so
-  far: the least distance, then the first path (as the groups order them).
-  Entries are held as arrays, only those within their slot's least
-  distance so far, and reduced to one an image and slot past
-  _REDUCE_ENTRIES: an image is in up to 2 x (distance + 1) groups."""
+  """Per image, its nearest partner in each slot over the buckets added so
+  far: the least distance, then the first path (bytes order, as
+  bucket_slots orders them). Entries are held as arrays, only those within
+  their slot's least distance so far, and reduced to one an image and
+  slot past _REDUCE_ENTRIES: an image is in up to 2 x (distance + 1)
+  groups, in as many buckets."""
 
   def __init__(self):
     self._forget()
 
   def _forget(self) -> None:
-    # relpath -> (id: an index into _paths, split index, chunk)
-    self._info, self._paths = {}, []
+    self._ids = {}  # path bytes -> id: an index into _paths and _info
+    self._paths, self._info = [], []  # (split index, chunk) each
     self._parts, self._size = [], 0
     # [ids, SLOTS]: the least distance of each image's slot so far. An
     # entry farther than it can never be the slot's nearest: not held.
@@ -644,24 +679,29 @@ class _Nearest:
     """Images held."""
     return len(self._paths)
 
-  def _id(self, ref: Ref) -> int:
-    known = self._info.get(ref.relpath)
-    if known is None:
-      known = self._info[ref.relpath] = (
-          len(self._paths), _SPLITS.index(ref.split), ref.chunk)
-      self._paths.append(ref.relpath)
-    return known[0]
-
-  def add(self, members, image: np.ndarray, slot: np.ndarray,
-          partner: np.ndarray, d: np.ndarray) -> None:
-    """A group's slots: members [(which, Ref)]; image, slot, partner, d [K]
-    (member indices; _slots')."""
-    if not len(image):
+  def add(self, found: BucketSlots) -> None:
+    """A bucket's slots (bucket_slots)."""
+    if not len(found.image):
       return
-    ids = np.array([self._id(ref) for _, ref in members], dtype=np.int64)
-    this, other, dist = ids[image], ids[partner], d.astype(np.int64)
-    if len(self._paths) > len(self._least):
-      grown = np.full((2 * len(self._paths), SLOTS), NEVER, dtype=np.int64)
+    used = np.unique(np.concatenate([found.image, found.partner]))
+    ends = found.ends.tolist()
+    splits, chunks = found.splits.tolist(), found.chunks.tolist()
+    local = np.zeros(len(ends), dtype=np.int64)
+    get, paths, data = self._ids.get, self._paths, found.paths
+    ids = []
+    for i in used.tolist():
+      path = data[ends[i - 1] if i else 0:ends[i]]
+      known = get(path)
+      if known is None:
+        known = self._ids[path] = len(paths)
+        paths.append(path)
+        self._info.append((splits[i], chunks[i]))
+      ids.append(known)
+    local[used] = ids
+    this, other = local[found.image], local[found.partner]
+    slot, dist = found.slot, found.d
+    if len(paths) > len(self._least):
+      grown = np.full((2 * len(paths), SLOTS), NEVER, dtype=np.int64)
       grown[:len(self._least)] = self._least
       self._least = grown
     np.minimum.at(self._least, (this, slot), dist)
@@ -698,16 +738,24 @@ class _Nearest:
     self._forget()
     if not parts:
       return
+    text = lambda i: paths[i].decode('utf-8', 'surrogateescape')
     this, slot, dist, other = (x.tolist() for x in parts[0])
     at = 0
     while at < len(this):
       image, slots = this[at], [None] * SLOTS
       while at < len(this) and this[at] == image:
-        partner = paths[other[at]]
-        slots[slot[at]] = (dist[at], partner, _SPLITS[info[partner][1]])
+        partner = other[at]
+        slots[slot[at]] = (dist[at], text(partner),
+                           _SPLITS[info[partner][0]])
         at += 1
-      _, split, chunk = info[paths[image]]
-      yield paths[image], (_SPLITS[split], chunk, tuple(slots))
+      split, chunk = info[image]
+      yield text(image), (_SPLITS[split], chunk, tuple(slots))
+
+
+def _nearer(a: tuple, b: tuple) -> bool:
+  """Whether slot partner a (distance, relpath, split) is nearer than b:
+  the least distance, then the first path's bytes (bucket_slots' order)."""
+  return a[0] < b[0] or (a[0] == b[0] and _encoded(a[1]) < _encoded(b[1]))
 
 
 def nearest_partners(values):
@@ -717,7 +765,7 @@ def nearest_partners(values):
   for split, chunk, slots in values:
     for i, partner in enumerate(slots):
       if partner is not None and (best[i] is None
-                                  or partner[:2] < best[i][:2]):
+                                  or _nearer(partner, best[i])):
         best[i] = partner
   return split, chunk, tuple(best)
 
@@ -728,15 +776,19 @@ def image_kinds(split: str, slots: tuple) -> tuple[str, ...]:
   train/evaluation line), 'within_split', 'across_evaluation_splits' (a
   validation image's copy in test or the reverse), 'label_conflicts' (a
   copy of another class)."""
+  return _kinds_of(split, tuple(s is not None for s in slots))
+
+
+@functools.cache
+def _kinds_of(split: str, filled: tuple[bool, ...]) -> tuple[str, ...]:
+  """image_kinds by which slots are filled (12 cases: made once each)."""
   kinds = []
-  filled = [s is not None for s in slots]
   if any(filled):
     kinds.append('images')
-  mine = _SPLITS.index(split)
   if any(f and _kind(split, other) == LEAK
          for f, other in zip(filled, _SPLITS)):
     kinds.append('leaks')
-  if filled[mine]:
+  if filled[_SPLITS.index(split)]:
     kinds.append(WITHIN_SPLIT)
   if any(f and _kind(split, other) == ACROSS_EVALUATION
          for f, other in zip(filled, _SPLITS)):
@@ -809,40 +861,33 @@ NEAREST = 'near_nearest'  # Tagged output: _Nearest.items.
 DROPS = 'near_drops'  # Tagged output: (split, chunk, relpath) left out.
 
 
-def _group_slots(*, distance: int, layout: str):
+def _group_slots(*, distance: int):
   """A DoFn: a bucket of band groups (_bands_to_buckets) -> per image, its
-  nearest partner in each slot among the bundle's groups (_Nearest.items,
-  at most _BUNDLE_IMAGES images held at once), 'near_capped'. No element
-  per pair crosses a step (at 30,000 photo-like images there are millions
-  of candidate pairs), nor one per group an image is in (up to 2 x
-  (distance + 1)): its nearest are kept per bundle, as the combine keeps
-  them per worker. Only the outputs of a bundle that succeeded go
-  downstream, so a retried bundle adds nothing twice."""
+  nearest partner in each slot among the bundle's buckets (bucket_slots,
+  _Nearest.items, at most _BUNDLE_IMAGES images held at once),
+  'near_capped'. No element per pair crosses a step (at 30,000 photo-like
+  images there are millions of candidate pairs), nor one per group an
+  image is in (up to 2 x (distance + 1)): its nearest are kept per bundle,
+  as the combine keeps them per worker. Only the outputs of a bundle that
+  succeeded go downstream, so a retried bundle adds nothing twice."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
   class GroupSlots(beam.DoFn):
     """See _group_slots."""
 
-    def setup(self):
-      self._class_of = _Classes(layout)
-
     def start_bundle(self):
       self._nearest = _Nearest()
 
     def process(self, element):
-      """(bucket, its file ranges) -> each band group's outputs."""
+      """(bucket, its file ranges) -> its outputs."""
       _, ranges = element
-      groups = read_bucket(file_io.read_keyed(ranges))
-      for key in sorted(groups):
-        members, found, capped = _group(
-            (key, groups.pop(key)), distance=distance, cap=MAX_GROUP,
-            class_of=self._class_of)
-        self._nearest.add(members, *found)
-        if len(self._nearest) >= _BUNDLE_IMAGES:
-          yield from self._nearest.items()
-        if capped:
-          yield _tagged(CAPPED, capped)
+      found = bucket_slots(file_io.read_keyed(ranges), distance=distance)
+      self._nearest.add(found)
+      if len(self._nearest) >= _BUNDLE_IMAGES:
+        yield from self._nearest.items()
+      for capped in found.capped:
+        yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
       for item in self._nearest.items():
@@ -866,10 +911,10 @@ def find(refs, counts, *, distance: int, layout: str, run_dir: str):
   slots = (
       refs
       | 'NearBands' >> beam.ParDo(_bands_to_buckets(
-          masks=masks, run_dir=run_dir), counts)
+          masks=masks, run_dir=run_dir, layout=layout), counts)
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearSlots' >> beam.ParDo(_group_slots(
-          distance=distance, layout=layout)).with_outputs(
+          distance=distance)).with_outputs(
               CAPPED, main='slots'))
   found = (slots.slots
            | 'NearNearest' >> beam.CombinePerKey(nearest_partners)

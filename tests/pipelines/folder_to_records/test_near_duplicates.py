@@ -25,18 +25,20 @@ from tfrecords_schema import metadata
 LEFT_OUT = nd.NEAR_LEAK
 
 
-def _search(refs, distance, cap=nd.MAX_GROUP):
-  """The band search run in plain Python: ({relpath: its slots}, capped),
-  the slots as nearest_partners gives them (SLOTS of (d, partner,
-  partner's split) or None)."""
+def _search(refs, distance, cap=nd.MAX_GROUP, buckets=1, compiled=None):
+  """The band search in one process: every ref's band entries in
+  `buckets` buckets, each bucket's slots (bucket_slots) kept over the
+  buckets (_Nearest). ({relpath: its slots}, capped), the slots as
+  nearest_partners gives them (SLOTS of (d, partner, partner's split) or
+  None)."""
   masks = nd.band_masks(distance)
-  nearest, class_of, capped = nd._Nearest(), nd._Classes('class_folders'), []
-  for key, packed in sorted(_groups(refs, masks).items()):
-    members, found, report = nd._group((key, packed), distance=distance,
-                                       cap=cap, class_of=class_of)
-    nearest.add(members, *found)
-    if report:
-      capped.append(report)
+  nearest, capped = nd._Nearest(), []
+  for _, data in nd.bucket_bytes(refs, masks=masks, buckets=buckets,
+                                 layout='class_folders'):
+    found = nd.bucket_slots(data, distance=distance, cap=cap,
+                            use_compiled=compiled)
+    nearest.add(found)
+    capped += found.capped
   return {path: slots for path, (_, _, slots) in nearest.items()}, capped
 
 
@@ -102,8 +104,9 @@ def test_a_band_element_packs_its_reference_losslessly():
   ref = nd.Ref(((1 << 64) - 1, 5), 'cl\u00e4ss/x\udcff\n.jpg', 'test', 7,
                (1 << 40) + 3)  # An offset past 4 GiB, a non-UTF-8 name.
   for which in (nd.WHOLE, nd.CENTRE):
-    data = nd.pack(which, ref)
-    assert isinstance(data, bytes) and nd.unpack(data) == (which, ref)
+    data = nd.pack(which, ref, 'cl\u00e4ss\udcfe')
+    assert isinstance(data, bytes) and nd.unpack(data) == (
+        which, ref, 'cl\u00e4ss\udcfe')
 
 
 @pytest.mark.parametrize('distance', [1, 8, nd.MAX_DISTANCE])
@@ -116,6 +119,7 @@ def test_a_flush_of_band_entries_is_bucket_entries_bucket_by_bucket(distance):
   masks = nd.band_masks(distance)
   paths = ('a/x.jpg', 'cl\u00e4ss/x\udcff\n.jpg', 'c/' + 'z' * 900 + '.png')
   for trial in range(60):
+    layout = ('class_folders', 'split_folders')[trial % 2]
     refs = []
     for i in range(int(rng.integers(0, 30))):
       whole, centre = (int(h) for h in rng.integers(
@@ -123,16 +127,16 @@ def test_a_flush_of_band_entries_is_bucket_entries_bucket_by_bucket(distance):
       kind = i % 4
       whole = 0 if kind == 1 else whole  # Flat: no entry.
       centre = (1 << 15) - 1 if kind == 2 else centre  # 15 bits: none.
-      refs.append(nd.Ref((whole, centre), f'{paths[i % 3]}{i}',
+      refs.append(nd.Ref((whole, centre), f'train/{paths[i % 3]}{i}',
                          nd._SPLITS[i % 3], int(rng.integers(0, 1 << 31)),
                          int(rng.integers(0, 1 << 50)) + (i % 5 == 0) * 2**63))
     buckets = int(rng.integers(1, 40))
     want = collections.defaultdict(list)
     for ref in refs:
       for bucket, entry in nd.bucket_entries(ref, masks=masks,
-                                             buckets=buckets):
+                                             buckets=buckets, layout=layout):
         want[bucket].append(entry)
-    got = nd.bucket_bytes(refs, masks=masks, buckets=buckets)
+    got = nd.bucket_bytes(refs, masks=masks, buckets=buckets, layout=layout)
     assert [b for b, _ in got] == sorted(want), trial
     assert dict(got) == {b: b''.join(e) for b, e in want.items()}, trial
 
@@ -420,7 +424,7 @@ def _near_refs(rng, count=120):
 def _groups(refs, masks):
   groups = {}
   for ref in refs:
-    for key, value in nd.band_keys(ref, masks=masks):
+    for key, value in nd.band_keys(ref, masks=masks, layout='class_folders'):
       groups.setdefault(key, []).append(value)
   return groups
 
@@ -447,17 +451,21 @@ def test_every_image_gets_its_nearest_in_each_slot_as_all_pairs_would(
 
 
 @pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
-def test_the_compiled_group_step_equals_the_numpy_reference():
-  """_slots compiled and in numpy give the same arrays, in the same order:
-  groups of 2 to 600 members (more than one block of rows), both hashes of
-  an image in one group, flat (unusable) hashes, every split, classes."""
+def test_the_compiled_group_step_equals_the_reference():
+  """bucket_slots compiled and in Python/numpy give the same images,
+  slots and capped groups, in the same order: groups of 2 to 600 members
+  (more than one block of rows), several groups a bucket, both hashes of
+  an image in one group, flat (unusable) hashes, every split, several
+  classes, odd names (bytes order is not str order for them), caps that
+  bind."""
   rng = np.random.default_rng(7)
-  cases = 0
-  class_of = nd._Classes('class_folders')
+  cases = capped = 0
+  names = ('a', 'b\u00e9', 'z\udcff', '\ue000x', 'Q')
   for size in (2, 3, 17, 60, 257, 600):
     for distance in (1, 8, 16):
+      masks = nd.band_masks(distance)
       base = int(rng.integers(0, 1 << 63)) * 2 + 1
-      members = []
+      refs = []
       for i in range(size):
         flips = rng.choice(64, size=int(rng.integers(0, distance + 6)),
                            replace=False)
@@ -467,40 +475,46 @@ def test_the_compiled_group_step_equals_the_numpy_reference():
           whole = 0b111  # Flat: unusable.
         if i % 13 == 5:
           centre = whole ^ 0b1011  # The image's centre near its whole.
-        ref = nd.Ref((whole, centre),
-                     f'c{i % 3}/{int(rng.integers(0, size))}.jpg',
-                     ('train', 'validation', 'test')[int(rng.integers(0, 3))],
-                     0, i)
-        members.append((int(i % 7 == 2), ref))
-        if i % 9 == 4:  # Its other hash in the same group too.
-          members.append((1 - members[-1][0], ref))
-      got, want = (nd._slots(members, distance=distance, class_of=class_of,
-                             use_compiled=compiled)
-                   for compiled in (True, False))
-      for x, y in zip(got, want):
-        assert x.dtype == y.dtype and x.tolist() == y.tolist()
-      cases += len(want[0])
-  assert cases > 1000  # Slots were filled.
+        refs.append(nd.Ref(
+            (whole, centre), f'{names[i % 5]}/{names[i % 3]}{i}.jpg',
+            ('train', 'validation', 'test')[int(rng.integers(0, 3))],
+            int(rng.integers(0, 50)), i))
+      for cap in (5, nd.MAX_GROUP):
+        for _, data in nd.bucket_bytes(refs, masks=masks, buckets=2,
+                                       layout='class_folders'):
+          got, want = (nd.bucket_slots(data, distance=distance, cap=cap,
+                                       use_compiled=compiled)
+                       for compiled in (True, False))
+          for x, y in zip(got, want):
+            if isinstance(x, np.ndarray):
+              assert x.dtype == y.dtype and x.tolist() == y.tolist()
+            else:
+              assert x == y
+          cases += len(want.image)
+          capped += len(want.capped)
+  assert cases > 1000 and capped > 10  # Slots were filled, caps bound.
 
 
 @pytest.mark.skipif(nd._compiled is None, reason='_near_pairs is not built')
-def test_the_compiled_group_step_refuses_inconsistent_arguments():
-  """Wrong sizes, ranks, hash choices or splits raise ValueError, never
-  crash."""
-  good = dict(hashes=bytes(16), which=bytes(2),
-              order=np.array([0, 1], dtype=np.int32).tobytes(),
-              split=bytes(2), cls=bytes(8))
-  args = lambda v: (v['hashes'], v['which'], v['order'], v['split'],
-                    v['cls'], 8)
-  assert [len(x) for x in nd._compiled.slots(*args(good))] == [16] * 4
-  for name, value in (
-      ('hashes', bytes(15)), ('which', bytes(3)), ('split', bytes(1)),
-      ('cls', bytes(4)),
-      ('order', np.array([0, 2], dtype=np.int32).tobytes()),
-      ('order', np.array([0, -1], dtype=np.int32).tobytes()),
-      ('which', bytes([0, 2])), ('split', bytes([0, 3]))):
+def test_the_compiled_group_step_refuses_bad_entries():
+  """A cut-short bucket is an OSError naming it; bad fields, distances or
+  caps raise ValueError; never a crash."""
+  ref = nd.Ref((_SAME, _SAME ^ 1), 'c/x.jpg', 'train', 0, 0)
+  (_, data), = nd.bucket_bytes([ref], masks=nd.band_masks(2), buckets=1,
+                               layout='class_folders')
+  assert len(nd.bucket_slots(data, distance=2).ends) == 1
+  for cut in (1, 11, 40, len(data) // 6 + 1):  # Entries of 55 bytes.
+    with pytest.raises(OSError, match='cut short'):
+      nd._compiled.bucket_slots(data[:-cut], 2, 10)
+  entry = bytearray(data[:len(data) // 6])  # One entry of six.
+  for at, value in ((11, 2), (40, 3), (45, 255)):  # which, split, length
+    bad = bytearray(entry)
+    bad[at] = value
     with pytest.raises(ValueError):
-      nd._compiled.slots(*args(dict(good, **{name: value})))
+      nd._compiled.bucket_slots(bytes(bad), 2, 10)
+  for distance, cap in ((-1, 10), (65, 10), (2, 0)):
+    with pytest.raises(ValueError):
+      nd._compiled.bucket_slots(data, distance, cap)
 
 
 def _outputs(results):
@@ -628,7 +642,8 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     refs.append(nd.Ref((whole ^ flip, int(rng.integers(0, 1 << 63)) * 2 + 1),
                        path, 'train', 0, len(refs)))
   masks = nd.band_masks(distance)
-  bands = nd._bands_to_buckets(masks=masks, run_dir=str(tmp_path))
+  bands = nd._bands_to_buckets(masks=masks, run_dir=str(tmp_path),
+                               layout='class_folders')
   ranges = []
   for half in (refs[::2], refs[1::2]):  # Two bundles.
     bands.start_bundle()
@@ -643,7 +658,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
              ) > 4  # Several flushes.
   want = {}
   for ref in refs:
-    for key, value in nd.band_keys(ref, masks=masks):
+    for key, value in nd.band_keys(ref, masks=masks, layout='class_folders'):
       want.setdefault(key, []).append(value)
   got, seen_keys = {}, set()
   for where in buckets.values():
@@ -668,8 +683,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     monkeypatch.setattr(nd, '_BUNDLE_IMAGES', held)
     # Each image's slots reduced after every group / once.
     monkeypatch.setattr(nd, '_REDUCE_ENTRIES', 0 if held == 20 else 10**6)
-    slots_step = nd._group_slots(distance=distance, layout='class_folders')
-    slots_step.setup()
+    slots_step = nd._group_slots(distance=distance)
     slots_step.start_bundle()
     items = []
     for element in buckets.items():

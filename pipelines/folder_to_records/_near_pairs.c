@@ -98,35 +98,55 @@ static int by_member(const void *x, const void *y) {
   return 0;
 }
 
-/* One group's kept members (entry indices `members`, m of them) into best
- * (see the top of the file): best[image * SLOTS + slot] = bits * scale +
- * the partner's image index, the least kept. */
-HOT static void scan(Py_ssize_t m, const int64_t *members, const Entry *e,
-                     const int32_t *class_of, int distance, int64_t scale,
-                     int64_t *best) {
+/* A group's kept members, gathered from the entries into arrays (the scan
+ * reads them in order, not through the entries' scattered records). */
+typedef struct {
+  uint64_t *hash;
+  int32_t *image, *cls;
+  uint8_t *whole, *split;
+  int32_t *candidates; /* The scan's scratch: one row's candidates. */
+} Group;
+
+/* One group's m kept members into best (see the top of the file):
+ * best[image * SLOTS + slot] = bits * scale + the partner's image index,
+ * the least kept. Each row is done in two passes: its candidates found
+ * without a branch (on a folder of near copies about half the pairs are
+ * candidates, and a branch on each mispredicts), then only they update
+ * the slots, the row's own slots kept in registers. */
+HOT static void scan(Py_ssize_t m, const Group *g, int distance,
+                     int64_t scale, int64_t *best) {
+  const uint64_t *hash = g->hash;
+  const uint8_t *whole = g->whole;
+  int32_t *cand = g->candidates;
   for (Py_ssize_t x = 0; x < m; x++) {
-    const Entry *a = &e[members[x]];
-    const uint64_t hi = a->hash;
-    const int whole_i = a->which == 0;
-    const int64_t ri = a->image;
+    const uint64_t hi = hash[x];
+    const int whole_i = whole[x];
+    Py_ssize_t k = 0;
     for (Py_ssize_t y = x + 1; y < m; y++) {
-      const Entry *b = &e[members[y]];
-      const int bits = popcount64(hi ^ b->hash);
-      if (bits > distance || !(whole_i || b->which == 0)) continue;
-      const int64_t rj = b->image;
+      cand[k] = (int32_t)y;
+      k += (popcount64(hi ^ hash[y]) <= distance) & (whole_i | whole[y]);
+    }
+    if (!k) continue;
+    const int64_t ri = g->image[x];
+    const int si = g->split[x], ci = g->cls[x];
+    int64_t mine[SLOTS];
+    for (int s = 0; s < SLOTS; s++) mine[s] = best[ri * SLOTS + s];
+    for (Py_ssize_t t = 0; t < k; t++) {
+      const Py_ssize_t y = cand[t];
+      const int64_t rj = g->image[y];
       if (ri == rj) continue; /* One image's two hashes. */
-      const int64_t at = bits * scale;
-      int64_t *slot = &best[ri * SLOTS + b->split];
-      if (at + rj < *slot) *slot = at + rj;
-      slot = &best[rj * SLOTS + a->split];
+      const int64_t at = popcount64(hi ^ hash[y]) * scale;
+      const int sj = g->split[y];
+      if (at + rj < mine[sj]) mine[sj] = at + rj;
+      int64_t *slot = &best[rj * SLOTS + si];
       if (at + ri < *slot) *slot = at + ri;
-      if (class_of[ri] != class_of[rj]) {
-        slot = &best[ri * SLOTS + OTHER_CLASS];
-        if (at + rj < *slot) *slot = at + rj;
+      if (ci != g->cls[y]) {
+        if (at + rj < mine[OTHER_CLASS]) mine[OTHER_CLASS] = at + rj;
         slot = &best[rj * SLOTS + OTHER_CLASS];
         if (at + ri < *slot) *slot = at + ri;
       }
     }
+    for (int s = 0; s < SLOTS; s++) best[ri * SLOTS + s] = mine[s];
   }
 }
 
@@ -157,6 +177,7 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
   int64_t *capped = NULL, *ends = NULL, *chunks = NULL, *kept = NULL;
   int32_t *class_of = NULL;
   uint8_t *splits = NULL;
+  Group group = {NULL, NULL, NULL, NULL, NULL, NULL};
   const uint8_t *data = (const uint8_t *)db.buf;
   const Py_ssize_t end = db.len;
   if (distance < 0 || distance > 64 || cap < 1) {
@@ -260,6 +281,26 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
     goto done;
   }
   for (Py_ssize_t r = 0; r < SLOTS * images; r++) best[r] = none;
+  /* The scan's arrays: room for the largest group it compares. */
+  Py_ssize_t widest = 0;
+  for (Py_ssize_t lo = 0, hi; lo < n; lo = hi) {
+    for (hi = lo + 1; hi < n && e[order[hi]].band == e[order[lo]].band &&
+                      e[order[hi]].bits == e[order[lo]].bits;)
+      hi++;
+    if (hi - lo > widest) widest = hi - lo;
+  }
+  if (widest > cap) widest = cap;
+  group.hash = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
+  group.image = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
+  group.cls = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
+  group.candidates = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
+  group.whole = PyMem_Malloc(widest + 1);
+  group.split = PyMem_Malloc(widest + 1);
+  if (!group.hash || !group.image || !group.cls || !group.candidates ||
+      !group.whole || !group.split) {
+    PyErr_NoMemory();
+    goto done;
+  }
   Py_ssize_t num_capped = 0;
   for (Py_ssize_t lo = 0; lo < n;) {
     Py_ssize_t hi = lo + 1;
@@ -274,7 +315,13 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
       num_capped++;
       m = cap;
     }
-    scan(m, order + lo, e, class_of, distance, scale, best);
+    for (Py_ssize_t x = 0; x < m; x++) {
+      const Entry *a = &e[order[lo + x]];
+      group.hash[x] = a->hash, group.whole[x] = a->which == 0;
+      group.image[x] = (int32_t)a->image, group.split[x] = a->split;
+      group.cls[x] = class_of[a->image];
+    }
+    scan(m, &group, distance, scale, best);
     lo = hi;
   }
 
@@ -310,6 +357,9 @@ done:
   PyMem_Free(e), PyMem_Free(order), PyMem_Free(first_of), PyMem_Free(best);
   PyMem_Free(out), PyMem_Free(capped), PyMem_Free(ends), PyMem_Free(chunks);
   PyMem_Free(kept), PyMem_Free(class_of), PyMem_Free(splits);
+  PyMem_Free(group.hash), PyMem_Free(group.image), PyMem_Free(group.cls);
+  PyMem_Free(group.candidates), PyMem_Free(group.whole);
+  PyMem_Free(group.split);
   PyBuffer_Release(&db);
   return result;
 }

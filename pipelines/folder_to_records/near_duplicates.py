@@ -18,11 +18,13 @@ every group counts (a minimum: a pair seen in several groups, or through
 several hash pairs, changes nothing), so no pair needs to come out of one
 group only, and nothing grows with the number of pairs (30,000 crops of
 three photos make ~146 million candidate pairs; their lines were 298 MB
-when the report listed every pair). The group step keeps each image's
-slots over its groups (_Nearest, arrays), a combine keeps them over the
-bundles and workers (nearest_partners), and a last step (_report_images)
-writes each image's pairs' lines, counts it, and leaves it out when it is
-an evaluation image with a train copy.
+when the report listed every pair). The group step compares each bucket
+of groups in one compiled call (bucket_slots) and keeps each image's
+slots over its buckets (_Nearest, arrays); it hands them on as records in
+files keyed by a hash of the path (not one shuffle element per image),
+and a last step (_report_images) keeps each image's nearest over the
+bundles (read_slots), writes its pairs' lines, counts it, and leaves it
+out when it is an evaluation image with a train copy.
 
 Scale: a group holds the images sharing one band value (~N / 2^band_bits of
 them for spread hashes); a group larger than MAX_GROUP (e.g. thousands of
@@ -729,50 +731,77 @@ class _Nearest:
     self._parts = [(this[first], slot[first], dist[kept], other[kept])]
     self._size = len(kept)
 
-  def items(self) -> Iterator[tuple[str, tuple]]:
-    """(relpath, (its split, its chunk, SLOTS of (distance, partner
-    relpath, partner split) or None)) for each image held
-    (nearest_partners' value); then holds none."""
+  def records(self) -> Iterator[tuple[bytes, bytes]]:
+    """(path, its slot record: _SLOT_RECORD's fields and the paths) for
+    each image held; then holds none."""
     self._reduce()
     parts, paths, info = self._parts, self._paths, self._info
     self._forget()
     if not parts:
       return
-    text = lambda i: paths[i].decode('utf-8', 'surrogateescape')
     this, slot, dist, other = (x.tolist() for x in parts[0])
     at = 0
     while at < len(this):
-      image, slots = this[at], [None] * SLOTS
+      image = this[at]
+      d, splits, partners = [NEVER] * SLOTS, [0] * SLOTS, [b''] * SLOTS
       while at < len(this) and this[at] == image:
-        partner = other[at]
-        slots[slot[at]] = (dist[at], text(partner),
-                           _SPLITS[info[partner][0]])
+        k, partner = slot[at], other[at]
+        d[k], splits[k], partners[k] = dist[at], info[partner][0], paths[
+            partner]
         at += 1
-      split, chunk = info[image]
-      yield text(image), (_SPLITS[split], chunk, tuple(slots))
+      path = paths[image]
+      tail = path + b''.join(partners)
+      yield path, _SLOT_RECORD.pack(
+          *info[image], *d, *splits, *map(len, partners), len(path),
+          len(tail)) + tail
 
 
-def _nearer(a: tuple, b: tuple) -> bool:
-  """Whether slot partner a (distance, relpath, split) is nearer than b:
-  the least distance, then the first path's bytes (bucket_slots' order)."""
-  return a[0] < b[0] or (a[0] == b[0] and _encoded(a[1]) < _encoded(b[1]))
+# An image's slots as the group step hands them on (through keyed files,
+# not one shuffle element per image: ~20 µs each): its split and chunk,
+# per slot the distance (NEVER: empty), the partner's split and path
+# length, the image's path length, the tail's length; then the tail: the
+# image's path and the partners' paths.
+_SLOT_RECORD = struct.Struct(f'>BI{SLOTS}B{SLOTS}B{SLOTS}HHI')
+# Images a key of the per-image hand-off holds, about (see slot_keys).
+_IMAGES_PER_KEY = 20_000
 
 
-def nearest_partners(values):
-  """A CombinePerKey of _Nearest.items' values for one image: each slot's
-  nearest (least distance, then path) over them."""
-  split, chunk, best = None, None, [None] * SLOTS
-  for split, chunk, slots in values:
-    for i, partner in enumerate(slots):
-      if partner is not None and (best[i] is None
-                                  or _nearer(partner, best[i])):
-        best[i] = partner
-  return split, chunk, tuple(best)
+def slot_keys(num_files: int) -> int:
+  """Keys of the per-image hand-off for num_files listed files."""
+  return max(MIN_BUCKETS, -(-num_files // _IMAGES_PER_KEY))
+
+
+def read_slots(data: bytes) -> dict[bytes, list]:
+  """Slot records (one after another, from one or more bundles) -> {path:
+  [split, chunk, SLOTS of (d, partner path, partner split) or None]},
+  each slot the nearest over the records (least d, then path bytes)."""
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  images = {}
+  for fields, tail in file_io.unpack_entries(data, _SLOT_RECORD,
+                                             'a slots record'):
+    split, chunk = fields[:2]
+    d = fields[2:2 + SLOTS]
+    splits = fields[2 + SLOTS:2 + 2 * SLOTS]
+    lengths = fields[2 + 2 * SLOTS:2 + 3 * SLOTS]
+    at = fields[-2]
+    path = tail[:at]
+    held = images.get(path)
+    if held is None:
+      held = images[path] = [split, chunk, [None] * SLOTS]
+    best = held[2]
+    for k in range(SLOTS):
+      if d[k] == NEVER:
+        continue
+      partner = (d[k], tail[at:at + lengths[k]], splits[k])
+      at += lengths[k]
+      if best[k] is None or partner[:2] < best[k][:2]:
+        best[k] = partner
+  return images
 
 
 def image_kinds(split: str, slots: tuple) -> tuple[str, ...]:
-  """The report's counts an image with these slots (nearest_partners')
-  adds one to: 'images' (it has a near copy), 'leaks' (a copy across the
+  """The report's counts an image with these slots (SLOTS of (d, partner,
+  partner's split) or None) adds one to: 'images' (it has a near copy), 'leaks' (a copy across the
   train/evaluation line), 'within_split', 'across_evaluation_splits' (a
   validation image's copy in test or the reverse), 'label_conflicts' (a
   copy of another class)."""
@@ -799,16 +828,20 @@ def _kinds_of(split: str, filled: tuple[bool, ...]) -> tuple[str, ...]:
 
 
 def _report_images(*, layout: str, run_dir: str):
-  """A DoFn: (relpath, nearest_partners' value) -> PairRuns: the lines of
-  its pairs with the partners in its slots, in sorted run files (one per
-  bundle or per SORT_RUN_LINES lines), and the counts of images
-  (image_kinds); 'drops' and 'rejected': an evaluation image with a train
-  copy is left out (its nearest train copy named). A pair named by both
-  its images has the same line twice; the launcher's merge writes it
+  """A DoFn: (key, the ranges of its slot records) -> PairRuns: for each
+  image (read_slots: its nearest per slot over the group step's bundles),
+  the lines of its pairs with the partners in its slots, in sorted run
+  files (one per bundle or per SORT_RUN_LINES lines), and the counts of
+  images (image_kinds); 'drops' and 'rejected': an evaluation image with a
+  train copy is left out (its nearest train copy named). A pair named by
+  both its images has the same line twice; the launcher's merge writes it
   once."""
   import collections  # pylint: disable=g-import-not-at-top
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+
+  def text(path: bytes) -> str:
+    return path.decode('utf-8', 'surrogateescape')
 
   class ReportImages(beam.DoFn):
     """See _report_images."""
@@ -826,7 +859,16 @@ def _report_images(*, layout: str, run_dir: str):
                      else None, counts)
 
     def process(self, element):
-      relpath, (split, chunk, slots) = element
+      _, ranges = element
+      for path, (split, chunk, slots) in read_slots(
+          file_io.read_keyed(ranges)).items():
+        yield from self._image(text(path), _SPLITS[split], chunk, tuple(
+            None if s is None else (s[0], text(s[1]), _SPLITS[s[2]])
+            for s in slots))
+        if len(self._lines) >= file_io.SORT_RUN_LINES:
+          yield self._flush()
+
+    def _image(self, relpath: str, split: str, chunk: int, slots: tuple):
       self._counts.update(image_kinds(split, slots))
       for d, partner, partner_split in sorted(set(filter(None, slots))):
         self._lines.append(self._text.pair((relpath, split),
@@ -840,8 +882,6 @@ def _report_images(*, layout: str, run_dir: str):
             f'near-duplicate of {copy} (train; perceptual hash distance '
             f'{d}): left out of {split} so that it does not inflate '
             'evaluation', near=copy, distance=d))
-      if len(self._lines) >= file_io.SORT_RUN_LINES:
-        yield self._flush()
 
     def finish_bundle(self):
       if self._lines or self._counts:
@@ -857,19 +897,20 @@ class PairRun(NamedTuple):
   counts: dict
 
 
-NEAREST = 'near_nearest'  # Tagged output: _Nearest.items.
 DROPS = 'near_drops'  # Tagged output: (split, chunk, relpath) left out.
 
 
-def _group_slots(*, distance: int):
-  """A DoFn: a bucket of band groups (_bands_to_buckets) -> per image, its
-  nearest partner in each slot among the bundle's buckets (bucket_slots,
-  _Nearest.items, at most _BUNDLE_IMAGES images held at once),
-  'near_capped'. No element per pair crosses a step (at 30,000 photo-like
-  images there are millions of candidate pairs), nor one per group an
-  image is in (up to 2 x (distance + 1)): its nearest are kept per bundle,
-  as the combine keeps them per worker. Only the outputs of a bundle that
-  succeeded go downstream, so a retried bundle adds nothing twice."""
+def _group_slots(*, distance: int, run_dir: str):
+  """A DoFn: a bucket of band groups (_bands_to_buckets; the listing's
+  counts as side input) -> (key, (file, offset, length)) of the slot
+  records it wrote: per image, its nearest partner in each slot among the
+  bundle's buckets (bucket_slots, _Nearest; at most _BUNDLE_IMAGES images
+  held at once), keyed by a hash of the path (slot_keys of them), so that
+  one step meets every bundle's record of an image; 'near_capped'. No
+  element per pair crosses a step (at 30,000 photo-like images there are
+  millions of candidate pairs), nor one per image. Only the files of a
+  bundle that succeeded are named downstream, so a retried bundle adds
+  nothing twice."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
@@ -877,21 +918,28 @@ def _group_slots(*, distance: int):
     """See _group_slots."""
 
     def start_bundle(self):
-      self._nearest = _Nearest()
+      self._nearest, self._keys = _Nearest(), MIN_BUCKETS
 
-    def process(self, element):
+    def _flush(self):
+      keys = self._keys
+      return file_io.write_keyed(run_dir, 'slots', [
+          (zlib.crc32(path) % keys, record)
+          for path, record in self._nearest.records()])
+
+    def process(self, element, counts):
       """(bucket, its file ranges) -> its outputs."""
+      self._keys = slot_keys(counts[0])
       _, ranges = element
       found = bucket_slots(file_io.read_keyed(ranges), distance=distance)
       self._nearest.add(found)
       if len(self._nearest) >= _BUNDLE_IMAGES:
-        yield from self._nearest.items()
+        yield from self._flush()
       for capped in found.capped:
         yield _tagged(CAPPED, capped)
 
     def finish_bundle(self):
-      for item in self._nearest.items():
-        yield file_io.in_global_window(item)
+      for out in self._flush():
+        yield file_io.in_global_window(out)
 
   return GroupSlots()
 
@@ -914,10 +962,10 @@ def find(refs, counts, *, distance: int, layout: str, run_dir: str):
           masks=masks, run_dir=run_dir, layout=layout), counts)
       | 'NearGroups' >> beam.GroupByKey()
       | 'NearSlots' >> beam.ParDo(_group_slots(
-          distance=distance)).with_outputs(
+          distance=distance, run_dir=run_dir), counts).with_outputs(
               CAPPED, main='slots'))
   found = (slots.slots
-           | 'NearNearest' >> beam.CombinePerKey(nearest_partners)
+           | 'NearImagesByKey' >> beam.GroupByKey()
            | 'NearImages' >> beam.ParDo(_report_images(
                layout=layout, run_dir=run_dir)).with_outputs(
                    DROPS, 'rejected', main='runs'))

@@ -39,7 +39,20 @@ def _search(refs, distance, cap=nd.MAX_GROUP, buckets=1, compiled=None):
                             use_compiled=compiled)
     nearest.add(found)
     capped += found.capped
-  return {path: slots for path, (_, _, slots) in nearest.items()}, capped
+  return _slots(b''.join(r for _, r in nearest.records())), capped
+
+
+def _text(path: bytes) -> str:
+  return path.decode('utf-8', 'surrogateescape')
+
+
+def _slots(records: bytes) -> dict:
+  """Slot records (nd.read_slots) as {relpath: SLOTS of (d, partner,
+  partner's split) or None}."""
+  return {_text(path): tuple(
+      None if s is None else (s[0], _text(s[1]), nd._SPLITS[s[2]])
+      for s in slots) for path, (_, _, slots) in nd.read_slots(
+          records).items()}
 
 
 def _brute_force(refs, distance):
@@ -545,23 +558,22 @@ def _nearest_pairs(pairs: dict, split: dict) -> dict:
   return {tuple(sorted((x, y))): d for (x, _), (d, y) in slots.items()}
 
 
-def _reported(items, run_dir):
-  """What the search's later steps make of the group step's per-image
-  outputs (combined per image, as nd.nearest_partners does, then read by
-  the report step and its lines merged once each): ({(a, b): d} listed,
-  the images' counts, {left-out relpath: (its split, the rejected line's
-  near and distance)})."""
-  values = collections.defaultdict(list)
-  for relpath, value in items:
-    values[relpath].append(value)
+def _reported(keyed, run_dir):
+  """What the search's last step makes of the group step's keyed slot
+  records (per key, read_slots keeps each image's nearest over the
+  bundles, then the lines, counts and leaks; the lines merged once each):
+  ({(a, b): d} listed, the images' counts, {left-out relpath: (its split,
+  the rejected line's near and distance)})."""
+  by_key = collections.defaultdict(list)
+  for key, where in keyed:
+    by_key[key].append(where)
   report_step = nd._report_images(layout='class_folders',
                                   run_dir=str(run_dir))
   report_step.setup()
   report_step.start_bundle()
   runs, tagged = [], []
-  for relpath, parts in values.items():
-    main, more = _outputs(report_step.process(
-        (relpath, nd.nearest_partners(parts))))
+  for element in by_key.items():
+    main, more = _outputs(report_step.process(element))
     runs += main
     tagged += more
   runs += _outputs(report_step.finish_bundle())[0]
@@ -683,23 +695,74 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
     monkeypatch.setattr(nd, '_BUNDLE_IMAGES', held)
     # Each image's slots reduced after every group / once.
     monkeypatch.setattr(nd, '_REDUCE_ENTRIES', 0 if held == 20 else 10**6)
-    slots_step = nd._group_slots(distance=distance)
+    slots_step = nd._group_slots(distance=distance, run_dir=str(tmp_path))
     slots_step.start_bundle()
-    items = []
+    keyed = []
     for element in buckets.items():
-      main, more = _outputs(slots_step.process(element))
-      items += main
+      main, more = _outputs(slots_step.process(element, (len(refs), 0)))
+      keyed += main
       assert not more  # No capped group.
-    items += _outputs(slots_step.finish_bundle())[0]
-    assert all(value[:2] == (split[p], chunk[p]) for p, value in items)
-    if held > len(refs):  # Each image once.
-      assert len({p for p, _ in items}) == len(items)
-    else:  # Several times; NearNearest keeps the nearest.
-      assert len({p for p, _ in items}) < len(items)
-    listed, counts, left_out = _reported(items, tmp_path)
+    keyed += _outputs(slots_step.finish_bundle())[0]
+    files = {where[0] for _, where in keyed}
+    assert {key for key, _ in keyed} == set(range(nd.MIN_BUCKETS))
+    records = [nd.read_slots(file_io.read_keyed([where]))
+               for _, where in keyed]
+    assert all(
+        (nd._SPLITS[value[0]], value[1]) == (split[_text(p)], chunk[_text(p)])
+        for part in records for p, value in part.items())
+    if held > len(refs):  # One file; each image in one record.
+      assert len(files) == 1
+      assert sum(map(len, records)) == len(set().union(*records))
+    else:  # Flushed mid-bundle: images in several records, merged.
+      assert len(files) > 1
+      assert sum(map(len, records)) > len(set().union(*records))
+    listed, counts, left_out = _reported(keyed, tmp_path)
     assert listed == _nearest_pairs(all_pairs, split)
     assert 0 < len(listed) < len(all_pairs)  # The rule leaves pairs out.
     assert listed[('k0/x.jpg', 'k1/y.jpg')] == 3
     assert counts == _image_counts(all_pairs, split)
     assert {p: (d, near) for p, (_, near, d) in left_out.items()} == want
     assert all(left_out[p][0] == split[p] for p in left_out)
+
+
+def _one_pair(image: str, partner: str, d: int) -> nd.BucketSlots:
+  """A bucket's result naming image's nearest train partner (bytes order
+  of the two paths decides their indices, as bucket_slots gives them)."""
+  paths = sorted([image.encode('utf-8', 'surrogateescape'),
+                  partner.encode('utf-8', 'surrogateescape')])
+  at = paths.index(image.encode('utf-8', 'surrogateescape'))
+  ints = lambda v: np.array(v, dtype=np.int64)
+  return nd.BucketSlots(
+      b''.join(paths), ints(np.cumsum([len(p) for p in paths])),
+      np.array([2, 0] if at == 0 else [0, 2], dtype=np.uint8), ints([3, 3]),
+      ints([at]), ints([0]), ints([1 - at]), ints([d]), [])
+
+
+def test_ties_fall_to_the_first_path_in_bytes_order_on_any_bundle_cut():
+  """Two partners at one distance: the one whose path's bytes come first
+  wins, in one bundle (_Nearest) and across bundles (read_slots), also for
+  names whose bytes order is not their str order (an undecodable byte
+  against a character past U+E000)."""
+  image, first, second = 'c/x.jpg', 'a/\ue000.jpg', 'a/\udcff.jpg'
+  assert second < first  # As str; as bytes 0xEE... < 0xFF.
+  want = {image: ((4, first, 'train'), None, None, None)}
+  for order in ((first, second), (second, first)):
+    one = nd._Nearest()
+    for partner in order:
+      one.add(_one_pair(image, partner, 4))
+    assert {p: s for p, s in _slots(b''.join(
+        r for _, r in one.records())).items() if p == image} == want
+    records = b''
+    for partner in order:  # Two bundles, then merged.
+      bundle = nd._Nearest()
+      bundle.add(_one_pair(image, partner, 4))
+      records += b''.join(r for _, r in bundle.records())
+    got = _slots(records)
+    assert {image: got[image]} == want
+    # A nearer partner wins over the tie, whatever its path.
+    bundle = nd._Nearest()
+    bundle.add(_one_pair(image, 'z/near.jpg', 3))
+    got = _slots(records + b''.join(r for _, r in bundle.records()))
+    assert got[image][0] == (3, 'z/near.jpg', 'train')
+  with pytest.raises(OSError, match='cut short'):
+    nd.read_slots(records[:-1])

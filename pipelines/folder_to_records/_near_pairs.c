@@ -208,6 +208,10 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
     const Py_ssize_t length = (Py_ssize_t)be(p + 9, 2);
     const uint8_t *f = p + HEAD;
     Entry *x = &e[i];
+    if (length < FIXED) { /* Its fields would run past it (and the data). */
+      PyErr_SetString(PyExc_ValueError, "bucket_slots: a bad band entry");
+      goto done;
+    }
     x->band = p[0];
     x->bits = be(p + 1, 8);
     x->which = f[0];
@@ -216,8 +220,7 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
     x->split = f[29];
     x->crc = be(f + 30, 4);
     x->path_len = (Py_ssize_t)be(f + 34, 2);
-    if (length < FIXED || x->path_len > length - FIXED || x->which > 1 ||
-        x->split > 2) {
+    if (x->path_len > length - FIXED || x->which > 1 || x->split > 2) {
       PyErr_SetString(PyExc_ValueError, "bucket_slots: a bad band entry");
       goto done;
     }

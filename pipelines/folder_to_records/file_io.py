@@ -59,19 +59,20 @@ def new_path(run_dir: str, prefix: str, suffix: str) -> str:
 
 def in_global_window(value):
   """value as a DoFn's finish_bundle must emit it (it has no element's
-  window). The window and timestamp made once (~2 µs each time: the
-  group step's finish_bundle emits one value per image)."""
-  if not _GLOBAL:
+  window). The window and timestamp made once (~2 µs each time), and set
+  in one assignment, so threads that make them at once each set a whole
+  one."""
+  global _GLOBAL
+  if _GLOBAL is None:
     from apache_beam.transforms import window  # pylint: disable=g-import-not-at-top
     from apache_beam.utils import windowed_value  # pylint: disable=g-import-not-at-top
-    _GLOBAL.extend((windowed_value.WindowedValue,
-                    window.GlobalWindow().max_timestamp(),
-                    window.GlobalWindow()))
+    _GLOBAL = (windowed_value.WindowedValue,
+               window.GlobalWindow().max_timestamp(), window.GlobalWindow())
   make, at, window_ = _GLOBAL
   return make(value, at, [window_])
 
 
-_GLOBAL = []  # in_global_window's (WindowedValue, timestamp, window).
+_GLOBAL = None  # in_global_window's (WindowedValue, timestamp, window).
 
 
 def write_keyed(run_dir: str, prefix: str, entries: list[tuple[int, bytes]],

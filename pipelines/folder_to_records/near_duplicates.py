@@ -108,8 +108,8 @@ class Ref(NamedTuple):
 
 
 WHOLE, CENTRE = 0, 1  # Which of a Ref's hashes.
-# The hash pairs near_distance compares, in the order that picks the one a
-# pair is emitted for: (which hash of a, which of b).
+# The hash pairs near_distance compares: (which hash of a, which of b).
+# Centre against centre is not one (it adds only false pairs).
 _COMBOS = ((WHOLE, WHOLE), (WHOLE, CENTRE), (CENTRE, WHOLE))
 # A pHash sets the 32 of its 64 bits above their median; a flat image (or a
 # flat centre) sets 0 or 1, so every flat image would be "near" every other
@@ -447,7 +447,7 @@ class BucketSlots(NamedTuple):
                       int(self.ends[image])]
 
 
-def bucket_slots(data: bytes, *, distance: int, cap: int = MAX_GROUP,
+def bucket_slots(data: bytes, *, distance: int, cap: Optional[int] = None,
                  use_compiled: Optional[bool] = None) -> BucketSlots:
   """A bucket's band entries (entries one after another, as the band step
   writes them) -> BucketSlots: the group step's work. Its band groups
@@ -457,7 +457,10 @@ def bucket_slots(data: bytes, *, distance: int, cap: int = MAX_GROUP,
   bits of which one hash at least is a whole one (centre-centre adds only
   false pairs); every candidate counts for both images' slots. From the
   compiled `_near_pairs` extension when it is built (use_compiled None;
-  False: _bucket_slots_reference, which a test holds it equal to)."""
+  False: _bucket_slots_reference, which a test holds it equal to). cap:
+  MAX_GROUP when None (read at each call)."""
+  if cap is None:
+    cap = MAX_GROUP
   if use_compiled is None:
     use_compiled = _compiled is not None
   elif use_compiled and _compiled is None:

@@ -173,6 +173,19 @@ def test_a_huge_group_is_capped_and_reported():
                      'example': first} for band in range(5)]
 
 
+def test_the_group_step_reads_the_member_cap_when_it_runs(monkeypatch):
+  """bucket_slots takes MAX_GROUP at each call (the report page names the
+  same one), not the value it had at import."""
+  refs = [nd.Ref((_SAME, _SAME), f'frames/{i:02d}.png', 'train', 0, i)
+          for i in range(50)]
+  (_, data), = nd.bucket_bytes(refs, masks=nd.band_masks(4), buckets=1,
+                               layout='class_folders')
+  assert not nd.bucket_slots(data, distance=4).capped
+  monkeypatch.setattr(nd, 'MAX_GROUP', 8)
+  assert [c['compared'] for c in nd.bucket_slots(data, distance=4).capped
+          ] == [8] * 5
+
+
 def test_flat_images_are_never_near_anything():
   # A flat image's pHash sets 0 or 1 bit (white, black, any single colour):
   # they would all be "near" each other. A flat centre takes no part either.
@@ -528,6 +541,12 @@ def test_the_compiled_group_step_refuses_bad_entries():
   for distance, cap in ((-1, 10), (65, 10), (2, 0)):
     with pytest.raises(ValueError):
       nd._compiled.bucket_slots(data, distance, cap)
+  # An entry too short for its fields, last in the data: refused before
+  # they are read (they would lie past the data's end).
+  for length in (0, 5, 35):
+    short = bytes(9) + length.to_bytes(2, 'big') + bytes(length)
+    with pytest.raises(ValueError):
+      nd._compiled.bucket_slots(entry + short, 2, 10)
 
 
 def _outputs(results):

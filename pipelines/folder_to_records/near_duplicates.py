@@ -64,7 +64,7 @@ import numpy as np
 from pipelines.common import walk
 from pipelines.folder_to_records import listing as listing_lib
 
-try:  # The group step's candidates compiled (_slots), when built.
+try:  # The group step compiled (bucket_slots), when built.
   from pipelines.folder_to_records import _near_pairs as _compiled  # pylint: disable=g-import-not-at-top
 except ImportError:  # Not built (no C compiler at install): numpy.
   _compiled = None

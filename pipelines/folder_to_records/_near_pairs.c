@@ -29,6 +29,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    defined(__linux__)
+#include <immintrin.h>
+#define HAVE_AVX512_PATH 1
+#endif
+
 #define NEVER 65 /* near_duplicates.NEVER: HASH_BITS + 1. */
 #define SLOTS 4  /* near_duplicates.SLOTS: three splits, another class. */
 #define OTHER_CLASS 3
@@ -102,10 +108,58 @@ static int by_member(const void *x, const void *y) {
  * reads them in order, not through the entries' scattered records). */
 typedef struct {
   uint64_t *hash;
+  uint64_t *whole_mask; /* All ones for a whole hash, 0 for a centre one. */
   int32_t *image, *cls;
   uint8_t *whole, *split;
   int32_t *candidates; /* The scan's scratch: one row's candidates. */
 } Group;
+
+/* The members y > x of a group that are candidates with member x (within
+ * `distance` bits, one hash at least a whole one) into cand, in order;
+ * returns how many. Plain C, one member at a time without a branch. */
+static Py_ssize_t row_candidates(Py_ssize_t x, Py_ssize_t m, const Group *g,
+                                 int distance, int32_t *cand) {
+  const uint64_t hi = g->hash[x];
+  const int whole_i = g->whole[x];
+  Py_ssize_t k = 0;
+  for (Py_ssize_t y = x + 1; y < m; y++) {
+    cand[k] = (int32_t)y;
+    k += (popcount64(hi ^ g->hash[y]) <= distance) & (whole_i | g->whole[y]);
+  }
+  return k;
+}
+
+#ifdef HAVE_AVX512_PATH
+/* row_candidates, 8 members at a time with AVX-512 (VPOPCNTQ, and the
+ * candidates' indices stored compressed): the same result. */
+__attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) static Py_ssize_t
+row_candidates_avx512(Py_ssize_t x, Py_ssize_t m, const Group *g,
+                      int distance, int32_t *cand) {
+  const __m512i hi = _mm512_set1_epi64((long long)g->hash[x]);
+  const __m512i most = _mm512_set1_epi64(distance);
+  const __m512i whole_i = _mm512_set1_epi64(g->whole[x] ? -1 : 0);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  Py_ssize_t k = 0, y = x + 1;
+  for (; y + 8 <= m; y += 8) {
+    const __m512i bits = _mm512_popcnt_epi64(
+        _mm512_xor_si512(_mm512_loadu_si512(g->hash + y), hi));
+    const __m512i whole = _mm512_or_si512(
+        _mm512_loadu_si512(g->whole_mask + y), whole_i);
+    const __mmask8 near = _mm512_cmple_epu64_mask(bits, most) &
+                          _mm512_test_epi64_mask(whole, whole);
+    _mm256_mask_compressstoreu_epi32(
+        cand + k, near, _mm256_add_epi32(_mm256_set1_epi32((int)y), lanes));
+    k += __builtin_popcount(near);
+  }
+  const uint64_t h = g->hash[x];
+  const int w = g->whole[x];
+  for (; y < m; y++) {
+    cand[k] = (int32_t)y;
+    k += (popcount64(h ^ g->hash[y]) <= distance) & (w | g->whole[y]);
+  }
+  return k;
+}
+#endif
 
 /* One group's m kept members into best (see the top of the file):
  * best[image * SLOTS + slot] = bits * scale + the partner's image index,
@@ -114,18 +168,18 @@ typedef struct {
  * candidates, and a branch on each mispredicts), then only they update
  * the slots, the row's own slots kept in registers. */
 HOT static void scan(Py_ssize_t m, const Group *g, int distance,
-                     int64_t scale, int64_t *best) {
+                     int64_t scale, int64_t *best, int vector) {
   const uint64_t *hash = g->hash;
-  const uint8_t *whole = g->whole;
   int32_t *cand = g->candidates;
   for (Py_ssize_t x = 0; x < m; x++) {
     const uint64_t hi = hash[x];
-    const int whole_i = whole[x];
-    Py_ssize_t k = 0;
-    for (Py_ssize_t y = x + 1; y < m; y++) {
-      cand[k] = (int32_t)y;
-      k += (popcount64(hi ^ hash[y]) <= distance) & (whole_i | whole[y]);
-    }
+#ifdef HAVE_AVX512_PATH
+    const Py_ssize_t k = vector
+                             ? row_candidates_avx512(x, m, g, distance, cand)
+                             : row_candidates(x, m, g, distance, cand);
+#else
+    const Py_ssize_t k = row_candidates(x, m, g, distance, cand);
+#endif
     if (!k) continue;
     const int64_t ri = g->image[x];
     const int si = g->split[x], ci = g->cls[x];
@@ -154,8 +208,26 @@ static PyObject *int64_bytes(const int64_t *v, Py_ssize_t n) {
   return PyBytes_FromStringAndSize((const char *)v, n * 8);
 }
 
-/* bucket_slots(data, distance, cap)
- *   data: a bucket's entries, one after another (see the top of the file).
+/* Whether this CPU runs row_candidates_avx512 (checked once). */
+static int avx512_path(void) {
+#ifdef HAVE_AVX512_PATH
+  static int known = -1;
+  if (known < 0) {
+    __builtin_cpu_init();
+    known = __builtin_cpu_supports("avx512f") &&
+            __builtin_cpu_supports("avx512vl") &&
+            __builtin_cpu_supports("avx512vpopcntdq");
+  }
+  return known;
+#else
+  return 0;
+#endif
+}
+
+/* bucket_slots(data, distance, cap[, vector])
+ *   data: a bucket's entries, one after another (see the top of the file);
+ *   vector: 0 to scan with plain C even where AVX-512 runs (the tests
+ *   compare both with the reference).
  * Returns (paths, ends, splits, chunks, image, slot, partner, d,
  *          capped_band, capped_members, capped_example):
  *   the bucket's images in path (bytes) order: paths, their bytes end to
@@ -168,16 +240,18 @@ static PyObject *int64_bytes(const int64_t *v, Py_ssize_t n) {
  * ValueError for a bad entry; OSError where one runs past the end. */
 static PyObject *bucket_slots(PyObject *self, PyObject *args) {
   Py_buffer db;
-  int distance;
+  int distance, vector = 1;
   Py_ssize_t cap;
-  if (!PyArg_ParseTuple(args, "y*in", &db, &distance, &cap)) return NULL;
+  if (!PyArg_ParseTuple(args, "y*in|p", &db, &distance, &cap, &vector))
+    return NULL;
+  vector = vector && avx512_path();
   PyObject *result = NULL, *paths = NULL;
   Entry *e = NULL;
   int64_t *order = NULL, *first_of = NULL, *best = NULL, *out = NULL;
   int64_t *capped = NULL, *ends = NULL, *chunks = NULL, *kept = NULL;
   int32_t *class_of = NULL;
   uint8_t *splits = NULL;
-  Group group = {NULL, NULL, NULL, NULL, NULL, NULL};
+  Group group = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
   const uint8_t *data = (const uint8_t *)db.buf;
   const Py_ssize_t end = db.len;
   if (distance < 0 || distance > 64 || cap < 1) {
@@ -294,13 +368,14 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
   }
   if (widest > cap) widest = cap;
   group.hash = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
+  group.whole_mask = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
   group.image = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
   group.cls = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
   group.candidates = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
   group.whole = PyMem_Malloc(widest + 1);
   group.split = PyMem_Malloc(widest + 1);
-  if (!group.hash || !group.image || !group.cls || !group.candidates ||
-      !group.whole || !group.split) {
+  if (!group.hash || !group.whole_mask || !group.image || !group.cls ||
+      !group.candidates || !group.whole || !group.split) {
     PyErr_NoMemory();
     goto done;
   }
@@ -321,10 +396,11 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
     for (Py_ssize_t x = 0; x < m; x++) {
       const Entry *a = &e[order[lo + x]];
       group.hash[x] = a->hash, group.whole[x] = a->which == 0;
+      group.whole_mask[x] = a->which == 0 ? ~(uint64_t)0 : 0;
       group.image[x] = (int32_t)a->image, group.split[x] = a->split;
       group.cls[x] = class_of[a->image];
     }
-    scan(m, &group, distance, scale, best);
+    scan(m, &group, distance, scale, best, vector);
     lo = hi;
   }
 
@@ -361,6 +437,7 @@ done:
   PyMem_Free(out), PyMem_Free(capped), PyMem_Free(ends), PyMem_Free(chunks);
   PyMem_Free(kept), PyMem_Free(class_of), PyMem_Free(splits);
   PyMem_Free(group.hash), PyMem_Free(group.image), PyMem_Free(group.cls);
+  PyMem_Free(group.whole_mask);
   PyMem_Free(group.candidates), PyMem_Free(group.whole);
   PyMem_Free(group.split);
   PyBuffer_Release(&db);

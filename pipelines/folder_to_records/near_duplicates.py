@@ -448,7 +448,8 @@ class BucketSlots(NamedTuple):
 
 
 def bucket_slots(data: bytes, *, distance: int, cap: Optional[int] = None,
-                 use_compiled: Optional[bool] = None) -> BucketSlots:
+                 use_compiled: Optional[bool] = None,
+                 vector: bool = True) -> BucketSlots:
   """A bucket's band entries (entries one after another, as the band step
   writes them) -> BucketSlots: the group step's work. Its band groups
   (entries with one band key) are each compared among their first `cap`
@@ -458,7 +459,8 @@ def bucket_slots(data: bytes, *, distance: int, cap: Optional[int] = None,
   false pairs); every candidate counts for both images' slots. From the
   compiled `_near_pairs` extension when it is built (use_compiled None;
   False: _bucket_slots_reference, which a test holds it equal to). cap:
-  MAX_GROUP when None (read at each call)."""
+  MAX_GROUP when None (read at each call). vector: False scans in plain C
+  where the compiled scan would use AVX-512 (the tests compare both)."""
   if cap is None:
     cap = MAX_GROUP
   if use_compiled is None:
@@ -469,7 +471,7 @@ def bucket_slots(data: bytes, *, distance: int, cap: Optional[int] = None,
   if not use_compiled:
     return _bucket_slots_reference(data, distance=distance, cap=cap)
   (paths, ends, splits, chunks, image, slot, partner, d, band, members,
-   example) = _compiled.bucket_slots(data, distance, cap)
+   example) = _compiled.bucket_slots(data, distance, cap, vector)
   ints = lambda raw: np.frombuffer(raw, dtype=np.int64)
   found = BucketSlots(paths, ints(ends), np.frombuffer(splits, np.uint8),
                       ints(chunks), ints(image), ints(slot), ints(partner),

@@ -108,56 +108,53 @@ static int by_member(const void *x, const void *y) {
  * reads them in order, not through the entries' scattered records). */
 typedef struct {
   uint64_t *hash;
-  uint64_t *whole_mask; /* All ones for a whole hash, 0 for a centre one. */
+  uint64_t *whole; /* All ones for a whole hash, 0 for a centre one. */
   int32_t *image, *cls;
-  uint8_t *whole, *split;
+  uint8_t *split;
   int32_t *candidates; /* The scan's scratch: one row's candidates. */
 } Group;
 
-/* The members y > x of a group that are candidates with member x (within
- * `distance` bits, one hash at least a whole one) into cand, in order;
- * returns how many. Plain C, one member at a time without a branch. */
-static Py_ssize_t row_candidates(Py_ssize_t x, Py_ssize_t m, const Group *g,
-                                 int distance, int32_t *cand) {
-  const uint64_t hi = g->hash[x];
-  const int whole_i = g->whole[x];
+/* The members y of a group from `from` to m that are candidates with
+ * member x (within `distance` bits, one hash at least a whole one) into
+ * cand, in order; returns how many. Plain C, one member at a time without
+ * a branch. */
+static Py_ssize_t row_candidates(Py_ssize_t x, Py_ssize_t from, Py_ssize_t m,
+                                 const Group *g, int distance,
+                                 int32_t *cand) {
+  const uint64_t hi = g->hash[x], whole_i = g->whole[x];
   Py_ssize_t k = 0;
-  for (Py_ssize_t y = x + 1; y < m; y++) {
+  for (Py_ssize_t y = from; y < m; y++) {
     cand[k] = (int32_t)y;
-    k += (popcount64(hi ^ g->hash[y]) <= distance) & (whole_i | g->whole[y]);
+    k += (popcount64(hi ^ g->hash[y]) <= distance) &
+         ((whole_i | g->whole[y]) != 0);
   }
   return k;
 }
 
 #ifdef HAVE_AVX512_PATH
-/* row_candidates, 8 members at a time with AVX-512 (VPOPCNTQ, and the
- * candidates' indices stored compressed): the same result. */
+/* row_candidates from x + 1, 8 members at a time with AVX-512 (VPOPCNTQ,
+ * and the candidates' indices stored compressed), the last few in plain C:
+ * the same result. */
 __attribute__((target("avx512f,avx512vl,avx512vpopcntdq"))) static Py_ssize_t
 row_candidates_avx512(Py_ssize_t x, Py_ssize_t m, const Group *g,
                       int distance, int32_t *cand) {
   const __m512i hi = _mm512_set1_epi64((long long)g->hash[x]);
   const __m512i most = _mm512_set1_epi64(distance);
-  const __m512i whole_i = _mm512_set1_epi64(g->whole[x] ? -1 : 0);
+  const __m512i whole_i = _mm512_set1_epi64((long long)g->whole[x]);
   const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
   Py_ssize_t k = 0, y = x + 1;
   for (; y + 8 <= m; y += 8) {
     const __m512i bits = _mm512_popcnt_epi64(
         _mm512_xor_si512(_mm512_loadu_si512(g->hash + y), hi));
-    const __m512i whole = _mm512_or_si512(
-        _mm512_loadu_si512(g->whole_mask + y), whole_i);
+    const __m512i whole = _mm512_or_si512(_mm512_loadu_si512(g->whole + y),
+                                          whole_i);
     const __mmask8 near = _mm512_cmple_epu64_mask(bits, most) &
                           _mm512_test_epi64_mask(whole, whole);
     _mm256_mask_compressstoreu_epi32(
         cand + k, near, _mm256_add_epi32(_mm256_set1_epi32((int)y), lanes));
     k += __builtin_popcount(near);
   }
-  const uint64_t h = g->hash[x];
-  const int w = g->whole[x];
-  for (; y < m; y++) {
-    cand[k] = (int32_t)y;
-    k += (popcount64(h ^ g->hash[y]) <= distance) & (w | g->whole[y]);
-  }
-  return k;
+  return k + row_candidates(x, y, m, g, distance, cand + k);
 }
 #endif
 
@@ -176,9 +173,9 @@ HOT static void scan(Py_ssize_t m, const Group *g, int distance,
 #ifdef HAVE_AVX512_PATH
     const Py_ssize_t k = vector
                              ? row_candidates_avx512(x, m, g, distance, cand)
-                             : row_candidates(x, m, g, distance, cand);
+                             : row_candidates(x, x + 1, m, g, distance, cand);
 #else
-    const Py_ssize_t k = row_candidates(x, m, g, distance, cand);
+    const Py_ssize_t k = row_candidates(x, x + 1, m, g, distance, cand);
 #endif
     if (!k) continue;
     const int64_t ri = g->image[x];
@@ -251,7 +248,7 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
   int64_t *capped = NULL, *ends = NULL, *chunks = NULL, *kept = NULL;
   int32_t *class_of = NULL;
   uint8_t *splits = NULL;
-  Group group = {NULL, NULL, NULL, NULL, NULL, NULL, NULL};
+  Group group = {NULL, NULL, NULL, NULL, NULL, NULL};
   const uint8_t *data = (const uint8_t *)db.buf;
   const Py_ssize_t end = db.len;
   if (distance < 0 || distance > 64 || cap < 1) {
@@ -368,14 +365,13 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
   }
   if (widest > cap) widest = cap;
   group.hash = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
-  group.whole_mask = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
+  group.whole = PyMem_Malloc(sizeof(uint64_t) * (widest + 1));
   group.image = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
   group.cls = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
   group.candidates = PyMem_Malloc(sizeof(int32_t) * (widest + 1));
-  group.whole = PyMem_Malloc(widest + 1);
   group.split = PyMem_Malloc(widest + 1);
-  if (!group.hash || !group.whole_mask || !group.image || !group.cls ||
-      !group.candidates || !group.whole || !group.split) {
+  if (!group.hash || !group.whole || !group.image || !group.cls ||
+      !group.candidates || !group.split) {
     PyErr_NoMemory();
     goto done;
   }
@@ -395,8 +391,8 @@ static PyObject *bucket_slots(PyObject *self, PyObject *args) {
     }
     for (Py_ssize_t x = 0; x < m; x++) {
       const Entry *a = &e[order[lo + x]];
-      group.hash[x] = a->hash, group.whole[x] = a->which == 0;
-      group.whole_mask[x] = a->which == 0 ? ~(uint64_t)0 : 0;
+      group.hash[x] = a->hash;
+      group.whole[x] = a->which == 0 ? ~(uint64_t)0 : 0;
       group.image[x] = (int32_t)a->image, group.split[x] = a->split;
       group.cls[x] = class_of[a->image];
     }
@@ -437,7 +433,6 @@ done:
   PyMem_Free(out), PyMem_Free(capped), PyMem_Free(ends), PyMem_Free(chunks);
   PyMem_Free(kept), PyMem_Free(class_of), PyMem_Free(splits);
   PyMem_Free(group.hash), PyMem_Free(group.image), PyMem_Free(group.cls);
-  PyMem_Free(group.whole_mask);
   PyMem_Free(group.candidates), PyMem_Free(group.whole);
   PyMem_Free(group.split);
   PyBuffer_Release(&db);

@@ -174,6 +174,11 @@ def _encoded(text: str) -> bytes:
   return text.encode('utf-8', 'surrogateescape')
 
 
+def _decoded(data: bytes) -> str:
+  """_encoded's text back."""
+  return data.decode('utf-8', 'surrogateescape')
+
+
 def class_name(relpath: str, layout: str) -> str:
   """The class of the image at relpath (the input layout's rule)."""
   return listing_lib.source_file(relpath, layout).class_name
@@ -192,10 +197,8 @@ def unpack(data: bytes) -> tuple[int, Ref, str]:
   which, whole, centre, chunk, offset, split, _, length = (
       _PACKED.unpack_from(data))
   path = data[_PACKED.size:_PACKED.size + length]
-  return which, Ref((whole, centre), path.decode('utf-8', 'surrogateescape'),
-                    _SPLITS[split], chunk, offset), data[
-                        _PACKED.size + length:].decode(
-                            'utf-8', 'surrogateescape')
+  return which, Ref((whole, centre), _decoded(path), _SPLITS[split], chunk,
+                    offset), _decoded(data[_PACKED.size + length:])
 
 
 def band_keys(ref: Ref, *, masks: tuple[int, ...], layout: str
@@ -478,8 +481,7 @@ def bucket_slots(data: bytes, *, distance: int, cap: Optional[int] = None,
                       ints(d), [])
   for b, m, e in zip(*(ints(x).tolist() for x in (band, members, example))):
     found.capped.append({'band': b, 'members': m, 'compared': cap,
-                         'example': found.path(e).decode(
-                             'utf-8', 'surrogateescape')})
+                         'example': _decoded(found.path(e))})
   return found
 
 
@@ -597,8 +599,7 @@ def classify(pair: tuple[Ref, Ref, int], *, layout: str) -> dict:
   """(a, b, d) -> its report line as a dict: what _Lines writes as text
   (a test holds the two equal)."""
   a, b, d = pair
-  classes = [listing_lib.source_file(r.relpath, layout).class_name
-             for r in (a, b)]
+  classes = [class_name(r.relpath, layout) for r in (a, b)]
   # Paths first: the file's lines are sorted as text, so by path.
   return {'paths': [a.relpath, b.relpath], 'distance': d,
           'kind': _kind(a.split, b.split), 'splits': [a.split, b.split],
@@ -621,12 +622,13 @@ class _Lines:
 
   def _of(self, relpath: str) -> tuple[str, str, str]:
     """(relpath's JSON, its class, the class's JSON), made once: an image
-    is in up to 2 x (distance + 1) groups."""
+    is in the lines of its own slots and of the images it is a partner
+    of."""
     seen = self._seen.get(relpath)
     if seen is None:
       if len(self._seen) >= _SEEN_PATHS:
         self._seen.clear()
-      cls = listing_lib.source_file(relpath, self._layout).class_name
+      cls = class_name(relpath, self._layout)
       seen = self._seen[relpath] = (self._dumps(relpath), cls,
                                     self._dumps(cls))
     return seen
@@ -651,12 +653,10 @@ def _pair_line(path_a: str, path_b: str, d: int, kind: str, split_a: str,
           f'"label_conflict": {"true" if conflict else "false"}}}')
 
 
-
-
 # Which partners of an image near_duplicates.jsonl names: its nearest in
 # each split (train, validation, test: _SPLITS' order) and its nearest of
 # another class. A pair gets a line when it fills one of the slots of
-# either image (module docstring, "The report").
+# either image (module docstring).
 _OTHER_CLASS = len(_SPLITS)
 SLOTS = len(_SPLITS) + 1
 # _Nearest reduces its entries to each image's slots past this many.
@@ -806,10 +806,10 @@ def read_slots(data: bytes) -> dict[bytes, list]:
 
 def image_kinds(split: str, slots: tuple) -> tuple[str, ...]:
   """The report's counts an image with these slots (SLOTS of (d, partner,
-  partner's split) or None) adds one to: 'images' (it has a near copy), 'leaks' (a copy across the
-  train/evaluation line), 'within_split', 'across_evaluation_splits' (a
-  validation image's copy in test or the reverse), 'label_conflicts' (a
-  copy of another class)."""
+  partner's split) or None) adds one to: 'images' (it has a near copy),
+  'leaks' (a copy across the train/evaluation line), 'within_split',
+  'across_evaluation_splits' (a validation image's copy in test or the
+  reverse), 'label_conflicts' (a copy of another class)."""
   return _kinds_of(split, tuple(s is not None for s in slots))
 
 
@@ -845,9 +845,6 @@ def _report_images(*, layout: str, run_dir: str):
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
-  def text(path: bytes) -> str:
-    return path.decode('utf-8', 'surrogateescape')
-
   class ReportImages(beam.DoFn):
     """See _report_images."""
 
@@ -867,8 +864,8 @@ def _report_images(*, layout: str, run_dir: str):
       _, ranges = element
       for path, (split, chunk, slots) in read_slots(
           file_io.read_keyed(ranges)).items():
-        yield from self._image(text(path), _SPLITS[split], chunk, tuple(
-            None if s is None else (s[0], text(s[1]), _SPLITS[s[2]])
+        yield from self._image(_decoded(path), _SPLITS[split], chunk, tuple(
+            None if s is None else (s[0], _decoded(s[1]), _SPLITS[s[2]])
             for s in slots))
         if len(self._lines) >= file_io.SORT_RUN_LINES:
           yield self._flush()

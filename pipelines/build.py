@@ -29,7 +29,6 @@ if __name__ == '__main__':
 
 cli.import_beam_quietly()
 
-from absl import app  # pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import flags  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from pipelines.folder_to_records import builder  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -204,5 +203,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  # Unknown flags stay in argv: they are Beam's.
-  app.run(main, flags_parser=cli.flags_parser(known_only=True))
+  # Unknown flags stay in argv: they are Beam's. The process ends without
+  # tearing the interpreter down once the build is done (cli.run_and_exit).
+  cli.run_and_exit(main, known_only=True, module=__spec__.name)

@@ -4,6 +4,7 @@ Imports neither Beam nor TensorFlow, so every command starts fast.
 """
 
 import atexit
+import logging as logging_lib
 import os
 import re
 import signal
@@ -301,6 +302,48 @@ def flags_parser(*, known_only: bool):
       raise
 
   return parse
+
+
+def exit_at_once(status: int = 0) -> None:
+  """Ends the process now: logging and stdio flushed, `status`, no
+  interpreter teardown (freeing ~2,000 modules: Beam, grpc, numpy,
+  Pillow, TFDS took ~0.35 s of every build's launcher and ~0.25 s of
+  every worker; BUILD_NOTES, "The build"). For a process whose work is
+  done: every file it wrote is closed."""
+  logging_lib.shutdown()
+  for stream in (sys.stdout, sys.stderr):
+    try:
+      stream.flush()
+    except Exception:  # pylint: disable=broad-except
+      pass
+  os._exit(status)  # pylint: disable=protected-access
+
+
+def run_and_exit(main, *, known_only: bool, module: str) -> None:
+  """app.run(main) with flags_parser(known_only=...); then, in a process
+  started as `python -m module` (not one that runs the module itself, as
+  tests do with runpy), when main returned or exited (sys.exit) and no
+  non-daemon thread is left, the atexit handlers run and the process ends
+  at once (exit_at_once) with main's status, a sys.exit message printed as
+  Python prints it. An uncaught exception, or a thread still running, ends
+  it as Python does."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, flags_parser=flags_parser(known_only=known_only))
+    code = None
+  except SystemExit as e:
+    code = e.code
+  argv = sys.orig_argv
+  started_as = any(a == '-m' and b == module for a, b in zip(argv, argv[1:]))
+  if not started_as or any(
+      t.is_alive() and not t.daemon for t in threading.enumerate()
+      if t is not threading.main_thread()):
+    sys.exit(code)
+  if code is not None and not isinstance(code, int):
+    print(code, file=sys.stderr)
+    code = 1
+  atexit._run_exitfuncs()  # pylint: disable=protected-access
+  exit_at_once(code or 0)
 
 
 # A flag file is a few lines; absl reads one whole, with open().

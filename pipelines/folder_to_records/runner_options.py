@@ -102,17 +102,9 @@ def _exit_unless_failed() -> None:
 
 def exit_at_once() -> None:
   """Ends a worker process whose harness has returned: logging and stdio
-  flushed, status 0, no interpreter teardown."""
-  import logging  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  logging.shutdown()
-  for stream in (sys.stdout, sys.stderr):
-    try:
-      stream.flush()
-    except Exception:  # pylint: disable=broad-except
-      pass
-  os._exit(0)  # pylint: disable=protected-access
+  flushed, status 0, no interpreter teardown (cli.exit_at_once)."""
+  from pipelines.common import cli  # pylint: disable=g-import-not-at-top
+  cli.exit_at_once(0)
 
 
 WORKER_MODULE = 'pipelines.folder_to_records.beam_worker'

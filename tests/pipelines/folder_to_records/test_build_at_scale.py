@@ -456,6 +456,72 @@ def test_a_worker_process_ends_once_its_harness_returns(tmp_path, kind):
     assert marker.read_text() == 'torn down'
 
 
+_LAUNCHER = '''
+import atexit, pathlib, sys, threading, time
+from pipelines.common import cli
+marker = pathlib.Path(sys.argv[1])
+
+
+class Torn:
+  # Runs only when the interpreter tears itself down (its builtins may be
+  # gone by then: bound here).
+  def __del__(self, path=str(marker.with_suffix('.torn')), open_=open):
+    with open_(path, 'w') as f:
+      f.write('torn down')
+
+
+kept = Torn()
+
+
+def main(argv):
+  atexit.register(marker.write_text, 'atexit ran')
+  sys.stdout.write('written before the exit')  # No line end.
+  kind = argv[2]
+  if kind == 'status':
+    sys.exit(3)
+  if kind == 'message':
+    sys.exit('error: a message')
+  if kind == 'thread':  # A non-daemon thread still running: Python's exit.
+    threading.Thread(target=time.sleep, args=(0.5,)).start()
+  if kind == 'fails':
+    raise RuntimeError('the build failed')
+
+
+cli.run_and_exit(main, known_only=True, module=__spec__.name)
+'''
+
+
+@pytest.mark.parametrize('kind,status', [
+    ('done', 0), ('status', 3), ('message', 1), ('thread', 0), ('fails', 1),
+    ('runpy', 0)])
+def test_the_launcher_ends_once_its_work_is_done(tmp_path, kind, status):
+  """cli.run_and_exit (pipelines.build's entry): after main, the atexit
+  handlers run, output is flushed and the status is main's, with no
+  interpreter teardown; with a thread still running, after an uncaught
+  exception, or where the module is run by another program (runpy, as
+  tests run the build), the process ends as Python ends it."""
+  marker = tmp_path / 'marker'
+  (tmp_path / 'launcher_main.py').write_text(_LAUNCHER)
+  command = ['-m', 'launcher_main', str(marker), kind]
+  if kind == 'runpy':
+    command = ['-c', 'import runpy, sys; sys.argv[1:] = sys.argv[1:3]; '
+               'runpy.run_module("launcher_main", run_name="__main__", '
+               'alter_sys=True)', str(marker), kind]
+  done = subprocess.run(
+      [sys.executable, *command],
+      cwd=helpers.REPO_ROOT, capture_output=True, text=True, timeout=60,
+      check=False, env={**os.environ, 'PYTHONPATH': os.pathsep.join(
+          [str(tmp_path), str(helpers.REPO_ROOT)])})
+  assert done.returncode == status, done.stderr
+  assert done.stdout == 'written before the exit'
+  assert marker.read_text() == 'atexit ran'
+  assert ('error: a message' in done.stderr) == (kind == 'message')
+  assert ('RuntimeError: the build failed' in done.stderr) == (
+      kind == 'fails')
+  torn = marker.with_suffix('.torn').exists()
+  assert torn == (kind in ('thread', 'fails', 'runpy')), done.stderr
+
+
 def _worker_facts(element: int, out: str) -> int:
   """Runs in a Beam worker: writes what that process imported and runs."""
   pathlib.Path(out, f'{os.getpid()}.json').write_text(json.dumps({

@@ -90,10 +90,12 @@ class NearDuplicates:
   within_split: images with a copy in their own split;
   across_evaluation_splits: validation images with a copy in test and the
   reverse (reported only); label_conflicts: images with a copy of another
-  class."""
+  class. lines_crc32: the crc32 of near_duplicates.jsonl's bytes (an update
+  checks it before it carries the search over: near_carry)."""
   distance: int = 0
   images: int = 0
   listed: int = 0
+  lines_crc32: int = 0
   leaks: int = 0
   left_out: int = 0
   within_split: int = 0

@@ -87,19 +87,24 @@ def record_split(source: listing_lib.SourceFile, sha256: str,
 FLUSH_REFERENCES = 20_000
 REFERENCES_PER_BUCKET = 4096
 MIN_BUCKETS = 16  # For the workers to share.
-# digest, chunk, offset, whether hashes follow, whole and centre hash, the
+# digest, chunk, offset, flags (_HASHED, _TAKEN), whole and centre hash, the
 # given split (index in _GIVEN), the relpath's length; then its bytes.
 _REFERENCE = struct.Struct('>32sIQBQQBI')
 _GIVEN = (None, *metadata_lib.SPLITS)
+_HASHED, _TAKEN = 1, 2  # Hashes follow; the record was the earlier build's.
 
 
 def pack_reference(digest: bytes, relpath: str, chunk: int, offset: int,
-                   phashes, given_split) -> bytes:
-  """One record's reference for the dedupe step, as bytes."""
+                   phashes, given_split, taken: bool = False) -> bytes:
+  """One record's reference for the dedupe step, as bytes. taken: the
+  record was taken from the earlier build (an update's carried search:
+  near_carry)."""
   name = relpath.encode()
   whole, centre = phashes or (0, 0)
-  return _REFERENCE.pack(digest, chunk, offset, phashes is not None, whole,
-                         centre, _GIVEN.index(given_split), len(name)) + name
+  return _REFERENCE.pack(
+      digest, chunk, offset,
+      (_HASHED if phashes is not None else 0) | (_TAKEN if taken else 0),
+      whole, centre, _GIVEN.index(given_split), len(name)) + name
 
 
 def reference_buckets(num_files: int) -> int:
@@ -118,13 +123,14 @@ def reference_bucket(digest: bytes, *, salt: bytes, buckets: int) -> int:
 
 def read_references(data: bytes) -> dict[bytes, list[tuple]]:
   """pack_reference's bytes, one after another -> {digest: [(relpath,
-  chunk, offset, phashes, given split)]}."""
+  chunk, offset, phashes, given split, taken)]}."""
   groups = {}
-  for (digest, chunk, offset, hashed, whole, centre, given, _), name in (
+  for (digest, chunk, offset, bits, whole, centre, given, _), name in (
       file_io.unpack_entries(data, _REFERENCE, 'a record reference')):
     groups.setdefault(digest, []).append((
-        name.decode(), chunk, offset, (whole, centre) if hashed else None,
-        _GIVEN[given]))
+        name.decode(), chunk, offset,
+        (whole, centre) if bits & _HASHED else None, _GIVEN[given],
+        bool(bits & _TAKEN)))
   return groups
 
 
@@ -361,7 +367,8 @@ class WriteChunk(beam.DoFn):
         self._references.append((reference_bucket(
             digest, salt=self._salt, buckets=buckets), pack_reference(
                 digest, source.relpath, index, offsets[split],
-                phashes_for_search, source.given_split)))
+                phashes_for_search, source.given_split,
+                taken=taken_line is not None)))
         offsets[split] += entry.length
         written += 1
     finally:
@@ -449,11 +456,12 @@ class ListFolder(beam.DoFn):
 
 
 def resolve_duplicates(element, *, config: build_config.BuildConfig):
-  """(sha256 digest, (relpath, chunk, offset, phash) of each copy) -> the
-  dropped copies as (split, chunk, offset); 'rejected' and 'findings' for
+  """(sha256 digest, read_references' tuple of each copy) -> the dropped
+  copies as (split, chunk, offset); 'rejected' and 'findings' for
   duplicates, conflicts and leaks. A unique file (nearly all) is not
   dropped: it stays where it was written. With a near-duplicate search on,
-  'kept': the near_duplicates.Ref of the copy kept (one per content)."""
+  'kept': (the near_duplicates.Ref of the copy kept, one per content,
+  whether its record was taken from the earlier build)."""
   digest, refs = element
   refs = {r[0]: r for r in refs}
   sha = digest.hex()
@@ -479,11 +487,11 @@ def resolve_duplicates(element, *, config: build_config.BuildConfig):
         d.relpath)
     yield beam.pvalue.TaggedOutput(REJECTED, d)
   for k in kept if search else ():
-    _, chunk, offset, phashes, _ = refs[k.relpath]
+    _, chunk, offset, phashes, _, taken = refs[k.relpath]
     if phashes is None:
       continue  # A tiny source: not searched (near_duplicates.searched).
-    yield beam.pvalue.TaggedOutput(KEPT, near_duplicates.Ref(
-        phashes, k.relpath, k.split, chunk, offset))
+    yield beam.pvalue.TaggedOutput(KEPT, (near_duplicates.Ref(
+        phashes, k.relpath, k.split, chunk, offset), taken))
   if finding:
     yield beam.pvalue.TaggedOutput(FINDINGS, finding)
 

@@ -18,7 +18,8 @@ import os
 import posixpath
 import struct
 import sys
-from typing import Iterable, Iterator, Mapping, Optional, Sequence
+import zlib
+from typing import Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -173,25 +174,33 @@ def write_run(run_dir: str, prefix: str, lines: list[str]) -> str:
   return path
 
 
+class Merged(NamedTuple):
+  """What merge_runs wrote: its lines, and the crc32 of its bytes."""
+  lines: int
+  crc32: int
+
+
 def merge_runs(path: str, runs: Sequence[str], held: Sequence[str] = (),
-               *, unique: bool = False) -> int:
+               *, unique: bool = False) -> Merged:
   """Writes the lines of sorted run files (and of the sorted list held)
   to path in order, each line once when unique: every run read as it is
-  merged, none held whole. Returns the lines written.
+  merged, none held whole.
 
   Merged as the bytes of each line with its line end: UTF-8 keeps code
   point order, and JSON has no byte below the line end inside a line, so
   the order is the lines' order as text."""
   held_lines = (f'{line}\n'.encode() for line in held)
-  written = 0
+  written = crc = 0
   with FileSystems.create(path, compression_type=RAW) as out:
     merged = heapq.merge(held_lines, *(_run_lines(r) for r in runs))
     if unique:  # Equal lines are neighbours once merged.
       merged = (line for line, _ in itertools.groupby(merged))
     while block := list(itertools.islice(merged, 4096)):
-      out.write(b''.join(block))
+      data = b''.join(block)
+      out.write(data)
+      crc = zlib.crc32(data, crc)
       written += len(block)
-  return written
+  return Merged(written, crc)
 
 
 def write_sorted_lines(path: str, lines: Iterable[str], *,

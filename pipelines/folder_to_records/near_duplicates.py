@@ -383,8 +383,9 @@ def read_bucket(data: bytes) -> dict[int, list[bytes]]:
 
 
 def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str, layout: str):
-  """A DoFn: Ref (with the listing's counts as side input) -> (bucket,
-  (file, offset, length)) of the bucket files its bundle wrote (see above).
+  """A DoFn: (Ref, whether its record was taken: unused here), with the
+  listing's counts as side input -> (bucket, (file, offset, length)) of
+  the bucket files its bundle wrote (see above).
   Only the files of a bundle that succeeded are named downstream, so a
   retried bundle adds no entry twice."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
@@ -401,7 +402,8 @@ def _bands_to_buckets(*, masks: tuple[int, ...], run_dir: str, layout: str):
       return file_io.write_keyed(run_dir, 'bands', bucket_bytes(
           refs, masks=masks, buckets=self._buckets, layout=layout))
 
-    def process(self, ref: Ref, counts):
+    def process(self, element: tuple[Ref, bool], counts):
+      ref, _ = element
       self._buckets = num_buckets(counts[0], masks)
       usable_hashes = sum(usable(h) for h in ref.phashes)
       if not usable_hashes:  # Flat: no band entry (held no longer).
@@ -832,62 +834,88 @@ def _kinds_of(split: str, filled: tuple[bool, ...]) -> tuple[str, ...]:
   return tuple(kinds)
 
 
+def near_leak(relpath: str, split: str, copy: str, d: int) -> walk.Skipped:
+  """The rejected entry of an evaluation image left out for its nearest
+  train copy."""
+  return walk.Skipped(
+      relpath, NEAR_LEAK,
+      f'near-duplicate of {copy} (train; perceptual hash distance {d}): '
+      f'left out of {split} so that it does not inflate evaluation',
+      near=copy, distance=d)
+
+
+class Reporter:
+  """What the search says of each image, from its slots: the lines of its
+  pairs with the partners in its slots (sorted run files: one per
+  SORT_RUN_LINES lines, then one at the end), the counts (image_kinds),
+  and, for an evaluation image with a train copy, its drop and its
+  rejected entry (its nearest train copy named). A pair named by both its
+  images has the same line twice; the launcher's merge writes it once.
+  Used by the search's last step (_report_images) and by an update's
+  carried search (near_carry)."""
+
+  def __init__(self, *, layout: str, run_dir: str):
+    import collections  # pylint: disable=g-import-not-at-top
+    self._counter = collections.Counter
+    self._text = _Lines(layout)
+    self._run_dir = run_dir
+    self._lines, self._counts = [], self._counter()
+
+  def pending(self) -> bool:
+    """Whether lines or counts are held (flush sends them on)."""
+    return bool(self._lines or self._counts)
+
+  def flush(self) -> PairRun:
+    """The lines held, as a sorted run file, and the counts; then none."""
+    from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+    lines, self._lines = self._lines, []
+    counts, self._counts = dict(self._counts), self._counter()
+    return PairRun(file_io.write_run(self._run_dir, 'pairs', lines) if lines
+                   else None, counts)
+
+  def image(self, relpath: str, split: str, chunk: int, slots: tuple):
+    """One image's outputs (tagged: DROPS, 'rejected'; a PairRun when the
+    lines held reach SORT_RUN_LINES). slots: SLOTS of (d, partner's
+    relpath, partner's split) or None."""
+    from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+    self._counts.update(image_kinds(split, slots))
+    for d, partner, partner_split in sorted(set(filter(None, slots))):
+      self._lines.append(self._text.pair((relpath, split),
+                                         (partner, partner_split), d))
+    train = slots[_SPLITS.index('train')]
+    if split != 'train' and train is not None:
+      d, copy, _ = train
+      yield _tagged(DROPS, (split, chunk, relpath))
+      yield _tagged('rejected', near_leak(relpath, split, copy, d))
+    if len(self._lines) >= file_io.SORT_RUN_LINES:
+      yield self.flush()
+
+
 def _report_images(*, layout: str, run_dir: str):
-  """A DoFn: (key, the ranges of its slot records) -> PairRuns: for each
-  image (read_slots: its nearest per slot over the group step's bundles),
-  the lines of its pairs with the partners in its slots, in sorted run
-  files (one per bundle or per SORT_RUN_LINES lines), and the counts of
-  images (image_kinds); 'drops' and 'rejected': an evaluation image with a
-  train copy is left out (its nearest train copy named). A pair named by
-  both its images has the same line twice; the launcher's merge writes it
-  once."""
-  import collections  # pylint: disable=g-import-not-at-top
+  """A DoFn: (key, the ranges of its slot records) -> Reporter's outputs
+  for each image (read_slots: its nearest per slot over the group step's
+  bundles)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
 
   class ReportImages(beam.DoFn):
     """See _report_images."""
 
-    def setup(self):
-      self._text = _Lines(layout)
-
     def start_bundle(self):
-      self._lines, self._counts = [], collections.Counter()
-
-    def _flush(self) -> PairRun:
-      lines, self._lines = self._lines, []
-      counts, self._counts = dict(self._counts), collections.Counter()
-      return PairRun(file_io.write_run(run_dir, 'pairs', lines) if lines
-                     else None, counts)
+      self._reporter = Reporter(layout=layout, run_dir=run_dir)
 
     def process(self, element):
       _, ranges = element
       for path, (split, chunk, slots) in read_slots(
           file_io.read_keyed(ranges)).items():
-        yield from self._image(_decoded(path), _SPLITS[split], chunk, tuple(
-            None if s is None else (s[0], _decoded(s[1]), _SPLITS[s[2]])
-            for s in slots))
-        if len(self._lines) >= file_io.SORT_RUN_LINES:
-          yield self._flush()
-
-    def _image(self, relpath: str, split: str, chunk: int, slots: tuple):
-      self._counts.update(image_kinds(split, slots))
-      for d, partner, partner_split in sorted(set(filter(None, slots))):
-        self._lines.append(self._text.pair((relpath, split),
-                                           (partner, partner_split), d))
-      train = slots[_SPLITS.index('train')]
-      if split != 'train' and train is not None:
-        d, copy, _ = train
-        yield _tagged(DROPS, (split, chunk, relpath))
-        yield _tagged('rejected', walk.Skipped(
-            relpath, NEAR_LEAK,
-            f'near-duplicate of {copy} (train; perceptual hash distance '
-            f'{d}): left out of {split} so that it does not inflate '
-            'evaluation', near=copy, distance=d))
+        yield from self._reporter.image(
+            _decoded(path), _SPLITS[split], chunk, tuple(
+                None if s is None else (s[0], _decoded(s[1]), _SPLITS[s[2]])
+                for s in slots))
 
     def finish_bundle(self):
-      if self._lines or self._counts:
-        yield file_io.in_global_window(self._flush())
+      if self._reporter.pending():
+        yield file_io.in_global_window(self._reporter.flush())
 
   return ReportImages()
 
@@ -952,7 +980,7 @@ _BUNDLE_IMAGES = 50_000
 
 
 def find(refs, counts, *, distance: int, layout: str, run_dir: str):
-  """The search as Beam steps: refs (one Ref per written record; counts:
+  """The search as Beam steps: refs ((Ref, taken) per written record; counts:
   the listing's (files, ignored) side input) -> (drops, rejected, PairRuns
   of the images' counts and of the lines of the pairs listed, capped
   groups)."""

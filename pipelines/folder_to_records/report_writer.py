@@ -151,7 +151,8 @@ def _write_near_pairs(tmp_dir: str, runs, capped, *,
       sorted(run.path for run in runs if run.path is not None), unique=True)
   return report_lib.NearDuplicates(
       distance=config.near_duplicate_distance, images=counts['images'],
-      listed=listed, leaks=counts['leaks'], left_out=left_out,
+      listed=listed.lines, lines_crc32=listed.crc32, leaks=counts['leaks'],
+      left_out=left_out,
       within_split=counts[near_duplicates.WITHIN_SPLIT],
       across_evaluation_splits=counts[near_duplicates.ACROSS_EVALUATION],
       label_conflicts=counts['label_conflicts'],

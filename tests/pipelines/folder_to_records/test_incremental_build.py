@@ -15,6 +15,7 @@ from PIL import Image
 from pipelines.common.errors import UserError
 from pipelines.folder_to_records import beam_build
 from pipelines.folder_to_records import builder
+from pipelines.folder_to_records import near_carry
 from pipelines.folder_to_records import reuse
 from tests import helpers
 from tfrecords_schema import metadata
@@ -120,6 +121,37 @@ def test_an_update_is_the_full_build_after_every_kind_of_change(tmp_path):
   assert report['reuse']['built'] == 4, report['reuse']
   spec = metadata.read_dataset_spec(str(tmp_path / 'v2'))
   assert spec.class_names == ('aardvark', 'cat', 'coffee')
+
+
+def test_an_update_carries_the_near_duplicate_search_over(tmp_path,
+                                                         monkeypatch):
+  """A small change: the search is carried over (near_carry), not done
+  again, and the dataset is the full build's; an earlier list of pairs
+  that was edited is not carried over."""
+  images = _folder(tmp_path / 'images')
+  _build(images, tmp_path / 'v1')
+  cat = sorted((images / 'cat').iterdir())
+  _save_copy(cat[5], images / 'coffee' / 'near_copy.jpg', 0.7)
+  # Beam pickles the step with what it calls: a file says it ran.
+  carried = tmp_path / 'carried'
+  outputs = near_carry.carried_outputs
+  monkeypatch.setattr(near_carry, 'carried_outputs', lambda *a, **k: (
+      carried.touch(), outputs(*a, **k))[1])
+  _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert carried.exists()
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+  pairs = _lines(tmp_path / 'v2' / metadata.NEAR_DUPLICATES_FILE)
+  assert any('coffee/near_copy.jpg' in p['paths'] for p in pairs)
+  # A line of the earlier list edited: its checksum no longer holds.
+  listed = tmp_path / 'v2' / metadata.NEAR_DUPLICATES_FILE
+  edited = listed.read_bytes().replace(b'"distance": ', b'"distance": 1', 1)
+  assert edited != listed.read_bytes()
+  listed.write_bytes(edited)
+  _save_copy(cat[6], images / 'rocket' / 'near_copy.jpg', 0.8)
+  carried.unlink()
+  _build(images, tmp_path / 'v3', reuse_from=str(tmp_path / 'v2'))
+  assert not carried.exists()
+  _same_as_full(images, tmp_path / 'v3', tmp_path, name='full2')
 
 
 def test_split_folders_with_a_new_exact_leak(tmp_path):

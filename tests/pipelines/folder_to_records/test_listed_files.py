@@ -78,9 +78,9 @@ def test_an_empty_run_has_no_pieces_and_a_cut_one_is_an_error(
 def test_record_references_come_back_grouped_by_content():
   digest_a, digest_b = bytes(range(32)), bytes(32)
   references = [
-      (digest_a, 'cat/ä ö.png', 3, 1 << 40, (1, (1 << 64) - 1), None),
-      (digest_b, 'dog/"q"\n.jpg', 0, 0, None, 'validation'),
-      (digest_a, 'dog/' + 'l' * 300 + '.jpg', 7, 9, None, 'test')]
+      (digest_a, 'cat/ä ö.png', 3, 1 << 40, (1, (1 << 64) - 1), None, True),
+      (digest_b, 'dog/"q"\n.jpg', 0, 0, None, 'validation', False),
+      (digest_a, 'dog/' + 'l' * 300 + '.jpg', 7, 9, None, 'test', True)]
   data = b''.join(dofns.pack_reference(*r) for r in references)
   assert dofns.read_references(data) == {
       digest_a: [r[1:] for r in references if r[0] == digest_a],

@@ -6,6 +6,7 @@ import io
 import collections
 import itertools
 import json
+import zlib
 import pathlib
 
 import numpy as np
@@ -337,7 +338,8 @@ def test_evaluation_copies_of_train_images_are_left_out_and_counted(planted):
       'distance': nd.DEFAULT_DISTANCE, 'images': 10, 'listed': 5,
       'leaks': 4, 'left_out': 2, 'within_split': 4,
       'across_evaluation_splits': 2, 'label_conflicts': 2,
-      'capped_groups': []}
+      'capped_groups': [], 'lines_crc32': zlib.crc32((
+          root / 'd8' / metadata.NEAR_DUPLICATES_FILE).read_bytes())}
   # The shards hold neither, and the report on disk says the same.
   names = helpers.written_filenames(root / 'd8')
   assert len(names) == 18 and not names & set(rejected)
@@ -600,8 +602,9 @@ def _reported(keyed, run_dir):
     tagged += more
   runs += _outputs(report_step.finish_bundle())[0]
   merged = run_dir / 'merged.jsonl'
-  listed = file_io.merge_runs(
+  listed, crc = file_io.merge_runs(
       str(merged), [r.path for r in runs if r.path is not None], unique=True)
+  assert crc == zlib.crc32(merged.read_bytes())
   found = {}
   for line in merged.read_text().splitlines():
     pair = json.loads(line)
@@ -682,7 +685,7 @@ def test_the_band_step_through_bucket_files_finds_the_pairs_of_all_pairs(
   for half in (refs[::2], refs[1::2]):  # Two bundles.
     bands.start_bundle()
     for ref in half:
-      ranges += _outputs(bands.process(ref, (len(refs), 0)))[0]
+      ranges += _outputs(bands.process((ref, False), (len(refs), 0)))[0]
     ranges += _outputs(bands.finish_bundle())[0]
   buckets = {}
   for bucket, where in ranges:

@@ -1,0 +1,471 @@
+"""An update's near-duplicate search, carried over from the earlier build.
+
+The search keeps per image its nearest partner in each slot (near_duplicates:
+a minimum over its candidates). Without a capped band group in the earlier
+build or in this one, a candidate is a property of the pair alone (two
+images within the distance, one hash at least a whole one), so an update
+can compute only what changed, exactly:
+
+  * same: an image of this search whose record was taken from the earlier
+    build (the same bytes, so the same hashes; the same split, for the
+    split settings are checked equal) and that the earlier search held
+    (not a copy the earlier build left out as an exact duplicate);
+  * C: the other images of this search (new, changed, or no longer left
+    out); R: C, and each same image with an earlier slot partner that is
+    not a same image now (gone, changed, left out);
+  * an image of R gets its whole row (its candidates among every image of
+    this search); every same image outside R keeps its earlier slots (read
+    from the earlier near_duplicates.jsonl: an image's slot partner is in
+    a listed pair of it, and no other listed pair in that slot is nearer),
+    and takes a nearer candidate among R's rows. A same pair's distance
+    and classes did not change, so nothing else can.
+
+One step in one worker does it (NearCarry): this search's references
+gathered in a few elements, the earlier lines read, the rows compared in
+numpy (C and their earlier partners: ~1.5% of the images at a 1% change,
+where the whole search compares every group), then the same Reporter as
+the whole search's last step. Where a capped group turns up in this
+search's set, it runs the whole search there instead (bucket_slots over
+one bucket: the same slots). `applies` says when the launcher plans it.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import posixpath
+import re
+import zlib
+from typing import Iterable, NamedTuple, Optional
+
+import numpy as np
+
+from pipelines.folder_to_records import near_duplicates as nd
+
+# The earlier build's report must have these as this build has them (the
+# split of a taken record is then its earlier split).
+_SPLIT_SETTINGS = ('seed', 'validation_fraction', 'test_fraction', 'layout')
+
+
+def applies(config, report) -> bool:
+  """Whether an update with this BuildConfig carries the search over from
+  the earlier build whose BuildReport is `report`: the search on in both
+  at the same distance, no capped group in the earlier one, the same split
+  settings, not --stratified (its splits move with the file set)."""
+  near = getattr(report, 'near_duplicates', None)
+  return bool(
+      report is not None and config.reuse is not None
+      and config.near_duplicate_distance
+      and not config.stratified and not report.stratified
+      and near is not None and near.distance == config.near_duplicate_distance
+      and not near.capped_groups
+      # An earlier build without the lines' checksum (an older toolkit):
+      # its search is not carried over.
+      and (near.lines_crc32 or not near.listed)
+      and all(getattr(report, k) == getattr(config, k)
+              for k in _SPLIT_SETTINGS))
+
+
+class SearchSet:
+  """This build's search set as arrays, in path (bytes) order: paths
+  (bytes), relpaths, hashes [N, 2] (whole, centre), usable [N, 2], split
+  [N] (index into near_duplicates' splits), chunk [N], cls [N] (class
+  ids), same [N]."""
+
+  def __init__(self, refs: Iterable[nd.Ref], same: Iterable[bool], *,
+               layout: str):
+    rows = sorted(zip(((nd._encoded(r.relpath), r) for r in refs), same),  # pylint: disable=protected-access
+                  key=lambda x: x[0][0])
+    self.paths = [p for (p, _), _ in rows]
+    self.relpaths = [r.relpath for (_, r), _ in rows]
+    n = len(rows)
+    self.hashes = np.array([r.phashes for (_, r), _ in rows],
+                           dtype=np.uint64).reshape(n, 2)
+    self.usable = np.bitwise_count(self.hashes) >= nd.MIN_BITS_SET
+    self.split = np.array([nd._SPLITS.index(r.split) for (_, r), _ in rows],  # pylint: disable=protected-access
+                          dtype=np.int64)
+    self.chunk = [r.chunk for (_, r), _ in rows]
+    classes = [nd.class_name(r, layout) for r in self.relpaths]
+    names = {c: i for i, c in enumerate(sorted(set(classes)))}
+    self.cls = np.array([names[c] for c in classes], dtype=np.int64)
+    self.same = np.array([s for _, s in rows], dtype=bool)
+    self.index = {p: i for i, p in enumerate(self.paths)}
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def capped(self, distance: int, cap: int) -> bool:
+    """Whether a band group of this set has over `cap` members."""
+    for mask in nd.band_masks(distance):
+      bits = np.concatenate([self.hashes[self.usable[:, w], w]
+                             & np.uint64(mask) for w in (0, 1)])
+      if len(bits) and np.unique(bits, return_counts=True)[1].max() > cap:
+        return True
+    return False
+
+
+class Earlier(NamedTuple):
+  """The earlier build's near_duplicates.jsonl, read against this build's
+  search set (earlier_lines). texts: the lines (without line ends); a, b
+  [L]: each line's images (indices into the search set; -1: not in it), d
+  [L], slot_b [L]: the slot b fills for a (b's split), slot_a [L], the
+  reverse, conflict [L]: of two classes (then each also fills the other's
+  slot of another class); slot_key, slot_partner [N, SLOTS]: each image's
+  earlier nearest partner per slot among its listed pairs (its slots: see
+  the module docstring) as d * 2 * (N + 1) + an order of paths, and its
+  index (-1: not in the search set; NEVER keys: none); count, crc32: of
+  the lines read, to check against the earlier report."""
+  texts: list
+  a: np.ndarray
+  b: np.ndarray
+  d: np.ndarray
+  slot_b: np.ndarray
+  slot_a: np.ndarray
+  conflict: np.ndarray
+  slot_key: np.ndarray
+  slot_partner: np.ndarray
+  count: int
+  crc32: int
+
+
+_SPLIT_BYTES = {name.encode(): k for k, name in enumerate(nd._SPLITS)}  # pylint: disable=protected-access
+# A line as near_duplicates._pair_line writes it, its names without an
+# escape (a quote, a backslash or a non-ASCII character: those through json).
+_LINE = re.compile(
+    rb'\{"paths": \["([^"\\]*)", "([^"\\]*)"\], "distance": ([0-9]+), '
+    rb'"kind": "[a-z_]+", "splits": \["([a-z]+)", "([a-z]+)"\], '
+    rb'"classes": \[.*\], "label_conflict": (true|false)\}\n?')
+
+
+def _line_fields(raw: bytes) -> tuple:
+  """(path a, path b (bytes), d, split a, split b, whether of two classes)
+  of a line as near_duplicates._pair_line writes it."""
+  found = _LINE.fullmatch(raw)
+  if found is not None:
+    a, b, d, split_a, split_b, conflict = found.groups()
+    return (a, b, int(d), _SPLIT_BYTES[split_a], _SPLIT_BYTES[split_b],
+            conflict == b'true')
+  line = json.loads(raw)
+  (a, b), (split_a, split_b) = line['paths'], line['splits']
+  return (nd._encoded(a), nd._encoded(b), line['distance'],  # pylint: disable=protected-access
+          _SPLIT_BYTES[split_a.encode()], _SPLIT_BYTES[split_b.encode()],
+          line['label_conflict'] is True)
+
+
+def earlier_lines(lines: Iterable[bytes], s: 'SearchSet') -> Earlier:
+  """Reads the earlier build's near_duplicates.jsonl lines against this
+  build's search set s. ValueError (or KeyError) for a line that is not
+  one the build writes."""
+  texts, fields, count, crc = [], [], 0, 0
+  index = s.index
+  for raw in lines:
+    count += 1
+    crc = zlib.crc32(raw, crc)
+    a, b, d, split_a, split_b, conflict = _line_fields(raw)
+    texts.append(raw.rstrip(b'\n').decode('ascii'))
+    fields.append((index.get(a, -1), index.get(b, -1), d, split_b, split_a,
+                   conflict, a, b))
+  n = len(s)
+  column = lambda k: np.array([f[k] for f in fields], dtype=np.int64)  # noqa: E731
+  ia, ib, d, slot_b, slot_a, conflict = (column(k) for k in range(6))
+  conflict = conflict.astype(bool)
+  # An order of paths: 2 x the index of one in the search set, 2 x where it
+  # would go less 1 for one that is not.
+  order = lambda i, paths: np.array([  # noqa: E731
+      2 * j if j >= 0 else 2 * bisect.bisect_left(s.paths, p) - 1
+      for j, p in zip(i.tolist(), paths)], dtype=np.int64)
+  key_a = d * 2 * (n + 1) + order(ia, [f[6] for f in fields]) + 1
+  key_b = d * 2 * (n + 1) + order(ib, [f[7] for f in fields]) + 1
+  # Each line fills a slot of each of its images (two when of two classes).
+  this = np.concatenate([ia, ib, ia[conflict], ib[conflict]])
+  slot = np.concatenate([slot_b, slot_a, np.full(int(conflict.sum()) * 2,
+                                                 nd.SLOTS - 1)])
+  key = np.concatenate([key_b, key_a, key_b[conflict], key_a[conflict]])
+  partner = np.concatenate([ib, ia, ib[conflict], ia[conflict]])
+  held = this >= 0
+  this, slot, key, partner = this[held], slot[held], key[held], partner[held]
+  first = np.lexsort((key, slot, this))
+  this, slot, key, partner = this[first], slot[first], key[first], partner[
+      first]
+  lead = np.ones(len(this), dtype=bool)
+  lead[1:] = (this[1:] != this[:-1]) | (slot[1:] != slot[:-1])
+  slot_key = np.full((n, nd.SLOTS), nd.NEVER * 2 * (n + 1), dtype=np.int64)
+  slot_partner = np.full((n, nd.SLOTS), -1, dtype=np.int64)
+  slot_key[this[lead], slot[lead]] = key[lead]
+  slot_partner[this[lead], slot[lead]] = partner[lead]
+  return Earlier(texts, ia, ib, d, slot_b, slot_a, conflict, slot_key,
+                 slot_partner, count, crc)
+
+
+def _row_distances(s: SearchSet, r: int) -> np.ndarray:
+  """[N] near_duplicates.near_distance of image r and each image (NEVER
+  where no usable hash pair; NEVER for r itself)."""
+  d = np.full(len(s), nd.NEVER, dtype=np.int64)
+  for mine, theirs in nd._COMBOS:  # pylint: disable=protected-access
+    if not s.usable[r, mine]:
+      continue
+    bits = np.bitwise_count(s.hashes[:, theirs] ^ s.hashes[r, mine]).astype(
+        np.int64)
+    np.minimum(d, np.where(s.usable[:, theirs], bits, nd.NEVER), out=d)
+  d[r] = nd.NEVER
+  return d
+
+
+class Carried(NamedTuple):
+  """carried_slots' result. best [N, SLOTS]: each image's nearest partner
+  per slot as d * N + partner (least d, then first path), NEVER * N + N
+  where none; rows [N]: the images given their whole row (R); earlier [N,
+  SLOTS]: the earlier slots, so (for the images outside R)."""
+  best: np.ndarray
+  rows: np.ndarray
+  earlier: np.ndarray
+
+
+# Most images (a share of the search set) given their whole row: past it,
+# the whole search (a compiled scan of the band groups) costs less than the
+# rows in numpy (~0.3 ms a row at 30,000 images).
+_MOST_ROWS = 1 / 8
+
+
+def carried_slots(s: SearchSet, earlier: Earlier, *,
+                  distance: int) -> Optional[Carried]:
+  """Each image's slots (module docstring); None where more than
+  _MOST_ROWS of the images need their whole row. Needs no capped group in
+  s (SearchSet.capped) nor in the earlier search."""
+  n = len(s)
+  none = nd.NEVER * n + n
+  held = earlier.slot_key < nd.NEVER * 2 * (n + 1)
+  partner = earlier.slot_partner
+  # An earlier partner not in the search set, or not the same image now.
+  lost = held & ((partner < 0) | ~s.same[np.maximum(partner, 0)])
+  rows = ~s.same | lost.any(axis=1)
+  if rows.sum() > len(s) * _MOST_ROWS:
+    return None  # The whole search costs less.
+  d = earlier.slot_key // (2 * (n + 1))
+  best = np.where(held, d * n + partner, none)
+  best[rows] = none
+  before = best.copy()
+  for r in np.flatnonzero(rows).tolist():
+    d = _row_distances(s, r)
+    cand = np.flatnonzero(d <= distance)
+    if not len(cand):
+      continue
+    key = d[cand] * n + cand
+    for k in range(len(nd._SPLITS)):  # pylint: disable=protected-access
+      in_slot = key[s.split[cand] == k]
+      if len(in_slot):
+        best[r, k] = min(best[r, k], in_slot.min())
+    other = key[s.cls[cand] != s.cls[r]]
+    if len(other):
+      best[r, nd.SLOTS - 1] = min(best[r, nd.SLOTS - 1], other.min())
+    # r as a candidate of each of its candidates.
+    mine = d[cand] * n + r
+    np.minimum.at(best, (cand, np.full(len(cand), s.split[r])), mine)
+    across = s.cls[cand] != s.cls[r]
+    np.minimum.at(best, (cand[across], np.full(int(across.sum()),
+                                               nd.SLOTS - 1)), mine[across])
+  return Carried(best, rows, before)
+
+
+def _whole_search(s: SearchSet, refs: list[nd.Ref], *, distance: int,
+                  layout: str):
+  """(best as carried_slots gives it, capped groups' reports): the whole
+  search over s in this process (one bucket: bucket_slots)."""
+  n = len(s)
+  best = np.full((n, nd.SLOTS), nd.NEVER * n + n, dtype=np.int64)
+  data = b''.join(d for _, d in nd.bucket_bytes(
+      refs, masks=nd.band_masks(distance), buckets=1, layout=layout))
+  found = nd.bucket_slots(data, distance=distance)
+  at = np.array([s.index[found.path(i)] for i in range(len(found.ends))],
+                dtype=np.int64)
+  if len(found.image):
+    best[at[found.image], found.slot] = found.d * n + at[found.partner]
+  return best, found.capped
+
+
+def _left_out_exact(dataset_dir: str) -> Optional[set[str]]:
+  """The paths the earlier build left out as exact copies (or left out
+  for any reason but a near leak: its search did not hold them); None when
+  its rejected.jsonl cannot be read (then no record is a same image)."""
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  from tfrecords_schema import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+  left_out = set()
+  try:
+    with FileSystems.open(posixpath.join(dataset_dir,
+                                         metadata_lib.REJECTED_FILE),
+                          compression_type=file_io.RAW) as f:
+      for raw in f:
+        line = json.loads(raw)
+        if line['outcome'] != nd.NEAR_LEAK:
+          left_out.add(line['path'])
+  except Exception:  # pylint: disable=broad-except  # As reuse's reads.
+    return None
+  return left_out
+
+
+def counts(s: SearchSet, best: np.ndarray) -> dict:
+  """The report's counts of images (near_duplicates.image_kinds) from
+  each image's slots."""
+  n = len(s)
+  filled = best < nd.NEVER * n + n
+  code = s.split * 16 + (filled * (1 << np.arange(nd.SLOTS))).sum(axis=1)
+  found = {}
+  for c, number in enumerate(np.bincount(code, minlength=48).tolist()):
+    if number:
+      split = nd._SPLITS[c // 16]  # pylint: disable=protected-access
+      for kind in nd.image_kinds(split, tuple(
+          True if (c >> k) & 1 else None for k in range(nd.SLOTS))):
+        found[kind] = found.get(kind, 0) + number
+  return found
+
+
+def _slot_tuple(s: SearchSet, keys: list[int]) -> tuple:
+  """An image's slots as Reporter.image takes them."""
+  n = len(s)
+  splits = nd._SPLITS  # pylint: disable=protected-access
+  return tuple(None if key >= nd.NEVER * n + n else
+               (key // n, s.relpaths[key % n], splits[s.split[key % n]])
+               for key in keys)
+
+
+def carried_outputs(s: SearchSet, carried: Carried, earlier: Earlier, *,
+                    layout: str, run_dir: str):
+  """The carried search's outputs (those of Reporter for every image: one
+  PairRun of all lines and counts, the drops and the rejected entries),
+  where an image whose slots and partners are as they were keeps its
+  earlier lines as they are: the lines of the others are made again."""
+  n = len(s)
+  best, splits = carried.best, nd._SPLITS  # pylint: disable=protected-access
+  stable = s.same & ~carried.rows & (best == carried.earlier).all(axis=1)
+  a, b, d = earlier.a, earlier.b, earlier.d
+  both = (a >= 0) & (b >= 0)
+  a, b = np.where(both, a, 0), np.where(both, b, 0)
+
+  def named(this, other, slot):
+    """Lines a stable image `this` names: its partner in `slot`, or in its
+    slot of another class."""
+    key = d * n + other
+    return both & stable[this] & (
+        (carried.earlier[this, slot] == key)
+        | (earlier.conflict & (carried.earlier[this, nd.SLOTS - 1] == key)))
+
+  keep = named(a, b, earlier.slot_b) | named(b, a, earlier.slot_a)
+  lines = [earlier.texts[i] for i in np.flatnonzero(keep).tolist()]
+  text = nd._Lines(layout)  # pylint: disable=protected-access
+  filled = best < nd.NEVER * n + n
+  for i in np.flatnonzero(filled.any(axis=1) & ~stable).tolist():
+    mine = (s.relpaths[i], splits[s.split[i]])
+    for dist, partner, partner_split in sorted(set(filter(None, _slot_tuple(
+        s, best[i].tolist())))):
+      lines.append(text.pair(mine, (partner, partner_split), dist))
+  # Evaluation images with a train copy: left out, as Reporter says.
+  for i in np.flatnonzero(filled[:, 0] & (s.split != 0)).tolist():
+    d, copy, _ = _slot_tuple(s, best[i].tolist())[0]
+    relpath, split = s.relpaths[i], splits[s.split[i]]
+    yield nd._tagged(nd.DROPS, (split, s.chunk[i], relpath))  # pylint: disable=protected-access
+    yield nd._tagged('rejected', nd.near_leak(relpath, split, copy, d))  # pylint: disable=protected-access
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  yield nd.PairRun(file_io.write_run(run_dir, 'pairs', lines) if lines
+                   else None, counts(s, best))
+
+
+def _near_carry(*, distance: int, layout: str, run_dir: str,
+                dataset_dir: str, report):
+  """A DoFn: (None, batches of (Ref, taken)) -> the search's outputs for
+  this build's search set: carried over (carried_slots,
+  carried_outputs), or where a capped group turns up or the earlier lines
+  are not those its report describes, the whole search here (Reporter for
+  every image; 'near_capped')."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+  from tfrecords_schema import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
+
+  class NearCarry(beam.DoFn):
+    """See _near_carry."""
+
+    def process(self, element):
+      _, batches = element
+      pairs = [x for batch in batches for x in batch]
+      refs = [nd.Ref(*ref) for ref, _ in pairs]
+      exact = _left_out_exact(dataset_dir)
+      s = SearchSet(refs, (taken and exact is not None
+                           and ref.relpath not in exact
+                           for ref, (_, taken) in zip(refs, pairs)),
+                    layout=layout)
+      earlier = None
+      # Most images changed (or taken from no earlier record): the whole
+      # search costs less than their rows.
+      if (len(s) - s.same.sum() <= len(s) * _MOST_ROWS
+          and not s.capped(distance, nd.MAX_GROUP)):
+        try:
+          with FileSystems.open(posixpath.join(
+              dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE),
+                                compression_type=file_io.RAW) as f:
+            earlier = earlier_lines(f, s)
+        except (ValueError, KeyError, OSError):
+          earlier = None  # Not a file the build writes: searched whole.
+        near = report.near_duplicates
+        if earlier is not None and (earlier.count, earlier.crc32) != (
+            near.listed, near.lines_crc32):
+          earlier = None  # Edited or damaged: not the earlier search's.
+      carried = earlier and carried_slots(s, earlier, distance=distance)
+      if carried:
+        yield from carried_outputs(s, carried, earlier, layout=layout,
+                                   run_dir=run_dir)
+        return
+      best, capped = _whole_search(s, refs, distance=distance, layout=layout)
+      for found in capped:
+        yield nd._tagged(nd.CAPPED, found)  # pylint: disable=protected-access
+      n = len(s)
+      reporter = nd.Reporter(layout=layout, run_dir=run_dir)
+      splits = nd._SPLITS  # pylint: disable=protected-access
+      for i in np.flatnonzero((best < nd.NEVER * n + n).any(axis=1)).tolist():
+        yield from reporter.image(s.relpaths[i], splits[s.split[i]],
+                                  s.chunk[i], _slot_tuple(s, best[i].tolist()))
+      if reporter.pending():
+        yield reporter.flush()
+
+  return NearCarry()
+
+
+def _batches():
+  """A DoFn: (Ref, same) -> one list of them per bundle (NearCarry's
+  step gathers a few elements, not one per image)."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+
+  class Batch(beam.DoFn):
+
+    def start_bundle(self):
+      self._held = []
+
+    def process(self, element):
+      ref, same = element
+      self._held.append((tuple(ref), same))
+
+    def finish_bundle(self):
+      if self._held:
+        yield file_io.in_global_window((None, self._held))
+      self._held = []
+
+  return Batch()
+
+
+def find(refs, *, distance: int, layout: str, run_dir: str,
+         dataset_dir: str, report):
+  """near_duplicates.find's outputs, carried over (see the module
+  docstring): refs are (Ref, taken) of each record searched; dataset_dir
+  the earlier build, report its BuildReport."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  found = (refs
+           | 'NearBatches' >> beam.ParDo(_batches())
+           | 'NearAll' >> beam.GroupByKey()
+           | 'NearCarry' >> beam.ParDo(_near_carry(
+               distance=distance, layout=layout, run_dir=run_dir,
+               dataset_dir=dataset_dir, report=report)).with_outputs(
+                   nd.DROPS, 'rejected', nd.CAPPED, main='runs'))
+  return found[nd.DROPS], found.rejected, found.runs, found[nd.CAPPED]
+
+

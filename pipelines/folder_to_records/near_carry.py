@@ -36,7 +36,7 @@ import json
 import posixpath
 import re
 import zlib
-from typing import Iterable, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -66,30 +66,81 @@ def applies(config, report) -> bool:
               for k in _SPLIT_SETTINGS))
 
 
+class Columns(NamedTuple):
+  """Refs (near_duplicates.Ref) as columns, and whether each record was
+  taken from the earlier build: relpaths (a list), whole, centre [N]
+  uint64, split [N] (index into near_duplicates' splits), chunk, offset
+  [N], taken [N]. One a bundle crosses to NearCarry: a list and six arrays
+  pickle in a few ms, 15,000 tuples in ~50."""
+  relpaths: list
+  whole: np.ndarray
+  centre: np.ndarray
+  split: np.ndarray
+  chunk: np.ndarray
+  offset: np.ndarray
+  taken: np.ndarray
+
+  @classmethod
+  def of(cls, pairs: list) -> 'Columns':
+    """[(Ref, taken)] as Columns."""
+    refs = [ref for ref, _ in pairs]
+    column = lambda values, dtype: np.array(values, dtype=dtype)  # noqa: E731
+    return cls([r.relpath for r in refs],
+               column([r.phashes[0] for r in refs], np.uint64),
+               column([r.phashes[1] for r in refs], np.uint64),
+               column([nd._SPLITS.index(r.split) for r in refs], np.int64),  # pylint: disable=protected-access
+               column([r.chunk for r in refs], np.int64),
+               column([r.offset for r in refs], np.int64),
+               column([taken for _, taken in pairs], bool))
+
+  @classmethod
+  def joined(cls, parts: list) -> 'Columns':
+    """Several Columns as one."""
+    if not parts:
+      return cls.of([])
+    return cls([p for part in parts for p in part.relpaths],
+               *(np.concatenate([part[k] for part in parts])
+                 for k in range(1, len(cls._fields))))
+
+  def refs(self) -> list:
+    """The Refs again."""
+    splits = nd._SPLITS  # pylint: disable=protected-access
+    return [nd.Ref((w, c), p, splits[s], ch, o) for p, w, c, s, ch, o in zip(
+        self.relpaths, self.whole.tolist(), self.centre.tolist(),
+        self.split.tolist(), self.chunk.tolist(), self.offset.tolist())]
+
+
 class SearchSet:
   """This build's search set as arrays, in path (bytes) order: paths
   (bytes), relpaths, hashes [N, 2] (whole, centre), usable [N, 2], split
   [N] (index into near_duplicates' splits), chunk [N], cls [N] (class
-  ids), same [N]."""
+  ids), same [N]; index: path -> its index."""
 
-  def __init__(self, refs: Iterable[nd.Ref], same: Iterable[bool], *,
-               layout: str):
-    rows = sorted(zip(((nd._encoded(r.relpath), r) for r in refs), same),  # pylint: disable=protected-access
-                  key=lambda x: x[0][0])
-    self.paths = [p for (p, _), _ in rows]
-    self.relpaths = [r.relpath for (_, r), _ in rows]
-    n = len(rows)
-    self.hashes = np.array([r.phashes for (_, r), _ in rows],
-                           dtype=np.uint64).reshape(n, 2)
+  def __init__(self, columns: Columns, same: np.ndarray, *, layout: str):
+    n = len(columns.relpaths)
+    encoded = [nd._encoded(p) for p in columns.relpaths]  # pylint: disable=protected-access
+    order = sorted(range(n), key=encoded.__getitem__)
+    self.paths = [encoded[i] for i in order]
+    self.relpaths = [columns.relpaths[i] for i in order]
+    at = np.array(order, dtype=np.int64)
+    self.hashes = np.stack([columns.whole[at], columns.centre[at]],
+                           axis=1).reshape(n, 2)
     self.usable = np.bitwise_count(self.hashes) >= nd.MIN_BITS_SET
-    self.split = np.array([nd._SPLITS.index(r.split) for (_, r), _ in rows],  # pylint: disable=protected-access
-                          dtype=np.int64)
-    self.chunk = [r.chunk for (_, r), _ in rows]
-    classes = [nd.class_name(r, layout) for r in self.relpaths]
-    names = {c: i for i, c in enumerate(sorted(set(classes)))}
-    self.cls = np.array([names[c] for c in classes], dtype=np.int64)
-    self.same = np.array([s for _, s in rows], dtype=bool)
-    self.index = {p: i for i, p in enumerate(self.paths)}
+    self.split = columns.split[at].astype(np.int64)
+    self.chunk = columns.chunk[at]
+    # A class is a folder's: class_name once a folder.
+    folders = [p.rpartition('/')[0] for p in self.relpaths]
+    classes = {f: nd.class_name(f + '/_', layout) for f in set(folders)}
+    ids = {c: i for i, c in enumerate(sorted(set(classes.values())))}
+    self.cls = np.array([ids[classes[f]] for f in folders], dtype=np.int64)
+    self.same = np.asarray(same, dtype=bool)[at]
+    self.index = dict(zip(self.paths, range(n)))
+
+  @classmethod
+  def of_refs(cls, refs: list, same: list, *, layout: str) -> 'SearchSet':
+    """A SearchSet of Refs (same: of each)."""
+    return cls(Columns.of([(r, False) for r in refs]), np.array(same, bool),
+               layout=layout)
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -130,52 +181,62 @@ class Earlier(NamedTuple):
 
 _SPLIT_BYTES = {name.encode(): k for k, name in enumerate(nd._SPLITS)}  # pylint: disable=protected-access
 # A line as near_duplicates._pair_line writes it, its names without an
-# escape (a quote, a backslash or a non-ASCII character: those through json).
-_LINE = re.compile(
-    rb'\{"paths": \["([^"\\]*)", "([^"\\]*)"\], "distance": ([0-9]+), '
-    rb'"kind": "[a-z_]+", "splits": \["([a-z]+)", "([a-z]+)"\], '
-    rb'"classes": \[.*\], "label_conflict": (true|false)\}\n?')
+# escape (a quote, a backslash or a character outside ASCII: a file with
+# one is read line by line, those through json).
+_LINE = (rb'\{"paths": \["([^"\\\n]*)", "([^"\\\n]*)"\], "distance": ([0-9]+), '
+         rb'"kind": "[a-z_]+", "splits": \["([a-z]+)", "([a-z]+)"\], '
+         rb'"classes": \["[^"\\\n]*", "[^"\\\n]*"\], '
+         rb'"label_conflict": (true|false)\}')
+_ONE_LINE = re.compile(_LINE)
+_EVERY_LINE = re.compile(rb'^' + _LINE + rb'$', re.MULTILINE)
 
 
 def _line_fields(raw: bytes) -> tuple:
-  """(path a, path b (bytes), d, split a, split b, whether of two classes)
-  of a line as near_duplicates._pair_line writes it."""
-  found = _LINE.fullmatch(raw)
+  """(path a, path b, d, split a, split b, true or false: of two classes),
+  each as the line's bytes write it (names as UTF-8), of a line as
+  near_duplicates._pair_line writes it (without its line end)."""
+  found = _ONE_LINE.fullmatch(raw)
   if found is not None:
-    a, b, d, split_a, split_b, conflict = found.groups()
-    return (a, b, int(d), _SPLIT_BYTES[split_a], _SPLIT_BYTES[split_b],
-            conflict == b'true')
+    return found.groups()
   line = json.loads(raw)
   (a, b), (split_a, split_b) = line['paths'], line['splits']
-  return (nd._encoded(a), nd._encoded(b), line['distance'],  # pylint: disable=protected-access
-          _SPLIT_BYTES[split_a.encode()], _SPLIT_BYTES[split_b.encode()],
-          line['label_conflict'] is True)
+  if not isinstance(line['distance'], int) or not isinstance(
+      line['label_conflict'], bool):
+    raise ValueError('not a line the build writes')
+  return (nd._encoded(a), nd._encoded(b), str(line['distance']).encode(),  # pylint: disable=protected-access
+          split_a.encode(), split_b.encode(),
+          b'true' if line['label_conflict'] else b'false')
 
 
-def earlier_lines(lines: Iterable[bytes], s: 'SearchSet') -> Earlier:
-  """Reads the earlier build's near_duplicates.jsonl lines against this
-  build's search set s. ValueError (or KeyError) for a line that is not
-  one the build writes."""
-  texts, fields, count, crc = [], [], 0, 0
-  index = s.index
-  for raw in lines:
-    count += 1
-    crc = zlib.crc32(raw, crc)
-    a, b, d, split_a, split_b, conflict = _line_fields(raw)
-    texts.append(raw.rstrip(b'\n').decode('ascii'))
-    fields.append((index.get(a, -1), index.get(b, -1), d, split_b, split_a,
-                   conflict, a, b))
+def earlier_lines(data: bytes, s: 'SearchSet') -> Earlier:
+  """Reads the earlier build's near_duplicates.jsonl (its bytes) against
+  this build's search set s. ValueError (or KeyError) for a file that is
+  not one the build writes."""
+  lines = data.split(b'\n')
+  if lines.pop():
+    raise ValueError('the last line has no line end')
+  if b'\\' in data:  # A name with an escape: line by line.
+    fields = [_line_fields(raw) for raw in lines]
+  else:  # All at once.
+    fields = _EVERY_LINE.findall(data)
+    if len(fields) != len(lines):
+      raise ValueError('a line the build does not write')
   n = len(s)
-  column = lambda k: np.array([f[k] for f in fields], dtype=np.int64)  # noqa: E731
-  ia, ib, d, slot_b, slot_a, conflict = (column(k) for k in range(6))
-  conflict = conflict.astype(bool)
+  get = s.index.get
+  paths_a, paths_b = [f[0] for f in fields], [f[1] for f in fields]
+  ia = np.array([get(p, -1) for p in paths_a], dtype=np.int64)
+  ib = np.array([get(p, -1) for p in paths_b], dtype=np.int64)
+  d = np.array([int(f[2]) for f in fields], dtype=np.int64)
+  slot_a = np.array([_SPLIT_BYTES[f[3]] for f in fields], dtype=np.int64)
+  slot_b = np.array([_SPLIT_BYTES[f[4]] for f in fields], dtype=np.int64)
+  conflict = np.array([f[5] == b'true' for f in fields], dtype=bool)
   # An order of paths: 2 x the index of one in the search set, 2 x where it
   # would go less 1 for one that is not.
   order = lambda i, paths: np.array([  # noqa: E731
       2 * j if j >= 0 else 2 * bisect.bisect_left(s.paths, p) - 1
       for j, p in zip(i.tolist(), paths)], dtype=np.int64)
-  key_a = d * 2 * (n + 1) + order(ia, [f[6] for f in fields]) + 1
-  key_b = d * 2 * (n + 1) + order(ib, [f[7] for f in fields]) + 1
+  key_a = d * 2 * (n + 1) + order(ia, paths_a) + 1
+  key_b = d * 2 * (n + 1) + order(ib, paths_b) + 1
   # Each line fills a slot of each of its images (two when of two classes).
   this = np.concatenate([ia, ib, ia[conflict], ib[conflict]])
   slot = np.concatenate([slot_b, slot_a, np.full(int(conflict.sum()) * 2,
@@ -193,8 +254,8 @@ def earlier_lines(lines: Iterable[bytes], s: 'SearchSet') -> Earlier:
   slot_partner = np.full((n, nd.SLOTS), -1, dtype=np.int64)
   slot_key[this[lead], slot[lead]] = key[lead]
   slot_partner[this[lead], slot[lead]] = partner[lead]
-  return Earlier(texts, ia, ib, d, slot_b, slot_a, conflict, slot_key,
-                 slot_partner, count, crc)
+  return Earlier(lines, ia, ib, d, slot_b, slot_a, conflict, slot_key,
+                 slot_partner, len(lines), zlib.crc32(data))
 
 
 def _row_distances(s: SearchSet, r: int) -> np.ndarray:
@@ -333,37 +394,43 @@ def carried_outputs(s: SearchSet, carried: Carried, earlier: Earlier, *,
                     layout: str, run_dir: str):
   """The carried search's outputs (those of Reporter for every image: one
   PairRun of all lines and counts, the drops and the rejected entries),
-  where an image whose slots and partners are as they were keeps its
-  earlier lines as they are: the lines of the others are made again."""
+  where a slot as it was, of an image whose partners are as they were,
+  keeps its earlier line as it is: the other slots' lines are made again."""
   n = len(s)
+  none = nd.NEVER * n + n
   best, splits = carried.best, nd._SPLITS  # pylint: disable=protected-access
-  stable = s.same & ~carried.rows & (best == carried.earlier).all(axis=1)
+  # A slot as it was, of an image as it was whose partners are too: the
+  # lines it names are the earlier ones, byte for byte.
+  kept = (s.same & ~carried.rows)[:, None] & (best == carried.earlier)
   a, b, d = earlier.a, earlier.b, earlier.d
   both = (a >= 0) & (b >= 0)
   a, b = np.where(both, a, 0), np.where(both, b, 0)
 
   def named(this, other, slot):
-    """Lines a stable image `this` names: its partner in `slot`, or in its
+    """Lines a kept slot of `this` names: its partner in `slot`, or in its
     slot of another class."""
     key = d * n + other
-    return both & stable[this] & (
-        (carried.earlier[this, slot] == key)
-        | (earlier.conflict & (carried.earlier[this, nd.SLOTS - 1] == key)))
+    return both & (
+        (kept[this, slot] & (carried.earlier[this, slot] == key))
+        | (earlier.conflict & kept[this, nd.SLOTS - 1]
+           & (carried.earlier[this, nd.SLOTS - 1] == key)))
 
   keep = named(a, b, earlier.slot_b) | named(b, a, earlier.slot_a)
-  lines = [earlier.texts[i] for i in np.flatnonzero(keep).tolist()]
+  lines = [earlier.texts[i].decode('ascii')
+           for i in np.flatnonzero(keep).tolist()]
   text = nd._Lines(layout)  # pylint: disable=protected-access
   filled = best < nd.NEVER * n + n
-  for i in np.flatnonzero(filled.any(axis=1) & ~stable).tolist():
+  made = filled & ~kept
+  for i in np.flatnonzero(made.any(axis=1)).tolist():
     mine = (s.relpaths[i], splits[s.split[i]])
-    for dist, partner, partner_split in sorted(set(filter(None, _slot_tuple(
-        s, best[i].tolist())))):
+    slots = _slot_tuple(s, np.where(made[i], best[i], none).tolist())
+    for dist, partner, partner_split in sorted(set(filter(None, slots))):
       lines.append(text.pair(mine, (partner, partner_split), dist))
   # Evaluation images with a train copy: left out, as Reporter says.
   for i in np.flatnonzero(filled[:, 0] & (s.split != 0)).tolist():
     d, copy, _ = _slot_tuple(s, best[i].tolist())[0]
     relpath, split = s.relpaths[i], splits[s.split[i]]
-    yield nd._tagged(nd.DROPS, (split, s.chunk[i], relpath))  # pylint: disable=protected-access
+    yield nd._tagged(nd.DROPS, (split, int(s.chunk[i]), relpath))  # pylint: disable=protected-access
     yield nd._tagged('rejected', nd.near_leak(relpath, split, copy, d))  # pylint: disable=protected-access
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
   yield nd.PairRun(file_io.write_run(run_dir, 'pairs', lines) if lines
@@ -387,13 +454,12 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
 
     def process(self, element):
       _, batches = element
-      pairs = [x for batch in batches for x in batch]
-      refs = [nd.Ref(*ref) for ref, _ in pairs]
+      columns = Columns.joined(list(batches))
       exact = _left_out_exact(dataset_dir)
-      s = SearchSet(refs, (taken and exact is not None
-                           and ref.relpath not in exact
-                           for ref, (_, taken) in zip(refs, pairs)),
-                    layout=layout)
+      same = columns.taken & (
+          np.array([p not in exact for p in columns.relpaths], dtype=bool)
+          if exact is not None else False)
+      s = SearchSet(columns, same, layout=layout)
       earlier = None
       # Most images changed (or taken from no earlier record): the whole
       # search costs less than their rows.
@@ -403,7 +469,7 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
           with FileSystems.open(posixpath.join(
               dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE),
                                 compression_type=file_io.RAW) as f:
-            earlier = earlier_lines(f, s)
+            earlier = earlier_lines(f.read(), s)
         except (ValueError, KeyError, OSError):
           earlier = None  # Not a file the build writes: searched whole.
         near = report.near_duplicates
@@ -415,7 +481,8 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
         yield from carried_outputs(s, carried, earlier, layout=layout,
                                    run_dir=run_dir)
         return
-      best, capped = _whole_search(s, refs, distance=distance, layout=layout)
+      best, capped = _whole_search(s, columns.refs(), distance=distance,
+                                   layout=layout)
       for found in capped:
         yield nd._tagged(nd.CAPPED, found)  # pylint: disable=protected-access
       n = len(s)
@@ -423,7 +490,8 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
       splits = nd._SPLITS  # pylint: disable=protected-access
       for i in np.flatnonzero((best < nd.NEVER * n + n).any(axis=1)).tolist():
         yield from reporter.image(s.relpaths[i], splits[s.split[i]],
-                                  s.chunk[i], _slot_tuple(s, best[i].tolist()))
+                                  int(s.chunk[i]),
+                                  _slot_tuple(s, best[i].tolist()))
       if reporter.pending():
         yield reporter.flush()
 
@@ -431,7 +499,7 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
 
 
 def _batches():
-  """A DoFn: (Ref, same) -> one list of them per bundle (NearCarry's
+  """A DoFn: (Ref, taken) -> one Columns of them per bundle (NearCarry's
   step gathers a few elements, not one per image)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
@@ -442,12 +510,11 @@ def _batches():
       self._held = []
 
     def process(self, element):
-      ref, same = element
-      self._held.append((tuple(ref), same))
+      self._held.append(element)
 
     def finish_bundle(self):
       if self._held:
-        yield file_io.in_global_window((None, self._held))
+        yield file_io.in_global_window((None, Columns.of(self._held)))
       self._held = []
 
   return Batch()

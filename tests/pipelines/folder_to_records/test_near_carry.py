@@ -25,13 +25,14 @@ def _hash(rng, center: int, flips: int) -> int:
   return center
 
 
-def _refs(rng, n: int, centers: list, start: int = 0) -> list:
+def _refs(rng, n: int, centers: list, start: int = 0, odd: float = 0.0
+          ) -> list:
   """n images near the centers (0-6 bits off), their centres 0-4 bits off
-  their wholes; random splits and classes, a few odd names."""
+  their wholes; random splits and classes; a share `odd` of odd names."""
   refs = []
   for i in range(start, start + n):
     whole = _hash(rng, centers[rng.integers(len(centers))], rng.integers(7))
-    name = f'img_{i:04d}' if rng.random() > 0.05 else (
+    name = f'img_{i:04d}' if rng.random() >= odd else (
         f'{_ODD[rng.integers(len(_ODD))]} {i}')
     refs.append(nd.Ref((whole, _hash(rng, whole, rng.integers(5))),
                        f'{_CLASSES[rng.integers(3)]}/{name}.jpg',
@@ -41,7 +42,8 @@ def _refs(rng, n: int, centers: list, start: int = 0) -> list:
 
 def _whole(refs, distance):
   """(search set, the whole search's best), the build's way."""
-  s = near_carry.SearchSet(refs, [False] * len(refs), layout=_LAYOUT)
+  s = near_carry.SearchSet.of_refs(refs, [False] * len(refs),
+                                   layout=_LAYOUT)
   best, capped = near_carry._whole_search(s, refs, distance=distance,
                                           layout=_LAYOUT)
   assert not capped
@@ -72,7 +74,7 @@ def _reported(s, best, run_dir):
   outs = []
   for i in np.flatnonzero((best < nd.NEVER * len(s) + len(s)).any(1)):
     outs += list(reporter.image(s.relpaths[i], nd._SPLITS[s.split[i]],
-                                s.chunk[i], near_carry._slot_tuple(
+                                int(s.chunk[i]), near_carry._slot_tuple(
                                     s, best[i].tolist())))
   outs.append(reporter.flush())
   return _outputs(outs, run_dir)
@@ -84,7 +86,8 @@ def test_the_carried_search_is_the_whole_search(tmp_path, monkeypatch, seed):
   distance = (4, 8)[seed % 2]
   monkeypatch.setattr(near_carry, '_MOST_ROWS', 1.0)
   centers = [int(c) | 0xF0F0F0F0 for c in rng.integers(0, 1 << 62, size=6)]
-  old_refs = _refs(rng, 200, centers)
+  # Odd names in half the trials: their lists are read line by line.
+  old_refs = _refs(rng, 200, centers, odd=0.05 * (seed % 4 < 2))
   old, old_best = _whole(old_refs, distance)
   earlier_file = tmp_path / 'near_duplicates.jsonl'
   lines = _reported(old, old_best, tmp_path)['lines']
@@ -114,9 +117,8 @@ def test_the_carried_search_is_the_whole_search(tmp_path, monkeypatch, seed):
   refs += new
   same += [False] * len(new)
 
-  s = near_carry.SearchSet(refs, same, layout=_LAYOUT)
-  with open(earlier_file, 'rb') as f:
-    earlier = near_carry.earlier_lines(f, s)
+  s = near_carry.SearchSet.of_refs(refs, same, layout=_LAYOUT)
+  earlier = near_carry.earlier_lines(earlier_file.read_bytes(), s)
   assert (earlier.count, earlier.crc32) == (
       lines.count(b'\n'), zlib.crc32(lines))
   carried = near_carry.carried_slots(s, earlier, distance=distance)
@@ -135,15 +137,26 @@ def test_a_line_reads_the_same_with_or_without_json():
   """_line_fields' quick reading of a line equals json's, and a line with
   an escape in a name is read through json."""
   text = nd._Lines(_LAYOUT)
-  for a, b in (('cat/a.jpg', 'dog/b.jpg'), ('cat/say "hi".jpg', 'cat/x.jpg'),
-               ('émeu/naïve.jpg', 'dog/bad\udcff.jpg'),
-               ('cat/back\\slash.jpg', 'cat/[1], "distance": 3.jpg')):
-    line = (text.pair((a, 'validation'), (b, 'test'), 5) + '\n').encode()
-    fields = near_carry._line_fields(line)
+  pairs = (('cat/a.jpg', 'dog/b.jpg'), ('cat/say "hi".jpg', 'cat/x.jpg'),
+           ('émeu/naïve.jpg', 'dog/bad\udcff.jpg'),
+           ('cat/back\\slash.jpg', 'cat/[1], "distance": 3.jpg'))
+  lines = [text.pair((a, 'validation'), (b, 'test'), 5).encode()
+           for a, b in pairs]
+  for line in lines:
     parsed = json.loads(line)
-    assert fields == (
-        nd._encoded(parsed['paths'][0]), nd._encoded(parsed['paths'][1]), 5,
-        nd._SPLITS.index(parsed['splits'][0]),
-        nd._SPLITS.index(parsed['splits'][1]), parsed['label_conflict'])
+    assert near_carry._line_fields(line) == (
+        nd._encoded(parsed['paths'][0]), nd._encoded(parsed['paths'][1]),
+        b'5', *(s.encode() for s in parsed['splits']),
+        json.dumps(parsed['label_conflict']).encode())
+  # A file of lines without an escape is read all at once: the same.
+  plain = b'\n'.join(lines[:1] * 3) + b'\n'
+  assert near_carry._EVERY_LINE.findall(plain) == [
+      near_carry._line_fields(lines[0])] * 3
   with pytest.raises(ValueError):
     near_carry._line_fields(b'{"paths": ["cat/a.jpg", "dog/b.jpg"], "dis')
+  s = near_carry.SearchSet.of_refs([], [], layout=_LAYOUT)
+  for damaged in (plain[:-1], plain.replace(b'true', b'yes', 1),
+                  plain + b'{}\n', plain.replace(b'"distance": 5', b'"distance": -5', 1),
+                  plain.replace(b'"kind"', b'"kinds"', 1)):
+    with pytest.raises(ValueError):
+      near_carry.earlier_lines(damaged, s)

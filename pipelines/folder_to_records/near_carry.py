@@ -40,18 +40,30 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
+from pipelines.folder_to_records import listing as listing_lib
 from pipelines.folder_to_records import near_duplicates as nd
 
 # The earlier build's report must have these as this build has them (the
-# split of a taken record is then its earlier split).
+# split of a taken record is then its earlier split); with split folders
+# the folder gives the split, and the report has no fractions.
 _SPLIT_SETTINGS = ('seed', 'validation_fraction', 'test_fraction', 'layout')
+_SPLIT_FOLDER_SETTINGS = ('layout',)
+# Most images an earlier build may have written for its search to be
+# carried over: a row costs ~N (its near_distance to every image, in numpy,
+# in one worker), so past this the band steps' search, spread over the
+# workers, costs less.
+MOST_IMAGES = 200_000
+# Most row x image pairs the carried step computes (~2 s of numpy): more
+# images in R than this allows, and the step searches whole instead.
+_MOST_ROW_PAIRS = 400_000_000
 
 
 def applies(config, report) -> bool:
   """Whether an update with this BuildConfig carries the search over from
   the earlier build whose BuildReport is `report`: the search on in both
   at the same distance, no capped group in the earlier one, the same split
-  settings, not --stratified (its splits move with the file set)."""
+  settings, not --stratified (its splits move with the file set), at most
+  MOST_IMAGES written by the earlier one."""
   near = getattr(report, 'near_duplicates', None)
   return bool(
       report is not None and config.reuse is not None
@@ -62,8 +74,11 @@ def applies(config, report) -> bool:
       # An earlier build without the lines' checksum (an older toolkit):
       # its search is not carried over.
       and (near.lines_crc32 or not near.listed)
-      and all(getattr(report, k) == getattr(config, k)
-              for k in _SPLIT_SETTINGS))
+      and report.written <= MOST_IMAGES
+      and all(getattr(report, k) == getattr(config, k) for k in (
+          _SPLIT_FOLDER_SETTINGS
+          if config.layout == listing_lib.SPLIT_FOLDERS_LAYOUT
+          else _SPLIT_SETTINGS)))
 
 
 class Columns(NamedTuple):
@@ -164,8 +179,7 @@ class Earlier(NamedTuple):
   slot of another class); slot_key, slot_partner [N, SLOTS]: each image's
   earlier nearest partner per slot among its listed pairs (its slots: see
   the module docstring) as d * 2 * (N + 1) + an order of paths, and its
-  index (-1: not in the search set; NEVER keys: none); count, crc32: of
-  the lines read, to check against the earlier report."""
+  index (-1: not in the search set; NEVER keys: none)."""
   texts: list
   a: np.ndarray
   b: np.ndarray
@@ -175,8 +189,6 @@ class Earlier(NamedTuple):
   conflict: np.ndarray
   slot_key: np.ndarray
   slot_partner: np.ndarray
-  count: int
-  crc32: int
 
 
 _SPLIT_BYTES = {name.encode(): k for k, name in enumerate(nd._SPLITS)}  # pylint: disable=protected-access
@@ -208,13 +220,24 @@ def _line_fields(raw: bytes) -> tuple:
           b'true' if line['label_conflict'] else b'false')
 
 
-def earlier_lines(data: bytes, s: 'SearchSet') -> Earlier:
+def earlier_lines(data: bytes, s: 'SearchSet', *, listed: int,
+                  crc32: int) -> Optional[Earlier]:
   """Reads the earlier build's near_duplicates.jsonl (its bytes) against
-  this build's search set s. ValueError (or KeyError) for a file that is
-  not one the build writes."""
+  this build's search set s; None unless it has the `listed` lines and the
+  crc32 its report gives (edited or damaged: not the earlier search's) and
+  every line is one the build writes."""
   lines = data.split(b'\n')
-  if lines.pop():
-    raise ValueError('the last line has no line end')
+  if lines.pop() or len(lines) != listed or zlib.crc32(data) != crc32:
+    return None
+  try:
+    return _read_lines(data, lines, s)
+  except Exception:  # pylint: disable=broad-except  # Any line not ours.
+    return None
+
+
+def _read_lines(data: bytes, lines: list, s: 'SearchSet') -> Earlier:
+  """earlier_lines, its lines checked: ValueError (or whatever a line
+  not written by the build raises) for one it does not write."""
   if b'\\' in data:  # A name with an escape: line by line.
     fields = [_line_fields(raw) for raw in lines]
   else:  # All at once.
@@ -227,6 +250,8 @@ def earlier_lines(data: bytes, s: 'SearchSet') -> Earlier:
   ia = np.array([get(p, -1) for p in paths_a], dtype=np.int64)
   ib = np.array([get(p, -1) for p in paths_b], dtype=np.int64)
   d = np.array([int(f[2]) for f in fields], dtype=np.int64)
+  if len(d) and (d.min() < 0 or d.max() >= nd.NEVER):
+    raise ValueError('a distance the build does not write')
   slot_a = np.array([_SPLIT_BYTES[f[3]] for f in fields], dtype=np.int64)
   slot_b = np.array([_SPLIT_BYTES[f[4]] for f in fields], dtype=np.int64)
   conflict = np.array([f[5] == b'true' for f in fields], dtype=bool)
@@ -255,7 +280,7 @@ def earlier_lines(data: bytes, s: 'SearchSet') -> Earlier:
   slot_key[this[lead], slot[lead]] = key[lead]
   slot_partner[this[lead], slot[lead]] = partner[lead]
   return Earlier(lines, ia, ib, d, slot_b, slot_a, conflict, slot_key,
-                 slot_partner, len(lines), zlib.crc32(data))
+                 slot_partner)
 
 
 def _row_distances(s: SearchSet, r: int) -> np.ndarray:
@@ -291,8 +316,9 @@ _MOST_ROWS = 1 / 8
 def carried_slots(s: SearchSet, earlier: Earlier, *,
                   distance: int) -> Optional[Carried]:
   """Each image's slots (module docstring); None where more than
-  _MOST_ROWS of the images need their whole row. Needs no capped group in
-  s (SearchSet.capped) nor in the earlier search."""
+  _MOST_ROWS of the images need their whole row, or more rows than
+  _MOST_ROW_PAIRS allows. Needs no capped group in s (SearchSet.capped)
+  nor in the earlier search."""
   n = len(s)
   none = nd.NEVER * n + n
   held = earlier.slot_key < nd.NEVER * 2 * (n + 1)
@@ -300,7 +326,8 @@ def carried_slots(s: SearchSet, earlier: Earlier, *,
   # An earlier partner not in the search set, or not the same image now.
   lost = held & ((partner < 0) | ~s.same[np.maximum(partner, 0)])
   rows = ~s.same | lost.any(axis=1)
-  if rows.sum() > len(s) * _MOST_ROWS:
+  if rows.sum() > len(s) * _MOST_ROWS or (
+      rows.sum() * len(s) > _MOST_ROW_PAIRS):
     return None  # The whole search costs less.
   d = earlier.slot_key // (2 * (n + 1))
   best = np.where(held, d * n + partner, none)
@@ -329,38 +356,59 @@ def carried_slots(s: SearchSet, earlier: Earlier, *,
 
 
 def _whole_search(s: SearchSet, refs: list[nd.Ref], *, distance: int,
-                  layout: str):
+                  layout: str, run_dir: str):
   """(best as carried_slots gives it, capped groups' reports): the whole
-  search over s in this process (one bucket: bucket_slots)."""
+  search over s in this process, as the band steps do it (band entries
+  into bucket files, a bucket at a time compared, each image's slots kept:
+  memory bounded by a bucket, not by the set)."""
+  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
   n = len(s)
+  masks = nd.band_masks(distance)
+  buckets, ranges = nd.num_buckets(n, masks), {}
+  step = max(1, nd._FLUSH_ENTRIES // (2 * len(masks)))  # pylint: disable=protected-access
+  for at in range(0, len(refs), step):
+    for bucket, where in file_io.write_keyed(run_dir, 'bands', nd.bucket_bytes(
+        refs[at:at + step], masks=masks, buckets=buckets, layout=layout)):
+      ranges.setdefault(bucket, []).append(where)
+  nearest, capped = nd._Nearest(), []  # pylint: disable=protected-access
+  for bucket in sorted(ranges):
+    found = nd.bucket_slots(file_io.read_keyed(ranges[bucket]),
+                            distance=distance)
+    nearest.add(found)
+    capped += found.capped
   best = np.full((n, nd.SLOTS), nd.NEVER * n + n, dtype=np.int64)
-  data = b''.join(d for _, d in nd.bucket_bytes(
-      refs, masks=nd.band_masks(distance), buckets=1, layout=layout))
-  found = nd.bucket_slots(data, distance=distance)
-  at = np.array([s.index[found.path(i)] for i in range(len(found.ends))],
-                dtype=np.int64)
-  if len(found.image):
-    best[at[found.image], found.slot] = found.d * n + at[found.partner]
-  return best, found.capped
+  found = nd.read_slots(b''.join(record for _, record in nearest.records()))
+  for path, (_, _, slots) in found.items():
+    i = s.index[path]
+    for k, slot in enumerate(slots):
+      if slot is not None:
+        best[i, k] = slot[0] * n + s.index[slot[1]]
+  return best, capped
 
 
-def _left_out_exact(dataset_dir: str) -> Optional[set[str]]:
+def _left_out_exact(dataset_dir: str, counts: dict) -> Optional[set[str]]:
   """The paths the earlier build left out as exact copies (or left out
   for any reason but a near leak: its search did not hold them); None when
-  its rejected.jsonl cannot be read (then no record is a same image)."""
+  its rejected.jsonl cannot be read, or its outcomes are not the counts
+  its report gives (`counts`: edited; then no record is a same image)."""
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
   from tfrecords_schema import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
-  left_out = set()
+  left_out, outcomes = set(), {}
   try:
     with FileSystems.open(posixpath.join(dataset_dir,
                                          metadata_lib.REJECTED_FILE),
                           compression_type=file_io.RAW) as f:
       for raw in f:
         line = json.loads(raw)
-        if line['outcome'] != nd.NEAR_LEAK:
+        outcome = line['outcome']
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        if outcome != nd.NEAR_LEAK:
           left_out.add(line['path'])
   except Exception:  # pylint: disable=broad-except  # As reuse's reads.
+    return None
+  if outcomes != {k: v for k, v in counts.items()
+                  if k not in ('seen', 'written') and v}:
     return None
   return left_out
 
@@ -455,7 +503,7 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
     def process(self, element):
       _, batches = element
       columns = Columns.joined(list(batches))
-      exact = _left_out_exact(dataset_dir)
+      exact = _left_out_exact(dataset_dir, dict(report.counts))
       same = columns.taken & (
           np.array([p not in exact for p in columns.relpaths], dtype=bool)
           if exact is not None else False)
@@ -465,24 +513,23 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
       # search costs less than their rows.
       if (len(s) - s.same.sum() <= len(s) * _MOST_ROWS
           and not s.capped(distance, nd.MAX_GROUP)):
+        near = report.near_duplicates
         try:
           with FileSystems.open(posixpath.join(
               dataset_dir, metadata_lib.NEAR_DUPLICATES_FILE),
                                 compression_type=file_io.RAW) as f:
-            earlier = earlier_lines(f.read(), s)
-        except (ValueError, KeyError, OSError):
-          earlier = None  # Not a file the build writes: searched whole.
-        near = report.near_duplicates
-        if earlier is not None and (earlier.count, earlier.crc32) != (
-            near.listed, near.lines_crc32):
-          earlier = None  # Edited or damaged: not the earlier search's.
+            data = f.read()
+        except Exception:  # pylint: disable=broad-except  # As reuse's reads.
+          data = None
+        earlier = data is not None and earlier_lines(
+            data, s, listed=near.listed, crc32=near.lines_crc32)
       carried = earlier and carried_slots(s, earlier, distance=distance)
       if carried:
         yield from carried_outputs(s, carried, earlier, layout=layout,
                                    run_dir=run_dir)
         return
       best, capped = _whole_search(s, columns.refs(), distance=distance,
-                                   layout=layout)
+                                   layout=layout, run_dir=run_dir)
       for found in capped:
         yield nd._tagged(nd.CAPPED, found)  # pylint: disable=protected-access
       n = len(s)

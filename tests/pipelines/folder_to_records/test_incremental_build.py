@@ -132,11 +132,7 @@ def test_an_update_carries_the_near_duplicate_search_over(tmp_path,
   _build(images, tmp_path / 'v1')
   cat = sorted((images / 'cat').iterdir())
   _save_copy(cat[5], images / 'coffee' / 'near_copy.jpg', 0.7)
-  # Beam pickles the step with what it calls: a file says it ran.
-  carried = tmp_path / 'carried'
-  outputs = near_carry.carried_outputs
-  monkeypatch.setattr(near_carry, 'carried_outputs', lambda *a, **k: (
-      carried.touch(), outputs(*a, **k))[1])
+  carried = _carried_marker(tmp_path, monkeypatch)
   _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
   assert carried.exists()
   _same_as_full(images, tmp_path / 'v2', tmp_path)
@@ -152,6 +148,58 @@ def test_an_update_carries_the_near_duplicate_search_over(tmp_path,
   _build(images, tmp_path / 'v3', reuse_from=str(tmp_path / 'v2'))
   assert not carried.exists()
   _same_as_full(images, tmp_path / 'v3', tmp_path, name='full2')
+
+
+def _carried_marker(tmp_path, monkeypatch) -> pathlib.Path:
+  """A file that exists once an update carried the search over (Beam
+  pickles the step with what it calls: a list would not come back)."""
+  carried = tmp_path / 'carried'
+  outputs = near_carry.carried_outputs
+  monkeypatch.setattr(near_carry, 'carried_outputs', lambda *a, **k: (
+      carried.touch(), outputs(*a, **k))[1])
+  return carried
+
+
+def test_an_earlier_exact_copy_edited_as_searched_is_not_trusted(
+    tmp_path, monkeypatch):
+  """An exact copy the earlier build left out, its rejected.jsonl outcome
+  edited to a near leak (which the earlier search held): its counts no
+  longer agree with the report, so no record counts as searched before,
+  and the update, once the copy is kept, is the full build's (a review
+  found it missing the copy's pairs)."""
+  images = _folder(tmp_path / 'images')
+  first = images / 'cat' / 'b_orig.jpg'
+  _save_copy(sorted((images / 'cat').iterdir())[0], first, 1.0)
+  shutil.copy(first, images / 'cat' / 'c_exact.jpg')
+  _save_copy(first, images / 'coffee' / 'w_near.jpg', 0.8)
+  _build(images, tmp_path / 'v1')
+  rejected = tmp_path / 'v1' / metadata.REJECTED_FILE
+  lines = _lines(rejected)
+  assert [(x['path'], x['outcome']) for x in lines] == [
+      ('cat/c_exact.jpg', 'duplicate')]
+  rejected.write_text(''.join(json.dumps(
+      {**x, 'outcome': 'near_duplicate_leak'}) + '\n' for x in lines))
+  first.unlink()
+  carried = _carried_marker(tmp_path, monkeypatch)
+  _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert not carried.exists()
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
+
+
+def test_split_folders_carry_the_search_over(tmp_path, monkeypatch):
+  """A pre-split folder's report has no fractions: the search is carried
+  over all the same (a review found it never was)."""
+  images = tmp_path / 'images'
+  helpers.photo_folder(images, layout='splits',
+                       per_class={'train': 8, 'validation': 4})
+  train = sorted((images / 'train' / 'cat').iterdir())
+  _save_copy(train[0], images / 'validation' / 'cat' / 'near.jpg', 0.9)
+  _build(images, tmp_path / 'v1')
+  _save_copy(train[1], images / 'train' / 'coffee' / 'near2.jpg', 0.85)
+  carried = _carried_marker(tmp_path, monkeypatch)
+  _build(images, tmp_path / 'v2', reuse_from=str(tmp_path / 'v1'))
+  assert carried.exists()
+  _same_as_full(images, tmp_path / 'v2', tmp_path)
 
 
 def test_split_folders_with_a_new_exact_leak(tmp_path):

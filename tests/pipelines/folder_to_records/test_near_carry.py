@@ -40,12 +40,12 @@ def _refs(rng, n: int, centers: list, start: int = 0, odd: float = 0.0
   return refs
 
 
-def _whole(refs, distance):
+def _whole(refs, distance, run_dir):
   """(search set, the whole search's best), the build's way."""
   s = near_carry.SearchSet.of_refs(refs, [False] * len(refs),
                                    layout=_LAYOUT)
   best, capped = near_carry._whole_search(s, refs, distance=distance,
-                                          layout=_LAYOUT)
+                                          layout=_LAYOUT, run_dir=str(run_dir))
   assert not capped
   return s, best
 
@@ -80,6 +80,23 @@ def _reported(s, best, run_dir):
   return _outputs(outs, run_dir)
 
 
+def _brute_force(s, distance) -> np.ndarray:
+  """best as the whole search gives it, from near_distance of every pair
+  (no capped group: every pair within the distance is a candidate)."""
+  n = len(s)
+  best = np.full((n, nd.SLOTS), nd.NEVER * n + n, dtype=np.int64)
+  hashes = [tuple(h) for h in s.hashes.tolist()]
+  for i in range(n):
+    for j in range(n):
+      d = nd.near_distance(hashes[i], hashes[j])
+      if i == j or d > distance:
+        continue
+      for k in (s.split[j], *((nd.SLOTS - 1,) if s.cls[i] != s.cls[j]
+                              else ())):
+        best[i, k] = min(best[i, k], d * n + j)
+  return best
+
+
 @pytest.mark.parametrize('seed', range(12))
 def test_the_carried_search_is_the_whole_search(tmp_path, monkeypatch, seed):
   rng = np.random.default_rng(seed)
@@ -88,7 +105,7 @@ def test_the_carried_search_is_the_whole_search(tmp_path, monkeypatch, seed):
   centers = [int(c) | 0xF0F0F0F0 for c in rng.integers(0, 1 << 62, size=6)]
   # Odd names in half the trials: their lists are read line by line.
   old_refs = _refs(rng, 200, centers, odd=0.05 * (seed % 4 < 2))
-  old, old_best = _whole(old_refs, distance)
+  old, old_best = _whole(old_refs, distance, tmp_path)
   earlier_file = tmp_path / 'near_duplicates.jsonl'
   lines = _reported(old, old_best, tmp_path)['lines']
   earlier_file.write_bytes(lines)
@@ -118,13 +135,18 @@ def test_the_carried_search_is_the_whole_search(tmp_path, monkeypatch, seed):
   same += [False] * len(new)
 
   s = near_carry.SearchSet.of_refs(refs, same, layout=_LAYOUT)
-  earlier = near_carry.earlier_lines(earlier_file.read_bytes(), s)
-  assert (earlier.count, earlier.crc32) == (
-      lines.count(b'\n'), zlib.crc32(lines))
+  earlier = near_carry.earlier_lines(
+      lines, s, listed=lines.count(b'\n'), crc32=zlib.crc32(lines))
+  # Not the lines the report describes: not read.
+  assert near_carry.earlier_lines(lines, s, listed=lines.count(b'\n') - 1,
+                                  crc32=zlib.crc32(lines)) is None
+  assert near_carry.earlier_lines(lines, s, listed=lines.count(b'\n'),
+                                  crc32=zlib.crc32(lines) ^ 1) is None
   carried = near_carry.carried_slots(s, earlier, distance=distance)
   assert carried.rows.sum() < len(s) / 2  # Carried, not all searched.
-  whole, best = _whole(refs, distance)
+  whole, best = _whole(refs, distance, tmp_path)
   assert whole.paths == s.paths
+  np.testing.assert_array_equal(best, _brute_force(whole, distance))
   np.testing.assert_array_equal(carried.best, best)
   got = _outputs(near_carry.carried_outputs(
       s, carried, earlier, layout=_LAYOUT, run_dir=str(tmp_path)), tmp_path)
@@ -155,8 +177,20 @@ def test_a_line_reads_the_same_with_or_without_json():
   with pytest.raises(ValueError):
     near_carry._line_fields(b'{"paths": ["cat/a.jpg", "dog/b.jpg"], "dis')
   s = near_carry.SearchSet.of_refs([], [], layout=_LAYOUT)
+  escaped = b'\n'.join(lines) + b'\n'
+  # Lines the build does not write, their count and crc32 given as the
+  # report would (a review's cases: each raised something else once).
   for damaged in (plain[:-1], plain.replace(b'true', b'yes', 1),
-                  plain + b'{}\n', plain.replace(b'"distance": 5', b'"distance": -5', 1),
-                  plain.replace(b'"kind"', b'"kinds"', 1)):
-    with pytest.raises(ValueError):
-      near_carry.earlier_lines(damaged, s)
+                  plain + b'{}\n', plain.replace(b'"distance": 5',
+                                                 b'"distance": -5', 1),
+                  plain.replace(b'"distance": 5', b'"distance": ' +
+                                b'9' * 20, 1),
+                  plain.replace(b'"kind"', b'"kinds"', 1),
+                  escaped + b'["x"]\n', escaped + b'"x"\n',
+                  escaped + b'[' * 100_000 + b']' * 100_000 + b'\n',
+                  escaped + b'{"paths": [1, 2], "splits": [3, 4]}\n'):
+    assert near_carry.earlier_lines(
+        damaged, s, listed=damaged.count(b'\n'),
+        crc32=zlib.crc32(damaged)) is None, damaged[-60:]
+  assert near_carry.earlier_lines(
+      escaped, s, listed=len(lines), crc32=zlib.crc32(escaped)) is not None

@@ -84,7 +84,6 @@ from pipelines.folder_to_records import reuse
 from pipelines.folder_to_records import splits as splits_lib
 from pipelines.folder_to_records import runner_options
 from tfrecords_schema import metadata as metadata_lib
-from tfrecords_schema import report as report_lib
 # The graph's steps, one job per module, by the names the graph (and the
 # tests, benchmarks and builder) use. finalize is looked up here when the
 # graph is built, so a test can replace it.
@@ -162,9 +161,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
   seed = config.seed
   size = config.shard_size_bytes
   # An update carries the near-duplicate search over where it can.
-  earlier = config.reuse and report_lib.read_build_report(
-      config.reuse.dataset_dir)
-  carried = bool(earlier) and near_carry.applies(config, earlier)
+  carried = near_carry.applies(config)
   ignored = list(plan.ignored)
   run_dir = posixpath.join(tmp_dir, CHUNKS_DIR)
   # The listed files travel in runs (listed_files), but to --stratified's
@@ -228,8 +225,7 @@ def build_pipeline(pipeline: beam.Pipeline, *, config: BuildConfig,
     if carried:
       near = near_carry.find(
           deduped[KEPT], distance=config.near_duplicate_distance,
-          layout=config.layout, run_dir=run_dir,
-          dataset_dir=config.reuse.dataset_dir, report=earlier)
+          layout=config.layout, run_dir=run_dir, source=config.reuse)
     else:
       near = near_duplicates.find(
           deduped[KEPT], counts, distance=config.near_duplicate_distance,

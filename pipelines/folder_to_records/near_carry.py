@@ -58,16 +58,16 @@ MOST_IMAGES = 200_000
 _MOST_ROW_PAIRS = 400_000_000
 
 
-def applies(config, report) -> bool:
+def applies(config) -> bool:
   """Whether an update with this BuildConfig carries the search over from
-  the earlier build whose BuildReport is `report`: the search on in both
-  at the same distance, no capped group in the earlier one, the same split
-  settings, not --stratified (its splits move with the file set), at most
-  MOST_IMAGES written by the earlier one."""
+  its earlier build (config.reuse, with its report as open_source checked
+  it): the search on in both at the same distance, no capped group in the
+  earlier one, the same split settings, not --stratified (its splits move
+  with the file set), at most MOST_IMAGES written by the earlier one."""
+  report = getattr(config.reuse, 'report', None)
   near = getattr(report, 'near_duplicates', None)
   return bool(
-      report is not None and config.reuse is not None
-      and config.near_duplicate_distance
+      report is not None and config.near_duplicate_distance
       and not config.stratified and not report.stratified
       and near is not None and near.distance == config.near_duplicate_distance
       and not near.capped_groups
@@ -464,34 +464,27 @@ def carried_outputs(s: SearchSet, carried: Carried, earlier: Earlier, *,
            & (carried.earlier[this, nd.SLOTS - 1] == key)))
 
   keep = named(a, b, earlier.slot_b) | named(b, a, earlier.slot_a)
-  lines = [earlier.texts[i].decode('ascii')
-           for i in np.flatnonzero(keep).tolist()]
-  text = nd._Lines(layout)  # pylint: disable=protected-access
-  filled = best < nd.NEVER * n + n
+  reporter = nd.Reporter(layout=layout, run_dir=run_dir)
+  reporter.add([earlier.texts[i].decode('ascii')
+                for i in np.flatnonzero(keep).tolist()], counts(s, best))
+  filled = best < none
   made = filled & ~kept
   for i in np.flatnonzero(made.any(axis=1)).tolist():
-    mine = (s.relpaths[i], splits[s.split[i]])
-    slots = _slot_tuple(s, np.where(made[i], best[i], none).tolist())
-    for dist, partner, partner_split in sorted(set(filter(None, slots))):
-      lines.append(text.pair(mine, (partner, partner_split), dist))
-  # Evaluation images with a train copy: left out, as Reporter says.
+    reporter.pairs(s.relpaths[i], splits[s.split[i]],
+                   _slot_tuple(s, np.where(made[i], best[i], none).tolist()))
   for i in np.flatnonzero(filled[:, 0] & (s.split != 0)).tolist():
-    d, copy, _ = _slot_tuple(s, best[i].tolist())[0]
-    relpath, split = s.relpaths[i], splits[s.split[i]]
-    yield nd._tagged(nd.DROPS, (split, int(s.chunk[i]), relpath))  # pylint: disable=protected-access
-    yield nd._tagged('rejected', nd.near_leak(relpath, split, copy, d))  # pylint: disable=protected-access
-  from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
-  yield nd.PairRun(file_io.write_run(run_dir, 'pairs', lines) if lines
-                   else None, counts(s, best))
+    yield from reporter.left_out(s.relpaths[i], splits[s.split[i]],
+                                 int(s.chunk[i]),
+                                 _slot_tuple(s, best[i].tolist()))
+  yield reporter.flush()
 
 
-def _near_carry(*, distance: int, layout: str, run_dir: str,
-                dataset_dir: str, report):
+def _near_carry(*, distance: int, layout: str, run_dir: str, source):
   """A DoFn: (None, batches of (Ref, taken)) -> the search's outputs for
   this build's search set: carried over (carried_slots,
   carried_outputs), or where a capped group turns up or the earlier lines
   are not those its report describes, the whole search here (Reporter for
-  every image; 'near_capped')."""
+  every image; 'near_capped'). source: the earlier build (reuse.Source)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   from apache_beam.io.filesystems import FileSystems  # pylint: disable=g-import-not-at-top
   from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
@@ -503,12 +496,13 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
     def process(self, element):
       _, batches = element
       columns = Columns.joined(list(batches))
+      dataset_dir, report = source.dataset_dir, source.report
       exact = _left_out_exact(dataset_dir, dict(report.counts))
       same = columns.taken & (
           np.array([p not in exact for p in columns.relpaths], dtype=bool)
           if exact is not None else False)
       s = SearchSet(columns, same, layout=layout)
-      earlier = None
+      earlier = carried = None
       # Most images changed (or taken from no earlier record): the whole
       # search costs less than their rows.
       if (len(s) - s.same.sum() <= len(s) * _MOST_ROWS
@@ -521,10 +515,12 @@ def _near_carry(*, distance: int, layout: str, run_dir: str,
             data = f.read()
         except Exception:  # pylint: disable=broad-except  # As reuse's reads.
           data = None
-        earlier = data is not None and earlier_lines(
-            data, s, listed=near.listed, crc32=near.lines_crc32)
-      carried = earlier and carried_slots(s, earlier, distance=distance)
-      if carried:
+        if data is not None:
+          earlier = earlier_lines(data, s, listed=near.listed,
+                                  crc32=near.lines_crc32)
+        if earlier is not None:
+          carried = carried_slots(s, earlier, distance=distance)
+      if carried is not None:
         yield from carried_outputs(s, carried, earlier, layout=layout,
                                    run_dir=run_dir)
         return
@@ -567,18 +563,17 @@ def _batches():
   return Batch()
 
 
-def find(refs, *, distance: int, layout: str, run_dir: str,
-         dataset_dir: str, report):
+def find(refs, *, distance: int, layout: str, run_dir: str, source):
   """near_duplicates.find's outputs, carried over (see the module
-  docstring): refs are (Ref, taken) of each record searched; dataset_dir
-  the earlier build, report its BuildReport."""
+  docstring): refs are (Ref, taken) of each record searched; source the
+  earlier build (reuse.Source, with its report)."""
   import apache_beam as beam  # pylint: disable=g-import-not-at-top
   found = (refs
            | 'NearBatches' >> beam.ParDo(_batches())
            | 'NearAll' >> beam.GroupByKey()
            | 'NearCarry' >> beam.ParDo(_near_carry(
                distance=distance, layout=layout, run_dir=run_dir,
-               dataset_dir=dataset_dir, report=report)).with_outputs(
+               source=source)).with_outputs(
                    nd.DROPS, 'rejected', nd.CAPPED, main='runs'))
   return found[nd.DROPS], found.rejected, found.runs, found[nd.CAPPED]
 

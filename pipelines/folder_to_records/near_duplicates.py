@@ -57,7 +57,7 @@ from __future__ import annotations
 import functools
 import struct
 import zlib
-from typing import Iterator, NamedTuple, Optional
+from typing import Iterable, Iterator, NamedTuple, Optional
 
 import numpy as np
 
@@ -873,20 +873,36 @@ class Reporter:
     return PairRun(file_io.write_run(self._run_dir, 'pairs', lines) if lines
                    else None, counts)
 
-  def image(self, relpath: str, split: str, chunk: int, slots: tuple):
-    """One image's outputs (tagged: DROPS, 'rejected'; a PairRun when the
-    lines held reach SORT_RUN_LINES). slots: SLOTS of (d, partner's
-    relpath, partner's split) or None."""
-    from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
-    self._counts.update(image_kinds(split, slots))
+  def add(self, lines: Iterable[str], counts: dict) -> None:
+    """Lines and counts made elsewhere (an update's carried search keeps
+    earlier lines and counts in numpy)."""
+    self._lines.extend(lines)
+    self._counts.update(counts)
+
+  def pairs(self, relpath: str, split: str, slots: tuple) -> None:
+    """The lines of an image's pairs with the partners in its slots (SLOTS
+    of (d, partner's relpath, partner's split) or None)."""
     for d, partner, partner_split in sorted(set(filter(None, slots))):
       self._lines.append(self._text.pair((relpath, split),
                                          (partner, partner_split), d))
+
+  @staticmethod
+  def left_out(relpath: str, split: str, chunk: int, slots: tuple):
+    """An evaluation image with a train copy: its drop and its rejected
+    entry (tagged DROPS and 'rejected'), its nearest train copy named."""
     train = slots[_SPLITS.index('train')]
     if split != 'train' and train is not None:
       d, copy, _ = train
       yield _tagged(DROPS, (split, chunk, relpath))
       yield _tagged('rejected', near_leak(relpath, split, copy, d))
+
+  def image(self, relpath: str, split: str, chunk: int, slots: tuple):
+    """One image's outputs: its counts and pairs, left_out's, and a
+    PairRun when the lines held reach SORT_RUN_LINES."""
+    from pipelines.folder_to_records import file_io  # pylint: disable=g-import-not-at-top
+    self._counts.update(image_kinds(split, slots))
+    self.pairs(relpath, split, slots)
+    yield from self.left_out(relpath, split, chunk, slots)
     if len(self._lines) >= file_io.SORT_RUN_LINES:
       yield self.flush()
 
@@ -901,7 +917,7 @@ def _report_images(*, layout: str, run_dir: str):
   class ReportImages(beam.DoFn):
     """See _report_images."""
 
-    def start_bundle(self):
+    def setup(self):  # A path's text made once per worker (_Lines).
       self._reporter = Reporter(layout=layout, run_dir=run_dir)
 
     def process(self, element):

@@ -97,12 +97,15 @@ class Source:
 
   shards: every shard file name, train then validation then test, then its
   left_out files (an Old's `shard` indexes it); started_at: when that build
-  began (unix seconds).
+  began (unix seconds); report: its build report, as open_source checked it
+  (an update's carried search reads it: near_carry).
   """
   dataset_dir: str
   shards: tuple[str, ...]
   started_at: float
   verify: bool = False
+  report: Optional[report_lib.BuildReport] = dataclasses.field(
+      default=None, compare=False)
 
   def shard_path(self, index: int) -> str:
     return posixpath.join(self.dataset_dir, self.shards[index])
@@ -237,7 +240,8 @@ def open_source(dataset_dir: str, *, image: dict, flag: str,
                        posixpath.join(dataset_dir,
                                       metadata_lib.LEFT_OUT_FILES[split])))
   return Source(dataset_dir=dataset_dir, shards=shards + left_out,
-                started_at=float(report.started_at or 0.0), verify=verify)
+                started_at=float(report.started_at or 0.0), verify=verify,
+                report=report)
 
 
 def _as_flag(flag: str, image: dict) -> str:
